@@ -1,0 +1,1 @@
+//! bigfile-fault (skeleton)

@@ -1,0 +1,1 @@
+//! bigfile-ram (skeleton)
