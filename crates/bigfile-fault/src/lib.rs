@@ -1,1 +1,96 @@
-//! bigfile-fault (skeleton)
+//! bigfile-fault owns the process-wide SIGSEGV/SIGBUS handler and nothing
+//! else: it knows nothing of pages or files. It keeps a registry of address
+//! ranges, each served by a [`FaultHandler`]; a protection fault
+//! (`SEGV_ACCERR`, or a `SIGBUS`) inside a registered range is decoded into a
+//! [`Fault`] (address, read or write, signal, nesting depth) and handed to
+//! that range's handler on the faulting thread, on that thread's own stack.
+//! Everything else — a missing mapping (`SEGV_MAPERR`), a signal sent with
+//! kill(2), an address outside every range, or a handler answering
+//! [`Outcome::NotOurs`] — goes to the action that was in place before ours;
+//! where that is the default, the default is restored and the access
+//! re-executes, so the process dies at the faulting instruction with a true
+//! core.
+//!
+//! Invariants: the signal handler's lookup takes no lock (the table is an
+//! immutable snapshot behind an atomic pointer, swapped by writers who wait
+//! for readers); a registration's handler object is never used after its
+//! [`Registration`] has been dropped (the drop waits for handlers running on
+//! other threads); errno is preserved across a served fault; a panic never
+//! unwinds through the signal frame; nesting deeper than [`MAX_DEPTH`] is fatal.
+//!
+//! The handler contract: [`FaultHandler::handle`] runs inside a signal
+//! handler, synchronously on the faulting thread, with that thread's own
+//! stack. It returns [`Outcome::Handled`] once the memory has been fixed up
+//! (the access then re-executes), [`Outcome::NotOurs`] to pass the fault on,
+//! or [`Outcome::Fatal`] to kill the process with a message. It may touch
+//! other registered memory (the nested fault is dispatched with
+//! `depth + 1`), register and unregister ranges (its own included), and take
+//! locks — but never a lock that code touching the served memory may hold,
+//! and it must not wait for a handler on its own thread. A panic in it prints
+//! a diagnostic and aborts.
+//!
+//! Ranges are found per fault, so kernel accesses to unserved memory (a
+//! read(2) into a protected page) get `EFAULT` instead of a fault: callers
+//! must populate such memory first.
+#![doc = include_str!("../README.md")]
+
+mod arch;
+mod diag;
+mod error;
+mod halflock;
+mod registry;
+mod signal;
+mod sys;
+
+pub use error::FaultError;
+pub use registry::{register, Registration};
+pub use signal::{current_depth, ensure_on_top, install, is_on_top, BlockFaultsGuard, MAX_DEPTH};
+
+/// Whether the faulting access read or wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// The signal a fault arrived as, or should kill the process with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultSignal {
+    /// SIGSEGV: a protection fault.
+    Segv,
+    /// SIGBUS: e.g. a file-backed page past the end of the file, or an I/O error.
+    Bus,
+}
+
+/// One fault in a registered range.
+#[derive(Debug, Clone, Copy)]
+pub struct Fault {
+    /// The faulting address (not page-aligned).
+    pub addr: usize,
+    pub access: Access,
+    pub signal: FaultSignal,
+    /// 1 for a first fault on this thread, 2 for a fault taken while a
+    /// handler on this thread runs, and so on.
+    pub depth: u32,
+}
+
+/// What a [`FaultHandler`] did with a fault.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The memory is fixed up: re-execute the access.
+    Handled,
+    /// Treat the fault as outside every range: chain to the previous handler.
+    NotOurs,
+    /// Print `bigfile: <message>` to stderr and die by `signal`: the faulting
+    /// access dies by SIGSEGV at its instruction (a true core); SIGBUS is
+    /// delivered to the faulting thread as it returns to that instruction.
+    Fatal {
+        signal: FaultSignal,
+        message: String,
+    },
+}
+
+/// Serves faults in a registered range. See the crate docs for the contract.
+pub trait FaultHandler: Send + Sync + 'static {
+    fn handle(&self, fault: &Fault) -> Outcome;
+}

@@ -1,0 +1,96 @@
+use std::arch::asm;
+
+use libc::c_void;
+
+use crate::Access;
+
+/// AAPCS64 on Linux has no red zone; keep a little margin anyway.
+pub(crate) const RED_ZONE: usize = 0;
+
+/// Offset of `__reserved` in the kernel's `struct sigcontext` (`uc_mcontext`):
+/// fault_address, regs[31], sp, pc, pstate (35 u64 = 280 bytes), then the
+/// 16-aligned reserved area. libc keeps the field private, so we locate it.
+const RESERVED_OFFSET: usize = 288;
+const RESERVED_LEN: usize = 4096;
+/// `struct _aarch64_ctx` magic of the ESR record.
+const ESR_MAGIC: u32 = 0x4553_5201;
+/// Exception classes of a data abort from a lower / the same exception level.
+const EC_DABT_LOWER: u64 = 0x24;
+const EC_DABT_CUR: u64 = 0x25;
+/// ISS bits of a data abort: write-not-read, and cache maintenance (which reports WnR=1).
+const ISS_WNR: u64 = 1 << 6;
+const ISS_CM: u64 = 1 << 8;
+
+/// Read or write, from the ESR record the kernel appends to the ucontext.
+///
+/// # Safety
+/// `ctx` is the third argument of an SA_SIGINFO handler (a `ucontext_t`).
+pub(crate) unsafe fn access(ctx: *const c_void) -> Access {
+    let uc = ctx.cast::<libc::ucontext_t>();
+    // SAFETY: the caller passes the kernel's ucontext; the reserved area is
+    // part of it, and we never read past its 4096 bytes.
+    unsafe {
+        let base = std::ptr::addr_of!((*uc).uc_mcontext)
+            .cast::<u8>()
+            .add(RESERVED_OFFSET);
+        let mut off = 0;
+        while off + 8 <= RESERVED_LEN {
+            let magic = base.add(off).cast::<u32>().read_unaligned();
+            let size = base.add(off + 4).cast::<u32>().read_unaligned() as usize;
+            if magic == 0 || size < 8 {
+                break;
+            }
+            if magic == ESR_MAGIC && off + 16 <= RESERVED_LEN {
+                let esr = base.add(off + 8).cast::<u64>().read_unaligned();
+                let ec = esr >> 26;
+                let is_write = (ec == EC_DABT_LOWER || ec == EC_DABT_CUR)
+                    && esr & ISS_WNR != 0
+                    && esr & ISS_CM == 0;
+                return if is_write {
+                    Access::Write
+                } else {
+                    Access::Read
+                };
+            }
+            off += size;
+        }
+    }
+    Access::Read
+}
+
+/// The stack pointer of the interrupted code.
+///
+/// # Safety
+/// As for [`access`].
+pub(crate) unsafe fn stack_pointer(ctx: *const c_void) -> usize {
+    let uc = ctx.cast::<libc::ucontext_t>();
+    // SAFETY: as in `access`.
+    unsafe { (*uc).uc_mcontext.sp as usize }
+}
+
+/// Calls `f(arg)` with the stack pointer set to `sp`, then switches back.
+///
+/// # Safety
+/// `sp` is 16-byte aligned and has room below it for everything `f` does;
+/// `f` must not unwind; `arg` is whatever `f` expects.
+pub(crate) unsafe fn call_on_stack(
+    sp: usize,
+    f: unsafe extern "C" fn(*mut c_void),
+    arg: *mut c_void,
+) {
+    // SAFETY: x20 is callee-saved, so it holds our stack pointer across the
+    // call; the caller vouches for the new stack; clobber_abi covers the call.
+    unsafe {
+        asm!(
+            "mov x20, sp",
+            "mov sp, {sp}",
+            "blr {f}",
+            "mov sp, x20",
+            sp = in(reg) sp,
+            f = in(reg) f,
+            in("x0") arg,
+            out("x20") _,
+            clobber_abi("C"),
+        );
+    }
+}

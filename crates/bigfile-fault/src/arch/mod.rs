@@ -1,0 +1,27 @@
+//! Per-architecture pieces: decoding read/write from the signal's ucontext,
+//! the interrupted stack pointer, and calling a function on another stack.
+//!
+//! Each architecture module provides:
+//! - `unsafe fn access(ctx: *const libc::c_void) -> Access`
+//! - `unsafe fn stack_pointer(ctx: *const libc::c_void) -> usize`
+//! - `unsafe fn call_on_stack(sp: usize, f: unsafe extern "C" fn(*mut c_void), arg: *mut c_void)`
+//! - `const RED_ZONE: usize`: bytes below the stack pointer the interrupted code may use.
+
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86_64::*;
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+#[cfg(target_arch = "aarch64")]
+pub(crate) use aarch64::*;
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!(
+    "bigfile-fault supports x86_64 and aarch64 only: decoding whether a fault was a read or a \
+     write needs per-architecture code in src/arch/"
+);
+
+#[cfg(not(target_os = "linux"))]
+compile_error!("bigfile-fault supports Linux only (it relies on Linux's siginfo and ucontext)");
