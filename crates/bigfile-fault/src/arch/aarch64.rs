@@ -1,5 +1,3 @@
-use std::arch::asm;
-
 use libc::c_void;
 
 use crate::Access;
@@ -68,6 +66,45 @@ pub(crate) unsafe fn stack_pointer(ctx: *const c_void) -> usize {
     unsafe { (*uc).uc_mcontext.sp as usize }
 }
 
+// Calls `f(arg)` (x0 = arg, x1 = f) with sp = x2. The frame is anchored in
+// x29 (callee-saved, so `f` preserves it) and described by CFI, so unwinders
+// and backtraces walk from the new stack back to the old one.
+std::arch::global_asm!(
+    ".pushsection .text.bigfile_fault_call_on_stack,\"ax\",%progbits",
+    ".globl bigfile_fault_call_on_stack",
+    ".hidden bigfile_fault_call_on_stack",
+    ".type bigfile_fault_call_on_stack,%function",
+    ".p2align 2",
+    "bigfile_fault_call_on_stack:",
+    ".cfi_startproc",
+    "stp x29, x30, [sp, #-16]!",
+    ".cfi_def_cfa_offset 16",
+    ".cfi_offset x29, -16",
+    ".cfi_offset x30, -8",
+    "mov x29, sp",
+    ".cfi_def_cfa_register x29",
+    "mov sp, x2",
+    "blr x1",
+    "mov sp, x29",
+    ".cfi_def_cfa sp, 16",
+    "ldp x29, x30, [sp], #16",
+    ".cfi_def_cfa_offset 0",
+    ".cfi_restore x29",
+    ".cfi_restore x30",
+    "ret",
+    ".cfi_endproc",
+    ".size bigfile_fault_call_on_stack, . - bigfile_fault_call_on_stack",
+    ".popsection",
+);
+
+extern "C" {
+    fn bigfile_fault_call_on_stack(
+        arg: *mut c_void,
+        f: unsafe extern "C" fn(*mut c_void),
+        sp: usize,
+    );
+}
+
 /// Calls `f(arg)` with the stack pointer set to `sp`, then switches back.
 ///
 /// # Safety
@@ -78,19 +115,7 @@ pub(crate) unsafe fn call_on_stack(
     f: unsafe extern "C" fn(*mut c_void),
     arg: *mut c_void,
 ) {
-    // SAFETY: x20 is callee-saved, so it holds our stack pointer across the
-    // call; the caller vouches for the new stack; clobber_abi covers the call.
-    unsafe {
-        asm!(
-            "mov x20, sp",
-            "mov sp, {sp}",
-            "blr {f}",
-            "mov sp, x20",
-            sp = in(reg) sp,
-            f = in(reg) f,
-            in("x0") arg,
-            out("x20") _,
-            clobber_abi("C"),
-        );
-    }
+    // SAFETY: the trampoline above follows the C ABI; the caller vouches for
+    // the new stack, `f` and `arg`.
+    unsafe { bigfile_fault_call_on_stack(arg, f, sp) }
 }

@@ -1,5 +1,3 @@
-use std::arch::asm;
-
 use libc::c_void;
 
 use crate::Access;
@@ -35,6 +33,41 @@ pub(crate) unsafe fn stack_pointer(ctx: *const c_void) -> usize {
     unsafe { (*uc).uc_mcontext.gregs[libc::REG_RSP as usize] as usize }
 }
 
+// Calls `f(arg)` (rdi = arg, rsi = f) with rsp = rdx. The frame is anchored
+// in rbp (callee-saved, so `f` preserves it) and described by CFI, so
+// unwinders and backtraces walk from the new stack back to the old one.
+std::arch::global_asm!(
+    ".pushsection .text.bigfile_fault_call_on_stack,\"ax\",@progbits",
+    ".globl bigfile_fault_call_on_stack",
+    ".hidden bigfile_fault_call_on_stack",
+    ".type bigfile_fault_call_on_stack,@function",
+    ".p2align 4",
+    "bigfile_fault_call_on_stack:",
+    ".cfi_startproc",
+    "push rbp",
+    ".cfi_def_cfa_offset 16",
+    ".cfi_offset rbp, -16",
+    "mov rbp, rsp",
+    ".cfi_def_cfa_register rbp",
+    "mov rsp, rdx",
+    "call rsi",
+    "mov rsp, rbp",
+    "pop rbp",
+    ".cfi_def_cfa rsp, 8",
+    "ret",
+    ".cfi_endproc",
+    ".size bigfile_fault_call_on_stack, . - bigfile_fault_call_on_stack",
+    ".popsection",
+);
+
+extern "C" {
+    fn bigfile_fault_call_on_stack(
+        arg: *mut c_void,
+        f: unsafe extern "C" fn(*mut c_void),
+        sp: usize,
+    );
+}
+
 /// Calls `f(arg)` with the stack pointer set to `sp`, then switches back.
 ///
 /// # Safety
@@ -45,19 +78,7 @@ pub(crate) unsafe fn call_on_stack(
     f: unsafe extern "C" fn(*mut c_void),
     arg: *mut c_void,
 ) {
-    // SAFETY: r12 is callee-saved, so it holds our stack pointer across the
-    // call; the caller vouches for the new stack; clobber_abi covers the call.
-    unsafe {
-        asm!(
-            "mov r12, rsp",
-            "mov rsp, {sp}",
-            "call {f}",
-            "mov rsp, r12",
-            sp = in(reg) sp,
-            f = in(reg) f,
-            in("rdi") arg,
-            out("r12") _,
-            clobber_abi("C"),
-        );
-    }
+    // SAFETY: the trampoline above follows the C ABI; the caller vouches for
+    // the new stack, `f` and `arg`.
+    unsafe { bigfile_fault_call_on_stack(arg, f, sp) }
 }
