@@ -1,0 +1,703 @@
+//! `Ram` (a source of pages) and `RamHandle` (one kernel file of pages).
+
+use crate::error::RamError;
+use crate::spec::{AllocPolicy, Backend, RamSpec};
+use crate::sys;
+use std::fmt;
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+/// Page and byte counts of a RAM or a handle.
+///
+/// `bytes_resident` is `pages_allocated × page_size`. Under [`AllocPolicy::Reserve`] that is
+/// exactly the memory taken; under [`AllocPolicy::OnTouch`] it is an upper bound (untouched
+/// parts of a page take no memory).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RamStats {
+    /// Pages allocated and not dropped.
+    pub pages_allocated: u64,
+    /// Bytes those pages hold at most.
+    pub bytes_resident: u64,
+}
+
+/// Protection of a page mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Prot {
+    /// No access: any touch faults.
+    None,
+    /// Read-only: a write faults.
+    Read,
+    /// Read and write.
+    ReadWrite,
+}
+
+impl Prot {
+    fn to_libc(self) -> libc::c_int {
+        match self {
+            Prot::None => libc::PROT_NONE,
+            Prot::Read => libc::PROT_READ,
+            Prot::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+        }
+    }
+}
+
+/// A source of pages of one size from one backend. Cheap to clone (shared); `Send + Sync`.
+///
+/// ```
+/// use bigfile_ram::{Ram, RamSpec};
+/// let ram = Ram::new("memfd,pagesize=64K".parse()?)?;
+/// assert_eq!(ram.page_size(), 64 << 10);
+/// # Ok::<(), bigfile_ram::RamError>(())
+/// ```
+#[derive(Clone)]
+pub struct Ram {
+    inner: Arc<RamInner>,
+}
+
+struct RamInner {
+    spec: RamSpec,
+    /// Huge page size for hugetlbfs backends.
+    huge_page_size: Option<usize>,
+    pages: AtomicU64,
+}
+
+impl fmt::Debug for Ram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ram")
+            .field("spec", &self.inner.spec)
+            .field("huge_page_size", &self.inner.huge_page_size)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Ram {
+    /// A RAM as `spec` says. Checks the page size against the backend, that a shmfs or
+    /// hugetlbfs directory exists (and is on hugetlbfs for that backend), that hugetlb pages
+    /// are reserved, and that the RAM can hold at least one page.
+    pub fn new(spec: RamSpec) -> Result<Ram, RamError> {
+        let os = sys::os_page_size();
+        if spec.page_size == 0 || spec.page_size % os != 0 {
+            return Err(RamError::PageSize {
+                page_size: spec.page_size,
+                unit: os,
+                unit_name: "OS",
+            });
+        }
+        let huge_page_size = match &spec.backend {
+            Backend::Memfd => None,
+            Backend::Shmfs { dir } => {
+                let info = sys::statfs(dir)
+                    .map_err(|e| RamError::io(format!("shmfs directory {}", dir.display()), e))?;
+                if !dir.is_dir() {
+                    return Err(RamError::io(
+                        format!("shmfs directory {}", dir.display()),
+                        io::Error::from_raw_os_error(libc::ENOTDIR),
+                    ));
+                }
+                if info.is_hugetlbfs {
+                    return Err(RamError::io(
+                        format!(
+                            "shmfs directory {} is on hugetlbfs; use the hugetlbfs backend",
+                            dir.display()
+                        ),
+                        io::Error::from_raw_os_error(libc::EINVAL),
+                    ));
+                }
+                None
+            }
+            Backend::Hugetlbfs { dir } => Some(hugetlb_page_size(dir.as_deref(), spec.page_size)?),
+        };
+        let ram = Ram {
+            inner: Arc::new(RamInner {
+                spec,
+                huge_page_size,
+                pages: AtomicU64::new(0),
+            }),
+        };
+        let max_size = ram.max_size();
+        if max_size < ram.page_size() as u64 {
+            return Err(RamError::TooSmall {
+                max_size,
+                page_size: ram.page_size(),
+            });
+        }
+        Ok(ram)
+    }
+
+    /// The default backend (`BIGFILE_RAM`'s, when set) with pages of `page_size` bytes.
+    pub fn with_page_size(page_size: usize) -> Result<Ram, RamError> {
+        let mut spec = RamSpec::from_env()?;
+        spec.page_size = page_size;
+        Ram::new(spec)
+    }
+
+    /// Bytes per page.
+    pub fn page_size(&self) -> usize {
+        self.inner.spec.page_size
+    }
+
+    /// The spec this RAM was made from.
+    pub fn spec(&self) -> &RamSpec {
+        &self.inner.spec
+    }
+
+    /// Huge page size backing each page, for hugetlbfs backends.
+    pub fn huge_page_size(&self) -> Option<usize> {
+        self.inner.huge_page_size
+    }
+
+    /// The most bytes this RAM can hold now: physical memory for memfd, the mount's size for
+    /// shmfs, the hugetlb pool (bounded by the mount's size, if any) for hugetlbfs. 0 when the
+    /// backend cannot be queried. A handle's page indices range over this size at its opening.
+    pub fn max_size(&self) -> u64 {
+        match (&self.inner.spec.backend, self.inner.huge_page_size) {
+            (Backend::Memfd, _) => sys::phys_mem(),
+            (Backend::Shmfs { dir }, _) => sys::statfs(dir).map(|i| i.total).unwrap_or(0),
+            (Backend::Hugetlbfs { dir }, Some(huge)) => {
+                let pool = sys::huge_pool(huge).saturating_mul(huge as u64);
+                match dir.as_deref().map(sys::statfs) {
+                    Some(Ok(info)) if info.total > 0 => pool.min(info.total),
+                    Some(Err(_)) => 0,
+                    _ => pool,
+                }
+            }
+            (Backend::Hugetlbfs { .. }, None) => 0,
+        }
+    }
+
+    /// Pages allocated over all live handles of this RAM.
+    pub fn stats(&self) -> RamStats {
+        stats(self.inner.pages.load(Ordering::Relaxed), self.page_size())
+    }
+
+    /// A new handle: one new kernel file, sized to hold [`Ram::max_size`] bytes of pages.
+    pub fn open_handle(&self) -> Result<RamHandle, RamError> {
+        let spec = &self.inner.spec;
+        let fd = match (&spec.backend, self.inner.huge_page_size) {
+            (Backend::Memfd, _) => sys::memfd_create(c"bigfile-ram", libc::MFD_CLOEXEC)
+                .map_err(|e| RamError::io("memfd_create", e))?,
+            (Backend::Hugetlbfs { dir: None }, Some(huge)) => {
+                // MFD_HUGE_* encodes log2 of the huge page size above MFD_HUGE_SHIFT.
+                let size_flag = huge.trailing_zeros() << libc::MFD_HUGE_SHIFT;
+                let flags = libc::MFD_CLOEXEC | libc::MFD_HUGETLB | size_flag;
+                sys::memfd_create(c"bigfile-ram", flags)
+                    .map_err(|e| RamError::io("memfd_create(MFD_HUGETLB)", e))?
+            }
+            (Backend::Shmfs { dir } | Backend::Hugetlbfs { dir: Some(dir) }, _) => {
+                sys::open_unlinked(dir)
+                    .map_err(|e| RamError::io(format!("create a file in {}", dir.display()), e))?
+            }
+            (Backend::Hugetlbfs { dir: None }, None) => unreachable!("checked by Ram::new"),
+        };
+        let page_size = self.page_size();
+        let max_pages = self.max_size() / page_size as u64;
+        if max_pages == 0 {
+            return Err(RamError::TooSmall {
+                max_size: self.max_size(),
+                page_size,
+            });
+        }
+        sys::ftruncate(fd.as_fd(), max_pages * page_size as u64)
+            .map_err(|e| RamError::io("size the handle file (ftruncate)", e))?;
+        Ok(RamHandle {
+            fd,
+            page_size,
+            max_pages,
+            alloc: self.inner.spec.alloc,
+            hugetlb: self.inner.huge_page_size.is_some(),
+            used: Mutex::new(Bitmap::default()),
+            account: Account {
+                ram: self.clone(),
+                pages: AtomicU64::new(0),
+            },
+            window: OnceLock::new(),
+            window_init: Mutex::new(()),
+        })
+    }
+}
+
+/// Picks the huge page size for a hugetlbfs RAM of `page_size` bytes per page.
+fn hugetlb_page_size(dir: Option<&Path>, page_size: usize) -> Result<usize, RamError> {
+    let huge = match dir {
+        Some(dir) => {
+            let info = sys::statfs(dir)
+                .map_err(|e| RamError::io(format!("hugetlbfs directory {}", dir.display()), e))?;
+            if !info.is_hugetlbfs {
+                return Err(RamError::NotHugetlbfs { dir: dir.into() });
+            }
+            let huge = info.block_size as usize;
+            if page_size % huge != 0 {
+                return Err(RamError::PageSize {
+                    page_size,
+                    unit: huge,
+                    unit_name: "huge",
+                });
+            }
+            huge
+        }
+        None => {
+            let sizes = sys::huge_page_sizes();
+            let Some(&smallest) = sizes.first() else {
+                return Err(RamError::io(
+                    "hugetlbfs: the kernel lists no huge page sizes in /sys/kernel/mm/hugepages",
+                    io::ErrorKind::Unsupported.into(),
+                ));
+            };
+            let fitting: Vec<usize> = sizes.into_iter().filter(|h| page_size % h == 0).collect();
+            // The largest size dividing the page that has a pool; else the largest dividing.
+            match fitting.iter().rev().find(|&&h| sys::huge_pool(h) > 0) {
+                Some(&h) => h,
+                None => match fitting.last() {
+                    Some(&h) => h,
+                    None => {
+                        return Err(RamError::PageSize {
+                            page_size,
+                            unit: smallest,
+                            unit_name: "huge",
+                        })
+                    }
+                },
+            }
+        }
+    };
+    if sys::huge_pool(huge) == 0 {
+        return Err(RamError::NoHugePages {
+            huge_page_size: huge,
+            pool: sys::huge_pool_path(huge),
+        });
+    }
+    Ok(huge)
+}
+
+fn stats(pages: u64, page_size: usize) -> RamStats {
+    RamStats {
+        pages_allocated: pages,
+        bytes_resident: pages.saturating_mul(page_size as u64),
+    }
+}
+
+/// A handle's page count, mirrored into its RAM's; taken back from the RAM when dropped
+/// (closing the file frees the memory).
+struct Account {
+    ram: Ram,
+    pages: AtomicU64,
+}
+
+impl Account {
+    fn add(&self) {
+        self.pages.fetch_add(1, Ordering::Relaxed);
+        self.ram.inner.pages.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn sub(&self) {
+        self.pages.fetch_sub(1, Ordering::Relaxed);
+        self.ram.inner.pages.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Account {
+    fn drop(&mut self) {
+        let n = self.pages.load(Ordering::Relaxed);
+        self.ram.inner.pages.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// Which page indices are allocated: one bit per page, grown to the highest one used.
+#[derive(Default)]
+struct Bitmap {
+    words: Vec<u64>,
+}
+
+impl Bitmap {
+    fn get(&self, i: u64) -> bool {
+        let w = (i / 64) as usize;
+        w < self.words.len() && self.words[w] & (1 << (i % 64)) != 0
+    }
+
+    fn set(&mut self, i: u64, on: bool) {
+        let w = (i / 64) as usize;
+        if w >= self.words.len() {
+            if !on {
+                return;
+            }
+            self.words.resize(w + 1, 0);
+        }
+        if on {
+            self.words[w] |= 1 << (i % 64);
+        } else {
+            self.words[w] &= !(1 << (i % 64));
+        }
+    }
+
+    /// The first clear bit in `from..end`.
+    fn first_free(&self, from: u64, end: u64) -> Option<u64> {
+        let mut i = from;
+        while i < end {
+            let w = (i / 64) as usize;
+            let Some(&word) = self.words.get(w) else {
+                return Some(i);
+            };
+            // Bits below `i` in this word count as taken.
+            let taken = word | ((1u64 << (i % 64)) - 1);
+            if taken != u64::MAX {
+                let found = w as u64 * 64 + u64::from(taken.trailing_ones());
+                return (found < end).then_some(found);
+            }
+            i = (w as u64 + 1) * 64;
+        }
+        None
+    }
+
+    /// The last clear bit below `below`.
+    fn last_free(&self, below: u64) -> Option<u64> {
+        let mut i = below;
+        while i > 0 {
+            let last = i - 1;
+            let w = (last / 64) as usize;
+            let Some(&word) = self.words.get(w) else {
+                return Some(last);
+            };
+            // Bits above `last` in this word count as taken.
+            let taken = word | !(u64::MAX >> (63 - last % 64));
+            if taken != u64::MAX {
+                return Some(w as u64 * 64 + 63 - u64::from(taken.leading_ones()));
+            }
+            i = w as u64 * 64;
+        }
+        None
+    }
+}
+
+/// The persistent read-write mapping of a whole handle file.
+struct Window {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: `Window` is an address range owned by its handle; it never dereferences it, and
+// the pointers it hands out are raw, their use governed by the callers' own rules.
+unsafe impl Send for Window {}
+// SAFETY: as above; `&Window` only reads the two fields.
+unsafe impl Sync for Window {}
+
+impl Window {
+    fn unmap(self) -> io::Result<()> {
+        let w = ManuallyDrop::new(self);
+        // SAFETY: the window's range was mapped by `RamHandle::window` and is unmapped once:
+        // `ManuallyDrop` keeps `Drop` from doing it again.
+        unsafe { sys::munmap(w.ptr, w.len) }
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: the range is ours (mapped in `RamHandle::window`), unmapped only here.
+        // An error cannot be reported from drop; `RamHandle::close` reports it instead.
+        let _ = unsafe { sys::munmap(self.ptr, self.len) };
+    }
+}
+
+/// One kernel file of pages from a [`Ram`]: page index `i` lives at file offset
+/// `i × page_size`, so pages at adjacent indices mapped at adjacent addresses merge into one
+/// kernel VMA. `Send + Sync`; every method takes `&self`.
+///
+/// The handle does not track the mappings it makes: unmapping them is the caller's business
+/// ([`unmap`] or plain `munmap`). Closing the handle keeps existing mappings valid (they hold
+/// the file); only the window goes away.
+pub struct RamHandle {
+    fd: OwnedFd,
+    page_size: usize,
+    max_pages: u64,
+    alloc: AllocPolicy,
+    hugetlb: bool,
+    used: Mutex<Bitmap>,
+    account: Account,
+    window: OnceLock<Window>,
+    /// Serialises creating the window (`OnceLock::get_or_try_init` is not stable).
+    window_init: Mutex<()>,
+}
+
+impl fmt::Debug for RamHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RamHandle")
+            .field("fd", &self.fd)
+            .field("page_size", &self.page_size)
+            .field("max_pages", &self.max_pages)
+            .field("alloc", &self.alloc)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RamHandle {
+    /// Bytes per page.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Number of page indices: valid pages are `0..max_pages()`.
+    pub fn max_pages(&self) -> u64 {
+        self.max_pages
+    }
+
+    /// Pages allocated in this handle.
+    pub fn stats(&self) -> RamStats {
+        stats(self.account.pages.load(Ordering::Relaxed), self.page_size)
+    }
+
+    /// The handle's kernel file.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    fn used(&self) -> MutexGuard<'_, Bitmap> {
+        // A panic while holding the lock cannot leave the bitmap half-updated (each update
+        // is one bit), so a poisoned lock is still consistent.
+        self.used.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn offset(&self, page: u64) -> u64 {
+        page * self.page_size as u64
+    }
+
+    fn check_allocated(&self, page: u64) -> Result<(), RamError> {
+        if page >= self.max_pages {
+            return Err(RamError::OutOfRange {
+                page,
+                max_pages: self.max_pages,
+            });
+        }
+        if !self.used().get(page) {
+            return Err(RamError::NotAllocated { page });
+        }
+        Ok(())
+    }
+
+    /// Whether `page` is allocated.
+    pub fn is_allocated(&self, page: u64) -> bool {
+        page < self.max_pages && self.used().get(page)
+    }
+
+    /// Allocates a page: `hint` itself when free (a hint beyond the handle counts as its last
+    /// page), else the nearest free index above it, else the nearest below. Under
+    /// [`AllocPolicy::Reserve`] the memory is taken now; the kernel's ENOSPC/ENOMEM is
+    /// [`RamError::Exhausted`], a handle with every index taken is [`RamError::HandleFull`].
+    pub fn alloc_page(&self, hint: u64) -> Result<u64, RamError> {
+        let hint = hint.min(self.max_pages - 1);
+        let page = {
+            let mut used = self.used();
+            let page = used
+                .first_free(hint, self.max_pages)
+                .or_else(|| used.last_free(hint))
+                .ok_or(RamError::HandleFull {
+                    max_pages: self.max_pages,
+                })?;
+            used.set(page, true);
+            page
+        };
+        // The index is claimed, so fallocate runs without the lock.
+        if self.alloc == AllocPolicy::Reserve {
+            if let Err(e) = sys::fallocate(self.fd(), 0, self.offset(page), self.page_size as u64) {
+                self.used().set(page, false);
+                return Err(match e.raw_os_error() {
+                    Some(libc::ENOSPC | libc::ENOMEM) => RamError::Exhausted {
+                        page_size: self.page_size,
+                        source: e,
+                    },
+                    _ => RamError::io(format!("reserve page {page} (fallocate)"), e),
+                });
+            }
+        }
+        self.account.add();
+        Ok(page)
+    }
+
+    fn mmap_page(
+        &self,
+        page: u64,
+        addr: *mut u8,
+        prot: Prot,
+        fixed: bool,
+    ) -> Result<NonNull<u8>, RamError> {
+        self.check_allocated(page)?;
+        let flags = libc::MAP_SHARED | if fixed { libc::MAP_FIXED } else { 0 };
+        // SAFETY: without MAP_FIXED the kernel picks a free range; with it, `map_page_fixed`'s
+        // caller vouches for `addr`.
+        unsafe {
+            sys::mmap(
+                addr,
+                self.page_size,
+                prot.to_libc(),
+                flags,
+                self.fd(),
+                self.offset(page),
+            )
+        }
+        .map_err(|e| RamError::io(format!("map page {page} (mmap)"), e))
+    }
+
+    /// Maps allocated `page` at a new address chosen by the kernel (`MAP_SHARED`).
+    pub fn map_page(&self, page: u64, prot: Prot) -> Result<NonNull<u8>, RamError> {
+        self.mmap_page(page, ptr::null_mut(), prot, false)
+    }
+
+    /// Maps allocated `page` at `addr` (`MAP_FIXED`, `MAP_SHARED`). `addr` must be a multiple
+    /// of the page size.
+    ///
+    /// # Safety
+    /// Whatever is mapped at `addr..addr + page_size` is replaced: the caller must own that
+    /// range, and no Rust reference may point into it.
+    pub unsafe fn map_page_fixed(
+        &self,
+        page: u64,
+        addr: NonNull<u8>,
+        prot: Prot,
+    ) -> Result<(), RamError> {
+        if addr.as_ptr() as usize % self.page_size != 0 {
+            return Err(RamError::Unaligned {
+                addr: addr.as_ptr() as usize,
+                page_size: self.page_size,
+            });
+        }
+        self.mmap_page(page, addr.as_ptr(), prot, true).map(drop)
+    }
+
+    /// A pointer to allocated `page` inside one persistent read-write shared mapping of the
+    /// whole handle file (made on first use, `MAP_NORESERVE`), so a loader fills pages
+    /// without a mapping per page. Valid while the handle lives; writes through it are seen
+    /// by every mapping of the page.
+    pub fn window(&self, page: u64) -> Result<NonNull<u8>, RamError> {
+        self.check_allocated(page)?;
+        let window = match self.window.get() {
+            Some(w) => w,
+            None => {
+                let _init = self.window_init.lock().unwrap_or_else(|p| p.into_inner());
+                match self.window.get() {
+                    Some(w) => w,
+                    None => {
+                        let len = (self.max_pages * self.page_size as u64) as usize;
+                        // SAFETY: not MAP_FIXED: the kernel picks a free range.
+                        let ptr = unsafe {
+                            sys::mmap(
+                                ptr::null_mut(),
+                                len,
+                                libc::PROT_READ | libc::PROT_WRITE,
+                                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                                self.fd(),
+                                0,
+                            )
+                        }
+                        .map_err(|e| RamError::io("map the handle window (mmap)", e))?;
+                        self.window.get_or_init(|| Window { ptr, len })
+                    }
+                }
+            }
+        };
+        // SAFETY: `page < max_pages`, so the offset stays inside the window's range.
+        Ok(unsafe { window.ptr.add(self.offset(page) as usize) })
+    }
+
+    /// Returns `page`'s memory to the OS (`fallocate(PUNCH_HOLE)`); the page reads back as
+    /// zeros through every mapping of it, and its index is free again.
+    pub fn drop_page(&self, page: u64) -> Result<(), RamError> {
+        self.check_allocated(page)?;
+        sys::fallocate(
+            self.fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            self.offset(page),
+            self.page_size as u64,
+        )
+        .map_err(|e| RamError::io(format!("drop page {page} (fallocate PUNCH_HOLE)"), e))?;
+        let mut used = self.used();
+        if used.get(page) {
+            used.set(page, false);
+            self.account.sub();
+        }
+        Ok(())
+    }
+
+    /// Closes the handle, reporting errors that dropping it would ignore. Mappings of its
+    /// pages stay valid; the window is unmapped.
+    pub fn close(self) -> Result<(), RamError> {
+        let RamHandle { fd, window, .. } = self;
+        let unmapped = match window.into_inner() {
+            Some(w) => w.unmap(),
+            None => Ok(()),
+        };
+        let closed = sys::close(fd);
+        unmapped.map_err(|e| RamError::io("unmap the handle window (munmap)", e))?;
+        closed.map_err(|e| RamError::io("close the handle file", e))
+    }
+
+    /// Whether pages come from the hugetlb pool.
+    pub fn is_hugetlb(&self) -> bool {
+        self.hugetlb
+    }
+}
+
+/// Unmaps `len` bytes at `addr` (`munmap`), for mappings made by [`RamHandle::map_page`].
+///
+/// # Safety
+/// The range is mapped memory the caller owns; nothing refers to it afterwards.
+pub unsafe fn unmap(addr: NonNull<u8>, len: usize) -> Result<(), RamError> {
+    // SAFETY: forwarded to the caller.
+    unsafe { sys::munmap(addr, len) }.map_err(|e| RamError::io("munmap", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_search() {
+        let mut b = Bitmap::default();
+        assert_eq!(b.first_free(5, 10), Some(5));
+        assert_eq!(b.last_free(5), Some(4));
+        assert_eq!(b.last_free(0), None);
+        for i in 0..130 {
+            b.set(i, true);
+        }
+        assert_eq!(b.first_free(0, 200), Some(130));
+        assert_eq!(b.first_free(0, 130), None);
+        assert_eq!(b.last_free(130), None);
+        b.set(63, false);
+        b.set(64, false);
+        assert_eq!(b.first_free(10, 200), Some(63));
+        assert_eq!(b.first_free(64, 200), Some(64));
+        assert_eq!(b.first_free(65, 200), Some(130));
+        assert_eq!(b.last_free(129), Some(64));
+        assert_eq!(b.last_free(64), Some(63));
+        assert_eq!(b.last_free(63), None);
+        b.set(1000, false);
+        assert!(!b.get(1000));
+    }
+
+    #[test]
+    fn alloc_follows_hint() {
+        let ram = Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap();
+        let h = ram.open_handle().unwrap();
+        assert_eq!(h.alloc_page(10).unwrap(), 10);
+        assert_eq!(h.alloc_page(10).unwrap(), 11);
+        assert_eq!(h.alloc_page(u64::MAX).unwrap(), h.max_pages() - 1);
+        assert_eq!(h.alloc_page(u64::MAX).unwrap(), h.max_pages() - 2);
+        assert_eq!(h.stats().pages_allocated, 4);
+        assert_eq!(ram.stats().bytes_resident, 4 * 4096);
+        h.drop_page(10).unwrap();
+        assert!(!h.is_allocated(10));
+        assert_eq!(h.alloc_page(9).unwrap(), 9);
+        assert_eq!(h.alloc_page(9).unwrap(), 10);
+        let h2 = ram.open_handle().unwrap();
+        h2.alloc_page(0).unwrap();
+        assert_eq!(ram.stats().pages_allocated, 6);
+        drop(h);
+        assert_eq!(ram.stats().pages_allocated, 1);
+        h2.close().unwrap();
+        assert_eq!(ram.stats(), RamStats::default());
+    }
+}
