@@ -1,0 +1,633 @@
+//! RAM against the kernel: every backend, memory release, exhaustion on a tiny tmpfs, the
+//! hugetlb pool, and every kind of bad input.
+//!
+//! Tests that need root (mounting a tmpfs or hugetlbfs, changing `nr_hugepages`) print
+//! `SKIPPED: ...` and pass when not root or when the kernel refuses.
+//!
+//! Every test holds `serial()`: some change the process-wide (indeed system-wide) huge page
+//! pool, and the leak test counts the process's descriptors and mappings, which a test running
+//! beside it would disturb.
+
+use bigfile_ram::{
+    allocated_bytes, os_page_size, unmap, AllocPolicy, Backend, Prot, Ram, RamError, RamHandle,
+    RamSpec, RamStats,
+};
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::{Mutex, MutexGuard};
+
+const MIB: usize = 1 << 20;
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn skip(why: &str) {
+    eprintln!("SKIPPED: {why}");
+    println!("SKIPPED: {why}");
+}
+
+fn new_ram(spec: &str) -> Ram {
+    let spec: RamSpec = spec.parse().unwrap_or_else(|e| panic!("{spec}: {e}"));
+    Ram::new(spec.clone()).unwrap_or_else(|e| panic!("{spec}: {e}"))
+}
+
+/// A filesystem mounted on a fresh temporary directory; unmounted and removed on drop.
+struct Mount {
+    dir: PathBuf,
+}
+
+impl Mount {
+    fn new(fstype: &str, options: &str) -> Result<Mount, String> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "bigfile-ram-test-{}-{fstype}-{n}",
+            std::process::id()
+        ));
+        std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        let cdir = CString::new(dir.as_os_str().as_bytes()).unwrap();
+        let ctype = CString::new(fstype).unwrap();
+        let copts = CString::new(options).unwrap();
+        // SAFETY: all strings are NUL-terminated and live across the call.
+        let rc = unsafe {
+            libc::mount(
+                ctype.as_ptr(),
+                cdir.as_ptr(),
+                ctype.as_ptr(),
+                0,
+                copts.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            let _ = std::fs::remove_dir(&dir);
+            return Err(format!(
+                "mount -t {fstype} -o {options} {}: {e}",
+                dir.display()
+            ));
+        }
+        Ok(Mount { dir })
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let cdir = CString::new(self.dir.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; MNT_DETACH unmounts even if something is still open.
+        unsafe { libc::umount2(cdir.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+/// A pool of default-size (2 MiB on x86-64) huge pages, restored to its old size on drop.
+struct HugePages {
+    old: String,
+}
+
+impl HugePages {
+    fn set(n: u64) -> Result<HugePages, String> {
+        if !is_root() {
+            return Err("not root: cannot change /proc/sys/vm/nr_hugepages".into());
+        }
+        let old = std::fs::read_to_string(NR_HUGEPAGES).map_err(|e| e.to_string())?;
+        let guard = HugePages { old };
+        std::fs::write(NR_HUGEPAGES, n.to_string())
+            .map_err(|e| format!("write {NR_HUGEPAGES}: {e}"))?;
+        let got: u64 = std::fs::read_to_string(NR_HUGEPAGES)
+            .map_err(|e| e.to_string())?
+            .trim()
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        if got != n {
+            return Err(format!("asked the kernel for {n} huge pages, got {got}"));
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(NR_HUGEPAGES, self.old.trim()) {
+            eprintln!(
+                "could not restore {NR_HUGEPAGES} to {}: {e}",
+                self.old.trim()
+            );
+        }
+    }
+}
+
+/// An anonymous PROT_NONE reservation with a `align`-aligned range of `len` bytes inside.
+struct Reservation {
+    base: NonNull<u8>,
+    total: usize,
+    aligned: NonNull<u8>,
+}
+
+impl Reservation {
+    fn new(len: usize, align: usize) -> Reservation {
+        let total = len + align;
+        // SAFETY: a fresh anonymous mapping at a kernel-chosen address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let base = NonNull::new(p.cast::<u8>()).unwrap();
+        let skew = (align - base.as_ptr() as usize % align) % align;
+        // SAFETY: `skew < align`, inside the `len + align` bytes just mapped.
+        let aligned = unsafe { base.add(skew) };
+        Reservation {
+            base,
+            total,
+            aligned,
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: the whole reservation (and whatever was mapped over it) is ours.
+        unsafe { unmap(self.base, self.total) }.unwrap();
+    }
+}
+
+/// Number of /proc/self/maps entries that overlap `addr..addr + len`.
+fn vmas_in(addr: NonNull<u8>, len: usize) -> usize {
+    let (lo, hi) = (addr.as_ptr() as usize, addr.as_ptr() as usize + len);
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            let range = l.split_whitespace().next().unwrap();
+            let (s, e) = range.split_once('-').unwrap();
+            let (s, e) = (
+                usize::from_str_radix(s, 16).unwrap(),
+                usize::from_str_radix(e, 16).unwrap(),
+            );
+            s < hi && e > lo
+        })
+        .count()
+}
+
+/// Writes through one mapping of a page and reads through others: the window, a second
+/// `map_page`, and a fixed mapping. Then checks two adjacent pages mapped adjacently are one
+/// VMA (except on hugetlb).
+fn check_one_memory(ram: &Ram) {
+    let ps = ram.page_size();
+    let h = ram.open_handle().unwrap();
+    let page = h.alloc_page(0).unwrap();
+    let a = h.map_page(page, Prot::ReadWrite).unwrap();
+    let b = h.map_page(page, Prot::Read).unwrap();
+    assert_ne!(a, b);
+    let win = h.window(page).unwrap();
+    let res = Reservation::new(2 * ps, ps);
+    // SAFETY: the reservation's aligned range is ours, and nothing refers into it.
+    unsafe { h.map_page_fixed(page, res.aligned, Prot::ReadWrite) }.unwrap();
+    for (i, off) in [0, 1, ps / 2, ps - 1].into_iter().enumerate() {
+        let v = 0x40 + i as u8;
+        // SAFETY: `off < ps`, inside the read-write mapping `a`.
+        unsafe { a.as_ptr().add(off).write_volatile(v) };
+        // SAFETY: same page, through the other mappings, all `ps` bytes long.
+        unsafe {
+            assert_eq!(b.as_ptr().add(off).read_volatile(), v);
+            assert_eq!(win.as_ptr().add(off).read_volatile(), v);
+            assert_eq!(res.aligned.as_ptr().add(off).read_volatile(), v);
+        }
+    }
+    // And the other way: written through the fixed mapping, seen through `b`.
+    // SAFETY: inside the fixed read-write mapping and the read-only one.
+    unsafe {
+        res.aligned.as_ptr().add(7).write_volatile(0x99);
+        assert_eq!(b.as_ptr().add(7).read_volatile(), 0x99);
+    }
+
+    // Pages 1 and 2 of the file at adjacent addresses.
+    let p1 = h.alloc_page(1).unwrap();
+    let p2 = h.alloc_page(2).unwrap();
+    assert_eq!((p1, p2), (1, 2), "alloc_page honours a free hint");
+    let pair = Reservation::new(2 * ps, ps);
+    // SAFETY: the reservation's aligned range (two pages) is ours.
+    unsafe {
+        h.map_page_fixed(p1, pair.aligned, Prot::ReadWrite).unwrap();
+        h.map_page_fixed(p2, pair.aligned.add(ps), Prot::ReadWrite)
+            .unwrap();
+    }
+    let vmas = vmas_in(pair.aligned, 2 * ps);
+
+    // SAFETY: `a` and `b` are `ps`-byte mappings made above, not used again.
+    unsafe {
+        unmap(a, ps).unwrap();
+        unmap(b, ps).unwrap();
+    }
+    // The kernel never merges hugetlb VMAs (their vm_ops have a close hook); other backends
+    // must merge.
+    let want = if ram.huge_page_size().is_some() { 2 } else { 1 };
+    assert_eq!(vmas, want, "VMAs for two adjacent pages mapped adjacently");
+    assert_eq!(h.stats().pages_allocated, 3);
+    assert_eq!(ram.stats().bytes_resident, 3 * ps as u64);
+    h.close().unwrap();
+    assert_eq!(ram.stats(), RamStats::default());
+}
+
+/// Dropping a page lowers the file's allocated blocks and makes the page read as zeros.
+fn check_drop_releases(ram: &Ram) {
+    let ps = ram.page_size();
+    let h = ram.open_handle().unwrap();
+    let page = h.alloc_page(0).unwrap();
+    let view = h.map_page(page, Prot::Read).unwrap();
+    let win = h.window(page).unwrap();
+    // SAFETY: the window covers the `ps` bytes of the allocated page.
+    unsafe { win.as_ptr().write_bytes(0x5A, ps) };
+    let before = allocated_bytes(h.fd()).unwrap();
+    assert!(
+        before >= ps as u64,
+        "{before} bytes allocated for a filled page"
+    );
+    // SAFETY: `view` maps the page read-only.
+    assert_eq!(unsafe { view.as_ptr().add(ps - 1).read_volatile() }, 0x5A);
+
+    h.drop_page(page).unwrap();
+    let after = allocated_bytes(h.fd()).unwrap();
+    assert!(
+        after + ps as u64 <= before,
+        "dropping a {ps}-byte page took blocks from {before} to {after} bytes"
+    );
+    assert!(!h.is_allocated(page));
+    assert_eq!(h.stats(), RamStats::default());
+    // SAFETY: the old mappings still cover the (now empty) page. (A read fault on a hole of
+    // shmem populates a zeroed page again: the blocks are counted before reading.)
+    unsafe {
+        for off in [0, ps / 2, ps - 1] {
+            assert_eq!(view.as_ptr().add(off).read_volatile(), 0);
+            assert_eq!(win.as_ptr().add(off).read_volatile(), 0);
+        }
+    }
+    // SAFETY: `view` was made above with length `ps`.
+    unsafe { unmap(view, ps) }.unwrap();
+    h.close().unwrap();
+}
+
+#[test]
+fn memfd_one_memory_and_drop() {
+    let _s = serial();
+    for spec in ["memfd", "memfd,pagesize=4K", "memfd,alloc=touch"] {
+        let ram = new_ram(spec);
+        check_one_memory(&ram);
+        check_drop_releases(&ram);
+    }
+}
+
+#[test]
+fn shmfs_one_memory_and_drop() {
+    let _s = serial();
+    for spec in ["shmfs", "shmfs:/dev/shm,pagesize=64K,alloc=touch"] {
+        let ram = new_ram(spec);
+        check_one_memory(&ram);
+        check_drop_releases(&ram);
+    }
+}
+
+#[test]
+fn hugetlbfs_one_memory_and_drop() {
+    let _s = serial();
+    let _pool = match HugePages::set(8) {
+        Ok(p) => p,
+        Err(why) => return skip(&format!("hugetlbfs test: {why}")),
+    };
+    // memfd with MFD_HUGETLB.
+    let ram = new_ram("hugetlbfs,pagesize=2M");
+    assert_eq!(ram.huge_page_size(), Some(2 * MIB));
+    assert_eq!(ram.max_size(), 8 * 2 * MIB as u64);
+    check_one_memory(&ram);
+    check_drop_releases(&ram);
+    // A hugetlbfs mount.
+    match Mount::new("hugetlbfs", "pagesize=2M") {
+        Ok(m) => {
+            let ram = new_ram(&format!("hugetlbfs:{},alloc=reserve", m.dir.display()));
+            check_one_memory(&ram);
+            check_drop_releases(&ram);
+        }
+        Err(why) => skip(&format!("hugetlbfs mount: {why}")),
+    }
+}
+
+#[test]
+fn hugetlb_pool_exhaustion_is_typed() {
+    let _s = serial();
+    let _pool = match HugePages::set(2) {
+        Ok(p) => p,
+        Err(why) => return skip(&format!("hugetlb exhaustion test: {why}")),
+    };
+    let ram = new_ram("hugetlbfs");
+    let h1 = ram.open_handle().unwrap();
+    let h2 = ram.open_handle().unwrap();
+    h1.alloc_page(0).unwrap();
+    h1.alloc_page(1).unwrap();
+    let err = h2.alloc_page(0).unwrap_err();
+    assert!(
+        matches!(err, RamError::Exhausted { .. }),
+        "want Exhausted, got {err}"
+    );
+    h1.drop_page(0).unwrap();
+    h2.alloc_page(0).unwrap();
+}
+
+#[test]
+fn tiny_tmpfs_exhaustion_then_recovery() {
+    let _s = serial();
+    if !is_root() {
+        return skip("tiny tmpfs exhaustion test: not root, cannot mount a tmpfs");
+    }
+    let mount = match Mount::new("tmpfs", "size=8m") {
+        Ok(m) => m,
+        Err(why) => return skip(&format!("tiny tmpfs exhaustion test: {why}")),
+    };
+    let ram = new_ram(&format!(
+        "shmfs:{},pagesize=2M,alloc=reserve",
+        mount.dir.display()
+    ));
+    assert_eq!(ram.max_size(), 8 * MIB as u64);
+    let h1 = ram.open_handle().unwrap();
+    assert_eq!(h1.max_pages(), 4);
+    for i in 0..4 {
+        assert_eq!(h1.alloc_page(i).unwrap(), i);
+    }
+    // The handle has no index left.
+    let full = h1.alloc_page(0).unwrap_err();
+    assert!(
+        matches!(full, RamError::HandleFull { max_pages: 4 }),
+        "{full}"
+    );
+    assert!(full.is_exhausted());
+    // Another handle on the same full tmpfs: the kernel says ENOSPC.
+    let h2 = ram.open_handle().unwrap();
+    let err = h2.alloc_page(0).unwrap_err();
+    assert!(
+        matches!(err, RamError::Exhausted { .. }),
+        "want Exhausted, got {err}"
+    );
+    assert!(err.is_exhausted());
+    assert!(err.to_string().contains("RAM exhausted"), "{err}");
+    assert!(
+        !h2.is_allocated(0),
+        "a failed allocation leaves the index free"
+    );
+    assert_eq!(ram.stats().pages_allocated, 4);
+    // Dropping one page's memory lets the allocation succeed.
+    h1.drop_page(2).unwrap();
+    assert_eq!(h2.alloc_page(0).unwrap(), 0);
+    assert_eq!(ram.stats().pages_allocated, 4);
+    h1.close().unwrap();
+    h2.close().unwrap();
+    assert_eq!(ram.stats(), RamStats::default());
+}
+
+#[test]
+fn hugetlbfs_without_reserved_pages_is_an_error() {
+    let _s = serial();
+    let _pool = match HugePages::set(0) {
+        Ok(p) => Some(p),
+        Err(_) if !is_root() && bigfile_ram_pool_is_empty() => None,
+        Err(why) => return skip(&format!("no-huge-pages test: {why}")),
+    };
+    let err = Ram::new("hugetlbfs".parse().unwrap()).unwrap_err();
+    assert!(matches!(err, RamError::NoHugePages { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("no 2097152-byte huge pages are reserved"),
+        "{msg}"
+    );
+    assert!(msg.contains("nr_hugepages"), "{msg}");
+}
+
+fn bigfile_ram_pool_is_empty() -> bool {
+    std::fs::read_to_string(NR_HUGEPAGES).is_ok_and(|s| s.trim() == "0")
+}
+
+/// Descriptors of this crate's memfds. (Only ours are counted: the test harness starts and
+/// ends threads meanwhile, which changes the process's mappings.)
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().contains("memfd:bigfile-ram"))
+        .count()
+}
+
+/// Mappings of this crate's memfds.
+fn map_count() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("memfd:bigfile-ram"))
+        .count()
+}
+
+fn assert_err(r: Result<impl std::fmt::Debug, RamError>, want: &str) -> RamError {
+    let e = r.expect_err(want);
+    assert!(e.to_string().contains(want), "{e:?}: {e} lacks {want:?}");
+    e
+}
+
+#[test]
+fn bad_input_is_an_error_and_leaks_nothing() {
+    let _s = serial();
+    let os = os_page_size();
+    let (fds, maps) = (fd_count(), map_count());
+
+    // Page sizes.
+    let spec = |page_size| RamSpec {
+        page_size,
+        ..RamSpec::default()
+    };
+    let e = assert_err(
+        Ram::new(spec(1000)),
+        &format!("page size 1000 is not a multiple of the OS page size {os}"),
+    );
+    assert!(matches!(e, RamError::PageSize { .. }));
+    assert_err(Ram::new(spec(0)), "page size 0 is not a multiple");
+    assert_err(Ram::new(spec(os + os / 2)), "allowed: a non-zero multiple");
+    assert_err(
+        Ram::with_page_size(12345),
+        "page size 12345 is not a multiple",
+    );
+    if Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").exists() {
+        // With or without a pool, 4 KiB is below every huge page size.
+        let e = Ram::new("hugetlbfs,pagesize=4K".parse().unwrap()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RamError::PageSize {
+                    unit_name: "huge",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+    let e = assert_err(
+        Ram::new(RamSpec {
+            backend: Backend::Memfd,
+            page_size: 1 << 62,
+            alloc: AllocPolicy::Reserve,
+        }),
+        "cannot hold one page",
+    );
+    assert!(matches!(e, RamError::TooSmall { .. }));
+
+    // Specs and directories.
+    assert_err("tmpfs".parse::<RamSpec>(), "unknown backend \"tmpfs\"");
+    assert_err("memfd,pagesize=3Q".parse::<RamSpec>(), "allowed: memfd");
+    assert_err(
+        Ram::new("shmfs:/nonexistent/bigfile".parse().unwrap()),
+        "shmfs directory /nonexistent/bigfile",
+    );
+    assert_err(
+        Ram::new("shmfs:/proc/self/exe".parse().unwrap()),
+        "shmfs directory /proc/self/exe",
+    );
+    let e = assert_err(
+        Ram::new("hugetlbfs:/dev/shm".parse().unwrap()),
+        "/dev/shm is not on a hugetlbfs mount",
+    );
+    assert!(matches!(e, RamError::NotHugetlbfs { .. }));
+
+    // Handle operations.
+    let ram = new_ram("memfd,pagesize=64K");
+    let h = ram.open_handle().unwrap();
+    let max = h.max_pages();
+    let page = h.alloc_page(0).unwrap();
+    for bad in [max, max + 1, u64::MAX] {
+        let want = format!("page {bad} is beyond the handle, which holds pages 0..{max}");
+        assert_err(h.map_page(bad, Prot::Read), &want);
+        assert_err(h.window(bad), &want);
+        assert_err(h.drop_page(bad), &want);
+        assert!(!h.is_allocated(bad));
+        let res = Reservation::new(h.page_size(), h.page_size());
+        // SAFETY: the reservation is ours.
+        assert_err(
+            unsafe { h.map_page_fixed(bad, res.aligned, Prot::Read) },
+            &want,
+        );
+    }
+    assert_err(h.map_page(1, Prot::Read), "page 1 is not allocated");
+    assert_err(h.window(1), "page 1 is not allocated");
+    assert_err(h.drop_page(1), "page 1 is not allocated");
+    let res = Reservation::new(2 * h.page_size(), h.page_size());
+    for off in [1, os, h.page_size() / 2] {
+        // SAFETY: inside the reservation, which is ours.
+        let addr = unsafe { res.aligned.add(off) };
+        let e = assert_err(
+            // SAFETY: the reservation is ours.
+            unsafe { h.map_page_fixed(page, addr, Prot::ReadWrite) },
+            "is not aligned to the page size 65536",
+        );
+        assert!(matches!(e, RamError::Unaligned { .. }));
+    }
+    h.drop_page(page).unwrap();
+    assert_err(h.drop_page(page), "page 0 is not allocated");
+    drop(res);
+    h.close().unwrap();
+
+    assert_eq!(fd_count(), fds, "descriptors leaked");
+    assert_eq!(map_count(), maps, "mappings leaked");
+}
+
+#[test]
+fn handles_close_their_descriptor_and_window() {
+    let _s = serial();
+    let ram = new_ram("memfd,pagesize=64K");
+    let (fds, maps) = (fd_count(), map_count());
+    for close in [true, false] {
+        let h = ram.open_handle().unwrap();
+        let p = h.alloc_page(0).unwrap();
+        h.window(p).unwrap();
+        assert_eq!((fd_count(), map_count()), (fds + 1, maps + 1));
+        if close {
+            h.close().unwrap();
+        } else {
+            drop(h);
+        }
+        assert_eq!((fd_count(), map_count()), (fds, maps));
+    }
+    assert_eq!(ram.stats(), RamStats::default());
+}
+
+#[test]
+fn env_var_picks_the_default_backend() {
+    let _s = serial();
+    let old = std::env::var_os("BIGFILE_RAM");
+    std::env::set_var("BIGFILE_RAM", "shmfs,pagesize=64K,alloc=touch");
+    let spec = RamSpec::from_env();
+    let ram = Ram::with_page_size(128 << 10);
+    std::env::set_var("BIGFILE_RAM", "ramdisk");
+    let bad = RamSpec::from_env();
+    match &old {
+        Some(v) => std::env::set_var("BIGFILE_RAM", v),
+        None => std::env::remove_var("BIGFILE_RAM"),
+    }
+    let spec = spec.unwrap();
+    assert_eq!(
+        spec.backend,
+        Backend::Shmfs {
+            dir: "/dev/shm".into()
+        }
+    );
+    assert_eq!(
+        (spec.page_size, spec.alloc),
+        (64 << 10, AllocPolicy::OnTouch)
+    );
+    let ram = ram.unwrap();
+    assert_eq!(ram.page_size(), 128 << 10);
+    assert!(matches!(ram.spec().backend, Backend::Shmfs { .. }));
+    let bad = bad.unwrap_err().to_string();
+    assert!(
+        bad.contains("unknown backend \"ramdisk\" (from BIGFILE_RAM)"),
+        "{bad}"
+    );
+}
+
+#[test]
+fn concurrent_alloc_and_drop_keep_counts() {
+    let _s = serial();
+    let ram = new_ram("memfd,pagesize=4K");
+    let h = ram.open_handle().unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let h: &RamHandle = &h;
+            s.spawn(move || {
+                let mut mine = Vec::new();
+                for i in 0..200 {
+                    mine.push(h.alloc_page(t * 1000 + i).unwrap());
+                }
+                for p in mine.drain(..100) {
+                    h.drop_page(p).unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(h.stats().pages_allocated, 400);
+    assert_eq!(ram.stats().pages_allocated, 400);
+    assert_eq!(
+        (0..10_000).filter(|&p| h.is_allocated(p)).count(),
+        400,
+        "bitmap and counters agree"
+    );
+}
