@@ -606,7 +606,8 @@ impl RamHandle {
     /// Returns `page`'s memory to the OS (`fallocate(PUNCH_HOLE)`); the page reads back as
     /// zeros through every mapping of it, and its index is free again. A fault through a
     /// mapping that is still there populates a fresh zeroed page (and takes memory again,
-    /// uncounted): unmap or protect such mappings first.
+    /// uncounted): unmap or protect such mappings first. Dropping the same page from two
+    /// threads at once is a caller bug (the page table above owns each page once).
     pub fn drop_page(&self, page: u64) -> Result<(), RamError> {
         self.check_allocated(page)?;
         sys::fallocate(
