@@ -1,4 +1,4 @@
-//! bigfile: files bigger than RAM, used as memory.
+#![doc = include_str!("../README.md")]
 //!
 //! This crate only re-exports the layers, so that one dependency gives the
 //! whole stack; pick a layer crate directly to depend on less:

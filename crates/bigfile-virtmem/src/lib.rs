@@ -1,1 +1,43 @@
-//! bigfile-virtmem (skeleton)
+//! bigfile-virtmem: a BigFile mapped into memory, loaded on demand, tracked
+//! for changes, written out or discarded, within a RAM budget.
+//!
+//! It owns the `BigFile` trait, file handles ([`FileH`]: a snapshot of a
+//! file plus its own in-memory changes), mappings ([`Vma`]), page states, the
+//! loading protocol, the dirty list, writeout, discard, invalidation, and LRU
+//! reclaim of clean pages under a [`Ram`]'s budget. Invariants:
+//! - a page's memory is visible in a mapping only after `loadblk` filled it;
+//! - `loadblk`/`storeblk` never run under the RAM's lock; one `loadblk` per
+//!   page however many threads fault it, the others waiting on a condition
+//!   variable (with the host lock, e.g. Python's GIL, released);
+//! - a LOADED page is mapped read-only everywhere; a DIRTY page is on its
+//!   handle's dirty list and never reclaimed; pages mapped in several
+//!   mappings are one memory;
+//! - nothing is lost on a failed `storeblk`: unstored pages stay dirty.
+//!
+//! Errors are values ([`Error`]); inside a page fault, where no value can be
+//! returned, a persistent load failure or an exhausted budget ends in SIGBUS
+//! for the faulting thread with a diagnostic, and a loader touching its own
+//! page in SIGSEGV.
+
+mod bigfile;
+mod error;
+mod file;
+mod fileh;
+mod host;
+mod ram;
+mod serve;
+mod state;
+mod stats;
+mod sys;
+mod vma;
+
+pub use bigfile::{BigFile, BlockError};
+pub use bigfile_fault::Access;
+pub use error::{Error, Result};
+pub use file::{FileBigFile, FileBlockError};
+pub use fileh::{FileH, LoadPolicy, WriteoutFlags};
+pub use host::{set_host_lock, HostLock};
+pub use ram::{Ram, RamStats};
+pub use state::PageState;
+pub use stats::Stats;
+pub use vma::Vma;

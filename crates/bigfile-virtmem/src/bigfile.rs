@@ -1,0 +1,29 @@
+//! The `BigFile` trait: what a storage backend implements.
+
+/// The error a `loadblk` or `storeblk` returns: anything the backend likes.
+pub type BlockError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A file of fixed-size blocks whose storage is provided by the implementor.
+///
+/// `loadblk` fills one block; `storeblk` stores one back. Both run on the
+/// thread that needs them (for `loadblk`, the thread that touched the page,
+/// from inside its page fault), never under the virtmem lock, and may run
+/// concurrently for different blocks. They must not touch the page being
+/// loaded through a mapping (that is a fatal error) but may read other
+/// mappings, including other handles of the same file.
+pub trait BigFile: Send + Sync + 'static {
+    /// Block size in bytes: a multiple of the OS page size, and the page size
+    /// of the RAM the file's handles use.
+    fn blksize(&self) -> usize;
+
+    /// Fill `buf` (exactly `blksize` bytes, initially unspecified) with block `blk`.
+    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError>;
+
+    /// Store block `blk` from `buf` (exactly `blksize` bytes).
+    fn storeblk(&self, blk: u64, buf: &[u8]) -> Result<(), BlockError>;
+
+    /// A short human-readable name for diagnostics (a path, a database oid).
+    fn name(&self) -> String {
+        std::any::type_name::<Self>().to_owned()
+    }
+}

@@ -1,0 +1,409 @@
+//! `FileH`: a handle to a BigFile with its own in-memory changes.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bigfile_ram::PageMap;
+use slab::Slab;
+
+use crate::bigfile::BigFile;
+use crate::error::{Error, Result};
+use crate::host::HostUnlocked;
+use crate::ram::Ram;
+use crate::state::{FileHState, PageState, Shared};
+use crate::stats::{CountPair, Counter, Counters, Stats};
+use crate::vma::Vma;
+
+/// What `dirty_writeout` does; combine with `|`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteoutFlags(u32);
+
+impl WriteoutFlags {
+    /// Call `storeblk` for every dirty page, in ascending block order; pages stay dirty.
+    pub const STORE: WriteoutFlags = WriteoutFlags(1);
+    /// Mark every dirty page clean (and read-only in every mapping).
+    pub const MARKSTORED: WriteoutFlags = WriteoutFlags(2);
+
+    /// Flags from their numeric value (the reference's WRITEOUT_STORE = 1,
+    /// WRITEOUT_MARKSTORED = 2). Anything else, zero included, is an error.
+    pub fn from_bits(bits: u32) -> Result<WriteoutFlags> {
+        if bits == 0 || bits & !3 != 0 {
+            return Err(Error::InvalidFlags(bits));
+        }
+        Ok(WriteoutFlags(bits))
+    }
+
+    /// The numeric value.
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// Whether all of `other`'s flags are set.
+    pub fn contains(self, other: WriteoutFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::ops::BitOr for WriteoutFlags {
+    type Output = WriteoutFlags;
+    fn bitor(self, rhs: WriteoutFlags) -> WriteoutFlags {
+        WriteoutFlags(self.0 | rhs.0)
+    }
+}
+
+/// How a failing `loadblk` is retried before the fault is given up (SIGBUS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadPolicy {
+    /// Total attempts, at least 1.
+    pub attempts: u32,
+    /// Sleep before retry `n` is `n * backoff`.
+    pub backoff: Duration,
+}
+
+impl Default for LoadPolicy {
+    fn default() -> Self {
+        LoadPolicy {
+            attempts: 3,
+            backoff: Duration::from_millis(1),
+        }
+    }
+}
+
+/// The part of a handle that mappings and the fault handler share.
+pub(crate) struct FileHInner {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) ram: Ram,
+    pub(crate) key: usize,
+    pub(crate) file: Arc<dyn BigFile>,
+    pub(crate) ramh: Arc<bigfile_ram::RamHandle>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) name: String,
+    load_attempts: AtomicU32,
+    load_backoff_us: AtomicU64,
+}
+
+impl FileHInner {
+    pub(crate) fn load_policy(&self) -> LoadPolicy {
+        LoadPolicy {
+            attempts: self.load_attempts.load(Relaxed).max(1),
+            backoff: Duration::from_micros(self.load_backoff_us.load(Relaxed)),
+        }
+    }
+
+    pub(crate) fn page_size(&self) -> usize {
+        self.shared.page_size()
+    }
+}
+
+impl Drop for FileHInner {
+    fn drop(&mut self) {
+        // No mapping is alive (each holds an Arc to us), so no page is
+        // loading: every page is clean or dirty, and all are dropped. Dirty
+        // pages not written out are lost, as on close in the reference.
+        let _host = HostUnlocked::new();
+        let shared = self.shared.clone();
+        let ps = shared.page_size();
+        let mut st = shared.lock();
+        let pks: Vec<usize> = st.filehs[self.key]
+            .pages
+            .iter()
+            .map(|(_, &pk)| pk)
+            .collect();
+        for pk in pks {
+            st.forget_page(pk, ps, &shared.counters);
+        }
+        st.filehs.remove(self.key);
+    }
+}
+
+/// A handle to a BigFile: a snapshot of it with its own changes in memory.
+///
+/// One file may have many handles, each with its own changes. Mappings
+/// ([`Vma`]) keep their handle alive.
+pub struct FileH {
+    pub(crate) inner: Arc<FileHInner>,
+}
+
+impl fmt::Debug for FileH {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileH")
+            .field("file", &self.inner.name)
+            .field("blksize", &self.blksize())
+            .finish()
+    }
+}
+
+impl FileH {
+    /// Open a handle of `file` on `ram`, or on the default RAM for the file's
+    /// blksize when `ram` is `None`. An explicit RAM must have page size
+    /// equal to the file's blksize.
+    pub fn open(file: Arc<dyn BigFile>, ram: Option<&Ram>) -> Result<FileH> {
+        let blksize = file.blksize();
+        let os_page = crate::sys::os_page_size();
+        if blksize == 0 || blksize % os_page != 0 {
+            return Err(Error::BadBlksize { blksize, os_page });
+        }
+        let ram = match ram {
+            Some(r) => {
+                if r.page_size() != blksize {
+                    return Err(Error::PageSizeMismatch {
+                        ram_page: r.page_size(),
+                        blksize,
+                    });
+                }
+                r.clone()
+            }
+            None => Ram::default_for(blksize)?,
+        };
+        let ramh = Arc::new(ram.shared.ram.open_handle()?);
+        let counters = Arc::new(Counters::default());
+        let name = file.name();
+        let _host = HostUnlocked::new();
+        let key = ram.shared.lock().filehs.insert(FileHState {
+            ramh: ramh.clone(),
+            pages: PageMap::new(),
+            dirty: BTreeSet::new(),
+            vmas: Slab::new(),
+            writeout: None,
+            counters: counters.clone(),
+        });
+        let policy = LoadPolicy::default();
+        Ok(FileH {
+            inner: Arc::new(FileHInner {
+                shared: ram.shared.clone(),
+                ram,
+                key,
+                file,
+                ramh,
+                counters,
+                name,
+                load_attempts: AtomicU32::new(policy.attempts),
+                load_backoff_us: AtomicU64::new(policy.backoff.as_micros() as u64),
+            }),
+        })
+    }
+
+    /// The file's block size (= the page size).
+    pub fn blksize(&self) -> usize {
+        self.inner.page_size()
+    }
+
+    /// The file this handle is of.
+    pub fn file(&self) -> &Arc<dyn BigFile> {
+        &self.inner.file
+    }
+
+    /// The RAM this handle's pages live in.
+    pub fn ram(&self) -> &Ram {
+        &self.inner.ram
+    }
+
+    /// Map `pglen` pages of the file starting at page `pgoffset`. Nothing is
+    /// loaded until touched (or prefaulted).
+    pub fn mmap(&self, pgoffset: u64, pglen: u64) -> Result<Vma> {
+        Vma::new(self.inner.clone(), pgoffset, pglen)
+    }
+
+    /// Write out dirty pages: see [`WriteoutFlags`]. With STORE, writes to
+    /// pages of this handle from other threads wait until the writeout ends.
+    /// A failing `storeblk` stops the writeout with [`Error::Store`]; every
+    /// page not yet stored, and with STORE|MARKSTORED every page, stays
+    /// dirty, so nothing is lost and a later writeout retries.
+    pub fn dirty_writeout(&self, flags: WriteoutFlags) -> Result<()> {
+        let _host = HostUnlocked::new();
+        let fh = &*self.inner;
+        let shared = &*fh.shared;
+        let ps = shared.page_size();
+        let me = std::thread::current().id();
+        let mut st = shared.lock();
+        if st.filehs[fh.key].writeout.is_some() {
+            return Err(Error::WriteoutInProgress("dirty_writeout"));
+        }
+        let blocks: Vec<(u64, usize)> = {
+            let fs = &st.filehs[fh.key];
+            fs.dirty
+                .iter()
+                .map(|&blk| (blk, *fs.pages.get(blk).expect("dirty page is resident")))
+                .collect()
+        };
+        if flags.contains(WriteoutFlags::STORE) {
+            // Read-only everywhere, so a write during storeblk faults and waits.
+            for &(blk, _) in &blocks {
+                st.protect_everywhere(fh.key, blk, libc::PROT_READ, ps);
+            }
+            let to_store: Vec<(u64, u64)> = blocks
+                .iter()
+                .map(|&(blk, pk)| (blk, st.pages[pk].ram_page.expect("dirty page has RAM")))
+                .collect();
+            st.filehs[fh.key].writeout = Some(me);
+            drop(st);
+
+            let stored = catch_unwind(AssertUnwindSafe(|| store_all(fh, &to_store)));
+
+            // Retake the lock and keep it through marking, so no discard or
+            // invalidation slips in between and `blocks` stays exact.
+            st = shared.lock();
+            st.filehs[fh.key].writeout = None;
+            shared.cond.notify_all();
+            match stored {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(panic) => {
+                    drop(st);
+                    resume_unwind(panic)
+                }
+            }
+        }
+        if flags.contains(WriteoutFlags::MARKSTORED) {
+            let counts = CountPair {
+                fileh: &fh.counters,
+                ram: &shared.counters,
+            };
+            for (blk, pk) in blocks {
+                st.filehs[fh.key].dirty.remove(&blk);
+                st.pages[pk].state = PageState::Loaded;
+                st.lru_push_back(pk);
+                st.protect_everywhere(fh.key, blk, libc::PROT_READ, ps);
+                counts.sub(Counter::Dirty, 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop every change: dirty pages are forgotten; the next access loads
+    /// the file's data again.
+    pub fn dirty_discard(&self) -> Result<()> {
+        let _host = HostUnlocked::new();
+        let fh = &*self.inner;
+        let shared = &*fh.shared;
+        let mut st = shared.lock();
+        if st.filehs[fh.key].writeout.is_some() {
+            return Err(Error::WriteoutInProgress("dirty_discard"));
+        }
+        let pks: Vec<usize> = {
+            let fs = &st.filehs[fh.key];
+            fs.dirty
+                .iter()
+                .map(|&blk| *fs.pages.get(blk).expect("dirty page is resident"))
+                .collect()
+        };
+        for pk in pks {
+            st.forget_page(pk, shared.page_size(), &shared.counters);
+        }
+        Ok(())
+    }
+
+    /// Forget page `pgoffset` whatever its state (a dirty page's changes are
+    /// dropped): the next access loads it again. A page being loaded is
+    /// marked so its loader drops the result and the next access loads
+    /// afresh. Used when the file's data changed underneath.
+    pub fn invalidate_page(&self, pgoffset: u64) -> Result<()> {
+        let _host = HostUnlocked::new();
+        let fh = &*self.inner;
+        let shared = &*fh.shared;
+        let mut st = shared.lock();
+        if st.filehs[fh.key].writeout.is_some() {
+            return Err(Error::WriteoutInProgress("invalidate_page"));
+        }
+        let Some(&pk) = st.filehs[fh.key].pages.get(pgoffset) else {
+            return Ok(());
+        };
+        match st.pages[pk].state {
+            PageState::Loading => st.pages[pk].state = PageState::LoadingInvalidated,
+            PageState::LoadingInvalidated => {}
+            PageState::Loaded | PageState::Dirty => {
+                st.forget_page(pk, shared.page_size(), &shared.counters)
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any page has changes not written out.
+    pub fn is_dirty(&self) -> bool {
+        self.inner.counters.snapshot().dirty_pages != 0
+    }
+
+    /// The dirty blocks, ascending.
+    pub fn dirty_blocks(&self) -> Vec<u64> {
+        let _host = HostUnlocked::new();
+        let st = self.inner.shared.lock();
+        st.filehs[self.inner.key].dirty.iter().copied().collect()
+    }
+
+    /// The state of page `pgoffset`, `None` when it is EMPTY.
+    pub fn page_state(&self, pgoffset: u64) -> Option<PageState> {
+        let _host = HostUnlocked::new();
+        let st = self.inner.shared.lock();
+        st.filehs[self.inner.key]
+            .pages
+            .get(pgoffset)
+            .map(|&pk| st.pages[pk].state)
+    }
+
+    /// This handle's counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+
+    /// How a failing `loadblk` is retried.
+    pub fn set_load_policy(&self, policy: LoadPolicy) {
+        self.inner
+            .load_attempts
+            .store(policy.attempts.max(1), Relaxed);
+        self.inner
+            .load_backoff_us
+            .store(policy.backoff.as_micros() as u64, Relaxed);
+    }
+
+    /// The current load policy.
+    pub fn load_policy(&self) -> LoadPolicy {
+        self.inner.load_policy()
+    }
+
+    /// Number of live mappings of this handle.
+    pub fn mapping_count(&self) -> usize {
+        let _host = HostUnlocked::new();
+        self.inner.shared.lock().filehs[self.inner.key].vmas.len()
+    }
+
+    /// Close the handle, dropping changes not written out. Refused while
+    /// mappings are alive: the handle is given back with the error.
+    pub fn close(self) -> std::result::Result<(), (Error, FileH)> {
+        let n = self.mapping_count();
+        if n != 0 {
+            return Err((Error::LiveMappings(n), self));
+        }
+        drop(self);
+        Ok(())
+    }
+}
+
+/// Store `blocks` (block, RAM page) in order; stop at the first failure.
+fn store_all(fh: &FileHInner, blocks: &[(u64, u64)]) -> Result<()> {
+    let ps = fh.page_size();
+    let counts = CountPair {
+        fileh: &fh.counters,
+        ram: &fh.shared.counters,
+    };
+    for &(blk, ram_page) in blocks {
+        let window = fh.ramh.window(ram_page)?;
+        // SAFETY: the page is dirty and this handle is under writeout: it
+        // cannot be dropped (discard/invalidate are refused, reclaim takes
+        // clean pages only) and every mapping of it is read-only, so its
+        // memory stays valid and unchanged while we read it.
+        let buf = unsafe { std::slice::from_raw_parts(window.as_ptr().cast_const(), ps) };
+        fh.file.storeblk(blk, buf).map_err(|source| Error::Store {
+            file: fh.name.clone(),
+            blk,
+            source,
+        })?;
+        // SAFETY: the window is a MAP_SHARED mapping of the RAM file.
+        let _ = unsafe { crate::sys::forget_ptes(window, ps) };
+        counts.add(Counter::Stores, 1);
+    }
+    Ok(())
+}

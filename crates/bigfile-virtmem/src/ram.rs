@@ -1,0 +1,155 @@
+//! `Ram`: where pages live, and the budget they are kept within.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::error::Result;
+use crate::host::HostUnlocked;
+use crate::state::{Shared, State};
+use crate::stats::{Counters, Stats};
+
+/// A RAM as virtmem uses it: a page source from `bigfile-ram` plus a budget
+/// of resident bytes and the LRU of clean pages reclaimed to stay within it.
+///
+/// Cloning gives another handle to the same RAM.
+#[derive(Clone)]
+pub struct Ram {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Ram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ram")
+            .field("page_size", &self.page_size())
+            .field("budget", &self.budget())
+            .field("spec", self.shared.ram.spec())
+            .finish()
+    }
+}
+
+/// RAM-wide counters with the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamStats {
+    /// Counters summed over the RAM's file handles.
+    pub stats: Stats,
+    /// The budget in bytes.
+    pub budget: u64,
+    /// Bytes held by pages now (resident pages times page size).
+    pub resident_bytes: u64,
+}
+
+static DEFAULT_RAMS: Mutex<Option<HashMap<usize, Ram>>> = Mutex::new(None);
+
+impl Ram {
+    /// Use `ram`'s pages, with a budget of everything it can hold.
+    pub fn new(ram: bigfile_ram::Ram) -> Ram {
+        let budget = ram.max_size();
+        let r = Ram {
+            shared: Arc::new(Shared {
+                ram,
+                state: Mutex::new(State::default()),
+                cond: Condvar::new(),
+                counters: Counters::default(),
+                budget_pages: AtomicU64::new(1),
+            }),
+        };
+        r.set_budget(budget);
+        r
+    }
+
+    /// A RAM from a spec string (see `bigfile_ram::RamSpec`), e.g. `memfd`,
+    /// `shmfs:/dev/shm,pagesize=64K`.
+    pub fn from_spec(spec: &str) -> Result<Ram> {
+        Ok(Ram::new(bigfile_ram::Ram::new(spec.parse()?)?))
+    }
+
+    /// This RAM with a budget of `bytes`.
+    pub fn with_budget(self, bytes: u64) -> Ram {
+        self.set_budget(bytes);
+        self
+    }
+
+    /// The process's default RAM for `page_size`: created on first use with
+    /// the default backend (or `BIGFILE_RAM`'s), shared by every handle
+    /// opened without an explicit RAM.
+    pub fn default_for(page_size: usize) -> Result<Ram> {
+        let mut rams = DEFAULT_RAMS.lock().unwrap_or_else(|p| p.into_inner());
+        let rams = rams.get_or_insert_with(HashMap::new);
+        if let Some(r) = rams.get(&page_size) {
+            return Ok(r.clone());
+        }
+        let r = Ram::new(bigfile_ram::Ram::with_page_size(page_size)?);
+        rams.insert(page_size, r.clone());
+        Ok(r)
+    }
+
+    /// Reclaim every clean page of every default RAM; returns how many.
+    pub fn reclaim_defaults() -> usize {
+        let rams: Vec<Ram> = {
+            let rams = DEFAULT_RAMS.lock().unwrap_or_else(|p| p.into_inner());
+            rams.as_ref()
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default()
+        };
+        rams.iter().map(Ram::reclaim).sum()
+    }
+
+    /// Page size in bytes.
+    pub fn page_size(&self) -> usize {
+        self.shared.page_size()
+    }
+
+    /// The page source.
+    pub fn pages(&self) -> &bigfile_ram::Ram {
+        &self.shared.ram
+    }
+
+    /// Budget in bytes (a whole number of pages, at least one).
+    pub fn budget(&self) -> u64 {
+        self.shared.budget_pages() * self.page_size() as u64
+    }
+
+    /// Set the budget: at most `bytes` (rounded down to pages, at least one
+    /// page) stay resident. Loading beyond it first reclaims least recently
+    /// used clean pages; when only dirty or loading pages are left, the
+    /// fault fails (SIGBUS with a diagnostic; `prefault` returns
+    /// `Error::BudgetExhausted`).
+    pub fn set_budget(&self, bytes: u64) {
+        let pages = (bytes / self.page_size() as u64).max(1);
+        self.shared.budget_pages.store(pages, Relaxed);
+    }
+
+    /// Drop every clean page (the LRU list); returns how many were freed.
+    pub fn reclaim(&self) -> usize {
+        self.reclaim_up_to(usize::MAX)
+    }
+
+    /// Drop up to `n` clean pages, least recently used first.
+    pub fn reclaim_up_to(&self, n: usize) -> usize {
+        let _host = HostUnlocked::new();
+        let mut st = self.shared.lock();
+        let mut freed = 0;
+        while freed < n && st.reclaim_one(self.page_size(), &self.shared.counters) {
+            freed += 1;
+        }
+        freed
+    }
+
+    /// Number of clean pages that reclaim could free now.
+    pub fn reclaimable_pages(&self) -> u64 {
+        let _host = HostUnlocked::new();
+        self.shared.lock().lru_len()
+    }
+
+    /// Counters over all handles of this RAM.
+    pub fn stats(&self) -> RamStats {
+        let stats = self.shared.counters.snapshot();
+        RamStats {
+            stats,
+            budget: self.budget(),
+            resident_bytes: stats.resident_pages * self.page_size() as u64,
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! Serving one page of one mapping: the loading protocol.
+//!
+//! Used by the fault handler (a thread touched the page) and by prefault
+//! (a thread asked for the page). The steps, under the RAM lock except where
+//! said:
+//! - EMPTY: make room within the budget, create the page LOADING with a
+//!   ticket naming this thread, drop the lock; allocate RAM and run `loadblk`
+//!   into the handle's persistent window (the page is mapped nowhere, so
+//!   nobody sees it half-filled); retake the lock. If the page was
+//!   invalidated meanwhile, drop the result and start over; on failure drop
+//!   it and fail every waiter; else it is LOADED.
+//! - LOADING by another thread: wait on the RAM's condition variable for the
+//!   ticket, then start over (or fail with the loader's diagnostic).
+//! - LOADING by this thread: the loader touched its own page: fatal.
+//! - LOADED/DIRTY: map into the mapping, read-only for a read; for a write,
+//!   wait out a writeout of the handle, mark DIRTY, map read-write.
+
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::thread;
+
+use bigfile_fault::Access;
+use bigfile_ram::Prot;
+
+use crate::fileh::FileHInner;
+use crate::state::{LoadTicket, PageState};
+use crate::stats::{CountPair, Counter};
+
+/// Why a page could not be served.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// Serving would wait on this very thread (a loader touching its own
+    /// page, a storeblk writing to its handle under writeout): fatal, SIGSEGV.
+    SelfWait(String),
+    /// `loadblk` kept failing (or the loader of the page we waited for failed).
+    Load(String),
+    /// No RAM could be had within the budget or from the OS.
+    NoMemory(String),
+    /// An OS call needed to map the page failed.
+    Os(String),
+}
+
+impl Failure {
+    pub(crate) fn message(&self) -> &str {
+        match self {
+            Failure::SelfWait(m) | Failure::Load(m) | Failure::NoMemory(m) | Failure::Os(m) => m,
+        }
+    }
+}
+
+/// Serve block `blk` of mapping `vk` of `fh` for `access`.
+pub(crate) fn serve(fh: &FileHInner, vk: usize, blk: u64, access: Access) -> Result<(), Failure> {
+    let shared = &*fh.shared;
+    let ps = shared.page_size();
+    let me = thread::current().id();
+    let counts = CountPair {
+        fileh: &fh.counters,
+        ram: &shared.counters,
+    };
+    counts.add(Counter::Faults, 1);
+    let mut st = shared.lock();
+    loop {
+        let Some(pk) = st.filehs[fh.key].pages.get(blk).copied() else {
+            // EMPTY: this thread loads it.
+            make_room(&mut st, shared, fh, blk)?;
+            let ticket = Arc::new(LoadTicket {
+                loader: me,
+                outcome: Default::default(),
+            });
+            let pk = st.new_page(fh.key, blk, ticket.clone());
+            st.filehs[fh.key].pages.insert(blk, pk);
+            drop(st);
+
+            let loaded = catch_unwind(AssertUnwindSafe(|| load(fh, blk)));
+
+            st = shared.lock();
+            let invalidated = st.pages[pk].state == PageState::LoadingInvalidated;
+            match loaded {
+                Ok(Ok(ram_page)) => {
+                    st.pages[pk].ram_page = Some(ram_page);
+                    counts.add(Counter::Resident, 1);
+                    counts.add(Counter::Loads, 1);
+                    if invalidated {
+                        st.forget_page(pk, ps, &shared.counters);
+                    } else {
+                        st.pages[pk].state = PageState::Loaded;
+                        st.pages[pk].ticket = None;
+                        st.lru_push_back(pk);
+                    }
+                    let _ = ticket.outcome.set(Ok(()));
+                    shared.cond.notify_all();
+                    // Loaded: the next round maps it. Invalidated: the next
+                    // round loads afresh.
+                    continue;
+                }
+                Ok(Err((ram_page, failure))) => {
+                    st.pages[pk].ram_page = ram_page;
+                    if ram_page.is_some() {
+                        counts.add(Counter::Resident, 1);
+                    }
+                    st.forget_page(pk, ps, &shared.counters);
+                    let _ = ticket.outcome.set(Err(failure.message().into()));
+                    shared.cond.notify_all();
+                    return Err(failure);
+                }
+                Err(panic) => {
+                    // Leave no LOADING page behind for waiters to hang on.
+                    st.forget_page(pk, ps, &shared.counters);
+                    let _ = ticket.outcome.set(Err(format!(
+                        "loadblk of block {blk} of {} panicked",
+                        fh.name
+                    )
+                    .into()));
+                    shared.cond.notify_all();
+                    drop(st);
+                    resume_unwind(panic);
+                }
+            }
+        };
+
+        let page = &st.pages[pk];
+        match page.state {
+            PageState::Loading | PageState::LoadingInvalidated => {
+                let ticket = page.ticket.clone().expect("a loading page has a ticket");
+                if ticket.loader == me {
+                    return Err(Failure::SelfWait(format!(
+                        "loadblk of block {blk} of {} touched the page it is loading; \
+                         a loader must not access its own page through a mapping",
+                        fh.name
+                    )));
+                }
+                while ticket.outcome.get().is_none() {
+                    st = shared.wait(st);
+                }
+                if let Some(Err(msg)) = ticket.outcome.get() {
+                    return Err(Failure::Load(format!(
+                        "while waiting for another thread's load: {msg}"
+                    )));
+                }
+            }
+            PageState::Loaded | PageState::Dirty => {
+                let ram_page = page.ram_page.expect("a resident page has RAM");
+                let state = page.state;
+                let prot = match access {
+                    Access::Read => Prot::Read,
+                    Access::Write => {
+                        if let Some(writer) = st.filehs[fh.key].writeout {
+                            if writer == me {
+                                return Err(Failure::SelfWait(format!(
+                                    "a write to block {blk} of {} during its writeout, from the \
+                                     thread running that writeout (storeblk must not change \
+                                     the memory it is storing)",
+                                    fh.name
+                                )));
+                            }
+                            // Writes wait for the writeout: storeblk must see
+                            // the block as it was when writeout began.
+                            while st.filehs[fh.key].writeout.is_some() {
+                                st = shared.wait(st);
+                            }
+                            continue;
+                        }
+                        if state == PageState::Loaded {
+                            st.lru_remove(pk);
+                            st.pages[pk].state = PageState::Dirty;
+                            st.filehs[fh.key].dirty.insert(blk);
+                            counts.add(Counter::Dirty, 1);
+                        }
+                        Prot::ReadWrite
+                    }
+                };
+                st.map_into(fh.key, vk, blk, ram_page, prot, ps)
+                    .map_err(|e| Failure::Os(format!("mapping block {blk} of {}: {e}", fh.name)))?;
+                st.lru_touch(pk);
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Reserve room for one more page within the budget, reclaiming LRU pages.
+fn make_room(
+    st: &mut crate::state::State,
+    shared: &crate::state::Shared,
+    fh: &FileHInner,
+    blk: u64,
+) -> Result<(), Failure> {
+    let budget = shared.budget_pages();
+    while st.resident >= budget {
+        if !st.reclaim_one(shared.page_size(), &shared.counters) {
+            return Err(Failure::NoMemory(format!(
+                "RAM budget of {} bytes is exhausted by {} dirty or loading pages; \
+                 cannot load block {blk} of {} (write out or discard changes, or raise the budget)",
+                budget.saturating_mul(shared.page_size() as u64),
+                st.resident,
+                fh.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Allocate a RAM page and fill it with `loadblk`, retrying per the handle's
+/// policy. Runs without the RAM lock. On failure returns the RAM page (if one
+/// was allocated) so the caller frees it.
+fn load(fh: &FileHInner, blk: u64) -> Result<u64, (Option<u64>, Failure)> {
+    let shared = &*fh.shared;
+    let ps = shared.page_size();
+    let counts = CountPair {
+        fileh: &fh.counters,
+        ram: &shared.counters,
+    };
+    let ram_page = loop {
+        match fh.ramh.alloc_page(blk) {
+            Ok(p) => break p,
+            Err(e) if e.is_exhausted() => {
+                // The OS (or the RAM's filesystem) is out of memory: make room
+                // by reclaiming a clean page and try again.
+                let mut st = shared.lock();
+                if !st.reclaim_one(ps, &shared.counters) {
+                    return Err((
+                        None,
+                        Failure::NoMemory(format!(
+                            "no RAM for block {blk} of {} and no clean page to reclaim: {e}",
+                            fh.name
+                        )),
+                    ));
+                }
+            }
+            Err(e) => {
+                return Err((
+                    None,
+                    Failure::Os(format!(
+                        "allocating RAM for block {blk} of {}: {e}",
+                        fh.name
+                    )),
+                ));
+            }
+        }
+    };
+    let window = match fh.ramh.window(ram_page) {
+        Ok(w) => w,
+        Err(e) => {
+            return Err((
+                Some(ram_page),
+                Failure::Os(format!(
+                    "window onto RAM page for block {blk} of {}: {e}",
+                    fh.name
+                )),
+            ))
+        }
+    };
+    // SAFETY: `ram_page` was just allocated to this page alone; it is mapped in
+    // no mapping yet (the page is LOADING), so this is the only reference to
+    // its memory until the load finishes; the window stays valid while the
+    // handle's RamHandle (held by `fh`) lives.
+    let buf = unsafe { std::slice::from_raw_parts_mut(window.as_ptr(), ps) };
+    let policy = fh.load_policy();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match fh.file.loadblk(blk, buf) {
+            Ok(()) => {
+                // SAFETY: the window is a MAP_SHARED mapping of the RAM file.
+                let _ = unsafe { crate::sys::forget_ptes(window, ps) };
+                return Ok(ram_page);
+            }
+            Err(e) => {
+                counts.add(Counter::LoadErrors, 1);
+                if attempt >= policy.attempts {
+                    return Err((
+                        Some(ram_page),
+                        Failure::Load(format!(
+                            "loadblk of block {blk} of {} failed after {attempt} attempt(s): {e}",
+                            fh.name
+                        )),
+                    ));
+                }
+                thread::sleep(policy.backoff * attempt);
+            }
+        }
+    }
+}

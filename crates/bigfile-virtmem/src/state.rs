@@ -1,0 +1,319 @@
+//! The state behind one RAM's lock: pages, file handles, mappings, the LRU.
+//!
+//! Every file handle and mapping that uses a RAM keeps its mutable state here,
+//! under the RAM's one mutex, so reclaim can walk pages of all handles in LRU
+//! order. `loadblk` and `storeblk` never run while the mutex is held.
+
+use std::collections::BTreeSet;
+use std::ptr::NonNull;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::ThreadId;
+
+use bigfile_ram::{PageMap, Prot, RamHandle};
+use bitvec::vec::BitVec;
+use slab::Slab;
+
+use crate::stats::{CountPair, Counter, Counters};
+use crate::sys;
+
+/// A page's state; a page absent from its handle's page map is EMPTY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageState {
+    /// `loadblk` is filling it; it is mapped nowhere yet.
+    Loading,
+    /// Invalidated while loading: the loader drops its result.
+    LoadingInvalidated,
+    /// Holds the file's data; mapped read-only; on the LRU list.
+    Loaded,
+    /// Changed in memory; on the handle's dirty list; never reclaimed.
+    Dirty,
+}
+
+/// The result of one load, shared by the loader and the threads waiting for it.
+#[derive(Debug)]
+pub(crate) struct LoadTicket {
+    pub(crate) loader: ThreadId,
+    /// Set once by the loader: `Err` carries the diagnostic of a failed load.
+    pub(crate) outcome: OnceLock<Result<(), Arc<str>>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Page {
+    pub(crate) fileh: usize,
+    pub(crate) blk: u64,
+    pub(crate) state: PageState,
+    /// The RAM page index in the handle's RAM file; `None` while loading.
+    pub(crate) ram_page: Option<u64>,
+    pub(crate) ticket: Option<Arc<LoadTicket>>,
+    lru_prev: Option<usize>,
+    lru_next: Option<usize>,
+    in_lru: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct VmaState {
+    pub(crate) start: NonNull<u8>,
+    pub(crate) pgoffset: u64,
+    pub(crate) pglen: u64,
+    /// Which pages of the mapping have a RAM page mapped (vs. the PROT_NONE reservation).
+    pub(crate) mapped: BitVec,
+}
+
+// SAFETY: `start` is only an address of a reservation owned by the Vma; it is
+// dereferenced by no one through this struct, only passed to mmap/mprotect.
+unsafe impl Send for VmaState {}
+
+pub(crate) struct FileHState {
+    pub(crate) ramh: Arc<RamHandle>,
+    pub(crate) pages: PageMap<usize>,
+    /// Dirty blocks, ascending: the order writeout stores them in.
+    pub(crate) dirty: BTreeSet<u64>,
+    pub(crate) vmas: Slab<VmaState>,
+    /// The thread running a writeout of this handle, if any.
+    pub(crate) writeout: Option<ThreadId>,
+    pub(crate) counters: Arc<Counters>,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    pub(crate) pages: Slab<Page>,
+    pub(crate) filehs: Slab<FileHState>,
+    lru_head: Option<usize>,
+    lru_tail: Option<usize>,
+    /// Pages holding or about to hold memory, counted against the budget.
+    pub(crate) resident: u64,
+}
+
+/// One RAM as virtmem sees it: the page source, its budget, its lock.
+pub(crate) struct Shared {
+    pub(crate) ram: bigfile_ram::Ram,
+    pub(crate) state: Mutex<State>,
+    /// Signalled when a load finishes or a writeout ends.
+    pub(crate) cond: Condvar,
+    pub(crate) counters: Counters,
+    pub(crate) budget_pages: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// Take the lock. A panic while it was held leaves state that is still
+    /// structurally valid (every step keeps the maps consistent), so poisoning
+    /// is ignored rather than turned into a crash inside a page fault.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.cond.wait(guard).unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn page_size(&self) -> usize {
+        self.ram.page_size()
+    }
+
+    pub(crate) fn budget_pages(&self) -> u64 {
+        self.budget_pages.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl State {
+    pub(crate) fn new_page(&mut self, fileh: usize, blk: u64, ticket: Arc<LoadTicket>) -> usize {
+        self.resident += 1;
+        self.pages.insert(Page {
+            fileh,
+            blk,
+            state: PageState::Loading,
+            ram_page: None,
+            ticket: Some(ticket),
+            lru_prev: None,
+            lru_next: None,
+            in_lru: false,
+        })
+    }
+
+    pub(crate) fn lru_push_back(&mut self, pk: usize) {
+        debug_assert!(!self.pages[pk].in_lru);
+        let tail = self.lru_tail;
+        {
+            let p = &mut self.pages[pk];
+            p.lru_prev = tail;
+            p.lru_next = None;
+            p.in_lru = true;
+        }
+        match tail {
+            Some(t) => self.pages[t].lru_next = Some(pk),
+            None => self.lru_head = Some(pk),
+        }
+        self.lru_tail = Some(pk);
+    }
+
+    pub(crate) fn lru_remove(&mut self, pk: usize) {
+        if !self.pages[pk].in_lru {
+            return;
+        }
+        let (prev, next) = {
+            let p = &mut self.pages[pk];
+            p.in_lru = false;
+            (p.lru_prev.take(), p.lru_next.take())
+        };
+        match prev {
+            Some(pr) => self.pages[pr].lru_next = next,
+            None => self.lru_head = next,
+        }
+        match next {
+            Some(nx) => self.pages[nx].lru_prev = prev,
+            None => self.lru_tail = prev,
+        }
+    }
+
+    /// Mark a page most recently used.
+    pub(crate) fn lru_touch(&mut self, pk: usize) {
+        if self.pages[pk].in_lru && self.lru_tail != Some(pk) {
+            self.lru_remove(pk);
+            self.lru_push_back(pk);
+        }
+    }
+
+    pub(crate) fn lru_oldest(&self) -> Option<usize> {
+        self.lru_head
+    }
+
+    /// Number of pages on the LRU list (clean, reclaimable).
+    pub(crate) fn lru_len(&self) -> u64 {
+        let mut n = 0;
+        let mut cur = self.lru_head;
+        while let Some(pk) = cur {
+            n += 1;
+            cur = self.pages[pk].lru_next;
+        }
+        n
+    }
+
+    /// Set the protection of block `blk` of handle `fk` in every mapping where
+    /// it is mapped.
+    pub(crate) fn protect_everywhere(
+        &self,
+        fk: usize,
+        blk: u64,
+        prot: libc::c_int,
+        page_size: usize,
+    ) {
+        let fh = &self.filehs[fk];
+        for (_, vma) in fh.vmas.iter() {
+            if let Some(idx) = vma.index_of(blk) {
+                if vma.mapped[idx] {
+                    let addr = vma.page_addr(idx, page_size);
+                    // SAFETY: the page lies inside the mapping's reservation,
+                    // owned by its Vma, which stays alive while its state is here.
+                    let res = unsafe { sys::mprotect(addr, page_size, prot) };
+                    // mprotect on an owned, mapped range fails only on kernel
+                    // memory shortage; the fault path redoes protection later.
+                    debug_assert!(res.is_ok(), "mprotect: {res:?}");
+                }
+            }
+        }
+    }
+
+    /// Drop a resident page of handle `fk` (clean or dirty): unmap it from
+    /// every mapping, give its memory back, forget it. The caller has already
+    /// taken it off the dirty list or LRU as appropriate.
+    pub(crate) fn forget_page(&mut self, pk: usize, page_size: usize, ram_counters: &Counters) {
+        self.lru_remove(pk);
+        let page = self.pages.remove(pk);
+        self.resident -= 1;
+        let fh = &mut self.filehs[page.fileh];
+        fh.pages.remove(page.blk);
+        let counts = CountPair {
+            fileh: &fh.counters,
+            ram: ram_counters,
+        };
+        if page.state == PageState::Dirty && fh.dirty.remove(&page.blk) {
+            counts.sub(Counter::Dirty, 1);
+        }
+        for (_, vma) in fh.vmas.iter_mut() {
+            if let Some(idx) = vma.index_of(page.blk) {
+                if vma.mapped[idx] {
+                    let addr = vma.page_addr(idx, page_size);
+                    // SAFETY: the page lies inside the mapping's own reservation;
+                    // the data in it is dropped on purpose (reclaim, discard,
+                    // invalidate): later accesses fault and reload.
+                    let res = unsafe { sys::unmap_to_reserved(addr, page_size) };
+                    debug_assert!(res.is_ok(), "unmap page: {res:?}");
+                    vma.mapped.set(idx, false);
+                }
+            }
+        }
+        if let Some(rp) = page.ram_page {
+            let res = fh.ramh.drop_page(rp);
+            debug_assert!(res.is_ok(), "drop RAM page: {res:?}");
+            counts.sub(Counter::Resident, 1);
+        }
+    }
+
+    /// Reclaim the least recently used clean page. Returns false when there is none.
+    pub(crate) fn reclaim_one(&mut self, page_size: usize, ram_counters: &Counters) -> bool {
+        let Some(pk) = self.lru_oldest() else {
+            return false;
+        };
+        let fk = self.pages[pk].fileh;
+        self.forget_page(pk, page_size, ram_counters);
+        CountPair {
+            fileh: &self.filehs[fk].counters,
+            ram: ram_counters,
+        }
+        .add(Counter::Reclaims, 1);
+        true
+    }
+
+    /// Map block `blk`'s RAM page into mapping `vk` of handle `fk` with `prot`.
+    pub(crate) fn map_into(
+        &mut self,
+        fk: usize,
+        vk: usize,
+        blk: u64,
+        ram_page: u64,
+        prot: Prot,
+        page_size: usize,
+    ) -> crate::Result<()> {
+        let fh = &mut self.filehs[fk];
+        let vma = &mut fh.vmas[vk];
+        let idx = vma
+            .index_of(blk)
+            .expect("block inside the faulting mapping");
+        let addr = vma.page_addr(idx, page_size);
+        if vma.mapped[idx] {
+            let prot = match prot {
+                Prot::None => libc::PROT_NONE,
+                Prot::Read => libc::PROT_READ,
+                Prot::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+            };
+            // SAFETY: the page is inside this mapping's reservation.
+            unsafe { sys::mprotect(addr, page_size, prot) }.map_err(|source| crate::Error::Os {
+                op: "mprotect",
+                source,
+            })?;
+        } else {
+            // SAFETY: `addr` is a page of this mapping's own reservation,
+            // currently PROT_NONE with nothing behind it; replacing it with
+            // the RAM page is exactly what the reservation is for.
+            unsafe { fh.ramh.map_page_fixed(ram_page, addr, prot)? };
+            vma.mapped.set(idx, true);
+        }
+        Ok(())
+    }
+}
+
+impl VmaState {
+    /// Index inside this mapping of file block `blk`, if the mapping covers it.
+    pub(crate) fn index_of(&self, blk: u64) -> Option<usize> {
+        if blk >= self.pgoffset && blk - self.pgoffset < self.pglen {
+            usize::try_from(blk - self.pgoffset).ok()
+        } else {
+            None
+        }
+    }
+
+    pub(crate) fn page_addr(&self, idx: usize, page_size: usize) -> NonNull<u8> {
+        // SAFETY: idx < pglen, so the offset stays inside the reservation.
+        unsafe { self.start.add(idx * page_size) }
+    }
+}

@@ -1,0 +1,127 @@
+//! The few OS calls virtmem makes itself: reserving address space and
+//! changing protection. Page memory itself comes from `bigfile-ram`.
+
+use std::io;
+use std::ptr::NonNull;
+
+/// Call a libc function returning -1 on error; yields `io::Result`.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        // SAFETY: the caller of the macro upholds the libc function's contract;
+        // each use site documents it.
+        let res = unsafe { libc::$fn($($arg),*) };
+        if res == -1 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(res)
+        }
+    }};
+}
+
+/// Reserve `len` bytes of address space aligned to `align` (a power-of-two
+/// multiple of the OS page size, or any page multiple: see below),
+/// inaccessible (PROT_NONE), backed by nothing. Pages of the RAM are mapped
+/// at page-size-aligned addresses (hugetlbfs requires it; it also lets the
+/// kernel use large page-table entries).
+pub(crate) fn reserve(len: usize, align: usize) -> io::Result<NonNull<u8>> {
+    let os = os_page_size();
+    let extra = if align > os { align } else { 0 };
+    let total = len
+        .checked_add(extra)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing
+    // cannot alias any existing memory.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let base = addr as usize;
+    let start = if extra == 0 {
+        base
+    } else {
+        base.div_ceil(align) * align
+    };
+    let head = start - base;
+    let tail = total - head - len;
+    // SAFETY: head and tail are parts of the mapping just made, outside the
+    // kept range; nothing refers to them.
+    unsafe {
+        if head > 0 {
+            libc::munmap(addr, head);
+        }
+        if tail > 0 {
+            libc::munmap((start + len) as *mut libc::c_void, tail);
+        }
+    }
+    NonNull::new(start as *mut u8).ok_or_else(|| io::Error::other("mmap returned null"))
+}
+
+/// Put an inaccessible anonymous reservation over `[addr, addr+len)`, dropping
+/// whatever page was mapped there.
+///
+/// # Safety
+/// The range must lie inside a reservation owned by the caller, and nothing may
+/// rely on the memory previously mapped there.
+pub(crate) unsafe fn unmap_to_reserved(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: per this function's contract the range is ours to replace.
+    let res = unsafe {
+        libc::mmap(
+            addr.as_ptr().cast(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if res == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Change the protection of `[addr, addr+len)`.
+///
+/// # Safety
+/// The range must be owned by the caller; revoking access under a live
+/// reference is only sound because accesses through our mappings are served
+/// by the fault handler.
+pub(crate) unsafe fn mprotect(addr: NonNull<u8>, len: usize, prot: libc::c_int) -> io::Result<()> {
+    syscall!(mprotect(addr.as_ptr().cast(), len, prot)).map(drop)
+}
+
+/// Release a whole reservation.
+///
+/// # Safety
+/// The range must be a reservation owned by the caller and no longer used.
+pub(crate) unsafe fn unmap(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    syscall!(munmap(addr.as_ptr().cast(), len)).map(drop)
+}
+
+/// The OS page size.
+pub(crate) fn os_page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let sz = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(sz).unwrap_or(4096)
+}
+
+/// Drop this process's page-table entries for `[addr, addr+len)` of a shared
+/// mapping. The data stays in the RAM file; the next access maps it again.
+/// Used on the load window after a load or store so a page's memory is
+/// counted (RSS) and page-tabled once, in the mappings that use it.
+///
+/// # Safety
+/// The range must lie inside a MAP_SHARED mapping (on a private mapping
+/// MADV_DONTNEED would discard data).
+pub(crate) unsafe fn forget_ptes(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    syscall!(madvise(addr.as_ptr().cast(), len, libc::MADV_DONTNEED)).map(drop)
+}
