@@ -1,1 +1,10 @@
-fn main() {}
+//! Whole-stack tests: a BigFile mapped through virtmem, served by the fault
+//! layer, with pages from the RAM layer. One binary, a module per scenario.
+
+mod budget;
+mod common;
+mod crash;
+mod file;
+mod lifecycle;
+mod misuse;
+mod threads;

@@ -1,0 +1,257 @@
+//! Scenarios that must end the process, and ones that need a process of
+//! their own: the test binary re-executes itself with `BIGFILE_IT_CHILD`
+//! naming the scenario, and the parent asserts how the child ended.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use bigfile::virtmem::WriteoutFlags;
+
+use crate::common::{open, peek, poke, ram, MemFile, BLK};
+
+const CHILD_ENV: &str = "BIGFILE_IT_CHILD";
+
+fn run_child(scenario: &str) -> Output {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "crash::child", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, scenario)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
+fn expect_signal(scenario: &str, signal: i32, stderr_has: &[&str]) {
+    let out = run_child(scenario);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(signal),
+        "{scenario}: {:?}\nstderr:\n{stderr}",
+        out.status
+    );
+    for s in stderr_has {
+        assert!(
+            stderr.contains(s),
+            "{scenario}: stderr lacks {s:?}:\n{stderr}"
+        );
+    }
+}
+
+fn expect_ok(scenario: &str) -> String {
+    let out = run_child(scenario);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{scenario}: {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn persistent_load_failure_is_sigbus_with_diagnostic() {
+    expect_signal(
+        "load_fails",
+        libc::SIGBUS,
+        &["block 3", "memfile", "media error", "3 attempt"],
+    );
+}
+
+#[test]
+fn loader_touching_its_own_page_is_sigsegv_with_diagnostic() {
+    expect_signal(
+        "self_touch",
+        libc::SIGSEGV,
+        &["touched the page it is loading"],
+    );
+}
+
+#[test]
+fn storeblk_writing_its_own_handle_is_sigsegv_with_diagnostic() {
+    expect_signal("store_writes_own", libc::SIGSEGV, &["during its writeout"]);
+}
+
+#[test]
+fn budget_exhausted_by_dirty_pages_is_sigbus_with_diagnostic() {
+    expect_signal(
+        "dirty_over_budget",
+        libc::SIGBUS,
+        &["budget", "exhausted", "dirty"],
+    );
+}
+
+#[test]
+fn panic_in_loadblk_aborts_with_diagnostic() {
+    expect_signal(
+        "panic_in_load",
+        libc::SIGABRT,
+        &["panic", "loader exploded"],
+    );
+}
+
+#[test]
+fn nested_fault_from_loadblk_is_served() {
+    assert!(expect_ok("nested").contains("nested OK"));
+}
+
+#[test]
+fn transient_load_failure_is_retried() {
+    assert!(expect_ok("transient").contains("transient OK"));
+}
+
+#[test]
+fn scan_of_ten_times_the_budget_stays_within_it() {
+    let out = expect_ok("budget_scan");
+    assert!(out.contains("budget OK"), "{out}");
+}
+
+/// The child side: runs the scenario named by `BIGFILE_IT_CHILD`; without it,
+/// it is the parent's test run and there is nothing to do.
+#[test]
+fn child() {
+    let Ok(scenario) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    match scenario.as_str() {
+        "load_fails" => {
+            let file = MemFile::new(BLK);
+            file.on_load(|_| Err("media error".into()));
+            let ram = ram(8);
+            let fh = open(&file, &ram);
+            let vma = fh.mmap(0, 4).unwrap();
+            peek(vma.as_ptr().wrapping_add(3 * BLK));
+        }
+        "self_touch" => {
+            let file = MemFile::new(BLK);
+            let ram = ram(8);
+            let fh = open(&file, &ram);
+            let vma = fh.mmap(0, 1).unwrap();
+            let p = vma.as_ptr() as usize;
+            file.on_load(move |_| {
+                peek(p as *const u8);
+                Ok(())
+            });
+            peek(vma.as_ptr());
+        }
+        "store_writes_own" => {
+            let file = MemFile::new(BLK);
+            let ram = ram(8);
+            let fh = open(&file, &ram);
+            let vma = fh.mmap(0, 2).unwrap();
+            poke(vma.as_ptr(), 1);
+            let p = vma.as_ptr() as usize;
+            file.on_store(move |_| {
+                poke(p as *mut u8, 2);
+                Ok(())
+            });
+            let _ = fh.dirty_writeout(WriteoutFlags::STORE);
+        }
+        "dirty_over_budget" => {
+            let file = MemFile::new(BLK);
+            let ram = ram(4);
+            let fh = open(&file, &ram);
+            let vma = fh.mmap(0, 8).unwrap();
+            for pg in 0..8 {
+                poke(vma.as_ptr().wrapping_add(pg * BLK), 1);
+            }
+        }
+        "panic_in_load" => {
+            let file = MemFile::new(BLK);
+            file.on_load(|_| panic!("loader exploded"));
+            let ram = ram(8);
+            let fh = open(&file, &ram);
+            let vma = fh.mmap(0, 1).unwrap();
+            peek(vma.as_ptr());
+        }
+        "nested" => {
+            let inner = MemFile::new(BLK);
+            let outer = MemFile::new(BLK);
+            let ram = ram(8);
+            let inner_fh = open(&inner, &ram);
+            let inner_vma = Arc::new(inner_fh.mmap(0, 2).unwrap());
+            let iv = inner_vma.clone();
+            // The outer file's block n is the inner file's block n, read
+            // through the inner mapping: a fault inside loadblk.
+            outer.on_load(move |blk| {
+                let got = peek(iv.as_ptr().wrapping_add(blk as usize * BLK));
+                assert_eq!(got, MemFile::initial(blk));
+                Ok(())
+            });
+            let outer_fh = open(&outer, &ram);
+            let outer_vma = outer_fh.mmap(0, 2).unwrap();
+            assert_eq!(
+                peek(outer_vma.as_ptr().wrapping_add(BLK)),
+                MemFile::initial(1)
+            );
+            assert_eq!(inner_fh.stats().loads, 1);
+            println!("nested OK");
+        }
+        "transient" => {
+            let file = MemFile::new(BLK);
+            let failures = std::sync::atomic::AtomicU32::new(0);
+            file.on_load(move |_| {
+                if failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                    Err("busy".into())
+                } else {
+                    Ok(())
+                }
+            });
+            let ram = ram(8);
+            let fh = open(&file, &ram);
+            let vma = fh.mmap(0, 1).unwrap();
+            assert_eq!(peek(vma.as_ptr()), MemFile::initial(0));
+            assert_eq!(fh.stats().load_errors, 2);
+            assert_eq!(fh.stats().loads, 1);
+            println!("transient OK");
+        }
+        "budget_scan" => budget_scan(),
+        other => panic!("unknown scenario {other}"),
+    }
+    std::process::exit(0);
+}
+
+fn rss_shmem_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("RssShmem:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn budget_scan() {
+    const BIG: usize = 2 << 20;
+    const BUDGET_PAGES: u64 = 8;
+    let file = MemFile::new(BIG);
+    let ram = bigfile::virtmem::Ram::from_spec("memfd,pagesize=2M")
+        .unwrap()
+        .with_budget(BUDGET_PAGES * BIG as u64);
+    let fh = bigfile::virtmem::FileH::open(file.clone(), Some(&ram)).unwrap();
+    let pages = BUDGET_PAGES * 10;
+    let vma = fh.mmap(0, pages).unwrap();
+    let base = rss_shmem_kib();
+    let (mut peak_acct, mut peak_rss) = (0, 0);
+    let mut sum = 0u64;
+    for pg in 0..pages as usize {
+        for off in (0..BIG).step_by(4096) {
+            sum += peek(vma.as_ptr().wrapping_add(pg * BIG + off)) as u64;
+        }
+        peak_acct = peak_acct.max(ram.stats().resident_bytes);
+        peak_rss = peak_rss.max(rss_shmem_kib().saturating_sub(base) * 1024);
+    }
+    assert_eq!(
+        sum,
+        (0..pages)
+            .map(|b| MemFile::initial(b) as u64 * (BIG / 4096) as u64)
+            .sum::<u64>()
+    );
+    let limit = ram.budget() + BIG as u64;
+    assert!(
+        peak_acct <= limit,
+        "RAM accounting peak {peak_acct} > {limit}"
+    );
+    assert!(peak_rss <= limit, "RssShmem peak {peak_rss} > {limit}");
+    assert!(fh.stats().reclaims >= pages - BUDGET_PAGES);
+    println!(
+        "budget OK: peak {peak_acct} bytes by accounting, {peak_rss} by RssShmem, limit {limit}"
+    );
+}

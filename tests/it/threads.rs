@@ -1,0 +1,257 @@
+//! Several threads at once: one load per block, parallel loads, models,
+//! load versus invalidate, lock order.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use bigfile::virtmem::WriteoutFlags;
+
+use crate::common::{open, peek, ram, Call, MemFile, BLK};
+
+#[test]
+fn two_threads_one_block_one_load() {
+    let file = MemFile::new(BLK);
+    let ram = ram(16);
+    let fh = open(&file, &ram);
+    let vma = fh.mmap(0, 1).unwrap();
+    file.on_load(|_| {
+        thread::sleep(Duration::from_millis(100));
+        Ok(())
+    });
+    let p = vma.as_ptr() as usize;
+    let start = Arc::new(Barrier::new(2));
+    let ts: Vec<_> = (0..2)
+        .map(|_| {
+            let start = start.clone();
+            thread::spawn(move || {
+                start.wait();
+                peek(p as *const u8)
+            })
+        })
+        .collect();
+    for t in ts {
+        assert_eq!(t.join().unwrap(), MemFile::initial(0));
+    }
+    assert_eq!(file.take_calls(), [Call::Load(0)]);
+    assert_eq!(fh.stats().loads, 1);
+    assert_eq!(fh.stats().faults, 2);
+}
+
+#[test]
+fn two_blocks_load_in_parallel() {
+    let file = MemFile::new(BLK);
+    let ram = ram(16);
+    let fh = open(&file, &ram);
+    let vma = fh.mmap(0, 2).unwrap();
+    // Each loader waits (up to 10 s) for the other to be inside loadblk too:
+    // both see each other only if the two loads run at the same time.
+    let inside = Arc::new(AtomicUsize::new(0));
+    let met = Arc::new(AtomicUsize::new(0));
+    {
+        let (inside, met) = (inside.clone(), met.clone());
+        file.on_load(move |_| {
+            inside.fetch_add(1, SeqCst);
+            let t0 = std::time::Instant::now();
+            while inside.load(SeqCst) < 2 && t0.elapsed() < Duration::from_secs(10) {
+                thread::sleep(Duration::from_millis(1));
+            }
+            if inside.load(SeqCst) == 2 {
+                met.fetch_add(1, SeqCst);
+            }
+            Ok(())
+        });
+    }
+    let p = vma.as_ptr() as usize;
+    let ts: Vec<_> = (0..2)
+        .map(|i| thread::spawn(move || peek((p + i * BLK) as *const u8)))
+        .collect();
+    for (i, t) in ts.into_iter().enumerate() {
+        assert_eq!(t.join().unwrap(), MemFile::initial(i as u64));
+    }
+    assert_eq!(met.load(SeqCst), 2, "both loads ran at the same time");
+}
+
+#[test]
+fn eight_threads_against_a_model() {
+    const BLOCKS: u64 = 64;
+    let file = MemFile::new(BLK);
+    let ram = ram(BLOCKS * 2);
+    let fh = open(&file, &ram);
+    let vma = Arc::new(fh.mmap(0, BLOCKS).unwrap());
+    // Thread t owns the bytes at offsets = t (mod 8) in every block, so the
+    // model is exact with no cross-thread ordering questions.
+    let models: Vec<HashMap<usize, u8>> = thread::scope(|s| {
+        let hs: Vec<_> = (0..8usize)
+            .map(|t| {
+                let vma = vma.clone();
+                s.spawn(move || {
+                    let mut model = HashMap::new();
+                    let mut x = 0x9e3779b97f4a7c15u64 ^ t as u64;
+                    for _ in 0..4000 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let blk = (x % BLOCKS) as usize;
+                        let slot = ((x >> 8) % (BLK as u64 / 8)) as usize;
+                        let off = blk * BLK + slot * 8 + t;
+                        if x & 1 == 0 {
+                            let v = (x >> 32) as u8;
+                            vma.write_at(off, &[v]).unwrap();
+                            model.insert(off, v);
+                        } else {
+                            let mut b = [0u8];
+                            vma.read_at(off, &mut b).unwrap();
+                            let want = model
+                                .get(&off)
+                                .copied()
+                                .unwrap_or(MemFile::initial(blk as u64));
+                            assert_eq!(b[0], want, "thread {t} offset {off}");
+                        }
+                    }
+                    model
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
+        .unwrap();
+    for model in models {
+        for (off, v) in model {
+            let blk = (off / BLK) as u64;
+            assert_eq!(file.content(blk)[off % BLK], v, "offset {off}");
+        }
+    }
+    let loads = file
+        .take_calls()
+        .iter()
+        .filter(|c| matches!(c, Call::Load(_)))
+        .count();
+    assert_eq!(loads, BLOCKS as usize, "each block loaded exactly once");
+}
+
+#[test]
+fn load_versus_invalidate_sees_the_new_data() {
+    let file = MemFile::new(BLK);
+    let ram = ram(16);
+    let fh = Arc::new(open(&file, &ram));
+    let vma = fh.mmap(0, 1).unwrap();
+    let entered = Arc::new(Barrier::new(2));
+    let invalidated = Arc::new(Barrier::new(2));
+    let first = Arc::new(AtomicBool::new(true));
+    {
+        let (entered, invalidated, first) = (entered.clone(), invalidated.clone(), first.clone());
+        file.on_load(move |_| {
+            if first.swap(false, SeqCst) {
+                entered.wait();
+                invalidated.wait();
+            }
+            Ok(())
+        });
+    }
+    let p = vma.as_ptr() as usize;
+    let reader = thread::spawn(move || peek(p as *const u8));
+    entered.wait();
+    // The file changes underneath while the first load is in flight.
+    file.blocks.lock().unwrap().insert(0, vec![0x77; BLK]);
+    fh.invalidate_page(0).unwrap();
+    assert_eq!(
+        fh.page_state(0),
+        Some(bigfile::virtmem::PageState::LoadingInvalidated)
+    );
+    invalidated.wait();
+    assert_eq!(reader.join().unwrap(), 0x77);
+    assert_eq!(file.take_calls(), [Call::Load(0), Call::Load(0)]);
+}
+
+#[test]
+fn external_lock_in_loadblk_and_around_invalidate_does_not_deadlock() {
+    let file = MemFile::new(BLK);
+    let other = MemFile::new(BLK);
+    let ram = ram(16);
+    let fh = open(&file, &ram);
+    let fh_other = Arc::new(open(&other, &ram));
+    let vma = fh.mmap(0, 4).unwrap();
+    let m = Arc::new(Mutex::new(()));
+    let in_load = Arc::new(AtomicUsize::new(0));
+    {
+        let (ml, in_load) = (m.clone(), in_load.clone());
+        file.on_load(move |_| {
+            in_load.fetch_add(1, SeqCst);
+            let _g = ml.lock().unwrap();
+            Ok(())
+        });
+        let m = m.clone();
+        file.on_store(move |_| {
+            let _g = m.lock().unwrap();
+            Ok(())
+        });
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let inval = {
+        let (m, stop, fh_other) = (m.clone(), stop.clone(), fh_other.clone());
+        thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(SeqCst) {
+                let _g = m.lock().unwrap();
+                fh_other.invalidate_page(n % 4).unwrap();
+                n += 1;
+            }
+        })
+    };
+    for round in 0..50 {
+        let pg = round % 4;
+        assert_eq!(
+            peek(vma.as_ptr().wrapping_add(pg * BLK)),
+            MemFile::initial(pg as u64)
+        );
+        vma.write_at(pg * BLK, &[1]).unwrap();
+        fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
+            .unwrap();
+        ram.reclaim();
+        file.blocks.lock().unwrap().clear();
+    }
+    stop.store(true, SeqCst);
+    inval.join().unwrap();
+    assert!(in_load.load(SeqCst) >= 50);
+}
+
+#[test]
+fn write_during_writeout_waits_for_it() {
+    let file = MemFile::new(BLK);
+    let ram = ram(16);
+    let fh = Arc::new(open(&file, &ram));
+    let vma = Arc::new(fh.mmap(0, 2).unwrap());
+    vma.write_at(0, &[1]).unwrap();
+    let in_store = Arc::new(Barrier::new(2));
+    let writer_done = Arc::new(AtomicBool::new(false));
+    {
+        let (in_store, writer_done) = (in_store.clone(), writer_done.clone());
+        file.on_store(move |_| {
+            in_store.wait();
+            thread::sleep(Duration::from_millis(100));
+            // The writer must still be blocked: storeblk sees the old data.
+            assert!(!writer_done.load(SeqCst));
+            Ok(())
+        });
+    }
+    let writer = {
+        let (vma, in_store, writer_done) = (vma.clone(), in_store.clone(), writer_done.clone());
+        thread::spawn(move || {
+            in_store.wait();
+            vma.write_at(0, &[2]).unwrap();
+            writer_done.store(true, SeqCst);
+        })
+    };
+    fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
+        .unwrap();
+    writer.join().unwrap();
+    assert_eq!(file.content(0)[0], 1);
+    let mut b = [0];
+    vma.read_at(0, &mut b).unwrap();
+    assert_eq!(b[0], 2);
+    assert_eq!(fh.dirty_blocks(), [0]);
+}
