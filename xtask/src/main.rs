@@ -1,1 +1,127 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's automation, in Rust so it needs
+//! nothing but cargo.
+//!
+//! - `test`: everything CI runs: formatting, clippy, every Rust test, the
+//!   Python tests on every CPython 3.9-3.13 found, and the fault suite.
+//! - `faults`: the fault-injection suite.
+//! - `bench [--quick]`: benchmarks with their baselines, one table.
+//! - `demo [args]`: the main job, a file bigger than the RAM budget used as memory.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{exit, Command};
+
+mod python;
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn main() {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let Some((task, rest)) = args.split_first() else {
+        usage();
+    };
+    let res = match task.as_str() {
+        "test" => test(rest),
+        "faults" => faults(rest),
+        "bench" => bench(rest),
+        "demo" => demo(rest),
+        "-h" | "--help" | "help" => usage(),
+        other => Err(format!("unknown task {other:?}")),
+    };
+    if let Err(e) = res {
+        eprintln!("xtask: {e}");
+        exit(1);
+    }
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: cargo xtask <task>\n\
+         \n\
+         tasks:\n  \
+           test          fmt check, clippy, all Rust tests, Python tests, fault suite (what CI runs)\n  \
+           faults        the fault-injection suite\n  \
+           bench [--quick]  benchmarks with kernel baselines, printed as one table\n  \
+           demo [--file PATH] [--size N] [--ram-budget N] [--blksize N]\n                the main job: a file bigger than the RAM budget used as memory"
+    );
+    exit(2)
+}
+
+/// The workspace root (xtask lives one level below it).
+pub(crate) fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+pub(crate) fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Run a command, echoing it; fail with its description when it fails.
+pub(crate) fn run(cmd: &mut Command) -> Result {
+    let shown = format!("{cmd:?}");
+    eprintln!("xtask: running {shown}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {shown}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} failed: {status}"))
+    }
+}
+
+fn test(args: &[String]) -> Result {
+    if let Some(a) = args.first() {
+        return Err(format!("test takes no arguments, got {a:?}"));
+    }
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args(["test", "--workspace"]))?;
+    python::test_all()?;
+    faults(&[])?;
+    eprintln!("xtask: all tests passed");
+    Ok(())
+}
+
+fn faults(args: &[String]) -> Result {
+    let suite = root().join("tests/faults");
+    if !suite.exists() {
+        eprintln!("xtask: no fault suite yet (tests/faults)");
+        return Ok(());
+    }
+    run(cargo()
+        .args(["run", "--release", "-p", "bigfile-faults", "--"])
+        .args(args))
+}
+
+fn bench(args: &[String]) -> Result {
+    let quick = match args {
+        [] => false,
+        [q] if q == "--quick" => true,
+        _ => return Err(format!("bench takes only --quick, got {args:?}")),
+    };
+    let mut cmd = cargo();
+    cmd.args(["bench", "-p", "bigfile"]);
+    if quick {
+        cmd.env("BIGFILE_BENCH_QUICK", "1");
+    }
+    run(&mut cmd)
+}
+
+fn demo(args: &[String]) -> Result {
+    run(cargo()
+        .args(["run", "--release", "--example", "demo", "--"])
+        .args(args))
+}

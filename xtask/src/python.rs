@@ -1,0 +1,103 @@
+//! The Python side of `cargo xtask test`: a venv per CPython found, with
+//! maturin, pytest and numpy from PyPI, the package built into it, pytest run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{root, run, Result};
+
+const PACKAGE: &str = "crates/bigfile-python";
+const VENV_DEPS: &[&str] = &["maturin>=1.5,<2", "pytest>=7", "numpy"];
+
+/// Every CPython 3.9-3.13 on the machine: the default `python3` first, then
+/// pyenv's interpreters; one per minor version.
+fn interpreters() -> Vec<(String, PathBuf)> {
+    let mut found: Vec<(String, PathBuf)> = Vec::new();
+    let mut candidates: Vec<PathBuf> = vec![PathBuf::from("python3")];
+    let pyenv = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")));
+    if let Some(versions) = pyenv.map(|p| p.join("versions")) {
+        if let Ok(rd) = std::fs::read_dir(versions) {
+            let mut dirs: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin/python3"))
+                .collect();
+            dirs.sort();
+            candidates.extend(dirs);
+        }
+    }
+    for exe in candidates {
+        let Ok(out) = Command::new(&exe)
+            .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+            .output()
+        else {
+            continue;
+        };
+        if !out.status.success() {
+            continue;
+        }
+        let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let supported = ["3.9", "3.10", "3.11", "3.12", "3.13"].contains(&version.as_str());
+        if supported && !found.iter().any(|(v, _)| *v == version) {
+            found.push((version, exe));
+        }
+    }
+    found
+}
+
+/// Build the bindings and run their tests on every interpreter found.
+pub(crate) fn test_all() -> Result {
+    if !root().join(PACKAGE).join("pyproject.toml").exists() {
+        eprintln!("xtask: no Python package yet ({PACKAGE})");
+        return Ok(());
+    }
+    let pys = interpreters();
+    if pys.is_empty() {
+        return Err("no CPython 3.9-3.13 found (python3 or pyenv)".into());
+    }
+    eprintln!(
+        "xtask: Python interpreters: {}",
+        pys.iter()
+            .map(|(v, _)| v.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for (version, exe) in &pys {
+        let venv = venv(version, exe)?;
+        test_in(&venv)?;
+    }
+    Ok(())
+}
+
+/// Create (once) `target/venv-X.Y` with the build and test dependencies.
+pub(crate) fn venv(version: &str, exe: &Path) -> Result<PathBuf> {
+    let venv = root().join("target").join(format!("venv-{version}"));
+    let py = venv.join("bin/python");
+    if !py.exists() {
+        run(Command::new(exe).args(["-m", "venv"]).arg(&venv))?;
+    }
+    let stamp = venv.join(".deps-installed");
+    if !stamp.exists() {
+        run(Command::new(&py).args(["-m", "pip", "install", "--quiet", "--upgrade", "pip"]))?;
+        run(Command::new(&py)
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(VENV_DEPS))?;
+        std::fs::write(&stamp, "").map_err(|e| format!("{}: {e}", stamp.display()))?;
+    }
+    Ok(venv)
+}
+
+/// Build the package into `venv` and run pytest there.
+pub(crate) fn test_in(venv: &Path) -> Result {
+    let py = venv.join("bin/python");
+    let pkg = root().join(PACKAGE);
+    run(Command::new(venv.join("bin/maturin"))
+        .args(["develop", "--release", "--quiet"])
+        .current_dir(&pkg)
+        .env("VIRTUAL_ENV", venv)
+        .env_remove("CONDA_PREFIX"))?;
+    run(Command::new(&py)
+        .args(["-m", "pytest", "-q"])
+        .current_dir(&pkg))
+}
