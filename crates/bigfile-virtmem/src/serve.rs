@@ -62,7 +62,7 @@ pub(crate) fn serve(fh: &FileHInner, vk: usize, blk: u64, access: Access) -> Res
     loop {
         let Some(pk) = st.filehs[fh.key].pages.get(blk).copied() else {
             // EMPTY: this thread loads it.
-            make_room(&mut st, shared, fh, blk)?;
+            let recycled = make_room(&mut st, shared, fh, blk)?;
             let ticket = Arc::new(LoadTicket {
                 loader: me,
                 outcome: Default::default(),
@@ -71,7 +71,7 @@ pub(crate) fn serve(fh: &FileHInner, vk: usize, blk: u64, access: Access) -> Res
             st.filehs[fh.key].pages.insert(blk, pk);
             drop(st);
 
-            let loaded = catch_unwind(AssertUnwindSafe(|| load(fh, blk)));
+            let loaded = catch_unwind(AssertUnwindSafe(|| load(fh, blk, recycled)));
 
             st = shared.lock();
             let invalidated = st.pages[pk].state == PageState::LoadingInvalidated;
@@ -179,64 +179,80 @@ pub(crate) fn serve(fh: &FileHInner, vk: usize, blk: u64, access: Access) -> Res
 }
 
 /// Reserve room for one more page within the budget, reclaiming LRU pages.
+/// Returns a RAM page of `fh`'s freed on the way, for the load to reuse.
 fn make_room(
     st: &mut crate::state::State,
     shared: &crate::state::Shared,
     fh: &FileHInner,
     blk: u64,
-) -> Result<(), Failure> {
+) -> Result<Option<u64>, Failure> {
     let budget = shared.budget_pages();
+    let mut recycled = None;
     while st.resident >= budget {
-        if !st.reclaim_one(shared.page_size(), &shared.counters) {
-            return Err(Failure::NoMemory(format!(
-                "RAM budget of {} bytes is exhausted by {} dirty or loading pages; \
-                 cannot load block {blk} of {} (write out or discard changes, or raise the budget)",
-                budget.saturating_mul(shared.page_size() as u64),
-                st.resident,
-                fh.name
-            )));
+        let want = if recycled.is_none() {
+            Some(fh.key)
+        } else {
+            None
+        };
+        match st.reclaim_lru(shared.page_size(), &shared.counters, want) {
+            Some(Some(rp)) => recycled = Some(rp),
+            Some(None) => {}
+            None => {
+                if let Some(rp) = recycled {
+                    let _ = fh.ramh.drop_page(rp);
+                }
+                return Err(Failure::NoMemory(format!(
+                    "RAM budget of {} bytes is exhausted by {} dirty or loading pages; \
+                     cannot load block {blk} of {} (write out or discard changes, or raise the budget)",
+                    budget.saturating_mul(shared.page_size() as u64),
+                    st.resident,
+                    fh.name
+                )));
+            }
         }
     }
-    Ok(())
+    Ok(recycled)
 }
 
 /// Allocate a RAM page and fill it with `loadblk`, retrying per the handle's
 /// policy. Runs without the RAM lock. On failure returns the RAM page (if one
 /// was allocated) so the caller frees it.
-fn load(fh: &FileHInner, blk: u64) -> Result<u64, (Option<u64>, Failure)> {
+/// Allocate a RAM page for block `blk`, reclaiming clean pages while the OS
+/// (or the RAM's filesystem) is out of memory.
+fn alloc(fh: &FileHInner, blk: u64) -> Result<u64, Failure> {
+    let shared = &*fh.shared;
+    loop {
+        match fh.ramh.alloc_page(blk) {
+            Ok(p) => return Ok(p),
+            Err(e) if e.is_exhausted() => {
+                let mut st = shared.lock();
+                if !st.reclaim_one(shared.page_size(), &shared.counters) {
+                    return Err(Failure::NoMemory(format!(
+                        "no RAM for block {blk} of {} and no clean page to reclaim: {e}",
+                        fh.name
+                    )));
+                }
+            }
+            Err(e) => {
+                return Err(Failure::Os(format!(
+                    "allocating RAM for block {blk} of {}: {e}",
+                    fh.name
+                )));
+            }
+        }
+    }
+}
+
+fn load(fh: &FileHInner, blk: u64, recycled: Option<u64>) -> Result<u64, (Option<u64>, Failure)> {
     let shared = &*fh.shared;
     let ps = shared.page_size();
     let counts = CountPair {
         fileh: &fh.counters,
         ram: &shared.counters,
     };
-    let ram_page = loop {
-        match fh.ramh.alloc_page(blk) {
-            Ok(p) => break p,
-            Err(e) if e.is_exhausted() => {
-                // The OS (or the RAM's filesystem) is out of memory: make room
-                // by reclaiming a clean page and try again.
-                let mut st = shared.lock();
-                if !st.reclaim_one(ps, &shared.counters) {
-                    return Err((
-                        None,
-                        Failure::NoMemory(format!(
-                            "no RAM for block {blk} of {} and no clean page to reclaim: {e}",
-                            fh.name
-                        )),
-                    ));
-                }
-            }
-            Err(e) => {
-                return Err((
-                    None,
-                    Failure::Os(format!(
-                        "allocating RAM for block {blk} of {}: {e}",
-                        fh.name
-                    )),
-                ));
-            }
-        }
+    let ram_page = match recycled {
+        Some(rp) => rp,
+        None => alloc(fh, blk).map_err(|f| (None, f))?,
     };
     let window = match fh.ramh.window(ram_page) {
         Ok(w) => w,
@@ -250,6 +266,9 @@ fn load(fh: &FileHInner, blk: u64) -> Result<u64, (Option<u64>, Failure)> {
             ))
         }
     };
+    // SAFETY: the window maps the RAM file shared and read-write; the page
+    // is ours alone while LOADING.
+    unsafe { crate::sys::populate(window, ps, true) };
     // SAFETY: `ram_page` was just allocated to this page alone; it is mapped in
     // no mapping yet (the page is LOADING), so this is the only reference to
     // its memory until the load finishes; the window stays valid while the

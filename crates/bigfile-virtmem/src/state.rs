@@ -213,10 +213,24 @@ impl State {
         }
     }
 
-    /// Drop a resident page of handle `fk` (clean or dirty): unmap it from
-    /// every mapping, give its memory back, forget it. The caller has already
-    /// taken it off the dirty list or LRU as appropriate.
+    /// Drop a resident page (clean or dirty): unmap it from every mapping,
+    /// give its memory back, forget it.
     pub(crate) fn forget_page(&mut self, pk: usize, page_size: usize, ram_counters: &Counters) {
+        let (fk, ram_page) = self.detach_page(pk, page_size, ram_counters);
+        if let Some(rp) = ram_page {
+            let res = self.filehs[fk].ramh.drop_page(rp);
+            debug_assert!(res.is_ok(), "drop RAM page: {res:?}");
+        }
+    }
+
+    /// Forget a page as `forget_page` does but keep its RAM page, returned
+    /// with the handle it belongs to, for the caller to reuse or drop.
+    pub(crate) fn detach_page(
+        &mut self,
+        pk: usize,
+        page_size: usize,
+        ram_counters: &Counters,
+    ) -> (usize, Option<u64>) {
         self.lru_remove(pk);
         let page = self.pages.remove(pk);
         self.resident -= 1;
@@ -242,26 +256,44 @@ impl State {
                 }
             }
         }
-        if let Some(rp) = page.ram_page {
-            let res = fh.ramh.drop_page(rp);
-            debug_assert!(res.is_ok(), "drop RAM page: {res:?}");
+        if page.ram_page.is_some() {
             counts.sub(Counter::Resident, 1);
         }
+        (page.fileh, page.ram_page)
     }
 
-    /// Reclaim the least recently used clean page. Returns false when there is none.
-    pub(crate) fn reclaim_one(&mut self, page_size: usize, ram_counters: &Counters) -> bool {
-        let Some(pk) = self.lru_oldest() else {
-            return false;
-        };
-        let fk = self.pages[pk].fileh;
-        self.forget_page(pk, page_size, ram_counters);
+    /// Reclaim the least recently used clean page. If it belongs to handle
+    /// `recycle_for`, its RAM page is kept and returned for reuse (saving a
+    /// hole punch now and an allocation and zeroing on the next load);
+    /// otherwise its memory goes back to the OS. `None` when no page is clean.
+    pub(crate) fn reclaim_lru(
+        &mut self,
+        page_size: usize,
+        ram_counters: &Counters,
+        recycle_for: Option<usize>,
+    ) -> Option<Option<u64>> {
+        let pk = self.lru_oldest()?;
+        let (fk, ram_page) = self.detach_page(pk, page_size, ram_counters);
         CountPair {
             fileh: &self.filehs[fk].counters,
             ram: ram_counters,
         }
         .add(Counter::Reclaims, 1);
-        true
+        match ram_page {
+            Some(rp) if recycle_for == Some(fk) => Some(Some(rp)),
+            Some(rp) => {
+                let res = self.filehs[fk].ramh.drop_page(rp);
+                debug_assert!(res.is_ok(), "drop RAM page: {res:?}");
+                Some(None)
+            }
+            None => Some(None),
+        }
+    }
+
+    /// Reclaim the least recently used clean page, giving its memory back.
+    /// Returns false when there is none.
+    pub(crate) fn reclaim_one(&mut self, page_size: usize, ram_counters: &Counters) -> bool {
+        self.reclaim_lru(page_size, ram_counters, None).is_some()
     }
 
     /// Map block `blk`'s RAM page into mapping `vk` of handle `fk` with `prot`.
@@ -297,6 +329,8 @@ impl State {
             // the RAM page is exactly what the reservation is for.
             unsafe { fh.ramh.map_page_fixed(ram_page, addr, prot)? };
             vma.mapped.set(idx, true);
+            // SAFETY: just mapped with `prot`; populating changes no data.
+            unsafe { sys::populate(addr, page_size, prot == Prot::ReadWrite) };
         }
         Ok(())
     }

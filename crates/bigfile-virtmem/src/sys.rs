@@ -125,3 +125,24 @@ pub(crate) fn os_page_size() -> usize {
 pub(crate) unsafe fn forget_ptes(addr: NonNull<u8>, len: usize) -> io::Result<()> {
     syscall!(madvise(addr.as_ptr().cast(), len, libc::MADV_DONTNEED)).map(drop)
 }
+
+/// Linux's MADV_POPULATE_READ / MADV_POPULATE_WRITE (5.14+), not in libc yet.
+const MADV_POPULATE_READ: libc::c_int = 22;
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+/// Fill the page-table entries of `[addr, addr+len)` in one call, instead of
+/// one minor fault per OS page on first touch. Best effort: on kernels
+/// without it the pages simply fault in on first touch.
+///
+/// # Safety
+/// The range must be mapped (with at least the protection `write` asks
+/// for) and owned by the caller; for a write, the pages' memory must be
+/// ours to write (populating does not change the data).
+pub(crate) unsafe fn populate(addr: NonNull<u8>, len: usize, write: bool) {
+    let advice = if write {
+        MADV_POPULATE_WRITE
+    } else {
+        MADV_POPULATE_READ
+    };
+    let _ = syscall!(madvise(addr.as_ptr().cast(), len, advice));
+}
