@@ -407,3 +407,25 @@ fn store_all(fh: &FileHInner, blocks: &[(u64, u64)]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writeout_flags_accept_only_store_and_markstored() {
+        assert_eq!(WriteoutFlags::from_bits(1).unwrap(), WriteoutFlags::STORE);
+        assert_eq!(
+            WriteoutFlags::from_bits(2).unwrap(),
+            WriteoutFlags::MARKSTORED
+        );
+        let both = WriteoutFlags::from_bits(3).unwrap();
+        assert!(both.contains(WriteoutFlags::STORE) && both.contains(WriteoutFlags::MARKSTORED));
+        assert!(!WriteoutFlags::STORE.contains(WriteoutFlags::MARKSTORED));
+        for bad in [0, 4, 5, u32::MAX] {
+            assert!(
+                matches!(WriteoutFlags::from_bits(bad), Err(Error::InvalidFlags(b)) if b == bad)
+            );
+        }
+    }
+}

@@ -1,6 +1,8 @@
 //! bigfile-virtmem: a BigFile mapped into memory, loaded on demand, tracked
 //! for changes, written out or discarded, within a RAM budget.
 //!
+//! See the crate README (below) for an example and the semantics.
+//!
 //! It owns the `BigFile` trait, file handles ([`FileH`]: a snapshot of a
 //! file plus its own in-memory changes), mappings ([`Vma`]), page states, the
 //! loading protocol, the dirty list, writeout, discard, invalidation, and LRU
@@ -18,6 +20,8 @@
 //! returned, a persistent load failure or an exhausted budget ends in SIGBUS
 //! for the faulting thread with a diagnostic, and a loader touching its own
 //! page in SIGSEGV.
+
+#![doc = include_str!("../README.md")]
 
 mod bigfile;
 mod error;

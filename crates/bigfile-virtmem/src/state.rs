@@ -351,3 +351,73 @@ impl VmaState {
         unsafe { self.start.add(idx * page_size) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ticket() -> Arc<LoadTicket> {
+        Arc::new(LoadTicket {
+            loader: std::thread::current().id(),
+            outcome: OnceLock::new(),
+        })
+    }
+
+    fn lru_order(st: &State) -> Vec<usize> {
+        let mut v = Vec::new();
+        let mut cur = st.lru_head;
+        while let Some(pk) = cur {
+            v.push(pk);
+            cur = st.pages[pk].lru_next;
+        }
+        v
+    }
+
+    #[test]
+    fn lru_push_touch_remove_keep_order_and_links() {
+        let mut st = State::default();
+        let pks: Vec<usize> = (0..4).map(|b| st.new_page(0, b, ticket())).collect();
+        assert_eq!(st.resident, 4);
+        for &pk in &pks {
+            st.lru_push_back(pk);
+        }
+        assert_eq!(lru_order(&st), pks);
+        st.lru_touch(pks[0]);
+        assert_eq!(lru_order(&st), [pks[1], pks[2], pks[3], pks[0]]);
+        st.lru_remove(pks[2]);
+        st.lru_remove(pks[2]); // not on the list any more: no effect
+        assert_eq!(lru_order(&st), [pks[1], pks[3], pks[0]]);
+        assert_eq!(st.lru_len(), 3);
+        assert_eq!(st.lru_oldest(), Some(pks[1]));
+        st.lru_remove(pks[1]);
+        st.lru_remove(pks[0]);
+        st.lru_remove(pks[3]);
+        assert_eq!(st.lru_oldest(), None);
+        assert_eq!(st.lru_tail, None);
+        // touching a page that is not on the list (dirty) does not add it
+        st.lru_touch(pks[1]);
+        assert_eq!(st.lru_len(), 0);
+    }
+
+    #[test]
+    fn vma_index_of_covers_exactly_its_range() {
+        let v = VmaState {
+            start: NonNull::dangling(),
+            pgoffset: 10,
+            pglen: 3,
+            mapped: BitVec::repeat(false, 3),
+        };
+        assert_eq!(v.index_of(9), None);
+        assert_eq!(v.index_of(10), Some(0));
+        assert_eq!(v.index_of(12), Some(2));
+        assert_eq!(v.index_of(13), None);
+        let top = VmaState {
+            start: NonNull::dangling(),
+            pgoffset: u64::MAX - 1,
+            pglen: 1,
+            mapped: BitVec::new(),
+        };
+        assert_eq!(top.index_of(u64::MAX), None);
+        assert_eq!(top.index_of(u64::MAX - 1), Some(0));
+    }
+}
