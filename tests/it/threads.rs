@@ -255,3 +255,45 @@ fn write_during_writeout_waits_for_it() {
     assert_eq!(b[0], 2);
     assert_eq!(fh.dirty_blocks(), [0]);
 }
+
+#[test]
+fn waiters_of_a_failed_load_get_its_error() {
+    let file = MemFile::new(BLK);
+    let entered = Arc::new(Barrier::new(2));
+    {
+        let entered = entered.clone();
+        file.on_load(move |_| {
+            entered.wait();
+            // Give the second thread time to find the page LOADING and wait.
+            thread::sleep(Duration::from_millis(200));
+            Err("bad sector".into())
+        });
+    }
+    let ram = ram(4);
+    let fh = open(&file, &ram);
+    fh.set_load_policy(bigfile::virtmem::LoadPolicy {
+        attempts: 1,
+        backoff: Duration::ZERO,
+    });
+    let vma = Arc::new(fh.mmap(0, 1).unwrap());
+    let loader = {
+        let vma = vma.clone();
+        thread::spawn(move || {
+            vma.prefault(0..1, bigfile::virtmem::Access::Read)
+                .map_err(|e| e.to_string())
+        })
+    };
+    entered.wait();
+    let waited = vma
+        .prefault(0..1, bigfile::virtmem::Access::Read)
+        .map_err(|e| e.to_string());
+    let loaded = loader.join().unwrap();
+    let (l, w) = (loaded.unwrap_err(), waited.unwrap_err());
+    assert!(l.contains("bad sector"), "{l}");
+    assert!(
+        w.contains("while waiting for another thread's load") && w.contains("bad sector"),
+        "{w}"
+    );
+    assert_eq!(file.take_calls(), [Call::Load(0)]);
+    assert_eq!(fh.page_state(0), None);
+}
