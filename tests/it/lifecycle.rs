@@ -269,3 +269,30 @@ fn tmp_path() -> std::path::PathBuf {
 fn tempfile() -> std::fs::File {
     std::fs::File::create(tmp_path()).unwrap()
 }
+
+#[test]
+fn loader_can_drop_another_mapping_from_inside_a_fault() {
+    let file = MemFile::new(BLK);
+    let ram = ram(16);
+    let fh = open(&file, &ram);
+    let other = fh.mmap(0, 2).unwrap();
+    poke(other.as_ptr(), 0x5a); // page 0 dirty, mapped in `other`
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(other)));
+    {
+        let slot = slot.clone();
+        file.on_load(move |_| {
+            // The last reference to `other` goes away inside this fault.
+            drop(slot.lock().unwrap().take());
+            Ok(())
+        });
+    }
+    let vma = fh.mmap(0, 2).unwrap();
+    assert_eq!(peek(vma.as_ptr().wrapping_add(BLK)), MemFile::initial(1));
+    assert!(slot.lock().unwrap().is_none());
+    assert_eq!(fh.mapping_count(), 1);
+    assert_eq!(
+        peek(vma.as_ptr()),
+        0x5a,
+        "the unmapped mapping's change stays in the handle"
+    );
+}

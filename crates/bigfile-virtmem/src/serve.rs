@@ -48,8 +48,13 @@ impl Failure {
     }
 }
 
-/// Serve block `blk` of mapping `vk` of `fh` for `access`.
-pub(crate) fn serve(fh: &FileHInner, vk: usize, blk: u64, access: Access) -> Result<(), Failure> {
+/// Serve block `blk` of mapping `vma` (its key and start address) of `fh` for `access`.
+pub(crate) fn serve(
+    fh: &FileHInner,
+    vma: (usize, usize),
+    blk: u64,
+    access: Access,
+) -> Result<(), Failure> {
     let shared = &*fh.shared;
     let ps = shared.page_size();
     let me = thread::current().id();
@@ -169,7 +174,7 @@ pub(crate) fn serve(fh: &FileHInner, vk: usize, blk: u64, access: Access) -> Res
                         Prot::ReadWrite
                     }
                 };
-                st.map_into(fh.key, vk, blk, ram_page, prot, ps)
+                st.map_into(fh.key, vma, blk, ram_page, prot, ps)
                     .map_err(|e| Failure::Os(format!("mapping block {blk} of {}: {e}", fh.name)))?;
                 st.lru_touch(pk);
                 return Ok(());

@@ -297,17 +297,27 @@ impl State {
     }
 
     /// Map block `blk`'s RAM page into mapping `vk` of handle `fk` with `prot`.
+    ///
+    /// If the mapping is gone (a loader dropped it while this fault was being
+    /// served), nothing is mapped: the access is retried, finds the address
+    /// unmapped and ends as any access to unmapped memory does.
     pub(crate) fn map_into(
         &mut self,
         fk: usize,
-        vk: usize,
+        (vk, vma_start): (usize, usize),
         blk: u64,
         ram_page: u64,
         prot: Prot,
         page_size: usize,
     ) -> crate::Result<()> {
         let fh = &mut self.filehs[fk];
-        let vma = &mut fh.vmas[vk];
+        let Some(vma) = fh
+            .vmas
+            .get_mut(vk)
+            .filter(|v| v.start.as_ptr() as usize == vma_start)
+        else {
+            return Ok(());
+        };
         let idx = vma
             .index_of(blk)
             .expect("block inside the faulting mapping");

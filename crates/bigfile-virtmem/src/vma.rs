@@ -72,7 +72,7 @@ impl FaultHandler for VmaFaults {
             };
         }
         let _host = HostUnlocked::new();
-        match serve(&self.fileh, self.key, blk, fault.access) {
+        match serve(&self.fileh, (self.key, self.start), blk, fault.access) {
             Ok(()) => Outcome::Handled,
             Err(f @ Failure::SelfWait(_)) => Outcome::Fatal {
                 signal: FaultSignal::Segv,
@@ -273,7 +273,13 @@ impl Vma {
         let _host = HostUnlocked::new();
         for idx in range.start / ps..=(range.end - 1) / ps {
             let blk = self.pgoffset + idx as u64;
-            serve(&self.fileh, self.key, blk, access).map_err(|f| match f {
+            serve(
+                &self.fileh,
+                (self.key, self.start.as_ptr() as usize),
+                blk,
+                access,
+            )
+            .map_err(|f| match f {
                 Failure::NoMemory(_) => {
                     let budget = self.fileh.shared.budget_pages() * ps as u64;
                     let pinned = self.fileh.shared.lock().resident;
