@@ -1,0 +1,54 @@
+//! Virtmem errors as Python exceptions, in one place.
+//!
+//! Misuse is ValueError (bad ranges, offsets, flags, blksize, RAM specs) or
+//! RuntimeError (a state that forbids the call: live mappings, a writeout in
+//! progress); an exhausted budget is MemoryError; OS failures are OSError
+//! with their errno. A `storeblk` exception comes back as itself.
+
+use bigfile_virtmem::Error;
+use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::file::{take_load_error, PyBlockError};
+
+/// The Python exception for a virtmem error.
+pub(crate) fn to_py(_py: Python<'_>, e: Error) -> PyErr {
+    match e {
+        Error::Store { source, .. } => match source.downcast::<PyBlockError>() {
+            Ok(b) => b.err,
+            Err(source) => PyRuntimeError::new_err(format!("storeblk failed: {source}")),
+        },
+        Error::BadBlksize { .. }
+        | Error::PageSizeMismatch { .. }
+        | Error::InvalidRange(_)
+        | Error::OutOfBounds { .. }
+        | Error::InvalidFlags(_) => PyValueError::new_err(e.to_string()),
+        Error::BudgetExhausted { .. } => PyMemoryError::new_err(e.to_string()),
+        Error::Os { ref source, .. } => os_error(source.raw_os_error(), e.to_string()),
+        Error::Ram(ref r) => {
+            use std::error::Error as _;
+            match r.source().and_then(|s| s.downcast_ref::<std::io::Error>()) {
+                Some(io) => os_error(io.raw_os_error(), e.to_string()),
+                None => PyValueError::new_err(e.to_string()),
+            }
+        }
+        _ => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+/// As [`to_py`], for calls that run `loadblk` outside a fault (prefault):
+/// a loadblk exception comes back as itself.
+pub(crate) fn to_py_load(py: Python<'_>, e: Error) -> PyErr {
+    let pending = take_load_error();
+    match (e, pending) {
+        (Error::Load { .. }, Some(err)) => err,
+        (e, _) => to_py(py, e),
+    }
+}
+
+fn os_error(errno: Option<i32>, msg: String) -> PyErr {
+    match errno {
+        Some(n) => PyOSError::new_err((n, msg)),
+        None => PyOSError::new_err(msg),
+    }
+}

@@ -1,0 +1,395 @@
+//! `BigFileH` (a handle of a BigFile with its own changes) and `VMA` (one
+//! mapping of it, usable as a writable buffer).
+
+use std::collections::HashMap;
+use std::ffi::c_int;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bigfile_virtmem::{Access, FileH, LoadPolicy, Stats, Vma, WriteoutFlags};
+use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::PyInt;
+use pyo3::{PyTraverseError, PyVisit};
+
+use crate::error::{to_py, to_py_load};
+use crate::file::PyFileAdapter;
+
+/// A non-negative integer argument that fits in 64 bits.
+fn u64_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
+    if !obj.is_instance_of::<PyInt>() {
+        return Err(PyTypeError::new_err(format!(
+            "{what} must be an int, not {}",
+            obj.get_type().qualname()?
+        )));
+    }
+    if obj.lt(0)? {
+        return Err(PyValueError::new_err(format!(
+            "{what} must be >= 0, got {obj}"
+        )));
+    }
+    obj.extract::<u64>()
+        .map_err(|_| PyValueError::new_err(format!("{what} {obj} does not fit in 64 bits")))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn stats_dict(py: Python<'_>, s: Stats) -> HashMap<&'static str, u64> {
+    let _ = py;
+    HashMap::from([
+        ("faults", s.faults),
+        ("loads", s.loads),
+        ("load_errors", s.load_errors),
+        ("stores", s.stores),
+        ("reclaims", s.reclaims),
+        ("resident_pages", s.resident_pages),
+        ("dirty_pages", s.dirty_pages),
+    ])
+}
+
+/// A handle of a BigFile: the file as it is, plus this handle's changes.
+#[pyclass(module = "bigfile._bigfile", name = "BigFileH", weakref)]
+pub(crate) struct PyBigFileH {
+    fileh: Mutex<Option<Arc<FileH>>>,
+    adapter: Arc<PyFileAdapter>,
+}
+
+impl PyBigFileH {
+    pub(crate) fn new(fileh: FileH, adapter: Arc<PyFileAdapter>) -> Self {
+        PyBigFileH {
+            fileh: Mutex::new(Some(Arc::new(fileh))),
+            adapter,
+        }
+    }
+
+    fn get(&self) -> PyResult<Arc<FileH>> {
+        lock(&self.fileh)
+            .clone()
+            .ok_or_else(|| PyValueError::new_err("operation on a closed BigFileH"))
+    }
+}
+
+#[pymethods]
+impl PyBigFileH {
+    /// Map pages `pgoffset .. pgoffset+pglen` of the file; returns a VMA.
+    fn mmap(
+        slf: &Bound<'_, Self>,
+        pgoffset: &Bound<'_, PyAny>,
+        pglen: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyVMA>> {
+        let py = slf.py();
+        let pgoffset = u64_arg(pgoffset, "pgoffset")?;
+        let pglen = u64_arg(pglen, "pglen")?;
+        if pglen == 0 {
+            return Err(PyValueError::new_err("pglen must be > 0"));
+        }
+        let fileh = slf.borrow().get()?;
+        crate::ensure_fault_handler_on_top()?;
+        let vma = fileh.mmap(pgoffset, pglen).map_err(|e| to_py(py, e))?;
+        Py::new(py, PyVMA::new(vma, fileh.blksize(), slf.clone().unbind()))
+    }
+
+    /// Write out changes: WRITEOUT_STORE calls storeblk for each dirty
+    /// block (ascending); WRITEOUT_MARKSTORED marks them clean. An exception
+    /// of storeblk is raised here; the blocks not stored stay dirty.
+    fn dirty_writeout(&self, py: Python<'_>, flags: &Bound<'_, PyAny>) -> PyResult<()> {
+        let bits = u64_arg(flags, "flags")?;
+        let flags = u32::try_from(bits)
+            .map_err(|_| PyValueError::new_err(format!("invalid writeout flags {bits:#x}")))
+            .and_then(|b| WriteoutFlags::from_bits(b).map_err(|e| to_py(py, e)))?;
+        let fileh = self.get()?;
+        fileh.dirty_writeout(flags).map_err(|e| to_py(py, e))
+    }
+
+    /// Drop every change not written out.
+    fn dirty_discard(&self, py: Python<'_>) -> PyResult<()> {
+        self.get()?.dirty_discard().map_err(|e| to_py(py, e))
+    }
+
+    /// Whether there are changes not written out.
+    fn isdirty(&self) -> PyResult<bool> {
+        Ok(self.get()?.is_dirty())
+    }
+
+    /// Forget page `pgoffset` (changes included): the next access loads it again.
+    fn invalidate_page(&self, py: Python<'_>, pgoffset: &Bound<'_, PyAny>) -> PyResult<()> {
+        let pgoffset = u64_arg(pgoffset, "pgoffset")?;
+        self.get()?
+            .invalidate_page(pgoffset)
+            .map_err(|e| to_py(py, e))
+    }
+
+    /// The dirty blocks, ascending.
+    fn dirty_blocks(&self) -> PyResult<Vec<u64>> {
+        Ok(self.get()?.dirty_blocks())
+    }
+
+    /// This handle's counters: faults, loads, load_errors, stores,
+    /// reclaims, resident_pages, dirty_pages.
+    fn stats(&self, py: Python<'_>) -> PyResult<HashMap<&'static str, u64>> {
+        Ok(stats_dict(py, self.get()?.stats()))
+    }
+
+    /// The counters of the RAM this handle's pages live in, with
+    /// `budget` and `resident_bytes`.
+    fn ram_stats(&self, py: Python<'_>) -> PyResult<HashMap<&'static str, u64>> {
+        Ok(crate::ram::ram_stats_dict(py, self.get()?.ram()))
+    }
+
+    /// How a failing loadblk is retried (inside a fault, the last failure
+    /// ends in SIGBUS): `attempts` in all, sleeping `n * backoff` seconds
+    /// before retry n.
+    #[pyo3(signature = (attempts, backoff = 0.001))]
+    fn set_load_policy(&self, attempts: u32, backoff: f64) -> PyResult<()> {
+        if attempts == 0 {
+            return Err(PyValueError::new_err("attempts must be >= 1"));
+        }
+        let backoff = Duration::try_from_secs_f64(backoff)
+            .map_err(|e| PyValueError::new_err(format!("backoff: {e}")))?;
+        self.get()?
+            .set_load_policy(LoadPolicy { attempts, backoff });
+        Ok(())
+    }
+
+    /// Block size of the file (= page size of the mappings).
+    #[getter]
+    fn blksize(&self) -> PyResult<usize> {
+        Ok(self.get()?.blksize())
+    }
+
+    /// Whether the handle is closed.
+    #[getter]
+    fn closed(&self) -> bool {
+        lock(&self.fileh).is_none()
+    }
+
+    /// Close the handle, dropping changes not written out. Refused
+    /// (RuntimeError) while mappings of it are alive. Closing twice is fine.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let Some(fileh) = lock(&self.fileh).take() else {
+            return Ok(());
+        };
+        let give_back = |f: Arc<FileH>, err: PyErr| {
+            *lock(&self.fileh) = Some(f);
+            Err(err)
+        };
+        let fileh =
+            match Arc::try_unwrap(fileh) {
+                Ok(f) => f,
+                Err(f) => return give_back(
+                    f,
+                    pyo3::exceptions::PyRuntimeError::new_err(
+                        "BigFileH is in use by another thread; close it after that call returns",
+                    ),
+                ),
+            };
+        match fileh.close() {
+            Ok(()) => Ok(()),
+            Err((e, f)) => give_back(Arc::new(f), to_py(py, e)),
+        }
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        self.adapter.traverse(&visit)
+    }
+
+    fn __clear__(&mut self) {
+        drop(self.adapter.clear());
+    }
+}
+
+/// One mapping of a BigFileH: a writable buffer of `len(vma)` bytes.
+#[pyclass(module = "bigfile._bigfile", name = "VMA", weakref)]
+pub(crate) struct PyVMA {
+    vma: Mutex<Option<Arc<Vma>>>,
+    addr: usize,
+    len: usize,
+    pgoffset: u64,
+    pagesize: usize,
+    /// Keeps the handle alive as long as the mapping; `None` once GC cleared it.
+    fileh: Option<Py<PyBigFileH>>,
+    exports: AtomicUsize,
+}
+
+impl PyVMA {
+    fn new(vma: Vma, pagesize: usize, fileh: Py<PyBigFileH>) -> Self {
+        PyVMA {
+            addr: vma.as_ptr() as usize,
+            len: vma.len(),
+            pgoffset: vma.pgoffset(),
+            pagesize,
+            vma: Mutex::new(Some(Arc::new(vma))),
+            fileh: Some(fileh),
+            exports: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn get(&self) -> PyResult<Arc<Vma>> {
+        lock(&self.vma)
+            .clone()
+            .ok_or_else(|| PyValueError::new_err("operation on an unmapped VMA"))
+    }
+}
+
+#[pymethods]
+impl PyVMA {
+    fn __len__(&self) -> usize {
+        self.len
+    }
+
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        let this = slf.borrow();
+        // Holds the mapping for the check; the export count then keeps
+        // unmap() from happening while the buffer is out.
+        let _vma = this.get()?;
+        crate::ensure_fault_handler_on_top()?;
+        // SAFETY: `view` is the consumer's Py_buffer; the mapping stays in
+        // place while any export is alive (unmap refuses, and each export
+        // holds a reference to this object).
+        let r = unsafe {
+            ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                this.addr as *mut std::ffi::c_void,
+                this.len as ffi::Py_ssize_t,
+                0,
+                flags,
+            )
+        };
+        if r != 0 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        this.exports.fetch_add(1, SeqCst);
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
+        self.exports.fetch_sub(1, SeqCst);
+    }
+
+    /// (pgoffset, pglen): the file pages this mapping covers.
+    fn filerange(&self) -> (u64, u64) {
+        (self.pgoffset, (self.len / self.pagesize) as u64)
+    }
+
+    /// Page size (= the file's blksize).
+    fn pagesize(&self) -> usize {
+        self.pagesize
+    }
+
+    /// Address of the first byte.
+    #[getter]
+    fn addr_start(&self) -> usize {
+        self.addr
+    }
+
+    /// Address just past the last byte.
+    #[getter]
+    fn addr_stop(&self) -> usize {
+        self.addr + self.len
+    }
+
+    /// The handle this mapping is of.
+    #[getter]
+    fn fileh(&self, py: Python<'_>) -> Option<Py<PyBigFileH>> {
+        self.fileh.as_ref().map(|f| f.clone_ref(py))
+    }
+
+    /// Whether the mapping is unmapped.
+    #[getter]
+    fn closed(&self) -> bool {
+        lock(&self.vma).is_none()
+    }
+
+    /// File pages currently mapped in (holding memory) in this mapping.
+    fn mapped_pages(&self) -> PyResult<Vec<u64>> {
+        Ok(self.get()?.mapped_pages())
+    }
+
+    /// Load (and with write=True, dirty) the pages of bytes start..stop now,
+    /// e.g. before passing the memory to a system call such as readinto():
+    /// the kernel gets EFAULT, not a page fault, for pages not yet mapped.
+    /// A loadblk exception is raised here.
+    #[pyo3(signature = (start = 0, stop = None, write = false))]
+    fn prefault(
+        &self,
+        py: Python<'_>,
+        start: usize,
+        stop: Option<usize>,
+        write: bool,
+    ) -> PyResult<()> {
+        let vma = self.get()?;
+        let stop = stop.unwrap_or(self.len);
+        let access = if write { Access::Write } else { Access::Read };
+        vma.prefault(start..stop, access)
+            .map_err(|e| to_py_load(py, e))
+    }
+
+    /// Unmap now. Refused (BufferError) while buffers of it (memoryviews,
+    /// numpy arrays) are alive. Unmapping twice is fine.
+    fn close(&self) -> PyResult<()> {
+        let n = self.exports.load(SeqCst);
+        if n != 0 {
+            return Err(PyBufferError::new_err(format!(
+                "cannot unmap a VMA with {n} exported buffer(s) (memoryview, numpy array) alive"
+            )));
+        }
+        let vma = lock(&self.vma).take();
+        drop(vma);
+        Ok(())
+    }
+
+    /// The same as close().
+    fn unmap(&self) -> PyResult<()> {
+        self.close()
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, _exc: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
+        self.close()?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<bigfile VMA of pages {}..{} at {:#x}{}>",
+            self.pgoffset,
+            self.pgoffset + (self.len / self.pagesize) as u64,
+            self.addr,
+            if self.closed() { ", unmapped" } else { "" }
+        )
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(f) = &self.fileh {
+            visit.call(f)?;
+        }
+        Ok(())
+    }
+
+    fn __clear__(&mut self) {
+        self.fileh = None;
+    }
+}

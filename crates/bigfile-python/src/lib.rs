@@ -1,0 +1,104 @@
+//! bigfile-python: the extension module `bigfile._bigfile`.
+//!
+//! It owns the Python face of virtmem: `BigFile` (a base class whose
+//! subclasses implement `loadblk`/`storeblk` in Python), `BigFileH`, `VMA`
+//! (a writable buffer numpy can use without copying) and `RAM`. Invariants:
+//! - every Python call made from virtmem (loadblk from a page fault, storeblk
+//!   from a writeout) holds the GIL taken with `PyGILState_Ensure`, runs
+//!   with the thread's raised and handled exception state saved and clear,
+//!   and leaves that state exactly as it found it;
+//! - after such a call no Python object can reach the block's memory (see
+//!   `blockbuf`);
+//! - virtmem releases the GIL before it takes its own lock or waits (the
+//!   `Gil` host lock);
+//! - a VMA keeps its BigFileH alive and a BigFileH its BigFile; the
+//!   references held in Rust are visible to the cyclic GC;
+//! - our SIGSEGV handler is put back on top whenever Python's faulthandler
+//!   may have displaced it.
+
+mod blockbuf;
+mod error;
+mod file;
+mod fileh;
+mod gil;
+mod ram;
+
+use std::sync::Arc;
+
+use pyo3::exceptions::PyOSError;
+use pyo3::prelude::*;
+
+/// `dirty_writeout` flag: call storeblk for every dirty block.
+const WRITEOUT_STORE: u32 = 1;
+/// `dirty_writeout` flag: mark every dirty block clean.
+const WRITEOUT_MARKSTORED: u32 = 2;
+
+/// Put our fault handler back on top of any installed after it.
+pub(crate) fn ensure_fault_handler_on_top() -> PyResult<()> {
+    bigfile_fault::ensure_on_top()
+        .map(drop)
+        .map_err(|e| PyOSError::new_err(e.to_string()))
+}
+
+/// Drop every clean page of the default RAMs; returns how many.
+#[pyfunction]
+fn ram_reclaim() -> usize {
+    bigfile_virtmem::Ram::reclaim_defaults()
+}
+
+/// Put bigfile's SIGSEGV/SIGBUS handler back on top if another handler
+/// (faulthandler.enable()) replaced it; the other one still gets every fault
+/// that is not bigfile's. Returns whether it had been displaced.
+#[pyfunction]
+fn _ensure_fault_handler_on_top() -> PyResult<bool> {
+    bigfile_fault::ensure_on_top().map_err(|e| PyOSError::new_err(e.to_string()))
+}
+
+/// Testing aid: read the byte at `offset` of `vma` with the GIL released,
+/// as a numpy loop would.
+#[pyfunction]
+fn _read_nogil(py: Python<'_>, vma: &Bound<'_, fileh::PyVMA>, offset: usize) -> PyResult<u8> {
+    let vma = vma.borrow().get()?;
+    py.allow_threads(|| {
+        let mut b = [0u8];
+        vma.read_at(offset, &mut b).map(|()| b[0])
+    })
+    .map_err(|e| error::to_py(py, e))
+}
+
+/// Testing aid: read the byte at `offset` of `vma` from a new thread that
+/// Python has never seen.
+#[pyfunction]
+fn _read_in_new_thread(
+    py: Python<'_>,
+    vma: &Bound<'_, fileh::PyVMA>,
+    offset: usize,
+) -> PyResult<u8> {
+    let vma = vma.borrow().get()?;
+    py.allow_threads(|| {
+        std::thread::spawn(move || {
+            let mut b = [0u8];
+            vma.read_at(offset, &mut b).map(|()| b[0])
+        })
+        .join()
+    })
+    .map_err(|_| pyo3::exceptions::PyRuntimeError::new_err("reader thread panicked"))?
+    .map_err(|e| error::to_py(py, e))
+}
+
+#[pymodule]
+fn _bigfile(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    bigfile_virtmem::set_host_lock(Arc::new(gil::Gil));
+    ensure_fault_handler_on_top()?;
+    m.add_class::<file::PyBigFile>()?;
+    m.add_class::<fileh::PyBigFileH>()?;
+    m.add_class::<fileh::PyVMA>()?;
+    m.add_class::<ram::PyRam>()?;
+    m.add("WRITEOUT_STORE", WRITEOUT_STORE)?;
+    m.add("WRITEOUT_MARKSTORED", WRITEOUT_MARKSTORED)?;
+    m.add_function(wrap_pyfunction!(ram_reclaim, m)?)?;
+    m.add_function(wrap_pyfunction!(_ensure_fault_handler_on_top, m)?)?;
+    m.add_function(wrap_pyfunction!(_read_nogil, m)?)?;
+    m.add_function(wrap_pyfunction!(_read_in_new_thread, m)?)?;
+    Ok(())
+}
