@@ -1,0 +1,56 @@
+import mmap
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from bigfile import BigFile
+
+PS = mmap.PAGESIZE
+
+
+class DataFile(BigFile):
+    """Blocks in a dict; block n starts as all bytes n; counts calls."""
+
+    def __new__(cls, blksize=PS, **kw):
+        obj = BigFile.__new__(cls, blksize)
+        obj.data = {}
+        obj.loads = []
+        obj.stores = []
+        obj.lock = threading.Lock()
+        return obj
+
+    def loadblk(self, blk, buf):
+        with self.lock:
+            self.loads.append(blk)
+        data = self.data.get(blk)
+        if data is None:
+            buf[:] = bytes([blk & 0xFF]) * len(buf)
+        else:
+            buf[:] = data
+
+    def storeblk(self, blk, buf):
+        with self.lock:
+            self.stores.append(blk)
+        self.data[blk] = bytes(buf)
+
+
+@pytest.fixture
+def f():
+    return DataFile()
+
+
+def run_py(code, *args, env=None, timeout=120):
+    """Run `code` in a fresh interpreter; returns CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, *args, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
