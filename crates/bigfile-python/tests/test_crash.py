@@ -72,3 +72,57 @@ fh.dirty_writeout(1)
     r = run_py(code, timeout=60)
     assert r.returncode == -signal.SIGSEGV, (r.returncode, r.stderr)
     assert "writeout" in r.stderr
+
+
+def test_exit_with_live_mappings_dirty_pages_and_cycles():
+    code = """
+import mmap, threading
+import numpy as np
+from bigfile import BigFile
+PS = mmap.PAGESIZE
+class F(BigFile):
+    def loadblk(self, blk, buf):
+        buf[:] = bytes([blk]) * len(buf)
+    def storeblk(self, blk, buf):
+        pass
+f = F(PS)
+f.fh = f.fileh_open()
+f.vma = f.fh.mmap(0, 8)
+a = np.ndarray((8 * PS,), np.uint8, buffer=f.vma)
+a[::PS] = 9
+def reader():
+    while True:
+        a[::PS].sum()
+threading.Thread(target=reader, daemon=True).start()
+print("exiting", flush=True)
+"""
+    r = run_py(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["exiting"]
+
+
+def test_del_raising_during_cleanup_gc_is_reported_not_fatal():
+    code = """
+import gc, mmap, sys
+from bigfile import BigFile
+PS = mmap.PAGESIZE
+class Bomb:
+    def __del__(self):
+        raise ZeroDivisionError("raised in __del__")
+class F(BigFile):
+    def loadblk(self, blk, buf):
+        b = Bomb()
+        b.cycle = b
+        b.buf = buf
+        buf[:] = bytes([blk]) * len(buf)
+m = memoryview(F(PS).fileh_open().mmap(0, 3))
+try:
+    raise KeyError("outer")
+except KeyError as e:
+    print(m[0], m[PS], m[2 * PS], sys.exc_info()[1] is e, flush=True)
+print(sys.exc_info()[0])
+"""
+    r = run_py(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "1", "2", "True", "None"]
+    assert "ZeroDivisionError: raised in __del__" in r.stderr
