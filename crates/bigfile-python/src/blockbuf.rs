@@ -33,7 +33,8 @@ pub(crate) struct BlockBuffer {
     revoked: AtomicBool,
 }
 
-/// A page-aligned allocation owned by its `BlockBuffer`.
+/// A zeroed allocation owned by its `BlockBuffer` (16-byte aligned, so it
+/// comes from calloc: large blocks are fresh zero pages, not a memset).
 struct Mem {
     ptr: *mut u8,
     len: usize,
@@ -47,7 +48,7 @@ unsafe impl Sync for Mem {}
 
 impl Mem {
     fn layout(len: usize) -> Layout {
-        Layout::from_size_align(len, 4096).expect("blksize is a page multiple below isize::MAX")
+        Layout::from_size_align(len, 16).expect("blksize is below isize::MAX")
     }
 
     fn zeroed(len: usize) -> Mem {

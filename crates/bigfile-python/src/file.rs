@@ -275,7 +275,13 @@ impl PyFileAdapter {
         );
         drop(block);
         match r {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                if op == Op::Load {
+                    // A retry that succeeded: the earlier failure is moot.
+                    LAST_LOAD_ERROR.with(|slot| slot.borrow_mut().take());
+                }
+                Ok(())
+            }
             Err(e) => Err(self.fail(py, op, blk, e)),
         }
     }
