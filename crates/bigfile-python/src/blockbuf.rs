@@ -249,14 +249,13 @@ fn stub_in_frames(py: Python<'_>, mv: &Bound<'_, PyMemoryView>) {
         if !r.is_instance(&frame_type).unwrap_or(false) || running.iter().any(|f| f.is(&r)) {
             continue;
         }
-        stub_in_frame(py, &r, mv, &stub);
+        stub_in_frame(&r, mv, &stub);
         clear_exc(py);
     }
     clear_exc(py);
 }
 
 fn stub_in_frame(
-    py: Python<'_>,
     frame: &Bound<'_, PyAny>,
     mv: &Bound<'_, PyMemoryView>,
     stub: &Bound<'_, PyString>,
@@ -288,7 +287,6 @@ fn stub_in_frame(
     unsafe {
         ffi::PyFrame_LocalsToFast(frame.as_ptr().cast(), 0)
     };
-    let _ = py;
 }
 
 /// Write to `sys.stderr` (so test capture sees it), falling back to fd 2.

@@ -38,8 +38,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-pub(crate) fn stats_dict(py: Python<'_>, s: Stats) -> HashMap<&'static str, u64> {
-    let _ = py;
+pub(crate) fn stats_dict(s: Stats) -> HashMap<&'static str, u64> {
     HashMap::from([
         ("faults", s.faults),
         ("loads", s.loads),
@@ -130,14 +129,14 @@ impl PyBigFileH {
 
     /// This handle's counters: faults, loads, load_errors, stores,
     /// reclaims, resident_pages, dirty_pages.
-    fn stats(&self, py: Python<'_>) -> PyResult<HashMap<&'static str, u64>> {
-        Ok(stats_dict(py, self.get()?.stats()))
+    fn stats(&self) -> PyResult<HashMap<&'static str, u64>> {
+        Ok(stats_dict(self.get()?.stats()))
     }
 
     /// The counters of the RAM this handle's pages live in, with
     /// `budget` and `resident_bytes`.
-    fn ram_stats(&self, py: Python<'_>) -> PyResult<HashMap<&'static str, u64>> {
-        Ok(crate::ram::ram_stats_dict(py, self.get()?.ram()))
+    fn ram_stats(&self) -> PyResult<HashMap<&'static str, u64>> {
+        Ok(crate::ram::ram_stats_dict(self.get()?.ram()))
     }
 
     /// How a failing loadblk is retried (inside a fault, the last failure

@@ -22,9 +22,9 @@ impl PyRam {
     }
 }
 
-pub(crate) fn ram_stats_dict(py: Python<'_>, ram: &Ram) -> HashMap<&'static str, u64> {
+pub(crate) fn ram_stats_dict(ram: &Ram) -> HashMap<&'static str, u64> {
     let s = ram.stats();
-    let mut d = crate::fileh::stats_dict(py, s.stats);
+    let mut d = crate::fileh::stats_dict(s.stats);
     d.insert("budget", s.budget);
     d.insert("resident_bytes", s.resident_bytes);
     d
@@ -67,8 +67,8 @@ impl PyRam {
     }
 
     /// Counters summed over the handles of this RAM, with budget and resident_bytes.
-    fn stats(&self, py: Python<'_>) -> HashMap<&'static str, u64> {
-        ram_stats_dict(py, &self.ram)
+    fn stats(&self) -> HashMap<&'static str, u64> {
+        ram_stats_dict(&self.ram)
     }
 
     fn __repr__(&self) -> String {
