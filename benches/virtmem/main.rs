@@ -34,12 +34,31 @@ fn main() {
         .measurement_time(cfg.measure)
         .sample_size(if cfg.quick { 20 } else { 50 })
         .configure_from_args();
-    fault_noop(&mut c, &figures);
-    fault_fill(&mut c);
-    scan(&mut c, &cfg, &figures);
-    random_read(&mut c, &cfg, &figures);
-    write(&mut c, &cfg);
-    threads(&mut c, &figures);
+    // BIGFILE_BENCH_GROUPS=a,b runs only those groups, setup included (for
+    // profiling one of them: criterion's filter still runs every setup).
+    let only = std::env::var("BIGFILE_BENCH_GROUPS").ok();
+    let on = |g: &str| {
+        only.as_deref()
+            .map_or(true, |o| o.split(',').any(|x| x == g))
+    };
+    if on("fault_noop") {
+        fault_noop(&mut c, &figures);
+    }
+    if on("fault_fill") {
+        fault_fill(&mut c);
+    }
+    if on("scan") {
+        scan(&mut c, &cfg, &figures);
+    }
+    if on("random_read") {
+        random_read(&mut c, &cfg, &figures);
+    }
+    if on("write") {
+        write(&mut c, &cfg);
+    }
+    if on("threads") {
+        threads(&mut c, &figures);
+    }
     c.final_summary();
 }
 
@@ -128,7 +147,7 @@ fn fault_noop(c: &mut Criterion, figures: &support::Figures) {
     let mut g = c.benchmark_group("fault_noop");
     for bs in [2 * MIB, 64 * KIB, 4 * KIB] {
         let name = size_name(bs);
-        let spec = format!("memfd,pagesize={name}");
+        let spec = support::ram_spec(&name);
         let cycle = Cycle::new(Arc::new(NoopFile(bs)), &spec, 16, 256);
         let mut next = 0;
         let before = cycle.fh.stats();
@@ -156,7 +175,7 @@ fn fault_noop(c: &mut Criterion, figures: &support::Figures) {
     // A fault that takes a fresh RAM page (nothing to recycle): the budget
     // is never reached; pages are dropped (hole punched) outside the timing.
     let bs = 2 * MIB;
-    let ram = Ram::from_spec("memfd").expect("RAM");
+    let ram = Ram::from_spec(&support::ram_spec("2M")).expect("RAM");
     let fh = FileH::open(Arc::new(NoopFile(bs)), Some(&ram)).expect("open");
     let vma = fh.mmap(0, 64).expect("mmap");
     g.bench_function(BenchmarkId::new("bigfile_fresh_page", "2M"), |b| {
@@ -184,7 +203,7 @@ fn fault_noop(c: &mut Criterion, figures: &support::Figures) {
 fn fault_fill(c: &mut Criterion) {
     let mut g = c.benchmark_group("fault_fill");
     let bs = 2 * MIB;
-    let cycle = Cycle::new(Arc::new(FillFile(bs)), "memfd", 16, 256);
+    let cycle = Cycle::new(Arc::new(FillFile(bs)), &support::ram_spec("2M"), 16, 256);
     let mut next = 0;
     g.bench_function(BenchmarkId::new("bigfile", "2M"), |b| {
         b.iter_custom(|iters| {
@@ -216,7 +235,7 @@ fn scan(c: &mut Criterion, cfg: &Config, figures: &support::Figures) {
         .throughput(Throughput::Bytes(cfg.scan_bytes as u64));
 
     let file = Arc::new(FileBigFile::open_readonly(&path, bs).expect("open the scan file"));
-    let ram = Ram::from_spec("memfd")
+    let ram = Ram::from_spec(&support::ram_spec("2M"))
         .expect("RAM")
         .with_budget(64 * MIB as u64);
     let fh = FileH::open(file, Some(&ram)).expect("open");
@@ -276,7 +295,7 @@ fn random_read(c: &mut Criterion, cfg: &Config, figures: &support::Figures) {
     for bs in [2 * MIB, 64 * KIB] {
         let name = size_name(bs);
         let file = Arc::new(FileBigFile::open_readonly(&path, bs).expect("open"));
-        let ram = Ram::from_spec(&format!("memfd,pagesize={name}"))
+        let ram = Ram::from_spec(&support::ram_spec(&name))
             .expect("RAM")
             .with_budget(cfg.random_budget as u64);
         let fh = FileH::open(file, Some(&ram)).expect("open");
@@ -374,7 +393,7 @@ fn write(c: &mut Criterion, cfg: &Config) {
     let name = format!("write-{}M", cfg.write_bytes / MIB);
     let path = support::data_file(&format!("{name}.bin"), cfg.write_bytes);
     let file = Arc::new(FileBigFile::open(&path, bs).expect("open the write file"));
-    let ram = Ram::from_spec("memfd").expect("RAM");
+    let ram = Ram::from_spec(&support::ram_spec("2M")).expect("RAM");
     let fh = FileH::open(file, Some(&ram)).expect("open");
     let vma = fh.mmap(0, nblocks).expect("mmap");
     vma.prefault(0..vma.len(), bigfile::virtmem::Access::Read)
@@ -448,7 +467,7 @@ fn threads(c: &mut Criterion, figures: &support::Figures) {
         ("fill", Arc::new(FillFile(bs)) as Arc<dyn BigFile>),
         ("noop", Arc::new(NoopFile(bs))),
     ] {
-        let cycle = Cycle::new(file, "memfd", 32, 512);
+        let cycle = Cycle::new(file, &support::ram_spec("2M"), 32, 512);
         for n in [1u64, 2] {
             g.bench_function(BenchmarkId::new(kind, n), |b| {
                 b.iter_custom(|iters| cycle.touch_parallel(n, iters.max(n)))

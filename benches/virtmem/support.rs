@@ -53,6 +53,14 @@ impl Config {
     }
 }
 
+/// The RAM spec for pages of `pagesize` ("2M", "64K"): the backend is
+/// `BIGFILE_BENCH_RAM` (e.g. `shmfs:/mnt/thp` for a tmpfs mounted with
+/// `huge=always`), memfd by default.
+pub fn ram_spec(pagesize: &str) -> String {
+    let backend = std::env::var("BIGFILE_BENCH_RAM").unwrap_or_else(|_| "memfd".into());
+    format!("{backend},pagesize={pagesize}")
+}
+
 /// Where data files and the figures file go: `$CARGO_TARGET_DIR` (or
 /// `target/` under the working directory, which cargo sets to the package
 /// root) plus `bench-data/`.

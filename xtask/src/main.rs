@@ -11,6 +11,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
 
+mod bench;
 mod python;
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -23,7 +24,7 @@ fn main() {
     let res = match task.as_str() {
         "test" => test(rest),
         "faults" => faults(rest),
-        "bench" => bench(rest),
+        "bench" => bench::bench(rest),
         "demo" => demo(rest),
         "-h" | "--help" | "help" => usage(),
         other => Err(format!("unknown task {other:?}")),
@@ -104,20 +105,6 @@ fn faults(args: &[String]) -> Result {
     run(cargo()
         .args(["run", "--release", "-p", "bigfile-faults", "--"])
         .args(args))
-}
-
-fn bench(args: &[String]) -> Result {
-    let quick = match args {
-        [] => false,
-        [q] if q == "--quick" => true,
-        _ => return Err(format!("bench takes only --quick, got {args:?}")),
-    };
-    let mut cmd = cargo();
-    cmd.args(["bench", "-p", "bigfile"]);
-    if quick {
-        cmd.env("BIGFILE_BENCH_QUICK", "1");
-    }
-    run(&mut cmd)
 }
 
 fn demo(args: &[String]) -> Result {

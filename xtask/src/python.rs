@@ -11,7 +11,7 @@ const VENV_DEPS: &[&str] = &["maturin>=1.5,<2", "pytest>=7", "numpy"];
 
 /// Every CPython 3.9-3.13 on the machine: the default `python3` first, then
 /// pyenv's interpreters; one per minor version.
-fn interpreters() -> Vec<(String, PathBuf)> {
+pub(crate) fn interpreters() -> Vec<(String, PathBuf)> {
     let mut found: Vec<(String, PathBuf)> = Vec::new();
     let mut candidates: Vec<PathBuf> = vec![PathBuf::from("python3")];
     let pyenv = std::env::var_os("PYENV_ROOT")

@@ -1,0 +1,502 @@
+//! `cargo xtask bench [--quick]`: run the criterion benches (benches/virtmem)
+//! and the Python bench (benches/python_bench.py, when the bindings build),
+//! then print one markdown table: each figure, its baseline from the same
+//! run, the ratio and the issue's target.
+//!
+//! Timings come from criterion's `<target>/criterion/<id>/new/estimates.json`
+//! (mean, ns per iteration), other figures from `<target>/bench-data/figures.tsv`
+//! written by the benches, Python's from the script's stdout.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Instant, SystemTime};
+
+use crate::{cargo, python, root, run, Result};
+
+/// `$CARGO_TARGET_DIR`, else `<root>/target`.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => {
+            let d = PathBuf::from(d);
+            if d.is_absolute() {
+                d
+            } else {
+                root().join(d)
+            }
+        }
+        None => root().join("target"),
+    }
+}
+
+pub(crate) fn bench(args: &[String]) -> Result {
+    let quick = match args {
+        [] => false,
+        [q] if q == "--quick" => true,
+        _ => return Err(format!("bench takes only --quick, got {args:?}")),
+    };
+    let started = SystemTime::now();
+    let clock = Instant::now();
+    let target = target_dir();
+    let figures_path = target.join("bench-data/figures.tsv");
+    let _ = std::fs::remove_file(&figures_path);
+
+    let mut cmd = cargo();
+    cmd.args(["bench", "-p", "bigfile", "--bench", "virtmem"])
+        .env("CARGO_TARGET_DIR", &target)
+        .env("BIGFILE_BENCH_FIGURES", &figures_path);
+    if quick {
+        cmd.env("BIGFILE_BENCH_QUICK", "1");
+    }
+    run(&mut cmd)?;
+
+    let py = match python_bench(quick) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("xtask: Python bench skipped: {e}");
+            Results::default()
+        }
+    };
+    let res = Results {
+        criterion: target.join("criterion"),
+        since: Some(started),
+        figures: read_tsv(&std::fs::read_to_string(&figures_path).unwrap_or_default()),
+        python: py.python,
+    };
+    println!("{}", table(&res, quick));
+    eprintln!(
+        "xtask: bench took {:.0} s; criterion reports in {}",
+        clock.elapsed().as_secs_f64(),
+        target.join("criterion/report/index.html").display()
+    );
+    Ok(())
+}
+
+/// Build the bindings into a venv and run the Python bench there.
+fn python_bench(quick: bool) -> Result<Results> {
+    let pkg = root().join("crates/bigfile-python");
+    if !pkg.join("pyproject.toml").exists() {
+        return Err("no Python package (crates/bigfile-python)".into());
+    }
+    let (version, exe) = python::interpreters()
+        .into_iter()
+        .next()
+        .ok_or("no CPython 3.9-3.13 found")?;
+    let venv = python::venv(&version, &exe)?;
+    run(Command::new(venv.join("bin/maturin"))
+        .args(["develop", "--release", "--quiet"])
+        .current_dir(&pkg)
+        .env("VIRTUAL_ENV", &venv)
+        .env_remove("CONDA_PREFIX"))?;
+    let mut cmd = Command::new(venv.join("bin/python"));
+    cmd.arg(root().join("benches/python_bench.py"))
+        .arg("--data-dir")
+        .arg(target_dir().join("bench-data"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    eprintln!("xtask: running {cmd:?}");
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run the Python bench: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("Python bench failed: {}", out.status));
+    }
+    let mut python = read_tsv(&String::from_utf8_lossy(&out.stdout));
+    python.insert("python".into(), version);
+    Ok(Results {
+        python,
+        ..Results::default()
+    })
+}
+
+fn read_tsv(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+#[derive(Default)]
+struct Results {
+    criterion: PathBuf,
+    /// Estimates older than this are from another run and are not shown.
+    since: Option<SystemTime>,
+    figures: HashMap<String, String>,
+    python: HashMap<String, String>,
+}
+
+/// A figure: where it comes from and how it reads.
+#[derive(Clone, Copy)]
+enum Fig {
+    /// A criterion benchmark id: mean ns per iteration.
+    Time(&'static str),
+    /// A criterion benchmark id whose iteration processes `figures[key]` bytes.
+    Rate(&'static str, &'static str),
+    /// Bytes from the benches' figures file.
+    Bytes(&'static str),
+    /// Budget plus one block of a random-read run (figures `<p>.budget` + `<p>.block`).
+    BudgetPlusBlock(&'static str),
+    /// Seconds per operation from the Python bench.
+    PyTime(&'static str),
+    /// Seconds per pass over `python[bytes key]` bytes, from the Python bench.
+    PyRate(&'static str),
+}
+
+/// How the ratio reads and what the issue asks of it.
+#[derive(Clone, Copy)]
+enum Goal {
+    /// ours / baseline (time or bytes): lower is better, target at most.
+    AtMost(Option<f64>),
+    /// baseline time / ours time (a throughput ratio): target at least.
+    AtLeast(Option<f64>),
+}
+
+struct Row {
+    item: &'static str,
+    what: &'static str,
+    ours: Fig,
+    baseline_name: &'static str,
+    baseline: Fig,
+    goal: Goal,
+}
+
+const fn row(
+    item: &'static str,
+    what: &'static str,
+    ours: Fig,
+    baseline_name: &'static str,
+    baseline: Fig,
+    goal: Goal,
+) -> Row {
+    Row {
+        item,
+        what,
+        ours,
+        baseline_name,
+        baseline,
+        goal,
+    }
+}
+
+const ROWS: &[Row] = {
+    use Fig::*;
+    use Goal::*;
+    &[
+        row(
+            "1",
+            "no-op fault, 2 MiB",
+            Time("fault_noop/bigfile/2M"),
+            "bare SIGSEGV round trip, 2 MiB",
+            Time("fault_noop/sigsegv/2M"),
+            AtMost(Some(3.0)),
+        ),
+        row(
+            "1",
+            "no-op fault, 64 KiB",
+            Time("fault_noop/bigfile/64K"),
+            "bare SIGSEGV round trip, 64 KiB",
+            Time("fault_noop/sigsegv/64K"),
+            AtMost(None),
+        ),
+        row(
+            "1",
+            "no-op fault, 4 KiB",
+            Time("fault_noop/bigfile/4K"),
+            "bare SIGSEGV round trip, 4 KiB",
+            Time("fault_noop/sigsegv/4K"),
+            AtMost(None),
+        ),
+        row(
+            "1",
+            "no-op fault, fresh RAM page, 2 MiB",
+            Time("fault_noop/bigfile_fresh_page/2M"),
+            "bare SIGSEGV round trip, 2 MiB",
+            Time("fault_noop/sigsegv/2M"),
+            AtMost(None),
+        ),
+        row(
+            "2",
+            "full-block fault, 2 MiB",
+            Time("fault_fill/bigfile/2M"),
+            "memfd first touch + same fill",
+            Time("fault_fill/kernel/2M"),
+            AtMost(Some(1.5)),
+        ),
+        row(
+            "3",
+            "scan sum(u64), FileBigFile",
+            Rate("scan/bigfile", "scan.bytes"),
+            "pread, reused buffer",
+            Rate("scan/pread", "scan.bytes"),
+            AtLeast(Some(0.7)),
+        ),
+        row(
+            "3",
+            "scan sum(u64), FileBigFile",
+            Rate("scan/bigfile", "scan.bytes"),
+            "memmap2",
+            Rate("scan/mmap", "scan.bytes"),
+            AtLeast(None),
+        ),
+        row(
+            "4",
+            "random 4 KiB read, 2 MiB blocks",
+            Time("random_read/bigfile/2M"),
+            "kernel mmap",
+            Time("random_read/mmap"),
+            AtMost(None),
+        ),
+        row(
+            "4",
+            "random 4 KiB read, 64 KiB blocks",
+            Time("random_read/bigfile/64K"),
+            "kernel mmap",
+            Time("random_read/mmap"),
+            AtMost(None),
+        ),
+        row(
+            "4",
+            "resident peak, 2 MiB blocks",
+            Bytes("random_read.2M.resident_peak"),
+            "budget + 1 block",
+            BudgetPlusBlock("random_read.2M"),
+            AtMost(Some(1.0)),
+        ),
+        row(
+            "4",
+            "resident peak, 64 KiB blocks",
+            Bytes("random_read.64K.resident_peak"),
+            "budget + 1 block",
+            BudgetPlusBlock("random_read.64K"),
+            AtMost(Some(1.0)),
+        ),
+        row(
+            "4",
+            "resident peak, 2 MiB blocks",
+            Bytes("random_read.2M.resident_peak"),
+            "kernel mmap RSS after its run",
+            Bytes("random_read.mmap.rss"),
+            AtMost(None),
+        ),
+        row(
+            "5",
+            "write every block + dirty_writeout",
+            Time("write/bigfile_writeout"),
+            "pwrite of the same bytes",
+            Time("write/pwrite"),
+            AtMost(None),
+        ),
+        row(
+            "5",
+            "first write to a clean loaded page",
+            Time("first_write/bigfile/2M"),
+            "bare SIGSEGV round trip, 2 MiB",
+            Time("fault_noop/sigsegv/2M"),
+            AtMost(None),
+        ),
+        row(
+            "6",
+            "2 threads, full-block faults (per fault)",
+            Time("threads/fill/2"),
+            "1 thread",
+            Time("threads/fill/1"),
+            AtLeast(Some(1.6)),
+        ),
+        row(
+            "6",
+            "2 threads, no-op faults (per fault)",
+            Time("threads/noop/2"),
+            "1 thread",
+            Time("threads/noop/1"),
+            AtLeast(None),
+        ),
+        row(
+            "7",
+            "Python no-op loadblk fault, 2 MiB",
+            PyTime("fault_noop"),
+            "Rust no-op fault, 2 MiB",
+            Time("fault_noop/bigfile/2M"),
+            AtMost(None),
+        ),
+        row(
+            "7",
+            "Python numpy zero-fill fault, 2 MiB",
+            PyTime("fault_zero_numpy"),
+            "memfd first touch + fill",
+            Time("fault_fill/kernel/2M"),
+            AtMost(None),
+        ),
+        row(
+            "7",
+            "Python adler32, file-backed BigFile",
+            PyRate("adler32_bigfile"),
+            "Python mmap",
+            PyRate("adler32_mmap"),
+            AtLeast(Some(0.6)),
+        ),
+        row(
+            "7",
+            "Python adler32, file-backed BigFile",
+            PyRate("adler32_bigfile"),
+            "readinto, reused buffer",
+            PyRate("adler32_readinto"),
+            AtLeast(None),
+        ),
+    ]
+};
+
+/// A figure's value (ns for times, bytes for sizes) and how to show it.
+fn value(res: &Results, fig: Fig) -> Option<(f64, String)> {
+    let fnum = |k: &str| res.figures.get(k).and_then(|v| v.parse::<f64>().ok());
+    let pnum = |k: &str| res.python.get(k).and_then(|v| v.parse::<f64>().ok());
+    match fig {
+        Fig::Time(id) => {
+            let ns = criterion_mean(res, id)?;
+            Some((ns, fmt_time(ns)))
+        }
+        Fig::Rate(id, bytes) => {
+            let ns = criterion_mean(res, id)?;
+            let shown = match fnum(bytes) {
+                Some(b) => format!("{} ({})", fmt_rate(b, ns), fmt_time(ns)),
+                None => fmt_time(ns),
+            };
+            Some((ns, shown))
+        }
+        Fig::Bytes(k) => fnum(k).map(|b| (b, fmt_bytes(b))),
+        Fig::BudgetPlusBlock(p) => {
+            let b = fnum(&format!("{p}.budget"))? + fnum(&format!("{p}.block"))?;
+            Some((b, fmt_bytes(b)))
+        }
+        Fig::PyTime(k) => pnum(k).map(|s| (s * 1e9, fmt_time(s * 1e9))),
+        Fig::PyRate(k) => {
+            let ns = pnum(k)? * 1e9;
+            let shown = match pnum("adler32_bytes") {
+                Some(b) => format!("{} ({})", fmt_rate(b, ns), fmt_time(ns)),
+                None => fmt_time(ns),
+            };
+            Some((ns, shown))
+        }
+    }
+}
+
+/// Mean ns per iteration of criterion benchmark `id`, if measured in this run.
+fn criterion_mean(res: &Results, id: &str) -> Option<f64> {
+    let path = res.criterion.join(id).join("new/estimates.json");
+    if let Some(since) = res.since {
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+        if modified < since {
+            return None;
+        }
+    }
+    json_mean(&std::fs::read_to_string(path).ok()?)
+}
+
+/// `mean.point_estimate` from criterion's estimates.json (a fixed layout:
+/// `{"mean":{"confidence_interval":{...},"point_estimate":N,...},...}`).
+fn json_mean(text: &str) -> Option<f64> {
+    let mean = &text[text.find("\"mean\"")?..];
+    let pe = &mean[mean.find("\"point_estimate\"")? + "\"point_estimate\"".len()..];
+    let num = pe.trim_start().strip_prefix(':')?.trim_start();
+    let end = num
+        .find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c)))
+        .unwrap_or(num.len());
+    num[..end].parse().ok()
+}
+
+fn fmt_time(ns: f64) -> String {
+    if ns >= 1e9 {
+        format!("{:.2} s", ns / 1e9)
+    } else if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.1} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+fn fmt_rate(bytes: f64, ns: f64) -> String {
+    format!("{:.2} GiB/s", bytes / (ns / 1e9) / (1u64 << 30) as f64)
+}
+
+fn fmt_bytes(b: f64) -> String {
+    format!("{:.1} MiB", b / (1u64 << 20) as f64)
+}
+
+fn table(res: &Results, quick: bool) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "bigfile benchmarks ({}); ratio: time ours/baseline where the target is \"≤\", \
+         throughput ours/baseline where it is \"≥\"\n\n",
+        if quick { "quick" } else { "full" }
+    ));
+    out.push_str("| # | figure | bigfile | baseline | baseline figure | ratio | target | met |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|\n");
+    for r in ROWS {
+        let ours = value(res, r.ours);
+        let base = value(res, r.baseline);
+        let (ratio, target, met) = match (ours.as_ref(), base.as_ref(), r.goal) {
+            (Some((o, _)), Some((b, _)), Goal::AtMost(t)) => {
+                let x = o / b;
+                (
+                    format!("{x:.2}x"),
+                    t.map_or("—".into(), |t| format!("≤ {t}x")),
+                    t.map_or("", |t| if x <= t { "yes" } else { "**no**" }),
+                )
+            }
+            (Some((o, _)), Some((b, _)), Goal::AtLeast(t)) => {
+                let x = b / o;
+                (
+                    format!("{x:.2}x"),
+                    t.map_or("—".into(), |t| format!("≥ {t}x")),
+                    t.map_or("", |t| if x >= t { "yes" } else { "**no**" }),
+                )
+            }
+            (_, _, Goal::AtMost(t) | Goal::AtLeast(t)) => (
+                "—".into(),
+                t.map_or("—".into(), |t| format!("{t}x")),
+                "not measured",
+            ),
+        };
+        let shown = |v: Option<(f64, String)>| v.map_or("—".into(), |(_, s)| s);
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.item,
+            r.what,
+            shown(ours),
+            r.baseline_name,
+            shown(base),
+            ratio,
+            target,
+            met
+        ));
+    }
+    if let Some(v) = res.python.get("python") {
+        out.push_str(&format!("\nPython figures: CPython {v}.\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_criterion_mean() {
+        let text = r#"{"mean":{"confidence_interval":{"confidence_level":0.95,"lower_bound":1.0,"upper_bound":3.0},"point_estimate":2.5e3,"standard_error":0.1},"median":{"point_estimate":7.0}}"#;
+        assert_eq!(json_mean(text), Some(2500.0));
+    }
+
+    #[test]
+    fn table_marks_missing_figures() {
+        let res = Results {
+            criterion: PathBuf::from("/nonexistent"),
+            ..Results::default()
+        };
+        let t = table(&res, true);
+        assert!(t.contains("| 1 | no-op fault, 2 MiB | — |"));
+        assert!(t.contains("not measured"));
+    }
+}
