@@ -102,8 +102,14 @@ fn faults(args: &[String]) -> Result {
         eprintln!("xtask: no fault suite yet (tests/faults)");
         return Ok(());
     }
+    // Its own workspace and target directory: the failpoints it compiles in
+    // must not reach the libraries the other tasks build.
     run(cargo()
-        .args(["run", "--release", "-p", "bigfile-faults", "--"])
+        .args(["run", "--release", "--manifest-path"])
+        .arg(suite.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(root().join("target/faults"))
+        .arg("--")
         .args(args))
 }
 

@@ -1,0 +1,87 @@
+//! The fault-injection suite: `cargo xtask faults [FILTER]`.
+//!
+//! Every scenario prints one line; the run ends with `N passed, M failed`
+//! and exits non-zero if anything failed. Scenarios that must crash run in a
+//! child process: this binary re-executed with `--child NAME`.
+//!
+//! - `crash`: the process must die, with the right signal, in the right place.
+//! - `inject`: the Nth call of a fallible operation fails; the process must
+//!   survive with nothing lost and nothing leaked.
+//! - `races`: threads doing everything at once, checked against a model.
+
+mod crash;
+mod inject;
+mod races;
+
+use std::time::Instant;
+
+/// One scenario of the suite.
+pub struct Scenario {
+    /// `group/name`, unique; what a FILTER argument matches against.
+    pub name: String,
+    /// Runs the scenario in this process (spawning children as it needs);
+    /// `Ok` carries the detail printed after the name (e.g.
+    /// `crashed OK (in loadblk)`), `Err` why it failed.
+    pub run: Box<dyn FnOnce() -> Result<String, String>>,
+}
+
+impl Scenario {
+    pub fn new(
+        name: impl Into<String>,
+        run: impl FnOnce() -> Result<String, String> + 'static,
+    ) -> Self {
+        Scenario {
+            name: name.into(),
+            run: Box::new(run),
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, name] = args.as_slice() {
+        if flag == "--child" {
+            // Child bodies crash or exit on their own; returning is a failure.
+            crash::child(name);
+            eprintln!("faults: child {name:?} returned instead of dying");
+            std::process::exit(101);
+        }
+    }
+    let filter = args.first().cloned().unwrap_or_default();
+
+    let mut scenarios = Vec::new();
+    scenarios.extend(crash::scenarios());
+    scenarios.extend(inject::scenarios());
+    scenarios.extend(races::scenarios());
+
+    let (mut passed, mut failed) = (0, 0);
+    let t0 = Instant::now();
+    for s in scenarios.into_iter().filter(|s| s.name.contains(&filter)) {
+        let t = Instant::now();
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(s.run))
+            .unwrap_or_else(|p| Err(format!("panicked: {}", panic_message(&*p))));
+        let secs = t.elapsed().as_secs_f64();
+        match res {
+            Ok(detail) => {
+                passed += 1;
+                println!("ok    {:<44} {detail} ({secs:.1}s)", s.name);
+            }
+            Err(why) => {
+                failed += 1;
+                println!("FAIL  {:<44} {why} ({secs:.1}s)", s.name);
+            }
+        }
+    }
+    println!(
+        "{passed} passed, {failed} failed ({:.0}s)",
+        t0.elapsed().as_secs_f64()
+    );
+    std::process::exit(if failed == 0 { 0 } else { 1 });
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".into())
+}
