@@ -401,8 +401,6 @@ fn store_all(fh: &FileHInner, blocks: &[(u64, u64)]) -> Result<()> {
             blk,
             source,
         })?;
-        // SAFETY: the window is a MAP_SHARED mapping of the RAM file.
-        let _ = unsafe { crate::sys::forget_ptes(window, ps) };
         counts.add(Counter::Stores, 1);
     }
     Ok(())

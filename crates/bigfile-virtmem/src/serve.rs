@@ -174,9 +174,20 @@ pub(crate) fn serve(
                         Prot::ReadWrite
                     }
                 };
-                st.map_into(fh.key, vma, blk, ram_page, prot, ps)
+                let fresh = st
+                    .map_into(fh.key, vma, blk, ram_page, prot, ps)
                     .map_err(|e| Failure::Os(format!("mapping block {blk} of {}: {e}", fh.name)))?;
                 st.lru_touch(pk);
+                drop(st);
+                if let Some(addr) = fresh {
+                    // Fill the page-table entries now, in one call, rather
+                    // than one minor fault per OS page on the accesses to
+                    // come. Outside the lock: if the page is unmapped
+                    // meanwhile this populates nothing, which is harmless.
+                    // SAFETY: populating is advisory and changes no data,
+                    // whatever is mapped at `addr` by the time it runs.
+                    unsafe { crate::sys::populate(addr, ps, prot == Prot::ReadWrite) };
+                }
                 return Ok(());
             }
         }
@@ -219,9 +230,6 @@ fn make_room(
     Ok(recycled)
 }
 
-/// Allocate a RAM page and fill it with `loadblk`, retrying per the handle's
-/// policy. Runs without the RAM lock. On failure returns the RAM page (if one
-/// was allocated) so the caller frees it.
 /// Allocate a RAM page for block `blk`, reclaiming clean pages while the OS
 /// (or the RAM's filesystem) is out of memory.
 fn alloc(fh: &FileHInner, blk: u64) -> Result<u64, Failure> {
@@ -248,6 +256,10 @@ fn alloc(fh: &FileHInner, blk: u64) -> Result<u64, Failure> {
     }
 }
 
+/// Allocate a RAM page (or take the recycled one) and fill it with
+/// `loadblk`, retrying per the handle's policy. Runs without the RAM lock.
+/// On failure returns the RAM page (if one was allocated) so the caller
+/// frees it.
 fn load(fh: &FileHInner, blk: u64, recycled: Option<u64>) -> Result<u64, (Option<u64>, Failure)> {
     let shared = &*fh.shared;
     let ps = shared.page_size();
@@ -271,9 +283,15 @@ fn load(fh: &FileHInner, blk: u64, recycled: Option<u64>) -> Result<u64, (Option
             ))
         }
     };
-    // SAFETY: the window maps the RAM file shared and read-write; the page
-    // is ours alone while LOADING.
-    unsafe { crate::sys::populate(window, ps, true) };
+    // The window keeps its page-table entries between loads (nothing drops
+    // them but punching the RAM page out), so a recycled RAM page is written
+    // at full speed with no fault. A fresh one is populated in one call
+    // instead of one write fault per OS page.
+    if recycled.is_none() {
+        // SAFETY: the window maps the RAM file shared and read-write; the
+        // page is ours alone while LOADING.
+        unsafe { crate::sys::populate(window, ps, true) };
+    }
     // SAFETY: `ram_page` was just allocated to this page alone; it is mapped in
     // no mapping yet (the page is LOADING), so this is the only reference to
     // its memory until the load finishes; the window stays valid while the
@@ -284,11 +302,7 @@ fn load(fh: &FileHInner, blk: u64, recycled: Option<u64>) -> Result<u64, (Option
     loop {
         attempt += 1;
         match fh.file.loadblk(blk, buf) {
-            Ok(()) => {
-                // SAFETY: the window is a MAP_SHARED mapping of the RAM file.
-                let _ = unsafe { crate::sys::forget_ptes(window, ps) };
-                return Ok(ram_page);
-            }
+            Ok(()) => return Ok(ram_page),
             Err(e) => {
                 counts.add(Counter::LoadErrors, 1);
                 if attempt >= policy.attempts {

@@ -301,6 +301,11 @@ impl State {
     /// If the mapping is gone (a loader dropped it while this fault was being
     /// served), nothing is mapped: the access is retried, finds the address
     /// unmapped and ends as any access to unmapped memory does.
+    ///
+    /// Returns the address of the page when it was newly mapped: the caller
+    /// populates its page-table entries after dropping the RAM lock
+    /// ([`sys::populate`] is advisory and changes no data, so it needs no
+    /// lock, and holding the lock over it would serialise every fault).
     pub(crate) fn map_into(
         &mut self,
         fk: usize,
@@ -309,14 +314,14 @@ impl State {
         ram_page: u64,
         prot: Prot,
         page_size: usize,
-    ) -> crate::Result<()> {
+    ) -> crate::Result<Option<NonNull<u8>>> {
         let fh = &mut self.filehs[fk];
         let Some(vma) = fh
             .vmas
             .get_mut(vk)
             .filter(|v| v.start.as_ptr() as usize == vma_start)
         else {
-            return Ok(());
+            return Ok(None);
         };
         let idx = vma
             .index_of(blk)
@@ -339,10 +344,9 @@ impl State {
             // the RAM page is exactly what the reservation is for.
             unsafe { fh.ramh.map_page_fixed(ram_page, addr, prot)? };
             vma.mapped.set(idx, true);
-            // SAFETY: just mapped with `prot`; populating changes no data.
-            unsafe { sys::populate(addr, page_size, prot == Prot::ReadWrite) };
+            return Ok(Some(addr));
         }
-        Ok(())
+        Ok(None)
     }
 }
 

@@ -114,18 +114,6 @@ pub(crate) fn os_page_size() -> usize {
     usize::try_from(sz).unwrap_or(4096)
 }
 
-/// Drop this process's page-table entries for `[addr, addr+len)` of a shared
-/// mapping. The data stays in the RAM file; the next access maps it again.
-/// Used on the load window after a load or store so a page's memory is
-/// counted (RSS) and page-tabled once, in the mappings that use it.
-///
-/// # Safety
-/// The range must lie inside a MAP_SHARED mapping (on a private mapping
-/// MADV_DONTNEED would discard data).
-pub(crate) unsafe fn forget_ptes(addr: NonNull<u8>, len: usize) -> io::Result<()> {
-    syscall!(madvise(addr.as_ptr().cast(), len, libc::MADV_DONTNEED)).map(drop)
-}
-
 /// Linux's MADV_POPULATE_READ / MADV_POPULATE_WRITE (5.14+), not in libc yet.
 const MADV_POPULATE_READ: libc::c_int = 22;
 const MADV_POPULATE_WRITE: libc::c_int = 23;
@@ -135,9 +123,11 @@ const MADV_POPULATE_WRITE: libc::c_int = 23;
 /// without it the pages simply fault in on first touch.
 ///
 /// # Safety
-/// The range must be mapped (with at least the protection `write` asks
-/// for) and owned by the caller; for a write, the pages' memory must be
-/// ours to write (populating does not change the data).
+/// Populating changes no data (it faults pages in as an access would, and
+/// fails without effect where the protection does not allow the access),
+/// but a write populate dirties shared file pages and allocates anonymous
+/// ones: the range must be memory of ours (a mapping of our RAM, or a
+/// range that was such a mapping and may have been replaced meanwhile).
 pub(crate) unsafe fn populate(addr: NonNull<u8>, len: usize, write: bool) {
     let advice = if write {
         MADV_POPULATE_WRITE
