@@ -297,3 +297,80 @@ fn waiters_of_a_failed_load_get_its_error() {
     assert_eq!(file.take_calls(), [Call::Load(0)]);
     assert_eq!(fh.page_state(0), None);
 }
+
+/// Reclaim unmaps its victims after dropping the RAM lock. Under a budget of
+/// 3 pages, scanners keep reclaiming pages that other threads are reading,
+/// mapping again in other mappings, or unmapping whole: every read must see
+/// its block's data (a slot mapped anew and then unmapped by a late
+/// reclaimer would read as zeros) and everything must add up at the end.
+#[test]
+fn reclaim_races_with_faults_and_unmaps_of_the_same_pages() {
+    const BLOCKS: u64 = 8;
+    let file = MemFile::new(BLK);
+    let ram = ram(3);
+    let fh = open(&file, &ram);
+    let shared = Arc::new(fh.mmap(0, BLOCKS).unwrap());
+    thread::scope(|s| {
+        for t in 0..2u64 {
+            let shared = shared.clone();
+            s.spawn(move || {
+                for i in 0..20_000u64 {
+                    let blk = (i * (t + 1) + t) % BLOCKS;
+                    let off = (i * 4096 + t * 8) as usize % BLK;
+                    let got = peek(shared.as_ptr().wrapping_add(blk as usize * BLK + off));
+                    assert_eq!(got, MemFile::initial(blk), "scanner {t}, block {blk}");
+                }
+            });
+        }
+        for t in 0..2u64 {
+            let fh = &fh;
+            s.spawn(move || {
+                for i in 0..2000u64 {
+                    let first = (i + t) % (BLOCKS - 1);
+                    let vma = fh.mmap(first, 2).unwrap();
+                    for k in 0..2 {
+                        let got = peek(vma.as_ptr().wrapping_add(k * BLK + 100));
+                        assert_eq!(got, MemFile::initial(first + k as u64), "mapper {t}");
+                    }
+                }
+            });
+        }
+    });
+    assert!(fh.stats().reclaims > 100, "{:?}", fh.stats());
+    assert!(ram.stats().resident_bytes <= 3 * BLK as u64);
+    drop(shared);
+    assert_eq!(fh.mapping_count(), 0);
+    fh.close().map_err(|(e, _)| e).unwrap();
+    assert_eq!(ram.stats().resident_bytes, 0);
+}
+
+/// A budget full of pages that other threads are still loading is not
+/// exhausted: those pages will be clean. With a budget of one page, a fault
+/// on a second block waits for the first block's slow load and reclaims it.
+#[test]
+fn a_full_budget_of_loading_pages_waits_for_them() {
+    let file = MemFile::new(BLK);
+    let ram = ram(1);
+    let fh = open(&file, &ram);
+    let vma = fh.mmap(0, 2).unwrap();
+    let first_loading = Arc::new(AtomicBool::new(false));
+    {
+        let first_loading = first_loading.clone();
+        file.on_load(move |blk| {
+            if blk == 0 {
+                first_loading.store(true, SeqCst);
+                thread::sleep(Duration::from_millis(200));
+            }
+            Ok(())
+        });
+    }
+    let p = vma.as_ptr() as usize;
+    let slow = thread::spawn(move || peek(p as *const u8));
+    while !first_loading.load(SeqCst) {
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(peek((p + BLK) as *const u8), MemFile::initial(1));
+    assert_eq!(slow.join().unwrap(), MemFile::initial(0));
+    assert_eq!(fh.stats().loads, 2);
+    assert_eq!(fh.stats().reclaims, 1);
+}

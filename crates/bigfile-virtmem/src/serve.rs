@@ -16,14 +16,14 @@
 //!   wait out a writeout of the handle, mark DIRTY, map read-write.
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::thread;
 
 use bigfile_fault::Access;
 use bigfile_ram::Prot;
 
 use crate::fileh::FileHInner;
-use crate::state::{LoadTicket, PageState};
+use crate::state::{Deferred, LoadTicket, PageState, Shared, State};
 use crate::stats::{CountPair, Counter};
 
 /// Why a page could not be served.
@@ -67,7 +67,23 @@ pub(crate) fn serve(
     loop {
         let Some(pk) = st.filehs[fh.key].pages.get(blk).copied() else {
             // EMPTY: this thread loads it.
-            let recycled = make_room(&mut st, shared, fh, blk)?;
+            let mut deferred = Deferred::default();
+            let room;
+            (st, room) = make_room(st, shared, fh, blk, &mut deferred);
+            let recycled = match room {
+                Ok(Room::Ready(recycled)) => recycled,
+                Ok(Room::Retry) => {
+                    drop(st);
+                    deferred.finish(shared);
+                    st = shared.lock();
+                    continue;
+                }
+                Err(failure) => {
+                    drop(st);
+                    deferred.finish(shared);
+                    return Err(failure);
+                }
+            };
             let ticket = Arc::new(LoadTicket {
                 loader: me,
                 outcome: Default::default(),
@@ -75,6 +91,9 @@ pub(crate) fn serve(
             let pk = st.new_page(fh.key, blk, ticket.clone());
             st.filehs[fh.key].pages.insert(blk, pk);
             drop(st);
+            // Unmap what make_room reclaimed (the recycled RAM page among
+            // it) before the load writes into it.
+            deferred.finish(shared);
 
             let loaded = catch_unwind(AssertUnwindSafe(|| load(fh, blk, recycled)));
 
@@ -144,6 +163,12 @@ pub(crate) fn serve(
                 }
             }
             PageState::Loaded | PageState::Dirty => {
+                if st.slot_unmapping(fh.key, vma, blk) {
+                    // A reclaimer is still unmapping an earlier page of this
+                    // block from this very slot.
+                    st = shared.wait(st);
+                    continue;
+                }
                 let ram_page = page.ram_page.expect("a resident page has RAM");
                 let state = page.state;
                 let prot = match access {
@@ -194,40 +219,66 @@ pub(crate) fn serve(
     }
 }
 
-/// Reserve room for one more page within the budget, reclaiming LRU pages.
-/// Returns a RAM page of `fh`'s freed on the way, for the load to reuse.
-fn make_room(
-    st: &mut crate::state::State,
-    shared: &crate::state::Shared,
+/// What [`make_room`] found.
+enum Room {
+    /// There is room for one more page; maybe with a RAM page of the
+    /// handle's to reuse once the `Deferred` work is finished.
+    Ready(Option<u64>),
+    /// Other threads' loads hold the budget, and reclaim left work: finish
+    /// it, then try again (the next try waits for those loads).
+    Retry,
+}
+
+/// Reserve room for one more page within the budget, reclaiming LRU pages
+/// (their unmapping left to `deferred`).
+///
+/// When every resident page is dirty or loading, pages other threads are
+/// loading will soon be clean and reclaimable: wait for them rather than
+/// fail (unless this thread is itself inside a `loadblk`, see
+/// `State::may_wait_for_loads`). Only when the rest is dirty is the budget
+/// exhausted.
+fn make_room<'a>(
+    mut st: MutexGuard<'a, State>,
+    shared: &'a Shared,
     fh: &FileHInner,
     blk: u64,
-) -> Result<Option<u64>, Failure> {
-    let budget = shared.budget_pages();
+    deferred: &mut Deferred,
+) -> (MutexGuard<'a, State>, Result<Room, Failure>) {
+    let me = thread::current().id();
     let mut recycled = None;
-    while st.resident >= budget {
+    while st.resident >= shared.budget_pages() {
         let want = if recycled.is_none() {
             Some(fh.key)
         } else {
             None
         };
-        match st.reclaim_lru(shared.page_size(), &shared.counters, want) {
+        match st.reclaim_lru(shared.page_size(), &shared.counters, want, Some(deferred)) {
             Some(Some(rp)) => recycled = Some(rp),
             Some(None) => {}
             None => {
-                if let Some(rp) = recycled {
-                    let _ = fh.ramh.drop_page(rp);
+                if let Some(rp) = recycled.take() {
+                    // Still mapped where it was until `deferred` is finished.
+                    deferred.drops.push((fh.ramh.clone(), rp));
                 }
-                return Err(Failure::NoMemory(format!(
+                if st.may_wait_for_loads(me) {
+                    if !deferred.is_empty() {
+                        return (st, Ok(Room::Retry));
+                    }
+                    st = shared.wait(st);
+                    continue;
+                }
+                let failure = Failure::NoMemory(format!(
                     "RAM budget of {} bytes is exhausted by {} dirty or loading pages; \
                      cannot load block {blk} of {} (write out or discard changes, or raise the budget)",
-                    budget.saturating_mul(shared.page_size() as u64),
+                    shared.budget_pages().saturating_mul(shared.page_size() as u64),
                     st.resident,
                     fh.name
-                )));
+                ));
+                return (st, Err(failure));
             }
         }
     }
-    Ok(recycled)
+    (st, Ok(Room::Ready(recycled)))
 }
 
 /// Allocate a RAM page for block `blk`, reclaiming clean pages while the OS

@@ -57,6 +57,10 @@ pub(crate) struct VmaState {
     pub(crate) pglen: u64,
     /// Which pages of the mapping have a RAM page mapped (vs. the PROT_NONE reservation).
     pub(crate) mapped: BitVec,
+    /// Pages reclaim detached and whose reclaimer is unmapping them outside
+    /// the lock ([`Deferred`]): nothing may be mapped there, and the mapping
+    /// may not go away, until the mark is cleared.
+    pub(crate) unmapping: BitVec,
 }
 
 // SAFETY: `start` is only an address of a reservation owned by the Vma; it is
@@ -216,7 +220,7 @@ impl State {
     /// Drop a resident page (clean or dirty): unmap it from every mapping,
     /// give its memory back, forget it.
     pub(crate) fn forget_page(&mut self, pk: usize, page_size: usize, ram_counters: &Counters) {
-        let (fk, ram_page) = self.detach_page(pk, page_size, ram_counters);
+        let (fk, ram_page) = self.detach_page(pk, page_size, ram_counters, None);
         if let Some(rp) = ram_page {
             let res = self.filehs[fk].ramh.drop_page(rp);
             debug_assert!(res.is_ok(), "drop RAM page: {res:?}");
@@ -224,12 +228,14 @@ impl State {
     }
 
     /// Forget a page as `forget_page` does but keep its RAM page, returned
-    /// with the handle it belongs to, for the caller to reuse or drop.
+    /// with the handle it belongs to, for the caller to reuse or drop. With
+    /// `defer`, the unmapping is left to the caller (see [`Deferred`]).
     pub(crate) fn detach_page(
         &mut self,
         pk: usize,
         page_size: usize,
         ram_counters: &Counters,
+        mut defer: Option<&mut Deferred>,
     ) -> (usize, Option<u64>) {
         self.lru_remove(pk);
         let page = self.pages.remove(pk);
@@ -243,16 +249,21 @@ impl State {
         if page.state == PageState::Dirty && fh.dirty.remove(&page.blk) {
             counts.sub(Counter::Dirty, 1);
         }
-        for (_, vma) in fh.vmas.iter_mut() {
+        for (vk, vma) in fh.vmas.iter_mut() {
             if let Some(idx) = vma.index_of(page.blk) {
                 if vma.mapped[idx] {
                     let addr = vma.page_addr(idx, page_size);
+                    vma.mapped.set(idx, false);
+                    if let Some(d) = defer.as_deref_mut() {
+                        vma.unmapping.set(idx, true);
+                        d.unmaps.push((page.fileh, vk, idx, addr));
+                        continue;
+                    }
                     // SAFETY: the page lies inside the mapping's own reservation;
                     // the data in it is dropped on purpose (reclaim, discard,
                     // invalidate): later accesses fault and reload.
                     let res = unsafe { sys::unmap_to_reserved(addr, page_size) };
                     debug_assert!(res.is_ok(), "unmap page: {res:?}");
-                    vma.mapped.set(idx, false);
                 }
             }
         }
@@ -266,14 +277,18 @@ impl State {
     /// `recycle_for`, its RAM page is kept and returned for reuse (saving a
     /// hole punch now and an allocation and zeroing on the next load);
     /// otherwise its memory goes back to the OS. `None` when no page is clean.
+    /// With `defer`, unmapping it and giving its memory back are left to the
+    /// caller, to do without the lock (a returned RAM page is then still
+    /// mapped until [`Deferred::finish`]).
     pub(crate) fn reclaim_lru(
         &mut self,
         page_size: usize,
         ram_counters: &Counters,
         recycle_for: Option<usize>,
+        mut defer: Option<&mut Deferred>,
     ) -> Option<Option<u64>> {
         let pk = self.lru_oldest()?;
-        let (fk, ram_page) = self.detach_page(pk, page_size, ram_counters);
+        let (fk, ram_page) = self.detach_page(pk, page_size, ram_counters, defer.as_deref_mut());
         CountPair {
             fileh: &self.filehs[fk].counters,
             ram: ram_counters,
@@ -282,8 +297,13 @@ impl State {
         match ram_page {
             Some(rp) if recycle_for == Some(fk) => Some(Some(rp)),
             Some(rp) => {
-                let res = self.filehs[fk].ramh.drop_page(rp);
-                debug_assert!(res.is_ok(), "drop RAM page: {res:?}");
+                match defer {
+                    Some(d) => d.drops.push((self.filehs[fk].ramh.clone(), rp)),
+                    None => {
+                        let res = self.filehs[fk].ramh.drop_page(rp);
+                        debug_assert!(res.is_ok(), "drop RAM page: {res:?}");
+                    }
+                }
                 Some(None)
             }
             None => Some(None),
@@ -293,7 +313,8 @@ impl State {
     /// Reclaim the least recently used clean page, giving its memory back.
     /// Returns false when there is none.
     pub(crate) fn reclaim_one(&mut self, page_size: usize, ram_counters: &Counters) -> bool {
-        self.reclaim_lru(page_size, ram_counters, None).is_some()
+        self.reclaim_lru(page_size, ram_counters, None, None)
+            .is_some()
     }
 
     /// Map block `blk`'s RAM page into mapping `vk` of handle `fk` with `prot`.
@@ -347,6 +368,95 @@ impl State {
             return Ok(Some(addr));
         }
         Ok(None)
+    }
+}
+
+/// The slow part of reclaim, done by the reclaiming thread after it drops
+/// the RAM lock: replacing the reclaimed pages' mappings with the
+/// reservation (hundreds of page-table entries for a large page) and
+/// punching their memory out. Under the lock this was a third of a fault and
+/// serialised every faulting thread.
+///
+/// Until [`finish`](Deferred::finish) clears them, the slots stay marked in
+/// [`VmaState::unmapping`]: a fault there waits rather than map over a
+/// pending unmap, and dropping the mapping waits rather than free a range
+/// that is about to be mapped over. Meanwhile the old mapping still shows the
+/// reclaimed block's (clean, read-only) data, which is still right.
+#[derive(Default)]
+pub(crate) struct Deferred {
+    /// (handle, mapping, index in the mapping, address) of each slot.
+    unmaps: Vec<(usize, usize, usize, NonNull<u8>)>,
+    /// RAM pages to punch out once unmapped.
+    pub(crate) drops: Vec<(Arc<RamHandle>, u64)>,
+}
+
+impl Deferred {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.unmaps.is_empty() && self.drops.is_empty()
+    }
+
+    /// Do the work. Must be called, without the lock held, on every path
+    /// after a reclaim that was given this `Deferred`.
+    pub(crate) fn finish(self, shared: &Shared) {
+        let ps = shared.page_size();
+        for &(_, _, _, addr) in &self.unmaps {
+            // SAFETY: the slot lies inside a mapping's reservation; the
+            // mapping cannot be dropped (nor the slot mapped anew) while the
+            // slot is marked unmapping, and the page's data is dropped on
+            // purpose (it is clean: reclaim takes clean pages only).
+            let res = unsafe { sys::unmap_to_reserved(addr, ps) };
+            debug_assert!(res.is_ok(), "unmap page: {res:?}");
+        }
+        for (ramh, rp) in &self.drops {
+            let res = ramh.drop_page(*rp);
+            debug_assert!(res.is_ok(), "drop RAM page: {res:?}");
+        }
+        if !self.unmaps.is_empty() {
+            let mut st = shared.lock();
+            for &(fk, vk, idx, _) in &self.unmaps {
+                st.filehs[fk].vmas[vk].unmapping.set(idx, false);
+            }
+            drop(st);
+            shared.cond.notify_all();
+        }
+    }
+}
+
+impl State {
+    /// Whether `me`, finding the budget full, may wait for loads to finish
+    /// (a loaded page is clean and can be reclaimed): some other thread is
+    /// loading a page, and `me` is loading none. A loader whose `loadblk`
+    /// faulted on another page must not wait: the thread it waits for may be
+    /// waiting for the loader's own page.
+    pub(crate) fn may_wait_for_loads(&self, me: ThreadId) -> bool {
+        let mut others = false;
+        for (_, p) in self.pages.iter() {
+            if let (PageState::Loading | PageState::LoadingInvalidated, Some(t)) =
+                (p.state, &p.ticket)
+            {
+                if t.loader == me {
+                    return false;
+                }
+                others = true;
+            }
+        }
+        others
+    }
+
+    /// Whether block `blk`'s slot in mapping `vma` (key, start) of handle
+    /// `fk` is being unmapped by a reclaimer ([`Deferred`]).
+    pub(crate) fn slot_unmapping(
+        &self,
+        fk: usize,
+        (vk, vma_start): (usize, usize),
+        blk: u64,
+    ) -> bool {
+        self.filehs[fk]
+            .vmas
+            .get(vk)
+            .filter(|v| v.start.as_ptr() as usize == vma_start)
+            .and_then(|v| v.index_of(blk).map(|idx| v.unmapping[idx]))
+            .unwrap_or(false)
     }
 }
 
@@ -420,6 +530,7 @@ mod tests {
             pgoffset: 10,
             pglen: 3,
             mapped: BitVec::repeat(false, 3),
+            unmapping: BitVec::repeat(false, 3),
         };
         assert_eq!(v.index_of(9), None);
         assert_eq!(v.index_of(10), Some(0));
@@ -429,7 +540,8 @@ mod tests {
             start: NonNull::dangling(),
             pgoffset: u64::MAX - 1,
             pglen: 1,
-            mapped: BitVec::new(),
+            mapped: BitVec::repeat(false, 1),
+            unmapping: BitVec::repeat(false, 1),
         };
         assert_eq!(top.index_of(u64::MAX), None);
         assert_eq!(top.index_of(u64::MAX - 1), Some(0));

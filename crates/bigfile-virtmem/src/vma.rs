@@ -118,6 +118,7 @@ impl Vma {
                 pgoffset,
                 pglen,
                 mapped: BitVec::repeat(false, len / ps),
+                unmapping: BitVec::repeat(false, len / ps),
             })
         };
         let handler = Arc::new(VmaFaults {
@@ -307,7 +308,13 @@ impl Drop for Vma {
         let _host = HostUnlocked::new();
         drop(self.registration.take());
         {
-            let mut st = self.fileh.shared.lock();
+            let shared = &self.fileh.shared;
+            let mut st = shared.lock();
+            // A reclaimer may be unmapping pages of ours outside the lock:
+            // the range must stay ours until it is done.
+            while st.filehs[self.fileh.key].vmas[self.key].unmapping.any() {
+                st = shared.wait(st);
+            }
             st.filehs[self.fileh.key].vmas.remove(self.key);
         }
         // SAFETY: the reservation is ours and no longer registered; nobody may
