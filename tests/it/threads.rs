@@ -371,6 +371,7 @@ fn a_full_budget_of_loading_pages_waits_for_them() {
     }
     assert_eq!(peek((p + BLK) as *const u8), MemFile::initial(1));
     assert_eq!(slow.join().unwrap(), MemFile::initial(0));
-    assert_eq!(fh.stats().loads, 2);
-    assert_eq!(fh.stats().reclaims, 1);
+    // With one page for two blocks, a block just loaded may be reclaimed by
+    // the other thread before its loader maps it, and be loaded again.
+    assert!(fh.stats().loads >= 2 && fh.stats().reclaims >= 1);
 }
