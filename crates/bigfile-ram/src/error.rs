@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 /// The spec grammar, quoted by every spec error so the message says what is allowed.
 pub(crate) const SPEC_GRAMMAR: &str = "memfd | shmfs[:DIR] | hugetlbfs[:DIR], optionally \
-     followed by ,pagesize=SIZE (bytes, or with a K/M/G suffix) and/or ,alloc=reserve|touch";
+     followed by ,pagesize=SIZE (bytes, or with a K/M/G suffix), ,alloc=reserve|touch \
+     and/or ,thp=collapse|off";
 
 /// What went wrong in the RAM layer. Every message says what was wrong and what is allowed.
 ///

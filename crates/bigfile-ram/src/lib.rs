@@ -20,11 +20,12 @@ pub mod pagemap;
 mod ram;
 mod spec;
 mod sys;
+mod thp;
 
 pub use error::RamError;
 pub use pagemap::PageMap;
 pub use ram::{unmap, Prot, Ram, RamHandle, RamStats};
-pub use spec::{AllocPolicy, Backend, RamSpec, DEFAULT_PAGE_SIZE, RAM_ENV};
+pub use spec::{AllocPolicy, Backend, RamSpec, ThpPolicy, DEFAULT_PAGE_SIZE, RAM_ENV};
 pub use sys::os_page_size;
 
 /// Bytes of storage a file holds (`st_blocks × 512` from `fstat`): how much memory a RAM

@@ -3,6 +3,7 @@
 use crate::error::RamError;
 use crate::spec::{AllocPolicy, Backend, RamSpec};
 use crate::sys;
+use crate::thp::Collapser;
 use std::fmt;
 use std::io;
 use std::mem::ManuallyDrop;
@@ -218,6 +219,7 @@ impl Ram {
             },
             window: OnceLock::new(),
             window_init: Mutex::new(()),
+            thp: crate::thp::collapse_size(&self.inner.spec).map(Collapser::new),
         })
     }
 }
@@ -421,6 +423,8 @@ pub struct RamHandle {
     window: OnceLock<Window>,
     /// Serialises creating the window (`OnceLock::get_or_try_init` is not stable).
     window_init: Mutex<()>,
+    /// Makes new pages transparent huge pages ([`crate::ThpPolicy`]), when eligible.
+    thp: Option<Collapser>,
 }
 
 impl fmt::Debug for RamHandle {
@@ -502,8 +506,10 @@ impl RamHandle {
             page
         };
         // The index is claimed, so fallocate runs without the lock.
-        if self.alloc == AllocPolicy::Reserve {
+        if self.alloc == AllocPolicy::Reserve && !self.reserve_huge(page) {
             if let Err(e) = sys::fallocate(self.fd(), 0, self.offset(page), self.page_size as u64) {
+                // Seed pages of a failed huge reservation may be there.
+                let _ = self.punch(page);
                 self.used().set(page, false);
                 return Err(match e.raw_os_error() {
                     Some(libc::ENOSPC | libc::ENOMEM) => RamError::Exhausted {
@@ -516,6 +522,28 @@ impl RamHandle {
         }
         self.account.add();
         Ok(page)
+    }
+
+    /// Reserve claimed `page` as transparent huge pages; false when that was
+    /// not done and the page needs the ordinary reservation.
+    fn reserve_huge(&self, page: u64) -> bool {
+        let Some(thp) = &self.thp else { return false };
+        let Ok(window) = self.window(page) else {
+            return false;
+        };
+        // A seed-page failure is left to the ordinary reservation to meet
+        // and report.
+        thp.reserve(self.fd(), self.offset(page), self.page_size, window)
+            .unwrap_or(false)
+    }
+
+    fn punch(&self, page: u64) -> std::io::Result<()> {
+        sys::fallocate(
+            self.fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            self.offset(page),
+            self.page_size as u64,
+        )
     }
 
     fn mmap_page(
@@ -582,17 +610,15 @@ impl RamHandle {
                     Some(w) => w,
                     None => {
                         let len = (self.max_pages * self.page_size as u64) as usize;
-                        // SAFETY: not MAP_FIXED: the kernel picks a free range.
-                        let ptr = unsafe {
-                            sys::mmap(
-                                ptr::null_mut(),
-                                len,
-                                libc::PROT_READ | libc::PROT_WRITE,
-                                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                                self.fd(),
-                                0,
-                            )
-                        }
+                        // Page-aligned: huge pages (hugetlb, or transparent
+                        // ones) can only be mapped at addresses aligned to them.
+                        let ptr = sys::mmap_aligned(
+                            len,
+                            self.page_size,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_SHARED | libc::MAP_NORESERVE,
+                            self.fd(),
+                        )
                         .map_err(|e| RamError::io("map the handle window (mmap)", e))?;
                         self.window.get_or_init(|| Window { ptr, len })
                     }
@@ -610,13 +636,8 @@ impl RamHandle {
     /// threads at once is a caller bug (the page table above owns each page once).
     pub fn drop_page(&self, page: u64) -> Result<(), RamError> {
         self.check_allocated(page)?;
-        sys::fallocate(
-            self.fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            self.offset(page),
-            self.page_size as u64,
-        )
-        .map_err(|e| RamError::io(format!("drop page {page} (fallocate PUNCH_HOLE)"), e))?;
+        self.punch(page)
+            .map_err(|e| RamError::io(format!("drop page {page} (fallocate PUNCH_HOLE)"), e))?;
         let mut used = self.used();
         if used.get(page) {
             used.set(page, false);

@@ -10,7 +10,7 @@
 
 use bigfile_ram::{
     allocated_bytes, os_page_size, unmap, AllocPolicy, Backend, Prot, Ram, RamError, RamHandle,
-    RamSpec, RamStats,
+    RamSpec, RamStats, ThpPolicy,
 };
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -487,6 +487,7 @@ fn bad_input_is_an_error_and_leaks_nothing() {
             backend: Backend::Memfd,
             page_size: 1 << 62,
             alloc: AllocPolicy::Reserve,
+            thp: ThpPolicy::Collapse,
         }),
         "cannot hold one page",
     );
@@ -630,4 +631,105 @@ fn concurrent_alloc_and_drop_keep_counts() {
         400,
         "bitmap and counters agree"
     );
+}
+
+/// `ShmemPmdMapped` of the /proc/self/smaps entry containing `addr`, in KiB:
+/// how much of that mapping's shared memory is mapped as huge pages.
+fn shmem_pmd_mapped_kib(addr: NonNull<u8>) -> u64 {
+    let a = addr.as_ptr() as usize;
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or_default();
+        if let Some((s, e)) = first.split_once('-') {
+            if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) {
+                inside = (s..e).contains(&a);
+                continue;
+            }
+        }
+        if inside {
+            if let Some(v) = line.strip_prefix("ShmemPmdMapped:") {
+                return v.trim().trim_end_matches("kB").trim().parse().unwrap();
+            }
+        }
+    }
+    panic!("no smaps entry with ShmemPmdMapped for {a:#x}")
+}
+
+/// Whether this kernel can make shmem huge pages on request (MADV_COLLAPSE,
+/// Linux 6.1+, shmem THP not denied).
+fn kernel_collapses_shmem() -> bool {
+    let sys = Path::new("/sys/kernel/mm/transparent_hugepage");
+    let denied = std::fs::read_to_string(sys.join("shmem_enabled"))
+        .map(|s| s.contains("[deny]"))
+        .unwrap_or(true);
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut v = release
+        .split(['.', '-'])
+        .map(|x| x.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    sys.join("hpage_pmd_size").exists() && !denied && (major, minor) >= (6, 1)
+}
+
+/// With 2 MiB pages, memfd and shmfs pages are transparent huge pages (one
+/// PMD entry per page wherever mapped), however the system's shmem THP
+/// setting is; `thp=off` keeps small pages. Either way the page holds
+/// exactly its size of memory, keeps its data and is released on drop.
+#[test]
+fn two_mib_pages_are_transparent_huge_pages_unless_off() {
+    let _s = serial();
+    let collapses = kernel_collapses_shmem();
+    for (spec, want_huge) in [
+        ("memfd,pagesize=2M", collapses),
+        ("shmfs:/dev/shm,pagesize=2M", collapses),
+        ("memfd,pagesize=2M,thp=off", false),
+        ("memfd,pagesize=2M,alloc=touch", false),
+    ] {
+        if spec.starts_with("shmfs") && !Path::new("/dev/shm").is_dir() {
+            skip("no /dev/shm");
+            continue;
+        }
+        let ram = new_ram(spec);
+        let h = ram.open_handle().unwrap();
+        let page = h.alloc_page(0).unwrap();
+        let w = h.window(page).unwrap();
+        // SAFETY: the window maps the allocated page read-write; nothing else uses it.
+        unsafe {
+            w.as_ptr().write_volatile(7);
+            w.as_ptr().add(2 * MIB - 1).write_volatile(9);
+        }
+        let huge = shmem_pmd_mapped_kib(w);
+        if want_huge {
+            assert_eq!(huge, 2048, "{spec}: the page is one PMD-mapped huge page");
+        } else {
+            assert_eq!(huge, 0, "{spec}: small pages");
+        }
+        let fixed = Reservation::new(2 * MIB, 2 * MIB);
+        let at = fixed.aligned;
+        // SAFETY: `at` is a 2 MiB-aligned part of our own reservation.
+        unsafe { h.map_page_fixed(page, at, Prot::Read).unwrap() };
+        // SAFETY: just mapped readable.
+        let (a, b) = unsafe {
+            (
+                at.as_ptr().read_volatile(),
+                at.as_ptr().add(2 * MIB - 1).read_volatile(),
+            )
+        };
+        assert_eq!((a, b), (7, 9), "{spec}: one memory");
+        if want_huge {
+            assert_eq!(
+                shmem_pmd_mapped_kib(at),
+                2048,
+                "{spec}: huge in every aligned mapping"
+            );
+        }
+        if spec.contains("alloc=touch") {
+            assert!(allocated_bytes(h.fd()).unwrap() <= 2 * MIB as u64);
+        } else {
+            assert_eq!(allocated_bytes(h.fd()).unwrap(), 2 * MIB as u64, "{spec}");
+        }
+        drop(fixed);
+        h.drop_page(page).unwrap();
+        assert_eq!(allocated_bytes(h.fd()).unwrap(), 0, "{spec}: released");
+    }
 }
