@@ -50,7 +50,8 @@ fn os_error(e: io::Error, what: &str) -> PyErr {
 
 /// Open `path_or_fd` for reading and writing: a path (str, bytes,
 /// os.PathLike) is opened as `open(path, "r+b")` would (it must exist); an
-/// int is a file descriptor, duplicated so the caller keeps its own.
+/// int is a file descriptor, taken over as `io.FileIO(fd, "r+")` does (it is
+/// closed when the file and its handles are gone).
 fn open_file(path_or_fd: &Bound<'_, PyAny>) -> PyResult<(File, PathBuf)> {
     if path_or_fd.is_instance_of::<PyInt>() {
         let fd: RawFd = path_or_fd
@@ -61,19 +62,18 @@ fn open_file(path_or_fd: &Bound<'_, PyAny>) -> PyResult<(File, PathBuf)> {
                 "file descriptor must be >= 0, got {fd}"
             )));
         }
-        // SAFETY: fcntl with F_DUPFD_CLOEXEC only reads `fd` (an invalid one
-        // gives EBADF) and returns a new descriptor that we own.
-        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
+        // SAFETY: F_GETFD only reads the descriptor's flags (EBADF if closed).
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
             return Err(os_error(
                 io::Error::last_os_error(),
                 &format!("file descriptor {fd}"),
             ));
         }
-        // SAFETY: `dup` is a fresh descriptor nobody else owns.
-        let owned = unsafe { OwnedFd::from_raw_fd(dup) };
         let path = std::fs::read_link(format!("/proc/self/fd/{fd}"))
             .unwrap_or_else(|_| PathBuf::from(format!("<fd {fd}>")));
+        // SAFETY: `fd` is open (checked) and the caller hands it over to us,
+        // as to io.FileIO: nobody else closes it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         return Ok((File::from(owned), path));
     }
     let os = PyModule::import(path_or_fd.py(), "os")?;
@@ -190,7 +190,7 @@ impl PyFileBigFile {
     }
 
     /// The file descriptor the blocks are read from and written to (owned
-    /// by this object: do not close it).
+    /// by this object and its handles: do not close it).
     fn fileno(&self) -> RawFd {
         use std::os::fd::AsRawFd;
         self.file.file().as_raw_fd()
