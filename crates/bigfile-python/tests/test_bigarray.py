@@ -9,7 +9,7 @@ from bigfile import WRITEOUT_MARKSTORED, WRITEOUT_STORE
 from bigfile.bigarray import BigArray
 from bigfile.file_file import BigFile_File
 
-from conftest import DataFile
+from conftest import DataFile, ExactMappings
 
 PS = mmap.PAGESIZE
 WRITEOUT = WRITEOUT_STORE | WRITEOUT_MARKSTORED
@@ -150,7 +150,8 @@ def test_index_errors_as_numpy(fh):
             a[idx]
 
 
-def test_page_edges(fh):
+@pytest.mark.parametrize("exact", [False, True], ids=["cached", "exact"])
+def test_page_edges(fh, exact):
     """Items of 12 bytes straddle 4 KiB page edges; slices start and end
     on both sides of them, forward and backward."""
     assert PS % 12 != 0
@@ -158,10 +159,14 @@ def test_page_edges(fh):
     assert dt.itemsize == 12
     n = 5 * PS // 12 + 3
     a, ref = filled(fh, (n,), dt)
+    if exact:
+        a = BigArray((n,), dt, ExactMappings(fh))
     edge = PS // 12  # the item straddling the first page edge
     for idx in [
         edge,
         slice(edge, edge + 1),
+        slice(edge, edge - 1, -1),
+        slice(0, edge + 1),
         slice(edge - 1, edge + 2),
         slice(edge + 1, None, PS // 12),
         slice(None, edge - 1, -1),

@@ -238,8 +238,10 @@ class BigArray:
         pg_hi = (hi + self._dtype.itemsize - 1) // ps
         if (pg_hi - pg_lo + 1) * ps > sys.maxsize:
             raise MemoryError(self._too_big(hi - lo + self._dtype.itemsize))
+        # A handle-like object without the cache (a proxy) is mapped exactly.
+        mmap = getattr(fileh, "mmap_cached", None) or fileh.mmap
         try:
-            vma = fileh.mmap_cached(pg_lo, pg_hi - pg_lo + 1)
+            vma = mmap(pg_lo, pg_hi - pg_lo + 1)
         except OSError as e:
             if e.errno == errno.ENOMEM:
                 raise MemoryError(self._too_big(hi - lo + self._dtype.itemsize)) from e
