@@ -249,6 +249,14 @@ def test_asarray_and_array(fh):
         a.__array__(np.float32, copy=False)
 
 
+def test_asarray_beyond_address_space_says_to_use_slices(fh):
+    a = BigArray((1 << 50,), np.uint8, fh)  # 1 PiB
+    with pytest.raises(MemoryError, match="in slices"):
+        np.asarray(a)
+    # Slices of it are fine, anywhere.
+    assert a[(1 << 50) - 1] == 0 and a[-(1 << 20) :].sum() == 0
+
+
 def test_ufuncs_and_reductions_on_slices(fh):
     a, ref = filled(fh, (200, 50), np.float64)
     a[...] = np.linspace(-3, 3, 200 * 50).reshape(200, 50)

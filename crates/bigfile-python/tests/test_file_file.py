@@ -193,8 +193,8 @@ def test_subclass_overriding_loadblk_is_called(datafile):
 
 
 def test_native_loads_run_without_python(datafile):
-    """Blocks of a native file load without entering Python: a thread
-    Python never saw faults them in while this thread holds the GIL."""
+    """Blocks of a native file load in Rust from a thread Python never saw
+    and from one that released the GIL (no Python loadblk is involved)."""
     from bigfile._bigfile import _read_in_new_thread, _read_nogil
 
     data = datafile.read_bytes()

@@ -37,8 +37,6 @@ import numpy as np
 
 __all__ = ["BigArray"]
 
-IndexItem = Union[int, slice, "ellipsis", None]  # noqa: F821 (the type of ...)
-
 _BASIC = "ints, slices, ... and numpy.newaxis (basic indexing)"
 
 
