@@ -21,8 +21,12 @@ and ``os.pwrite``): slower, kept for comparison (see the README's figures).
 """
 
 import os
+from typing import TYPE_CHECKING
 
 from bigfile._bigfile import FileBigFile
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 __all__ = ["BigFile_File", "BigFile_File_PyIO"]
 
@@ -36,7 +40,7 @@ class BigFile_File_PyIO(BigFile_File):
     """`BigFile_File` whose blocks are read and written by Python code
     (``os.preadv``/``os.pwrite``), as any Python BigFile's are."""
 
-    def loadblk(self, blk: int, buf: memoryview) -> None:
+    def loadblk(self, blk: int, buf: "WriteableBuffer") -> None:
         with memoryview(buf) as view:
             fd, off, done = self.fileno(), blk * len(view), 0
             while done < len(view):
@@ -46,7 +50,7 @@ class BigFile_File_PyIO(BigFile_File):
                     return
                 done += n
 
-    def storeblk(self, blk: int, buf: memoryview) -> None:
+    def storeblk(self, blk: int, buf: "ReadableBuffer") -> None:
         with memoryview(buf) as view:
             fd, off, done = self.fileno(), blk * len(view), 0
             while done < len(view):

@@ -41,8 +41,9 @@ _BASIC = "ints, slices, ... and numpy.newaxis (basic indexing)"
 
 
 def _shape_tuple(shape: Union[int, Sequence[int]]) -> Tuple[int, ...]:
+    dims: Tuple[int, ...]
     try:
-        dims = (operator.index(shape),)
+        dims = (operator.index(shape),)  # type: ignore[arg-type]
     except TypeError:
         try:
             dims = tuple(operator.index(n) for n in shape)  # type: ignore[union-attr]
@@ -56,7 +57,7 @@ def _shape_tuple(shape: Union[int, Sequence[int]]) -> Tuple[int, ...]:
 
 
 def _check_dtype(dtype: Any) -> np.dtype:
-    dt = np.dtype(dtype)
+    dt: np.dtype = np.dtype(dtype)
     if dt.hasobject:
         raise TypeError(f"a BigArray cannot hold Python objects (dtype {dt}): its items are bytes of a file")
     if dt.subdtype is not None:
@@ -272,8 +273,9 @@ class BigArray:
         if dtype is not None and np.dtype(dtype) != a.dtype:
             if copy is False:
                 raise ValueError(f"converting a BigArray of {a.dtype} to {np.dtype(dtype)} needs a copy")
-            return a.astype(dtype)
-        return a.copy() if copy else a
+            converted: np.ndarray = a.astype(dtype)
+            return converted
+        return a.copy() if copy else a  # type: ignore[no-any-return]
 
     # ~~~ in-place growth: metadata and the touched pages only
 
