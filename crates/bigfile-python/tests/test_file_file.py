@@ -203,3 +203,31 @@ def test_native_loads_run_without_python(datafile):
         assert _read_in_new_thread(vma, BLK + 5) == data[BLK + 5]
         assert _read_nogil(vma, 2 * BLK + 1) == data[2 * BLK + 1]
         assert fh.stats()["loads"] == 2
+
+
+def test_dispatch_is_decided_at_open(datafile):
+    """A handle of a class that does not override loadblk never calls
+    Python for a block, even if a loadblk appears on the class later; a
+    handle opened after that calls it."""
+    data = datafile.read_bytes()
+    calls = []
+
+    class Probe(BigFile_File):
+        pass
+
+    def loadblk(self, blk, buf):
+        calls.append(blk)
+        BigFile_File.loadblk(self, blk, buf)
+
+    f = Probe(datafile, BLK)
+    native = f.fileh_open()
+    Probe.loadblk = loadblk
+    python = f.fileh_open()
+    with native.mmap(0, 2) as vma:
+        assert bytes(memoryview(vma)[BLK : BLK + 4]) == data[BLK : BLK + 4]
+    assert calls == []
+    with python.mmap(0, 2) as vma:
+        assert bytes(memoryview(vma)[BLK : BLK + 4]) == data[BLK : BLK + 4]
+    assert calls == [1]
+    native.close()
+    python.close()
