@@ -169,7 +169,8 @@ impl PyFileBigFile {
         let b = block_buffer(buf, self.file.blksize(), true)?;
         // SAFETY: `b` holds the export, so the memory stays valid for
         // `len_bytes` bytes; it is writable and contiguous (checked). The GIL
-        // stays held, so no Python code touches it meanwhile.
+        // stays held (this path is for Python callers, not for faults), so
+        // no Python code can resize or free the exporter meanwhile.
         let dst =
             unsafe { std::slice::from_raw_parts_mut(b.buf_ptr().cast::<u8>(), b.len_bytes()) };
         let r = self.file.loadblk(blk, dst);
