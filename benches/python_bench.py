@@ -11,6 +11,14 @@ them into its table. Progress goes to stderr.
 - adler32_{bigfile,mmap,readinto}: zlib.adler32 of a file read through a
   file-backed BigFile (os.preadv in loadblk, 64 MiB budget), through Python's
   mmap, and with readinto a reused buffer. Seconds per whole-file pass.
+- adler32_file_{native,pyio}: the same through `bigfile.file_file`'s
+  BigFile_File (blocks read in Rust, no Python call per block) and
+  BigFile_File_PyIO (os.preadv in a Python loadblk).
+- bigarray_sum_{native,pyio}[_64K]: numpy sum of the file as a BigArray of
+  uint64, in 8 MiB slices, through each of the two, with 2 MiB (64 KiB)
+  blocks. Seconds per pass.
+- writeout_{native,pyio}: `dirty_writeout` of `writeout_bytes` of dirty
+  2 MiB blocks (already in the page cache) through each. Seconds per writeout.
 """
 
 import argparse
@@ -22,7 +30,9 @@ import zlib
 
 import numpy as np
 
-from bigfile import BigFile
+from bigfile import WRITEOUT_MARKSTORED, WRITEOUT_STORE, BigFile
+from bigfile.bigarray import BigArray
+from bigfile.file_file import BigFile_File, BigFile_File_PyIO
 
 MIB = 1 << 20
 BLK = 2 * MIB
@@ -144,6 +154,45 @@ def adler_readinto(path, size):
     return a
 
 
+def adler_file(cls, path, size, blk=BLK):
+    f = cls(path, blk)
+    with f.fileh_open(ram="memfd", budget=64 * MIB) as fh:
+        with fh.mmap(0, size // blk) as vma:
+            m = memoryview(vma)
+            a = 1
+            for off in range(0, size, BLK):
+                a = zlib.adler32(m[off : off + BLK], a)
+            m.release()
+    return a
+
+
+def bigarray_sum(cls, path, size, blk=BLK):
+    with cls(path, blk).fileh_open(ram="memfd", budget=64 * MIB) as fh:
+        a = BigArray((size // 8,), np.uint64, fh)
+        chunk = 8 * MIB // 8
+        total = 0
+        for i in range(0, len(a), chunk):
+            total += int(a[i : i + chunk].sum(dtype=np.uint64))
+        del a
+    return total % (1 << 64)
+
+
+def writeout_time(cls, path, size, passes):
+    """Seconds per dirty_writeout of `size` bytes of dirty blocks."""
+    times = []
+    with cls(path, BLK).fileh_open(ram="memfd", budget=size + BLK) as fh:
+        with fh.mmap(0, size // BLK) as vma:
+            arr = np.ndarray((size // 8,), np.uint64, buffer=memoryview(vma))
+            for i in range(passes + 1):
+                arr[::512] = i  # one word per 4 KiB page: every block dirty
+                t = time.perf_counter()
+                fh.dirty_writeout(WRITEOUT_STORE | WRITEOUT_MARKSTORED)
+                if i:  # the first pass extends the file: warm-up
+                    times.append(time.perf_counter() - t)
+            del arr
+    return sum(times) / len(times)
+
+
 def timed(fn, *args, passes):
     fn(*args)  # warm up: page cache, imports, first mappings
     times = []
@@ -181,6 +230,25 @@ def main():
     if len(set(sums.values())) != 1:
         raise SystemExit(f"adler32 differs between methods: {sums}")
     out["adler32_bytes"] = size
+    for name, cls in [("native", BigFile_File), ("pyio", BigFile_File_PyIO)]:
+        log(f"python bench: adler32 via BigFile_File ({name})")
+        out[f"adler32_file_{name}"], sums[f"file_{name}"] = timed(adler_file, cls, path, size, passes=passes)
+        log(f"python bench: BigArray sum ({name})")
+        out[f"bigarray_sum_{name}"], sums[f"sum_{name}"] = timed(bigarray_sum, cls, path, size, passes=passes)
+        log(f"python bench: BigArray sum, 64 KiB blocks ({name})")
+        out[f"bigarray_sum_{name}_64K"], sums[f"sum64_{name}"] = timed(
+            bigarray_sum, cls, path, size, 64 << 10, passes=passes
+        )
+    if len({sums["bigfile"], sums["file_native"], sums["file_pyio"]}) != 1 or len({sums[k] for k in sums if k.startswith("sum")}) != 1:
+        raise SystemExit(f"BigFile_File results differ: {sums}")
+    wsize = (32 if args.quick else 128) * MIB
+    scratch = os.path.join(args.data_dir, "writeout.bin")
+    for name, cls in [("native", BigFile_File), ("pyio", BigFile_File_PyIO)]:
+        open(scratch, "wb").close()
+        log(f"python bench: writeout via BigFile_File ({name})")
+        out[f"writeout_{name}"] = writeout_time(cls, scratch, wsize, passes)
+    os.remove(scratch)
+    out["writeout_bytes"] = wsize
     for k, v in out.items():
         print(f"{k}\t{v}")
 

@@ -344,6 +344,38 @@ const ROWS: &[Row] = {
             PyRate("adler32_readinto"),
             AtLeast(None),
         ),
+        row(
+            "9",
+            "Python adler32, BigFile_File (native I/O)",
+            PyRate("adler32_file_native"),
+            "BigFile_File_PyIO (Python I/O)",
+            PyRate("adler32_file_pyio"),
+            AtLeast(None),
+        ),
+        row(
+            "9",
+            "BigArray sum, BigFile_File, 2 MiB blocks",
+            PyRate("bigarray_sum_native"),
+            "BigFile_File_PyIO",
+            PyRate("bigarray_sum_pyio"),
+            AtLeast(None),
+        ),
+        row(
+            "9",
+            "BigArray sum, BigFile_File, 64 KiB blocks",
+            PyRate("bigarray_sum_native_64K"),
+            "BigFile_File_PyIO",
+            PyRate("bigarray_sum_pyio_64K"),
+            AtLeast(None),
+        ),
+        row(
+            "9",
+            "writeout of dirty blocks, BigFile_File",
+            PyTime("writeout_native"),
+            "BigFile_File_PyIO",
+            PyTime("writeout_pyio"),
+            AtLeast(None),
+        ),
     ]
 };
 

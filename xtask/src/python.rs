@@ -1,5 +1,6 @@
 //! The Python side of `cargo xtask test`: a venv per CPython found, with
-//! maturin, pytest and numpy from PyPI, the package built into it, pytest run.
+//! maturin, pytest, numpy and hypothesis (BigArray's property tests) from
+//! PyPI, the package built into it, pytest run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -7,7 +8,7 @@ use std::process::Command;
 use crate::{root, run, Result};
 
 const PACKAGE: &str = "crates/bigfile-python";
-const VENV_DEPS: &[&str] = &["maturin>=1.5,<2", "pytest>=7", "numpy"];
+const VENV_DEPS: &[&str] = &["maturin>=1.5,<2", "pytest>=7", "numpy", "hypothesis>=6"];
 
 /// Every CPython 3.9-3.13 on the machine: the default `python3` first, then
 /// pyenv's interpreters; one per minor version.
@@ -77,13 +78,16 @@ pub(crate) fn venv(version: &str, exe: &Path) -> Result<PathBuf> {
     if !py.exists() {
         run(Command::new(exe).args(["-m", "venv"]).arg(&venv))?;
     }
+    // The stamp names what was installed, so a venv made before a
+    // dependency was added gets it.
     let stamp = venv.join(".deps-installed");
-    if !stamp.exists() {
+    let wanted = VENV_DEPS.join("\n");
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
         run(Command::new(&py).args(["-m", "pip", "install", "--quiet", "--upgrade", "pip"]))?;
         run(Command::new(&py)
             .args(["-m", "pip", "install", "--quiet"])
             .args(VENV_DEPS))?;
-        std::fs::write(&stamp, "").map_err(|e| format!("{}: {e}", stamp.display()))?;
+        std::fs::write(&stamp, &wanted).map_err(|e| format!("{}: {e}", stamp.display()))?;
     }
     Ok(venv)
 }

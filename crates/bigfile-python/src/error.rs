@@ -3,9 +3,10 @@
 //! Misuse is ValueError (bad ranges, offsets, flags, blksize, RAM specs) or
 //! RuntimeError (a state that forbids the call: live mappings, a writeout in
 //! progress); an exhausted budget is MemoryError; OS failures are OSError
-//! with their errno. A `storeblk` exception comes back as itself.
+//! with their errno (a native file's I/O errors too). A `storeblk` exception
+//! comes back as itself.
 
-use bigfile_virtmem::Error;
+use bigfile_virtmem::{BlockError, Error, FileBlockError};
 use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -16,7 +17,7 @@ pub(crate) fn to_py(_py: Python<'_>, e: Error) -> PyErr {
     match e {
         Error::Store { source, .. } => match source.downcast::<PyBlockError>() {
             Ok(b) => b.err,
-            Err(source) => PyRuntimeError::new_err(format!("storeblk failed: {source}")),
+            Err(source) => block_error_to_py(source),
         },
         Error::BadBlksize { .. }
         | Error::PageSizeMismatch { .. }
@@ -33,6 +34,18 @@ pub(crate) fn to_py(_py: Python<'_>, e: Error) -> PyErr {
             }
         }
         _ => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+/// The Python exception for an error of a native `loadblk`/`storeblk`: an
+/// `OSError` with the errno for file I/O, else RuntimeError.
+pub(crate) fn block_error_to_py(e: BlockError) -> PyErr {
+    match e.downcast::<FileBlockError>() {
+        Ok(f) => match f.source.raw_os_error() {
+            Some(n) => PyOSError::new_err((n, f.to_string(), f.path.display().to_string())),
+            None => PyOSError::new_err(f.to_string()),
+        },
+        Err(e) => PyRuntimeError::new_err(e.to_string()),
     }
 }
 

@@ -38,20 +38,12 @@ impl PyBigFile {
         _args: &Bound<'_, PyTuple>,
         _kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
-        let os_page = os_page_size();
-        if blksize <= 0 || blksize as usize % os_page != 0 {
-            return Err(PyValueError::new_err(format!(
-                "blksize {blksize} is not a positive multiple of the OS page size {os_page}"
-            )));
-        }
-        Ok(PyBigFile {
-            blksize: blksize as usize,
-        })
+        PyBigFile::with_blksize(blksize)
     }
 
     /// Block size in bytes (read-only).
     #[getter]
-    fn blksize(&self) -> usize {
+    pub(crate) fn blksize(&self) -> usize {
         self.blksize
     }
 
@@ -68,27 +60,52 @@ impl PyBigFile {
         ram: Option<&Bound<'_, PyAny>>,
         budget: Option<u64>,
     ) -> PyResult<Py<PyBigFileH>> {
-        let py = slf.py();
-        let blksize = slf.get().blksize;
-        let ty = slf.get_type();
-        let loadblk = ty.getattr("loadblk").ok();
-        if !loadblk.is_some_and(|f| f.is_callable()) {
-            return Err(PyTypeError::new_err(format!(
+        open_python(slf.as_any(), slf.get().blksize, ram, budget)
+    }
+}
+
+impl PyBigFile {
+    /// The base object of a file of `blksize`-byte blocks (checked).
+    pub(crate) fn with_blksize(blksize: isize) -> PyResult<PyBigFile> {
+        let os_page = os_page_size();
+        if blksize <= 0 || blksize as usize % os_page != 0 {
+            return Err(PyValueError::new_err(format!(
+                "blksize {blksize} is not a positive multiple of the OS page size {os_page}"
+            )));
+        }
+        Ok(PyBigFile {
+            blksize: blksize as usize,
+        })
+    }
+}
+
+/// Open a handle of `slf` whose blocks are loaded and stored by calling its
+/// Python `loadblk`/`storeblk` methods.
+pub(crate) fn open_python(
+    slf: &Bound<'_, PyAny>,
+    blksize: usize,
+    ram: Option<&Bound<'_, PyAny>>,
+    budget: Option<u64>,
+) -> PyResult<Py<PyBigFileH>> {
+    let py = slf.py();
+    let ty = slf.get_type();
+    let loadblk = ty.getattr("loadblk").ok();
+    if !loadblk.is_some_and(|f| f.is_callable()) {
+        return Err(PyTypeError::new_err(format!(
                 "{} must define loadblk(self, blk, buf) to be opened (subclass BigFile and implement it)",
                 ty.qualname()?
             )));
-        }
-        crate::ensure_fault_handler_on_top()?;
-        let ram = resolve_ram(py, ram, budget, blksize)?;
-        let name = format!("{}", ty.qualname()?);
-        let adapter = Arc::new(PyFileAdapter {
-            obj: Mutex::new(Some(slf.clone().into_any().unbind())),
-            blksize,
-            name,
-        });
-        let fileh = FileH::open(adapter.clone(), ram.as_ref()).map_err(|e| to_py(py, e))?;
-        Py::new(py, PyBigFileH::new(fileh, adapter))
     }
+    crate::ensure_fault_handler_on_top()?;
+    let ram = resolve_ram(py, ram, budget, blksize)?;
+    let name = format!("{}", ty.qualname()?);
+    let adapter = Arc::new(PyFileAdapter {
+        obj: Mutex::new(Some(slf.clone().unbind())),
+        blksize,
+        name,
+    });
+    let fileh = FileH::open(adapter.clone(), ram.as_ref()).map_err(|e| to_py(py, e))?;
+    Py::new(py, PyBigFileH::new(fileh, Some(adapter)))
 }
 
 pub(crate) fn os_page_size() -> usize {
@@ -97,7 +114,7 @@ pub(crate) fn os_page_size() -> usize {
     usize::try_from(n).unwrap_or(4096)
 }
 
-fn resolve_ram(
+pub(crate) fn resolve_ram(
     py: Python<'_>,
     ram: Option<&Bound<'_, PyAny>>,
     budget: Option<u64>,

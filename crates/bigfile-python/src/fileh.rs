@@ -16,6 +16,7 @@ use pyo3::{PyTraverseError, PyVisit};
 
 use crate::error::{to_py, to_py_load};
 use crate::file::PyFileAdapter;
+use crate::mapcache::{self, MapCache};
 
 /// A non-negative integer argument that fits in 64 bits.
 fn u64_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
@@ -54,14 +55,18 @@ pub(crate) fn stats_dict(s: Stats) -> HashMap<&'static str, u64> {
 #[pyclass(module = "bigfile._bigfile", name = "BigFileH", weakref)]
 pub(crate) struct PyBigFileH {
     fileh: Mutex<Option<Arc<FileH>>>,
-    adapter: Arc<PyFileAdapter>,
+    /// The Python file's adapter; `None` for a native file (no Python object involved).
+    adapter: Option<Arc<PyFileAdapter>>,
+    /// Mappings kept for `mmap_cached`.
+    cache: Mutex<MapCache>,
 }
 
 impl PyBigFileH {
-    pub(crate) fn new(fileh: FileH, adapter: Arc<PyFileAdapter>) -> Self {
+    pub(crate) fn new(fileh: FileH, adapter: Option<Arc<PyFileAdapter>>) -> Self {
         PyBigFileH {
             fileh: Mutex::new(Some(Arc::new(fileh))),
             adapter,
+            cache: Mutex::new(MapCache::default()),
         }
     }
 
@@ -90,6 +95,51 @@ impl PyBigFileH {
         crate::ensure_fault_handler_on_top()?;
         let vma = fileh.mmap(pgoffset, pglen).map_err(|e| to_py(py, e))?;
         Py::new(py, PyVMA::new(vma, fileh.blksize(), slf.clone().unbind()))
+    }
+
+    /// A mapping covering at least pages `pgoffset .. pgoffset+pglen`,
+    /// possibly shared with earlier calls: the handle keeps a few recent
+    /// mappings (small requests widened to aligned windows) and reuses one
+    /// that covers the request. Use `filerange()` for where it starts.
+    /// Closing the returned VMA only gives up this holder; kept mappings
+    /// are dropped by `release_cached()` and `close()`.
+    fn mmap_cached(
+        slf: &Bound<'_, Self>,
+        pgoffset: &Bound<'_, PyAny>,
+        pglen: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyVMA>> {
+        let py = slf.py();
+        let pgoffset = u64_arg(pgoffset, "pgoffset")?;
+        let pglen = u64_arg(pglen, "pglen")?;
+        if pglen == 0 {
+            return Err(PyValueError::new_err("pglen must be > 0"));
+        }
+        let this = slf.borrow();
+        let fileh = this.get()?;
+        let ps = fileh.blksize();
+        let found = lock(&this.cache).lookup(pgoffset, pglen);
+        let vma = match found {
+            Some(v) => v,
+            None => {
+                crate::ensure_fault_handler_on_top()?;
+                let window = mapcache::window(pgoffset, pglen, ps);
+                let (start, len) = window.unwrap_or((pgoffset, pglen));
+                let vma = Arc::new(fileh.mmap(start, len).map_err(|e| to_py(py, e))?);
+                if window.is_some() {
+                    let evicted = lock(&this.cache).insert(vma.clone());
+                    drop(evicted);
+                }
+                vma
+            }
+        };
+        Py::new(py, PyVMA::shared(vma, ps, slf.clone().unbind()))
+    }
+
+    /// Drop the mappings kept for `mmap_cached` (those still used by
+    /// arrays stay mapped until the arrays go).
+    fn release_cached(&self) {
+        let kept = lock(&self.cache).take_all();
+        drop(kept);
     }
 
     /// Write out changes: WRITEOUT_STORE calls storeblk for each dirty
@@ -169,6 +219,7 @@ impl PyBigFileH {
     /// Close the handle, dropping changes not written out. Refused
     /// (RuntimeError) while mappings of it are alive. Closing twice is fine.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
+        self.release_cached();
         let Some(fileh) = lock(&self.fileh).take() else {
             return Ok(());
         };
@@ -203,11 +254,16 @@ impl PyBigFileH {
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        self.adapter.traverse(&visit)
+        match &self.adapter {
+            Some(a) => a.traverse(&visit),
+            None => Ok(()),
+        }
     }
 
     fn __clear__(&mut self) {
-        drop(self.adapter.clear());
+        if let Some(a) = &self.adapter {
+            drop(a.clear());
+        }
     }
 }
 
@@ -226,12 +282,17 @@ pub(crate) struct PyVMA {
 
 impl PyVMA {
     fn new(vma: Vma, pagesize: usize, fileh: Py<PyBigFileH>) -> Self {
+        PyVMA::shared(Arc::new(vma), pagesize, fileh)
+    }
+
+    /// A holder of a mapping others may hold too: it is unmapped when the last goes.
+    fn shared(vma: Arc<Vma>, pagesize: usize, fileh: Py<PyBigFileH>) -> Self {
         PyVMA {
             addr: vma.as_ptr() as usize,
             len: vma.len(),
             pgoffset: vma.pgoffset(),
             pagesize,
-            vma: Mutex::new(Some(Arc::new(vma))),
+            vma: Mutex::new(Some(vma)),
             fileh: Some(fileh),
             exports: AtomicUsize::new(0),
         }

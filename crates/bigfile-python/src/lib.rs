@@ -21,6 +21,8 @@ mod error;
 mod file;
 mod fileh;
 mod gil;
+mod mapcache;
+mod native_file;
 mod ram;
 
 use std::sync::Arc;
@@ -91,6 +93,7 @@ fn _bigfile(m: &Bound<'_, PyModule>) -> PyResult<()> {
     bigfile_virtmem::set_host_lock(Arc::new(gil::Gil));
     ensure_fault_handler_on_top()?;
     m.add_class::<file::PyBigFile>()?;
+    m.add_class::<native_file::PyFileBigFile>()?;
     m.add_class::<fileh::PyBigFileH>()?;
     m.add_class::<fileh::PyVMA>()?;
     m.add_class::<ram::PyRam>()?;

@@ -38,6 +38,16 @@ class DataFile(BigFile):
         self.data[blk] = bytes(buf)
 
 
+class ExactMappings:
+    """A BigFileH stand-in without `mmap_cached`: a BigArray over it maps
+    exactly the pages it computes, so a page range too small fails instead
+    of being hidden by the mapping cache's wider windows."""
+
+    def __init__(self, fh):
+        self.blksize = fh.blksize
+        self.mmap = fh.mmap
+
+
 @pytest.fixture
 def f():
     return DataFile()

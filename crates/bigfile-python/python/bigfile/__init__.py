@@ -9,7 +9,10 @@ buffer=vma)``) whose blocks are loaded on first access. Changes are written
 out with ``dirty_writeout(WRITEOUT_STORE | WRITEOUT_MARKSTORED)`` or dropped
 with ``dirty_discard()``.
 
-The API is that of wendelin.core's ``wendelin.bigfile``.
+The API is that of wendelin.core's ``wendelin.bigfile``. Submodules:
+``bigfile.file_file`` (``BigFile_File``, a BigFile over an OS file, read
+and written natively) and ``bigfile.bigarray`` (``BigArray``, numpy arrays
+bigger than RAM), as wendelin.core's ``file_file`` and ``bigarray``.
 """
 
 import faulthandler as _faulthandler
