@@ -9,6 +9,7 @@
 //!   survive with nothing lost and nothing leaked.
 //! - `races`: threads doing everything at once, checked against a model.
 
+mod coredump;
 mod crash;
 mod inject;
 mod races;
