@@ -17,6 +17,7 @@ use std::sync::Arc;
 use bigfile_virtmem::{BigFile, BlockError, FileH, Ram, Vma, WriteoutFlags};
 
 use crate::coredump::{expect_crash, Expect};
+use crate::python;
 use crate::Scenario;
 
 /// Block size of the children's files: 16 OS pages.
@@ -448,6 +449,65 @@ impl BigFile for Exploding {
     }
 }
 
+/// A BigFile in Python whose loadblk raises: each attempt's traceback is
+/// printed, then the reader dies by SIGBUS in CPython's memoryview item
+/// access, the instruction that touched the page.
+const PY_LOADBLK_RAISES: &str = r#"
+import mmap
+from bigfile import BigFile
+PS = mmap.PAGESIZE
+class Broken(BigFile):
+    def loadblk(self, blk, buf):
+        raise ValueError("cannot load block %d" % blk)
+fh = Broken(PS).fileh_open()
+m = memoryview(fh.mmap(0, 8))
+print("touching", flush=True)
+m[3 * PS]
+print("SURVIVED", flush=True)
+"#;
+
+/// A Python loadblk reading its own page through the mapping.
+const PY_LOADBLK_TOUCHES_OWN_PAGE: &str = r#"
+import mmap
+from bigfile import BigFile
+PS = mmap.PAGESIZE
+class Selfish(BigFile):
+    def loadblk(self, blk, buf):
+        buf[0] = m[blk * PS]
+m = memoryview(Selfish(PS).fileh_open().mmap(0, 4))
+m[2 * PS]
+print("SURVIVED", flush=True)
+"#;
+
 fn python_scenarios() -> Vec<Scenario> {
-    Vec::new()
+    let cases: Vec<(&'static str, &'static str, Expect)> = vec![
+        (
+            "python-loadblk-raises",
+            PY_LOADBLK_RAISES,
+            Expect::new(libc::SIGBUS, "memory_item")
+                .stderr(&[
+                    "Traceback (most recent call last)",
+                    "in loadblk",
+                    "ValueError: cannot load block 3",
+                    "bigfile: loadblk of block 3 of Broken failed after 3 attempt(s): \
+                     ValueError: cannot load block 3",
+                ])
+                .absent(&["SURVIVED"]),
+        ),
+        (
+            "python-loadblk-touches-own-page",
+            PY_LOADBLK_TOUCHES_OWN_PAGE,
+            Expect::new(libc::SIGSEGV, "memory_item")
+                .stderr(&["bigfile: loadblk of block 2 of Selfish touched the page it is loading"])
+                .absent(&["SURVIVED"]),
+        ),
+    ];
+    cases
+        .into_iter()
+        .map(|(name, script, expect)| {
+            Scenario::new(format!("crash/{name}"), move || {
+                expect_crash(python::command(script)?, &expect)
+            })
+        })
+        .collect()
 }

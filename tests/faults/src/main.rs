@@ -12,6 +12,7 @@
 mod coredump;
 mod crash;
 mod inject;
+mod python;
 mod races;
 
 use std::time::Instant;
