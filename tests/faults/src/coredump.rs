@@ -65,11 +65,18 @@ impl Expect {
     }
 }
 
-/// Runs `cmd` in a fresh directory with cores enabled, waits for it to die
-/// and checks everything `expect` says. `Ok` is the line printed for the
-/// scenario.
-pub fn expect_crash(mut cmd: Command, expect: &Expect) -> Result<String, String> {
-    let pattern = check_core_pattern()?;
+/// A child that ran to its end, in its directory (removed on drop).
+struct Finished {
+    status: std::process::ExitStatus,
+    pid: u32,
+    out: String,
+    err: String,
+    dir: TempDir,
+}
+
+/// Runs `cmd` in a fresh directory, optionally with cores enabled, and
+/// waits for it; killing it after `timeout` is a failure (a hang).
+fn run(mut cmd: Command, timeout: Duration, cores: bool) -> Result<Finished, String> {
     let dir = TempDir::new()?;
     let exe = PathBuf::from(cmd.get_program());
     let stdout = fs::File::create(dir.path.join("stdout")).map_err(|e| e.to_string())?;
@@ -78,32 +85,12 @@ pub fn expect_crash(mut cmd: Command, expect: &Expect) -> Result<String, String>
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr);
-    // SAFETY: between fork and exec only async-signal-safe calls are allowed:
-    // setrlimit, open, write and close are; their arguments are constants.
-    unsafe {
-        cmd.pre_exec(|| {
-            let unlimited = libc::rlimit {
-                rlim_cur: libc::RLIM_INFINITY,
-                rlim_max: libc::RLIM_INFINITY,
-            };
-            if libc::setrlimit(libc::RLIMIT_CORE, &unlimited) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Dump private memory (stacks, heap) only: the RAM's shared
-            // window spans all of its capacity, and dumping it would make
-            // the kernel fill every hole of it, gigabytes per core.
-            let fd = libc::open(c"/proc/self/coredump_filter".as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let n = libc::write(fd, COREDUMP_FILTER.as_ptr().cast(), COREDUMP_FILTER.len());
-            libc::close(fd);
-            if n < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
-    };
+    if cores {
+        // SAFETY: between fork and exec only async-signal-safe calls are
+        // allowed: setrlimit, open, write and close are; their arguments are
+        // constants.
+        unsafe { cmd.pre_exec(enable_cores) };
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
@@ -112,19 +99,74 @@ pub fn expect_crash(mut cmd: Command, expect: &Expect) -> Result<String, String>
         if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
             break st;
         }
-        if t0.elapsed() > expect.timeout {
+        if t0.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
             let err = fs::read_to_string(dir.path.join("stderr")).unwrap_or_default();
             return Err(format!(
-                "hung: still running after {:?}, killed\nstderr:\n{err}",
-                expect.timeout
+                "hung: still running after {timeout:?}, killed\nstderr:\n{err}"
             ));
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    let out = fs::read_to_string(dir.path.join("stdout")).unwrap_or_default();
-    let err = fs::read_to_string(dir.path.join("stderr")).unwrap_or_default();
+    Ok(Finished {
+        status,
+        pid: child.id(),
+        out: fs::read_to_string(dir.path.join("stdout")).unwrap_or_default(),
+        err: fs::read_to_string(dir.path.join("stderr")).unwrap_or_default(),
+        dir,
+    })
+}
+
+/// Runs in the child between fork and exec (async-signal-safe calls only).
+fn enable_cores() -> std::io::Result<()> {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit on this stack.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &unlimited) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // Dump private memory (stacks, heap) only: the RAM's shared window
+    // spans all of its capacity, and dumping it would make the kernel fill
+    // every hole of it, gigabytes per core.
+    // SAFETY: a NUL-terminated constant path.
+    let fd = unsafe { libc::open(c"/proc/self/coredump_filter".as_ptr(), libc::O_WRONLY) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is ours; the buffer is a constant of the given length.
+    let n = unsafe { libc::write(fd, COREDUMP_FILTER.as_ptr().cast(), COREDUMP_FILTER.len()) };
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(fd) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `cmd` (which must not crash) and returns its stdout if it exited
+/// with status 0 within `timeout`.
+pub fn expect_success(cmd: Command, timeout: Duration) -> Result<String, String> {
+    let f = run(cmd, timeout, false)?;
+    if !f.status.success() {
+        return Err(format!(
+            "{}\nstdout:\n{}\nstderr:\n{}",
+            f.status, f.out, f.err
+        ));
+    }
+    Ok(f.out)
+}
+
+/// Runs `cmd` in a fresh directory with cores enabled, waits for it to die
+/// and checks everything `expect` says. `Ok` is the line printed for the
+/// scenario.
+pub fn expect_crash(cmd: Command, expect: &Expect) -> Result<String, String> {
+    let pattern = check_core_pattern()?;
+    let exe = PathBuf::from(cmd.get_program());
+    let f = run(cmd, expect.timeout, true)?;
+    let (status, out, err) = (f.status, &f.out, &f.err);
     let ctx = || format!("\nstdout:\n{out}\nstderr:\n{err}");
 
     if status.signal() != Some(expect.signal) {
@@ -154,7 +196,7 @@ pub fn expect_crash(mut cmd: Command, expect: &Expect) -> Result<String, String>
         }
     }
 
-    let core = find_core(&dir.path, child.id())?;
+    let core = find_core(&f.dir.path, f.pid)?;
     let bt = gdb_backtrace(&exe, &core)?;
     let want = format!(
         "Program terminated with signal {}",
