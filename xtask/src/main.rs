@@ -89,14 +89,57 @@ fn test(args: &[String]) -> Result {
         "-D",
         "warnings",
     ]))?;
+    // The fault suite is a workspace of its own: the commands above do
+    // not see it.
+    let suite = root().join("tests/faults/Cargo.toml");
+    if suite.exists() {
+        run(cargo()
+            .args(["fmt", "--check", "--manifest-path"])
+            .arg(&suite))?;
+        run(cargo()
+            .args(["clippy", "--release", "--all-targets", "--manifest-path"])
+            .arg(&suite)
+            .arg("--target-dir")
+            .arg(faults_target_dir())
+            .args(["--", "-D", "warnings"]))?;
+    }
     run(cargo().args(["test", "--workspace"]))?;
     python::test_all()?;
-    faults(&[])?;
+    // test_all has just built the package into every venv.
+    let python = match env::var_os(FAULTS_PYTHON) {
+        Some(p) => PathBuf::from(p),
+        None => python::faults_python(false)?,
+    };
+    run_faults(&[], python)?;
     eprintln!("xtask: all tests passed");
     Ok(())
 }
 
 fn faults(args: &[String]) -> Result {
+    // An interpreter named by the caller is used as it is.
+    let python = match env::var_os(FAULTS_PYTHON) {
+        Some(p) => PathBuf::from(p),
+        None => python::faults_python(true)?,
+    };
+    run_faults(args, python)
+}
+
+/// Names the Python interpreter (with bigfile installed) the fault suite's
+/// Python scenarios run in.
+const FAULTS_PYTHON: &str = "BIGFILE_FAULTS_PYTHON";
+
+/// Where the fault suite is built: its own directory under the target
+/// directory (`CARGO_TARGET_DIR` if set), never shared with the main build.
+fn faults_target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+        .join("faults")
+}
+
+/// Runs the fault suite with `python` (a venv's interpreter with bigfile
+/// built into it) for its Python scenarios.
+fn run_faults(args: &[String], python: PathBuf) -> Result {
     let suite = root().join("tests/faults");
     if !suite.exists() {
         eprintln!("xtask: no fault suite yet (tests/faults)");
@@ -108,9 +151,10 @@ fn faults(args: &[String]) -> Result {
         .args(["run", "--release", "--manifest-path"])
         .arg(suite.join("Cargo.toml"))
         .arg("--target-dir")
-        .arg(root().join("target/faults"))
+        .arg(faults_target_dir())
         .arg("--")
-        .args(args))
+        .args(args)
+        .env(FAULTS_PYTHON, python))
 }
 
 fn demo(args: &[String]) -> Result {

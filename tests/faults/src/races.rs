@@ -186,10 +186,10 @@ impl RaceFile {
 
     fn jitter(&self) {
         let n = self.jitter.fetch_add(1, SeqCst);
-        if n % 7 == 0 {
+        if n.is_multiple_of(7) {
             thread::yield_now();
         }
-        if n % 97 == 0 {
+        if n.is_multiple_of(97) {
             thread::sleep(Duration::from_micros(200));
         }
     }
