@@ -390,7 +390,7 @@ fn run(cfg: &Config) -> Result<String, String> {
         let seed = cfg.seed ^ (0x100 + i as u64);
         handles.push(thread::spawn(move || helper(&sh, seed).map(|()| None)));
     }
-    let mut models: Vec<Vec<Vec<u32>>> = Vec::new();
+    let mut models: Vec<(Vec<Vec<u32>>, u64)> = Vec::new();
     let mut errors = Vec::new();
     for h in handles {
         match h.join() {
@@ -405,10 +405,25 @@ fn run(cfg: &Config) -> Result<String, String> {
         return Err(errors.join("\n"));
     }
 
+    // A discard after an owner's last operation dropped its changes: its
+    // blocks hold what the file has (nobody wrote them since).
+    let discards = sh.discards.load(SeqCst);
+    let per = cfg.blocks_per_owner;
+    let models: Vec<Vec<Vec<u32>>> = models
+        .into_iter()
+        .enumerate()
+        .map(|(t, (mem, seen))| {
+            if seen == discards {
+                return mem;
+            }
+            (0..per)
+                .map(|j| file.versions(t as u64 * per + j))
+                .collect()
+        })
+        .collect();
     // Quiet now: memory must be exactly the model.
     let expect = |blk: u64| -> Vec<u32> {
         if blk < owned {
-            let per = cfg.blocks_per_owner;
             models[(blk / per) as usize][(blk % per) as usize].clone()
         } else {
             vec![0; WORDS_PER_BLOCK]
@@ -512,8 +527,9 @@ fn run(cfg: &Config) -> Result<String, String> {
 }
 
 /// Owner `t`: writes, reads and invalidates its own blocks, reads others'.
-/// Returns the versions its blocks hold in memory at the end.
-fn owner(sh: &Shared, t: usize) -> Result<Vec<Vec<u32>>, String> {
+/// Returns the versions its blocks hold in memory at its end, and how many
+/// discards that accounts for.
+fn owner(sh: &Shared, t: usize) -> Result<(Vec<Vec<u32>>, u64), String> {
     let cfg = &sh.cfg;
     let per = cfg.blocks_per_owner;
     let first = t as u64 * per;
@@ -573,7 +589,7 @@ fn owner(sh: &Shared, t: usize) -> Result<Vec<Vec<u32>>, String> {
             },
         }
     }
-    Ok(mem)
+    Ok((mem, seen_discards))
 }
 
 /// Writes out, mostly committing (STORE|MARKSTORED), sometimes storing only.
