@@ -11,7 +11,7 @@
 
 use std::hint::black_box;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bigfile_virtmem::{BigFile, BlockError, FileH, Ram, Vma, WriteoutFlags};
@@ -23,12 +23,16 @@ use crate::Scenario;
 /// Block size of the children's files: 16 OS pages.
 const BLK: usize = 64 << 10;
 
-/// Printed by a child's loadblk when one must not run at all.
+/// Printed by the bystander's loadblk once armed: from then on, the
+/// scenario's fault must not be served as a page fault.
 const LOADBLK_RAN: &str = "LOADBLK RAN";
+
+static ARMED: AtomicBool = AtomicBool::new(false);
 
 pub fn scenarios() -> Vec<Scenario> {
     use libc::{SIGABRT, SIGBUS, SIGSEGV};
-    let rust: Vec<(&'static str, Expect)> = vec![
+    let rust: Vec<(&'static str, Expect)> =
+        vec![
         // Faults that are not ours die at the access, the kernel's way, and
         // our handler says nothing.
         (
@@ -43,8 +47,9 @@ pub fn scenarios() -> Vec<Scenario> {
             "write-readonly-unregistered",
             Expect::new(SIGSEGV, "write_readonly").absent(&["bigfile:", LOADBLK_RAN]),
         ),
-        // A sent SIGSEGV is not a page fault: it is delivered while the
-        // sender is inside kill(2), nothing is served, the process dies.
+        // A sent SIGSEGV or SIGBUS is not a page fault: it is delivered
+        // while the sender is inside kill(2), nothing is served, the
+        // process dies.
         (
             "kill-sigsegv",
             Expect::new(SIGSEGV, "send_sigsegv").below().absent(&[
@@ -52,6 +57,12 @@ pub fn scenarios() -> Vec<Scenario> {
                 LOADBLK_RAN,
                 "SURVIVED",
             ]),
+        ),
+        (
+            "kill-sigbus",
+            Expect::new(SIGBUS, "send_sigbus")
+                .below()
+                .absent(&["bigfile:", LOADBLK_RAN, "SURVIVED"]),
         ),
         (
             "loadblk-touches-own-page",
@@ -155,6 +166,11 @@ pub fn child(name: &str) {
             // Had the signal been taken for a fault, we would get here.
             println!("SURVIVED kill(SIGSEGV), vma at {:p}", vma.as_ptr());
         }
+        "kill-sigbus" => {
+            let (_ram, _fh, vma) = live_mapping();
+            send_sigbus();
+            println!("SURVIVED kill(SIGBUS), vma at {:p}", vma.as_ptr());
+        }
         "loadblk-touches-own-page" => {
             let file = Arc::new(SelfTouching {
                 base: AtomicUsize::new(0),
@@ -219,6 +235,7 @@ fn mapping(file: Arc<dyn BigFile>, budget: u64, pages: u64) -> (Ram, FileH, Vma)
 fn live_mapping() -> (Ram, FileH, Vma) {
     let m = mapping(Arc::new(Zeros("bystander")), 8, 4);
     read_block(&m.2, 0);
+    ARMED.store(true, Ordering::SeqCst);
     m
 }
 
@@ -282,6 +299,13 @@ fn send_sigsegv() {
     black_box(rc);
 }
 
+#[inline(never)]
+fn send_sigbus() {
+    // SAFETY: kill has no memory arguments; the signal is meant to kill us.
+    let rc = unsafe { libc::kill(libc::getpid(), libc::SIGBUS) };
+    black_box(rc);
+}
+
 /// Reads the first byte of block `blk` of `vma` (a fault, a load).
 #[inline(never)]
 fn read_block(vma: &Vma, blk: usize) -> u8 {
@@ -332,14 +356,17 @@ fn recurse(depth: u64) -> u64 {
     recurse(black_box(depth + 1)) + black_box(&frame)[0] as u64
 }
 
-/// Every block zeros; stores discarded.
+/// Every block zeros; stores discarded; loads said on stderr once ARMED.
 struct Zeros(&'static str);
 
 impl BigFile for Zeros {
     fn blksize(&self) -> usize {
         BLK
     }
-    fn loadblk(&self, _blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        if ARMED.load(Ordering::SeqCst) {
+            eprintln!("{LOADBLK_RAN} for block {blk} of {}", self.0);
+        }
         buf.fill(0);
         Ok(())
     }

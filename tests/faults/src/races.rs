@@ -61,8 +61,8 @@ const CONFIGS: &[Config] = &[
         blocks_per_owner: 6,
         readonly_blocks: 64,
         budget_pages: 48,
-        owner_ops: 50_000,
-        helper_ops: 2000,
+        owner_ops: 150_000,
+        helper_ops: 6000,
         seed: 0x5eed_0001,
     },
     // Everything fits: pages stay, so faults race on mapping and
@@ -73,8 +73,8 @@ const CONFIGS: &[Config] = &[
         blocks_per_owner: 4,
         readonly_blocks: 16,
         budget_pages: 1024,
-        owner_ops: 50_000,
-        helper_ops: 2000,
+        owner_ops: 150_000,
+        helper_ops: 6000,
         seed: 0x5eed_0002,
     },
 ];
