@@ -173,11 +173,28 @@ class Gate:
             self.cond.notify_all()
 
 
+def maps():
+    with open("/proc/self/maps") as m:
+        return m.read().splitlines()
+
+
+def ram_files():
+    """Inodes of the RAM files mapped in the process."""
+    return {line.split()[4] for line in maps() if "memfd:bigfile-ram" in line}
+
+
+# The side file's RAM file stays mapped for good (its window, its pages);
+# no other may be left at the end.
+side_vma.prefault()
+side_ram_files = ram_files()
+ranges = []
+
 f = RaceFile()
 budget_pages = 20
 ram = RAM("memfd,pagesize=%d" % PS, budget=budget_pages * PS)
 fh = f.fileh_open(ram=ram)
 vma = fh.mmap(0, TOTAL)
+ranges.append((vma.addr_start, vma.addr_stop))
 A = np.ndarray((TOTAL * W,), np.uint64, buffer=vma)
 gate = Gate()
 discards = [0]
@@ -303,6 +320,7 @@ def mapper():
         n = 1 + rng.randrange(6)
         start = rng.randrange(TOTAL - n + 1)
         m = fh.mmap(start, n)
+        ranges.append((m.addr_start, m.addr_stop))
         if rng.randrange(3) == 0:
             m.prefault()
         a = np.ndarray((n * W,), np.uint64, buffer=m)
@@ -384,10 +402,20 @@ def main():
         print("RAM accounting not back to zero: %r" % rs)
         sys.exit(1)
     fh.close()
+    gc.collect()
+    for line in maps():
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if (lo, hi) in ranges:
+            print("a mapping's reservation is still there: " + line)
+            sys.exit(1)
+    left = ram_files() - side_ram_files
+    if left:
+        print("RAM files left mapped (inodes %s):\n%s" % (left, "\n".join(maps())))
+        sys.exit(1)
     print("python races OK: %d loads, %d stores, %d reclaims, %d discards, %d busy skips, "
-          "%d __del__ (%d inside loadblk/storeblk)"
+          "%d __del__ (%d inside loadblk/storeblk), %d mappings made and unmapped"
           % (st["loads"], counts["stores"], rs["reclaims"], counts["discards"], counts["busy"],
-             counts["dels"], counts["dels_in_callback"]))
+             counts["dels"], counts["dels_in_callback"], len(ranges)))
 
 
 main()
