@@ -109,7 +109,7 @@ pub fn scenarios() -> Vec<Scenario> {
         (
             "stack-overflow-main",
             Expect::new(SIGABRT, "recurse").below().stderr(&[
-                "thread 'main' (",
+                "thread 'main'",
                 "has overflowed its stack",
                 "fatal runtime error: stack overflow",
             ]),
@@ -117,7 +117,7 @@ pub fn scenarios() -> Vec<Scenario> {
         (
             "stack-overflow-thread",
             Expect::new(SIGABRT, "recurse").below().stderr(&[
-                "thread 'deep' (",
+                "thread 'deep'",
                 "has overflowed its stack",
                 "fatal runtime error: stack overflow",
             ]),
