@@ -22,7 +22,9 @@ const COREDUMP_FILTER: &[u8] = b"0x31";
 pub struct Expect {
     /// The signal that must kill the child.
     pub signal: libc::c_int,
-    /// A function that must be on the crashed thread's stack in the core.
+    /// A function that must be on the crashed thread's stack in the core:
+    /// a substring of a frame's function name as gdb prints it with module
+    /// paths dropped (`read_block`, `<X as BigFile>::loadblk`, `memory_item`).
     pub frame: &'static str,
     /// The frame must be the innermost one (frame #0): the process died at
     /// an instruction of that function, not somewhere below it.

@@ -20,7 +20,7 @@ use crate::coredump::{expect_crash, Expect};
 use crate::python;
 use crate::Scenario;
 
-/// Block size of the children's files: 16 OS pages.
+/// Block size of the children's files (a multiple of any OS page size).
 const BLK: usize = 64 << 10;
 
 /// Printed by the bystander's loadblk once armed: from then on, the
