@@ -3,7 +3,8 @@
 //!
 //! - `test`: everything CI runs: formatting, clippy, every Rust test, the
 //!   Python tests on every CPython 3.9-3.13 found, and the fault suite.
-//! - `faults`: the fault-injection suite.
+//! - `faults [FILTER]`: the fault suite (crash, inject and race scenarios
+//!   whose names contain FILTER); see README.md.
 //! - `bench [--quick]`: benchmarks with their baselines, one table.
 //! - `demo [args]`: the main job, a file bigger than the RAM budget used as memory.
 
@@ -41,7 +42,7 @@ fn usage() -> ! {
          \n\
          tasks:\n  \
            test          fmt check, clippy, all Rust tests, Python tests, fault suite (what CI runs)\n  \
-           faults        the fault-injection suite\n  \
+           faults [FILTER]  the fault suite (crash, inject, races) or the scenarios matching FILTER\n  \
            bench [--quick]  benchmarks with kernel baselines, printed as one table\n  \
            demo [--file PATH] [--size N] [--ram-budget N] [--blksize N]\n                the main job: a file bigger than the RAM budget used as memory"
     );
@@ -106,22 +107,23 @@ fn test(args: &[String]) -> Result {
     run(cargo().args(["test", "--workspace"]))?;
     python::test_all()?;
     // test_all has just built the package into every venv.
-    let python = match env::var_os(FAULTS_PYTHON) {
-        Some(p) => PathBuf::from(p),
-        None => python::faults_python(false)?,
-    };
-    run_faults(&[], python)?;
+    run_faults(&[], faults_python(false)?)?;
     eprintln!("xtask: all tests passed");
     Ok(())
 }
 
 fn faults(args: &[String]) -> Result {
-    // An interpreter named by the caller is used as it is.
-    let python = match env::var_os(FAULTS_PYTHON) {
-        Some(p) => PathBuf::from(p),
-        None => python::faults_python(true)?,
-    };
-    run_faults(args, python)
+    run_faults(args, faults_python(true)?)
+}
+
+/// The interpreter for the suite's Python scenarios: the one the caller
+/// named in `BIGFILE_FAULTS_PYTHON`, used as it is; else the first CPython's
+/// venv, with the package built into it (`rebuild`: even if it is there).
+fn faults_python(rebuild: bool) -> Result<PathBuf> {
+    match env::var_os(FAULTS_PYTHON) {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => python::faults_python(rebuild),
+    }
 }
 
 /// Names the Python interpreter (with bigfile installed) the fault suite's
