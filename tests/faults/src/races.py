@@ -6,6 +6,7 @@
 # gate the owners hold shared. Prints "python races OK: ..." and exits 0, or
 # prints what went wrong and exits 1. A crash or hang fails the scenario too.
 
+import faulthandler
 import gc
 import mmap
 import random
@@ -17,6 +18,10 @@ import traceback
 import numpy as np
 
 from bigfile import RAM, WRITEOUT_MARKSTORED, WRITEOUT_STORE, BigFile
+
+# As under pytest: faulthandler's SIGSEGV handler installed after bigfile's,
+# which must go back on top and keep serving the page faults.
+faulthandler.enable()
 
 PS = mmap.PAGESIZE
 W = PS // 8
