@@ -103,6 +103,12 @@ fn test(args: &[String]) -> Result {
             .arg("--target-dir")
             .arg(faults_target_dir())
             .args(["--", "-D", "warnings"]))?;
+        // The suite's own unit tests (its helpers, e.g. reading gdb output).
+        run(cargo()
+            .args(["test", "--release", "--manifest-path"])
+            .arg(&suite)
+            .arg("--target-dir")
+            .arg(faults_target_dir()))?;
     }
     run(cargo().args(["test", "--workspace"]))?;
     python::test_all()?;

@@ -283,9 +283,12 @@ fn short_name(func: &str) -> String {
 /// crashing process's working directory.
 fn check_core_pattern() -> Result<String, String> {
     let pattern = fs::read_to_string("/proc/sys/kernel/core_pattern")
-        .map_err(|e| format!("cannot read /proc/sys/kernel/core_pattern: {e}"))?
-        .trim()
-        .to_owned();
+        .map_err(|e| format!("cannot read /proc/sys/kernel/core_pattern: {e}"))?;
+    usable_core_pattern(pattern.trim())
+}
+
+/// `pattern` if it names a file in the crashing process's working directory.
+fn usable_core_pattern(pattern: &str) -> Result<String, String> {
     let fix = "crash scenarios need core files in the working directory: as root, \
                `echo core > /proc/sys/kernel/core_pattern`";
     if pattern.starts_with('|') {
@@ -298,7 +301,7 @@ fn check_core_pattern() -> Result<String, String> {
             "core_pattern {pattern:?} is not a plain file name; {fix}"
         ));
     }
-    Ok(pattern)
+    Ok(pattern.to_owned())
 }
 
 /// The core file the child `pid` left in `dir`: `core`, `core.PID` (with
@@ -373,5 +376,43 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_patterns_outside_the_working_directory_are_refused() {
+        assert!(usable_core_pattern("core").is_ok());
+        assert!(usable_core_pattern("core.%e.%p").is_ok());
+        let pipe = usable_core_pattern("|/usr/lib/systemd/systemd-coredump %P").unwrap_err();
+        assert!(
+            pipe.contains("pipes cores") && pipe.contains("echo core >"),
+            "{pipe}"
+        );
+        assert!(usable_core_pattern("/var/crash/core.%p").is_err());
+        assert!(usable_core_pattern("").is_err());
+    }
+
+    #[test]
+    fn frames_are_named_and_told_apart_from_inlined_ones() {
+        let real = "#2  0x000055b1a67b2864 in bigfile_faults::crash::child () at src/crash.rs:169";
+        let inlined = "#1  bigfile_faults::crash::read_block () at src/crash.rs:278";
+        let trait_impl = "#4  0x0000 in <bigfile_faults::crash::X as \
+                          bigfile_virtmem::bigfile::BigFile>::loadblk (blk=1) at x.rs:1";
+        assert_eq!(frame_function(real), Some("bigfile_faults::crash::child"));
+        assert_eq!(
+            frame_function(inlined),
+            Some("bigfile_faults::crash::read_block")
+        );
+        assert!(has_address(real) && !has_address(inlined));
+        assert_eq!(
+            short_name(frame_function(trait_impl).unwrap()),
+            "<X as BigFile>::loadblk"
+        );
+        assert_eq!(short_name("memory_item"), "memory_item");
+        assert_eq!(short_name("std::sys::backtrace::f<a::B>"), "f<B>");
     }
 }
