@@ -3,7 +3,8 @@
 //!
 //! - `test`: everything CI runs: formatting, clippy, every Rust test, the
 //!   Python tests on every CPython 3.9-3.13 found, and the fault suite.
-//! - `faults`: the fault-injection suite.
+//! - `faults [FILTER]`: the fault suite (crash, inject and race scenarios
+//!   whose names contain FILTER); see README.md.
 //! - `bench [--quick]`: benchmarks with their baselines, one table.
 //! - `demo [args]`: the main job, a file bigger than the RAM budget used as memory.
 
@@ -41,7 +42,7 @@ fn usage() -> ! {
          \n\
          tasks:\n  \
            test          fmt check, clippy, all Rust tests, Python tests, fault suite (what CI runs)\n  \
-           faults        the fault-injection suite\n  \
+           faults [FILTER]  the fault suite (crash, inject, races) or the scenarios matching FILTER\n  \
            bench [--quick]  benchmarks with kernel baselines, printed as one table\n  \
            demo [--file PATH] [--size N] [--ram-budget N] [--blksize N]\n                the main job: a file bigger than the RAM budget used as memory"
     );
@@ -89,14 +90,64 @@ fn test(args: &[String]) -> Result {
         "-D",
         "warnings",
     ]))?;
+    // The fault suite is a workspace of its own: the commands above do
+    // not see it.
+    let suite = root().join("tests/faults/Cargo.toml");
+    if suite.exists() {
+        run(cargo()
+            .args(["fmt", "--check", "--manifest-path"])
+            .arg(&suite))?;
+        run(cargo()
+            .args(["clippy", "--release", "--all-targets", "--manifest-path"])
+            .arg(&suite)
+            .arg("--target-dir")
+            .arg(faults_target_dir())
+            .args(["--", "-D", "warnings"]))?;
+        // The suite's own unit tests (its helpers, e.g. reading gdb output).
+        run(cargo()
+            .args(["test", "--release", "--manifest-path"])
+            .arg(&suite)
+            .arg("--target-dir")
+            .arg(faults_target_dir()))?;
+    }
     run(cargo().args(["test", "--workspace"]))?;
     python::test_all()?;
-    faults(&[])?;
+    // test_all has just built the package into every venv.
+    run_faults(&[], faults_python(false)?)?;
     eprintln!("xtask: all tests passed");
     Ok(())
 }
 
 fn faults(args: &[String]) -> Result {
+    run_faults(args, faults_python(true)?)
+}
+
+/// The interpreter for the suite's Python scenarios: the one the caller
+/// named in `BIGFILE_FAULTS_PYTHON`, used as it is; else the first CPython's
+/// venv, with the package built into it (`rebuild`: even if it is there).
+fn faults_python(rebuild: bool) -> Result<PathBuf> {
+    match env::var_os(FAULTS_PYTHON) {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => python::faults_python(rebuild),
+    }
+}
+
+/// Names the Python interpreter (with bigfile installed) the fault suite's
+/// Python scenarios run in.
+const FAULTS_PYTHON: &str = "BIGFILE_FAULTS_PYTHON";
+
+/// Where the fault suite is built: its own directory under the target
+/// directory (`CARGO_TARGET_DIR` if set), never shared with the main build.
+fn faults_target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+        .join("faults")
+}
+
+/// Runs the fault suite with `python` (a venv's interpreter with bigfile
+/// built into it) for its Python scenarios.
+fn run_faults(args: &[String], python: PathBuf) -> Result {
     let suite = root().join("tests/faults");
     if !suite.exists() {
         eprintln!("xtask: no fault suite yet (tests/faults)");
@@ -108,9 +159,10 @@ fn faults(args: &[String]) -> Result {
         .args(["run", "--release", "--manifest-path"])
         .arg(suite.join("Cargo.toml"))
         .arg("--target-dir")
-        .arg(root().join("target/faults"))
+        .arg(faults_target_dir())
         .arg("--")
-        .args(args))
+        .args(args)
+        .env(FAULTS_PYTHON, python))
 }
 
 fn demo(args: &[String]) -> Result {

@@ -94,14 +94,38 @@ pub(crate) fn venv(version: &str, exe: &Path) -> Result<PathBuf> {
 
 /// Build the package into `venv` and run pytest there.
 pub(crate) fn test_in(venv: &Path) -> Result {
-    let py = venv.join("bin/python");
-    let pkg = root().join(PACKAGE);
+    build_into(venv)?;
+    run(Command::new(venv.join("bin/python"))
+        .args(["-m", "pytest", "-q"])
+        .current_dir(root().join(PACKAGE)))
+}
+
+/// Build the package and install it into `venv` (editable).
+fn build_into(venv: &Path) -> Result {
     run(Command::new(venv.join("bin/maturin"))
         .args(["develop", "--release", "--quiet"])
-        .current_dir(&pkg)
+        .current_dir(root().join(PACKAGE))
         .env("VIRTUAL_ENV", venv)
-        .env_remove("CONDA_PREFIX"))?;
-    run(Command::new(&py)
-        .args(["-m", "pytest", "-q"])
-        .current_dir(&pkg))
+        .env_remove("CONDA_PREFIX"))
+}
+
+/// The interpreter the fault suite's Python scenarios run in: the venv of
+/// the first CPython found, with the package built into it. `rebuild`
+/// builds even when the package is already importable there (its sources
+/// may have changed); without it, a venv `test_all` just built is reused.
+pub(crate) fn faults_python(rebuild: bool) -> Result<PathBuf> {
+    let pys = interpreters();
+    let Some((version, exe)) = pys.first() else {
+        return Err("no CPython 3.9-3.13 found (python3 or pyenv) for the fault suite".into());
+    };
+    let venv = venv(version, exe)?;
+    let py = venv.join("bin/python");
+    let importable = Command::new(&py)
+        .args(["-c", "import bigfile._bigfile"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if rebuild || !importable {
+        build_into(&venv)?;
+    }
+    Ok(py)
 }

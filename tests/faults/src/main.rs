@@ -9,8 +9,10 @@
 //!   survive with nothing lost and nothing leaked.
 //! - `races`: threads doing everything at once, checked against a model.
 
+mod coredump;
 mod crash;
 mod inject;
+mod python;
 mod races;
 
 use std::time::Instant;
@@ -42,7 +44,10 @@ fn main() {
     if let [flag, name] = args.as_slice() {
         if flag == "--child" {
             // Child bodies crash or exit on their own; returning is a failure.
-            crash::child(name);
+            match name.strip_prefix("races/") {
+                Some(_) => races::child(name),
+                None => crash::child(name),
+            }
             eprintln!("faults: child {name:?} returned instead of dying");
             std::process::exit(101);
         }

@@ -1,8 +1,679 @@
-//! Races: threads faulting, writing out, discarding, invalidating and
-//! unmapping at once, checked against a model.
+//! Races: threads faulting, writing, writing out, discarding, invalidating,
+//! reclaiming, mapping and unmapping one file handle at once, for a fixed
+//! number of iterations with fixed seeds, checked against a model.
+//!
+//! Each race runs in a child process (this binary with `--child races/NAME`):
+//! a crash or a hang in it is a failure of that scenario, not of the suite.
+//!
+//! The model. Every 8-byte word of the file holds `word(blk, w, version)`,
+//! so any value read anywhere says which block and word it belongs to and
+//! which version it is: a page mapped at the wrong place, data of another
+//! block, a torn load or garbage is caught by whoever reads it. Blocks are
+//! of two kinds:
+//! - *owned*: each belongs to one owner thread, the only one to write it; the
+//!   owner knows exactly what its blocks hold in memory (its writes, or after
+//!   an invalidation or discard, what the file has), so its reads check exact
+//!   values; other threads check that a value is of the right word and no
+//!   newer than the owner has written;
+//! - *read-only*: nobody writes them; every read anywhere checks the exact
+//!   initial value, while other threads invalidate and reclaim them.
+//!
+//! Discard drops every owner's changes at a moment the owners cannot know,
+//! so it takes a gate (an RwLock) exclusively and owners hold it shared
+//! around each operation; after a discard each owner rereads the file for
+//! its blocks. Writeout takes no gate: owners write while it runs (their
+//! writes wait for it in the fault handler), and what it stores is checked
+//! word by word in `storeblk`. After the threads are joined: memory equals
+//! the model, a final writeout makes the file equal it, and the RAM's
+//! accounting and the process's mappings are back to where they started.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread;
+use std::time::Duration;
+
+use bigfile_virtmem::{Access, BigFile, BlockError, Error, FileH, Ram, Vma, WriteoutFlags};
+
+use crate::coredump::expect_success;
+use crate::python;
 use crate::Scenario;
 
-pub fn scenarios() -> Vec<Scenario> {
-    Vec::new()
+/// One race configuration.
+#[derive(Clone, Copy)]
+struct Config {
+    name: &'static str,
+    owners: usize,
+    blocks_per_owner: u64,
+    readonly_blocks: u64,
+    budget_pages: u64,
+    owner_ops: u32,
+    helper_ops: u32,
+    seed: u64,
 }
+
+const CONFIGS: &[Config] = &[
+    // More blocks than the budget: reclaim runs all the time, under loads,
+    // writeouts and invalidations.
+    Config {
+        name: "rust-tight-budget",
+        owners: 4,
+        blocks_per_owner: 6,
+        readonly_blocks: 64,
+        budget_pages: 48,
+        owner_ops: 150_000,
+        helper_ops: 6000,
+        seed: 0x5eed_0001,
+    },
+    // Everything fits: pages stay, so faults race on mapping and
+    // protection changes rather than on loads.
+    Config {
+        name: "rust-roomy",
+        owners: 4,
+        blocks_per_owner: 4,
+        readonly_blocks: 16,
+        budget_pages: 1024,
+        owner_ops: 150_000,
+        helper_ops: 6000,
+        seed: 0x5eed_0002,
+    },
+];
+
+/// Longer than this is a hang.
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn scenarios() -> Vec<Scenario> {
+    let mut out: Vec<Scenario> = CONFIGS
+        .iter()
+        .map(|c| {
+            let name = c.name;
+            Scenario::new(format!("races/{name}"), move || {
+                let mut cmd =
+                    std::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?);
+                cmd.args(["--child", &format!("races/{name}")]);
+                let out = expect_success(cmd, TIMEOUT)?;
+                last_line(&out, "races OK")
+            })
+        })
+        .collect();
+    out.push(Scenario::new("races/python-gc-in-callbacks", || {
+        let out = expect_success(python::command(PYTHON_RACE)?, TIMEOUT)?;
+        last_line(&out, "python races OK")
+    }));
+    out
+}
+
+/// The line of `out` starting with `prefix`, as the scenario's detail.
+fn last_line(out: &str, prefix: &str) -> Result<String, String> {
+    out.lines()
+        .rev()
+        .find(|l| l.starts_with(prefix))
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no {prefix:?} line in the output:\n{out}"))
+}
+
+/// The body of child `races/NAME`: runs the race and exits, 0 on success.
+pub fn child(name: &str) {
+    let Some(cfg) = CONFIGS.iter().find(|c| name == format!("races/{}", c.name)) else {
+        eprintln!("faults: no race {name:?}");
+        return;
+    };
+    match run(cfg) {
+        Ok(summary) => {
+            println!("races OK: {summary}");
+            std::process::exit(0);
+        }
+        Err(e) => {
+            eprintln!("race {name} failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+const WORDS_PER_BLOCK: usize = BLK / 8;
+/// The RAM's page size, the files' block size: the OS page.
+const BLK: usize = 4096;
+const MAGIC: u64 = 0xb1;
+
+/// The value of word `w` of block `blk` at `version` (0: as first loaded).
+fn word(blk: u64, w: usize, version: u32) -> u64 {
+    debug_assert!(blk < 1 << 16 && w < 1 << 12 && version < 1 << 28);
+    (MAGIC << 56) | (blk << 40) | ((w as u64) << 28) | version as u64
+}
+
+/// `(blk, w, version)` of a value, if it is one `word` makes.
+fn decode(v: u64) -> Option<(u64, usize, u32)> {
+    (v >> 56 == MAGIC).then_some((
+        (v >> 40) & 0xffff,
+        ((v >> 28) & 0xfff) as usize,
+        (v & 0x0fff_ffff) as u32,
+    ))
+}
+
+/// A file in memory whose blocks start as version 0 of every word. Its
+/// storeblk checks what it is given.
+struct RaceFile {
+    blocks: Mutex<HashMap<u64, Vec<u8>>>,
+    /// Blocks nobody writes: storing one is an error.
+    first_readonly: u64,
+    loads: AtomicU64,
+    stores: AtomicU64,
+    /// Everything wrong that storeblk saw.
+    violations: Mutex<Vec<String>>,
+    /// Makes loads and stores take a little longer now and then, so that
+    /// other threads find pages LOADING and handles under writeout.
+    jitter: AtomicU64,
+}
+
+impl RaceFile {
+    fn initial(blk: u64) -> Vec<u8> {
+        (0..WORDS_PER_BLOCK)
+            .flat_map(|w| word(blk, w, 0).to_ne_bytes())
+            .collect()
+    }
+
+    /// The versions of block `blk`'s words in the file.
+    fn versions(&self, blk: u64) -> Vec<u32> {
+        let blocks = self.blocks.lock().unwrap();
+        let data = blocks
+            .get(&blk)
+            .cloned()
+            .unwrap_or_else(|| Self::initial(blk));
+        data.chunks_exact(8)
+            .map(|c| decode(u64::from_ne_bytes(c.try_into().unwrap())).map_or(u32::MAX, |d| d.2))
+            .collect()
+    }
+
+    fn jitter(&self) {
+        let n = self.jitter.fetch_add(1, SeqCst);
+        if n.is_multiple_of(7) {
+            thread::yield_now();
+        }
+        if n.is_multiple_of(97) {
+            thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+impl BigFile for RaceFile {
+    fn blksize(&self) -> usize {
+        BLK
+    }
+
+    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.jitter();
+        let data = self.blocks.lock().unwrap().get(&blk).cloned();
+        buf.copy_from_slice(&data.unwrap_or_else(|| Self::initial(blk)));
+        self.loads.fetch_add(1, SeqCst);
+        Ok(())
+    }
+
+    fn storeblk(&self, blk: u64, buf: &[u8]) -> Result<(), BlockError> {
+        self.jitter();
+        if blk >= self.first_readonly {
+            self.violations
+                .lock()
+                .unwrap()
+                .push(format!("storeblk of read-only block {blk}"));
+        }
+        for (w, c) in buf.chunks_exact(8).enumerate() {
+            let v = u64::from_ne_bytes(c.try_into().unwrap());
+            match decode(v) {
+                Some((b, ww, _)) if b == blk && ww == w => {}
+                _ => {
+                    self.violations
+                        .lock()
+                        .unwrap()
+                        .push(format!("storeblk of block {blk}: word {w} is {v:#x}"));
+                    break;
+                }
+            }
+        }
+        self.blocks.lock().unwrap().insert(blk, buf.to_vec());
+        self.stores.fetch_add(1, SeqCst);
+        Ok(())
+    }
+
+    fn name(&self) -> String {
+        "race-file".into()
+    }
+}
+
+/// xorshift64*: a fixed sequence per seed.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// What every thread shares.
+struct Shared {
+    cfg: Config,
+    file: Arc<RaceFile>,
+    fh: FileH,
+    ram: Ram,
+    vma: Vma,
+    /// Owners hold it shared around each operation; discard exclusively.
+    gate: RwLock<()>,
+    /// Bumped by every discard, under the gate.
+    discards: AtomicU64,
+    /// Per owned block: the highest version its owner has started writing.
+    written: Vec<AtomicU32>,
+    /// Address ranges of every mapping made, to look for leftovers.
+    ranges: Mutex<Vec<(usize, usize)>>,
+    skipped_busy: AtomicUsize,
+    /// Operations done by all owners so far: helpers pace themselves by it.
+    progress: AtomicU64,
+    /// Owners still running (one that failed early stops counting too).
+    owners_left: AtomicUsize,
+}
+
+impl Shared {
+    fn owned_blocks(&self) -> u64 {
+        self.cfg.owners as u64 * self.cfg.blocks_per_owner
+    }
+
+    fn total_blocks(&self) -> u64 {
+        self.owned_blocks() + self.cfg.readonly_blocks
+    }
+
+    /// Waits until the owners are `k / helper_ops` of the way through, so a
+    /// helper's fixed number of operations is spread over the whole race
+    /// rather than done before the owners get going.
+    fn pace(&self, k: u32) {
+        let all = self.cfg.owners as u64 * self.cfg.owner_ops as u64;
+        let target = all * k as u64 / self.cfg.helper_ops as u64;
+        while self.progress.load(SeqCst) < target && self.owners_left.load(SeqCst) != 0 {
+            thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// Reads word `w` of block `blk` through `vma` (whose first page is
+    /// `pgoffset`) and checks it as a non-owner can: exact for read-only
+    /// blocks, of the right word and not newer than written for owned ones.
+    fn check_foreign(&self, vma: &Vma, blk: u64, w: usize) -> Result<(), String> {
+        let v = read_word(vma, blk - vma.pgoffset(), w);
+        let bound = if blk < self.owned_blocks() {
+            self.written[blk as usize].load(SeqCst)
+        } else {
+            0
+        };
+        match decode(v) {
+            Some((b, ww, ver)) if b == blk && ww == w && ver <= bound => Ok(()),
+            _ => Err(format!(
+                "block {blk} word {w} reads {v:#x}: not version <= {bound} of that word"
+            )),
+        }
+    }
+}
+
+fn read_word(vma: &Vma, page: u64, w: usize) -> u64 {
+    let off = page as usize * BLK + w * 8;
+    assert!(off + 8 <= vma.len());
+    // SAFETY: an aligned word inside the live mapping; faults are served by
+    // the handler. A raw volatile read: no reference to memory that other
+    // threads write.
+    unsafe { std::ptr::read_volatile(vma.as_ptr().add(off).cast::<u64>()) }
+}
+
+fn write_word(vma: &Vma, page: u64, w: usize, v: u64) {
+    let off = page as usize * BLK + w * 8;
+    assert!(off + 8 <= vma.len());
+    // SAFETY: as in `read_word`; only this block's owner writes it, and one
+    // aligned 8-byte store is re-executed whole after a fault.
+    unsafe { std::ptr::write_volatile(vma.as_ptr().add(off).cast::<u64>(), v) }
+}
+
+/// Lines of /proc/self/maps naming a RAM file.
+fn ram_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("memfd:bigfile-ram"))
+        .count()
+}
+
+fn run(cfg: &Config) -> Result<String, String> {
+    let baseline_maps = ram_mappings();
+    let owned = cfg.owners as u64 * cfg.blocks_per_owner;
+    let total = owned + cfg.readonly_blocks;
+    let file = Arc::new(RaceFile {
+        blocks: Mutex::new(HashMap::new()),
+        first_readonly: owned,
+        loads: AtomicU64::new(0),
+        stores: AtomicU64::new(0),
+        violations: Mutex::new(Vec::new()),
+        jitter: AtomicU64::new(0),
+    });
+    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}"))
+        .map_err(|e| e.to_string())?
+        .with_budget(cfg.budget_pages * BLK as u64);
+    let fh = FileH::open(file.clone(), Some(&ram)).map_err(|e| e.to_string())?;
+    let vma = fh.mmap(0, total).map_err(|e| e.to_string())?;
+    let sh = Arc::new(Shared {
+        cfg: *cfg,
+        file: file.clone(),
+        ranges: Mutex::new(vec![(vma.addr_range().start, vma.addr_range().end)]),
+        fh,
+        ram,
+        vma,
+        gate: RwLock::new(()),
+        discards: AtomicU64::new(0),
+        written: (0..owned).map(|_| AtomicU32::new(0)).collect(),
+        skipped_busy: AtomicUsize::new(0),
+        progress: AtomicU64::new(0),
+        owners_left: AtomicUsize::new(cfg.owners),
+    });
+
+    let mut handles = Vec::new();
+    for t in 0..cfg.owners {
+        let sh = sh.clone();
+        handles.push(thread::spawn(move || {
+            let res = owner(&sh, t).map(Some);
+            sh.owners_left.fetch_sub(1, SeqCst);
+            res
+        }));
+    }
+    for (i, helper) in [committer, chaos, mapper].into_iter().enumerate() {
+        let sh = sh.clone();
+        let seed = cfg.seed ^ (0x100 + i as u64);
+        handles.push(thread::spawn(move || helper(&sh, seed).map(|()| None)));
+    }
+    let mut models: Vec<(Vec<Vec<u32>>, u64)> = Vec::new();
+    let mut errors = Vec::new();
+    for h in handles {
+        match h.join() {
+            Ok(Ok(Some(m))) => models.push(m),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push("a thread panicked (see stderr)".into()),
+        }
+    }
+    errors.extend(file.violations.lock().unwrap().iter().cloned());
+    if !errors.is_empty() {
+        return Err(errors.join("\n"));
+    }
+
+    // A discard after an owner's last operation dropped its changes: its
+    // blocks hold what the file has (nobody wrote them since).
+    let discards = sh.discards.load(SeqCst);
+    let per = cfg.blocks_per_owner;
+    let models: Vec<Vec<Vec<u32>>> = models
+        .into_iter()
+        .enumerate()
+        .map(|(t, (mem, seen))| {
+            if seen == discards {
+                return mem;
+            }
+            (0..per)
+                .map(|j| file.versions(t as u64 * per + j))
+                .collect()
+        })
+        .collect();
+    // Quiet now: memory must be exactly the model.
+    let expect = |blk: u64| -> Vec<u32> {
+        if blk < owned {
+            models[(blk / per) as usize][(blk % per) as usize].clone()
+        } else {
+            vec![0; WORDS_PER_BLOCK]
+        }
+    };
+    for blk in 0..total {
+        let want = expect(blk);
+        for (w, &ver) in want.iter().enumerate() {
+            let got = read_word(&sh.vma, blk, w);
+            if got != word(blk, w, ver) {
+                return Err(format!(
+                    "after the race, block {blk} word {w} is {got:#x}, the model says version {ver}"
+                ));
+            }
+        }
+    }
+    // Everything written out: the file must be the model too.
+    sh.fh
+        .dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
+        .map_err(|e| format!("final writeout: {e}"))?;
+    for blk in 0..total {
+        if file.versions(blk) != expect(blk) {
+            return Err(format!(
+                "after the final writeout the file's block {blk} differs from the model"
+            ));
+        }
+    }
+    if let Some(v) = file.violations.lock().unwrap().first() {
+        return Err(v.clone());
+    }
+    let stats = sh.fh.stats();
+    if stats.dirty_pages != 0 || !sh.fh.dirty_blocks().is_empty() {
+        return Err(format!("dirty after MARKSTORED: {stats:?}"));
+    }
+    let rs = sh.ram.stats();
+    if rs.resident_bytes > rs.budget {
+        return Err(format!(
+            "resident {} over budget {}",
+            rs.resident_bytes, rs.budget
+        ));
+    }
+    if stats.loads != file.loads.load(SeqCst) {
+        return Err(format!(
+            "the handle counted {} loads, loadblk ran {} times",
+            stats.loads,
+            file.loads.load(SeqCst)
+        ));
+    }
+    let summary = format!(
+        "{} loads, {} stores, {} reclaims, {} discards, {} busy skips, {} faults",
+        stats.loads,
+        file.stores.load(SeqCst),
+        stats.reclaims,
+        sh.discards.load(SeqCst),
+        sh.skipped_busy.load(SeqCst),
+        stats.faults
+    );
+
+    // Tear down and check that nothing is left behind.
+    let sh = Arc::into_inner(sh).ok_or("a thread still holds the shared state")?;
+    let ranges = sh.ranges.into_inner().unwrap();
+    drop(sh.vma);
+    if sh.fh.mapping_count() != 0 {
+        return Err(format!(
+            "{} mappings left after unmapping all",
+            sh.fh.mapping_count()
+        ));
+    }
+    sh.ram.reclaim();
+    let rs = sh.ram.stats();
+    if rs.resident_bytes != 0 || rs.stats.resident_pages != 0 || rs.stats.dirty_pages != 0 {
+        return Err(format!(
+            "RAM accounting not back to zero after reclaiming all: {rs:?}"
+        ));
+    }
+    drop(sh.fh);
+    drop(sh.ram);
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    for line in maps.lines() {
+        let Some((range, _)) = line.split_once(' ') else {
+            continue;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (a, b) = (
+            usize::from_str_radix(a, 16).unwrap_or(0),
+            usize::from_str_radix(b, 16).unwrap_or(0),
+        );
+        if ranges.contains(&(a, b)) {
+            return Err(format!("a mapping's reservation is still there: {line}"));
+        }
+    }
+    if ram_mappings() != baseline_maps {
+        return Err(format!("RAM mappings left behind:\n{maps}"));
+    }
+    Ok(format!(
+        "{summary}, {} mappings made and unmapped",
+        ranges.len()
+    ))
+}
+
+/// Owner `t`: writes, reads and invalidates its own blocks, reads others'.
+/// Returns the versions its blocks hold in memory at its end, and how many
+/// discards that accounts for.
+fn owner(sh: &Shared, t: usize) -> Result<(Vec<Vec<u32>>, u64), String> {
+    let cfg = &sh.cfg;
+    let per = cfg.blocks_per_owner;
+    let first = t as u64 * per;
+    let mut rng = Rng::new(cfg.seed ^ t as u64);
+    // What this owner's blocks hold in memory, and the last version written.
+    let mut mem: Vec<Vec<u32>> = vec![vec![0; WORDS_PER_BLOCK]; per as usize];
+    let mut last: Vec<Vec<u32>> = vec![vec![0; WORDS_PER_BLOCK]; per as usize];
+    let mut seen_discards = 0;
+    let resync = |mem: &mut Vec<u32>, blk: u64| *mem = sh.file.versions(blk);
+    for i in 0..cfg.owner_ops {
+        sh.progress.fetch_add(1, SeqCst);
+        let _gate = sh.gate.read().unwrap();
+        let d = sh.discards.load(SeqCst);
+        if d != seen_discards {
+            seen_discards = d;
+            for j in 0..per {
+                resync(&mut mem[j as usize], first + j);
+            }
+        }
+        let j = rng.below(per);
+        let blk = first + j;
+        let w = rng.below(WORDS_PER_BLOCK as u64) as usize;
+        match rng.below(100) {
+            0..=39 => {
+                let v = last[j as usize][w] + 1;
+                last[j as usize][w] = v;
+                // Published before the write: a reader may see it at once.
+                sh.written[blk as usize].fetch_max(v, SeqCst);
+                write_word(&sh.vma, blk, w, word(blk, w, v));
+                mem[j as usize][w] = v;
+            }
+            40..=64 => {
+                let got = read_word(&sh.vma, blk, w);
+                let want = word(blk, w, mem[j as usize][w]);
+                if got != want {
+                    return Err(format!(
+                        "owner {t}, op {i}: own block {blk} word {w} reads {got:#x}, wrote {want:#x}"
+                    ));
+                }
+            }
+            65..=84 => {
+                let ro = sh.owned_blocks() + rng.below(cfg.readonly_blocks);
+                sh.check_foreign(&sh.vma, ro, w)
+                    .map_err(|e| format!("owner {t}, op {i}: {e}"))?;
+            }
+            85..=94 => {
+                let other = rng.below(sh.owned_blocks());
+                sh.check_foreign(&sh.vma, other, w)
+                    .map_err(|e| format!("owner {t}, op {i}: {e}"))?;
+            }
+            _ => match sh.fh.invalidate_page(blk) {
+                Ok(()) => resync(&mut mem[j as usize], blk),
+                Err(Error::WriteoutInProgress(_)) => {
+                    sh.skipped_busy.fetch_add(1, SeqCst);
+                }
+                Err(e) => return Err(format!("owner {t}: invalidate_page({blk}): {e}")),
+            },
+        }
+    }
+    Ok((mem, seen_discards))
+}
+
+/// Writes out, mostly committing (STORE|MARKSTORED), sometimes storing only.
+fn committer(sh: &Shared, seed: u64) -> Result<(), String> {
+    let mut rng = Rng::new(seed);
+    for k in 0..sh.cfg.helper_ops {
+        sh.pace(k);
+        let flags = if rng.below(4) == 0 {
+            WriteoutFlags::STORE
+        } else {
+            WriteoutFlags::STORE | WriteoutFlags::MARKSTORED
+        };
+        sh.fh
+            .dirty_writeout(flags)
+            .map_err(|e| format!("writeout: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Discards (behind the gate), invalidates read-only blocks, reclaims.
+fn chaos(sh: &Shared, seed: u64) -> Result<(), String> {
+    let mut rng = Rng::new(seed);
+    for k in 0..sh.cfg.helper_ops {
+        sh.pace(k);
+        match rng.below(8) {
+            0 => {
+                let _gate = sh.gate.write().unwrap();
+                loop {
+                    match sh.fh.dirty_discard() {
+                        Ok(()) => break,
+                        // The committer finishes without the gate.
+                        Err(Error::WriteoutInProgress(_)) => thread::yield_now(),
+                        Err(e) => return Err(format!("discard: {e}")),
+                    }
+                }
+                sh.discards.fetch_add(1, SeqCst);
+            }
+            1..=5 => {
+                let blk = sh.owned_blocks() + rng.below(sh.cfg.readonly_blocks);
+                match sh.fh.invalidate_page(blk) {
+                    Ok(()) => {}
+                    Err(Error::WriteoutInProgress(_)) => {
+                        sh.skipped_busy.fetch_add(1, SeqCst);
+                    }
+                    Err(e) => return Err(format!("invalidate_page({blk}): {e}")),
+                }
+            }
+            _ => {
+                sh.ram.reclaim_up_to(1 + rng.below(4) as usize);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Maps small ranges of the handle, reads and prefaults them, unmaps them.
+fn mapper(sh: &Shared, seed: u64) -> Result<(), String> {
+    let mut rng = Rng::new(seed);
+    let total = sh.total_blocks();
+    for k in 0..sh.cfg.helper_ops {
+        sh.pace(k);
+        let len = 1 + rng.below(8.min(total));
+        let start = rng.below(total - len + 1);
+        let m = sh.fh.mmap(start, len).map_err(|e| format!("mmap: {e}"))?;
+        sh.ranges
+            .lock()
+            .unwrap()
+            .push((m.addr_range().start, m.addr_range().end));
+        if rng.below(3) == 0 {
+            m.prefault(0..m.len(), Access::Read)
+                .map_err(|e| format!("prefault: {e}"))?;
+        }
+        for _ in 0..4 {
+            let blk = start + rng.below(len);
+            let w = rng.below(WORDS_PER_BLOCK as u64) as usize;
+            sh.check_foreign(&m, blk, w)
+                .map_err(|e| format!("through a second mapping: {e}"))?;
+        }
+        drop(m);
+    }
+    Ok(())
+}
+
+/// The same race in Python: loadblk/storeblk in Python, with garbage cycles
+/// made in them whose `__del__` runs `gc.collect()` and reads another
+/// mapping (a nested fault) while the callback is in progress.
+const PYTHON_RACE: &str = include_str!("races.py");
