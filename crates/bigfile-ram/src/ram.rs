@@ -620,6 +620,14 @@ impl RamHandle {
                             self.fd(),
                         )
                         .map_err(|e| RamError::io("map the handle window (mmap)", e))?;
+                        // The window spans the RAM's whole capacity: a core
+                        // dump would read every page of it, allocating the
+                        // holes (measured: 24 GB of core for one loaded
+                        // page). The pages are dumped where they are mapped
+                        // for use, if the dump filter says so.
+                        // SAFETY: the range was just mapped, and excluding
+                        // it from core dumps changes no data.
+                        let _ = unsafe { sys::madvise(ptr, len, libc::MADV_DONTDUMP) };
                         self.window.get_or_init(|| Window { ptr, len })
                     }
                 }

@@ -130,13 +130,13 @@ pub(crate) fn serve(
                 Err(panic) => {
                     // Leave no LOADING page behind for waiters to hang on.
                     st.forget_page(pk, ps, &shared.counters);
-                    let _ = ticket.outcome.set(Err(format!(
-                        "loadblk of block {blk} of {} panicked",
-                        fh.name
-                    )
-                    .into()));
+                    let msg = format!("loadblk of block {blk} of {} panicked", fh.name);
+                    let _ = ticket.outcome.set(Err(msg.as_str().into()));
                     shared.cond.notify_all();
                     drop(st);
+                    // The fault handler reports the panic with the faulting
+                    // address only: say which block of which file it was.
+                    eprintln!("bigfile: {msg}");
                     resume_unwind(panic);
                 }
             }

@@ -92,15 +92,16 @@ pub fn scenarios() -> Vec<Scenario> {
         ),
         // The panic is caught inside the signal handler, which aborts: the
         // faulting function's guard is never dropped and no catch_unwind
-        // around it sees anything. (gdb cannot unwind past the handler's
-        // switch of stacks, so the core shows the abort in the handler, not
-        // the faulting frame below it.)
+        // around it sees anything; gdb unwinds through the handler's switch
+        // of stacks down to the faulting function.
         (
             "panic-in-loadblk",
-            Expect::new(SIGABRT, "run_handler")
+            Expect::new(SIGABRT, "read_with_guard")
                 .below()
                 .stderr(&[
                     "loader exploded at block 1",
+                    "bigfile: loadblk of block 1 of",
+                    "panicked",
                     "bigfile: panic in fault handler",
                     "loader exploded at block 1",
                 ])
