@@ -153,9 +153,19 @@ pub(crate) fn serve(
                         fh.name
                     )));
                 }
+                if let Some(chain) = st.would_deadlock(me, ticket.loader) {
+                    return Err(Failure::SelfWait(format!(
+                        "waiting for block {blk} of {}, which another thread is loading, \
+                         would never end: {chain}; loadblk and storeblk must not access pages \
+                         other loads or writeouts may be waiting for",
+                        fh.name
+                    )));
+                }
+                st.waiting_for.insert(me, ticket.loader);
                 while ticket.outcome.get().is_none() {
                     st = shared.wait(st);
                 }
+                st.waiting_for.remove(&me);
                 if let Some(Err(msg)) = ticket.outcome.get() {
                     return Err(Failure::Load(format!(
                         "while waiting for another thread's load: {msg}"
@@ -183,11 +193,20 @@ pub(crate) fn serve(
                                     fh.name
                                 )));
                             }
+                            if let Some(chain) = st.would_deadlock(me, writer) {
+                                return Err(Failure::SelfWait(format!(
+                                    "a write to block {blk} of {} would wait for its writeout \
+                                     forever: {chain}",
+                                    fh.name
+                                )));
+                            }
                             // Writes wait for the writeout: storeblk must see
                             // the block as it was when writeout began.
+                            st.waiting_for.insert(me, writer);
                             while st.filehs[fh.key].writeout.is_some() {
                                 st = shared.wait(st);
                             }
+                            st.waiting_for.remove(&me);
                             continue;
                         }
                         if state == PageState::Loaded {

@@ -4,7 +4,7 @@
 //! under the RAM's one mutex, so reclaim can walk pages of all handles in LRU
 //! order. `loadblk` and `storeblk` never run while the mutex is held.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ptr::NonNull;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::ThreadId;
@@ -86,6 +86,11 @@ pub(crate) struct State {
     lru_tail: Option<usize>,
     /// Pages holding or about to hold memory, counted against the budget.
     pub(crate) resident: u64,
+    /// Threads waiting, each for one other thread: the loader of a page it
+    /// needs, or the thread running a writeout it must wait out. Consulted
+    /// before every such wait so that a cycle (two loaders each touching the
+    /// other's page) fails at once instead of hanging.
+    pub(crate) waiting_for: HashMap<ThreadId, ThreadId>,
 }
 
 /// One RAM as virtmem sees it: the page source, its budget, its lock.
@@ -423,6 +428,28 @@ impl Deferred {
 }
 
 impl State {
+    /// If `me` waiting for `other` would close a cycle of waits, the cycle,
+    /// described for a diagnostic.
+    pub(crate) fn would_deadlock(&self, me: ThreadId, other: ThreadId) -> Option<String> {
+        let mut chain = vec![me, other];
+        let mut cur = other;
+        while cur != me {
+            cur = *self.waiting_for.get(&cur)?;
+            if chain.len() > self.waiting_for.len() + 2 {
+                // Not through `me`: a cycle of others, which is theirs to find.
+                return None;
+            }
+            chain.push(cur);
+        }
+        Some(
+            chain
+                .iter()
+                .map(|t| format!("{t:?}"))
+                .collect::<Vec<_>>()
+                .join(" waits for "),
+        )
+    }
+
     /// Whether `me`, finding the budget full, may wait for loads to finish
     /// (a loaded page is clean and can be reclaimed): some other thread is
     /// loading a page, and `me` is loading none. A loader whose `loadblk`

@@ -70,6 +70,16 @@ pub fn scenarios() -> Vec<Scenario> {
                 "bigfile: loadblk of block 2 of self-touching touched the page it is loading",
             ]),
         ),
+        // Two loaders each touching the page the other loads: the second to
+        // wait would wait forever; it is refused and dies like a loader
+        // touching its own page.
+        (
+            "loaders-touch-each-others-page",
+            Expect::new(SIGSEGV, "touch_other_page").stderr(&[
+                "bigfile: waiting for block",
+                "of crossed-loaders, which another thread is loading, would never end",
+            ]),
+        ),
         (
             "storeblk-writes-own-handle",
             Expect::new(SIGSEGV, "write_own_handle").stderr(&[
@@ -179,6 +189,22 @@ pub fn child(name: &str) {
             let (_ram, _fh, vma) = mapping(file.clone(), 8, 4);
             file.base.store(vma.as_ptr() as usize, Ordering::SeqCst);
             read_block(&vma, 2);
+        }
+        "loaders-touch-each-others-page" => {
+            let file = Arc::new(Crossed {
+                base: AtomicUsize::new(0),
+                started: AtomicUsize::new(0),
+            });
+            let (_ram, _fh, vma) = mapping(file.clone(), 8, 2);
+            file.base.store(vma.as_ptr() as usize, Ordering::SeqCst);
+            let base = vma.as_ptr() as usize;
+            let other = std::thread::spawn(move || {
+                // SAFETY: block 1 of the live mapping, which outlives the
+                // process's death below.
+                unsafe { std::ptr::read_volatile((base + BLK) as *const u8) }
+            });
+            read_block(&vma, 0);
+            let _ = other.join();
         }
         "storeblk-writes-own-handle" => {
             let file = Arc::new(OwnWriter {
@@ -398,6 +424,43 @@ impl BigFile for SelfTouching {
     fn name(&self) -> String {
         "self-touching".into()
     }
+}
+
+/// Loading block 0 reads block 1 and loading block 1 reads block 0 (of the
+/// mapping at `base`), once both loads have started.
+struct Crossed {
+    base: AtomicUsize,
+    started: AtomicUsize,
+}
+
+impl BigFile for Crossed {
+    fn blksize(&self) -> usize {
+        BLK
+    }
+    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let t0 = std::time::Instant::now();
+        while self.started.load(Ordering::SeqCst) < 2 && t0.elapsed().as_secs() < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let other = self.base.load(Ordering::SeqCst) + (1 - blk as usize) * BLK;
+        touch_other_page(other, buf);
+        Ok(())
+    }
+    fn storeblk(&self, _blk: u64, _buf: &[u8]) -> Result<(), BlockError> {
+        Ok(())
+    }
+    fn name(&self) -> String {
+        "crossed-loaders".into()
+    }
+}
+
+/// Crossed's loadblk touching the other loader's page.
+#[inline(never)]
+fn touch_other_page(other: usize, buf: &mut [u8]) {
+    // SAFETY: `other` is inside the child's live mapping; waiting there for
+    // a loader that waits for us is the misuse under test, which must kill us.
+    buf[1] = unsafe { std::ptr::read_volatile(other as *const u8) };
 }
 
 /// A storeblk that writes block 1 of the mapping at `base` while the
