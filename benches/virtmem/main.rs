@@ -478,5 +478,39 @@ fn threads(c: &mut Criterion, figures: &support::Figures) {
             cycle.ram.stats().resident_bytes,
         );
     }
+    // The bound the machine puts on (6): the same fill into 32 blocks of
+    // plain memory (the 32 pages of the budget), each thread cycling over
+    // its half, no faults. Filling 2 MiB that is not in cache is limited by
+    // memory bandwidth, which two threads may not double.
+    let mut plain = vec![0u64; 32 * bs / 8];
+    for n in [1usize, 2] {
+        g.bench_function(BenchmarkId::new("bare_fill", n), |b| {
+            b.iter_custom(|iters| {
+                let iters = iters.max(n as u64);
+                let t = Instant::now();
+                std::thread::scope(|s| {
+                    let part = plain.len() / n;
+                    for half in plain.chunks_mut(part) {
+                        s.spawn(move || {
+                            let blocks = half.len() * 8 / bs;
+                            for i in 0..iters / n as u64 {
+                                let k = i as usize % blocks;
+                                let words = &mut half[k * bs / 8..(k + 1) * bs / 8];
+                                // SAFETY: reinterpreting initialised u64s as bytes.
+                                let bytes = unsafe {
+                                    std::slice::from_raw_parts_mut(
+                                        words.as_mut_ptr().cast::<u8>(),
+                                        bs,
+                                    )
+                                };
+                                support::fill_block(bytes, i);
+                            }
+                        });
+                    }
+                });
+                t.elapsed()
+            })
+        });
+    }
     g.finish();
 }

@@ -306,6 +306,14 @@ const ROWS: &[Row] = {
         ),
         row(
             "6",
+            "2 threads, the same fill of plain memory, no faults (per block)",
+            Time("threads/bare_fill/2"),
+            "1 thread",
+            Time("threads/bare_fill/1"),
+            AtLeast(None),
+        ),
+        row(
+            "6",
             "2 threads, no-op faults (per fault)",
             Time("threads/noop/2"),
             "1 thread",
