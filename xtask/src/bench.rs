@@ -353,6 +353,14 @@ const ROWS: &[Row] = {
             AtLeast(None),
         ),
         row(
+            "7",
+            "Python adler32, BigFile_File (native I/O)",
+            PyRate("adler32_file_native"),
+            "Python mmap",
+            PyRate("adler32_mmap"),
+            AtLeast(None),
+        ),
+        row(
             "9",
             "Python adler32, BigFile_File (native I/O)",
             PyRate("adler32_file_native"),
