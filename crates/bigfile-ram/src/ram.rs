@@ -503,15 +503,14 @@ impl RamHandle {
         };
         // The index is claimed, so fallocate runs without the lock.
         if self.alloc == AllocPolicy::Reserve {
+            #[cfg(feature = "failpoints")]
+            if let Err(e) = sys::failpoint("ram::alloc_page") {
+                self.used().set(page, false);
+                return Err(exhausted_or_io(e, page, self.page_size));
+            }
             if let Err(e) = sys::fallocate(self.fd(), 0, self.offset(page), self.page_size as u64) {
                 self.used().set(page, false);
-                return Err(match e.raw_os_error() {
-                    Some(libc::ENOSPC | libc::ENOMEM) => RamError::Exhausted {
-                        page_size: self.page_size,
-                        source: e,
-                    },
-                    _ => RamError::io(format!("reserve page {page} (fallocate)"), e),
-                });
+                return Err(exhausted_or_io(e, page, self.page_size));
             }
         }
         self.account.add();
@@ -526,6 +525,9 @@ impl RamHandle {
         fixed: bool,
     ) -> Result<NonNull<u8>, RamError> {
         self.check_allocated(page)?;
+        #[cfg(feature = "failpoints")]
+        sys::failpoint("ram::map_page")
+            .map_err(|e| RamError::io(format!("map page {page} (mmap)"), e))?;
         let flags = libc::MAP_SHARED | if fixed { libc::MAP_FIXED } else { 0 };
         // SAFETY: without MAP_FIXED the kernel picks a free range; with it, `map_page_fixed`'s
         // caller vouches for `addr`.
@@ -582,6 +584,9 @@ impl RamHandle {
                     Some(w) => w,
                     None => {
                         let len = (self.max_pages * self.page_size as u64) as usize;
+                        #[cfg(feature = "failpoints")]
+                        sys::failpoint("ram::window")
+                            .map_err(|e| RamError::io("map the handle window (mmap)", e))?;
                         // SAFETY: not MAP_FIXED: the kernel picks a free range.
                         let ptr = unsafe {
                             sys::mmap(
@@ -610,6 +615,9 @@ impl RamHandle {
     /// threads at once is a caller bug (the page table above owns each page once).
     pub fn drop_page(&self, page: u64) -> Result<(), RamError> {
         self.check_allocated(page)?;
+        #[cfg(feature = "failpoints")]
+        sys::failpoint("ram::drop_page")
+            .map_err(|e| RamError::io(format!("drop page {page} (fallocate PUNCH_HOLE)"), e))?;
         sys::fallocate(
             self.fd(),
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -641,6 +649,18 @@ impl RamHandle {
     /// Whether pages come from the hugetlb pool.
     pub fn is_hugetlb(&self) -> bool {
         self.hugetlb
+    }
+}
+
+/// The error of a failed page reservation: running out of memory is
+/// [`RamError::Exhausted`] (reclaim and retry can help), anything else an I/O error.
+fn exhausted_or_io(e: io::Error, page: u64, page_size: usize) -> RamError {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::ENOMEM) => RamError::Exhausted {
+            page_size,
+            source: e,
+        },
+        _ => RamError::io(format!("reserve page {page} (fallocate)"), e),
     }
 }
 
