@@ -11,7 +11,10 @@
 
 mod crash;
 mod inject;
+mod leaks;
+mod model;
 mod races;
+mod tmpfs;
 
 use std::time::Instant;
 
