@@ -250,7 +250,15 @@ impl State {
                     // SAFETY: the page lies inside the mapping's own reservation;
                     // the data in it is dropped on purpose (reclaim, discard,
                     // invalidate): later accesses fault and reload.
-                    let res = unsafe { sys::unmap_to_reserved(addr, page_size) };
+                    let res = unsafe { sys::unmap_to_reserved(addr, page_size) }.or_else(|_| {
+                        // Replacing the page fails when the split would exceed
+                        // the process's mapping count (ENOMEM). It must not stay
+                        // accessible: its RAM is freed or given to another block
+                        // next. Inaccessible, it faults and is mapped afresh
+                        // like a reserved page.
+                        // SAFETY: as above.
+                        unsafe { sys::mprotect(addr, page_size, libc::PROT_NONE) }
+                    });
                     debug_assert!(res.is_ok(), "unmap page: {res:?}");
                     vma.mapped.set(idx, false);
                 }

@@ -1,0 +1,66 @@
+//! Failure paths reachable only by injection (`--features failpoints`); the
+//! fault-injection suite (tests/faults) runs them all in a whole workload.
+#![cfg(feature = "failpoints")]
+
+use std::sync::Arc;
+
+use bigfile_virtmem::{BigFile, BlockError, FileH, Ram};
+
+const BLK: usize = 4096;
+
+/// Block n is all bytes n + 1: never zeros, unlike a dropped RAM page.
+struct Blocks;
+
+impl BigFile for Blocks {
+    fn blksize(&self) -> usize {
+        BLK
+    }
+    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        buf.fill(blk as u8 + 1);
+        Ok(())
+    }
+    fn storeblk(&self, _blk: u64, _buf: &[u8]) -> Result<(), BlockError> {
+        Ok(())
+    }
+}
+
+/// Permissions of the mapping holding `addr`, from /proc/self/maps.
+fn perms_at(addr: usize) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines() {
+        let mut it = line.split_whitespace();
+        let (range, perms) = (it.next().unwrap(), it.next().unwrap());
+        let (a, b) = range.split_once('-').unwrap();
+        let a = usize::from_str_radix(a, 16).unwrap();
+        let b = usize::from_str_radix(b, 16).unwrap();
+        if (a..b).contains(&addr) {
+            return perms.to_owned();
+        }
+    }
+    panic!("{addr:#x} is not mapped");
+}
+
+/// When a dropped page cannot be replaced by the reservation (mmap fails,
+/// as with ENOMEM at the mapping-count limit), it must not stay readable:
+/// its RAM page is freed, so it would read zeros, or another block's data
+/// once the RAM page is reused. It is made inaccessible and reloads.
+#[test]
+fn a_page_that_cannot_be_unmapped_is_made_inaccessible() {
+    let _scenario = fail::FailScenario::setup();
+    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
+    let fh = FileH::open(Arc::new(Blocks), Some(&ram)).unwrap();
+    let vma = fh.mmap(0, 2).unwrap();
+    let mut b = [0u8];
+    vma.read_at(0, &mut b).unwrap();
+    assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
+
+    fail::cfg("virtmem::mmap", &format!("1*return({})", libc::ENOMEM)).unwrap();
+    fh.invalidate_page(0).unwrap();
+    fail::remove("virtmem::mmap");
+
+    assert!(perms_at(vma.as_ptr() as usize).starts_with("---"));
+    assert_eq!(ram.stats().stats.resident_pages, 0);
+    vma.read_at(0, &mut b).unwrap();
+    assert_eq!(b[0], 1, "block 0 reloaded, not a dropped page's zeros");
+    assert_eq!(fh.stats().loads, 2);
+}
