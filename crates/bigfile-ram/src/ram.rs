@@ -218,6 +218,7 @@ impl Ram {
             },
             window: OnceLock::new(),
             window_init: Mutex::new(()),
+            stray: Mutex::new(Vec::new()),
         })
     }
 }
@@ -421,6 +422,9 @@ pub struct RamHandle {
     window: OnceLock<Window>,
     /// Serialises creating the window (`OnceLock::get_or_try_init` is not stable).
     window_init: Mutex<()>,
+    /// Pages given up by `drop_page` whose memory could not be returned (the hole punch
+    /// failed): still allocated and counted, handed out first by `alloc_page`.
+    stray: Mutex<Vec<u64>>,
 }
 
 impl fmt::Debug for RamHandle {
@@ -488,7 +492,13 @@ impl RamHandle {
     /// page), else the nearest free index above it, else the nearest below. Under
     /// [`AllocPolicy::Reserve`] the memory is taken now; the kernel's ENOSPC/ENOMEM is
     /// [`RamError::Exhausted`], a handle with every index taken is [`RamError::HandleFull`].
+    ///
+    /// A page whose [`RamHandle::drop_page`] failed is handed out first, with its old
+    /// contents (its memory is still held, so this takes none).
     pub fn alloc_page(&self, hint: u64) -> Result<u64, RamError> {
+        if let Some(page) = self.stray.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(page);
+        }
         let hint = hint.min(self.max_pages - 1);
         let page = {
             let mut used = self.used();
@@ -613,18 +623,36 @@ impl RamHandle {
     /// mapping that is still there populates a fresh zeroed page (and takes memory again,
     /// uncounted): unmap or protect such mappings first. Dropping the same page from two
     /// threads at once is a caller bug (the page table above owns each page once).
+    ///
+    /// If the hole punch fails the error is returned, but the page is given up all the same:
+    /// its memory, still held and still counted, goes to the next [`RamHandle::alloc_page`],
+    /// so a failure costs one page until then instead of one page until the handle closes.
     pub fn drop_page(&self, page: u64) -> Result<(), RamError> {
         self.check_allocated(page)?;
-        #[cfg(feature = "failpoints")]
-        sys::failpoint("ram::drop_page")
-            .map_err(|e| RamError::io(format!("drop page {page} (fallocate PUNCH_HOLE)"), e))?;
-        sys::fallocate(
-            self.fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            self.offset(page),
-            self.page_size as u64,
-        )
-        .map_err(|e| RamError::io(format!("drop page {page} (fallocate PUNCH_HOLE)"), e))?;
+        let punched = {
+            #[cfg(feature = "failpoints")]
+            let punched = sys::failpoint("ram::drop_page");
+            #[cfg(not(feature = "failpoints"))]
+            let punched = Ok(());
+            punched.and_then(|()| {
+                sys::fallocate(
+                    self.fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    self.offset(page),
+                    self.page_size as u64,
+                )
+            })
+        };
+        if let Err(e) = punched {
+            self.stray
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(page);
+            return Err(RamError::io(
+                format!("drop page {page} (fallocate PUNCH_HOLE)"),
+                e,
+            ));
+        }
         let mut used = self.used();
         if used.get(page) {
             used.set(page, false);
@@ -721,6 +749,30 @@ mod tests {
         drop(h);
         assert_eq!(ram.stats().pages_allocated, 1);
         h2.close().unwrap();
+        assert_eq!(ram.stats(), RamStats::default());
+    }
+
+    /// A failed hole punch gives the page up all the same: still held and counted, then
+    /// handed out by the next allocation, after which the counts are exact again.
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn failed_drop_keeps_the_page_for_the_next_alloc() {
+        let _scenario = fail::FailScenario::setup();
+        let ram = Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap();
+        let h = ram.open_handle().unwrap();
+        let a = h.alloc_page(3).unwrap();
+        let b = h.alloc_page(7).unwrap();
+        fail::cfg("ram::drop_page", &format!("1*return({})", libc::EIO)).unwrap();
+        assert!(matches!(h.drop_page(a), Err(RamError::Io { .. })));
+        assert!(h.is_allocated(a));
+        assert_eq!(ram.stats().pages_allocated, 2);
+        // The stray page comes first, whatever the hint; then allocation is as usual.
+        assert_eq!(h.alloc_page(100).unwrap(), a);
+        assert_eq!(h.alloc_page(100).unwrap(), 100);
+        assert_eq!(ram.stats().pages_allocated, 3);
+        for p in [a, b, 100] {
+            h.drop_page(p).unwrap();
+        }
         assert_eq!(ram.stats(), RamStats::default());
     }
 }
