@@ -189,14 +189,14 @@ impl State {
     }
 
     /// Set the protection of block `blk` of handle `fk` in every mapping where
-    /// it is mapped.
+    /// it is mapped; stops at the first failure.
     pub(crate) fn protect_everywhere(
         &self,
         fk: usize,
         blk: u64,
         prot: libc::c_int,
         page_size: usize,
-    ) {
+    ) -> std::io::Result<()> {
         let fh = &self.filehs[fk];
         for (_, vma) in fh.vmas.iter() {
             if let Some(idx) = vma.index_of(blk) {
@@ -204,13 +204,11 @@ impl State {
                     let addr = vma.page_addr(idx, page_size);
                     // SAFETY: the page lies inside the mapping's reservation,
                     // owned by its Vma, which stays alive while its state is here.
-                    let res = unsafe { sys::mprotect(addr, page_size, prot) };
-                    // mprotect on an owned, mapped range fails only on kernel
-                    // memory shortage; the fault path redoes protection later.
-                    debug_assert!(res.is_ok(), "mprotect: {res:?}");
+                    unsafe { sys::mprotect(addr, page_size, prot) }?;
                 }
             }
         }
+        Ok(())
     }
 
     /// Drop a resident page (clean or dirty): unmap it from every mapping,

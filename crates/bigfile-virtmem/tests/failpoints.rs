@@ -2,14 +2,19 @@
 //! fault-injection suite (tests/faults) runs them all in a whole workload.
 #![cfg(feature = "failpoints")]
 
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use bigfile_virtmem::{BigFile, BlockError, FileH, Ram};
+use bigfile_virtmem::{BigFile, BlockError, Error, FileH, PageState, Ram, WriteoutFlags};
 
 const BLK: usize = 4096;
 
 /// Block n is all bytes n + 1: never zeros, unlike a dropped RAM page.
-struct Blocks;
+/// Counts its stores.
+#[derive(Default)]
+struct Blocks {
+    stores: AtomicUsize,
+}
 
 impl BigFile for Blocks {
     fn blksize(&self) -> usize {
@@ -20,6 +25,7 @@ impl BigFile for Blocks {
         Ok(())
     }
     fn storeblk(&self, _blk: u64, _buf: &[u8]) -> Result<(), BlockError> {
+        self.stores.fetch_add(1, Relaxed);
         Ok(())
     }
 }
@@ -48,7 +54,7 @@ fn perms_at(addr: usize) -> String {
 fn a_page_that_cannot_be_unmapped_is_made_inaccessible() {
     let _scenario = fail::FailScenario::setup();
     let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
-    let fh = FileH::open(Arc::new(Blocks), Some(&ram)).unwrap();
+    let fh = FileH::open(Arc::new(Blocks::default()), Some(&ram)).unwrap();
     let vma = fh.mmap(0, 2).unwrap();
     let mut b = [0u8];
     vma.read_at(0, &mut b).unwrap();
@@ -63,4 +69,38 @@ fn a_page_that_cannot_be_unmapped_is_made_inaccessible() {
     vma.read_at(0, &mut b).unwrap();
     assert_eq!(b[0], 1, "block 0 reloaded, not a dropped page's zeros");
     assert_eq!(fh.stats().loads, 2);
+}
+
+/// Writeout makes dirty pages read-only before storing them and before
+/// marking them clean. If it cannot (mprotect fails), it must neither store
+/// (a write during storeblk would go unseen) nor mark clean (a clean page
+/// left writable takes writes without becoming dirty): it fails and the pages
+/// stay dirty, and a retry does the job.
+#[test]
+fn writeout_that_cannot_protect_a_page_fails_and_keeps_it_dirty() {
+    let _scenario = fail::FailScenario::setup();
+    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
+    let file = Arc::new(Blocks::default());
+    let fh = FileH::open(file.clone(), Some(&ram)).unwrap();
+    let vma = fh.mmap(0, 2).unwrap();
+    vma.write_at(0, b"x").unwrap();
+    assert_eq!(perms_at(vma.as_ptr() as usize), "rw-s");
+    for flags in [WriteoutFlags::STORE, WriteoutFlags::MARKSTORED] {
+        fail::cfg("virtmem::mprotect", &format!("1*return({})", libc::ENOMEM)).unwrap();
+        let res = fh.dirty_writeout(flags);
+        fail::remove("virtmem::mprotect");
+        assert!(
+            matches!(res, Err(Error::Os { op: "mprotect", .. })),
+            "{res:?}"
+        );
+        assert_eq!(file.stores.load(Relaxed), 0);
+        assert_eq!(fh.dirty_blocks(), [0]);
+        assert_eq!(fh.page_state(0), Some(PageState::Dirty));
+        assert_eq!(perms_at(vma.as_ptr() as usize), "rw-s");
+    }
+    fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
+        .unwrap();
+    assert_eq!(file.stores.load(Relaxed), 1);
+    assert!(fh.dirty_blocks().is_empty());
+    assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
 }
