@@ -18,12 +18,12 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bigfile_virtmem::{Access, Error, FileH, PageState, Ram, Vma, WriteoutFlags};
 
 use crate::leaks::{self, Baseline};
-use crate::model::{InjectFile, Model, Rng};
+use crate::model::{InjectFile, Model, Rng, StoreCheck};
 use crate::Scenario;
 
 /// Blocks of the file the workload uses.
@@ -316,8 +316,18 @@ impl World {
         self.open()?;
         self.map(0, NBLK)?;
         self.map(4, 8)?;
+        let layout = Arc::new(Mutex::new(Vec::new()));
+        *self.file.store_check.lock().unwrap() = Some(store_check(layout.clone(), self.ps));
         for step in 0..STEPS {
+            *layout.lock().unwrap() = self
+                .vmas
+                .iter()
+                .map(|v| (v.pgoffset(), v.as_ptr() as usize, v.pglen()))
+                .collect();
             let what = self.step(step)?;
+            if let Some(v) = self.file.violations.lock().unwrap().pop() {
+                return Err(format!("step {step} ({what}): {v}"));
+            }
             self.check_state()
                 .map_err(|e| format!("step {step} ({what}): {e}"))?;
         }
@@ -593,6 +603,34 @@ impl World {
         }
         Ok(std::mem::take(&mut self.used))
     }
+}
+
+/// The check `storeblk` runs: a block being stored is read-only in every
+/// mapping (`layout`: first block, address, pages), or a write during the
+/// writeout would change it unseen, and be lost once the page is marked
+/// clean.
+fn store_check(layout: Arc<Mutex<Vec<(u64, usize, u64)>>>, ps: usize) -> StoreCheck {
+    Box::new(move |blk| {
+        let maps = match leaks::maps() {
+            Ok(m) => m,
+            Err(e) => return Some(e),
+        };
+        let layout = layout.lock().unwrap_or_else(|p| p.into_inner());
+        for &(pgoffset, start, pglen) in layout.iter() {
+            if (pgoffset..pgoffset + pglen).contains(&blk) {
+                let addr = start + (blk - pgoffset) as usize * ps;
+                if let Some(m) = maps.iter().find(|m| m.range.contains(&addr)) {
+                    if m.perms.contains('w') {
+                        return Some(format!(
+                            "storeblk of block {blk} while it is mapped {} at {addr:#x}",
+                            m.perms
+                        ));
+                    }
+                }
+            }
+        }
+        None
+    })
 }
 
 fn read_block(vma: &Vma, blk: u64, ps: usize) -> Result<Vec<u8>, String> {

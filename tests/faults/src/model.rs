@@ -19,13 +19,22 @@ pub fn initial(blk: u64, blksize: usize) -> Vec<u8> {
 pub struct InjectFile {
     pub blksize: usize,
     pub blocks: Mutex<HashMap<u64, Vec<u8>>>,
+    /// Run by `storeblk` before storing: says what is wrong with the state
+    /// the block is stored in (see `World::store_check`).
+    pub store_check: Mutex<Option<StoreCheck>>,
+    /// What `store_check` found.
+    pub violations: Mutex<Vec<String>>,
 }
+
+pub type StoreCheck = Box<dyn Fn(u64) -> Option<String> + Send + Sync>;
 
 impl InjectFile {
     pub fn new(blksize: usize) -> InjectFile {
         InjectFile {
             blksize,
             blocks: Mutex::new(HashMap::new()),
+            store_check: Mutex::new(None),
+            violations: Mutex::new(Vec::new()),
         }
     }
 
@@ -56,6 +65,12 @@ impl BigFile for InjectFile {
 
     fn storeblk(&self, blk: u64, buf: &[u8]) -> Result<(), BlockError> {
         fail::fail_point!("file::storeblk", |_| Err(injected("storeblk", blk)));
+        let check = self.store_check.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(problem) = check.as_ref().and_then(|c| c(blk)) {
+            let mut v = self.violations.lock().unwrap_or_else(|p| p.into_inner());
+            v.push(problem);
+        }
+        drop(check);
         let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
         blocks.insert(blk, buf.to_vec());
         Ok(())
