@@ -108,6 +108,13 @@ const POINTS: &[Point] = &[
 ];
 
 pub fn scenarios() -> Vec<Scenario> {
+    // This binary re-executed by a fault-path scenario: run that child's
+    // body, which must die.
+    if let Ok(name) = std::env::var(CHILD_ENV) {
+        fault_child(&name);
+        eprintln!("faults: inject child {name:?} returned instead of dying");
+        std::process::exit(101);
+    }
     let mut v: Vec<Scenario> = POINTS
         .iter()
         .map(|p| {
@@ -118,6 +125,16 @@ pub fn scenarios() -> Vec<Scenario> {
             Scenario::new(name, move || nth_call_fails(p))
         })
         .collect();
+    v.push(Scenario::new(
+        "inject/fault-path/file::loadblk",
+        fault_path_transient_load,
+    ));
+    for c in FAULT_CHILDREN {
+        v.push(Scenario::new(
+            format!("inject/fault-path/{}", c.name),
+            move || run_fault_child(c),
+        ));
+    }
     v.push(Scenario::new("inject/tiny-tmpfs", crate::tmpfs::tiny_tmpfs));
     v
 }
@@ -674,4 +691,179 @@ fn read_block(vma: &Vma, blk: u64, ps: usize) -> Result<Vec<u8>, String> {
     vma.read_at(idx * ps, &mut buf)
         .map_err(|e| format!("read block {blk}: {e}"))?;
     Ok(buf)
+}
+
+/// Names the fault-path child to run when this binary is re-executed.
+const CHILD_ENV: &str = "BIGFILE_FAULTS_INJECT_CHILD";
+
+/// A failure inside a page fault taken by a plain memory access: nothing can
+/// return an error there, so the documented end is SIGBUS for the faulting
+/// thread with a diagnostic naming the block and the failed call.
+struct FaultChild {
+    name: &'static str,
+    point: &'static str,
+    errno: i32,
+    /// Read block 0 before arming, so the failing fault is a write to a
+    /// page mapped read-only (upgrade by mprotect) rather than a first load.
+    preload: bool,
+    access: Access,
+    /// What the diagnostic on stderr must contain.
+    message: &'static str,
+}
+
+const FAULT_CHILDREN: &[FaultChild] = &[
+    FaultChild {
+        name: "ram::map_page(ENOMEM)",
+        point: "ram::map_page",
+        errno: libc::ENOMEM,
+        preload: false,
+        access: Access::Read,
+        message: "map page",
+    },
+    FaultChild {
+        name: "ram::alloc_page(EIO)",
+        point: "ram::alloc_page",
+        errno: libc::EIO,
+        preload: false,
+        access: Access::Read,
+        message: "allocating RAM for block 0",
+    },
+    FaultChild {
+        name: "ram::alloc_page(ENOSPC)",
+        point: "ram::alloc_page",
+        errno: libc::ENOSPC,
+        preload: false,
+        access: Access::Write,
+        message: "no clean page to reclaim",
+    },
+    FaultChild {
+        name: "virtmem::mprotect(ENOMEM)",
+        point: "virtmem::mprotect",
+        errno: libc::ENOMEM,
+        preload: true,
+        access: Access::Write,
+        message: "mprotect",
+    },
+];
+
+/// Spawn this binary as child `c`; it must die by SIGBUS after its marker,
+/// with the diagnostic.
+fn run_fault_child(c: &FaultChild) -> Result<String, String> {
+    use std::os::unix::process::ExitStatusExt;
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let out = std::process::Command::new(exe)
+        .env(CHILD_ENV, c.name)
+        .output()
+        .map_err(|e| format!("spawn: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let diag = stderr
+        .lines()
+        .find(|l| l.starts_with("bigfile:"))
+        .unwrap_or("");
+    if out.status.signal() != Some(libc::SIGBUS) {
+        return Err(format!(
+            "ended with {:?}, expected SIGBUS; stdout {stdout:?}, stderr {stderr:?}",
+            out.status
+        ));
+    }
+    if !stdout.contains("armed") || stdout.contains("survived") {
+        return Err(format!("died in the wrong place: stdout {stdout:?}"));
+    }
+    if !diag.contains(c.message) {
+        return Err(format!(
+            "diagnostic {diag:?} does not mention {:?}; stderr {stderr:?}",
+            c.message
+        ));
+    }
+    Ok(format!("SIGBUS as documented: {diag}"))
+}
+
+fn fault_child(name: &str) {
+    let Some(c) = FAULT_CHILDREN.iter().find(|c| c.name == name) else {
+        eprintln!("faults: no inject child {name:?}");
+        return;
+    };
+    // No core file: the death is expected.
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit with a valid struct has no memory-safety preconditions.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+    let _scenario = fail::FailScenario::setup();
+    let ps = bigfile_ram::os_page_size();
+    let ram = Ram::from_spec(&format!("memfd,pagesize={ps}")).expect("RAM");
+    let fh = FileH::open(Arc::new(InjectFile::new(ps)), Some(&ram)).expect("open");
+    let vma = fh.mmap(0, 2).expect("mmap");
+    let p = vma.as_ptr();
+    if c.preload {
+        vma.prefault(0..ps, Access::Read).expect("prefault");
+    }
+    fail::cfg(c.point, &format!("1*return({})", c.errno)).expect("cfg");
+    println!("armed");
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    // SAFETY: `p` is the start of a live mapping of two pages; the access is
+    // served by the fault handler (here: fails, and the process dies).
+    unsafe {
+        match c.access {
+            Access::Read => {
+                std::ptr::read_volatile(p);
+            }
+            Access::Write => std::ptr::write_volatile(p, 1),
+        }
+    }
+    println!("survived");
+}
+
+/// A transient loadblk failure inside a page fault taken by a plain memory
+/// access is retried by the load policy: for every N, the Nth loadblk of a
+/// scan fails once and the scan reads every block right.
+fn fault_path_transient_load() -> Result<String, String> {
+    let _scenario = fail::FailScenario::setup();
+    let ps = bigfile_ram::os_page_size();
+    let scan = |armed_at: Option<usize>| -> Result<u64, String> {
+        let ram = Ram::from_spec(&format!("memfd,pagesize={ps}"))
+            .map_err(|e| e.to_string())?
+            .with_budget(BUDGET_PAGES * ps as u64);
+        let fh =
+            FileH::open(Arc::new(InjectFile::new(ps)), Some(&ram)).map_err(|e| e.to_string())?;
+        let vma = fh.mmap(0, NBLK).map_err(|e| e.to_string())?;
+        if let Some(n) = armed_at {
+            let a = if n == 1 {
+                "1*return".to_owned()
+            } else {
+                format!("{}*off->1*return", n - 1)
+            };
+            fail::cfg("file::loadblk", &a)?;
+        }
+        // Twice over, so that reclaimed blocks load again.
+        for blk in (0..NBLK).chain(0..NBLK) {
+            let at = blk as usize * ps;
+            for off in [0, ps / 2, ps - 1] {
+                // SAFETY: inside the live mapping; a read is served by the
+                // fault handler, which loads the block.
+                let got = unsafe { std::ptr::read_volatile(vma.as_ptr().add(at + off)) };
+                if got != crate::model::initial(blk, ps)[off] {
+                    fail::remove("file::loadblk");
+                    return Err(format!("block {blk} byte {off} differs"));
+                }
+            }
+        }
+        fail::remove("file::loadblk");
+        Ok(ram.stats().stats.load_errors)
+    };
+    let calls = 2 * NBLK as usize;
+    for n in 1..=calls {
+        let errors = scan(Some(n)).map_err(|e| format!("N={n}: {e}"))?;
+        if errors != 1 {
+            return Err(format!(
+                "N={n}: {errors} failed loadblk attempts counted, expected 1"
+            ));
+        }
+    }
+    Ok(format!(
+        "{calls} loads by plain reads, each failed once in turn: retried, data right"
+    ))
 }
