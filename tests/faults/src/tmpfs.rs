@@ -141,7 +141,8 @@ pub fn tiny_tmpfs() -> Result<String, String> {
     let ram = Ram::from_spec(&format!("shmfs:{},pagesize={ps}", fs.path().display()))
         .map_err(|e| format!("RAM on the tmpfs: {e}"))?
         .with_budget(1 << 30);
-    let result = exhaust(&ram, ps);
+    let mut used = Vec::new();
+    let result = exhaust(&ram, ps, &mut used);
     let used_after = fs.used();
     drop(ram);
     let detail = result?;
@@ -154,15 +155,16 @@ pub fn tiny_tmpfs() -> Result<String, String> {
         }
     }
     drop(fs);
-    baseline.check(&[])?;
+    baseline.check(&used)?;
     Ok(detail)
 }
 
-fn exhaust(ram: &Ram, ps: usize) -> Result<String, String> {
+fn exhaust(ram: &Ram, ps: usize, used: &mut Vec<std::ops::Range<usize>>) -> Result<String, String> {
     let nblk = 4 * FS_PAGES;
     // Reading four times what the filesystem holds: each load past the
     // first FS_PAGES finds the RAM exhausted and reclaims a clean page.
     let mut a = Side::new(ram, ps, nblk)?;
+    used.push(a.vma().addr_range());
     for blk in 0..nblk {
         a.read(blk)?;
     }
@@ -180,6 +182,7 @@ fn exhaust(ram: &Ram, ps: usize) -> Result<String, String> {
             .map_err(|e| format!("dirtying block {blk}: {e}"))?;
     }
     let mut b = Side::new(ram, ps, nblk)?;
+    used.push(b.vma().addr_range());
     for blk in 0..nblk {
         b.read(blk)?;
     }
@@ -258,7 +261,7 @@ fn exhaust(ram: &Ram, ps: usize) -> Result<String, String> {
         return Err(format!("everything closed but the RAM still counts {st:?}"));
     }
     Ok(format!(
-        "{FS_PAGES}-page tmpfs: {} reclaims under ENOSPC, BudgetExhausted with {FS_PAGES} dirty, recovered after writeout ({b_dirty} of B's pages dirty)",
+        "{FS_PAGES}-page tmpfs: {} reclaims with the tmpfs full, BudgetExhausted with {FS_PAGES} dirty, recovered after writeout ({b_dirty} of B's pages dirty)",
         ram.stats().stats.reclaims
     ))
 }
