@@ -1,19 +1,27 @@
 //! Injected failures: the Nth call of each failure point fails.
 //!
-//! For each failure point a scripted workload (deterministic: same seed, one
-//! thread) runs once with the point counting its calls (C), then once for
-//! every N in 1..=C+1 with the Nth call failing (the last run reaches no Nth
-//! call and must simply succeed). The workload maps, reads and writes blocks,
-//! writes out, discards, invalidates, reclaims under a budget of a few pages,
-//! unmaps and maps again, and reopens its handle, always through calls that
-//! return errors; an error is retried once (the injected failure is spent by
-//! then, so the retry must succeed) and its effect recorded in the model as
-//! the documented semantics say. After every step the handle's dirty list
-//! and every mapped page's protection are checked; after each run, with
+//! For each failure point (see `POINTS`) and each seed, a scripted workload
+//! (deterministic: same seed, one thread) runs once with the point counting
+//! its calls (C), then once for every N in 1..=C+1 with the Nth call failing
+//! (the last run reaches no Nth call and must simply succeed). The workload
+//! maps, reads and writes blocks, writes out, discards, invalidates,
+//! reclaims under a budget of a few pages, unmaps and maps again, and
+//! reopens its handle, always through calls that return errors; an error is
+//! retried once (the injected failure is spent by then, so the retry must
+//! succeed) and its effect recorded in the model as the documented semantics
+//! say. After every step the handle's dirty list, every page's mapping and
+//! protection, and the RAM pages held are checked, and every `storeblk`
+//! checks that its block is read-only everywhere; after each run, with
 //! injection off, every block is read back through the handle, written out,
 //! read back through a fresh handle and compared in the backing store, and
-//! the process must hold no RAM, descriptors, mappings or fault registrations
-//! that it did not hold before.
+//! the process must hold no RAM, descriptors, mappings or fault
+//! registrations that it did not hold before.
+//!
+//! A failure inside a page fault taken by a plain memory access cannot come
+//! back as a value: the fault-path scenarios check that a transient loadblk
+//! failure is retried there, and that the others end in SIGBUS with the
+//! diagnostic, in a child process (this binary re-executed with
+//! `BIGFILE_FAULTS_INJECT_CHILD`). Memory exhaustion for real is `tmpfs.rs`.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
