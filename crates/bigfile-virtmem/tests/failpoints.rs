@@ -104,3 +104,27 @@ fn writeout_that_cannot_protect_a_page_fails_and_keeps_it_dirty() {
     assert!(fh.dirty_blocks().is_empty());
     assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
 }
+
+/// A prefault whose page cannot be mapped (mmap fails) reports an OS error,
+/// not a loadblk failure, and a retry maps the page.
+#[test]
+fn prefault_reports_a_mapping_failure_as_an_os_error() {
+    let _scenario = fail::FailScenario::setup();
+    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
+    let fh = FileH::open(Arc::new(Blocks::default()), Some(&ram)).unwrap();
+    let vma = fh.mmap(0, 2).unwrap();
+    fail::cfg("ram::map_page", &format!("1*return({})", libc::ENOMEM)).unwrap();
+    let res = vma.prefault(0..BLK, bigfile_virtmem::Access::Read);
+    fail::remove("ram::map_page");
+    match res {
+        Err(Error::Os {
+            op: "prefault",
+            source,
+        }) => {
+            assert!(source.to_string().contains("map page 0 (mmap)"), "{source}")
+        }
+        other => panic!("expected Error::Os, got {other:?}"),
+    }
+    vma.prefault(0..BLK, bigfile_virtmem::Access::Read).unwrap();
+    assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
+}
