@@ -111,6 +111,22 @@ fn test(args: &[String]) -> Result {
             .arg(faults_target_dir()))?;
     }
     run(cargo().args(["test", "--workspace"]))?;
+    // The libraries' own failure-point tests (regressions found by the
+    // suite), built where the suite builds, so the feature stays out of the
+    // workspace's target directory.
+    run(cargo()
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "bigfile-ram",
+            "-p",
+            "bigfile-virtmem",
+            "--features",
+            "failpoints",
+            "--target-dir",
+        ])
+        .arg(faults_target_dir()))?;
     python::test_all()?;
     // test_all has just built the package into every venv.
     run_faults(&[], faults_python(false)?)?;

@@ -220,6 +220,7 @@ impl Ram {
             window: OnceLock::new(),
             window_init: Mutex::new(()),
             thp: crate::thp::collapse_size(&self.inner.spec).map(Collapser::new),
+            stray: Mutex::new(Vec::new()),
         })
     }
 }
@@ -425,6 +426,9 @@ pub struct RamHandle {
     window_init: Mutex<()>,
     /// Makes new pages transparent huge pages ([`crate::ThpPolicy`]), when eligible.
     thp: Option<Collapser>,
+    /// Pages given up by `drop_page` whose memory could not be returned (the hole punch
+    /// failed): still allocated and counted, handed out first by `alloc_page`.
+    stray: Mutex<Vec<u64>>,
 }
 
 impl fmt::Debug for RamHandle {
@@ -492,7 +496,13 @@ impl RamHandle {
     /// page), else the nearest free index above it, else the nearest below. Under
     /// [`AllocPolicy::Reserve`] the memory is taken now; the kernel's ENOSPC/ENOMEM is
     /// [`RamError::Exhausted`], a handle with every index taken is [`RamError::HandleFull`].
+    ///
+    /// A page whose [`RamHandle::drop_page`] failed is handed out first, with its old
+    /// contents (its memory is still held, so this takes none).
     pub fn alloc_page(&self, hint: u64) -> Result<u64, RamError> {
+        if let Some(page) = self.stray.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(page);
+        }
         let hint = hint.min(self.max_pages - 1);
         let page = {
             let mut used = self.used();
@@ -506,18 +516,21 @@ impl RamHandle {
             page
         };
         // The index is claimed, so fallocate runs without the lock.
-        if self.alloc == AllocPolicy::Reserve && !self.reserve_huge(page) {
-            if let Err(e) = sys::fallocate(self.fd(), 0, self.offset(page), self.page_size as u64) {
-                // Seed pages of a failed huge reservation may be there.
-                let _ = self.punch(page);
+        if self.alloc == AllocPolicy::Reserve {
+            #[cfg(feature = "failpoints")]
+            if let Err(e) = sys::failpoint("ram::alloc_page") {
                 self.used().set(page, false);
-                return Err(match e.raw_os_error() {
-                    Some(libc::ENOSPC | libc::ENOMEM) => RamError::Exhausted {
-                        page_size: self.page_size,
-                        source: e,
-                    },
-                    _ => RamError::io(format!("reserve page {page} (fallocate)"), e),
-                });
+                return Err(exhausted_or_io(e, page, self.page_size));
+            }
+            if !self.reserve_huge(page) {
+                if let Err(e) =
+                    sys::fallocate(self.fd(), 0, self.offset(page), self.page_size as u64)
+                {
+                    // Seed pages of a failed huge reservation may be there.
+                    let _ = self.punch(page);
+                    self.used().set(page, false);
+                    return Err(exhausted_or_io(e, page, self.page_size));
+                }
             }
         }
         self.account.add();
@@ -554,6 +567,9 @@ impl RamHandle {
         fixed: bool,
     ) -> Result<NonNull<u8>, RamError> {
         self.check_allocated(page)?;
+        #[cfg(feature = "failpoints")]
+        sys::failpoint("ram::map_page")
+            .map_err(|e| RamError::io(format!("map page {page} (mmap)"), e))?;
         let flags = libc::MAP_SHARED | if fixed { libc::MAP_FIXED } else { 0 };
         // SAFETY: without MAP_FIXED the kernel picks a free range; with it, `map_page_fixed`'s
         // caller vouches for `addr`.
@@ -610,6 +626,9 @@ impl RamHandle {
                     Some(w) => w,
                     None => {
                         let len = (self.max_pages * self.page_size as u64) as usize;
+                        #[cfg(feature = "failpoints")]
+                        sys::failpoint("ram::window")
+                            .map_err(|e| RamError::io("map the handle window (mmap)", e))?;
                         // Page-aligned: huge pages (hugetlb, or transparent
                         // ones) can only be mapped at addresses aligned to them.
                         let ptr = sys::mmap_aligned(
@@ -642,10 +661,29 @@ impl RamHandle {
     /// mapping that is still there populates a fresh zeroed page (and takes memory again,
     /// uncounted): unmap or protect such mappings first. Dropping the same page from two
     /// threads at once is a caller bug (the page table above owns each page once).
+    ///
+    /// If the hole punch fails the error is returned, but the page is given up all the same:
+    /// its memory, still held and still counted, goes to the next [`RamHandle::alloc_page`],
+    /// so a failure costs one page until then instead of one page until the handle closes.
     pub fn drop_page(&self, page: u64) -> Result<(), RamError> {
         self.check_allocated(page)?;
-        self.punch(page)
-            .map_err(|e| RamError::io(format!("drop page {page} (fallocate PUNCH_HOLE)"), e))?;
+        let punched = {
+            #[cfg(feature = "failpoints")]
+            let punched = sys::failpoint("ram::drop_page");
+            #[cfg(not(feature = "failpoints"))]
+            let punched = Ok(());
+            punched.and_then(|()| self.punch(page))
+        };
+        if let Err(e) = punched {
+            self.stray
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(page);
+            return Err(RamError::io(
+                format!("drop page {page} (fallocate PUNCH_HOLE)"),
+                e,
+            ));
+        }
         let mut used = self.used();
         if used.get(page) {
             used.set(page, false);
@@ -670,6 +708,18 @@ impl RamHandle {
     /// Whether pages come from the hugetlb pool.
     pub fn is_hugetlb(&self) -> bool {
         self.hugetlb
+    }
+}
+
+/// The error of a failed page reservation: running out of memory is
+/// [`RamError::Exhausted`] (reclaim and retry can help), anything else an I/O error.
+fn exhausted_or_io(e: io::Error, page: u64, page_size: usize) -> RamError {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::ENOMEM) => RamError::Exhausted {
+            page_size,
+            source: e,
+        },
+        _ => RamError::io(format!("reserve page {page} (fallocate)"), e),
     }
 }
 
@@ -730,6 +780,30 @@ mod tests {
         drop(h);
         assert_eq!(ram.stats().pages_allocated, 1);
         h2.close().unwrap();
+        assert_eq!(ram.stats(), RamStats::default());
+    }
+
+    /// A failed hole punch gives the page up all the same: still held and counted, then
+    /// handed out by the next allocation, after which the counts are exact again.
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn failed_drop_keeps_the_page_for_the_next_alloc() {
+        let _scenario = fail::FailScenario::setup();
+        let ram = Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap();
+        let h = ram.open_handle().unwrap();
+        let a = h.alloc_page(3).unwrap();
+        let b = h.alloc_page(7).unwrap();
+        fail::cfg("ram::drop_page", &format!("1*return({})", libc::EIO)).unwrap();
+        assert!(matches!(h.drop_page(a), Err(RamError::Io { .. })));
+        assert!(h.is_allocated(a));
+        assert_eq!(ram.stats().pages_allocated, 2);
+        // The stray page comes first, whatever the hint; then allocation is as usual.
+        assert_eq!(h.alloc_page(100).unwrap(), a);
+        assert_eq!(h.alloc_page(100).unwrap(), 100);
+        assert_eq!(ram.stats().pages_allocated, 3);
+        for p in [a, b, 100] {
+            h.drop_page(p).unwrap();
+        }
         assert_eq!(ram.stats(), RamStats::default());
     }
 }

@@ -23,6 +23,19 @@ macro_rules! syscall {
     }};
 }
 
+/// Failure point `name` of the fault-injection suite (tests/faults): when the
+/// suite arms it, returns the error number it gives as `return(ERRNO)` (EIO
+/// without one), so the real error path of the call behind it runs. Compiled
+/// only with the `failpoints` feature.
+#[cfg(feature = "failpoints")]
+pub(crate) fn failpoint(name: &str) -> io::Result<()> {
+    fail::fail_point!(name, |arg: Option<String>| {
+        let errno = arg.and_then(|a| a.parse().ok()).unwrap_or(libc::EIO);
+        Err(io::Error::from_raw_os_error(errno))
+    });
+    Ok(())
+}
+
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 const HUGEPAGES_SYSFS: &str = "/sys/kernel/mm/hugepages";
 

@@ -212,7 +212,9 @@ impl FileH {
     /// pages of this handle from other threads wait until the writeout ends.
     /// A failing `storeblk` stops the writeout with [`Error::Store`]; every
     /// page not yet stored, and with STORE|MARKSTORED every page, stays
-    /// dirty, so nothing is lost and a later writeout retries.
+    /// dirty, so nothing is lost and a later writeout retries. Failing to
+    /// make the pages read-only (mprotect) stops it likewise, with
+    /// [`Error::Os`], before storing (STORE) or before marking (MARKSTORED).
     pub fn dirty_writeout(&self, flags: WriteoutFlags) -> Result<()> {
         let _host = HostUnlocked::new();
         let fh = &*self.inner;
@@ -232,8 +234,16 @@ impl FileH {
         };
         if flags.contains(WriteoutFlags::STORE) {
             // Read-only everywhere, so a write during storeblk faults and waits.
+            // If that fails (mprotect's ENOMEM), nothing is stored: a page left
+            // writable could change unseen while stored, and the change be lost
+            // when marked clean. Pages made read-only already stay dirty; a
+            // write to them faults and makes them writable again.
             for &(blk, _) in &blocks {
-                st.protect_everywhere(fh.key, blk, libc::PROT_READ, ps);
+                st.protect_everywhere(fh.key, blk, libc::PROT_READ, ps)
+                    .map_err(|source| Error::Os {
+                        op: "mprotect",
+                        source,
+                    })?;
             }
             let to_store: Vec<(u64, u64)> = blocks
                 .iter()
@@ -263,11 +273,19 @@ impl FileH {
                 fileh: &fh.counters,
                 ram: &shared.counters,
             };
+            // Every page read-only first: a clean page left writable would take
+            // writes without becoming dirty. On failure all stay dirty.
+            for &(blk, _) in &blocks {
+                st.protect_everywhere(fh.key, blk, libc::PROT_READ, ps)
+                    .map_err(|source| Error::Os {
+                        op: "mprotect",
+                        source,
+                    })?;
+            }
             for (blk, pk) in blocks {
                 st.filehs[fh.key].dirty.remove(&blk);
                 st.pages[pk].state = PageState::Loaded;
                 st.lru_push_back(pk);
-                st.protect_everywhere(fh.key, blk, libc::PROT_READ, ps);
                 counts.sub(Counter::Dirty, 1);
             }
         }

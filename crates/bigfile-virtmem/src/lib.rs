@@ -25,6 +25,8 @@
 
 mod bigfile;
 mod error;
+#[cfg(feature = "failpoints")]
+mod failpoint;
 mod file;
 mod fileh;
 mod host;

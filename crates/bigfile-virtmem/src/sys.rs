@@ -29,6 +29,8 @@ pub(crate) fn reserve(len: usize, align: usize) -> io::Result<NonNull<u8>> {
     let total = len
         .checked_add(extra)
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+    #[cfg(feature = "failpoints")]
+    crate::failpoint::check("virtmem::mmap")?;
     // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing
     // cannot alias any existing memory.
     let addr = unsafe {
@@ -72,6 +74,8 @@ pub(crate) fn reserve(len: usize, align: usize) -> io::Result<NonNull<u8>> {
 /// The range must lie inside a reservation owned by the caller, and nothing may
 /// rely on the memory previously mapped there.
 pub(crate) unsafe fn unmap_to_reserved(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    crate::failpoint::check("virtmem::mmap")?;
     // SAFETY: per this function's contract the range is ours to replace.
     let res = unsafe {
         libc::mmap(
@@ -96,6 +100,8 @@ pub(crate) unsafe fn unmap_to_reserved(addr: NonNull<u8>, len: usize) -> io::Res
 /// reference is only sound because accesses through our mappings are served
 /// by the fault handler.
 pub(crate) unsafe fn mprotect(addr: NonNull<u8>, len: usize, prot: libc::c_int) -> io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    crate::failpoint::check("virtmem::mprotect")?;
     syscall!(mprotect(addr.as_ptr().cast(), len, prot)).map(drop)
 }
 

@@ -256,8 +256,9 @@ impl Vma {
     /// Needed before handing the memory to the kernel: a syscall such as
     /// `read(2)` into a page that is not yet mapped fails with EFAULT instead
     /// of faulting the page in, because the kernel does not deliver SIGSEGV
-    /// for its own accesses. Errors (a failing loadblk, exhausted budget)
-    /// are returned instead of ending in SIGBUS.
+    /// for its own accesses. Errors (a failing loadblk, exhausted budget, an
+    /// OS call failing to provide or map the page: [`Error::Os`]) are
+    /// returned instead of ending in SIGBUS.
     pub fn prefault(&self, range: Range<usize>, access: Access) -> Result<()> {
         if range.start > range.end {
             return Err(Error::OutOfBounds {
@@ -286,6 +287,12 @@ impl Vma {
                     let pinned = self.fileh.shared.lock().resident;
                     Error::BudgetExhausted { budget, pinned }
                 }
+                // Allocating, windowing or mapping the page failed: the
+                // OS's failure, not loadblk's.
+                Failure::Os(message) => Error::Os {
+                    op: "prefault",
+                    source: std::io::Error::other(message),
+                },
                 f => Error::Load {
                     file: self.fileh.name.clone(),
                     blk,

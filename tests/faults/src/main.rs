@@ -12,8 +12,11 @@
 mod coredump;
 mod crash;
 mod inject;
+mod leaks;
+mod model;
 mod python;
 mod races;
+mod tmpfs;
 
 use std::time::Instant;
 

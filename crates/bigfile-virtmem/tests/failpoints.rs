@@ -1,0 +1,130 @@
+//! Failure paths reachable only by injection (`--features failpoints`); the
+//! fault-injection suite (tests/faults) runs them all in a whole workload.
+#![cfg(feature = "failpoints")]
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use bigfile_virtmem::{BigFile, BlockError, Error, FileH, PageState, Ram, WriteoutFlags};
+
+const BLK: usize = 4096;
+
+/// Block n is all bytes n + 1: never zeros, unlike a dropped RAM page.
+/// Counts its stores.
+#[derive(Default)]
+struct Blocks {
+    stores: AtomicUsize,
+}
+
+impl BigFile for Blocks {
+    fn blksize(&self) -> usize {
+        BLK
+    }
+    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        buf.fill(blk as u8 + 1);
+        Ok(())
+    }
+    fn storeblk(&self, _blk: u64, _buf: &[u8]) -> Result<(), BlockError> {
+        self.stores.fetch_add(1, Relaxed);
+        Ok(())
+    }
+}
+
+/// Permissions of the mapping holding `addr`, from /proc/self/maps.
+fn perms_at(addr: usize) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines() {
+        let mut it = line.split_whitespace();
+        let (range, perms) = (it.next().unwrap(), it.next().unwrap());
+        let (a, b) = range.split_once('-').unwrap();
+        let a = usize::from_str_radix(a, 16).unwrap();
+        let b = usize::from_str_radix(b, 16).unwrap();
+        if (a..b).contains(&addr) {
+            return perms.to_owned();
+        }
+    }
+    panic!("{addr:#x} is not mapped");
+}
+
+/// When a dropped page cannot be replaced by the reservation (mmap fails,
+/// as with ENOMEM at the mapping-count limit), it must not stay readable:
+/// its RAM page is freed, so it would read zeros, or another block's data
+/// once the RAM page is reused. It is made inaccessible and reloads.
+#[test]
+fn a_page_that_cannot_be_unmapped_is_made_inaccessible() {
+    let _scenario = fail::FailScenario::setup();
+    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
+    let fh = FileH::open(Arc::new(Blocks::default()), Some(&ram)).unwrap();
+    let vma = fh.mmap(0, 2).unwrap();
+    let mut b = [0u8];
+    vma.read_at(0, &mut b).unwrap();
+    assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
+
+    fail::cfg("virtmem::mmap", &format!("1*return({})", libc::ENOMEM)).unwrap();
+    fh.invalidate_page(0).unwrap();
+    fail::remove("virtmem::mmap");
+
+    assert!(perms_at(vma.as_ptr() as usize).starts_with("---"));
+    assert_eq!(ram.stats().stats.resident_pages, 0);
+    vma.read_at(0, &mut b).unwrap();
+    assert_eq!(b[0], 1, "block 0 reloaded, not a dropped page's zeros");
+    assert_eq!(fh.stats().loads, 2);
+}
+
+/// Writeout makes dirty pages read-only before storing them and before
+/// marking them clean. If it cannot (mprotect fails), it must neither store
+/// (a write during storeblk would go unseen) nor mark clean (a clean page
+/// left writable takes writes without becoming dirty): it fails and the pages
+/// stay dirty, and a retry does the job.
+#[test]
+fn writeout_that_cannot_protect_a_page_fails_and_keeps_it_dirty() {
+    let _scenario = fail::FailScenario::setup();
+    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
+    let file = Arc::new(Blocks::default());
+    let fh = FileH::open(file.clone(), Some(&ram)).unwrap();
+    let vma = fh.mmap(0, 2).unwrap();
+    vma.write_at(0, b"x").unwrap();
+    assert_eq!(perms_at(vma.as_ptr() as usize), "rw-s");
+    for flags in [WriteoutFlags::STORE, WriteoutFlags::MARKSTORED] {
+        fail::cfg("virtmem::mprotect", &format!("1*return({})", libc::ENOMEM)).unwrap();
+        let res = fh.dirty_writeout(flags);
+        fail::remove("virtmem::mprotect");
+        assert!(
+            matches!(res, Err(Error::Os { op: "mprotect", .. })),
+            "{res:?}"
+        );
+        assert_eq!(file.stores.load(Relaxed), 0);
+        assert_eq!(fh.dirty_blocks(), [0]);
+        assert_eq!(fh.page_state(0), Some(PageState::Dirty));
+        assert_eq!(perms_at(vma.as_ptr() as usize), "rw-s");
+    }
+    fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
+        .unwrap();
+    assert_eq!(file.stores.load(Relaxed), 1);
+    assert!(fh.dirty_blocks().is_empty());
+    assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
+}
+
+/// A prefault whose page cannot be mapped (mmap fails) reports an OS error,
+/// not a loadblk failure, and a retry maps the page.
+#[test]
+fn prefault_reports_a_mapping_failure_as_an_os_error() {
+    let _scenario = fail::FailScenario::setup();
+    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
+    let fh = FileH::open(Arc::new(Blocks::default()), Some(&ram)).unwrap();
+    let vma = fh.mmap(0, 2).unwrap();
+    fail::cfg("ram::map_page", &format!("1*return({})", libc::ENOMEM)).unwrap();
+    let res = vma.prefault(0..BLK, bigfile_virtmem::Access::Read);
+    fail::remove("ram::map_page");
+    match res {
+        Err(Error::Os {
+            op: "prefault",
+            source,
+        }) => {
+            assert!(source.to_string().contains("map page 0 (mmap)"), "{source}")
+        }
+        other => panic!("expected Error::Os, got {other:?}"),
+    }
+    vma.prefault(0..BLK, bigfile_virtmem::Access::Read).unwrap();
+    assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
+}
