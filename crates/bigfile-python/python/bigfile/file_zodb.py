@@ -55,7 +55,8 @@ takes the RAM and budget arguments of ``BigFile.fileh_open``.
 
 import os
 import weakref
-from typing import Any, Dict, Optional, Set
+import functools
+from typing import Any, Dict, List, Optional, Set
 
 from BTrees.IOBTree import IOBTree
 from BTrees.LOBTree import LOBTree
@@ -90,12 +91,9 @@ def _fill(buf: memoryview, data: Any) -> None:
 
 
 class ZBlkBase(Persistent):
-    """One block's data in the database. ``_v_zfile``/``_v_blk`` bind it to
-    the ZBigFile (of the same connection) whose block it holds, so that an
-    invalidation by ZODB reaches the file's handles."""
-
-    _v_zfile: Optional["ZBigFile"] = None
-    _v_blk: Optional[int] = None
+    """One block's data in the database. An invalidation by ZODB is passed
+    to the ZBigFiles with handles in the object's connection, which know
+    (by identity, as a ghost keeps no attributes) which block it holds."""
 
     def loadblkdata(self, deactivate: bool = True) -> Any:
         """The block's bytes (trailing zeros may be missing); with
@@ -108,14 +106,11 @@ class ZBlkBase(Persistent):
         anything changed."""
         raise NotImplementedError
 
-    def _bind(self, zfile: "ZBigFile", blk: int) -> None:
-        self._v_zfile, self._v_blk = zfile, blk
-
     def _p_invalidate(self) -> None:
-        zfile, blk = self._v_zfile, self._v_blk
+        jar = self._p_jar
         Persistent._p_invalidate(self)
-        if zfile is not None and blk is not None:
-            zfile._v_invalidated.add(blk)
+        for zfile in getattr(jar, "_bigfile_zfiles", ()):
+            zfile._zblk_invalidated(self)
 
 
 class ZBlk0(ZBlkBase):
@@ -297,22 +292,28 @@ class ZBigFile(Persistent):
         f = self.__dict__.get("_v_file")
         if f is None:
             f = self._v_file = _ZBigFile(self, self.blksize)
-            self._v_filehset: "weakref.WeakSet[ZBigFileH]" = weakref.WeakSet()
+            # Open handles, held here: a handle whose mappings are in use
+            # must stay joined to the transactions even if the program
+            # dropped the handle object itself (close() removes it).
+            self._v_filehset: Set[ZBigFileH] = set()
             # block -> the ZBlk (None: a hole) its pages were loaded from
             self._v_loaded: Dict[int, Optional[ZBlkBase]] = {}
+            self._v_blkof: Dict[int, int] = {}  # id(ZBlk in _v_loaded) -> block
             # blocks whose ZBlk ZODB invalidated since the last sync
             self._v_invalidated: Set[int] = set()
+            # ZBlks written by the commit in progress, made ghosts after it
+            # (they hold copies of the blocks)
+            self._v_stored: List[ZBlkBase] = []
         return f
 
     # ~~~ block I/O, called by virtmem (loadblk inside a page fault)
 
     def _loadblk(self, blk: int, buf: memoryview) -> None:
         zblk = self.blktab.get(blk)
-        self._v_loaded[blk] = zblk
+        self._record(blk, zblk)
         if zblk is None:
             _fill(buf, b"")
             return
-        zblk._bind(self, blk)
         data = zblk.loadblkdata()
         if len(data) > len(buf):
             raise ValueError(f"ZBigFile block {blk}: {len(data)} bytes stored, more than blksize {len(buf)}")
@@ -334,8 +335,8 @@ class ZBigFile(Persistent):
             # A ZBlk1 whose chunks changed is marked changed too: readers
             # learn of the change through the ZBlk's invalidation.
             zblk._p_changed = True
-        zblk._bind(self, blk)
-        self._v_loaded[blk] = zblk
+        self._record(blk, zblk)
+        self._v_stored.append(zblk)
 
     def _zblk_fmt_heuristic(self, zblk: Optional[ZBlkBase], data: bytes) -> Any:
         """ZBlk1 for small changes and partly filled new blocks, ZBlk0 for
@@ -349,6 +350,23 @@ class ZBigFile(Persistent):
         return ZBlk1 if small else ZBlk0
 
     # ~~~ invalidation
+
+    def _record(self, blk: int, zblk: Optional[ZBlkBase]) -> None:
+        """Pages of `blk` now hold the data of `zblk` (None: a hole)."""
+        self._forget(blk)
+        self._v_loaded[blk] = zblk
+        if zblk is not None:
+            self._v_blkof[id(zblk)] = blk
+
+    def _forget(self, blk: int) -> None:
+        old = self._v_loaded.pop(blk, None)
+        if old is not None:
+            self._v_blkof.pop(id(old), None)
+
+    def _zblk_invalidated(self, zblk: ZBlkBase) -> None:
+        blk = self.__dict__.get("_v_blkof", {}).get(id(zblk))
+        if blk is not None and self._v_loaded.get(blk) is zblk:
+            self._v_invalidated.add(blk)
 
     def _sync_invalidations(self) -> None:
         """After ZODB applied the invalidations of a new transaction: drop
@@ -374,13 +392,13 @@ class ZBigFile(Persistent):
                 else:
                     fh._zfileh.invalidate_page(blk)
             if not keep:
-                loaded.pop(blk, None)
+                self._forget(blk)
         # Forget blocks no handle holds any more (reclaimed), so that the
         # record stays as small as what is resident.
         if len(loaded) > 64 and len(loaded) > 2 * sum(fh.stats()["resident_pages"] for fh in filehs):
             for blk in list(loaded):
                 if all(fh.page_state(blk) is None for fh in filehs):
-                    del loaded[blk]
+                    self._forget(blk)
 
     # ~~~ handles
 
@@ -423,6 +441,12 @@ def _connection_zfiles(conn: Any) -> "weakref.WeakSet[ZBigFile]":
     return zfiles
 
 
+def _on_connection_close(ref: "weakref.ref[ZBigFileH]") -> None:
+    fileh = ref()
+    if fileh is not None:
+        fileh._on_connection_close()
+
+
 @implementer(IDataManager, ISynchronizer)
 class ZBigFileH:
     """A handle of a ZBigFile whose changes are committed and aborted with
@@ -439,7 +463,7 @@ class ZBigFileH:
         self.transaction_manager: Any = None
         _connection_zfiles(conn).add(zfile)
         self._follow_transaction_manager()
-        conn.onCloseCallback(self._on_connection_close)
+        conn.onCloseCallback(functools.partial(_on_connection_close, weakref.ref(self)))
 
     def _follow_transaction_manager(self) -> None:
         tm = self._conn.transaction_manager if self._conn.opened else None
@@ -542,7 +566,16 @@ class ZBigFileH:
             self._conn.register(zfile)
 
     def afterCompletion(self, txn: Any) -> None:
-        pass
+        # After a commit the connection marked the ZBlks we wrote saved:
+        # drop their copies of the blocks (the pages hold the data). After
+        # an abort ZODB has already reverted them.
+        stored, self.zfile._v_stored = self.zfile.__dict__.get("_v_stored", []), []
+        for zblk in stored:
+            if zblk._p_jar is not None and not zblk._p_changed:
+                if isinstance(zblk, ZBlk1):
+                    for chunk in zblk.chunktab.values():
+                        chunk._p_deactivate()
+                zblk._p_deactivate()
 
     def newTransaction(self, txn: Any) -> None:
         pass
