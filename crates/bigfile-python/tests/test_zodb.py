@@ -443,6 +443,13 @@ def test_conflict_same_block(store, db, key):
         c3u = u8(v3)
         assert (c3u[10], c3u[20], c3u[2 * BLK]) == (11, 0, 0)
         del c3u
+    # carried over the abort, the block changed by the winner cannot be
+    # committed (that would lose the winner's change)
+    fh2.carry_changes()
+    tm2.abort()
+    assert fh2.dirty_blocks() == [0, 2]
+    with pytest.raises(ConflictError, match=r"blocks \[0\] were changed by another transaction"):
+        tm2.commit()
     # abort drops them; done again on the new state, the commit goes through
     tm2.abort()
     assert not fh2.isdirty()
@@ -490,6 +497,10 @@ def test_conflict_between_processes(zeo_store, workers, key):
     assert not r["ok"] and "Conflict" in r["error"], r
     assert w2.ok("info", key=key)["dirty"]
     assert w2.ok("get", key=key, indices=[1, 2])["values"] == [0, 22]  # still its own
+    w2.ok("carry")
+    w2.ok("abort")
+    r = w2.call("commit")  # carried, but the block changed meanwhile
+    assert not r["ok"] and r["error"] == "ConflictError" and "changed by another transaction" in r["msg"], r
     w2.ok("abort")
     assert w2.ok("get", key=key, indices=[1, 2])["values"] == [11, 0]
     w2.ok("set", key=key, index=2, value=22)
@@ -505,8 +516,9 @@ class StoreFault(Exception):
     pass
 
 
+@pytest.mark.parametrize("then", ["abort", "carry"])
 @pytest.mark.parametrize("where", ["storeblk", "storage"])
-def test_failed_commit_keeps_memory_and_database_consistent(store, db, key, monkeypatch, where):
+def test_failed_commit_keeps_memory_and_database_consistent(store, db, key, monkeypatch, where, then):
     c1, c2 = conn_pair(db)
     tm1 = c1.transaction_manager
     zf = new_zfile(c1, key)
@@ -556,6 +568,20 @@ def test_failed_commit_keeps_memory_and_database_consistent(store, db, key, monk
         assert (b[0], b[BLK], b[2 * BLK], b[3 * BLK]) == (1, 1, 1, 0)
         del b
     assert sorted(c2.root()[key].blktab.keys()) == [0, 1, 2]
+    if then == "carry":
+        # the same changes committed again in the next transaction
+        fh.carry_changes()
+        tm1.abort()
+        assert fh.dirty_blocks() == [0, 1, 2, 3]
+        tm1.commit()
+        assert not fh.isdirty()
+        c2.transaction_manager.begin()
+        with c2.root()[key].fileh_open() as fh2, fh2.mmap(0, 4) as v2:
+            b = u8(v2)
+            assert (b[0], b[BLK], b[2 * BLK], b[3 * BLK]) == (2, 2, 2, 2)
+            del b
+        del a
+        return
     # ZODB requires the failed transaction to be aborted; that drops them
     tm1.abort()
     assert not fh.isdirty()
@@ -720,6 +746,8 @@ def test_misuse(tmp_path):
             fh.dirty_writeout(3)
         with pytest.raises(TypeError, match="transaction.abort"):
             fh.dirty_discard()
+        with pytest.raises(RuntimeError, match="only after a commit of this handle failed"):
+            fh.carry_changes()
         a = ZBigArray((4,), np.uint8)
         with pytest.raises(ValueError, match="not in a ZODB connection"):
             a[0]

@@ -5,8 +5,8 @@ one JSON reply per stdout line.
     python zodb_worker.py fs PATH            (a FileStorage, one process at a time)
 
 Commands operate on ZBigArray ``root[key]`` (1-d, int64 unless said):
-create, append, set, get, info, sum, commit, abort, begin, write_sum,
-check_sum, exit. A failing command replies {"ok": false, "error": NAME}.
+create, open, append, append_range, set, get, info, sum, carry, commit,
+abort, begin, exit. A failing command replies {"ok": false, "error": NAME}.
 """
 
 import json
@@ -97,6 +97,8 @@ def main():
                     pss = max(pss, pss_shmem_kb())
                 out.update(sum=total, shape=list(a.shape), peak_resident=peak, pss_shmem_kb=pss,
                            budget=a._fileh.ram_stats()["budget"])
+            elif op == "carry":
+                arr(key)._fileh.carry_changes()
             elif op == "commit":
                 transaction.commit()
             elif op == "abort":

@@ -53,15 +53,16 @@ failed commit keeps the changes in memory until the transaction is aborted
 takes the RAM and budget arguments of ``BigFile.fileh_open``.
 """
 
+import functools
 import os
 import weakref
-import functools
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from BTrees.IOBTree import IOBTree
 from BTrees.LOBTree import LOBTree
 from persistent import Persistent
 from transaction.interfaces import IDataManager, ISynchronizer
+from ZODB.POSException import ConflictError
 from zope.interface import implementer
 
 from bigfile._bigfile import WRITEOUT_MARKSTORED, WRITEOUT_STORE, BigFile
@@ -109,8 +110,12 @@ class ZBlkBase(Persistent):
     def _p_invalidate(self) -> None:
         jar = self._p_jar
         Persistent._p_invalidate(self)
-        for zfile in getattr(jar, "_bigfile_zfiles", ()):
-            zfile._zblk_invalidated(self)
+        # Only invalidations for other transactions' commits, which ZODB
+        # applies in newTransaction; outside it the connection is reverting
+        # our own changes (abort), whose pages are dirty and dropped anyway.
+        if getattr(jar, "_bigfile_syncing", False):
+            for zfile in jar._bigfile_zfiles:
+                zfile._zblk_invalidated(self)
 
 
 class ZBlk0(ZBlkBase):
@@ -303,7 +308,7 @@ class ZBigFile(Persistent):
             self._v_invalidated: Set[int] = set()
             # ZBlks written by the commit in progress, made ghosts after it
             # (they hold copies of the blocks)
-            self._v_stored: List[ZBlkBase] = []
+            self._v_stored: List[Tuple[int, ZBlkBase]] = []
         return f
 
     # ~~~ block I/O, called by virtmem (loadblk inside a page fault)
@@ -335,8 +340,8 @@ class ZBigFile(Persistent):
             # A ZBlk1 whose chunks changed is marked changed too: readers
             # learn of the change through the ZBlk's invalidation.
             zblk._p_changed = True
-        self._record(blk, zblk)
-        self._v_stored.append(zblk)
+        # Recorded as the page's source once committed (tpc_finish).
+        self._v_stored.append((blk, zblk))
 
     def _zblk_fmt_heuristic(self, zblk: Optional[ZBlkBase], data: bytes) -> Any:
         """ZBlk1 for small changes and partly filled new blocks, ZBlk0 for
@@ -389,6 +394,7 @@ class ZBigFile(Persistent):
             for fh in filehs:
                 if fh.page_state(blk) == "dirty":
                     keep = True
+                    fh._stale_dirty.add(blk)
                 else:
                     fh._zfileh.invalidate_page(blk)
             if not keep:
@@ -430,7 +436,11 @@ def _connection_zfiles(conn: Any) -> "weakref.WeakSet[ZBigFile]":
         orig = conn.newTransaction
 
         def newTransaction(transaction: Any, sync: bool = True) -> None:
-            orig(transaction, sync)
+            conn._bigfile_syncing = True
+            try:
+                orig(transaction, sync)
+            finally:
+                conn._bigfile_syncing = False
             for zfile in list(zfiles):
                 for fh in list(zfile._v_filehset):
                     fh._follow_transaction_manager()
@@ -460,6 +470,11 @@ class ZBigFileH:
         self._zfileh = zfile._runtime().fileh_open(ram=ram, budget=budget)
         self._joined: Any = None  # the transaction we joined
         self._committing: Any = None  # the transaction in two-phase commit
+        self._failed: Any = None  # the transaction whose commit failed, not yet aborted
+        self._carry: Any = None  # that transaction, if its abort keeps the changes
+        # dirty blocks changed by another transaction since (found when
+        # changes are kept over a failed commit): never to be committed
+        self._stale_dirty: Set[int] = set()
         self.transaction_manager: Any = None
         _connection_zfiles(conn).add(zfile)
         self._follow_transaction_manager()
@@ -570,7 +585,7 @@ class ZBigFileH:
         # drop their copies of the blocks (the pages hold the data). After
         # an abort ZODB has already reverted them.
         stored, self.zfile._v_stored = self.zfile.__dict__.get("_v_stored", []), []
-        for zblk in stored:
+        for _blk, zblk in stored:
             if zblk._p_jar is not None and not zblk._p_changed:
                 if isinstance(zblk, ZBlk1):
                     for chunk in zblk.chunktab.values():
@@ -592,6 +607,11 @@ class ZBigFileH:
             # A commit failing before we voted: tpc_abort follows and keeps
             # the changes until the transaction itself is aborted.
             return
+        self._failed = None
+        if self._carry is txn:
+            self._carry = None
+            return
+        self._stale_dirty.clear()
         if not self._zfileh.closed:
             self._zfileh.dirty_discard()
 
@@ -599,6 +619,13 @@ class ZBigFileH:
         self._committing = txn
 
     def commit(self, txn: Any) -> None:
+        stale = self._stale_dirty.intersection(self._zfileh.dirty_blocks())
+        if stale:
+            raise ConflictError(
+                f"ZBigFile blocks {sorted(stale)} were changed by another transaction after this "
+                "handle's changes to them were made (changes carried over a failed commit): "
+                "abort, and redo the work on the current data"
+            )
         # Dirty pages -> ZBlk objects of the connection, which writes them
         # in its own commit (it sorts after us).
         self._zfileh.dirty_writeout(WRITEOUT_STORE)
@@ -610,12 +637,32 @@ class ZBigFileH:
         self._committing = None
         self._joined = None
         self._zfileh.dirty_writeout(WRITEOUT_MARKSTORED)
+        self._stale_dirty.clear()
+        for blk, zblk in self.zfile._v_stored:
+            self.zfile._record(blk, zblk)
 
     def tpc_abort(self, txn: Any) -> None:
         # The database is unchanged and ZODB reverts the objects our commit
         # changed: keep the pages dirty (readable) until the transaction is
-        # aborted, which drops them.
+        # aborted, which drops them unless carry_changes() was called.
         self._committing = None
+        self._failed = txn
+
+    def carry_changes(self) -> None:
+        """After a failed commit, before the abort ZODB requires: keep this
+        handle's changes through that abort, so the next transaction can
+        commit them again (after a transient storage error, say).
+
+        Blocks that another transaction changed since (the usual cause of
+        a ConflictError) cannot be committed that way, which would lose
+        the other change: committing them raises ConflictError again, and
+        only an abort (which drops all the handle's changes) gets out."""
+        tm = self.transaction_manager
+        if self._failed is None or tm is None or self._failed is not tm.get():
+            raise RuntimeError(
+                "ZBigFileH.carry_changes: only after a commit of this handle failed, before the transaction is aborted"
+            )
+        self._carry = self._failed
 
     def __repr__(self) -> str:
         return f"<ZBigFileH of {self.zfile!r}>"
