@@ -497,7 +497,7 @@ def test_conflict_between_processes(zeo_store, workers, key):
     assert not r["ok"] and "Conflict" in r["error"], r
     assert w2.ok("info", key=key)["dirty"]
     assert w2.ok("get", key=key, indices=[1, 2])["values"] == [0, 22]  # still its own
-    w2.ok("carry")
+    w2.ok("carry", key=key)
     w2.ok("abort")
     r = w2.call("commit")  # carried, but the block changed meanwhile
     assert not r["ok"] and r["error"] == "ConflictError" and "changed by another transaction" in r["msg"], r
