@@ -179,6 +179,10 @@ class ZBlk1(ZBlkBase):
         tab = self.chunktab
         if not tab:
             return bytearray()
+        jar = self._p_jar
+        if jar is not None:
+            # One round trip to a ZEO server for all the chunks, not one each.
+            jar.prefetch(tab.values())
         last = tab.maxKey()
         out = bytearray(last + len(tab[last].data))
         for off, chunk in tab.items():
@@ -309,6 +313,8 @@ class ZBigFile(Persistent):
             # ZBlks written by the commit in progress, made ghosts after it
             # (they hold copies of the blocks)
             self._v_stored: List[Tuple[int, ZBlkBase]] = []
+            # the blocks the commit in progress writes (for the heuristic)
+            self._v_storing: Set[int] = set()
         return f
 
     # ~~~ block I/O, called by virtmem (loadblk inside a page fault)
@@ -329,7 +335,12 @@ class ZBigFile(Persistent):
         zblk = self.blktab.get(blk)
         fmt = ZBlk_fmt_registry[ZBlk_fmt_write]
         if fmt is _ZBlk_auto:
-            fmt = self._zblk_fmt_heuristic(zblk, data)
+            fmt = self._zblk_fmt_heuristic(blk, zblk, data)
+            if zblk is None:
+                self._consolidate_before(blk)
+        self._setzblk(blk, zblk, fmt, data)
+
+    def _setzblk(self, blk: int, zblk: Optional[ZBlkBase], fmt: Any, data: bytes) -> None:
         if type(zblk) is not fmt:
             if zblk is not None:
                 zblk._p_deactivate()
@@ -343,14 +354,33 @@ class ZBigFile(Persistent):
         # Recorded as the page's source once committed (tpc_finish).
         self._v_stored.append((blk, zblk))
 
-    def _zblk_fmt_heuristic(self, zblk: Optional[ZBlkBase], data: bytes) -> Any:
-        """ZBlk1 for small changes and partly filled new blocks, ZBlk0 for
-        full new blocks and big changes (see the module docs)."""
+    def _consolidate_before(self, blk: int) -> None:
+        """An append reached the new block `blk`: rewrite the block before it,
+        the previous end of the file, as ZBlk0 if it is a ZBlk1 that this
+        commit does not write anyway (appends ending on a block boundary
+        would leave every block chunked, slow to read)."""
+        prev = blk - 1
+        if prev < 0 or prev in self._v_storing or not self.blktab or self.blktab.maxKey() != prev:
+            return
+        zprev = self.blktab[prev]
+        if type(zprev) is ZBlk1:
+            self._setzblk(prev, zprev, ZBlk0, bytes(zprev.loadblkdata()))
+
+    def _zblk_fmt_heuristic(self, blk: int, zblk: Optional[ZBlkBase], data: bytes) -> Any:
+        """The format to write block `blk` in, now holding `data` (see the
+        module docs): ZBlk1 where the change is small or the block is the
+        growing tail of an append, ZBlk0 where it is new and full, changed
+        in large part, or an append has just moved past it (it is complete
+        and will be read far more often than written again)."""
         cs = ZBlk1.CHUNKSIZE
         nchunks = -(-self.blksize // cs)
+        # The next block is written by the same commit.
+        passed = blk + 1 in self._v_storing
         if zblk is None:
-            return ZBlk0 if len(data) == self.blksize else ZBlk1
+            return ZBlk0 if passed or len(data) == self.blksize else ZBlk1
         old = zblk.loadblkdata(deactivate=False)  # setblkdata compares with it next
+        if passed and memoryview(data)[: len(old)] == memoryview(old):
+            return ZBlk0
         small = _count_changed(old, data, cs) * 2 < nchunks
         return ZBlk1 if small else ZBlk0
 
@@ -628,6 +658,7 @@ class ZBigFileH:
             )
         # Dirty pages -> ZBlk objects of the connection, which writes them
         # in its own commit (it sorts after us).
+        self.zfile._v_storing = set(self._zfileh.dirty_blocks())
         self._zfileh.dirty_writeout(WRITEOUT_STORE)
 
     def tpc_vote(self, txn: Any) -> None:
