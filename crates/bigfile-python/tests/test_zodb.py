@@ -682,17 +682,26 @@ def test_block_formats_and_heuristic(tmp_path, key):
             s0 = size()
             a[blksize + 7000] = 1
             transaction.commit()
-            assert size() - s0 >= ZBlk1.CHUNKSIZE  # whole (stripped) block rewritten
+            assert size() - s0 > 7000  # the whole block (its 7001 bytes before trailing zeros) rewritten
         finally:
             file_zodb.ZBlk_fmt_write = old
 
+        # appends: the growing tail block is ZBlk1; once the append moves
+        # to the next block (here exactly at a block boundary), ZBlk0
+        a[2 * blksize : 2 * blksize + 100] = 1
+        transaction.commit()
+        assert type(zf.blktab[2]) is ZBlk1
+        a[3 * blksize : 3 * blksize + 100] = 1
+        transaction.commit()
+        assert (type(zf.blktab[2]), type(zf.blktab[3])) == (ZBlk0, ZBlk1)
+
         # everything reads back from a fresh connection
-        expect = np.array(a[: 2 * blksize])
+        expect = np.array(a)
         del a
         fh.close()
         transaction.abort()
         c2 = db.open(transaction.TransactionManager())
-        with c2.root()[key].fileh_open() as fh2, fh2.mmap(0, 2) as v:
+        with c2.root()[key].fileh_open() as fh2, fh2.mmap(0, 4) as v:
             assert (u8(v) == expect).all()
     finally:
         transaction.abort()
