@@ -17,7 +17,9 @@ wendelin.core). "auto" writes a block as ZBlk1 when the change is small
 (fewer than half of its chunks differ from what is stored) or when the block
 is new and only partly filled (the tail of an append, which the next
 appends will extend), and as ZBlk0 otherwise (a full new block, a big
-rewrite). See the package README for the measured costs.
+rewrite, a block an append has moved past: the previous end of the file is
+rewritten as ZBlk0 when an append creates the block after it). See the
+package README for the rules in full and the measured costs.
 
 ``zfile.fileh_open()`` returns a ``ZBigFileH`` tied to the ZODB connection
 of `zfile` (it must be in a connection: added with ``conn.add`` or reached
@@ -32,7 +34,10 @@ transactions:
   changed objects are reverted by ZODB, and the pages stay dirty in memory:
   the application can still read them. ZODB then requires the transaction
   to be aborted; ``transaction.abort()`` drops the changes, after which the
-  work can be redone (``transaction.manager.attempts()``).
+  work can be redone (``transaction.manager.attempts()``), unless
+  ``fh.carry_changes()`` was called before it: then the changes stay for
+  the next transaction to commit again, except that blocks another
+  transaction changed meanwhile raise ConflictError (never a lost update).
 - ``transaction.abort()`` drops the dirty pages.
 - When another connection (in this process or another, through ZEO)
   commits changes to blocks of the file, this handle's pages of those
@@ -47,8 +52,9 @@ handles writing different blocks commit both.
 Deliberate differences from wendelin.core: "auto" is the default format
 (our invalidation also covers blocks whose ZBlk is replaced or created by
 another connection, which wendelin.core's local-cache mode misses); a
-failed commit keeps the changes in memory until the transaction is aborted
-(wendelin.core drops them at once); ``ZBigFileH`` refuses
+failed commit keeps the changes in memory until the transaction is aborted,
+or longer with ``carry_changes`` (wendelin.core drops them at once);
+ZBlk1 chunks are 16 KiB (4 KiB there); ``ZBigFileH`` refuses
 ``dirty_writeout``/``dirty_discard`` (use the transaction); ``fileh_open``
 takes the RAM and budget arguments of ``BigFile.fileh_open``.
 """
