@@ -770,6 +770,28 @@ def test_misuse(tmp_path):
         db.close()
 
 
+def test_zbigfile_whose_addition_was_aborted(tmp_path):
+    db = ZODB.DB(FileStorage(str(tmp_path / "m.fs")))
+    try:
+        conn = db.open()
+        zf = ZBigFile(BLK)
+        conn.add(zf)
+        fh = zf.fileh_open()
+        transaction.abort()  # zf leaves the connection
+        with fh.mmap(0, 1) as vma:
+            a = u8(vma)
+            a[0] = 1
+            with pytest.raises(ValueError, match="no longer in the handle's ZODB connection"):
+                transaction.commit()
+            assert fh.isdirty() and a[0] == 1
+            transaction.abort()
+            assert not fh.isdirty() and a[0] == 0
+            del a
+    finally:
+        transaction.abort()
+        db.close()
+
+
 def test_wendelin_names():
     from bigfile.file_zodb import ZBlk, ZBlk_fmt_registry, ZData, _ZBigFileH
 

@@ -655,6 +655,15 @@ class ZBigFileH:
         self._committing = txn
 
     def commit(self, txn: Any) -> None:
+        if self._zfileh.closed:
+            return
+        if self.zfile._p_jar is not self._conn:
+            # An aborted conn.add() takes the object out of the connection:
+            # nothing would store the blocks.
+            raise ValueError(
+                "ZBigFileH: its ZBigFile is no longer in the handle's ZODB connection (was the transaction "
+                "that added it aborted?); abort, add the ZBigFile again and open a new handle"
+            )
         stale = self._stale_dirty.intersection(self._zfileh.dirty_blocks())
         if stale:
             raise ConflictError(
@@ -673,6 +682,8 @@ class ZBigFileH:
     def tpc_finish(self, txn: Any) -> None:
         self._committing = None
         self._joined = None
+        if self._zfileh.closed:
+            return
         self._zfileh.dirty_writeout(WRITEOUT_MARKSTORED)
         self._stale_dirty.clear()
         for blk, zblk in self.zfile._v_stored:
