@@ -89,7 +89,7 @@ class Store:
         if self.kind == "zeo":
             import ZEO
 
-            return ZEO.DB(self.where, wait_timeout=30)
+            return ZEO.DB(self.where, wait_timeout=30, server_sync=True)
         return ZODB.DB(FileStorage(self.where))
 
     def worker_args(self):

@@ -35,7 +35,8 @@ def main():
         import ZEO
 
         host, port = where.rsplit(":", 1)
-        db = ZEO.DB((host, int(port)), wait_timeout=30)
+        # server_sync: begin() sees every commit that finished before it
+        db = ZEO.DB((host, int(port)), wait_timeout=30, server_sync=True)
     else:
         db = ZODB.DB(FileStorage(where))
     conn = db.open()

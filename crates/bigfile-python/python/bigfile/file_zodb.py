@@ -97,7 +97,7 @@ def _fill(buf: memoryview, data: Any) -> None:
 # ~~~ block formats (pickled by class name: never rename or change their state)
 
 
-class ZBlkBase(Persistent):
+class ZBlkBase(Persistent):  # type: ignore[misc]  # persistent has no type hints
     """One block's data in the database. An invalidation by ZODB is passed
     to the ZBigFiles with handles in the object's connection, which know
     (by identity, as a ghost keeps no attributes) which block it holds."""
@@ -147,7 +147,7 @@ class ZBlk0(ZBlkBase):
         return True
 
 
-class ZData(Persistent):
+class ZData(Persistent):  # type: ignore[misc]
     """One chunk of a ZBlk1 block."""
 
     data: bytes = b""
@@ -253,6 +253,8 @@ class _ZBigFile(BigFile):
     connection of its ZBigFile (a native BigFile cannot also be a
     Persistent: both are C types with conflicting layouts)."""
 
+    _zfile_ref: "weakref.ref[ZBigFile]"
+
     def __new__(cls, zfile: "ZBigFile", blksize: int) -> "_ZBigFile":
         obj = BigFile.__new__(cls, blksize)
         obj._zfile_ref = weakref.ref(zfile)
@@ -271,7 +273,7 @@ class _ZBigFile(BigFile):
         self._zfile()._storeblk(blk, buf)
 
 
-class ZBigFile(Persistent):
+class ZBigFile(Persistent):  # type: ignore[misc]
     """A file of `blksize`-byte blocks stored in ZODB; see the module docs.
     State: ``blksize`` and ``blktab`` (LOBTree block -> ZBlk)."""
 
@@ -347,7 +349,7 @@ class ZBigFile(Persistent):
         self._setzblk(blk, zblk, fmt, data)
 
     def _setzblk(self, blk: int, zblk: Optional[ZBlkBase], fmt: Any, data: bytes) -> None:
-        if type(zblk) is not fmt:
+        if zblk is None or type(zblk) is not fmt:
             if zblk is not None:
                 zblk._p_deactivate()
             zblk = fmt()
@@ -466,7 +468,7 @@ def _connection_zfiles(conn: Any) -> "weakref.WeakSet[ZBigFile]":
     the connection applies ZODB's invalidations: its ``newTransaction``
     (called by the transaction manager at ``begin``, by ``afterCompletion``
     and at ``open``) is wrapped on the instance."""
-    zfiles = conn.__dict__.get("_bigfile_zfiles")
+    zfiles: "Optional[weakref.WeakSet[ZBigFile]]" = conn.__dict__.get("_bigfile_zfiles")
     if zfiles is None:
         zfiles = weakref.WeakSet()
         orig = conn.newTransaction
@@ -594,9 +596,8 @@ class ZBigFileH:
     def __enter__(self) -> "ZBigFileH":
         return self
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: Any) -> None:
         self.close()
-        return False
 
     # ~~~ ISynchronizer
 
@@ -635,7 +636,7 @@ class ZBigFileH:
 
     def sortKey(self) -> str:
         # Before our connection: our commit changes its objects.
-        return "\0bigfile " + self._conn.sortKey()
+        return "\0bigfile " + str(self._conn.sortKey())
 
     def abort(self, txn: Any) -> None:
         self._joined = None

@@ -24,7 +24,7 @@ from bigfile.file_zodb import ZBigFile, ZBigFileH
 __all__ = ["ZBigArray"]
 
 
-class ZBigArray(BigArray, Persistent):
+class ZBigArray(BigArray, Persistent):  # type: ignore[misc]  # persistent has no type hints
     """A persistent BigArray of `shape` and `dtype` in `order`, its data in
     a ZBigFile of `blksize`-byte blocks; see the module docs."""
 
