@@ -316,6 +316,29 @@ def test_zbigarray_resize_append_transactional(store, db, key):
     c2.transaction_manager.abort()
 
 
+def test_handle_survives_connection_close_and_reopen(store, db, key):
+    c = db.open()
+    c.root()[key] = a = ZBigArray((10,), np.int64, blksize=BLK)
+    transaction.commit()
+    a[:] = 1
+    transaction.commit()
+    c.close()  # back to the pool, with its cache and the array's handle
+
+    other = db.open(transaction.TransactionManager())
+    b = other.root()[key]
+    b[1] = 7  # committed while the first connection is closed
+    other.transaction_manager.commit()
+
+    c2 = db.open()
+    a2 = c2.root()[key]
+    assert (c2 is c) == (a2 is a)
+    assert a2[:].sum() == 16  # the change made while closed is seen
+    a2[0] = 5  # and the handle still commits with the connection
+    transaction.commit()
+    other.transaction_manager.begin()
+    assert b[:].sum() == 20
+
+
 # ~~~ isolation and invalidation
 
 
