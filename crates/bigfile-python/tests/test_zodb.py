@@ -826,3 +826,38 @@ def test_wendelin_names():
     a = ZBigArray((3, 4), np.float32, order="F", blksize=BLK)
     assert (a.shape, a.dtype, a.zfile.blksize) == ((3, 4), np.float32, BLK)
     assert a._v_fileh is None
+
+
+def test_threads_faulting_blocks_at_once(store, db, key):
+    """Page faults of several threads load blocks through the one
+    connection: they must not use it at the same time."""
+    import threading
+
+    c1 = db.open()
+    c1.root()[key] = a = ZBigArray((0,), np.int64, blksize=BLK)
+    transaction.commit()
+    n = 64 * BLK // 8
+    a.append(np.arange(n, dtype=np.int64))
+    transaction.commit()
+    c2 = db.open(transaction.TransactionManager())
+    b = c2.root()[key]
+    sums = {}
+    errors = []
+    vma_arr = b[:]  # one mapping: the threads' reads fault its pages
+
+    def read(t):
+        try:
+            part = n // 8
+            sums[t] = int(vma_arr[t * part : (t + 1) * part].sum())
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=read, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+        assert not t.is_alive(), "a reading thread hung"
+    assert not errors
+    assert sum(sums.values()) == n * (n - 1) // 2
+    del vma_arr

@@ -60,7 +60,9 @@ takes the RAM and budget arguments of ``BigFile.fileh_open``.
 """
 
 import functools
+import contextlib
 import os
+import threading
 import weakref
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -76,6 +78,7 @@ from bigfile._bigfile import WRITEOUT_MARKSTORED, WRITEOUT_STORE, BigFile
 __all__ = ["ZBigFile", "ZBigFileH", "ZBlk0", "ZBlk1", "ZData", "ZBlk_fmt_write", "ZBlk_fmt_registry"]
 
 _zeros: Dict[int, bytes] = {}
+_nolock = contextlib.nullcontext()
 
 
 def _zero_bytes(n: int) -> bytes:
@@ -328,12 +331,16 @@ class ZBigFile(Persistent):  # type: ignore[misc]
     # ~~~ block I/O, called by virtmem (loadblk inside a page fault)
 
     def _loadblk(self, blk: int, buf: memoryview) -> None:
-        zblk = self.blktab.get(blk)
-        self._record(blk, zblk)
-        if zblk is None:
-            _fill(buf, b"")
-            return
-        data = zblk.loadblkdata()
+        # Threads faulting at once (numpy or BLAS threads) take turns with
+        # the connection, which is not thread-safe (a ZEO load lets another
+        # thread run while it waits for the server).
+        with getattr(self._p_jar, "_bigfile_lock", None) or _nolock:
+            zblk = self.blktab.get(blk)
+            self._record(blk, zblk)
+            if zblk is None:
+                data: Any = b""
+            else:
+                data = zblk.loadblkdata()
         if len(data) > len(buf):
             raise ValueError(f"ZBigFile block {blk}: {len(data)} bytes stored, more than blksize {len(buf)}")
         _fill(buf, data)
@@ -471,6 +478,7 @@ def _connection_zfiles(conn: Any) -> "weakref.WeakSet[ZBigFile]":
     zfiles: "Optional[weakref.WeakSet[ZBigFile]]" = conn.__dict__.get("_bigfile_zfiles")
     if zfiles is None:
         zfiles = weakref.WeakSet()
+        conn._bigfile_lock = threading.RLock()
         orig = conn.newTransaction
 
         def newTransaction(transaction: Any, sync: bool = True) -> None:
