@@ -773,6 +773,9 @@ def test_misuse(tmp_path):
     try:
         conn = db.open()
         conn.add(zf)
+        with pytest.raises(NotImplementedError, match="WCFS"):
+            zf.fileh_open(_use_wcfs=True)
+        zf.fileh_open(_use_wcfs=False).close()
         fh = zf.fileh_open()
         with pytest.raises(TypeError, match="transaction.commit"):
             fh.dirty_writeout(3)

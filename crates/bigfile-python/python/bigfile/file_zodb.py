@@ -453,9 +453,15 @@ class ZBigFile(Persistent):  # type: ignore[misc]
 
     # ~~~ handles
 
-    def fileh_open(self, ram: Any = None, budget: Optional[int] = None) -> "ZBigFileH":
+    def fileh_open(
+        self, ram: Any = None, budget: Optional[int] = None, *, _use_wcfs: Optional[bool] = None
+    ) -> "ZBigFileH":
         """A handle whose changes go with the transactions of this object's
-        ZODB connection (``ram``/``budget`` as for ``BigFile.fileh_open``)."""
+        ZODB connection (``ram``/``budget`` as for ``BigFile.fileh_open``).
+        `_use_wcfs` is accepted for wendelin.core's callers: there is no
+        WCFS mode, so only None and False are valid."""
+        if _use_wcfs:
+            raise NotImplementedError("ZBigFile.fileh_open: there is no WCFS (shared-cache) mode in bigfile")
         conn = self._p_jar
         if conn is None:
             raise ValueError(
