@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bigfile_virtmem::{Access, FileH, LoadPolicy, Stats, Vma, WriteoutFlags};
+use bigfile_virtmem::{Access, FileH, LoadPolicy, PageState, Stats, Vma, WriteoutFlags};
 use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -170,6 +170,17 @@ impl PyBigFileH {
         self.get()?
             .invalidate_page(pgoffset)
             .map_err(|e| to_py(py, e))
+    }
+
+    /// The state of page `pgoffset`: `None` when not in memory, else
+    /// "loading", "loaded" or "dirty" (a load invalidated meanwhile is "loading").
+    fn page_state(&self, pgoffset: &Bound<'_, PyAny>) -> PyResult<Option<&'static str>> {
+        let pgoffset = u64_arg(pgoffset, "pgoffset")?;
+        Ok(self.get()?.page_state(pgoffset).map(|st| match st {
+            PageState::Loading | PageState::LoadingInvalidated => "loading",
+            PageState::Loaded => "loaded",
+            PageState::Dirty => "dirty",
+        }))
     }
 
     /// The dirty blocks, ascending.

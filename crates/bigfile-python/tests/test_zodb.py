@@ -1,0 +1,866 @@
+"""ZBigFile and ZBigArray on ZODB: on a FileStorage and through a real ZEO
+server (runzeo, started here on a free 127.0.0.1 port)."""
+
+import json
+import mmap
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+import transaction
+import ZODB
+from BTrees.LOBTree import LOBTree
+from ZODB.FileStorage import FileStorage
+from ZODB.POSException import ConflictError
+
+from bigfile.bigarray.array_zodb import ZBigArray
+from bigfile import file_zodb
+from bigfile.file_zodb import ZBigFile, ZBigFileH, ZBlk0, ZBlk1
+
+PS = mmap.PAGESIZE
+BLK = 64 << 10  # small blocks: several per test array, 16 ZBlk1 chunks each
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "zodb_worker.py")
+ZEO_START_TIMEOUT = 60
+REPLY_TIMEOUT = 180
+
+
+# ~~~ storages
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def zeo_server(tmp_path_factory):
+    """A runzeo process serving a FileStorage on 127.0.0.1; its address."""
+    d = tmp_path_factory.mktemp("zeo")
+    log = open(d / "runzeo.log", "wb")
+    for _attempt in range(3):
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ZEO.runzeo", "-a", f"127.0.0.1:{port}", "-f", str(d / "data.fs")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + ZEO_START_TIMEOUT
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        if proc.poll() is None and time.monotonic() < deadline:
+            break
+        proc.kill()
+        proc.wait(timeout=10)
+    else:
+        log.close()
+        pytest.fail(f"runzeo did not accept connections within {ZEO_START_TIMEOUT}s: "
+                    + (d / "runzeo.log").read_text(errors="replace")[-2000:])
+    try:
+        yield ("127.0.0.1", port)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+class Store:
+    """Where a test's database is: opens DBs on it and names it to workers."""
+
+    def __init__(self, kind, where):
+        self.kind, self.where = kind, where
+
+    def db(self):
+        if self.kind == "zeo":
+            import ZEO
+
+            return ZEO.DB(self.where, wait_timeout=30, server_sync=True)
+        return ZODB.DB(FileStorage(self.where))
+
+    def worker_args(self):
+        if self.kind == "zeo":
+            return ["zeo", "%s:%d" % self.where]
+        return ["fs", self.where]
+
+
+@pytest.fixture(params=["filestorage", "zeo"])
+def store(request, tmp_path):
+    if request.param == "zeo":
+        return Store("zeo", request.getfixturevalue("zeo_server"))
+    return Store("fs", str(tmp_path / "data.fs"))
+
+
+@pytest.fixture
+def key():
+    """A root key of its own for each test (the ZEO database is shared)."""
+    return "t-" + uuid.uuid4().hex
+
+
+@pytest.fixture
+def db(store):
+    d = store.db()
+    yield d
+    transaction.abort()
+    d.close()
+
+
+def conn_pair(db):
+    """Two connections with transaction managers of their own."""
+    tm1, tm2 = transaction.TransactionManager(), transaction.TransactionManager()
+    return db.open(tm1), db.open(tm2)
+
+
+def u8(vma):
+    return np.ndarray((len(vma),), np.uint8, buffer=vma)
+
+
+def new_zfile(conn, key, blksize=BLK):
+    conn.root()[key] = zf = ZBigFile(blksize)
+    conn.transaction_manager.commit()
+    return zf
+
+
+# ~~~ subprocess clients
+
+
+class Worker:
+    """A client process (tests/zodb_worker.py): call(op, **args) -> reply."""
+
+    def __init__(self, store, tmp_path):
+        self.errpath = tmp_path / f"worker-{uuid.uuid4().hex[:8]}.err"
+        self.err = open(self.errpath, "wb")
+        self.p = subprocess.Popen(
+            [sys.executable, WORKER, *store.worker_args()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+        )
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.p.stdout, selectors.EVENT_READ)
+
+    def stderr(self):
+        self.err.flush()
+        return self.errpath.read_text(errors="replace")[-3000:]
+
+    def call(self, op, **args):
+        args["op"] = op
+        self.p.stdin.write(json.dumps(args) + "\n")
+        self.p.stdin.flush()
+        if not self.sel.select(timeout=REPLY_TIMEOUT):
+            self.p.kill()
+            pytest.fail(f"worker gave no reply to {args} within {REPLY_TIMEOUT}s; stderr:\n{self.stderr()}")
+        line = self.p.stdout.readline()
+        if not line:
+            pytest.fail(f"worker died on {args} (status {self.p.wait(timeout=30)}); stderr:\n{self.stderr()}")
+        return json.loads(line)
+
+    def ok(self, op, **args):
+        r = self.call(op, **args)
+        assert r["ok"], (op, args, r, self.stderr())
+        return r
+
+    def close(self):
+        if self.p.poll() is None:
+            try:
+                self.call("exit")
+            finally:
+                try:
+                    self.p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    self.p.kill()
+                    self.p.wait(timeout=10)
+        self.p.stdin.close()
+        self.p.stdout.close()
+        self.err.close()
+        self.sel.close()
+        assert self.p.returncode == 0, self.stderr()
+
+
+@pytest.fixture
+def zeo_store(zeo_server):
+    return Store("zeo", zeo_server)
+
+
+@pytest.fixture
+def workers(tmp_path):
+    """workers(store) starts a client process on `store`; all are closed after the test."""
+    made = []
+
+    def make(store):
+        w = Worker(store, tmp_path)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.close()
+
+
+# ~~~ commit / abort
+
+
+def test_commit_abort_roundtrip(store, db, key):
+    conn = db.open()
+    zf = new_zfile(conn, key)
+    fh = zf.fileh_open()
+    assert isinstance(fh, ZBigFileH)
+    with fh.mmap(0, 4) as vma:
+        a = u8(vma)
+        a[0], a[BLK + 1], a[3 * BLK - 1] = 1, 2, 3
+        assert fh.dirty_blocks() == [0, 1, 2]
+        transaction.commit()
+        assert not fh.isdirty()
+        assert sorted(zf.blktab.keys()) == [0, 1, 2]
+
+        a[0], a[3 * BLK] = 10, 20  # change a stored block, write a new one
+        transaction.abort()
+        assert not fh.isdirty()
+        assert (a[0], a[BLK + 1], a[3 * BLK - 1], a[3 * BLK]) == (1, 2, 3, 0)
+        assert sorted(zf.blktab.keys()) == [0, 1, 2]
+
+        a[5] = 55  # a page-only change joins the transaction by itself
+        transaction.commit()
+        del a
+    fh.close()
+    conn.close()
+    db.close()
+
+    db2 = store.db()
+    try:
+        c = db2.open()
+        zf = c.root()[key]
+        with zf.fileh_open() as fh, fh.mmap(0, 4) as vma:
+            a = u8(vma)
+            assert (a[0], a[5], a[BLK + 1], a[3 * BLK - 1], a[3 * BLK]) == (1, 55, 2, 3, 0)
+            assert int(a.astype(np.int64).sum()) == 1 + 55 + 2 + 3
+            del a
+        transaction.abort()
+        c.close()
+    finally:
+        db2.close()
+
+
+def test_new_zbigarray_written_before_first_commit(store, db, key):
+    conn = db.open()
+    conn.root()[key] = a = ZBigArray((3, 2), np.int32, blksize=BLK)
+    with pytest.raises(ValueError, match="not in a ZODB connection"):
+        a[:]  # only reachable from the root: not in the connection yet
+    conn.add(a)
+    a[:] = 0
+    a.resize((0, 2))
+    a.append(np.arange(20, dtype=np.int32).reshape(10, 2))
+    transaction.commit()
+    c2 = db.open(transaction.TransactionManager())
+    b = c2.root()[key]
+    assert b.shape == (10, 2) and b.dtype == np.int32
+    assert (b[:] == np.arange(20).reshape(10, 2)).all()
+
+
+def test_persistence_across_process_restart(store, workers, key):
+    w = workers(store)
+    w.ok("create", key=key, blksize=BLK)
+    w.ok("append", key=key, n=100_000, value=3)
+    w.ok("set", key=key, index=7, value=-5)
+    w.ok("commit")
+    w.ok("append", key=key, n=10, value=1000)  # never committed
+    w.close()
+
+    r = workers(store)
+    got = r.ok("sum", key=key)
+    assert got["shape"] == [100_000]
+    assert got["sum"] == 3 * 99_999 - 5
+    assert r.ok("get", key=key, indices=[0, 7, 99_999])["values"] == [3, -5, 3]
+
+
+def test_zbigarray_resize_append_transactional(store, db, key):
+    c1, c2 = conn_pair(db)
+    c1.root()[key] = a = ZBigArray((0,), np.int64, blksize=BLK)
+    c1.transaction_manager.commit()
+    a.append(np.arange(10))
+    c1.transaction_manager.commit()
+
+    a.append(np.arange(100, 110))
+    a.resize((25,))
+    assert a.shape == (25,)
+    c1.transaction_manager.abort()
+    assert a.shape == (10,)
+    assert (a[:] == np.arange(10)).all()
+
+    c2.transaction_manager.begin()
+    b = c2.root()[key]
+    assert b.shape == (10,)
+    a.resize((4,))
+    c1.transaction_manager.commit()
+    assert b.shape == (10,)  # c2 is still in its transaction
+    c2.transaction_manager.begin()
+    assert b.shape == (4,)
+    assert (b[:] == np.arange(4)).all()
+    b.resize((6,))  # growing back shows what the file holds there
+    assert (b[:] == np.arange(6)).all()
+    c2.transaction_manager.abort()
+
+
+def test_handle_survives_connection_close_and_reopen(store, db, key):
+    c = db.open()
+    c.root()[key] = a = ZBigArray((10,), np.int64, blksize=BLK)
+    transaction.commit()
+    a[:] = 1
+    transaction.commit()
+    c.close()  # back to the pool, with its cache and the array's handle
+
+    other = db.open(transaction.TransactionManager())
+    b = other.root()[key]
+    b[1] = 7  # committed while the first connection is closed
+    other.transaction_manager.commit()
+
+    c2 = db.open()
+    a2 = c2.root()[key]
+    assert (c2 is c) == (a2 is a)
+    assert a2[:].sum() == 16  # the change made while closed is seen
+    a2[0] = 5  # and the handle still commits with the connection
+    transaction.commit()
+    other.transaction_manager.begin()
+    assert b[:].sum() == 20
+
+
+# ~~~ isolation and invalidation
+
+
+def test_isolation_and_invalidation(store, db, key):
+    c1, c2 = conn_pair(db)
+    tm1, tm2 = c1.transaction_manager, c2.transaction_manager
+    zf1 = new_zfile(c1, key)
+    fh1 = zf1.fileh_open()
+    v1 = fh1.mmap(0, 8)
+    a = u8(v1)
+    a[0 * BLK] = a[1 * BLK] = a[2 * BLK] = 1
+    tm1.commit()
+
+    tm2.begin()
+    zf2 = c2.root()[key]
+    fh2 = zf2.fileh_open()
+    v2 = fh2.mmap(0, 8)
+    b = u8(v2)
+    # c2 holds pages of blocks 0, 1 (data) and 5 (a hole)
+    assert (b[0], b[BLK], b[5 * BLK]) == (1, 1, 0)
+
+    # one commit changing a resident block, a block c2 has not read, and
+    # filling the hole c2 holds
+    a[0] = a[2 * BLK] = a[5 * BLK] = 2
+    tm1.commit()
+
+    # c2's transaction goes on seeing one state: the old one, loaded or not
+    assert (b[0], b[BLK], b[2 * BLK], b[5 * BLK]) == (1, 1, 1, 0)
+    tm2.begin()
+    assert (b[0], b[BLK], b[2 * BLK], b[5 * BLK]) == (2, 1, 2, 2)
+    assert fh2.page_state(1) == "loaded"  # unchanged blocks stay
+
+    # an aborted change is never seen
+    a[BLK] = 9
+    tm1.abort()
+    tm2.begin()
+    assert b[BLK] == 1
+
+    # a block whose format changes (a new ZBlk object replaces the old one)
+    file_zodb_fmt = file_zodb.ZBlk_fmt_write
+    try:
+        file_zodb.ZBlk_fmt_write = "ZBlk0"
+        a[BLK + 3] = 7
+        tm1.commit()
+        assert type(zf1.blktab[1]) is ZBlk0
+        file_zodb.ZBlk_fmt_write = "ZBlk1"
+        a[BLK + 4] = 8
+        tm1.commit()
+        assert type(zf1.blktab[1]) is ZBlk1
+    finally:
+        file_zodb.ZBlk_fmt_write = file_zodb_fmt
+    tm2.begin()
+    assert (b[BLK], b[BLK + 3], b[BLK + 4]) == (1, 7, 8)
+
+    # the committer's own pages stay valid and clean
+    assert not fh1.isdirty()
+    assert (a[0], a[BLK + 4], a[5 * BLK]) == (2, 8, 2)
+    del a, b
+    v1.close(), v2.close()
+    fh1.close(), fh2.close()
+    tm1.abort(), tm2.abort()
+
+
+def test_two_processes_see_committed_data_only(zeo_store, workers, key):
+    w, r = workers(zeo_store), workers(zeo_store)
+    w.ok("create", key=key, blksize=BLK)
+    r.ok("begin")
+    assert r.ok("open", key=key)["shape"] == [0]
+
+    w.ok("append", key=key, n=50_000, value=1)
+    w.ok("set", key=key, index=0, value=100)
+    w.ok("commit")
+    # r's transaction began before that commit: it still sees the old state
+    assert r.ok("info", key=key)["shape"] == [0]
+    r.ok("begin")
+    got = r.ok("sum", key=key)
+    assert (got["shape"], got["sum"]) == ([50_000], 100 + 49_999)
+
+    # r holds the pages now; w changes some, appends, aborts: r sees nothing
+    w.ok("set", key=key, index=1, value=555)
+    w.ok("append", key=key, n=10, value=9)
+    w.ok("abort")
+    r.ok("begin")
+    got = r.ok("sum", key=key)
+    assert (got["shape"], got["sum"]) == ([50_000], 100 + 49_999)
+
+    # a change to a block r holds and to one it does not, in one commit
+    w.ok("set", key=key, index=2, value=7)
+    w.ok("set", key=key, index=40_000, value=7)
+    w.ok("append", key=key, n=5, value=2)
+    w.ok("commit")
+    assert r.ok("get", key=key, indices=[2, 40_000])["values"] == [1, 1]
+    r.ok("begin")
+    assert r.ok("get", key=key, indices=[0, 2, 40_000, 50_004])["values"] == [100, 7, 7, 2]
+    got = r.ok("sum", key=key)
+    assert (got["shape"], got["sum"]) == ([50_005], 100 + 49_997 + 14 + 10)
+
+
+# ~~~ conflicts
+
+
+def test_conflict_same_block(store, db, key):
+    c1, c2 = conn_pair(db)
+    tm1, tm2 = c1.transaction_manager, c2.transaction_manager
+    zf1 = new_zfile(c1, key)
+    fh1 = zf1.fileh_open()
+    a = u8(fh1.mmap(0, 4))
+    a[0] = 1
+    tm1.commit()
+    tm2.begin()
+    fh2 = c2.root()[key].fileh_open()
+    b = u8(fh2.mmap(0, 4))
+    assert b[0] == 1
+
+    a[10] = 11
+    b[20] = 22  # the same block, a different byte
+    b[2 * BLK] = 33  # and another block
+    tm1.commit()
+    with pytest.raises(ConflictError):
+        tm2.commit()
+    # the loser's changes are still in memory, the database has the winner's
+    assert fh2.isdirty() and (b[10], b[20], b[2 * BLK]) == (0, 22, 33)
+    c3 = db.open(transaction.TransactionManager())
+    with c3.root()[key].fileh_open() as fh3, fh3.mmap(0, 4) as v3:
+        c3u = u8(v3)
+        assert (c3u[10], c3u[20], c3u[2 * BLK]) == (11, 0, 0)
+        del c3u
+    # carried over the abort, the block changed by the winner cannot be
+    # committed (that would lose the winner's change)
+    fh2.carry_changes()
+    tm2.abort()
+    assert fh2.dirty_blocks() == [0, 2]
+    with pytest.raises(ConflictError, match=r"blocks \[0\] were changed by another transaction"):
+        tm2.commit()
+    # abort drops them; done again on the new state, the commit goes through
+    tm2.abort()
+    assert not fh2.isdirty()
+    assert (b[10], b[20], b[2 * BLK]) == (11, 0, 0)
+    b[20] = 22
+    tm2.commit()
+    tm1.begin()
+    assert (a[10], a[20]) == (11, 22)
+    del a, b
+
+
+def test_different_blocks_do_not_conflict(store, db, key):
+    c1, c2 = conn_pair(db)
+    tm1, tm2 = c1.transaction_manager, c2.transaction_manager
+    zf1 = new_zfile(c1, key)
+    a = u8(zf1.fileh_open().mmap(0, 4))
+    a[0] = 1
+    a[2 * BLK] = 1
+    tm1.commit()
+    tm2.begin()
+    b = u8(c2.root()[key].fileh_open().mmap(0, 4))
+    a[1] = 5
+    b[2 * BLK + 1] = 6
+    tm1.commit()
+    tm2.commit()
+    tm1.begin()
+    tm2.begin()
+    assert (a[1], a[2 * BLK + 1]) == (5, 6)
+    assert (b[1], b[2 * BLK + 1]) == (5, 6)
+    del a, b
+
+
+def test_conflict_between_processes(zeo_store, workers, key):
+    w1, w2 = workers(zeo_store), workers(zeo_store)
+    w1.ok("create", key=key, blksize=BLK)
+    w1.ok("append", key=key, n=1000, value=0)
+    w1.ok("commit")
+    w2.ok("begin")
+    w2.ok("open", key=key)
+
+    w1.ok("set", key=key, index=1, value=11)
+    w2.ok("set", key=key, index=2, value=22)
+    w1.ok("commit")
+    r = w2.call("commit")
+    assert not r["ok"] and "Conflict" in r["error"], r
+    assert w2.ok("info", key=key)["dirty"]
+    assert w2.ok("get", key=key, indices=[1, 2])["values"] == [0, 22]  # still its own
+    w2.ok("carry", key=key)
+    w2.ok("abort")
+    r = w2.call("commit")  # carried, but the block changed meanwhile
+    assert not r["ok"] and r["error"] == "ConflictError" and "changed by another transaction" in r["msg"], r
+    w2.ok("abort")
+    assert w2.ok("get", key=key, indices=[1, 2])["values"] == [11, 0]
+    w2.ok("set", key=key, index=2, value=22)
+    w2.ok("commit")
+    w1.ok("begin")
+    assert w1.ok("get", key=key, indices=[1, 2])["values"] == [11, 22]
+
+
+# ~~~ a commit failing in the middle
+
+
+class StoreFault(Exception):
+    pass
+
+
+@pytest.mark.parametrize("then", ["abort", "carry"])
+@pytest.mark.parametrize("where", ["storeblk", "storage"])
+def test_failed_commit_keeps_memory_and_database_consistent(store, db, key, monkeypatch, where, then):
+    c1, c2 = conn_pair(db)
+    tm1 = c1.transaction_manager
+    zf = new_zfile(c1, key)
+    fh = zf.fileh_open()
+    a = u8(fh.mmap(0, 4))
+    a[0] = a[BLK] = a[2 * BLK] = 1
+    tm1.commit()
+
+    a[0] = a[BLK] = a[2 * BLK] = 2
+    a[3 * BLK] = 2  # a new block too
+    if where == "storeblk":
+        # the second block's conversion to ZODB objects fails, after the
+        # first one's objects were changed
+        calls = []
+        real = ZBlk1.setblkdata
+
+        def failing(self, data):
+            calls.append(1)
+            if len(calls) == 2:
+                raise StoreFault("injected")
+            return real(self, data)
+
+        monkeypatch.setattr(ZBlk1, "setblkdata", failing)
+    else:
+        # the storage fails while receiving the transaction's objects
+        calls = []
+        real_store = db.storage.store
+
+        def failing_store(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise StoreFault("injected")
+            return real_store(*args)
+
+        monkeypatch.setattr(db.storage, "store", failing_store)
+    with pytest.raises(StoreFault):
+        tm1.commit()
+    monkeypatch.undo()
+
+    # memory: every change still there and dirty
+    assert fh.dirty_blocks() == [0, 1, 2, 3]
+    assert (a[0], a[BLK], a[2 * BLK], a[3 * BLK]) == (2, 2, 2, 2)
+    # database: nothing of it, as another connection sees
+    c2.transaction_manager.begin()
+    with c2.root()[key].fileh_open() as fh2, fh2.mmap(0, 4) as v2:
+        b = u8(v2)
+        assert (b[0], b[BLK], b[2 * BLK], b[3 * BLK]) == (1, 1, 1, 0)
+        del b
+    assert sorted(c2.root()[key].blktab.keys()) == [0, 1, 2]
+    if then == "carry":
+        # the same changes committed again in the next transaction
+        fh.carry_changes()
+        tm1.abort()
+        assert fh.dirty_blocks() == [0, 1, 2, 3]
+        tm1.commit()
+        assert not fh.isdirty()
+        c2.transaction_manager.begin()
+        with c2.root()[key].fileh_open() as fh2, fh2.mmap(0, 4) as v2:
+            b = u8(v2)
+            assert (b[0], b[BLK], b[2 * BLK], b[3 * BLK]) == (2, 2, 2, 2)
+            del b
+        del a
+        return
+    # ZODB requires the failed transaction to be aborted; that drops them
+    tm1.abort()
+    assert not fh.isdirty()
+    assert (a[0], a[BLK], a[2 * BLK], a[3 * BLK]) == (1, 1, 1, 0)
+    assert sorted(zf.blktab.keys()) == [0, 1, 2]
+    # and the work redone commits
+    a[0] = a[3 * BLK] = 3
+    tm1.commit()
+    c2.transaction_manager.begin()
+    with c2.root()[key].fileh_open() as fh2, fh2.mmap(0, 4) as v2:
+        b = u8(v2)
+        assert (b[0], b[BLK], b[3 * BLK]) == (3, 1, 3)
+        del b
+    del a
+
+
+# ~~~ bigger than RAM
+
+
+def test_array_bigger_than_budget(store, workers, key):
+    budget = 16 << 20
+    total_bytes = 96 << 20
+    n = total_bytes // 8
+    w = workers(store)
+    w.ok("create", key=key)  # 2 MiB blocks
+    got = w.ok("append_range", key=key, start=0, n=n, chunk=(8 << 20) // 8, budget=budget)
+    assert got["budget"] == budget
+    assert got["peak_resident"] <= budget
+    w.close()
+
+    r = workers(store)
+    got = r.ok("sum", key=key, chunk=(4 << 20) // 8, budget=budget)
+    assert got["shape"] == [n]
+    assert got["sum"] == n * (n - 1) // 2
+    assert got["peak_resident"] <= budget
+    # the kernel's count agrees: the pages are shared memory (memfd)
+    assert got["pss_shmem_kb"] * 1024 <= budget + (2 << 20)
+
+
+# ~~~ block formats
+
+
+def _fs_size(db):
+    return os.path.getsize(db.storage.getName()) if os.path.exists(db.storage.getName()) else 0
+
+
+def test_block_formats_and_heuristic(tmp_path, key):
+    db = ZODB.DB(FileStorage(str(tmp_path / "f.fs")))
+    try:
+        conn = db.open()
+        blksize = 2 << 20
+        zf = new_zfile(conn, key, blksize)
+        fh = zf.fileh_open()
+        a = u8(fh.mmap(0, 4))
+        size = lambda: os.path.getsize(str(tmp_path / "f.fs"))  # noqa: E731
+
+        a[:blksize] = 1  # a full new block
+        a[blksize : blksize + 1000] = 1  # a partly filled new block (an append's tail)
+        transaction.commit()
+        assert type(zf.blktab[0]) is ZBlk0
+        assert type(zf.blktab[1]) is ZBlk1
+
+        # small change to a ZBlk1 block: only its chunk (and the ZBlk) is written
+        s0 = size()
+        a[blksize + 5000] = 7
+        transaction.commit()
+        assert type(zf.blktab[1]) is ZBlk1
+        assert size() - s0 < 3 * ZBlk1.CHUNKSIZE
+
+        # small change to a ZBlk0 block: it becomes ZBlk1, later small
+        # changes are cheap
+        a[10] = 7
+        transaction.commit()
+        assert type(zf.blktab[0]) is ZBlk1
+        s0 = size()
+        a[20] = 7
+        transaction.commit()
+        assert size() - s0 < 3 * ZBlk1.CHUNKSIZE
+
+        # a big change (more than half of the chunks): whole block again
+        a[: blksize // 2 + 2 * ZBlk1.CHUNKSIZE] = 3
+        transaction.commit()
+        assert type(zf.blktab[0]) is ZBlk0
+        s0 = size()
+        a[30] = 4
+        a[40 + blksize // 2] = 4
+        transaction.commit()  # small again: converted back
+        assert type(zf.blktab[0]) is ZBlk1
+
+        # forced formats
+        old = file_zodb.ZBlk_fmt_write
+        try:
+            file_zodb.ZBlk_fmt_write = "ZBlk0"
+            s0 = size()
+            a[blksize + 6000] = 1
+            transaction.commit()
+            assert type(zf.blktab[1]) is ZBlk0
+            s0 = size()
+            a[blksize + 7000] = 1
+            transaction.commit()
+            assert size() - s0 > 7000  # the whole block (its 7001 bytes before trailing zeros) rewritten
+        finally:
+            file_zodb.ZBlk_fmt_write = old
+
+        # appends: the growing tail block is ZBlk1; once the append moves
+        # to the next block (here exactly at a block boundary), ZBlk0
+        a[2 * blksize : 2 * blksize + 100] = 1
+        transaction.commit()
+        assert type(zf.blktab[2]) is ZBlk1
+        a[3 * blksize : 3 * blksize + 100] = 1
+        transaction.commit()
+        assert (type(zf.blktab[2]), type(zf.blktab[3])) == (ZBlk0, ZBlk1)
+
+        # everything reads back from a fresh connection
+        expect = np.array(a)
+        del a
+        fh.close()
+        transaction.abort()
+        c2 = db.open(transaction.TransactionManager())
+        with c2.root()[key].fileh_open() as fh2, fh2.mmap(0, 4) as v:
+            assert (u8(v) == expect).all()
+    finally:
+        transaction.abort()
+        db.close()
+
+
+def test_zblk1_reads_chunks_of_another_size(tmp_path, key, monkeypatch):
+    db = ZODB.DB(FileStorage(str(tmp_path / "f.fs")))
+    try:
+        conn = db.open()
+        zf = new_zfile(conn, key)
+        monkeypatch.setattr(file_zodb, "ZBlk_fmt_write", "ZBlk1")
+        monkeypatch.setattr(ZBlk1, "CHUNKSIZE", 1024)
+        fh = zf.fileh_open()
+        a = u8(fh.mmap(0, 1))
+        a[::1000] = 5
+        transaction.commit()
+        assert len(zf.blktab[0].chunktab) == BLK // 1024
+        monkeypatch.setattr(ZBlk1, "CHUNKSIZE", 4096)
+        a[1] = 6  # rewritten with the current chunk size
+        transaction.commit()
+        assert len(zf.blktab[0].chunktab) == BLK // 4096
+        expect = np.array(a)
+        del a
+        fh.close()
+        c2 = db.open(transaction.TransactionManager())
+        with c2.root()[key].fileh_open() as fh2, fh2.mmap(0, 1) as v:
+            assert (u8(v) == expect).all()
+    finally:
+        transaction.abort()
+        db.close()
+
+
+# ~~~ misuse and names
+
+
+def test_misuse(tmp_path):
+    with pytest.raises(ValueError):
+        ZBigFile(0)
+    with pytest.raises(ValueError):
+        ZBigFile(PS + 1)
+    zf = ZBigFile(BLK)
+    with pytest.raises(ValueError, match="not in a ZODB connection"):
+        zf.fileh_open()
+    db = ZODB.DB(FileStorage(str(tmp_path / "m.fs")))
+    try:
+        conn = db.open()
+        conn.add(zf)
+        with pytest.raises(NotImplementedError, match="WCFS"):
+            zf.fileh_open(_use_wcfs=True)
+        zf.fileh_open(_use_wcfs=False).close()
+        fh = zf.fileh_open()
+        with pytest.raises(TypeError, match="transaction.commit"):
+            fh.dirty_writeout(3)
+        with pytest.raises(TypeError, match="transaction.abort"):
+            fh.dirty_discard()
+        with pytest.raises(RuntimeError, match="only after a commit of this handle failed"):
+            fh.carry_changes()
+        a = ZBigArray((4,), np.uint8)
+        with pytest.raises(ValueError, match="not in a ZODB connection"):
+            a[0]
+        conn.add(a)
+        a.fileh_open(budget=4 << 20)
+        with pytest.raises(ValueError, match="already open"):
+            a.fileh_open()
+        fh.close()
+    finally:
+        transaction.abort()
+        db.close()
+
+
+def test_zbigfile_whose_addition_was_aborted(tmp_path):
+    db = ZODB.DB(FileStorage(str(tmp_path / "m.fs")))
+    try:
+        conn = db.open()
+        zf = ZBigFile(BLK)
+        conn.add(zf)
+        fh = zf.fileh_open()
+        transaction.abort()  # zf leaves the connection
+        with fh.mmap(0, 1) as vma:
+            a = u8(vma)
+            a[0] = 1
+            with pytest.raises(ValueError, match="no longer in the handle's ZODB connection"):
+                transaction.commit()
+            assert fh.isdirty() and a[0] == 1
+            transaction.abort()
+            assert not fh.isdirty() and a[0] == 0
+            del a
+    finally:
+        transaction.abort()
+        db.close()
+
+
+def test_wendelin_names():
+    from bigfile.file_zodb import ZBlk, ZBlk_fmt_registry, ZData, _ZBigFileH
+
+    assert ZBlk is ZBlk0 and _ZBigFileH is ZBigFileH and ZData
+    assert set(ZBlk_fmt_registry) == {"ZBlk0", "ZBlk1", "auto"}
+    zf = ZBigFile(BLK)
+    assert zf.blksize == BLK and isinstance(zf.blktab, LOBTree)
+    assert zf.__getstate__()[0] == BLK
+    a = ZBigArray((3, 4), np.float32, order="F", blksize=BLK)
+    assert (a.shape, a.dtype, a.zfile.blksize) == ((3, 4), np.float32, BLK)
+    assert a._v_fileh is None
+
+
+def test_threads_faulting_blocks_at_once(store, db, key):
+    """Page faults of several threads load blocks through the one
+    connection: they must not use it at the same time."""
+    import threading
+
+    c1 = db.open()
+    c1.root()[key] = a = ZBigArray((0,), np.int64, blksize=BLK)
+    transaction.commit()
+    n = 64 * BLK // 8
+    a.append(np.arange(n, dtype=np.int64))
+    transaction.commit()
+    c2 = db.open(transaction.TransactionManager())
+    b = c2.root()[key]
+    sums = {}
+    errors = []
+    vma_arr = b[:]  # one mapping: the threads' reads fault its pages
+
+    def read(t):
+        try:
+            part = n // 8
+            sums[t] = int(vma_arr[t * part : (t + 1) * part].sum())
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=read, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+        assert not t.is_alive(), "a reading thread hung"
+    assert not errors
+    assert sum(sums.values()) == n * (n - 1) // 2
+    del vma_arr
