@@ -8,7 +8,17 @@ use std::process::Command;
 use crate::{root, run, Result};
 
 const PACKAGE: &str = "crates/bigfile-python";
-const VENV_DEPS: &[&str] = &["maturin>=1.5,<2", "pytest>=7", "numpy", "hypothesis>=6", "ZODB", "ZEO", "BTrees", "persistent", "transaction"];
+const VENV_DEPS: &[&str] = &[
+    "maturin>=1.5,<2",
+    "pytest>=7",
+    "numpy",
+    "hypothesis>=6",
+    "ZODB",
+    "ZEO",
+    "BTrees",
+    "persistent",
+    "transaction",
+];
 
 /// Every CPython 3.9-3.13 on the machine: the default `python3` first, then
 /// pyenv's interpreters; one per minor version.
