@@ -54,8 +54,8 @@ impl Config {
 }
 
 /// The RAM spec for pages of `pagesize` ("2M", "64K"): the backend is
-/// `BIGFILE_BENCH_RAM` (e.g. `shmfs:/mnt/thp` for a tmpfs mounted with
-/// `huge=always`), memfd by default.
+/// `BIGFILE_BENCH_RAM` (e.g. `memfd,thp=off` for small pages, `shmfs:DIR`),
+/// memfd (with transparent huge pages) by default.
 pub fn ram_spec(pagesize: &str) -> String {
     let backend = std::env::var("BIGFILE_BENCH_RAM").unwrap_or_else(|_| "memfd".into());
     format!("{backend},pagesize={pagesize}")
