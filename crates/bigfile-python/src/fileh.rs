@@ -77,6 +77,16 @@ impl PyBigFileH {
     }
 }
 
+/// The `pgoffset, pglen` arguments of `mmap` and `mmap_cached`.
+fn page_range(pgoffset: &Bound<'_, PyAny>, pglen: &Bound<'_, PyAny>) -> PyResult<(u64, u64)> {
+    let pgoffset = u64_arg(pgoffset, "pgoffset")?;
+    let pglen = u64_arg(pglen, "pglen")?;
+    if pglen == 0 {
+        return Err(PyValueError::new_err("pglen must be > 0"));
+    }
+    Ok((pgoffset, pglen))
+}
+
 #[pymethods]
 impl PyBigFileH {
     /// Map pages `pgoffset .. pgoffset+pglen` of the file; returns a VMA.
@@ -86,11 +96,7 @@ impl PyBigFileH {
         pglen: &Bound<'_, PyAny>,
     ) -> PyResult<Py<PyVMA>> {
         let py = slf.py();
-        let pgoffset = u64_arg(pgoffset, "pgoffset")?;
-        let pglen = u64_arg(pglen, "pglen")?;
-        if pglen == 0 {
-            return Err(PyValueError::new_err("pglen must be > 0"));
-        }
+        let (pgoffset, pglen) = page_range(pgoffset, pglen)?;
         let fileh = slf.borrow().get()?;
         crate::ensure_fault_handler_on_top()?;
         let vma = fileh.mmap(pgoffset, pglen).map_err(|e| to_py(py, e))?;
@@ -109,11 +115,7 @@ impl PyBigFileH {
         pglen: &Bound<'_, PyAny>,
     ) -> PyResult<Py<PyVMA>> {
         let py = slf.py();
-        let pgoffset = u64_arg(pgoffset, "pgoffset")?;
-        let pglen = u64_arg(pglen, "pglen")?;
-        if pglen == 0 {
-            return Err(PyValueError::new_err("pglen must be > 0"));
-        }
+        let (pgoffset, pglen) = page_range(pgoffset, pglen)?;
         let this = slf.borrow();
         let fileh = this.get()?;
         let ps = fileh.blksize();

@@ -238,13 +238,7 @@ impl FileH {
             // writable could change unseen while stored, and the change be lost
             // when marked clean. Pages made read-only already stay dirty; a
             // write to them faults and makes them writable again.
-            for &(blk, _) in &blocks {
-                st.protect_everywhere(fh.key, blk, libc::PROT_READ, ps)
-                    .map_err(|source| Error::Os {
-                        op: "mprotect",
-                        source,
-                    })?;
-            }
+            read_only_everywhere(&st, fh.key, &blocks, ps)?;
             let to_store: Vec<(u64, u64)> = blocks
                 .iter()
                 .map(|&(blk, pk)| (blk, st.pages[pk].ram_page.expect("dirty page has RAM")))
@@ -275,13 +269,7 @@ impl FileH {
             };
             // Every page read-only first: a clean page left writable would take
             // writes without becoming dirty. On failure all stay dirty.
-            for &(blk, _) in &blocks {
-                st.protect_everywhere(fh.key, blk, libc::PROT_READ, ps)
-                    .map_err(|source| Error::Os {
-                        op: "mprotect",
-                        source,
-                    })?;
-            }
+            read_only_everywhere(&st, fh.key, &blocks, ps)?;
             for (blk, pk) in blocks {
                 st.filehs[fh.key].dirty.remove(&blk);
                 st.pages[pk].state = PageState::Loaded;
@@ -398,6 +386,24 @@ impl FileH {
         drop(self);
         Ok(())
     }
+}
+
+/// Make `blocks` (block, page key) of handle `fk` read-only in every
+/// mapping; stop at the first failure (mprotect's ENOMEM).
+fn read_only_everywhere(
+    st: &crate::state::State,
+    fk: usize,
+    blocks: &[(u64, usize)],
+    ps: usize,
+) -> Result<()> {
+    for &(blk, _) in blocks {
+        st.protect_everywhere(fk, blk, libc::PROT_READ, ps)
+            .map_err(|source| Error::Os {
+                op: "mprotect",
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// Store `blocks` (block, RAM page) in order; stop at the first failure.

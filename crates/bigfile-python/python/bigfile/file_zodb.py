@@ -276,6 +276,20 @@ class _ZBigFile(BigFile):
         self._zfile()._storeblk(blk, buf)
 
 
+def _never_ghost(self: Any) -> None:
+    """`_p_deactivate` of objects whose runtime state must outlive cache
+    garbage collection (their persistent state is small)."""
+
+
+def _invalidate_keeping_volatiles(self: Any) -> None:
+    """`_p_invalidate` that reloads the persistent state but keeps the `_v_`
+    attributes (open handles, caches), which ZODB would otherwise drop."""
+    keep = {k: v for k, v in self.__dict__.items() if k.startswith("_v_")}
+    Persistent._p_invalidate(self)
+    for k, v in keep.items():
+        setattr(self, k, v)
+
+
 class ZBigFile(Persistent):  # type: ignore[misc]
     """A file of `blksize`-byte blocks stored in ZODB; see the module docs.
     State: ``blksize`` and ``blktab`` (LOBTree block -> ZBlk)."""
@@ -298,15 +312,8 @@ class ZBigFile(Persistent):  # type: ignore[misc]
     # Runtime state lives in _v_ attributes, which ZODB drops when an
     # object becomes a ghost: this object never does (its state is two
     # references), and an invalidation reloads it keeping them.
-
-    def _p_deactivate(self) -> None:
-        pass
-
-    def _p_invalidate(self) -> None:
-        keep = {k: v for k, v in self.__dict__.items() if k.startswith("_v_")}
-        Persistent._p_invalidate(self)
-        for k, v in keep.items():
-            setattr(self, k, v)
+    _p_deactivate = _never_ghost
+    _p_invalidate = _invalidate_keeping_volatiles
 
     def _runtime(self) -> _ZBigFile:
         f = self.__dict__.get("_v_file")

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence, Union
 from persistent import Persistent
 
 from bigfile.bigarray import BigArray
-from bigfile.file_zodb import ZBigFile, ZBigFileH
+from bigfile.file_zodb import ZBigFile, ZBigFileH, _invalidate_keeping_volatiles, _never_ghost
 
 __all__ = ["ZBigArray"]
 
@@ -47,14 +47,8 @@ class ZBigArray(BigArray, Persistent):  # type: ignore[misc]  # persistent has n
     # invalidation (another connection resized it, an abort) reloads the
     # state keeping the handle, whose pages ZBigFile invalidates itself.
 
-    def _p_deactivate(self) -> None:
-        pass
-
-    def _p_invalidate(self) -> None:
-        keep = {k: v for k, v in self.__dict__.items() if k.startswith("_v_")}
-        Persistent._p_invalidate(self)
-        for k, v in keep.items():
-            setattr(self, k, v)
+    _p_deactivate = _never_ghost
+    _p_invalidate = _invalidate_keeping_volatiles
 
     def fileh_open(self, ram: Any = None, budget: Optional[int] = None) -> ZBigFileH:
         """Open the handle this array's data is accessed through, with `ram`
