@@ -674,16 +674,18 @@ impl RamHandle {
             let punched = Ok(());
             punched.and_then(|()| self.punch(page))
         };
+        let mut stray = self.stray.lock().unwrap_or_else(|p| p.into_inner());
+        // A retried drop of a stray page must not list it twice (it would be
+        // handed out twice), and a drop that succeeds takes it off the list.
+        stray.retain(|&p| p != page);
         if let Err(e) = punched {
-            self.stray
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(page);
+            stray.push(page);
             return Err(RamError::io(
                 format!("drop page {page} (fallocate PUNCH_HOLE)"),
                 e,
             ));
         }
+        drop(stray);
         let mut used = self.used();
         if used.get(page) {
             used.set(page, false);
@@ -805,5 +807,27 @@ mod tests {
             h.drop_page(p).unwrap();
         }
         assert_eq!(ram.stats(), RamStats::default());
+    }
+
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn a_retried_failed_drop_does_not_hand_the_page_out_twice() {
+        let _scenario = fail::FailScenario::setup();
+        let ram = Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap();
+        let h = ram.open_handle().unwrap();
+        let a = h.alloc_page(3).unwrap();
+        fail::cfg("ram::drop_page", &format!("2*return({})", libc::EIO)).unwrap();
+        assert!(h.drop_page(a).is_err());
+        assert!(h.drop_page(a).is_err());
+        fail::remove("ram::drop_page");
+        assert_eq!(h.alloc_page(0).unwrap(), a);
+        assert_ne!(h.alloc_page(0).unwrap(), a, "the stray page is listed once");
+        // A drop that succeeds takes a page off the list.
+        let b = h.alloc_page(9).unwrap();
+        fail::cfg("ram::drop_page", &format!("1*return({})", libc::EIO)).unwrap();
+        assert!(h.drop_page(b).is_err());
+        h.drop_page(b).unwrap();
+        assert!(!h.is_allocated(b));
+        assert_eq!(h.alloc_page(50).unwrap(), 50, "no stray page is left");
     }
 }

@@ -6,8 +6,11 @@
 //! first; the collapse then allocates the huge page, zero-fills the rest and
 //! replaces the small page. From then on every mapping of the page at a
 //! suitably aligned address (the window; virtmem's mappings, aligned to the
-//! page size) is mapped by PMD entries, and the page stays huge for its
-//! whole life: virtmem recycles RAM pages rather than freeing them.
+//! page size) is mapped by PMD entries, and the page stays huge until it is
+//! dropped. virtmem reuses the RAM page of the block it reclaims for the
+//! block it loads (same handle), so in a steady scan the collapse is paid
+//! once per page of the budget; pages dropped (discard, invalidation,
+//! reclaim for another handle) are collapsed again when allocated anew.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};

@@ -315,15 +315,19 @@ impl FileH {
         if st.filehs[fh.key].writeout.is_some() {
             return Err(Error::WriteoutInProgress("invalidate_page"));
         }
-        let Some(&pk) = st.filehs[fh.key].pages.get(pgoffset) else {
-            return Ok(());
-        };
-        match st.pages[pk].state {
-            PageState::Loading => st.pages[pk].state = PageState::LoadingInvalidated,
-            PageState::LoadingInvalidated => {}
-            PageState::Loaded | PageState::Dirty => {
-                st.forget_page(pk, shared.page_size(), &shared.counters)
+        if let Some(&pk) = st.filehs[fh.key].pages.get(pgoffset) {
+            match st.pages[pk].state {
+                PageState::Loading => st.pages[pk].state = PageState::LoadingInvalidated,
+                PageState::LoadingInvalidated => {}
+                PageState::Loaded | PageState::Dirty => {
+                    st.forget_page(pk, shared.page_size(), &shared.counters)
+                }
             }
+        }
+        // A reclaimer may still be unmapping an earlier page of the block,
+        // whose old data stays readable until it is done.
+        while st.block_unmapping(fh.key, pgoffset) {
+            st = shared.wait(st);
         }
         Ok(())
     }
@@ -420,6 +424,7 @@ fn store_all(fh: &FileHInner, blocks: &[(u64, u64)]) -> Result<()> {
         // clean pages only) and every mapping of it is read-only, so its
         // memory stays valid and unchanged while we read it.
         let buf = unsafe { std::slice::from_raw_parts(window.as_ptr().cast_const(), ps) };
+        let _inside = crate::serve::InCallback::enter();
         fh.file.storeblk(blk, buf).map_err(|source| Error::Store {
             file: fh.name.clone(),
             blk,

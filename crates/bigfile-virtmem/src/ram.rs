@@ -114,9 +114,10 @@ impl Ram {
     /// Set the budget: at most `bytes` (rounded down to pages, at least one
     /// page) stay resident. Loading beyond it first reclaims least recently
     /// used clean pages, then waits for other threads' loads in progress
-    /// (their pages will be clean); when only dirty pages are left (or pages
-    /// a `loadblk` of this thread is loading), the fault fails (SIGBUS with
-    /// a diagnostic; `prefault` returns `Error::BudgetExhausted`).
+    /// (their pages will be clean), unless the faulting thread is itself
+    /// inside a `loadblk` or `storeblk`; with no clean page to be had, the
+    /// fault fails (SIGBUS with a diagnostic; `prefault` returns
+    /// `Error::BudgetExhausted`).
     pub fn set_budget(&self, bytes: u64) {
         let pages = (bytes / self.page_size() as u64).max(1);
         self.shared.budget_pages.store(pages, Relaxed);

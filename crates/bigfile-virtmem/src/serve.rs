@@ -3,18 +3,24 @@
 //! Used by the fault handler (a thread touched the page) and by prefault
 //! (a thread asked for the page). The steps, under the RAM lock except where
 //! said:
-//! - EMPTY: make room within the budget, create the page LOADING with a
-//!   ticket naming this thread, drop the lock; allocate RAM and run `loadblk`
+//! - EMPTY: make room within the budget (reclaiming least recently used
+//!   clean pages, whose unmapping is finished after the lock is dropped; with
+//!   none clean, waiting for other threads' loads), create the page LOADING
+//!   with a ticket naming this thread, drop the lock; run `loadblk`
 //!   into the handle's persistent window (the page is mapped nowhere, so
 //!   nobody sees it half-filled); retake the lock. If the page was
 //!   invalidated meanwhile, drop the result and start over; on failure drop
 //!   it and fail every waiter; else it is LOADED.
 //! - LOADING by another thread: wait on the RAM's condition variable for the
 //!   ticket, then start over (or fail with the loader's diagnostic).
-//! - LOADING by this thread: the loader touched its own page: fatal.
-//! - LOADED/DIRTY: map into the mapping, read-only for a read; for a write,
-//!   wait out a writeout of the handle, mark DIRTY, map read-write.
+//! - LOADING by this thread: the loader touched its own page: fatal; so is
+//!   any wait that would close a cycle of threads waiting for each other.
+//! - LOADED/DIRTY: wait while a reclaimer still unmaps an earlier page from
+//!   this slot; map into the mapping, read-only for a read; for a write,
+//!   wait out a writeout of the handle, mark DIRTY, map read-write; populate
+//!   the mapping's page-table entries after dropping the lock.
 
+use std::cell::Cell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::{Arc, MutexGuard};
 use std::thread;
@@ -23,8 +29,37 @@ use bigfile_fault::Access;
 use bigfile_ram::Prot;
 
 use crate::fileh::FileHInner;
-use crate::state::{Deferred, LoadTicket, PageState, Shared, State};
+use crate::state::{Awaited, Deferred, LoadTicket, PageState, Shared, State};
 use crate::stats::{CountPair, Counter};
+
+thread_local! {
+    /// How many `loadblk`/`storeblk` calls this thread is inside (nested
+    /// through faults): such a thread must not wait for other threads'
+    /// loads, which may be waiting for it. Const-initialised with no
+    /// destructor, so reading it from the fault handler is safe.
+    static IN_CALLBACK: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Marks this thread inside a `loadblk` or `storeblk` while it lives.
+pub(crate) struct InCallback(());
+
+impl InCallback {
+    pub(crate) fn enter() -> InCallback {
+        IN_CALLBACK.with(|c| c.set(c.get() + 1));
+        InCallback(())
+    }
+}
+
+impl Drop for InCallback {
+    fn drop(&mut self) {
+        IN_CALLBACK.with(|c| c.set(c.get() - 1));
+    }
+}
+
+/// Whether this thread is inside a `loadblk` or `storeblk`.
+pub(crate) fn in_callback() -> bool {
+    IN_CALLBACK.with(|c| c.get() > 0)
+}
 
 /// Why a page could not be served.
 #[derive(Debug)]
@@ -161,7 +196,7 @@ pub(crate) fn serve(
                         fh.name
                     )));
                 }
-                st.waiting_for.insert(me, ticket.loader);
+                st.waiting_for.insert(me, Awaited::Load(ticket.clone()));
                 while ticket.outcome.get().is_none() {
                     st = shared.wait(st);
                 }
@@ -193,17 +228,20 @@ pub(crate) fn serve(
                                     fh.name
                                 )));
                             }
-                            if let Some(chain) = st.would_deadlock(me, writer) {
-                                return Err(Failure::SelfWait(format!(
-                                    "a write to block {blk} of {} would wait for its writeout \
-                                     forever: {chain}",
-                                    fh.name
-                                )));
-                            }
                             // Writes wait for the writeout: storeblk must see
-                            // the block as it was when writeout began.
-                            st.waiting_for.insert(me, writer);
-                            while st.filehs[fh.key].writeout.is_some() {
+                            // the block as it was when writeout began. Checked
+                            // again for each writeout, should another follow.
+                            while let Some(writer) = st.filehs[fh.key].writeout {
+                                if let Some(chain) = st.would_deadlock(me, writer) {
+                                    st.waiting_for.remove(&me);
+                                    return Err(Failure::SelfWait(format!(
+                                        "a write to block {blk} of {} would wait for its \
+                                         writeout forever: {chain}",
+                                        fh.name
+                                    )));
+                                }
+                                st.waiting_for
+                                    .insert(me, Awaited::Writeout { fk: fh.key, writer });
                                 st = shared.wait(st);
                             }
                             st.waiting_for.remove(&me);
@@ -228,8 +266,11 @@ pub(crate) fn serve(
                     // than one minor fault per OS page on the accesses to
                     // come. Outside the lock: if the page is unmapped
                     // meanwhile this populates nothing, which is harmless.
-                    // SAFETY: populating is advisory and changes no data,
-                    // whatever is mapped at `addr` by the time it runs.
+                    // SAFETY: the range is still part of the mapping's
+                    // reservation (dropping a Vma waits for its fault
+                    // handlers, prefault borrows the Vma); whatever is mapped
+                    // there by now (the page, or the reservation after a
+                    // reclaim), populating it changes no data.
                     unsafe { crate::sys::populate(addr, ps, prot == Prot::ReadWrite) };
                 }
                 return Ok(());
@@ -253,9 +294,9 @@ enum Room {
 ///
 /// When every resident page is dirty or loading, pages other threads are
 /// loading will soon be clean and reclaimable: wait for them rather than
-/// fail (unless this thread is itself inside a `loadblk`, see
-/// `State::may_wait_for_loads`). Only when the rest is dirty is the budget
-/// exhausted.
+/// fail (unless this thread is itself inside a `loadblk` or `storeblk`, see
+/// `State::may_wait_for_loads`). Otherwise, with no clean page left, the
+/// budget is exhausted.
 fn make_room<'a>(
     mut st: MutexGuard<'a, State>,
     shared: &'a Shared,
@@ -263,7 +304,6 @@ fn make_room<'a>(
     blk: u64,
     deferred: &mut Deferred,
 ) -> (MutexGuard<'a, State>, Result<Room, Failure>) {
-    let me = thread::current().id();
     let mut recycled = None;
     while st.resident >= shared.budget_pages() {
         let want = if recycled.is_none() {
@@ -279,7 +319,7 @@ fn make_room<'a>(
                     // Still mapped where it was until `deferred` is finished.
                     deferred.drops.push((fh.ramh.clone(), rp));
                 }
-                if st.may_wait_for_loads(me) {
+                if st.may_wait_for_loads() {
                     if !deferred.is_empty() {
                         return (st, Ok(Room::Retry));
                     }
@@ -371,7 +411,11 @@ fn load(fh: &FileHInner, blk: u64, recycled: Option<u64>) -> Result<u64, (Option
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match fh.file.loadblk(blk, buf) {
+        let res = {
+            let _inside = InCallback::enter();
+            fh.file.loadblk(blk, buf)
+        };
+        match res {
             Ok(()) => return Ok(ram_page),
             Err(e) => {
                 counts.add(Counter::LoadErrors, 1);

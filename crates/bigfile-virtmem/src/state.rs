@@ -90,7 +90,19 @@ pub(crate) struct State {
     /// needs, or the thread running a writeout it must wait out. Consulted
     /// before every such wait so that a cycle (two loaders each touching the
     /// other's page) fails at once instead of hanging.
-    pub(crate) waiting_for: HashMap<ThreadId, ThreadId>,
+    pub(crate) waiting_for: HashMap<ThreadId, Awaited>,
+}
+
+/// What a waiting thread waits for (see `State::waiting_for`). Kept as the
+/// thing awaited, not just the thread, so an edge is followed only while
+/// the wait is real: a load finished or a writeout ended meanwhile leaves
+/// an entry its waiter has not yet woken to remove.
+#[derive(Debug)]
+pub(crate) enum Awaited {
+    /// The load behind this ticket.
+    Load(Arc<LoadTicket>),
+    /// The writeout of handle `fk` run by thread `writer`.
+    Writeout { fk: usize, writer: ThreadId },
 }
 
 /// One RAM as virtmem sees it: the page source, its budget, its lock.
@@ -375,10 +387,11 @@ impl State {
 }
 
 /// Take a dropped page away from the mapping slot at `addr`: put the
-/// reservation back or, when the kernel cannot (splitting the mapping would
-/// exceed the process's mapping count: ENOMEM), make the page inaccessible.
-/// Either way the next access faults and maps the slot afresh; the page must
-/// not stay accessible, its RAM being freed or given to another block next.
+/// reservation back or, when the kernel cannot (ENOMEM), make the page
+/// inaccessible. Either way the next access faults and maps the slot
+/// afresh. The page must not stay accessible, its RAM being freed or given
+/// to another block next: if both fail (both may need the same split of a
+/// kernel mapping, refused at the process's mapping limit), abort.
 ///
 /// # Safety
 /// `addr..addr + len` is a page slot of a live mapping's reservation whose
@@ -388,7 +401,16 @@ unsafe fn revoke_slot(addr: NonNull<u8>, len: usize) {
     let res = unsafe { sys::unmap_to_reserved(addr, len) }
         // SAFETY: as above.
         .or_else(|_| unsafe { sys::mprotect(addr, len, libc::PROT_NONE) });
-    debug_assert!(res.is_ok(), "revoke page slot: {res:?}");
+    if let Err(e) = res {
+        // Left accessible, the slot would show whatever block its RAM page
+        // holds next (or a zero page taken behind the budget's back): no
+        // way to go on without handing out wrong data.
+        eprintln!(
+            "bigfile: cannot take a dropped page away from its mapping at {addr:p} ({e}); \
+             aborting rather than let it show another block's data"
+        );
+        std::process::abort();
+    }
 }
 
 /// The slow part of reclaim, done by the reclaiming thread after it drops
@@ -400,8 +422,9 @@ unsafe fn revoke_slot(addr: NonNull<u8>, len: usize) {
 /// Until [`finish`](Deferred::finish) clears them, the slots stay marked in
 /// [`VmaState::unmapping`]: a fault there waits rather than map over a
 /// pending unmap, and dropping the mapping waits rather than free a range
-/// that is about to be mapped over. Meanwhile the old mapping still shows the
-/// reclaimed block's (clean, read-only) data, which is still right.
+/// that is about to be mapped over, and `FileH::invalidate_page` waits for
+/// it. Meanwhile the old mapping still shows the reclaimed block's (clean,
+/// read-only) data, which is right until the block is invalidated.
 #[derive(Default)]
 pub(crate) struct Deferred {
     /// (handle, mapping, index in the mapping, address) of each slot.
@@ -448,7 +471,7 @@ impl State {
         let mut chain = vec![me, other];
         let mut cur = other;
         while cur != me {
-            cur = *self.waiting_for.get(&cur)?;
+            cur = self.awaited_thread(cur)?;
             if chain.len() > self.waiting_for.len() + 2 {
                 // Not through `me`: a cycle of others, which is theirs to find.
                 return None;
@@ -464,24 +487,37 @@ impl State {
         )
     }
 
-    /// Whether `me`, finding the budget full, may wait for loads to finish
-    /// (a loaded page is clean and can be reclaimed): some other thread is
-    /// loading a page, and `me` is loading none. A loader whose `loadblk`
-    /// faulted on another page must not wait: the thread it waits for may be
-    /// waiting for the loader's own page.
-    pub(crate) fn may_wait_for_loads(&self, me: ThreadId) -> bool {
-        let mut others = false;
-        for (_, p) in self.pages.iter() {
-            if let (PageState::Loading | PageState::LoadingInvalidated, Some(t)) =
-                (p.state, &p.ticket)
-            {
-                if t.loader == me {
-                    return false;
-                }
-                others = true;
+    /// The thread `t` is waiting for, if it is waiting and its wait is
+    /// still live.
+    fn awaited_thread(&self, t: ThreadId) -> Option<ThreadId> {
+        match self.waiting_for.get(&t)? {
+            Awaited::Load(ticket) => ticket.outcome.get().is_none().then_some(ticket.loader),
+            Awaited::Writeout { fk, writer } => {
+                (self.filehs.get(*fk)?.writeout == Some(*writer)).then_some(*writer)
             }
         }
-        others
+    }
+
+    /// Whether a reclaimer is still unmapping block `blk` of handle `fk`
+    /// from one of its mappings (see [`Deferred`]).
+    pub(crate) fn block_unmapping(&self, fk: usize, blk: u64) -> bool {
+        self.filehs[fk]
+            .vmas
+            .iter()
+            .any(|(_, v)| v.index_of(blk).is_some_and(|idx| v.unmapping[idx]))
+    }
+
+    /// Whether a thread finding the budget full may wait for loads in
+    /// progress (a loaded page is clean and can be reclaimed): some page is
+    /// loading, and the thread is not itself inside a `loadblk` or
+    /// `storeblk` (of any RAM): the thread it would wait for may be waiting
+    /// for that load or writeout.
+    pub(crate) fn may_wait_for_loads(&self) -> bool {
+        !crate::serve::in_callback()
+            && self
+                .pages
+                .iter()
+                .any(|(_, p)| matches!(p.state, PageState::Loading | PageState::LoadingInvalidated))
     }
 
     /// Whether block `blk`'s slot in mapping `vma` (key, start) of handle

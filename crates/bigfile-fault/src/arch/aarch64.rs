@@ -77,10 +77,10 @@ std::arch::global_asm!(
     ".p2align 2",
     "bigfile_fault_call_on_stack:",
     ".cfi_startproc",
-    // Marked a signal frame: its caller's frame lies on another stack, at a
-    // higher address than what it calls, which debuggers otherwise take
-    // for a corrupt stack and stop unwinding at (gdb: "previous frame inner
-    // to this frame").
+    // Marked a signal frame: its caller's frame lies on another stack (the
+    // alternate signal stack, below the thread's stack), at a lower address
+    // than the frames it calls, which debuggers otherwise take for a corrupt
+    // stack and stop unwinding at (gdb: "previous frame inner to this frame").
     ".cfi_signal_frame",
     "stp x29, x30, [sp, #-16]!",
     ".cfi_def_cfa_offset 16",
