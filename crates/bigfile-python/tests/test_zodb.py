@@ -864,3 +864,46 @@ def test_threads_faulting_blocks_at_once(store, db, key):
     assert not errors
     assert sum(sums.values()) == n * (n - 1) // 2
     del vma_arr
+
+
+# ~~~ review regressions
+
+
+@pytest.mark.parametrize("how", ["format_change", "consolidation"])
+def test_replaced_zblk_changed_by_another_commit_conflicts(tmp_path, key, how):
+    """A commit that replaces a block's ZBlk (a format change, or the
+    ZBlk1 -> ZBlk0 rewrite of the previous end of the file when an append
+    creates the next block) must not lose another transaction's committed
+    change to the old ZBlk: ConflictError instead."""
+    db = ZODB.DB(FileStorage(str(tmp_path / "r.fs")))
+    try:
+        c1, c2 = conn_pair(db)
+        tm1, tm2 = c1.transaction_manager, c2.transaction_manager
+        zf1 = new_zfile(c1, key)
+        fh1 = zf1.fileh_open()
+        a1 = u8(fh1.mmap(0, 2))
+        a1[:100] = 1  # a partly filled new block: ZBlk1
+        tm1.commit()
+        assert type(zf1.blktab[0]) is ZBlk1 and 1 not in zf1.blktab
+        assert a1[:200].sum() == 100  # c1 holds block 0 of this snapshot
+
+        tm2.begin()
+        fh2 = c2.root()[key].fileh_open()
+        a2 = u8(fh2.mmap(0, 1))
+        a2[50] = 42  # chunk 0 only: stays ZBlk1
+        if how == "format_change":
+            a1[ZBlk1.CHUNKSIZE : BLK] = 7  # most chunks: rewritten as ZBlk0
+        else:
+            a1[BLK : BLK + 10] = 7  # an append creating block 1 only
+        tm2.commit()
+        assert type(c2.root()[key].blktab[0]) is ZBlk1
+        with pytest.raises(ConflictError):
+            tm1.commit()
+        tm1.abort()
+        assert a1[50] == 42 and not a1[BLK:].any()  # c2's change, seen after the abort
+        del a1, a2
+        fh1.close()
+        fh2.close()
+    finally:
+        transaction.abort()
+        db.close()

@@ -365,6 +365,13 @@ class ZBigFile(Persistent):  # type: ignore[misc]
     def _setzblk(self, blk: int, zblk: Optional[ZBlkBase], fmt: Any, data: bytes) -> None:
         if zblk is None or type(zblk) is not fmt:
             if zblk is not None:
+                # The old ZBlk is replaced, not changed: make the commit check
+                # that it is still current, or another transaction's change
+                # to it would be lost without a ConflictError. Loaded first:
+                # a ghost's serial is not the one of our snapshot.
+                zblk._p_activate()
+                if zblk._p_jar is not None and zblk._p_oid is not None:
+                    zblk._p_jar.readCurrent(zblk)
                 zblk._p_deactivate()
             zblk = fmt()
             self.blktab[blk] = zblk
