@@ -907,3 +907,38 @@ def test_replaced_zblk_changed_by_another_commit_conflicts(tmp_path, key, how):
     finally:
         transaction.abort()
         db.close()
+
+
+def test_connection_close_drops_uncommitted_changes(tmp_path, key):
+    """conn.close() without commit: the handle's changes are dropped (as
+    those of ZODB objects are), not committed by the next user of the
+    pooled connection."""
+    db = ZODB.DB(FileStorage(str(tmp_path / "p.fs")))
+    try:
+        tm = transaction.TransactionManager()
+        c = db.open(tm)
+        zf = new_zfile(c, key)
+        c.root()["x"] = 0
+        tm.commit()
+        fh = zf.fileh_open()
+        with fh.mmap(0, 1) as vma:
+            u8(vma)[:4] = 9
+        assert fh.isdirty()
+        c.close()
+        assert not fh.isdirty()
+        tm2 = transaction.TransactionManager()
+        c2 = db.open(tm2)
+        assert c2 is c  # the pool's connection, with the handle's file
+        c2.root()["x"] = 1
+        tm2.commit()
+        c3 = db.open(transaction.TransactionManager())
+        fh3 = c3.root()[key].fileh_open()
+        with fh3.mmap(0, 1) as vma:
+            assert not u8(vma)[:4].any()
+        with fh.mmap(0, 1) as vma:
+            assert not u8(vma)[:4].any()
+        fh3.close()
+        fh.close()
+    finally:
+        transaction.abort()
+        db.close()

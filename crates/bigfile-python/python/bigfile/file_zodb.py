@@ -560,7 +560,17 @@ class ZBigFileH:
         if self.transaction_manager is not None:
             self.transaction_manager.unregisterSynch(self)
             self.transaction_manager = None
+        # Uncommitted changes end with the connection, as those of its ZODB
+        # objects do: the pool would hand them to the connection's next user,
+        # whose commit would store them.
+        self._drop_uncommitted()
         # A reopened connection calls newTransaction, which re-registers us.
+
+    def _drop_uncommitted(self) -> None:
+        self._joined = self._failed = self._carry = None
+        self._stale_dirty.clear()
+        if not self._zfileh.closed and self._zfileh.isdirty():
+            self._zfileh.dirty_discard()
 
     # ~~~ BigFileH
 
