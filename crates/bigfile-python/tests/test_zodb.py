@@ -942,3 +942,39 @@ def test_connection_close_drops_uncommitted_changes(tmp_path, key):
     finally:
         transaction.abort()
         db.close()
+
+
+def test_refused_close_keeps_changes(tmp_path, key):
+    """ZBigFileH.close() refused because of a live mapping changes nothing:
+    the changes are still there, and committed."""
+    db = ZODB.DB(FileStorage(str(tmp_path / "c.fs")))
+    try:
+        c = db.open(transaction.TransactionManager())
+        tm = c.transaction_manager
+        zf = new_zfile(c, key)
+        fh = zf.fileh_open()
+        vma = fh.mmap(0, 1)
+        a = u8(vma)
+        a[:4] = 7
+        with pytest.raises(RuntimeError, match="live mapping"):
+            fh.close()
+        assert not fh.closed and fh.isdirty() and list(a[:4]) == [7] * 4
+        tm.commit()
+        c2 = db.open(transaction.TransactionManager())
+        fh2 = c2.root()[key].fileh_open()
+        with fh2.mmap(0, 1) as v2:
+            assert list(u8(v2)[:4]) == [7] * 4
+        fh2.close()
+        a[:4] = 8  # dirty again: the close that succeeds drops it
+        del a
+        vma.close()
+        fh.close()
+        assert fh.closed
+        tm.commit()
+        with c2.root()[key].fileh_open() as fh3:
+            c2.transaction_manager.begin()
+            with fh3.mmap(0, 1) as v3:
+                assert list(u8(v3)[:4]) == [7] * 4
+    finally:
+        transaction.abort()
+        db.close()

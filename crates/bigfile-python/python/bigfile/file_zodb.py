@@ -624,7 +624,8 @@ class ZBigFileH:
             return
         if self._committing is not None:
             raise RuntimeError("ZBigFileH.close: a commit of this handle is in progress")
-        self._zfileh.dirty_discard()
+        # Closing drops the dirty pages; a close refused (live mappings)
+        # changes nothing, so no discard before it.
         self._zfileh.close()
         if self.transaction_manager is not None:
             self.transaction_manager.unregisterSynch(self)
