@@ -978,3 +978,45 @@ def test_refused_close_keeps_changes(tmp_path, key):
     finally:
         transaction.abort()
         db.close()
+
+
+def test_handle_leaves_transaction_manager_at_every_connection_close(tmp_path, key):
+    """Each conn.close() unregisters the handle from the transaction
+    manager (not only the first): a later commit of that manager, for
+    another database, neither fails nor involves the handle."""
+    db = ZODB.DB(FileStorage(str(tmp_path / "a.fs")))
+    db2 = ZODB.DB(FileStorage(str(tmp_path / "b.fs")))
+    try:
+        tm = transaction.TransactionManager()
+        c = db.open(tm)
+        zf = new_zfile(c, key)
+        fh = zf.fileh_open()
+        vma = fh.mmap(0, 1)
+        for _ in range(3):
+            c.close()
+            assert fh.transaction_manager is None
+            c = db.open(tm)
+            assert c.root()[key] is zf and fh.transaction_manager is tm
+        u8(vma)[:4] = 3  # the handle still commits with its connection
+        tm.commit()
+        c.close()  # a close after several reopenings
+        assert fh.transaction_manager is None
+        u8(vma)[:4] = 5  # written through a mapping kept past the close
+        d = db2.open(tm)
+        d.root()["y"] = 1
+        tm.commit()  # another database's commit on the same manager
+        d.close()
+        c = db.open(tm)  # not committed by the connection's next user either
+        assert c.root()[key] is zf
+        assert list(u8(vma)[:4]) == [3] * 4
+        c.root()["x"] = 1
+        tm.commit()
+        c2 = db.open(transaction.TransactionManager())
+        with c2.root()[key].fileh_open() as fh2, fh2.mmap(0, 1) as v2:
+            assert list(u8(v2)[:4]) == [3] * 4
+        vma.close()
+        fh.close()
+    finally:
+        transaction.abort()
+        db.close()
+        db2.close()

@@ -542,21 +542,37 @@ class ZBigFileH:
         # changes are kept over a failed commit): never to be committed
         self._stale_dirty: Set[int] = set()
         self.transaction_manager: Any = None
+        # whether our close callback is registered with the connection
+        # (ZODB runs and forgets them at each close)
+        self._close_cb = False
+        # the connection was closed since we last followed it
+        self._conn_was_closed = False
         _connection_zfiles(conn).add(zfile)
         self._follow_transaction_manager()
-        conn.onCloseCallback(functools.partial(_on_connection_close, weakref.ref(self)))
 
     def _follow_transaction_manager(self) -> None:
+        if self._zfileh.closed:
+            return
         tm = self._conn.transaction_manager if self._conn.opened else None
-        if tm is self.transaction_manager or self._zfileh.closed:
+        if tm is not None and not self._close_cb:
+            self._conn.onCloseCallback(functools.partial(_on_connection_close, weakref.ref(self)))
+            self._close_cb = True
+        if tm is self.transaction_manager:
             return
         if self.transaction_manager is not None:
             self.transaction_manager.unregisterSynch(self)
         self.transaction_manager = tm
         if tm is not None:
+            if self._conn_was_closed:
+                # Pages written through mappings kept while the connection
+                # was closed are not this user's transaction's to commit.
+                self._conn_was_closed = False
+                self._drop_uncommitted()
             tm.registerSynch(self)
 
     def _on_connection_close(self) -> None:
+        self._close_cb = False
+        self._conn_was_closed = True
         if self.transaction_manager is not None:
             self.transaction_manager.unregisterSynch(self)
             self.transaction_manager = None
@@ -646,7 +662,7 @@ class ZBigFileH:
         # connection must join now too (it cannot once commit runs, and our
         # commit changes its objects): registering the unchanged ZBigFile
         # does that without writing it.
-        if self._zfileh.closed or self._joined is txn or not self._zfileh.isdirty():
+        if self._zfileh.closed or not self._conn.opened or self._joined is txn or not self._zfileh.isdirty():
             return
         if txn.status not in ("Active", "Doomed"):  # transaction's Status values
             return
