@@ -1020,3 +1020,33 @@ def test_handle_leaves_transaction_manager_at_every_connection_close(tmp_path, k
         transaction.abort()
         db.close()
         db2.close()
+
+
+def test_heuristic_counts_zero_chunks_past_stored_end_as_unchanged(tmp_path, key):
+    """"auto": chunks past a ZBlk1's stored end that are still all zeros
+    are not changes: a one-byte change in the last chunk of a partly
+    filled block keeps it ZBlk1 (one chunk written, not the block)."""
+    db = ZODB.DB(FileStorage(str(tmp_path / "h.fs")))
+    try:
+        c = db.open(transaction.TransactionManager())
+        tm = c.transaction_manager
+        blksize = 2 << 20
+        zf = new_zfile(c, key, blksize)
+        fh = zf.fileh_open()
+        with fh.mmap(0, blksize // PS) as vma:
+            a = u8(vma)
+            a[:100] = 1
+            tm.commit()
+            assert type(zf.blktab[0]) is ZBlk1
+            s0 = os.path.getsize(str(tmp_path / "h.fs"))
+            a[blksize - 1] = 1
+            tm.commit()
+            assert type(zf.blktab[0]) is ZBlk1
+            assert os.path.getsize(str(tmp_path / "h.fs")) - s0 < 3 * ZBlk1.CHUNKSIZE
+            assert file_zodb._count_changed(b"\1" * 10, b"\1" * 10 + bytes(100), 16) == 0
+            assert file_zodb._count_changed(b"\1" * 10, b"\1" * 10 + bytes(40) + b"\2", 16) == 1
+            del a
+        fh.close()
+    finally:
+        transaction.abort()
+        db.close()

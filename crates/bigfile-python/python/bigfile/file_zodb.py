@@ -228,11 +228,15 @@ class ZBlk1(ZBlkBase):
 
 
 def _count_changed(old: Any, new: bytes, cs: int) -> int:
+    """How many `cs`-byte chunks differ between two blocks' bytes, both
+    zero-padded to the block size (trailing zeros are not stored, so a
+    chunk present on one side only may be all zeros)."""
     n = 0
     end = max(len(old), len(new))
     ov, nv = memoryview(old), memoryview(new)
     for off in range(0, end, cs):
-        if ov[off : off + cs] != nv[off : off + cs]:
+        o, w = ov[off : off + cs], nv[off : off + cs]
+        if o != w and bytes(o).rstrip(b"\0") != bytes(w).rstrip(b"\0"):
             n += 1
     return n
 
