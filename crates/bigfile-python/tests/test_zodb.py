@@ -1050,3 +1050,106 @@ def test_heuristic_counts_zero_chunks_past_stored_end_as_unchanged(tmp_path, key
     finally:
         transaction.abort()
         db.close()
+
+
+def test_zblk_fmt_per_file_and_wendelin_state(tmp_path, key):
+    """wendelin.core 2.x's ZBigFile state (blksize, blktab, zblk_fmt) and
+    constructor argument: a file's own format wins over ZBlk_fmt_write;
+    the 2-value state of older versions still loads."""
+    with pytest.raises(ValueError, match="unknown ZBlk format"):
+        ZBigFile(BLK, "ZBlk9")
+    zf = ZBigFile(BLK)
+    assert zf.zblk_fmt == "" and zf.__getstate__()[2] == ""
+    old = ZBigFile(BLK)
+    old.__setstate__((BLK, LOBTree()))
+    assert old.zblk_fmt == "" and old.blksize == BLK
+    db = ZODB.DB(FileStorage(str(tmp_path / "z.fs")))
+    try:
+        c = db.open(transaction.TransactionManager())
+        tm = c.transaction_manager
+        c.root()[key] = zf1 = ZBigFile(BLK, "ZBlk1")
+        c.root()[key + "0"] = zf0 = ZBigFile(BLK, zblk_fmt="ZBlk0")
+        tm.commit()
+        for zf_ in (zf0, zf1):
+            with zf_.fileh_open() as fh, fh.mmap(0, BLK // PS) as vma:
+                u8(vma)[:] = 1  # "auto" would write a full new block as ZBlk0
+                tm.commit()
+        assert type(zf1.blktab[0]) is ZBlk1 and type(zf0.blktab[0]) is ZBlk0
+        c2 = db.open(transaction.TransactionManager())
+        assert c2.root()[key].zblk_fmt == "ZBlk1" and c2.root()[key + "0"].zblk_fmt == "ZBlk0"
+    finally:
+        transaction.abort()
+        db.close()
+
+
+def test_compat_class_factory_reads_wendelin_database(tmp_path, monkeypatch):
+    """A database written by wendelin.core (classes under
+    wendelin.bigfile.file_zodb, 3-value ZBigFile state) loads with
+    bigfile.compat.class_factory."""
+    import types
+
+    from persistent import Persistent
+
+    from bigfile.compat import class_factory
+
+    # stand-ins writing wendelin.core 2.x's module path and state layout
+    mod = types.ModuleType("wendelin.bigfile.file_zodb")
+
+    class WZBlk0(Persistent):
+        def __getstate__(self):
+            return self._v_blkdata
+
+        def __setstate__(self, s):
+            self._v_blkdata = s
+
+    class WZBigFile(Persistent):
+        def __init__(self, blksize, zblk_fmt=""):
+            self.blksize, self.blktab, self.zblk_fmt = blksize, LOBTree(), zblk_fmt
+
+        def __getstate__(self):
+            return (self.blksize, self.blktab, self.zblk_fmt)
+
+        def __setstate__(self, s):
+            self.blksize, self.blktab, self.zblk_fmt = s
+
+    for cls, name in ((WZBlk0, "ZBlk0"), (WZBigFile, "ZBigFile")):
+        cls.__name__ = cls.__qualname__ = name
+        cls.__module__ = mod.__name__
+        setattr(mod, name, cls)
+    fake = {"wendelin": types.ModuleType("wendelin"), "wendelin.bigfile": types.ModuleType("wendelin.bigfile")}
+    fake[mod.__name__] = mod
+    for name, m in fake.items():
+        monkeypatch.setitem(sys.modules, name, m)
+    path = str(tmp_path / "wc.fs")
+    db = ZODB.DB(FileStorage(path))
+    c = db.open(transaction.TransactionManager())
+    z = WZBigFile(PS, "ZBlk0")
+    b = WZBlk0()
+    b._v_blkdata = b"\x07" * 10
+    z.blktab[0] = b
+    c.root()["f"] = z
+    c.transaction_manager.commit()
+    db.close()
+    for name in fake:
+        monkeypatch.delitem(sys.modules, name)
+
+    db = ZODB.DB(FileStorage(path), class_factory=class_factory)
+    try:
+        c = db.open(transaction.TransactionManager())
+        zf = c.root()["f"]
+        assert type(zf) is ZBigFile and zf.blksize == PS and zf.zblk_fmt == "ZBlk0"
+        with zf.fileh_open() as fh, fh.mmap(0, 1) as vma:
+            a = u8(vma)
+            assert list(a[:11]) == [7] * 10 + [0]
+            a[10] = 8
+            c.transaction_manager.commit()
+        assert type(zf.blktab[0]) is ZBlk0
+    finally:
+        db.close()
+    db = ZODB.DB(FileStorage(path), class_factory=class_factory)
+    try:
+        c = db.open(transaction.TransactionManager())
+        with c.root()["f"].fileh_open() as fh, fh.mmap(0, 1) as vma:
+            assert list(u8(vma)[:12]) == [7] * 10 + [8, 0]
+    finally:
+        db.close()

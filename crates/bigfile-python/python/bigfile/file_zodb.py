@@ -1,4 +1,6 @@
-"""BigFile stored in ZODB (compatible with ``wendelin.bigfile.file_zodb``).
+"""BigFile stored in ZODB (the API and persistent state of wendelin.core's
+``wendelin.bigfile.file_zodb``; its databases load through
+``bigfile.compat.class_factory``, as ZODB records name the module).
 
 ``ZBigFile(blksize)`` is a persistent object whose blocks live in the
 database as ordinary ZODB objects (no blobs): ``blktab`` maps a block number
@@ -11,6 +13,8 @@ to a ZBlk object holding that block's bytes, in one of two formats:
   change rewrites only the chunks it touched; a read loads every chunk.
 
 Which format a changed block is written in is chosen per block at commit by
+the file's ``zblk_fmt`` (``ZBigFile(blksize, zblk_fmt="")``, as in
+wendelin.core 2.x) or, when that is "", by the module's
 ``ZBlk_fmt_write``: "ZBlk0", "ZBlk1" or "auto" (the default; the
 environment variable ``WENDELIN_CORE_ZBLK_FMT`` sets it at import, as in
 wendelin.core). "auto" writes a block as ZBlk1 when the change is small
@@ -296,22 +300,33 @@ def _invalidate_keeping_volatiles(self: Any) -> None:
 
 class ZBigFile(Persistent):  # type: ignore[misc]
     """A file of `blksize`-byte blocks stored in ZODB; see the module docs.
-    State: ``blksize`` and ``blktab`` (LOBTree block -> ZBlk)."""
+    State, as in wendelin.core 2.x: ``(blksize, blktab, zblk_fmt)``, where
+    ``blktab`` is an LOBTree block -> ZBlk and ``zblk_fmt`` the format this
+    file's blocks are written in ("ZBlk0", "ZBlk1", "auto"; "" for the
+    module's ``ZBlk_fmt_write``). The state ``(blksize, blktab)`` of older
+    versions is read as ``zblk_fmt=""``."""
 
     blksize: int
     blktab: LOBTree
+    zblk_fmt: str = ""
 
-    def __init__(self, blksize: int) -> None:
+    def __init__(self, blksize: int, zblk_fmt: str = "") -> None:
         if not isinstance(blksize, int) or isinstance(blksize, bool) or blksize <= 0:
             raise ValueError(f"blksize must be a positive int, not {blksize!r}")
-        self.__setstate__((blksize, LOBTree()))
+        if zblk_fmt != "" and zblk_fmt not in ZBlk_fmt_registry:
+            raise ValueError(f"zblk_fmt {zblk_fmt!r}: unknown ZBlk format (\"\", ZBlk0, ZBlk1 or auto)")
+        self.__setstate__((blksize, LOBTree(), zblk_fmt))
         self._runtime()  # checks blksize against the page size now
 
     def __getstate__(self) -> Any:
-        return (self.blksize, self.blktab)
+        return (self.blksize, self.blktab, self.zblk_fmt)
 
     def __setstate__(self, state: Any) -> None:
-        self.blksize, self.blktab = state
+        if len(state) == 2:  # written by versions without zblk_fmt
+            self.blksize, self.blktab = state
+            self.zblk_fmt = ""
+        else:
+            self.blksize, self.blktab, self.zblk_fmt = state
 
     # Runtime state lives in _v_ attributes, which ZODB drops when an
     # object becomes a ghost: this object never does (its state is two
@@ -359,7 +374,7 @@ class ZBigFile(Persistent):  # type: ignore[misc]
     def _storeblk(self, blk: int, buf: memoryview) -> None:
         data = bytes(buf).rstrip(b"\0")
         zblk = self.blktab.get(blk)
-        fmt = ZBlk_fmt_registry[ZBlk_fmt_write]
+        fmt = ZBlk_fmt_registry[self.zblk_fmt or ZBlk_fmt_write]
         if fmt is _ZBlk_auto:
             fmt = self._zblk_fmt_heuristic(blk, zblk, data)
             if zblk is None:

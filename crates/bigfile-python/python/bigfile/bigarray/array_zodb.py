@@ -1,4 +1,6 @@
-"""ZBigArray: a BigArray stored in ZODB (compatible with ``wendelin.bigarray.array_zodb``).
+"""ZBigArray: a BigArray stored in ZODB (the API and persistent state of
+wendelin.core's ``wendelin.bigarray.array_zodb``; its databases load through
+``bigfile.compat.class_factory``, as ZODB records name the module).
 
 ``ZBigArray(shape, dtype, order='C', blksize=2 MiB)`` is a persistent
 BigArray: its shape, dtype and order are stored with it, its data in a

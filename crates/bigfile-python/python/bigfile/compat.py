@@ -1,0 +1,37 @@
+"""Reading ZODB databases written by wendelin.core.
+
+bigfile is compatible with wendelin.core at the API level (the imports
+change: ``bigfile.file_zodb``, ``bigfile.bigarray.array_zodb``), and its
+ZBigFile, ZBlk0, ZBlk1, ZData and ZBigArray keep wendelin.core 2.x's
+persistent state. But ZODB records name the class of each object by its
+module path, and a database written by wendelin.core names
+``wendelin.bigfile.file_zodb`` and ``wendelin.bigarray.array_zodb``, which
+bigfile does not provide. ``class_factory`` maps those paths to bigfile's
+modules; give it to the database::
+
+    import ZODB
+    from bigfile.compat import class_factory
+    db = ZODB.DB(storage, class_factory=class_factory)
+
+Objects this database then writes are stored under bigfile's module
+paths, which wendelin.core in turn cannot load.
+"""
+
+from typing import Any, Dict
+
+from ZODB.broken import find_global
+
+__all__ = ["WENDELIN_MODULES", "class_factory"]
+
+#: wendelin.core module path -> the bigfile module holding its classes
+WENDELIN_MODULES: Dict[str, str] = {
+    "wendelin.bigfile.file_zodb": "bigfile.file_zodb",
+    "wendelin.bigarray.array_zodb": "bigfile.bigarray.array_zodb",
+}
+
+
+def class_factory(connection: Any, modulename: str, globalname: str) -> Any:
+    """A ZODB class factory (``ZODB.DB(..., class_factory=...)``) loading
+    the classes of wendelin.core's ZODB modules from bigfile's, and every
+    other class as ZODB does by default."""
+    return find_global(WENDELIN_MODULES.get(modulename, modulename), globalname)
