@@ -1082,15 +1082,15 @@ def test_zblk_fmt_per_file_and_wendelin_state(tmp_path, key):
         db.close()
 
 
-def test_compat_class_factory_reads_wendelin_database(tmp_path, monkeypatch):
+def test_compat_reads_wendelin_database(tmp_path, monkeypatch):
     """A database written by wendelin.core (classes under
     wendelin.bigfile.file_zodb, 3-value ZBigFile state) loads with
-    bigfile.compat.class_factory."""
+    bigfile.compat.DB."""
     import types
 
     from persistent import Persistent
 
-    from bigfile.compat import class_factory
+    from bigfile.compat import DB
 
     # stand-ins writing wendelin.core 2.x's module path and state layout
     mod = types.ModuleType("wendelin.bigfile.file_zodb")
@@ -1133,7 +1133,7 @@ def test_compat_class_factory_reads_wendelin_database(tmp_path, monkeypatch):
     for name in fake:
         monkeypatch.delitem(sys.modules, name)
 
-    db = ZODB.DB(FileStorage(path), class_factory=class_factory)
+    db = DB(FileStorage(path))
     try:
         c = db.open(transaction.TransactionManager())
         zf = c.root()["f"]
@@ -1146,7 +1146,7 @@ def test_compat_class_factory_reads_wendelin_database(tmp_path, monkeypatch):
         assert type(zf.blktab[0]) is ZBlk0
     finally:
         db.close()
-    db = ZODB.DB(FileStorage(path), class_factory=class_factory)
+    db = DB(FileStorage(path))
     try:
         c = db.open(transaction.TransactionManager())
         with c.root()["f"].fileh_open() as fh, fh.mmap(0, 1) as vma:

@@ -7,11 +7,12 @@ persistent state. But ZODB records name the class of each object by its
 module path, and a database written by wendelin.core names
 ``wendelin.bigfile.file_zodb`` and ``wendelin.bigarray.array_zodb``, which
 bigfile does not provide. ``class_factory`` maps those paths to bigfile's
-modules; give it to the database::
+modules; open the database with ``bigfile.compat.DB``, a ``ZODB.DB``
+that uses it (on every ZODB version: ``ZODB.DB(..., class_factory=)`` is
+not in all, e.g. 6.1)::
 
-    import ZODB
-    from bigfile.compat import class_factory
-    db = ZODB.DB(storage, class_factory=class_factory)
+    from bigfile.compat import DB
+    db = DB(storage)
 
 Objects this database then writes are stored under bigfile's module
 paths, which wendelin.core in turn cannot load.
@@ -19,9 +20,10 @@ paths, which wendelin.core in turn cannot load.
 
 from typing import Any, Dict
 
+import ZODB
 from ZODB.broken import find_global
 
-__all__ = ["WENDELIN_MODULES", "class_factory"]
+__all__ = ["WENDELIN_MODULES", "class_factory", "DB"]
 
 #: wendelin.core module path -> the bigfile module holding its classes
 WENDELIN_MODULES: Dict[str, str] = {
@@ -31,7 +33,14 @@ WENDELIN_MODULES: Dict[str, str] = {
 
 
 def class_factory(connection: Any, modulename: str, globalname: str) -> Any:
-    """A ZODB class factory (``ZODB.DB(..., class_factory=...)``) loading
-    the classes of wendelin.core's ZODB modules from bigfile's, and every
-    other class as ZODB does by default."""
+    """A ZODB class factory loading the classes of wendelin.core's ZODB
+    modules from bigfile's, and every other class as ZODB does by default."""
     return find_global(WENDELIN_MODULES.get(modulename, modulename), globalname)
+
+
+class DB(ZODB.DB):  # type: ignore[misc]  # ZODB has no type hints
+    """A ``ZODB.DB`` whose connections load wendelin.core's classes from
+    bigfile (`class_factory`); arguments as ``ZODB.DB``'s."""
+
+    def classFactory(self, connection: Any, modulename: str, globalname: str) -> Any:
+        return class_factory(connection, modulename, globalname)
