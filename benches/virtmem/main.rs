@@ -20,7 +20,7 @@ use std::ptr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bigfile::virtmem::{BigFile, FileBigFile, FileH, Ram, Vma, WriteoutFlags};
+use bigfile::virtmem::{Advice, BigFile, FileBigFile, FileH, Ram, Vma, WriteoutFlags};
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 
 use support::{Config, FillFile, NoopFile, Rng, KIB, MIB};
@@ -219,8 +219,9 @@ fn fault_fill(c: &mut Criterion) {
 }
 
 /// (3) Sum of all u64 words of a file: through a file-backed BigFile with a
-/// 64 MiB budget (so every scan loads every block), through a fresh memmap2
-/// mapping, and with pread into one reused 2 MiB buffer.
+/// 64 MiB budget (so every scan loads every block), with the default advice
+/// and with `Advice::Sequential`, through a fresh memmap2 mapping, and with
+/// pread into one reused 2 MiB buffer.
 fn scan(c: &mut Criterion, cfg: &Config, figures: &support::Figures) {
     let bs = 2 * MIB;
     let path = support::data_file(
@@ -251,6 +252,21 @@ fn scan(c: &mut Criterion, cfg: &Config, figures: &support::Figures) {
     });
     let expect = expect.unwrap_or_default();
     figures.set("scan.bytes", cfg.scan_bytes);
+
+    // The same scan through a mapping that declares it (drop-behind: each
+    // fault recycles the page just scanned, still in the CPU caches, instead
+    // of the least recently used one).
+    let seq = fh.mmap(0, nblocks).expect("mmap");
+    seq.advise(Advice::Sequential);
+    g.bench_function("bigfile_sequential", |b| {
+        b.iter(|| {
+            // SAFETY: nothing writes the mapping while the slice lives.
+            let s = support::sum_words(unsafe { seq.as_slice() });
+            assert_eq!(s, expect);
+            s
+        })
+    });
+    drop(seq);
 
     let f = File::open(&path).expect("open the scan file");
     g.bench_function("mmap", |b| {

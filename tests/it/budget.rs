@@ -25,3 +25,91 @@ fn loading_beyond_the_budget_reclaims_lru_pages() {
     vma.read_at(BLK, &mut b).unwrap();
     assert_eq!(b[0], 1);
 }
+
+/// Resident blocks of `fh` among `blocks`.
+fn resident(fh: &bigfile::virtmem::FileH, blocks: std::ops::Range<u64>) -> Vec<u64> {
+    blocks.filter(|&b| fh.page_state(b).is_some()).collect()
+}
+
+/// Reads every byte of block `blk` of `vma` (mapping block 0 at its start)
+/// and checks it holds the block's data.
+fn read_block(vma: &bigfile::virtmem::Vma, idx: usize, blk: u64) {
+    let mut buf = vec![0u8; BLK];
+    vma.read_at(idx * BLK, &mut buf).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == MemFile::initial(blk)),
+        "block {blk} read wrong data"
+    );
+}
+
+/// A scan through a mapping advised `Sequential` reuses the page it just
+/// left and leaves the other cached pages alone; under `Normal` the same
+/// scan flushes them (LRU).
+#[test]
+fn sequential_advice_drops_behind_and_keeps_other_pages_cached() {
+    use bigfile::virtmem::Advice;
+    let file = MemFile::new(BLK);
+    let ram = ram(6);
+    let fh = open(&file, &ram);
+    let other = fh.mmap(20, 4).unwrap();
+    for i in 0..4 {
+        read_block(&other, i, 20 + i as u64);
+    }
+    let scan = fh.mmap(0, 16).unwrap();
+    assert_eq!(scan.advice(), Advice::Normal);
+    scan.advise(Advice::Sequential);
+    assert_eq!(scan.advice(), Advice::Sequential);
+    assert_eq!(other.advice(), Advice::Normal, "advice is per mapping");
+    // The first pass keeps the block it began with (loaded while the budget
+    // had room) and the block it ended on; the second finds both cached,
+    // dropping block 0 behind it, and ends holding its last two blocks.
+    for (pass, kept) in [[0, 15], [14, 15]].into_iter().enumerate() {
+        for blk in 0..16 {
+            read_block(&scan, blk as usize, blk);
+            assert!(ram.stats().resident_bytes <= ram.budget());
+        }
+        let mut want = kept.to_vec();
+        want.extend(20..24); // the other mapping's blocks stay cached
+        assert_eq!(resident(&fh, 0..24), want, "pass {pass}");
+    }
+    assert_eq!(fh.stats().loads, 4 + 16 + 14);
+
+    // A dirty page behind the scan is not dropped (nor written out).
+    scan.write_at(3 * BLK, &[0xAA]).unwrap();
+    for blk in 4..16 {
+        read_block(&scan, blk as usize, blk);
+    }
+    assert!(fh.page_state(3) == Some(bigfile::virtmem::PageState::Dirty));
+    fh.dirty_discard().unwrap();
+
+    // Back to Normal: the scan pushes the least recently used pages out,
+    // the other mapping's among them.
+    scan.advise(Advice::Normal);
+    for blk in 0..16 {
+        read_block(&scan, blk as usize, blk);
+    }
+    assert_eq!(resident(&fh, 0..24), (10..16).collect::<Vec<_>>());
+}
+
+/// Drop-behind follows the mapping, not the file: a fault in a mapping not
+/// advised sequential demotes nothing, even for blocks another mapping of
+/// the same handle scans sequentially.
+#[test]
+fn sequential_advice_applies_to_faults_in_its_own_mapping_only() {
+    use bigfile::virtmem::Advice;
+    let file = MemFile::new(BLK);
+    let ram = ram(4);
+    let fh = open(&file, &ram);
+    let seq = fh.mmap(0, 8).unwrap();
+    seq.advise(Advice::Sequential);
+    let normal = fh.mmap(0, 8).unwrap();
+    for blk in 0..8 {
+        read_block(&normal, blk as usize, blk);
+    }
+    assert_eq!(resident(&fh, 0..8), [4, 5, 6, 7]);
+    // Block 6 is resident: the fault in `seq` maps it and demotes block 5,
+    // which the next load then replaces instead of block 4.
+    read_block(&seq, 6, 6);
+    read_block(&seq, 0, 0);
+    assert_eq!(resident(&fh, 0..8), [0, 4, 6, 7]);
+}

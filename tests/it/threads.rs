@@ -7,7 +7,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use bigfile::virtmem::WriteoutFlags;
+use bigfile::virtmem::{Advice, WriteoutFlags};
 
 use crate::common::{open, peek, ram, Call, MemFile, BLK};
 
@@ -303,6 +303,8 @@ fn waiters_of_a_failed_load_get_its_error() {
 /// mapping again in other mappings, or unmapping whole: every read must see
 /// its block's data (a slot mapped anew and then unmapped by a late
 /// reclaimer would read as zeros) and everything must add up at the end.
+/// Drop-behind (sequential advice, switched on and off meanwhile) changes
+/// which pages go first, not what is read.
 #[test]
 fn reclaim_races_with_faults_and_unmaps_of_the_same_pages() {
     const BLOCKS: u64 = 8;
@@ -315,6 +317,13 @@ fn reclaim_races_with_faults_and_unmaps_of_the_same_pages() {
             let shared = shared.clone();
             s.spawn(move || {
                 for i in 0..20_000u64 {
+                    if t == 0 && i % 1000 == 0 {
+                        shared.advise(if i % 2000 == 0 {
+                            Advice::Sequential
+                        } else {
+                            Advice::Normal
+                        });
+                    }
                     let blk = (i * (t + 1) + t) % BLOCKS;
                     let off = (i * 4096 + t * 8) as usize % BLK;
                     let got = peek(shared.as_ptr().wrapping_add(blk as usize * BLK + off));
@@ -328,6 +337,9 @@ fn reclaim_races_with_faults_and_unmaps_of_the_same_pages() {
                 for i in 0..2000u64 {
                     let first = (i + t) % (BLOCKS - 1);
                     let vma = fh.mmap(first, 2).unwrap();
+                    if i % 2 == 0 {
+                        vma.advise(Advice::Sequential);
+                    }
                     for k in 0..2 {
                         let got = peek(vma.as_ptr().wrapping_add(k * BLK + 100));
                         assert_eq!(got, MemFile::initial(first + k as u64), "mapper {t}");

@@ -46,4 +46,4 @@ pub use host::{set_host_lock, HostLock};
 pub use ram::{Ram, RamStats};
 pub use state::PageState;
 pub use stats::Stats;
-pub use vma::Vma;
+pub use vma::{Advice, Vma};

@@ -1,8 +1,10 @@
 //! Serving one page of one mapping: the loading protocol.
 //!
 //! Used by the fault handler (a thread touched the page) and by prefault
-//! (a thread asked for the page). The steps, under the RAM lock except where
-//! said:
+//! (a thread asked for the page). First, in a mapping advised
+//! `Advice::Sequential`, the clean page of the block before becomes the
+//! first to be reclaimed (drop-behind). The steps, under the RAM lock except
+//! where said:
 //! - EMPTY: make room within the budget (reclaiming least recently used
 //!   clean pages, whose unmapping is finished after the lock is dropped; with
 //!   none clean, waiting for other threads' loads), create the page LOADING
@@ -99,6 +101,7 @@ pub(crate) fn serve(
     };
     counts.add(Counter::Faults, 1);
     let mut st = shared.lock();
+    st.drop_behind(fh.key, vma, blk);
     loop {
         let Some(pk) = st.filehs[fh.key].pages.get(blk).copied() else {
             // EMPTY: this thread loads it.

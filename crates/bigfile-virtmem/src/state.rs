@@ -15,6 +15,7 @@ use slab::Slab;
 
 use crate::stats::{CountPair, Counter, Counters};
 use crate::sys;
+use crate::vma::Advice;
 
 /// A page's state; a page absent from its handle's page map is EMPTY.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +62,8 @@ pub(crate) struct VmaState {
     /// the lock ([`Deferred`]): nothing may be mapped there, and the mapping
     /// may not go away, until the mark is cleared.
     pub(crate) unmapping: BitVec,
+    /// The mapping's access pattern, given by `Vma::advise`.
+    pub(crate) advice: Advice,
 }
 
 // SAFETY: `start` is only an address of a reservation owned by the Vma; it is
@@ -191,6 +194,46 @@ impl State {
         if self.pages[pk].in_lru && self.lru_tail != Some(pk) {
             self.lru_remove(pk);
             self.lru_push_back(pk);
+        }
+    }
+
+    /// Make a page the first to be reclaimed.
+    pub(crate) fn lru_demote(&mut self, pk: usize) {
+        if self.pages[pk].in_lru && self.lru_head != Some(pk) {
+            self.lru_remove(pk);
+            let head = self.lru_head;
+            {
+                let p = &mut self.pages[pk];
+                p.lru_prev = None;
+                p.lru_next = head;
+                p.in_lru = true;
+            }
+            match head {
+                Some(h) => self.pages[h].lru_prev = Some(pk),
+                None => self.lru_tail = Some(pk),
+            }
+            self.lru_head = Some(pk);
+        }
+    }
+
+    /// Drop-behind for a mapping advised [`Advice::Sequential`]: a fault
+    /// on block `blk` there makes the clean page of block `blk - 1` (if
+    /// resident and in the mapping) the first to be reclaimed.
+    pub(crate) fn drop_behind(&mut self, fk: usize, (vk, vma_start): (usize, usize), blk: u64) {
+        let fh = &self.filehs[fk];
+        let Some(vma) = fh
+            .vmas
+            .get(vk)
+            .filter(|v| v.start.as_ptr() as usize == vma_start)
+        else {
+            return;
+        };
+        if vma.advice != Advice::Sequential || blk <= vma.pgoffset {
+            return;
+        }
+        if let Some(&pk) = fh.pages.get(blk - 1) {
+            // Only clean pages are on the LRU list: a dirty one stays put.
+            self.lru_demote(pk);
         }
     }
 
@@ -601,6 +644,41 @@ mod tests {
     }
 
     #[test]
+    fn lru_demote_makes_a_page_oldest_and_keeps_links() {
+        let mut st = State::default();
+        let pks: Vec<usize> = (0..4).map(|b| st.new_page(0, b, ticket())).collect();
+        for &pk in &pks {
+            st.lru_push_back(pk);
+        }
+        st.lru_demote(pks[2]);
+        assert_eq!(lru_order(&st), [pks[2], pks[0], pks[1], pks[3]]);
+        st.lru_demote(pks[2]); // already oldest
+        assert_eq!(lru_order(&st), [pks[2], pks[0], pks[1], pks[3]]);
+        st.lru_demote(pks[3]); // the newest: the tail moves back
+        assert_eq!(lru_order(&st), [pks[3], pks[2], pks[0], pks[1]]);
+        assert_eq!(st.lru_tail, Some(pks[1]));
+        // backward links agree with the forward order
+        let mut back = Vec::new();
+        let mut cur = st.lru_tail;
+        while let Some(pk) = cur {
+            back.push(pk);
+            cur = st.pages[pk].lru_prev;
+        }
+        assert_eq!(back, [pks[1], pks[0], pks[2], pks[3]]);
+        // a page off the list (dirty) is not put on it
+        st.lru_remove(pks[0]);
+        st.lru_demote(pks[0]);
+        assert_eq!(lru_order(&st), [pks[3], pks[2], pks[1]]);
+        // the only page on the list
+        for pk in [pks[3], pks[2]] {
+            st.lru_remove(pk);
+        }
+        st.lru_demote(pks[1]);
+        assert_eq!(lru_order(&st), [pks[1]]);
+        assert_eq!(st.lru_tail, Some(pks[1]));
+    }
+
+    #[test]
     fn vma_index_of_covers_exactly_its_range() {
         let v = VmaState {
             start: NonNull::dangling(),
@@ -608,6 +686,7 @@ mod tests {
             pglen: 3,
             mapped: BitVec::repeat(false, 3),
             unmapping: BitVec::repeat(false, 3),
+            advice: Advice::Normal,
         };
         assert_eq!(v.index_of(9), None);
         assert_eq!(v.index_of(10), Some(0));
@@ -619,6 +698,7 @@ mod tests {
             pglen: 1,
             mapped: BitVec::repeat(false, 1),
             unmapping: BitVec::repeat(false, 1),
+            advice: Advice::Normal,
         };
         assert_eq!(top.index_of(u64::MAX), None);
         assert_eq!(top.index_of(u64::MAX - 1), Some(0));

@@ -15,6 +15,25 @@ use crate::serve::{serve, Failure};
 use crate::state::VmaState;
 use crate::sys;
 
+/// How a mapping is expected to be accessed, given to [`Vma::advise`]. The
+/// counterpart of `madvise(2)`'s `MADV_NORMAL` / `MADV_SEQUENTIAL`, for the
+/// pages bigfile manages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Advice {
+    /// No expectation: clean pages are reclaimed least recently used first.
+    #[default]
+    Normal,
+    /// Pages are accessed in ascending order and, once passed, not soon
+    /// again: when a fault in this mapping hits block `b`, the clean page of
+    /// block `b - 1` becomes the first to be reclaimed (drop-behind). A scan
+    /// bigger than the budget then keeps reusing the page it just left,
+    /// still in the CPU caches, instead of the least recently used one, and
+    /// leaves the rest of the budget's pages (other data) cached. The page is
+    /// only reclaimed when room is needed, so data read within the budget
+    /// stays resident as with `Normal`.
+    Sequential,
+}
+
 /// A mapping of pages `pgoffset..pgoffset+pglen` of a file handle.
 ///
 /// The address range is reserved inaccessible and registered with the fault
@@ -119,6 +138,7 @@ impl Vma {
                 pglen,
                 mapped: BitVec::repeat(false, len / ps),
                 unmapping: BitVec::repeat(false, len / ps),
+                advice: Advice::Normal,
             })
         };
         let handler = Arc::new(VmaFaults {
@@ -184,6 +204,22 @@ impl Vma {
             .iter_ones()
             .map(|i| self.pgoffset + i as u64)
             .collect()
+    }
+
+    /// Declare how this mapping will be accessed (see [`Advice`]); the last
+    /// advice given holds. It only changes which clean page reclaim takes
+    /// first, never what a read sees.
+    pub fn advise(&self, advice: Advice) {
+        let _host = HostUnlocked::new();
+        let mut st = self.fileh.shared.lock();
+        st.filehs[self.fileh.key].vmas[self.key].advice = advice;
+    }
+
+    /// The advice in effect (see [`Vma::advise`]).
+    pub fn advice(&self) -> Advice {
+        let _host = HostUnlocked::new();
+        let st = self.fileh.shared.lock();
+        st.filehs[self.fileh.key].vmas[self.key].advice
     }
 
     /// The mapping as a byte slice.
