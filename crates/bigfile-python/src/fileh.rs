@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bigfile_virtmem::{Access, FileH, LoadPolicy, PageState, Stats, Vma, WriteoutFlags};
+use bigfile_virtmem::{Access, Advice, FileH, LoadPolicy, PageState, Stats, Vma, WriteoutFlags};
 use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -395,6 +395,35 @@ impl PyVMA {
     /// File pages currently mapped in (holding memory) in this mapping.
     fn mapped_pages(&self) -> PyResult<Vec<u64>> {
         Ok(self.get()?.mapped_pages())
+    }
+
+    /// Declare how the mapping will be accessed: "normal" (the default:
+    /// clean pages are reclaimed least recently used first) or "sequential"
+    /// (ascending, each page once: a fault on a block makes the clean page
+    /// of the block before the first to be reclaimed, so a scan bigger than
+    /// the RAM budget reuses the page it just left and leaves other cached
+    /// pages alone). Only which page is reclaimed changes, never the data.
+    fn advise(&self, advice: &str) -> PyResult<()> {
+        let advice = match advice {
+            "normal" => Advice::Normal,
+            "sequential" => Advice::Sequential,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown advice '{other}': expected 'normal' or 'sequential'"
+                )))
+            }
+        };
+        self.get()?.advise(advice);
+        Ok(())
+    }
+
+    /// The advice in effect: "normal" or "sequential" (see advise()).
+    #[getter]
+    fn advice(&self) -> PyResult<&'static str> {
+        Ok(match self.get()?.advice() {
+            Advice::Normal => "normal",
+            Advice::Sequential => "sequential",
+        })
     }
 
     /// Load (and with write=True, dirty) the pages of bytes start..stop now,
