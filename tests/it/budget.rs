@@ -113,3 +113,76 @@ fn sequential_advice_applies_to_faults_in_its_own_mapping_only() {
     read_block(&seq, 0, 0);
     assert_eq!(resident(&fh, 0..8), [0, 4, 6, 7]);
 }
+
+/// With a budget of 16 pages or more, a load that finds the budget full
+/// reclaims a batch of the handle's oldest pages (an eighth of the budget,
+/// here 2): one is reused at once, the other kept as a spare for the next
+/// load. Spares count against the budget and as resident, are given back by
+/// `Ram::reclaim`, to other handles needing room, when the budget shrinks,
+/// and when their handle closes.
+#[test]
+fn batched_reclaim_keeps_spares_within_the_budget() {
+    let file = MemFile::new(BLK);
+    let ram = ram(16);
+    let fh = open(&file, &ram);
+    let vma = fh.mmap(0, 64).unwrap();
+    for blk in 0..64 {
+        read_block(&vma, blk as usize, blk);
+        assert!(ram.stats().resident_bytes <= ram.budget(), "block {blk}");
+    }
+    // Every second load reclaimed two pages and the next took the spare.
+    assert_eq!(resident(&fh, 0..64), (48..64).collect::<Vec<_>>());
+    assert_eq!(fh.stats().reclaims, 48);
+    // Block 0 again: blocks 48 (reused) and 49 (spare) go.
+    read_block(&vma, 0, 0);
+    let mut want: Vec<u64> = (50..64).collect();
+    want.insert(0, 0);
+    assert_eq!(resident(&fh, 0..64), want);
+    assert_eq!(ram.stats().stats.resident_pages, 16, "15 pages and a spare");
+    assert_eq!(fh.stats().resident_pages, 16);
+    assert_eq!(ram.pages().stats().pages_allocated, 16);
+    assert_eq!(ram.reclaimable_pages(), 16);
+
+    // Another handle of the same RAM takes the spare's room rather than a
+    // page of the first handle.
+    let file_b = MemFile::new(BLK);
+    let fh_b = open(&file_b, &ram);
+    let vma_b = fh_b.mmap(0, 1).unwrap();
+    read_block(&vma_b, 0, 0);
+    assert_eq!(resident(&fh, 0..64), want);
+    assert_eq!(fh.stats().resident_pages, 15);
+    assert_eq!(ram.stats().stats.resident_pages, 16);
+    assert_eq!(ram.pages().stats().pages_allocated, 16);
+
+    // A smaller budget is reached at the next load.
+    read_block(&vma, 1, 1); // a spare again
+    assert_eq!(fh.stats().resident_pages, 15);
+    ram.set_budget(8 * BLK as u64);
+    read_block(&vma, 2, 2);
+    assert!(ram.stats().resident_bytes <= ram.budget());
+    assert_eq!(
+        ram.pages().stats().pages_allocated,
+        ram.stats().stats.resident_pages
+    );
+
+    // Reclaim gives everything clean back, spares included.
+    read_block(&vma, 3, 3);
+    read_block(&vma, 4, 4);
+    ram.set_budget(16 * BLK as u64);
+    let clean = ram.reclaimable_pages();
+    assert_eq!(ram.reclaim() as u64, clean);
+    assert_eq!(ram.stats().stats.resident_pages, 0);
+    assert_eq!(ram.pages().stats().pages_allocated, 0);
+    drop((vma_b, fh_b));
+
+    // Closing a handle gives its spares back.
+    for blk in 0..17 {
+        read_block(&vma, blk as usize, blk);
+    }
+    assert_eq!(fh.stats().resident_pages, 16);
+    assert_eq!(resident(&fh, 0..64).len(), 15, "one of the 16 is a spare");
+    drop(vma);
+    fh.close().map_err(|(e, _)| e).unwrap();
+    assert_eq!(ram.stats().stats.resident_pages, 0);
+    assert_eq!(ram.pages().stats().pages_allocated, 0);
+}

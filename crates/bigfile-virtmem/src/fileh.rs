@@ -116,6 +116,7 @@ impl Drop for FileHInner {
         for pk in pks {
             st.forget_page(pk, ps, &shared.counters);
         }
+        st.drop_spares_of(self.key, &shared.counters);
         st.filehs.remove(self.key);
     }
 }

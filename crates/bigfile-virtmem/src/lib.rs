@@ -32,6 +32,7 @@ mod fileh;
 mod host;
 mod ram;
 mod serve;
+mod spares;
 mod state;
 mod stats;
 mod sys;

@@ -118,6 +118,14 @@ impl Ram {
     /// inside a `loadblk` or `storeblk`; with no clean page to be had, the
     /// fault fails (SIGBUS with a diagnostic; `prefault` returns
     /// `Error::BudgetExhausted`).
+    ///
+    /// With a budget of 16 pages or more, reclaim takes the faulting
+    /// handle's oldest clean pages in batches of an eighth of the budget (at
+    /// most 8): the extra pages' memory is kept, still within the budget,
+    /// for the handle's next loads, and their mappings are removed together
+    /// (one `mmap_lock` hold and TLB shootdown for a run of faults instead of
+    /// one each, which is what lets threads fault in parallel). So up to a
+    /// batch of clean pages may be dropped a little before they had to be.
     pub fn set_budget(&self, bytes: u64) {
         let pages = (bytes / self.page_size() as u64).max(1);
         self.shared.budget_pages.store(pages, Relaxed);
@@ -139,10 +147,12 @@ impl Ram {
         freed
     }
 
-    /// Number of clean pages that reclaim could free now.
+    /// Number of clean pages that reclaim could free now (including pages
+    /// reclaimed ahead of need and kept for the next loads).
     pub fn reclaimable_pages(&self) -> u64 {
         let _host = HostUnlocked::new();
-        self.shared.lock().lru_len()
+        let st = self.shared.lock();
+        st.lru_len() + st.spares_ready()
     }
 
     /// Counters over all handles of this RAM.

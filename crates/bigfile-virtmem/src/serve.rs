@@ -101,13 +101,13 @@ pub(crate) fn serve(
     };
     counts.add(Counter::Faults, 1);
     let mut st = shared.lock();
-    st.drop_behind(fh.key, vma, blk);
+    let sequential = st.drop_behind(fh.key, vma, blk);
     loop {
         let Some(pk) = st.filehs[fh.key].pages.get(blk).copied() else {
             // EMPTY: this thread loads it.
             let mut deferred = Deferred::default();
             let room;
-            (st, room) = make_room(st, shared, fh, blk, &mut deferred);
+            (st, room) = make_room(st, shared, fh, (blk, sequential), &mut deferred);
             let recycled = match room {
                 Ok(Room::Ready(recycled)) => recycled,
                 Ok(Room::Retry) => {
@@ -292,37 +292,49 @@ enum Room {
     Retry,
 }
 
-/// Reserve room for one more page within the budget, reclaiming LRU pages
-/// (their unmapping left to `deferred`).
+/// Reserve room for one more page within the budget: take a spare of the
+/// handle if there is one, else reclaim (spares of other handles, then LRU
+/// pages, their unmapping left to `deferred`). A reclaim takes a batch of
+/// the handle's oldest pages, the extra ones kept as spares (see `spares`),
+/// except in a mapping advised sequential, where drop-behind already hands
+/// over the page just left.
 ///
 /// When every resident page is dirty or loading, pages other threads are
 /// loading will soon be clean and reclaimable: wait for them rather than
 /// fail (unless this thread is itself inside a `loadblk` or `storeblk`, see
-/// `State::may_wait_for_loads`). Otherwise, with no clean page left, the
-/// budget is exhausted.
+/// `State::may_wait_for_loads`); spares other threads are still unmapping
+/// are waited for in any case (their reclaimers wait for nothing). Otherwise,
+/// with no clean page left, the budget is exhausted.
 fn make_room<'a>(
     mut st: MutexGuard<'a, State>,
     shared: &'a Shared,
     fh: &FileHInner,
-    blk: u64,
+    (blk, sequential): (u64, bool),
     deferred: &mut Deferred,
 ) -> (MutexGuard<'a, State>, Result<Room, Failure>) {
-    let mut recycled = None;
+    let mut recycled = st.take_spare(fh.key, &shared.counters);
+    let mut reclaimed = false;
     while st.resident >= shared.budget_pages() {
+        if st.drop_spare(&shared.counters, Some(deferred)) {
+            continue;
+        }
         let want = if recycled.is_none() {
             Some(fh.key)
         } else {
             None
         };
         match st.reclaim_lru(shared.page_size(), &shared.counters, want, Some(deferred)) {
-            Some(Some(rp)) => recycled = Some(rp),
-            Some(None) => {}
+            Some(Some(rp)) => {
+                recycled = Some(rp);
+                reclaimed = true;
+            }
+            Some(None) => reclaimed = true,
             None => {
                 if let Some(rp) = recycled.take() {
                     // Still mapped where it was until `deferred` is finished.
                     deferred.drops.push((fh.ramh.clone(), rp));
                 }
-                if st.may_wait_for_loads() {
+                if st.spares_pending() || st.may_wait_for_loads() {
                     if !deferred.is_empty() {
                         return (st, Ok(Room::Retry));
                     }
@@ -337,6 +349,14 @@ fn make_room<'a>(
                     fh.name
                 ));
                 return (st, Err(failure));
+            }
+        }
+    }
+    if reclaimed && !sequential {
+        let ps = shared.page_size();
+        for _ in 1..crate::spares::batch_size(shared.budget_pages()) {
+            if !st.spare_from_lru(fh.key, ps, &shared.counters, deferred) {
+                break;
             }
         }
     }

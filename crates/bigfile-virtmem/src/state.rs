@@ -13,6 +13,7 @@ use bigfile_ram::{PageMap, Prot, RamHandle};
 use bitvec::vec::BitVec;
 use slab::Slab;
 
+use crate::spares::Spare;
 use crate::stats::{CountPair, Counter, Counters};
 use crate::sys;
 use crate::vma::Advice;
@@ -94,6 +95,8 @@ pub(crate) struct State {
     /// before every such wait so that a cycle (two loaders each touching the
     /// other's page) fails at once instead of hanging.
     pub(crate) waiting_for: HashMap<ThreadId, Awaited>,
+    /// RAM pages reclaimed ahead of need, counted in `resident` (see `spares`).
+    pub(crate) spares: Vec<Spare>,
 }
 
 /// What a waiting thread waits for (see `State::waiting_for`). Kept as the
@@ -218,23 +221,32 @@ impl State {
 
     /// Drop-behind for a mapping advised [`Advice::Sequential`]: a fault
     /// on block `blk` there makes the clean page of block `blk - 1` (if
-    /// resident and in the mapping) the first to be reclaimed.
-    pub(crate) fn drop_behind(&mut self, fk: usize, (vk, vma_start): (usize, usize), blk: u64) {
+    /// resident) the first to be reclaimed. Returns whether the mapping is
+    /// advised sequential.
+    pub(crate) fn drop_behind(
+        &mut self,
+        fk: usize,
+        (vk, vma_start): (usize, usize),
+        blk: u64,
+    ) -> bool {
         let fh = &self.filehs[fk];
         let Some(vma) = fh
             .vmas
             .get(vk)
             .filter(|v| v.start.as_ptr() as usize == vma_start)
         else {
-            return;
+            return false;
         };
-        if vma.advice != Advice::Sequential || blk <= vma.pgoffset {
-            return;
+        if vma.advice != Advice::Sequential {
+            return false;
         }
-        if let Some(&pk) = fh.pages.get(blk - 1) {
-            // Only clean pages are on the LRU list: a dirty one stays put.
-            self.lru_demote(pk);
+        if blk > vma.pgoffset {
+            if let Some(&pk) = fh.pages.get(blk - 1) {
+                // Only clean pages are on the LRU list: a dirty one stays put.
+                self.lru_demote(pk);
+            }
         }
+        true
     }
 
     pub(crate) fn lru_oldest(&self) -> Option<usize> {
@@ -368,11 +380,13 @@ impl State {
         }
     }
 
-    /// Reclaim the least recently used clean page, giving its memory back.
-    /// Returns false when there is none.
+    /// Give back the memory of one clean page: a spare first, else the
+    /// least recently used page. Returns false when there is none.
     pub(crate) fn reclaim_one(&mut self, page_size: usize, ram_counters: &Counters) -> bool {
-        self.reclaim_lru(page_size, ram_counters, None, None)
-            .is_some()
+        self.drop_spare(ram_counters, None)
+            || self
+                .reclaim_lru(page_size, ram_counters, None, None)
+                .is_some()
     }
 
     /// Map block `blk`'s RAM page into mapping `vk` of handle `fk` with `prot`.
@@ -474,32 +488,52 @@ pub(crate) struct Deferred {
     unmaps: Vec<(usize, usize, usize, NonNull<u8>)>,
     /// RAM pages to punch out once unmapped.
     pub(crate) drops: Vec<(Arc<RamHandle>, u64)>,
+    /// Spares (handle, RAM page) to mark ready once unmapped.
+    pub(crate) spares: Vec<(usize, u64)>,
 }
 
 impl Deferred {
     pub(crate) fn is_empty(&self) -> bool {
-        self.unmaps.is_empty() && self.drops.is_empty()
+        self.unmaps.is_empty() && self.drops.is_empty() && self.spares.is_empty()
     }
 
     /// Do the work. Must be called, without the lock held, on every path
     /// after a reclaim that was given this `Deferred`.
-    pub(crate) fn finish(self, shared: &Shared) {
+    pub(crate) fn finish(mut self, shared: &Shared) {
         let ps = shared.page_size();
-        for &(_, _, _, addr) in &self.unmaps {
-            // SAFETY: the slot lies inside a mapping's reservation; the
-            // mapping cannot be dropped (nor the slot mapped anew) while the
-            // slot is marked unmapping, and the page's data is dropped on
-            // purpose (it is clean: reclaim takes clean pages only).
-            unsafe { revoke_slot(addr, ps) };
+        // Adjacent slots of one mapping (a batch of a scan's oldest blocks)
+        // are unmapped by one call: one mmap_lock hold, one TLB shootdown.
+        self.unmaps
+            .sort_unstable_by_key(|&(fk, vk, idx, _)| (fk, vk, idx));
+        let mut i = 0;
+        while i < self.unmaps.len() {
+            let (fk, vk, first, addr) = self.unmaps[i];
+            let mut n = 1;
+            while self
+                .unmaps
+                .get(i + n)
+                .is_some_and(|&(f, v, idx, _)| (f, v) == (fk, vk) && idx == first + n)
+            {
+                n += 1;
+            }
+            // SAFETY: the slots lie inside one mapping's reservation; the
+            // mapping cannot be dropped (nor the slots mapped anew) while
+            // they are marked unmapping, and the pages' data is dropped on
+            // purpose (they are clean: reclaim takes clean pages only).
+            unsafe { revoke_slot(addr, n * ps) };
+            i += n;
         }
         for (ramh, rp) in &self.drops {
             // On failure the RAM keeps it for its next allocation.
             let _ = ramh.drop_page(*rp);
         }
-        if !self.unmaps.is_empty() {
+        if !self.unmaps.is_empty() || !self.spares.is_empty() {
             let mut st = shared.lock();
             for &(fk, vk, idx, _) in &self.unmaps {
                 st.filehs[fk].vmas[vk].unmapping.set(idx, false);
+            }
+            for &(fk, rp) in &self.spares {
+                st.spare_unmapped(fk, rp);
             }
             drop(st);
             shared.cond.notify_all();

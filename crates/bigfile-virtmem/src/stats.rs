@@ -15,7 +15,9 @@ pub struct Stats {
     pub stores: u64,
     /// Pages reclaimed (clean pages dropped to stay within the budget or on request).
     pub reclaims: u64,
-    /// Pages holding memory now (loading, clean or dirty).
+    /// Pages holding memory now: loading, clean or dirty, plus RAM pages
+    /// reclaimed ahead of need and kept for the next loads (see
+    /// [`Ram::set_budget`](crate::Ram::set_budget)).
     pub resident_pages: u64,
     /// Dirty pages now.
     pub dirty_pages: u64,

@@ -35,9 +35,9 @@ use crate::model::{InjectFile, Model, Rng, StoreCheck};
 use crate::Scenario;
 
 /// Blocks of the file the workload uses.
-const NBLK: u64 = 16;
+const NBLK: u64 = 40;
 /// The RAM budget, in pages: far fewer than the blocks, so loads reclaim.
-const BUDGET_PAGES: u64 = 5;
+const BUDGET_PAGES: u64 = 16;
 /// Steps of one workload.
 const STEPS: usize = 250;
 /// One workload per seed; each point is failed at every call of each.
