@@ -479,11 +479,21 @@ fn write(c: &mut Criterion, cfg: &Config) {
 fn threads(c: &mut Criterion, figures: &support::Figures) {
     let bs = 2 * MIB;
     let mut g = c.benchmark_group("threads");
-    for (kind, file) in [
-        ("fill", Arc::new(FillFile(bs)) as Arc<dyn BigFile>),
-        ("noop", Arc::new(NoopFile(bs))),
+    for (kind, file, advice) in [
+        (
+            "fill",
+            Arc::new(FillFile(bs)) as Arc<dyn BigFile>,
+            Advice::Normal,
+        ),
+        ("noop", Arc::new(NoopFile(bs)), Advice::Normal),
+        (
+            "fill_sequential",
+            Arc::new(FillFile(bs)),
+            Advice::Sequential,
+        ),
     ] {
         let cycle = Cycle::new(file, &support::ram_spec("2M"), 32, 512);
+        cycle.vma.advise(advice);
         for n in [1u64, 2] {
             g.bench_function(BenchmarkId::new(kind, n), |b| {
                 b.iter_custom(|iters| cycle.touch_parallel(n, iters.max(n)))

@@ -253,7 +253,7 @@ impl FileH {
             // invalidation slips in between and `blocks` stays exact.
             st = shared.lock();
             st.filehs[fh.key].writeout = None;
-            shared.cond.notify_all();
+            shared.notify(&st);
             match stored {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e),

@@ -120,7 +120,7 @@ impl Ram {
     /// `Error::BudgetExhausted`).
     ///
     /// With a budget of 16 pages or more, reclaim takes the faulting
-    /// handle's oldest clean pages in batches of an eighth of the budget (at
+    /// handle's oldest clean pages in batches of a quarter of the budget (at
     /// most 8): the extra pages' memory is kept, still within the budget,
     /// for the handle's next loads, and their mappings are removed together
     /// (one `mmap_lock` hold and TLB shootdown for a run of faults instead of

@@ -150,7 +150,7 @@ pub(crate) fn serve(
                         st.lru_push_back(pk);
                     }
                     let _ = ticket.outcome.set(Ok(()));
-                    shared.cond.notify_all();
+                    shared.notify(&st);
                     // Loaded: the next round maps it. Invalidated: the next
                     // round loads afresh.
                     continue;
@@ -162,7 +162,7 @@ pub(crate) fn serve(
                     }
                     st.forget_page(pk, ps, &shared.counters);
                     let _ = ticket.outcome.set(Err(failure.message().into()));
-                    shared.cond.notify_all();
+                    shared.notify(&st);
                     return Err(failure);
                 }
                 Err(panic) => {
@@ -170,7 +170,7 @@ pub(crate) fn serve(
                     st.forget_page(pk, ps, &shared.counters);
                     let msg = format!("loadblk of block {blk} of {} panicked", fh.name);
                     let _ = ticket.outcome.set(Err(msg.as_str().into()));
-                    shared.cond.notify_all();
+                    shared.notify(&st);
                     drop(st);
                     // The fault handler reports the panic with the faulting
                     // address only: say which block of which file it was.

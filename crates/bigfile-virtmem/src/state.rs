@@ -97,6 +97,8 @@ pub(crate) struct State {
     pub(crate) waiting_for: HashMap<ThreadId, Awaited>,
     /// RAM pages reclaimed ahead of need, counted in `resident` (see `spares`).
     pub(crate) spares: Vec<Spare>,
+    /// Threads in [`Shared::wait`]: notifications are skipped when none.
+    waiters: u32,
 }
 
 /// What a waiting thread waits for (see `State::waiting_for`). Kept as the
@@ -129,8 +131,21 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        self.cond.wait(guard).unwrap_or_else(|p| p.into_inner())
+    /// Wait on the condition variable, counted in `State::waiters`.
+    pub(crate) fn wait<'a>(&self, mut guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        guard.waiters += 1;
+        let mut guard = self.cond.wait(guard).unwrap_or_else(|p| p.into_inner());
+        guard.waiters -= 1;
+        guard
+    }
+
+    /// Wake every waiter, if any; `st` is the state just changed, still
+    /// locked. (The standard condition variable makes a system call for
+    /// every notification, waiters or not: two per fault otherwise.)
+    pub(crate) fn notify(&self, st: &State) {
+        if st.waiters > 0 {
+            self.cond.notify_all();
+        }
     }
 
     pub(crate) fn page_size(&self) -> usize {
@@ -535,8 +550,7 @@ impl Deferred {
             for &(fk, rp) in &self.spares {
                 st.spare_unmapped(fk, rp);
             }
-            drop(st);
-            shared.cond.notify_all();
+            shared.notify(&st);
         }
     }
 }
