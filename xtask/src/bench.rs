@@ -329,6 +329,22 @@ const ROWS: &[Row] = {
             AtLeast(None),
         ),
         row(
+            "6",
+            "2 threads, full-block faults, `Advice::Sequential` (per fault)",
+            Time("threads/fill_sequential/2"),
+            "1 thread",
+            Time("threads/fill_sequential/1"),
+            AtLeast(None),
+        ),
+        row(
+            "6",
+            "1 thread, full-block fault, `Advice::Sequential`",
+            Time("threads/fill_sequential/1"),
+            "default advice (LRU)",
+            Time("threads/fill/1"),
+            AtMost(None),
+        ),
+        row(
             "7",
             "Python no-op loadblk fault, 2 MiB",
             PyTime("fault_noop"),
