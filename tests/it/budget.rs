@@ -190,3 +190,27 @@ fn batched_reclaim_keeps_spares_within_the_budget() {
     assert_eq!(ram.stats().stats.resident_pages, 0);
     assert_eq!(ram.pages().stats().pages_allocated, 0);
 }
+
+/// `prefault` in a mapping advised sequential leaves every page of its range
+/// mapped when the range fits the budget: drop-behind applies to the block
+/// before the range, not to blocks of the range (they are about to be used,
+/// e.g. by a system call that cannot fault them back in).
+#[test]
+fn prefault_in_a_sequential_mapping_keeps_its_whole_range() {
+    use bigfile::virtmem::{Access, Advice};
+    let file = MemFile::new(BLK);
+    let ram = ram(4);
+    let fh = open(&file, &ram);
+    let vma = fh.mmap(0, 8).unwrap();
+    vma.advise(Advice::Sequential);
+    for blk in 0..4 {
+        read_block(&vma, blk as usize, blk);
+    }
+    vma.prefault(4 * BLK..7 * BLK, Access::Read).unwrap();
+    let mapped = vma.mapped_pages();
+    for blk in 4..7 {
+        assert!(mapped.contains(&blk), "block {blk} not mapped: {mapped:?}");
+    }
+    // The block before the range was dropped first.
+    assert_eq!(fh.page_state(3), None);
+}

@@ -132,3 +132,37 @@ fn prefault_reports_load_errors_as_values() {
     assert_eq!(fh.page_state(0), None);
     assert_eq!(ram.stats().stats.resident_pages, 0);
 }
+
+/// A `loadblk` that panics under `prefault` (outside a page fault, where a
+/// panic aborts) unwinds to the caller and leaves nothing behind: no page,
+/// no RAM held (whether the load had a recycled or a fresh RAM page), and
+/// the block loads normally afterwards.
+#[test]
+fn panic_in_loadblk_under_prefault_unwinds_and_leaks_nothing() {
+    use bigfile::virtmem::Access;
+    let file = MemFile::new(BLK);
+    let ram = ram(2);
+    let fh = open(&file, &ram);
+    let vma = fh.mmap(0, 4).unwrap();
+    vma.prefault(0..2 * BLK, Access::Read).unwrap();
+    file.on_load(|_| panic!("loader exploded"));
+    // Block 2: the budget is full, block 0's RAM page is recycled for it.
+    // Block 3: block 2's failure left room, a fresh RAM page is allocated.
+    for (blk, resident) in [(2usize, 1u64), (3, 1)] {
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            vma.prefault(blk * BLK..(blk + 1) * BLK, Access::Read)
+        }));
+        assert!(res.is_err(), "the panic reaches the caller");
+        assert_eq!(fh.page_state(blk as u64), None);
+        assert_eq!(ram.stats().stats.resident_pages, resident);
+        assert_eq!(
+            ram.pages().stats().pages_allocated,
+            resident,
+            "block {blk}: no RAM page leaked"
+        );
+    }
+    *file.load_hook.lock().unwrap() = None;
+    let mut b = [0u8];
+    vma.read_at(3 * BLK, &mut b).unwrap();
+    assert_eq!(b[0], MemFile::initial(3));
+}

@@ -387,3 +387,88 @@ fn a_full_budget_of_loading_pages_waits_for_them() {
     // the other thread before its loader maps it, and be loaded again.
     assert!(fh.stats().loads >= 2 && fh.stats().reclaims >= 1);
 }
+
+/// Gates a `loadblk` can be held at: `enter(blk)` records the block and
+/// waits until `open(blk)`.
+#[derive(Default)]
+struct Gates {
+    state: Mutex<(Vec<u64>, Vec<u64>)>, // (entered, opened)
+    cond: std::sync::Condvar,
+}
+
+impl Gates {
+    fn enter(&self, blk: u64) {
+        let mut st = self.state.lock().unwrap();
+        st.0.push(blk);
+        self.cond.notify_all();
+        while !st.1.contains(&blk) {
+            st = self.cond.wait(st).unwrap();
+        }
+    }
+
+    fn open(&self, blk: u64) {
+        self.state.lock().unwrap().1.push(blk);
+        self.cond.notify_all();
+    }
+
+    fn wait_entered(&self, blk: u64, times: usize) {
+        let mut st = self.state.lock().unwrap();
+        while st.0.iter().filter(|&&b| b == blk).count() < times {
+            st = self.cond.wait(st).unwrap();
+        }
+    }
+}
+
+/// Two threads wait for room (the budget full of loading pages) to load
+/// the same block. The first to get room loads it; the second, getting room
+/// later, must see the block taken and wait for that load, not load it a
+/// second time over the first (which left a page counted but lost).
+#[test]
+fn two_threads_waiting_for_room_for_one_block_load_it_once() {
+    let file = MemFile::new(BLK);
+    let ram = ram(2);
+    let fh = open(&file, &ram);
+    let vma = fh.mmap(0, 10).unwrap();
+    let gates = Arc::new(Gates::default());
+    {
+        let gates = gates.clone();
+        file.on_load(move |blk| {
+            gates.enter(blk);
+            Ok(())
+        });
+    }
+    let p = vma.as_ptr() as usize;
+    let read = move |blk: u64| thread::spawn(move || peek((p + blk as usize * BLK) as *const u8));
+    // Blocks 0 and 9 fill the budget, loading until their gates open.
+    let l0 = read(0);
+    let l9 = read(9);
+    gates.wait_entered(0, 1);
+    gates.wait_entered(9, 1);
+    // Two readers of block 1 find no room and wait for those loads.
+    let a = read(1);
+    let b = read(1);
+    while fh.stats().faults < 4 {
+        thread::yield_now();
+    }
+    thread::sleep(Duration::from_millis(100));
+    // Block 0 loaded: one reader reclaims it and starts loading block 1.
+    gates.open(0);
+    gates.wait_entered(1, 1);
+    // Block 9 loaded: the other reader gets room too, finds block 1 taken.
+    gates.open(9);
+    assert_eq!(l9.join().unwrap(), MemFile::initial(9));
+    thread::sleep(Duration::from_millis(100));
+    gates.open(1);
+    assert_eq!(a.join().unwrap(), MemFile::initial(1));
+    assert_eq!(b.join().unwrap(), MemFile::initial(1));
+    l0.join().unwrap();
+    let loads_of_1 = file
+        .take_calls()
+        .iter()
+        .filter(|c| **c == Call::Load(1))
+        .count();
+    assert_eq!(loads_of_1, 1, "block 1 loaded once");
+    let resident_blocks = (0..10).filter(|&b| fh.page_state(b).is_some()).count() as u64;
+    assert_eq!(ram.stats().stats.resident_pages, resident_blocks);
+    assert_eq!(ram.pages().stats().pages_allocated, resident_blocks);
+}

@@ -131,12 +131,16 @@ impl Ram {
         self.shared.budget_pages.store(pages, Relaxed);
     }
 
-    /// Drop every clean page (the LRU list); returns how many were freed.
+    /// Drop every clean page (the LRU list, and RAM pages reclaimed ahead of
+    /// need, see [`Ram::set_budget`]); returns how many were freed. (Pages
+    /// another thread is reclaiming at this moment are freed by it or reused
+    /// by the next load.)
     pub fn reclaim(&self) -> usize {
         self.reclaim_up_to(usize::MAX)
     }
 
-    /// Drop up to `n` clean pages, least recently used first.
+    /// Drop up to `n` clean pages: those reclaimed ahead of need first, then
+    /// least recently used first.
     pub fn reclaim_up_to(&self, n: usize) -> usize {
         let _host = HostUnlocked::new();
         let mut st = self.shared.lock();

@@ -86,11 +86,16 @@ impl Failure {
 }
 
 /// Serve block `blk` of mapping `vma` (its key and start address) of `fh` for `access`.
+///
+/// `drop_behind`: in a mapping advised sequential, demote the block before
+/// (a fault; prefault only for the first block of its range, so it does not
+/// reclaim the pages it has just served).
 pub(crate) fn serve(
     fh: &FileHInner,
     vma: (usize, usize),
     blk: u64,
     access: Access,
+    drop_behind: bool,
 ) -> Result<(), Failure> {
     let shared = &*fh.shared;
     let ps = shared.page_size();
@@ -101,7 +106,7 @@ pub(crate) fn serve(
     };
     counts.add(Counter::Faults, 1);
     let mut st = shared.lock();
-    let sequential = st.drop_behind(fh.key, vma, blk);
+    let sequential = st.drop_behind(fh.key, vma, blk, drop_behind);
     loop {
         let Some(pk) = st.filehs[fh.key].pages.get(blk).copied() else {
             // EMPTY: this thread loads it.
@@ -122,6 +127,17 @@ pub(crate) fn serve(
                     return Err(failure);
                 }
             };
+            if st.filehs[fh.key].pages.get(blk).is_some() {
+                // make_room waited, and meanwhile another thread took the
+                // block on: give the room back and serve what it made.
+                if let Some(rp) = recycled {
+                    deferred.drops.push((fh.ramh.clone(), rp));
+                }
+                drop(st);
+                deferred.finish(shared);
+                st = shared.lock();
+                continue;
+            }
             let ticket = Arc::new(LoadTicket {
                 loader: me,
                 outcome: Default::default(),
@@ -133,12 +149,12 @@ pub(crate) fn serve(
             // it) before the load writes into it.
             deferred.finish(shared);
 
-            let loaded = catch_unwind(AssertUnwindSafe(|| load(fh, blk, recycled)));
+            let loaded = load(fh, blk, recycled);
 
             st = shared.lock();
             let invalidated = st.pages[pk].state == PageState::LoadingInvalidated;
             match loaded {
-                Ok(Ok(ram_page)) => {
+                Ok(ram_page) => {
                     st.pages[pk].ram_page = Some(ram_page);
                     counts.add(Counter::Resident, 1);
                     counts.add(Counter::Loads, 1);
@@ -155,17 +171,21 @@ pub(crate) fn serve(
                     // round loads afresh.
                     continue;
                 }
-                Ok(Err((ram_page, failure))) => {
+                Err((ram_page, failure)) => {
+                    // Its memory is given back with the page.
                     st.pages[pk].ram_page = ram_page;
                     if ram_page.is_some() {
                         counts.add(Counter::Resident, 1);
                     }
-                    st.forget_page(pk, ps, &shared.counters);
-                    let _ = ticket.outcome.set(Err(failure.message().into()));
-                    shared.notify(&st);
-                    return Err(failure);
-                }
-                Err(panic) => {
+                    let panic = match failure {
+                        LoadFailure::Failed(failure) => {
+                            st.forget_page(pk, ps, &shared.counters);
+                            let _ = ticket.outcome.set(Err(failure.message().into()));
+                            shared.notify(&st);
+                            return Err(failure);
+                        }
+                        LoadFailure::Panicked(panic) => panic,
+                    };
                     // Leave no LOADING page behind for waiters to hang on.
                     st.forget_page(pk, ps, &shared.counters);
                     let msg = format!("loadblk of block {blk} of {} panicked", fh.name);
@@ -315,6 +335,13 @@ fn make_room<'a>(
     let mut recycled = st.take_spare(fh.key, &shared.counters);
     let mut reclaimed = false;
     while st.resident >= shared.budget_pages() {
+        if recycled.is_none() {
+            // After a wait, spares of the handle may have become ready.
+            recycled = st.take_spare(fh.key, &shared.counters);
+            if recycled.is_some() {
+                continue;
+            }
+        }
         if st.drop_spare(&shared.counters, Some(deferred)) {
             continue;
         }
@@ -389,43 +416,65 @@ fn alloc(fh: &FileHInner, blk: u64) -> Result<u64, Failure> {
     }
 }
 
+/// Why [`load`] failed.
+enum LoadFailure {
+    Failed(Failure),
+    /// `loadblk` panicked: the caller cleans up, then resumes the unwinding.
+    Panicked(Box<dyn std::any::Any + Send>),
+}
+
 /// Allocate a RAM page (or take the recycled one) and fill it with
 /// `loadblk`, retrying per the handle's policy. Runs without the RAM lock.
-/// On failure returns the RAM page (if one was allocated) so the caller
-/// frees it.
-fn load(fh: &FileHInner, blk: u64, recycled: Option<u64>) -> Result<u64, (Option<u64>, Failure)> {
+/// On failure (a panic of `loadblk` included) returns the RAM page, if one
+/// was had, so the caller frees it.
+fn load(
+    fh: &FileHInner,
+    blk: u64,
+    recycled: Option<u64>,
+) -> Result<u64, (Option<u64>, LoadFailure)> {
+    let ram_page = match recycled {
+        Some(rp) => rp,
+        // Caught too (a bug, no user code runs there): a page left LOADING
+        // would hang its waiters.
+        None => match catch_unwind(AssertUnwindSafe(|| alloc(fh, blk))) {
+            Ok(Ok(rp)) => rp,
+            Ok(Err(f)) => return Err((None, LoadFailure::Failed(f))),
+            Err(panic) => return Err((None, LoadFailure::Panicked(panic))),
+        },
+    };
+    match catch_unwind(AssertUnwindSafe(|| {
+        fill(fh, blk, ram_page, recycled.is_some())
+    })) {
+        Ok(Ok(())) => Ok(ram_page),
+        Ok(Err(f)) => Err((Some(ram_page), LoadFailure::Failed(f))),
+        Err(panic) => Err((Some(ram_page), LoadFailure::Panicked(panic))),
+    }
+}
+
+/// Fill `ram_page` with block `blk` through the handle's window.
+fn fill(fh: &FileHInner, blk: u64, ram_page: u64, recycled: bool) -> Result<(), Failure> {
     let shared = &*fh.shared;
     let ps = shared.page_size();
     let counts = CountPair {
         fileh: &fh.counters,
         ram: &shared.counters,
     };
-    let ram_page = match recycled {
-        Some(rp) => rp,
-        None => alloc(fh, blk).map_err(|f| (None, f))?,
-    };
-    let window = match fh.ramh.window(ram_page) {
-        Ok(w) => w,
-        Err(e) => {
-            return Err((
-                Some(ram_page),
-                Failure::Os(format!(
-                    "window onto RAM page for block {blk} of {}: {e}",
-                    fh.name
-                )),
-            ))
-        }
-    };
+    let window = fh.ramh.window(ram_page).map_err(|e| {
+        Failure::Os(format!(
+            "window onto RAM page for block {blk} of {}: {e}",
+            fh.name
+        ))
+    })?;
     // The window keeps its page-table entries between loads (nothing drops
     // them but punching the RAM page out), so a recycled RAM page is written
     // at full speed with no fault. A fresh one is populated in one call
     // instead of one write fault per OS page.
-    if recycled.is_none() {
+    if !recycled {
         // SAFETY: the window maps the RAM file shared and read-write; the
         // page is ours alone while LOADING.
         unsafe { crate::sys::populate(window, ps, true) };
     }
-    // SAFETY: `ram_page` was just allocated to this page alone; it is mapped in
+    // SAFETY: `ram_page` was just allocated (or recycled) to this page alone; it is mapped in
     // no mapping yet (the page is LOADING), so this is the only reference to
     // its memory until the load finishes; the window stays valid while the
     // handle's RamHandle (held by `fh`) lives.
@@ -439,17 +488,14 @@ fn load(fh: &FileHInner, blk: u64, recycled: Option<u64>) -> Result<u64, (Option
             fh.file.loadblk(blk, buf)
         };
         match res {
-            Ok(()) => return Ok(ram_page),
+            Ok(()) => return Ok(()),
             Err(e) => {
                 counts.add(Counter::LoadErrors, 1);
                 if attempt >= policy.attempts {
-                    return Err((
-                        Some(ram_page),
-                        Failure::Load(format!(
-                            "loadblk of block {blk} of {} failed after {attempt} attempt(s): {e}",
-                            fh.name
-                        )),
-                    ));
+                    return Err(Failure::Load(format!(
+                        "loadblk of block {blk} of {} failed after {attempt} attempt(s): {e}",
+                        fh.name
+                    )));
                 }
                 thread::sleep(policy.backoff * attempt);
             }

@@ -234,15 +234,16 @@ impl State {
         }
     }
 
-    /// Drop-behind for a mapping advised [`Advice::Sequential`]: a fault
-    /// on block `blk` there makes the clean page of block `blk - 1` (if
-    /// resident) the first to be reclaimed. Returns whether the mapping is
-    /// advised sequential.
+    /// Drop-behind for a mapping advised [`Advice::Sequential`]: with
+    /// `demote`, a fault on block `blk` there makes the clean page of block
+    /// `blk - 1` (if resident) the first to be reclaimed. Returns whether the
+    /// mapping is advised sequential.
     pub(crate) fn drop_behind(
         &mut self,
         fk: usize,
         (vk, vma_start): (usize, usize),
         blk: u64,
+        demote: bool,
     ) -> bool {
         let fh = &self.filehs[fk];
         let Some(vma) = fh
@@ -255,7 +256,7 @@ impl State {
         if vma.advice != Advice::Sequential {
             return false;
         }
-        if blk > vma.pgoffset {
+        if demote && blk > vma.pgoffset {
             if let Some(&pk) = fh.pages.get(blk - 1) {
                 // Only clean pages are on the LRU list: a dirty one stays put.
                 self.lru_demote(pk);

@@ -30,7 +30,8 @@ pub enum Advice {
     /// still in the CPU caches, instead of the least recently used one, and
     /// leaves the rest of the budget's pages (other data) cached. The page is
     /// only reclaimed when room is needed, so data read within the budget
-    /// stays resident as with `Normal`.
+    /// stays resident as with `Normal`. [`Vma::prefault`] applies it to the
+    /// block before its range only, never to pages of the range.
     Sequential,
 }
 
@@ -91,7 +92,7 @@ impl FaultHandler for VmaFaults {
             };
         }
         let _host = HostUnlocked::new();
-        match serve(&self.fileh, (self.key, self.start), blk, fault.access) {
+        match serve(&self.fileh, (self.key, self.start), blk, fault.access, true) {
             Ok(()) => Outcome::Handled,
             Err(f @ Failure::SelfWait(_)) => Outcome::Fatal {
                 signal: FaultSignal::Segv,
@@ -309,13 +310,16 @@ impl Vma {
         }
         let ps = self.fileh.page_size();
         let _host = HostUnlocked::new();
-        for idx in range.start / ps..=(range.end - 1) / ps {
+        let first = range.start / ps;
+        for idx in first..=(range.end - 1) / ps {
             let blk = self.pgoffset + idx as u64;
             serve(
                 &self.fileh,
                 (self.key, self.start.as_ptr() as usize),
                 blk,
                 access,
+                // Drop-behind would reclaim the pages just prefaulted.
+                idx == first,
             )
             .map_err(|f| match f {
                 Failure::NoMemory(_) => {
