@@ -11,6 +11,8 @@ them into its table. Progress goes to stderr.
 - adler32_{bigfile,mmap,readinto}: zlib.adler32 of a file read through a
   file-backed BigFile (os.preadv in loadblk, 64 MiB budget), through Python's
   mmap, and with readinto a reused buffer. Seconds per whole-file pass.
+- adler32_bigfile_sequential: the first with the mapping advised
+  sequential (drop-behind: the page just left is recycled).
 - adler32_file_{native,pyio}: the same through `bigfile.file_file`'s
   BigFile_File (blocks read in Rust, no Python call per block) and
   BigFile_File_PyIO (os.preadv in a Python loadblk).
@@ -116,10 +118,11 @@ def data_file(data_dir, size):
     return path
 
 
-def adler_bigfile(path, size):
+def adler_bigfile(path, size, advice="normal"):
     f = OSFile(BLK, path)
     with f.fileh_open(ram="memfd", budget=64 * MIB) as fh:
         with fh.mmap(0, size // BLK) as vma:
+            vma.advise(advice)
             m = memoryview(vma)
             a = 1
             for off in range(0, size, BLK):
@@ -227,6 +230,10 @@ def main():
     for name, fn in [("bigfile", adler_bigfile), ("mmap", adler_mmap), ("readinto", adler_readinto)]:
         log(f"python bench: adler32 via {name}")
         out[f"adler32_{name}"], sums[name] = timed(fn, path, size, passes=passes)
+    log("python bench: adler32 via bigfile, advise('sequential')")
+    out["adler32_bigfile_sequential"], sums["sequential"] = timed(
+        adler_bigfile, path, size, "sequential", passes=passes
+    )
     if len(set(sums.values())) != 1:
         raise SystemExit(f"adler32 differs between methods: {sums}")
     out["adler32_bytes"] = size

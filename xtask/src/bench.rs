@@ -378,6 +378,14 @@ const ROWS: &[Row] = {
         ),
         row(
             "7",
+            "Python adler32, file-backed BigFile, `advise(\"sequential\")`",
+            PyRate("adler32_bigfile_sequential"),
+            "Python mmap",
+            PyRate("adler32_mmap"),
+            AtLeast(None),
+        ),
+        row(
+            "7",
             "Python adler32, BigFile_File (native I/O)",
             PyRate("adler32_file_native"),
             "Python mmap",
