@@ -25,6 +25,7 @@ pub(crate) fn to_py(_py: Python<'_>, e: Error) -> PyErr {
         | Error::OutOfBounds { .. }
         | Error::InvalidFlags(_) => PyValueError::new_err(e.to_string()),
         Error::BudgetExhausted { .. } => PyMemoryError::new_err(e.to_string()),
+        Error::Ram(ref r) if r.is_exhausted() => PyMemoryError::new_err(e.to_string()),
         Error::Os { ref source, .. } => os_error(source.raw_os_error(), e.to_string()),
         Error::Ram(ref r) => {
             use std::error::Error as _;

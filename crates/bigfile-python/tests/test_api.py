@@ -1,6 +1,8 @@
 """The wendelin.bigfile-compatible API and what goes beyond it."""
 
 import gc
+import os
+import subprocess
 import weakref
 
 import numpy as np
@@ -296,6 +298,34 @@ def test_ram_budget_exhausted_by_dirty_pages_prefault(f):
     vma.prefault(0, PS, write=True)
     with pytest.raises(MemoryError, match="budget"):
         vma.prefault(PS, 2 * PS)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A tmpfs of 4 OS pages (needs root to mount; CI runs as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = tmp_path / "tiny"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%d" % (4 * PS), "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=True)
+
+
+def test_ram_memory_exhausted_prefault(f, tiny_tmpfs):
+    # The budget is far from full: the RAM's filesystem is, with dirty pages
+    # that cannot be reclaimed.
+    fh = f.fileh_open(ram="shmfs:%s,pagesize=%d" % (tiny_tmpfs, PS), budget=1 << 30)
+    vma = fh.mmap(0, 8)
+    vma.prefault(0, 4 * PS, write=True)
+    with pytest.raises(MemoryError, match="RAM (exhausted|handle full)") as e:
+        vma.prefault(4 * PS, 5 * PS)
+    assert "budget" not in str(e.value)
+    fh.dirty_discard()
+    vma.prefault(4 * PS, 5 * PS)
+    assert memoryview(vma)[4 * PS] == 4
 
 
 def test_2mib_blocks():

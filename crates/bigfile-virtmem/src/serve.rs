@@ -71,8 +71,14 @@ pub(crate) enum Failure {
     SelfWait(String),
     /// `loadblk` kept failing (or the loader of the page we waited for failed).
     Load(String),
-    /// No RAM could be had within the budget or from the OS.
+    /// The budget is full of pages that cannot be reclaimed.
     NoMemory(String),
+    /// The RAM itself (its filesystem, the OS) has no memory for another
+    /// page, and no clean page is left to reclaim.
+    RamExhausted {
+        message: String,
+        source: bigfile_ram::RamError,
+    },
     /// An OS call needed to map the page failed.
     Os(String),
 }
@@ -81,6 +87,7 @@ impl Failure {
     pub(crate) fn message(&self) -> &str {
         match self {
             Failure::SelfWait(m) | Failure::Load(m) | Failure::NoMemory(m) | Failure::Os(m) => m,
+            Failure::RamExhausted { message, .. } => message,
         }
     }
 }
@@ -400,10 +407,13 @@ fn alloc(fh: &FileHInner, blk: u64) -> Result<u64, Failure> {
             Err(e) if e.is_exhausted() => {
                 let mut st = shared.lock();
                 if !st.reclaim_one(shared.page_size(), &shared.counters) {
-                    return Err(Failure::NoMemory(format!(
-                        "no RAM for block {blk} of {} and no clean page to reclaim: {e}",
-                        fh.name
-                    )));
+                    return Err(Failure::RamExhausted {
+                        message: format!(
+                            "no RAM for block {blk} of {} and no clean page to reclaim: {e}",
+                            fh.name
+                        ),
+                        source: e,
+                    });
                 }
             }
             Err(e) => {

@@ -293,9 +293,11 @@ impl Vma {
     /// Needed before handing the memory to the kernel: a syscall such as
     /// `read(2)` into a page that is not yet mapped fails with EFAULT instead
     /// of faulting the page in, because the kernel does not deliver SIGSEGV
-    /// for its own accesses. Errors (a failing loadblk, exhausted budget, an
-    /// OS call failing to provide or map the page: [`Error::Os`]) are
-    /// returned instead of ending in SIGBUS.
+    /// for its own accesses. Errors (a failing loadblk: [`Error::Load`]; a
+    /// budget full of dirty pages: [`Error::BudgetExhausted`]; the RAM's
+    /// memory itself exhausted with no clean page left: [`Error::Ram`], whose
+    /// `is_exhausted()` is true; an OS call failing to provide or map the
+    /// page: [`Error::Os`]) are returned instead of ending in SIGBUS.
     pub fn prefault(&self, range: Range<usize>, access: Access) -> Result<()> {
         if range.start > range.end {
             return Err(Error::OutOfBounds {
@@ -327,6 +329,9 @@ impl Vma {
                     let pinned = self.fileh.shared.lock().resident;
                     Error::BudgetExhausted { budget, pinned }
                 }
+                // The RAM's own memory (its filesystem, the OS) ran out:
+                // not the budget, whatever it is.
+                Failure::RamExhausted { source, .. } => Error::Ram(source),
                 // Allocating, windowing or mapping the page failed: the
                 // OS's failure, not loadblk's.
                 Failure::Os(message) => Error::Os {

@@ -63,12 +63,12 @@ struct Point {
 
 const POINTS: &[Point] = &[
     // Out of memory at allocation: clean pages are reclaimed and the
-    // allocation retried; with none left, prefault says the budget is
-    // exhausted.
+    // allocation retried; with none left, prefault says the RAM is
+    // exhausted (not the budget).
     Point {
         name: "ram::alloc_page",
         errno: Some((libc::ENOSPC, "ENOSPC")),
-        expect: Expect::Only(&["BudgetExhausted"]),
+        expect: Expect::Only(&["RamExhausted"]),
     },
     Point {
         name: "ram::alloc_page",
@@ -153,6 +153,7 @@ fn kind(e: &Error) -> &'static str {
         Error::Load { .. } => "Load",
         Error::BudgetExhausted { .. } => "BudgetExhausted",
         Error::Os { .. } => "Os",
+        Error::Ram(r) if r.is_exhausted() => "RamExhausted",
         Error::Ram(_) => "Ram",
         Error::Fault(_) => "Fault",
         _ => "other",

@@ -201,9 +201,10 @@ fn exhaust(ram: &Ram, ps: usize, used: &mut Vec<std::ops::Range<usize>>) -> Resu
             Err(e) => break e,
         }
     };
-    if !matches!(exhausted, Error::BudgetExhausted { .. }) {
+    // The budget has room: it is the RAM's filesystem that is full.
+    if !matches!(&exhausted, Error::Ram(r) if r.is_exhausted()) {
         return Err(format!(
-            "with every page dirty a load failed with {exhausted}, expected BudgetExhausted"
+            "with every page dirty a load failed with {exhausted}, expected the RAM exhausted"
         ));
     }
     if 10 + dirtied != FS_PAGES {
@@ -261,7 +262,7 @@ fn exhaust(ram: &Ram, ps: usize, used: &mut Vec<std::ops::Range<usize>>) -> Resu
         return Err(format!("everything closed but the RAM still counts {st:?}"));
     }
     Ok(format!(
-        "{FS_PAGES}-page tmpfs: {} reclaims with the tmpfs full, BudgetExhausted with {FS_PAGES} dirty, recovered after writeout ({b_dirty} of B's pages dirty)",
+        "{FS_PAGES}-page tmpfs: {} reclaims with the tmpfs full, RAM exhausted with {FS_PAGES} dirty, recovered after writeout ({b_dirty} of B's pages dirty)",
         ram.stats().stats.reclaims
     ))
 }
