@@ -221,6 +221,7 @@ impl Ram {
             window_init: Mutex::new(()),
             thp: crate::thp::collapse_size(&self.inner.spec).map(Collapser::new),
             stray: Mutex::new(Vec::new()),
+            huge: Mutex::new(Bitmap::default()),
         })
     }
 }
@@ -429,6 +430,8 @@ pub struct RamHandle {
     /// Pages given up by `drop_page` whose memory could not be returned (the hole punch
     /// failed): still allocated and counted, handed out first by `alloc_page`.
     stray: Mutex<Vec<u64>>,
+    /// Pages made of transparent huge pages (see [`RamHandle::is_huge`]).
+    huge: Mutex<Bitmap>,
 }
 
 impl fmt::Debug for RamHandle {
@@ -492,6 +495,19 @@ impl RamHandle {
         page < self.max_pages && self.used().get(page)
     }
 
+    /// Whether `page` is backed by huge pages (made transparent huge pages
+    /// when allocated, or any page of a hugetlbfs RAM), so that the first
+    /// access through a suitably aligned mapping maps it whole: populating
+    /// such a mapping ahead of use saves nothing.
+    pub fn is_huge(&self, page: u64) -> bool {
+        self.hugetlb
+            || self
+                .huge
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(page)
+    }
+
     /// Allocates a page: `hint` itself when free (a hint beyond the handle counts as its last
     /// page), else the nearest free index above it, else the nearest below. Under
     /// [`AllocPolicy::Reserve`] the memory is taken now; the kernel's ENOSPC/ENOMEM is
@@ -522,7 +538,12 @@ impl RamHandle {
                 self.used().set(page, false);
                 return Err(exhausted_or_io(e, page, self.page_size));
             }
-            if !self.reserve_huge(page) {
+            if self.reserve_huge(page) {
+                self.huge
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .set(page, true);
+            } else {
                 if let Err(e) =
                     sys::fallocate(self.fd(), 0, self.offset(page), self.page_size as u64)
                 {
@@ -686,6 +707,10 @@ impl RamHandle {
             ));
         }
         drop(stray);
+        self.huge
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set(page, false);
         let mut used = self.used();
         if used.get(page) {
             used.set(page, false);

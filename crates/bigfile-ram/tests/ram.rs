@@ -699,6 +699,7 @@ fn two_mib_pages_are_transparent_huge_pages_unless_off() {
             w.as_ptr().add(2 * MIB - 1).write_volatile(9);
         }
         let huge = shmem_pmd_mapped_kib(w);
+        assert_eq!(h.is_huge(page), want_huge, "{spec}: is_huge");
         if want_huge {
             assert_eq!(huge, 2048, "{spec}: the page is one PMD-mapped huge page");
         } else {
@@ -717,6 +718,7 @@ fn two_mib_pages_are_transparent_huge_pages_unless_off() {
         };
         assert_eq!((a, b), (7, 9), "{spec}: one memory");
         if want_huge {
+            // Mapped whole by that one access: no populate needed.
             assert_eq!(
                 shmem_pmd_mapped_kib(at),
                 2048,
@@ -730,6 +732,7 @@ fn two_mib_pages_are_transparent_huge_pages_unless_off() {
         }
         drop(fixed);
         h.drop_page(page).unwrap();
+        assert!(!h.is_huge(page), "{spec}: a dropped page is not huge");
         assert_eq!(allocated_bytes(h.fd()).unwrap(), 0, "{spec}: released");
     }
 }

@@ -291,11 +291,14 @@ pub(crate) fn serve(
                     .map_err(|e| Failure::Os(format!("mapping block {blk} of {}: {e}", fh.name)))?;
                 st.lru_touch(pk);
                 drop(st);
-                if let Some(addr) = fresh {
+                if let Some(addr) = fresh.filter(|_| !fh.ramh.is_huge(ram_page)) {
                     // Fill the page-table entries now, in one call, rather
                     // than one minor fault per OS page on the accesses to
-                    // come. Outside the lock: if the page is unmapped
-                    // meanwhile this populates nothing, which is harmless.
+                    // come (a huge page is mapped whole by the first access,
+                    // which, unlike this call, takes no mmap_lock: two
+                    // threads faulting contend less). Outside the lock: if
+                    // the page is unmapped meanwhile this populates nothing,
+                    // which is harmless.
                     // SAFETY: the range is still part of the mapping's
                     // reservation (dropping a Vma waits for its fault
                     // handlers, prefault borrows the Vma); whatever is mapped
