@@ -5,9 +5,11 @@
 //! `Advice::Sequential`, the clean page of the block before becomes the
 //! first to be reclaimed (drop-behind). The steps, under the RAM lock except
 //! where said:
-//! - EMPTY: make room within the budget (reclaiming least recently used
-//!   clean pages, whose unmapping is finished after the lock is dropped; with
-//!   none clean, waiting for other threads' loads), create the page LOADING
+//! - EMPTY: make room within the budget (taking a spare page of the handle,
+//!   or reclaiming least recently used clean pages, in batches, whose
+//!   unmapping is finished after the lock is dropped; with none clean,
+//!   waiting for other threads' loads); if the block was taken on by another
+//!   thread meanwhile, start over; else create the page LOADING
 //!   with a ticket naming this thread, drop the lock; run `loadblk`
 //!   into the handle's persistent window (the page is mapped nowhere, so
 //!   nobody sees it half-filled); retake the lock. If the page was
