@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use bigfile_virtmem::{Access, BigFile, BlockError, Error, FileH, Ram, Vma, WriteoutFlags};
 
-use crate::coredump::expect_success;
+use crate::coredump::{expect_success, last_line};
 use crate::python;
 use crate::Scenario;
 
@@ -101,15 +101,6 @@ pub fn scenarios() -> Vec<Scenario> {
         last_line(&out, "python races OK")
     }));
     out
-}
-
-/// The line of `out` starting with `prefix`, as the scenario's detail.
-fn last_line(out: &str, prefix: &str) -> Result<String, String> {
-    out.lines()
-        .rev()
-        .find(|l| l.starts_with(prefix))
-        .map(str::to_owned)
-        .ok_or_else(|| format!("no {prefix:?} line in the output:\n{out}"))
 }
 
 /// The body of child `races/NAME`: runs the race and exits, 0 on success.
