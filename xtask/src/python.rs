@@ -1,7 +1,9 @@
 //! The Python side of `cargo xtask test`: a venv per CPython found, with
-//! maturin, pytest, numpy and hypothesis (BigArray's property tests) from
-//! PyPI, the package built into it, pytest run.
+//! maturin, pytest, numpy and hypothesis (BigArray's property tests), ZODB,
+//! ZEO, RelStorage and Dask from PyPI, the package built into it, pytest
+//! run; a PostgreSQL server for the RelStorage tests found or installed.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -18,6 +20,11 @@ const VENV_DEPS: &[&str] = &[
     "BTrees",
     "persistent",
     "transaction",
+    "zodburi",
+    "RelStorage",
+    "psycopg2-binary",
+    "dask[array]",
+    "distributed",
 ];
 
 /// Every CPython 3.9-3.13 on the machine: the default `python3` first, then
@@ -76,7 +83,45 @@ pub(crate) fn test_all() -> Result {
     );
     for (version, exe) in &pys {
         let venv = venv(version, exe)?;
+        if version == &pys[0].0 {
+            ensure_postgres(&venv)?;
+        }
         test_in(&venv)?;
+    }
+    Ok(())
+}
+
+/// The RelStorage tests start a PostgreSQL server of their own
+/// (tests/servers.py finds its binaries); when there is none, install
+/// Debian's (as root, the tests run it as `nobody`).
+fn ensure_postgres(venv: &Path) -> Result {
+    let tests = root().join(PACKAGE).join("tests");
+    let found = || {
+        Command::new(venv.join("bin/python"))
+            .arg(tests.join("servers.py"))
+            .arg("postgres-bindir")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if found() {
+        return Ok(());
+    }
+    // /proc/self belongs to the process's effective user.
+    let root_user = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    if !root_user || Command::new("apt-get").arg("--version").output().is_err() {
+        return Err("no PostgreSQL server for the RelStorage tests: install one (Debian: apt-get install \
+                    postgresql), or name its binaries' directory in BIGFILE_TEST_PG_BINDIR"
+            .into());
+    }
+    eprintln!("xtask: no PostgreSQL server found; installing Debian's postgresql package");
+    run(Command::new("apt-get")
+        .args(["update", "-q"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends", "postgresql"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    if !found() {
+        return Err("installed postgresql, but tests/servers.py still finds no server binaries".into());
     }
     Ok(())
 }

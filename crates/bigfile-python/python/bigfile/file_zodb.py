@@ -394,6 +394,13 @@ class ZBigFile(Persistent):  # type: ignore[misc]
         _fill(buf, data)
 
     def _storeblk(self, blk: int, buf: memoryview) -> None:
+        jar = self._p_jar
+        if jar is not None and self._p_oid is not None:
+            # The blocks are written into the block table of this snapshot:
+            # if another transaction replaced the table meanwhile
+            # (bigfile.dask.to_zbigarray), this commit must fail, not write
+            # into a table nobody reads any more.
+            jar.readCurrent(self)
         data = bytes(buf).rstrip(b"\0")
         zblk = self.blktab.get(blk)
         fmt = ZBlk_fmt_registry[self.zblk_fmt or ZBlk_fmt_write]
