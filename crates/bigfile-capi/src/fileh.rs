@@ -1,17 +1,18 @@
 //! `bigfile_fileh`: a handle to a file with its own changes in memory.
 
 use std::ffi::{c_int, c_uint};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bigfile_virtmem::{BigFile, Error, FileH, LoadPolicy, WriteoutFlags};
+use bigfile_virtmem::{BigFile, FileH, LoadPolicy, WriteoutFlags};
 
+use crate::closing::Mappings;
 use crate::error::{guard, CError};
 use crate::file::FILES;
 use crate::handles::Registry;
 use crate::ram::RAMS;
 use crate::stats::bigfile_stats;
-use crate::vma::{bigfile_vma, VMAS};
+use crate::vma::{bigfile_vma, VmaObj, VMAS};
 
 /// A handle to a file: a view of it with its own changes (opaque).
 #[derive(Debug)]
@@ -29,16 +30,7 @@ pub(crate) static FILEHS: Registry<FileHObj> = Registry::new("bigfile_fileh");
 
 pub(crate) struct FileHObj {
     fileh: FileH,
-    /// Set by a successful close. Mapping and closing hold this lock, so no
-    /// mapping appears between close's check and the handle going away.
-    closed: Mutex<bool>,
-}
-
-impl FileHObj {
-    fn closed(&self) -> std::sync::MutexGuard<'_, bool> {
-        // A bool cannot be left half-changed by a panic.
-        self.closed.lock().unwrap_or_else(|p| p.into_inner())
-    }
+    mappings: Arc<Mappings>,
 }
 
 /// Open a handle of `file` whose pages live in `ram` (NULL: the process's
@@ -64,7 +56,7 @@ pub extern "C" fn bigfile_fileh_open(
         let fileh = FileH::open(file, ram.as_deref())?;
         FILEHS.insert(FileHObj {
             fileh,
-            closed: Mutex::new(false),
+            mappings: Arc::default(),
         })
     })
 }
@@ -86,12 +78,9 @@ pub extern "C" fn bigfile_fileh_mmap(
 ) -> *mut bigfile_vma {
     guard("bigfile_fileh_mmap", || {
         let fh = FILEHS.get(fileh)?;
-        let closed = fh.closed();
-        if *closed {
-            return Err(CError::invalid("the file handle is closed"));
-        }
+        let slot = fh.mappings.begin()?;
         let vma = fh.fileh.mmap(pgoffset, pglen)?;
-        VMAS.insert(vma)
+        VMAS.insert(VmaObj::new(vma, slot))
     })
 }
 
@@ -228,20 +217,9 @@ pub unsafe extern "C" fn bigfile_fileh_stats(
 #[no_mangle]
 pub extern "C" fn bigfile_fileh_close(fileh: *mut bigfile_fileh) -> c_int {
     guard("bigfile_fileh_close", || {
-        let fh = FILEHS.get(fileh)?;
-        {
-            let mut closed = fh.closed();
-            if *closed {
-                return Err(CError::invalid("the file handle is already closed"));
-            }
-            let live = fh.fileh.mapping_count();
-            if live != 0 {
-                return Err(Error::LiveMappings(live).into());
-            }
-            *closed = true;
-        }
+        FILEHS.get(fileh)?.mappings.close()?;
+        // Only the one close that marked it closed gets here.
         drop(FILEHS.remove(fileh)?);
-        drop(fh);
         Ok(0)
     })
 }

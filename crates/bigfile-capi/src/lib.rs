@@ -22,6 +22,7 @@
 // Public so that the constants and types the header declares are part of
 // the crate's API (cbindgen reads them; Rust code has no use for them).
 // The header shows each kind of item in this order.
+mod closing;
 pub mod error;
 pub mod file;
 pub mod fileh;

@@ -4,6 +4,7 @@ use std::ffi::{c_int, c_uint, c_void};
 
 use bigfile_virtmem::{Access, Advice, Vma};
 
+use crate::closing::MappingSlot;
 use crate::error::{guard, CError};
 use crate::handles::Registry;
 
@@ -25,7 +26,20 @@ pub const BIGFILE_ADVICE_NORMAL: c_uint = 0;
 /// page of block b - 1 the first to be reclaimed (as `MADV_SEQUENTIAL`).
 pub const BIGFILE_ADVICE_SEQUENTIAL: c_uint = 1;
 
-pub(crate) static VMAS: Registry<Vma> = Registry::new("bigfile_vma");
+pub(crate) static VMAS: Registry<VmaObj> = Registry::new("bigfile_vma");
+
+/// A mapping, counted among its file handle's while it lives.
+pub(crate) struct VmaObj {
+    // Fields drop in order: unmapped first, then uncounted.
+    vma: Vma,
+    _slot: MappingSlot,
+}
+
+impl VmaObj {
+    pub(crate) fn new(vma: Vma, slot: MappingSlot) -> VmaObj {
+        VmaObj { vma, _slot: slot }
+    }
+}
 
 /// The start of the mapping: `pglen * blksize` bytes of ordinary memory
 /// (readable and writable; pages appear as they are touched). NULL (last
@@ -35,7 +49,9 @@ pub(crate) static VMAS: Registry<Vma> = Registry::new("bigfile_vma");
 /// until `bigfile_vma_unmap`.
 #[no_mangle]
 pub extern "C" fn bigfile_vma_addr(vma: *const bigfile_vma) -> *mut c_void {
-    guard("bigfile_vma_addr", || Ok(VMAS.get(vma)?.as_ptr().cast()))
+    guard("bigfile_vma_addr", || {
+        Ok(VMAS.get(vma)?.vma.as_ptr().cast())
+    })
 }
 
 /// The length of the mapping in bytes; 0 (last error set) for a dead handle.
@@ -43,7 +59,7 @@ pub extern "C" fn bigfile_vma_addr(vma: *const bigfile_vma) -> *mut c_void {
 /// Thread safety: any thread.
 #[no_mangle]
 pub extern "C" fn bigfile_vma_len(vma: *const bigfile_vma) -> usize {
-    guard("bigfile_vma_len", || Ok(Length(VMAS.get(vma)?.len()))).0
+    guard("bigfile_vma_len", || Ok(Length(VMAS.get(vma)?.vma.len()))).0
 }
 
 /// A length, 0 on failure.
@@ -101,7 +117,7 @@ pub extern "C" fn bigfile_vma_prefault(
         let end = offset
             .checked_add(len)
             .ok_or_else(|| CError::invalid(format!("offset {offset} + len {len} overflows")))?;
-        VMAS.get(vma)?.prefault(offset..end, access)?;
+        VMAS.get(vma)?.vma.prefault(offset..end, access)?;
         Ok(0)
     })
 }
@@ -131,7 +147,7 @@ pub extern "C" fn bigfile_vma_advise(vma: *mut bigfile_vma, advice: c_uint) -> c
                 ),
             ],
         )?;
-        VMAS.get(vma)?.advise(advice);
+        VMAS.get(vma)?.vma.advise(advice);
         Ok(0)
     })
 }

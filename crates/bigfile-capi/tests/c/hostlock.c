@@ -3,7 +3,9 @@
  * too. Threads touch mappings and write out while holding it. Without the
  * hooks the first fault would wait for the lock its own thread holds (the
  * watchdog ends the program); with them bigfile releases the lock while it
- * serves, and retakes it after. */
+ * serves, and retakes it after. Then one thread maps and unmaps while
+ * another tries to close, both holding the lock: neither may wait for the
+ * other while the other waits for the lock. */
 #include "common.h"
 
 #define NBLK 32
@@ -75,6 +77,30 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+#define RACES 1000
+
+static void *mapper(void *arg) {
+    (void)arg;
+    for (int i = 0; i < RACES; i++) {
+        runtime_lock();
+        bigfile_vma *v = bigfile_fileh_mmap(fh, 1, 1);
+        CHECK(v != NULL && bigfile_vma_unmap(v) == 0);
+        runtime_unlock();
+    }
+    return NULL;
+}
+
+/* Refused every time: a mapping of the handle is live throughout. */
+static void *closer(void *arg) {
+    (void)arg;
+    for (int i = 0; i < RACES; i++) {
+        runtime_lock();
+        CHECK_FAILS(bigfile_fileh_close(fh) == -1, BIGFILE_ERROR_STATE, "live mapping");
+        runtime_unlock();
+    }
+    return NULL;
+}
+
 int main(void) {
     start("hostlock");
     CHECK(bigfile_set_host_lock(release_hook, retake_hook, &runtime) == 0);
@@ -100,6 +126,11 @@ int main(void) {
         CHECK(pthread_create(&th[t], NULL, worker, (void *)(uintptr_t)t) == 0);
     for (int t = 0; t < NTHR; t++)
         pthread_join(th[t], NULL);
+
+    CHECK(pthread_create(&th[0], NULL, mapper, NULL) == 0);
+    CHECK(pthread_create(&th[1], NULL, closer, NULL) == 0);
+    pthread_join(th[0], NULL);
+    pthread_join(th[1], NULL);
 
     runtime_lock();
     CHECK(bigfile_fileh_dirty_writeout(fh, BIGFILE_WRITEOUT_STORE | BIGFILE_WRITEOUT_MARKSTORED) == 0);
