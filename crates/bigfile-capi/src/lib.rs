@@ -6,14 +6,15 @@
 //! It owns the C handles and the error convention, built on
 //! bigfile-virtmem's public API only. Invariants:
 //! - a handle is an opaque token, never an address, looked up in a
-//!   registry ([`handles`]): NULL, a freed or closed handle, a handle of
+//!   registry (`handles.rs`): NULL, a freed or closed handle, a handle of
 //!   another kind are errors, never undefined behaviour;
 //! - every entry point returns 0 / -1, a pointer / NULL, and sets the
 //!   calling thread's last error on failure (clears it on success); no
-//!   panic crosses into C ([`error::guard`]);
+//!   panic crosses into C (`error::guard`);
 //! - C callbacks (`loadblk`, `storeblk`, `release`, host-lock hooks) are
 //!   called with the user pointer given with them, never under a lock of
-//!   this crate.
+//!   this crate; no lock of this crate is held across a virtmem call,
+//!   which may release and retake the host lock (`closing.rs`).
 //!
 //! See README.md for the API, an example and the rules for binding authors.
 
