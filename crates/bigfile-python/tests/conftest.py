@@ -64,3 +64,19 @@ def run_py(code, *args, env=None, timeout=120):
         timeout=timeout,
         env=full_env,
     )
+
+
+def open_conn(db):
+    """Yields a connection of `db` with a transaction manager of its own,
+    aborted and closed afterwards: a fixture's body, so that the close comes
+    after pytest reported a failure (the report may read arrays mapping the
+    connection's data, which cannot load once it is closed)."""
+    import transaction
+
+    tm = transaction.TransactionManager()
+    c = db.open(tm)
+    try:
+        yield c
+    finally:
+        tm.abort()
+        c.close()

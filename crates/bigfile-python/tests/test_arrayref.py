@@ -21,7 +21,7 @@ from bigfile.bigarray import ArrayRef, BigArray, InvalidArrayRef, _flatbytev
 from bigfile.bigarray.array_ram import RAMArray
 from bigfile.bigarray.array_zodb import ZBigArray
 
-from conftest import DataFile
+from conftest import DataFile, open_conn
 
 PS = mmap.PAGESIZE
 
@@ -183,18 +183,6 @@ def zdb(tmp_path_factory):
         yield db
     finally:
         db.close()
-
-
-def open_conn(db):
-    """A connection of its own transaction manager, closed at teardown
-    (after pytest reported a failure, whose report may read views of it)."""
-    tm = transaction.TransactionManager()
-    c = db.open(tm)
-    try:
-        yield c
-    finally:
-        tm.abort()
-        c.close()
 
 
 @pytest.fixture(scope="module")

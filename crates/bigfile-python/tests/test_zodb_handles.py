@@ -14,7 +14,7 @@ from ZODB.FileStorage import FileStorage
 from bigfile import RAM
 from bigfile.file_zodb import ZBigFile
 
-from conftest import DataFile
+from conftest import DataFile, open_conn
 
 PS = mmap.PAGESIZE
 
@@ -30,13 +30,7 @@ def db(tmp_path):
 
 @pytest.fixture
 def conn(db):
-    tm = transaction.TransactionManager()
-    c = db.open(tm)
-    try:
-        yield c
-    finally:
-        tm.abort()
-        c.close()
+    yield from open_conn(db)
 
 
 def new_file(conn, nblocks):
