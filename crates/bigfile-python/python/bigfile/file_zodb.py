@@ -690,7 +690,8 @@ class ZBigFileH:
         ``mmap_cached`` cache do not count: no one else can write through
         them)."""
         if not self._zfileh.closed:
-            if self._zfileh.isdirty() or any(not getattr(r(), "closed", True) for r in self._maps):
+            # (a copy: callbacks of mappings freed meanwhile change the set)
+            if self._zfileh.isdirty() or any(not getattr(r(), "closed", True) for r in list(self._maps)):
                 return
         self.zfile._v_filehpinned.discard(self)
 
