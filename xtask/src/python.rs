@@ -1,6 +1,7 @@
 //! The Python side of `cargo xtask test`: a venv per CPython found, with
 //! maturin, pytest, numpy and hypothesis (BigArray's property tests), ZODB,
-//! ZEO, RelStorage and Dask from PyPI, the package built into it, pytest
+//! ZEO, RelStorage and Dask from PyPI, the package built into it, the
+//! wendelin alias distribution installed beside it for its own test, pytest
 //! run; a PostgreSQL server for the RelStorage tests found or installed.
 
 use std::os::unix::fs::MetadataExt;
@@ -147,12 +148,34 @@ pub(crate) fn venv(version: &str, exe: &Path) -> Result<PathBuf> {
     Ok(venv)
 }
 
+/// The optional distribution of wendelin.core's module paths (aliases of bigfile's).
+const WENDELIN_ALIAS: &str = "crates/bigfile-python/wendelin-alias";
+
 /// Build the package into `venv` and run pytest there.
 pub(crate) fn test_in(venv: &Path) -> Result {
     build_into(venv)?;
+    let alias = install_wendelin_alias(venv)?;
     run(Command::new(venv.join("bin/python"))
         .args(["-m", "pytest", "-q"])
+        .env("BIGFILE_WENDELIN_ALIAS", &alias)
         .current_dir(root().join(PACKAGE)))
+}
+
+/// Install the wendelin alias distribution into `venv/wendelin-alias`, a
+/// directory not on the venv's `sys.path`: only the processes its test
+/// starts put it there, so no other test can lean on it (it would let
+/// `wendelin.*` imports succeed that the package itself does not offer).
+fn install_wendelin_alias(venv: &Path) -> Result<PathBuf> {
+    let dir = venv.join("wendelin-alias");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    run(Command::new(venv.join("bin/python"))
+        .args(["-m", "pip", "install", "--quiet", "--no-deps", "--no-index"])
+        .args(["--disable-pip-version-check", "--target"])
+        .arg(&dir)
+        .arg(root().join(WENDELIN_ALIAS)))?;
+    Ok(dir)
 }
 
 /// Build the package and install it into `venv` (editable).

@@ -66,6 +66,22 @@ def run_py(code, *args, env=None, timeout=120):
     )
 
 
+def open_conn(db):
+    """Yields a connection of `db` with a transaction manager of its own,
+    aborted and closed afterwards: a fixture's body, so that the close comes
+    after pytest reported a failure (the report may read arrays mapping the
+    connection's data, which cannot load once it is closed)."""
+    import transaction
+
+    tm = transaction.TransactionManager()
+    c = db.open(tm)
+    try:
+        yield c
+    finally:
+        tm.abort()
+        c.close()
+
+
 # ~~~ database servers (tests/servers.py), one of each per test session
 
 
