@@ -2,11 +2,10 @@
 its arrays call: opening and closing a database by URI, an object that
 never becomes a ghost, deactivating a whole BTree.
 
-- ``dbstoropen(uri)``: a storage for `uri`: a path or ``file://PATH`` (a
-  FileStorage), ``zeo://HOST:PORT`` or ``zeo:///PATH/TO/SOCKET`` (a ZEO
-  client). wendelin.core takes any URI ``zodburi`` knows; other schemes
-  raise ValueError here (open the storage with its package and pass it to
-  ``ZODB.DB``).
+- ``dbstoropen(uri)``: a storage for `uri`: a path (a FileStorage) or any
+  URI ``zodburi`` knows, as ``bigfile.uri`` resolves them (``zeo://`` with
+  ``server_sync`` on; ``postgres://`` with RelStorage installed); an
+  unknown scheme or argument raises ValueError.
 - ``dbopen(uri)``: the root object of a new connection of a new database on
   that storage; ``dbclose(root)`` closes the connection, the database and
   the storage.
@@ -19,7 +18,6 @@ never becomes a ghost, deactivating a whole BTree.
 """
 
 import importlib.metadata
-import urllib.parse
 from typing import Any
 
 import ZODB
@@ -41,26 +39,14 @@ class LivePersistent(Persistent):  # type: ignore[misc]  # persistent has no typ
 
 
 def dbstoropen(uri: str) -> Any:
-    """The storage `uri` names (see the module docs)."""
-    u = urllib.parse.urlsplit(uri)
-    if u.scheme in ("", "file"):
-        if u.query or u.fragment or (u.scheme and u.netloc):
-            raise ValueError(f"dbstoropen: {uri!r}: a file URI is file://PATH, without host or query")
-        return FileStorage(u.path if u.scheme else uri)
-    if u.scheme == "zeo":
-        import ZEO
+    """The storage `uri` names: a path (a FileStorage), or a URI as
+    ``bigfile.uri`` takes (zodburi's; ``zeo://`` with ``server_sync`` on)."""
+    if "://" not in uri and not uri.startswith(("demo:", "zconfig:")):
+        return FileStorage(uri)
+    from bigfile.uri import resolve
 
-        if u.query or u.fragment:
-            raise ValueError(f"dbstoropen: {uri!r}: ZEO URIs with parameters are not supported")
-        if u.netloc:
-            if u.port is None or u.path:
-                raise ValueError(f"dbstoropen: {uri!r}: a ZEO URI is zeo://HOST:PORT or zeo:///SOCKET")
-            return ZEO.client((u.hostname, u.port))
-        return ZEO.client(u.path)
-    raise ValueError(
-        f"dbstoropen: {uri!r}: only paths, file:// and zeo:// URIs; open the storage with its own package "
-        "and give it to ZODB.DB"
-    )
+    factory, _dbkw = resolve(uri)
+    return factory()
 
 
 def dbopen(uri: str) -> Any:
