@@ -110,19 +110,29 @@ fn ensure_postgres(venv: &Path) -> Result {
     // /proc/self belongs to the process's effective user.
     let root_user = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
     if !root_user || Command::new("apt-get").arg("--version").output().is_err() {
-        return Err("no PostgreSQL server for the RelStorage tests: install one (Debian: apt-get install \
+        return Err(
+            "no PostgreSQL server for the RelStorage tests: install one (Debian: apt-get install \
                     postgresql), or name its binaries' directory in BIGFILE_TEST_PG_BINDIR"
-            .into());
+                .into(),
+        );
     }
     eprintln!("xtask: no PostgreSQL server found; installing Debian's postgresql package");
     run(Command::new("apt-get")
         .args(["update", "-q"])
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends", "postgresql"])
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "postgresql",
+        ])
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     if !found() {
-        return Err("installed postgresql, but tests/servers.py still finds no server binaries".into());
+        return Err(
+            "installed postgresql, but tests/servers.py still finds no server binaries".into(),
+        );
     }
     Ok(())
 }
