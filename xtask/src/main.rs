@@ -11,6 +11,7 @@
 //! - `demo [args]`: the main job, a file bigger than the RAM budget used as memory.
 //! - `capi`: the C API's part of `test` alone (header check, C and C++ programs).
 //! - `capi-header`: regenerate the C API's header (`crates/bigfile-capi/include/bigfile.h`).
+//! - `dist`: the release artifacts (wheels, sdist, crates, C API tarball); see dist.rs.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use std::process::{exit, Command};
 
 mod bench;
 mod capi;
+mod dist;
 mod python;
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -34,6 +36,7 @@ fn main() {
         "demo" => demo(rest),
         "capi" => capi::test_task(rest),
         "capi-header" => capi::write_header(rest),
+        "dist" => dist::dist(rest),
         "-h" | "--help" | "help" => usage(),
         other => Err(format!("unknown task {other:?}")),
     };
@@ -53,7 +56,8 @@ fn usage() -> ! {
            bench [--quick]  benchmarks with kernel baselines, printed as one table\n  \
            demo [--file PATH] [--size N] [--ram-budget N] [--blksize N]\n                the main job: a file bigger than the RAM budget used as memory\n  \
            capi          the C API's tests alone: header up to date, C programs (shared, static), C++\n  \
-           capi-header   regenerate crates/bigfile-capi/include/bigfile.h (cbindgen)"
+           capi-header   regenerate crates/bigfile-capi/include/bigfile.h (cbindgen)\n  \
+           dist          release artifacts in <target>/dist: manylinux wheels, sdist, crates, C API tarball"
     );
     exit(2)
 }
@@ -138,6 +142,7 @@ fn test(args: &[String]) -> Result {
         ])
         .arg(faults_target_dir()))?;
     python::test_all()?;
+    dist::check_installed_wheel()?;
     // test_all has just built the package into every venv.
     run_faults(&[], faults_python(false)?)?;
     eprintln!("xtask: all tests passed");

@@ -139,23 +139,31 @@ fn ensure_postgres(venv: &Path) -> Result {
 
 /// Create (once) `target/venv-X.Y` with the build and test dependencies.
 pub(crate) fn venv(version: &str, exe: &Path) -> Result<PathBuf> {
-    let venv = root().join("target").join(format!("venv-{version}"));
+    venv_with(
+        &root().join("target").join(format!("venv-{version}")),
+        exe,
+        VENV_DEPS,
+    )
+}
+
+/// Create (once) a venv at `venv` by `exe` with `deps` installed from PyPI.
+pub(crate) fn venv_with(venv: &Path, exe: &Path, deps: &[&str]) -> Result<PathBuf> {
     let py = venv.join("bin/python");
     if !py.exists() {
-        run(Command::new(exe).args(["-m", "venv"]).arg(&venv))?;
+        run(Command::new(exe).args(["-m", "venv"]).arg(venv))?;
     }
     // The stamp names what was installed, so a venv made before a
     // dependency was added gets it.
     let stamp = venv.join(".deps-installed");
-    let wanted = VENV_DEPS.join("\n");
+    let wanted = deps.join("\n");
     if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
         run(Command::new(&py).args(["-m", "pip", "install", "--quiet", "--upgrade", "pip"]))?;
         run(Command::new(&py)
             .args(["-m", "pip", "install", "--quiet"])
-            .args(VENV_DEPS))?;
+            .args(deps))?;
         std::fs::write(&stamp, &wanted).map_err(|e| format!("{}: {e}", stamp.display()))?;
     }
-    Ok(venv)
+    Ok(venv.to_path_buf())
 }
 
 /// The optional distribution of wendelin.core's module paths (aliases of bigfile's).

@@ -79,8 +79,10 @@ pub(crate) fn thread_sigmask(how: c_int, set: &libc::sigset_t) -> io::Result<lib
 /// Sends `signo` to the calling thread only (not the process: another thread
 /// must not take it).
 pub(crate) fn raise_on_this_thread(signo: c_int) {
-    // SAFETY: getpid and gettid have no arguments and cannot fail.
-    let (pid, tid) = unsafe { (libc::getpid(), libc::gettid()) };
+    // SAFETY: getpid and gettid have no arguments and cannot fail. gettid
+    // by its system call number: glibc's wrapper (2.30) is newer than the
+    // glibc the wheels are built against (2.17).
+    let (pid, tid) = unsafe { (libc::getpid(), libc::syscall(libc::SYS_gettid)) };
     // SAFETY: tgkill has no memory arguments.
     let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signo) };
     let _ = syscall!(rc);

@@ -24,8 +24,14 @@ from bigfile.uri import open_db
 N = (256 << 20) // 8  # a 256 MiB int64 array: arange(N), sums exact
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# distributed's own shutdown warnings are not ours
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::DeprecationWarning")
+# distributed's own shutdown warnings are not ours, nor its warning that
+# the threaded scheduler, which tests ask for explicitly, runs while the
+# module's cluster client exists (older dask versions)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::ResourceWarning",
+    "ignore::DeprecationWarning",
+    "ignore:Running on a single-machine scheduler:UserWarning",
+)
 
 
 @pytest.fixture(scope="module")

@@ -127,11 +127,14 @@ pub(crate) fn huge_pool(size: usize) -> u64 {
         .unwrap_or(0)
 }
 
+/// memfd_create(2), by its system call number: glibc's wrapper is newer
+/// (2.27) than the glibc the wheels are built against (2.17), and would
+/// make them fail to load where it is missing.
 pub(crate) fn memfd_create(name: &CStr, flags: libc::c_uint) -> io::Result<OwnedFd> {
     // SAFETY: `name` is NUL-terminated; the returned descriptor is new and owned by us.
-    let fd = unsafe { syscall!(memfd_create(name.as_ptr(), flags)) }?;
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let fd = unsafe { syscall!(syscall(libc::SYS_memfd_create, name.as_ptr(), flags)) }?;
+    // SAFETY: `fd` is a fresh descriptor nobody else owns (a descriptor fits a c_int).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
 /// Opens a new, already unlinked file in `dir` (O_TMPFILE, else a named file unlinked at once).
