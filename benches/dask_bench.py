@@ -20,7 +20,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 import transaction
@@ -29,6 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "crates", "bigfile-python", "tests"))
 
 from servers import ZEOServer  # noqa: E402  (the tests' server helper)
+
+from python_bench import timed  # noqa: E402
 
 from bigfile.bigarray.array_zodb import ZBigArray  # noqa: E402
 from bigfile.uri import open_db  # noqa: E402
@@ -77,21 +78,6 @@ def sum_direct(uri, n):
     return total
 
 
-def timed(fn, passes, before=lambda: None):
-    """Mean seconds of `fn()` over `passes`, each after `before()` (not
-    timed), after a first pass that warms the server's page cache."""
-    fn()
-    times, result = [], None
-    for _ in range(passes):
-        before()
-        t = time.perf_counter()
-        r = fn()
-        times.append(time.perf_counter() - t)
-        assert result is None or r == result, "passes disagree"
-        result = r
-    return sum(times) / len(times), result
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -115,7 +101,7 @@ def main():
             fill(uri, n)
             out = {}
             log("dask bench: sum in this process")
-            out["dask_sum_direct"], got = timed(lambda: sum_direct(uri, n), passes)
+            out["dask_sum_direct"], got = timed(sum_direct, uri, n, passes=passes)
             assert got == want, (got, want)
             for workers in (1, 2):
                 log(f"dask bench: sum on {workers} worker process(es)")
@@ -127,7 +113,7 @@ def main():
                     # the workers open new connections, whose pages are
                     # loaded again (the direct sum opens a new database).
                     out[f"dask_sum_{workers}w"], got = timed(
-                        lambda: int(from_zbigarray(uri, "a").sum().compute()), passes, before=lambda: tick(uri)
+                        lambda: int(from_zbigarray(uri, "a").sum().compute()), passes=passes, before=lambda: tick(uri)
                     )
                     assert got == want, (got, want)
                 finally:

@@ -196,11 +196,16 @@ def writeout_time(cls, path, size, passes):
     return sum(times) / len(times)
 
 
-def timed(fn, *args, passes):
-    fn(*args)  # warm up: page cache, imports, first mappings
+def timed(fn, *args, passes, before=None):
+    """Mean seconds of `fn(*args)` over `passes` after a first, untimed
+    pass (page cache, imports, first mappings); `before()` runs untimed
+    before each timed pass. Also the result, which every pass must agree on."""
+    fn(*args)
     times = []
     result = None
     for _ in range(passes):
+        if before is not None:
+            before()
         t = time.perf_counter()
         r = fn(*args)
         times.append(time.perf_counter() - t)

@@ -88,23 +88,8 @@ fn python_bench(quick: bool) -> Result<Results> {
         .current_dir(&pkg)
         .env("VIRTUAL_ENV", &venv)
         .env_remove("CONDA_PREFIX"))?;
-    let mut cmd = Command::new(venv.join("bin/python"));
-    cmd.arg(root().join("benches/python_bench.py"))
-        .arg("--data-dir")
-        .arg(target_dir().join("bench-data"));
-    if quick {
-        cmd.arg("--quick");
-    }
-    eprintln!("xtask: running {cmd:?}");
-    let out = cmd
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| format!("cannot run the Python bench: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("Python bench failed: {}", out.status));
-    }
-    let mut python = read_tsv(&String::from_utf8_lossy(&out.stdout));
-    python.extend(dask_bench(&venv, quick)?);
+    let mut python = py_script(&venv, "benches/python_bench.py", quick)?;
+    python.extend(py_script(&venv, "benches/dask_bench.py", quick)?);
     python.insert("python".into(), version);
     Ok(Results {
         python,
@@ -112,10 +97,11 @@ fn python_bench(quick: bool) -> Result<Results> {
     })
 }
 
-/// benches/dask_bench.py in `venv` (bigfile built there): its figures.
-fn dask_bench(venv: &std::path::Path, quick: bool) -> Result<HashMap<String, String>> {
+/// A Python bench script (`name<TAB>value` lines on stdout) run in `venv`
+/// (bigfile built there); its figures.
+fn py_script(venv: &std::path::Path, script: &str, quick: bool) -> Result<HashMap<String, String>> {
     let mut cmd = Command::new(venv.join("bin/python"));
-    cmd.arg(root().join("benches/dask_bench.py"))
+    cmd.arg(root().join(script))
         .arg("--data-dir")
         .arg(target_dir().join("bench-data"));
     if quick {
@@ -125,9 +111,9 @@ fn dask_bench(venv: &std::path::Path, quick: bool) -> Result<HashMap<String, Str
     let out = cmd
         .stderr(std::process::Stdio::inherit())
         .output()
-        .map_err(|e| format!("cannot run the Dask bench: {e}"))?;
+        .map_err(|e| format!("cannot run {script}: {e}"))?;
     if !out.status.success() {
-        return Err(format!("Dask bench failed: {}", out.status));
+        return Err(format!("{script} failed: {}", out.status));
     }
     Ok(read_tsv(&String::from_utf8_lossy(&out.stdout)))
 }
