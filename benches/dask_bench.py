@@ -16,7 +16,6 @@ server is one more Python process on the same 2 cores: it serves every
 load.
 """
 
-import argparse
 import os
 import sys
 import tempfile
@@ -29,7 +28,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "crates", "bigfile-python", "tests")
 
 from servers import ZEOServer  # noqa: E402  (the tests' server helper)
 
-from python_bench import timed  # noqa: E402
+from python_bench import bench_args, timed  # noqa: E402
 
 from bigfile.bigarray.array_zodb import ZBigArray  # noqa: E402
 from bigfile.uri import open_db  # noqa: E402
@@ -79,11 +78,7 @@ def sum_direct(uri, n):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--data-dir", default="target/bench-data")
-    args = ap.parse_args()
-    os.makedirs(args.data_dir, exist_ok=True)
+    args = bench_args()
     size = (256 if args.quick else 1024) * MIB
     passes = 2 if args.quick else 3
     n = size // 8

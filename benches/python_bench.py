@@ -214,12 +214,18 @@ def timed(fn, *args, passes, before=None):
     return sum(times) / len(times), result
 
 
-def main():
+def bench_args():
+    """The arguments xtask gives a bench script: --quick, --data-dir (made)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--data-dir", default="target/bench-data")
     args = ap.parse_args()
     os.makedirs(args.data_dir, exist_ok=True)
+    return args
+
+
+def main():
+    args = bench_args()
     touches = 300 if args.quick else 2000
     size = (128 if args.quick else 512) * MIB
     passes = 3 if args.quick else 5
