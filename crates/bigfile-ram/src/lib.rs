@@ -22,9 +22,10 @@ mod spec;
 mod sys;
 mod thp;
 
+pub use bigfile_os::Prot;
 pub use error::RamError;
 pub use pagemap::PageMap;
-pub use ram::{unmap, Prot, Ram, RamHandle, RamStats};
+pub use ram::{unmap, Ram, RamHandle, RamStats};
 pub use spec::{AllocPolicy, Backend, RamSpec, ThpPolicy, DEFAULT_PAGE_SIZE, RAM_ENV};
 pub use sys::os_page_size;
 

@@ -6,22 +6,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::OnceLock;
 
-/// Calls `libc::$fn(args)` and turns the `-1` failure convention into `io::Result`.
-///
-/// The expansion calls a libc function, so it must be used inside an `unsafe` block whose
-/// `SAFETY` comment justifies that particular call.
-macro_rules! syscall {
-    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
-        let res = libc::$fn($($arg),*);
-        if res == -1 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(res)
-        }
-    }};
-}
+use bigfile_os::syscall;
 
 /// Failure point `name` of the fault-injection suite (tests/faults): when the
 /// suite arms it, returns the error number it gives as `return(ERRNO)` (EIO
@@ -39,18 +25,7 @@ pub(crate) fn failpoint(name: &str) -> io::Result<()> {
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 const HUGEPAGES_SYSFS: &str = "/sys/kernel/mm/hugepages";
 
-/// Size of an OS page (the unit of `mmap`), e.g. 4096 on x86-64.
-pub fn os_page_size() -> usize {
-    static SIZE: OnceLock<usize> = OnceLock::new();
-    *SIZE.get_or_init(|| {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let size = unsafe { syscall!(sysconf(libc::_SC_PAGESIZE)) };
-        // POSIX requires _SC_PAGESIZE; 4096 is the only sane fallback.
-        size.ok()
-            .and_then(|s| usize::try_from(s).ok())
-            .unwrap_or(4096)
-    })
-}
+pub use bigfile_os::os_page_size;
 
 /// Bytes of physical memory.
 pub(crate) fn phys_mem() -> u64 {

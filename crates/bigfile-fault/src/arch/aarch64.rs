@@ -1,6 +1,6 @@
 use libc::c_void;
 
-use crate::Access;
+use crate::handler::Access;
 
 /// AAPCS64 on Linux has no red zone; keep a little margin anyway.
 pub(crate) const RED_ZONE: usize = 0;

@@ -1,6 +1,6 @@
 use libc::c_void;
 
-use crate::Access;
+use crate::handler::Access;
 
 /// The System V ABI lets a leaf function use 128 bytes below `rsp`.
 pub(crate) const RED_ZONE: usize = 128;
