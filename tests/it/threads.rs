@@ -7,7 +7,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use bigfile::virtmem::{Advice, WriteoutFlags};
+use bigfile::virtmem::{Advice, Error, LoadError, WriteoutFlags};
 
 use crate::common::{open, peek, ram, Call, MemFile, BLK};
 
@@ -256,6 +256,18 @@ fn write_during_writeout_waits_for_it() {
     assert_eq!(fh.dirty_blocks(), [0]);
 }
 
+/// The loader's error, as a value.
+#[derive(Debug)]
+struct BadSector;
+
+impl std::fmt::Display for BadSector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("bad sector")
+    }
+}
+
+impl std::error::Error for BadSector {}
+
 #[test]
 fn waiters_of_a_failed_load_get_its_error() {
     let file = MemFile::new(BLK);
@@ -266,7 +278,7 @@ fn waiters_of_a_failed_load_get_its_error() {
             entered.wait();
             // Give the second thread time to find the page LOADING and wait.
             thread::sleep(Duration::from_millis(200));
-            Err("bad sector".into())
+            Err(Box::new(BadSector))
         });
     }
     let ram = ram(4);
@@ -278,22 +290,37 @@ fn waiters_of_a_failed_load_get_its_error() {
     let vma = Arc::new(fh.mmap(0, 1).unwrap());
     let loader = {
         let vma = vma.clone();
-        thread::spawn(move || {
-            vma.prefault(0..1, bigfile::virtmem::Access::Read)
-                .map_err(|e| e.to_string())
-        })
+        thread::spawn(move || vma.prefault(0..1, bigfile::virtmem::Access::Read))
     };
     entered.wait();
-    let waited = vma
-        .prefault(0..1, bigfile::virtmem::Access::Read)
-        .map_err(|e| e.to_string());
+    let waited = vma.prefault(0..1, bigfile::virtmem::Access::Read);
     let loaded = loader.join().unwrap();
     let (l, w) = (loaded.unwrap_err(), waited.unwrap_err());
-    assert!(l.contains("bad sector"), "{l}");
+    assert!(l.to_string().contains("bad sector"), "{l}");
     assert!(
-        w.contains("while waiting for another thread's load") && w.contains("bad sector"),
+        w.to_string()
+            .contains("while waiting for another thread's load")
+            && w.to_string().contains("bad sector"),
         "{w}"
     );
+    // The very error value loadblk returned, for both threads.
+    let block_error = |e: &Error| match e {
+        Error::Load {
+            source: LoadError::Block { source, .. },
+            ..
+        } => source.clone(),
+        e => panic!("not loadblk's error: {e:?}"),
+    };
+    let Error::Load {
+        source: LoadError::Waited(inner),
+        ..
+    } = &w
+    else {
+        panic!("the waiter's error is not the load it waited for: {w:?}");
+    };
+    let (mine, theirs) = (block_error(&l), block_error(inner));
+    assert!(Arc::ptr_eq(&mine, &theirs));
+    assert!(mine.downcast_ref::<BadSector>().is_some());
     assert_eq!(file.take_calls(), [Call::Load(0)]);
     assert_eq!(fh.page_state(0), None);
 }

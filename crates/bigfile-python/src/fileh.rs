@@ -7,16 +7,18 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bigfile_virtmem::{Access, Advice, FileH, LoadPolicy, PageState, Stats, Vma, WriteoutFlags};
+use bigfile_virtmem::{Access, Advice, FileH, LoadPolicy, PageState, Vma, WriteoutFlags};
 use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyInt;
 use pyo3::{PyTraverseError, PyVisit};
 
-use crate::error::{to_py, to_py_load};
-use crate::file::PyFileAdapter;
+use crate::adapter::PyFileAdapter;
+use crate::error::to_py;
+use crate::faults::ensure_on_top;
 use crate::mapcache::{self, MapCache};
+use crate::stats::{ram_stats_dict, stats_dict};
 
 /// A non-negative integer argument that fits in 64 bits.
 fn u64_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
@@ -37,18 +39,6 @@ fn u64_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-pub(crate) fn stats_dict(s: Stats) -> HashMap<&'static str, u64> {
-    HashMap::from([
-        ("faults", s.faults),
-        ("loads", s.loads),
-        ("load_errors", s.load_errors),
-        ("stores", s.stores),
-        ("reclaims", s.reclaims),
-        ("resident_pages", s.resident_pages),
-        ("dirty_pages", s.dirty_pages),
-    ])
 }
 
 /// A handle of a BigFile: the file as it is, plus this handle's changes.
@@ -98,7 +88,7 @@ impl PyBigFileH {
         let py = slf.py();
         let (pgoffset, pglen) = page_range(pgoffset, pglen)?;
         let fileh = slf.borrow().get()?;
-        crate::ensure_fault_handler_on_top()?;
+        ensure_on_top()?;
         let vma = fileh.mmap(pgoffset, pglen).map_err(|e| to_py(py, e))?;
         Py::new(py, PyVMA::new(vma, fileh.blksize(), slf.clone().unbind()))
     }
@@ -123,7 +113,7 @@ impl PyBigFileH {
         let vma = match found {
             Some(v) => v,
             None => {
-                crate::ensure_fault_handler_on_top()?;
+                ensure_on_top()?;
                 let window = mapcache::window(pgoffset, pglen, ps);
                 let (start, len) = window.unwrap_or((pgoffset, pglen));
                 let vma = Arc::new(fileh.mmap(start, len).map_err(|e| to_py(py, e))?);
@@ -199,7 +189,7 @@ impl PyBigFileH {
     /// The counters of the RAM this handle's pages live in, with
     /// `budget` and `resident_bytes`.
     fn ram_stats(&self) -> PyResult<HashMap<&'static str, u64>> {
-        Ok(crate::ram::ram_stats_dict(self.get()?.ram()))
+        Ok(ram_stats_dict(self.get()?.ram()))
     }
 
     /// How a failing loadblk is retried (inside a fault, the last failure
@@ -333,7 +323,7 @@ impl PyVMA {
         // Holds the mapping for the check; the export count then keeps
         // unmap() from happening while the buffer is out.
         let _vma = this.get()?;
-        crate::ensure_fault_handler_on_top()?;
+        ensure_on_top()?;
         // SAFETY: `view` is the consumer's Py_buffer; the mapping stays in
         // place while any export is alive (unmap refuses, and each export
         // holds a reference to this object).
@@ -441,8 +431,7 @@ impl PyVMA {
         let vma = self.get()?;
         let stop = stop.unwrap_or(self.len);
         let access = if write { Access::Write } else { Access::Read };
-        vma.prefault(start..stop, access)
-            .map_err(|e| to_py_load(py, e))
+        vma.prefault(start..stop, access).map_err(|e| to_py(py, e))
     }
 
     /// Unmap now. Refused (BufferError) while buffers of it (memoryviews,

@@ -16,31 +16,26 @@
 //! - our SIGSEGV handler is put back on top whenever Python's faulthandler
 //!   may have displaced it.
 
+mod adapter;
 mod blockbuf;
 mod error;
+mod faults;
 mod file;
 mod fileh;
 mod gil;
 mod mapcache;
 mod native_file;
 mod ram;
+mod stats;
 
 use std::sync::Arc;
 
-use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 
 /// `dirty_writeout` flag: call storeblk for every dirty block.
 const WRITEOUT_STORE: u32 = 1;
 /// `dirty_writeout` flag: mark every dirty block clean.
 const WRITEOUT_MARKSTORED: u32 = 2;
-
-/// Put our fault handler back on top of any installed after it.
-pub(crate) fn ensure_fault_handler_on_top() -> PyResult<()> {
-    bigfile_fault::ensure_on_top()
-        .map(drop)
-        .map_err(|e| PyOSError::new_err(e.to_string()))
-}
 
 /// Drop every clean page of the default RAMs; returns how many.
 #[pyfunction]
@@ -53,7 +48,7 @@ fn ram_reclaim() -> usize {
 /// that is not bigfile's. Returns whether it had been displaced.
 #[pyfunction]
 fn _ensure_fault_handler_on_top() -> PyResult<bool> {
-    bigfile_fault::ensure_on_top().map_err(|e| PyOSError::new_err(e.to_string()))
+    faults::ensure_on_top()
 }
 
 /// Testing aid: read the byte at `offset` of `vma` with the GIL released,
@@ -91,7 +86,7 @@ fn _read_in_new_thread(
 #[pymodule]
 fn _bigfile(m: &Bound<'_, PyModule>) -> PyResult<()> {
     bigfile_virtmem::set_host_lock(Arc::new(gil::Gil));
-    ensure_fault_handler_on_top()?;
+    faults::ensure_on_top()?;
     m.add_class::<file::PyBigFile>()?;
     m.add_class::<native_file::PyFileBigFile>()?;
     m.add_class::<fileh::PyBigFileH>()?;

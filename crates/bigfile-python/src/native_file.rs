@@ -23,8 +23,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyString, PyTuple};
 
 use crate::error::{block_error_to_py, to_py};
-use crate::file::{open_python, resolve_ram, PyBigFile};
+use crate::faults::ensure_on_top;
+use crate::file::{open_python, PyBigFile};
 use crate::fileh::PyBigFileH;
+use crate::ram::resolve_ram;
 
 /// A file of `blksize`-byte blocks stored in an OS file, block n at byte
 /// n * blksize; blocks past the end of the file read as zeros, a stored
@@ -156,7 +158,7 @@ impl PyFileBigFile {
         if overridden("loadblk")? || overridden("storeblk")? {
             return open_python(slf.as_any(), blksize, ram, budget);
         }
-        crate::ensure_fault_handler_on_top()?;
+        ensure_on_top()?;
         let ram = resolve_ram(py, ram, budget, blksize)?;
         let file: Arc<dyn BigFile> = slf.get().file.clone();
         let fileh = FileH::open(file, ram.as_ref()).map_err(|e| to_py(py, e))?;
@@ -175,7 +177,7 @@ impl PyFileBigFile {
             unsafe { std::slice::from_raw_parts_mut(b.buf_ptr().cast::<u8>(), b.len_bytes()) };
         let r = self.file.loadblk(blk, dst);
         b.release(py);
-        r.map_err(block_error_to_py)
+        r.map_err(|e| block_error_to_py(&*e))
     }
 
     /// Write the buffer `buf` (`blksize` bytes) as block `blk`.
@@ -187,7 +189,7 @@ impl PyFileBigFile {
         };
         let r = self.file.storeblk(blk, src);
         b.release(py);
-        r.map_err(block_error_to_py)
+        r.map_err(|e| block_error_to_py(&*e))
     }
 
     /// The file descriptor the blocks are read from and written to (owned

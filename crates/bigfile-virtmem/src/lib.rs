@@ -23,28 +23,43 @@
 
 #![doc = include_str!("../README.md")]
 
+mod advice;
 mod bigfile;
+mod budget;
+mod callback;
 mod error;
 #[cfg(feature = "failpoints")]
 mod failpoint;
+mod failure;
 mod file;
 mod fileh;
+mod handle;
 mod host;
+mod keys;
+mod lru;
+mod mapper;
+mod pages;
 mod ram;
+mod reclaim;
 mod serve;
-mod spares;
+mod shared;
+mod source;
 mod state;
 mod stats;
 mod sys;
 mod vma;
+mod vmas;
+mod waits;
 
+pub use advice::Advice;
 pub use bigfile::{BigFile, BlockError};
 pub use bigfile_fault::Access;
-pub use error::{Error, Result};
+pub use error::{Error, LoadError, Result, SharedBlockError};
 pub use file::{FileBigFile, FileBlockError};
-pub use fileh::{FileH, LoadPolicy, WriteoutFlags};
+pub use fileh::{FileH, WriteoutFlags};
+pub use handle::LoadPolicy;
 pub use host::{set_host_lock, HostLock};
+pub use pages::PageState;
 pub use ram::{Ram, RamStats};
-pub use state::PageState;
 pub use stats::Stats;
-pub use vma::{Advice, Vma};
+pub use vma::Vma;

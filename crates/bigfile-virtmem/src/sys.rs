@@ -1,22 +1,11 @@
 //! The few OS calls virtmem makes itself: reserving address space and
-//! changing protection. Page memory itself comes from `bigfile-ram`.
+//! changing protection; only the mapper (`mapper.rs`) calls them. Page
+//! memory itself comes from `bigfile-ram`.
 
 use std::io;
 use std::ptr::NonNull;
 
-/// Call a libc function returning -1 on error; yields `io::Result`.
-macro_rules! syscall {
-    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
-        // SAFETY: the caller of the macro upholds the libc function's contract;
-        // each use site documents it.
-        let res = unsafe { libc::$fn($($arg),*) };
-        if res == -1 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(res)
-        }
-    }};
-}
+use bigfile_os::{os_page_size, syscall};
 
 /// Reserve `len` bytes of address space aligned to `align` (a power-of-two
 /// multiple of the OS page size, or any page multiple: see below),
@@ -102,7 +91,8 @@ pub(crate) unsafe fn unmap_to_reserved(addr: NonNull<u8>, len: usize) -> io::Res
 pub(crate) unsafe fn mprotect(addr: NonNull<u8>, len: usize, prot: libc::c_int) -> io::Result<()> {
     #[cfg(feature = "failpoints")]
     crate::failpoint::check("virtmem::mprotect")?;
-    syscall!(mprotect(addr.as_ptr().cast(), len, prot)).map(drop)
+    // SAFETY: per this function's contract the range is the caller's.
+    syscall!(unsafe { libc::mprotect(addr.as_ptr().cast(), len, prot) }).map(drop)
 }
 
 /// Release a whole reservation.
@@ -110,14 +100,8 @@ pub(crate) unsafe fn mprotect(addr: NonNull<u8>, len: usize, prot: libc::c_int) 
 /// # Safety
 /// The range must be a reservation owned by the caller and no longer used.
 pub(crate) unsafe fn unmap(addr: NonNull<u8>, len: usize) -> io::Result<()> {
-    syscall!(munmap(addr.as_ptr().cast(), len)).map(drop)
-}
-
-/// The OS page size.
-pub(crate) fn os_page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let sz = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(sz).unwrap_or(4096)
+    // SAFETY: per this function's contract the reservation is unused.
+    syscall!(unsafe { libc::munmap(addr.as_ptr().cast(), len) }).map(drop)
 }
 
 /// Linux's MADV_POPULATE_READ / MADV_POPULATE_WRITE (5.14+), not in libc yet.
@@ -140,5 +124,7 @@ pub(crate) unsafe fn populate(addr: NonNull<u8>, len: usize, write: bool) {
     } else {
         MADV_POPULATE_READ
     };
-    let _ = syscall!(madvise(addr.as_ptr().cast(), len, advice));
+    // SAFETY: per this function's contract the range is memory of ours;
+    // populating it changes no data.
+    let _ = syscall!(unsafe { libc::madvise(addr.as_ptr().cast(), len, advice) });
 }
