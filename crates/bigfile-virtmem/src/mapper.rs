@@ -252,3 +252,69 @@ impl Deferred {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Unmap;
+    use crate::vmas::VmaState;
+    use crate::waits::Ticket;
+    use bigfile_testkit::memory::prot_at;
+
+    const PS: usize = 4096;
+
+    #[test]
+    fn pages_are_mapped_protected_and_revoked_in_runs() {
+        let ram = bigfile_ram::Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap();
+        let shared = Shared::new(ram);
+        let mapper = Mapper::of(&shared);
+        let ramh = Arc::new(shared.ram().open_handle().unwrap());
+        let start = mapper.reserve(3).unwrap();
+        let mut st = shared.lock();
+        let fk = st.open_handle(ramh.clone(), Default::default());
+        let vk = st.add_vma(fk, VmaState::new(start, 0, 3));
+        let id = VmaId {
+            key: vk,
+            start: start.as_ptr() as usize,
+        };
+        let at = |blk: usize| prot_at(start.as_ptr() as usize + blk * PS).unwrap();
+        let mut pks = Vec::new();
+        for blk in 0..3 {
+            let rp = RamPage(ramh.alloc_page(blk).unwrap());
+            let pk = st.begin_load(fk, blk, Ticket::mine());
+            st.finish_load(pk, rp, shared.counters());
+            let fresh = mapper.map(&mut st, fk, id, blk, rp, Prot::Read).unwrap();
+            assert!(fresh.is_some(), "newly mapped");
+            pks.push(pk);
+        }
+        assert_eq!(at(1), "r--s");
+        // Mapped already: only the protection changes.
+        let rp = st.pages().get(pks[1]).ram_page().unwrap();
+        assert!(mapper
+            .map(&mut st, fk, id, 1, rp, Prot::ReadWrite)
+            .unwrap()
+            .is_none());
+        assert_eq!(at(1), "rw-s");
+        mapper.protect_everywhere(&st, fk, 1, Prot::Read).unwrap();
+        assert_eq!(at(1), "r--s");
+        // Blocks 0 and 2 reclaimed now, block 1 deferred.
+        mapper.forget(&mut st, pks[0], shared.counters());
+        let mut deferred = Deferred::default();
+        let d = st.detach(pks[1], shared.counters(), Unmap::Deferred, deferred.slots());
+        deferred.release(ramh.clone(), d.ram_page.unwrap());
+        assert_eq!(at(1), "r--s", "still mapped until finished");
+        assert!(st.vma(fk, vk).any_unmapping());
+        drop(st);
+        deferred.finish(&shared);
+        assert!(at(0).starts_with("---") && at(1).starts_with("---"));
+        let mut st = shared.lock();
+        assert!(!st.vma(fk, vk).any_unmapping());
+        mapper.forget(&mut st, pks[2], shared.counters());
+        assert_eq!(ramh.stats().pages_allocated, 0, "every page given back");
+        st.remove_vma(fk, vk);
+        st.close_handle(fk);
+        drop(st);
+        // SAFETY: the reservation made above, unused from here on.
+        unsafe { mapper.release_range(start, 3) };
+    }
+}

@@ -376,3 +376,167 @@ fn fill(fh: &FileHInner, blk: u64, ram_page: RamPage, recycled: bool) -> Result<
         thread::sleep(policy.backoff * attempt);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use bigfile_testkit::memory::prot_at;
+    use bigfile_testkit::{Call, MemFile};
+
+    use super::*;
+    use crate::bigfile::{BigFile, BlockError};
+    use crate::{FileH, LoadPolicy, PageState, Ram, Vma};
+
+    const BLK: usize = 4096;
+
+    /// The test kit's memory file as this crate's BigFile.
+    struct Kit(Arc<MemFile>);
+
+    impl BigFile for Kit {
+        fn blksize(&self) -> usize {
+            self.0.blksize()
+        }
+        fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+            self.0.load(blk, buf)
+        }
+        fn storeblk(&self, blk: u64, buf: &[u8]) -> Result<(), BlockError> {
+            self.0.store(blk, buf)
+        }
+        fn name(&self) -> String {
+            self.0.name().to_owned()
+        }
+    }
+
+    /// A handle of a memory file on a RAM of `budget` pages, and a mapping
+    /// of its first 4 blocks (no fault is taken: the tests call `serve`).
+    fn setup(budget: u64) -> (Arc<MemFile>, FileH, Vma) {
+        let file = Arc::new(MemFile::new(BLK));
+        let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}"))
+            .unwrap()
+            .with_budget(budget * BLK as u64);
+        let fh = FileH::open(Arc::new(Kit(file.clone())), Some(&ram)).unwrap();
+        fh.set_load_policy(LoadPolicy {
+            attempts: 2,
+            backoff: std::time::Duration::ZERO,
+        });
+        let vma = fh.mmap(0, 4).unwrap();
+        (file, fh, vma)
+    }
+
+    fn request(vma: &Vma, blk: u64, access: Access) -> PageRequest {
+        PageRequest {
+            vma: vma.id(),
+            blk,
+            access,
+            drop_behind: false,
+        }
+    }
+
+    fn prot_of(vma: &Vma, blk: u64) -> String {
+        prot_at(vma.as_ptr() as usize + blk as usize * BLK).unwrap()
+    }
+
+    #[test]
+    fn a_read_loads_once_and_maps_read_only() {
+        let (file, fh, vma) = setup(4);
+        let req = request(&vma, 2, Access::Read);
+        serve(&fh.inner, &req).unwrap();
+        assert_eq!(fh.page_state(2), Some(PageState::Loaded));
+        assert_eq!(vma.mapped_pages(), [2]);
+        assert_eq!(prot_of(&vma, 2), "r--s");
+        serve(&fh.inner, &req).unwrap();
+        assert_eq!(file.take_calls(), [Call::Load(2)]);
+        let stats = fh.stats();
+        assert_eq!((stats.faults, stats.loads, stats.resident_pages), (2, 1, 1));
+        let mut b = [0];
+        vma.read_at(2 * BLK, &mut b).unwrap();
+        assert_eq!(b[0], MemFile::initial(2));
+    }
+
+    #[test]
+    fn a_write_dirties_the_page_and_maps_it_read_write() {
+        let (_file, fh, vma) = setup(4);
+        serve(&fh.inner, &request(&vma, 1, Access::Read)).unwrap();
+        serve(&fh.inner, &request(&vma, 1, Access::Write)).unwrap();
+        assert_eq!(fh.page_state(1), Some(PageState::Dirty));
+        assert_eq!(fh.dirty_blocks(), [1]);
+        assert_eq!(prot_of(&vma, 1), "rw-s");
+    }
+
+    #[test]
+    fn a_budget_full_of_dirty_pages_fails_the_next_load() {
+        let (file, fh, vma) = setup(1);
+        serve(&fh.inner, &request(&vma, 0, Access::Write)).unwrap();
+        let f = serve(&fh.inner, &request(&vma, 1, Access::Read)).unwrap_err();
+        assert!(
+            matches!(f, Failure::Budget { budget, pinned: 1 } if budget == BLK as u64),
+            "{f:?}"
+        );
+        assert_eq!(file.take_calls(), [Call::Load(0)]);
+        assert_eq!(fh.page_state(1), None);
+    }
+
+    #[test]
+    fn a_failing_load_is_retried_then_fails_with_the_loaders_error() {
+        let (file, fh, vma) = setup(4);
+        file.on_load(|blk, _| Err(format!("media error at {blk}").into()));
+        let f = serve(&fh.inner, &request(&vma, 3, Access::Read)).unwrap_err();
+        let Failure::Load { attempts, source } = &f else {
+            panic!("{f:?}");
+        };
+        assert_eq!(
+            (*attempts, source.to_string()),
+            (2, "media error at 3".into())
+        );
+        assert_eq!(fh.page_state(3), None, "no LOADING page left behind");
+        assert_eq!(fh.stats().load_errors, 2);
+        assert_eq!(fh.ram().stats().stats.resident_pages, 0);
+        assert!(vma.mapped_pages().is_empty());
+    }
+
+    #[test]
+    fn a_loader_asking_for_its_own_page_is_a_deadlock_not_a_hang() {
+        let (file, fh, vma) = setup(4);
+        let inner = Arc::new(OnceLock::new());
+        let req = request(&vma, 0, Access::Read);
+        {
+            let (inner, fh) = (inner.clone(), fh.inner.clone());
+            file.on_load(move |_, _| {
+                let nested = serve(&fh, &req);
+                let _ = inner.set(nested.map_err(|f| f.message(0, "memfile")));
+                Ok(())
+            });
+        }
+        serve(&fh.inner, &req).unwrap();
+        file.clear_load_hook();
+        let nested = inner.get().expect("the loader asked");
+        assert!(
+            nested
+                .as_ref()
+                .unwrap_err()
+                .contains("loadblk of block 0 of memfile touched the page it is loading"),
+            "{nested:?}"
+        );
+    }
+
+    #[test]
+    fn a_page_invalidated_while_loading_is_loaded_afresh() {
+        let (file, fh, vma) = setup(4);
+        let fh2 = fh.inner.clone();
+        let once = std::sync::atomic::AtomicBool::new(true);
+        file.on_load(move |blk, _| {
+            if once.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                // The data changed underneath while this load ran.
+                FileH { inner: fh2.clone() }.invalidate_page(blk).unwrap();
+            }
+            Ok(())
+        });
+        serve(&fh.inner, &request(&vma, 1, Access::Read)).unwrap();
+        file.clear_load_hook();
+        assert_eq!(file.take_calls(), [Call::Load(1), Call::Load(1)]);
+        assert_eq!(fh.page_state(1), Some(PageState::Loaded));
+        let stats = fh.stats();
+        assert_eq!((stats.loads, stats.resident_pages), (2, 1));
+    }
+}

@@ -446,3 +446,177 @@ impl State {
         self.vma(fk, vk).mapped_blocks().collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::advice::Advice;
+
+    const PS: usize = 4096;
+
+    struct Fixture {
+        st: State,
+        rc: Counters,
+        fh: Arc<Counters>,
+        fk: FileKey,
+        vk: VmaKey,
+        start: NonNull<u8>,
+    }
+
+    /// A state with one handle (on a real RAM handle) and one mapping of
+    /// its blocks 10..14 at a made-up address (no system call is made).
+    fn fixture() -> Fixture {
+        let ram = bigfile_ram::Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap();
+        let ramh = Arc::new(ram.open_handle().unwrap());
+        let mut st = State::default();
+        let fh = Arc::new(Counters::default());
+        let fk = st.open_handle(ramh, fh.clone());
+        let start = NonNull::new(0x7000_0000_0000 as *mut u8).unwrap();
+        let vk = st.add_vma(fk, VmaState::new(start, 10, 4));
+        Fixture {
+            st,
+            rc: Counters::default(),
+            fh,
+            fk,
+            vk,
+            start,
+        }
+    }
+
+    impl Fixture {
+        fn vma_id(&self) -> VmaId {
+            VmaId {
+                key: self.vk,
+                start: self.start.as_ptr() as usize,
+            }
+        }
+
+        /// Load block `blk` into RAM page `rp` and map it in the mapping.
+        fn resident(&mut self, blk: u64, rp: u64) -> PageKey {
+            let pk = self.st.begin_load(self.fk, blk, Ticket::mine());
+            assert_eq!(
+                self.st.finish_load(pk, RamPage(rp), &self.rc),
+                LoadEnd::Loaded
+            );
+            let slot = self.st.slot(self.fk, self.vma_id(), blk, PS).unwrap();
+            self.st.set_mapped(self.fk, self.vk, slot.index);
+            pk
+        }
+    }
+
+    #[test]
+    fn a_load_counts_against_the_budget_and_ends_on_the_lru() {
+        let mut f = fixture();
+        let pk = f.st.begin_load(f.fk, 11, Ticket::mine());
+        assert_eq!(f.st.lookup(f.fk, 11), Some(pk));
+        assert_eq!(f.st.budget().resident(), 1);
+        assert!(f.st.pages().any_loading() && !f.st.lru().contains(pk));
+        f.st.finish_load(pk, RamPage(0), &f.rc);
+        assert!(f.st.lru().contains(pk));
+        let s = f.fh.snapshot();
+        assert_eq!((s.loads, s.resident_pages), (1, 1));
+        assert_eq!(f.rc.snapshot().loads, 1, "counted for the RAM too");
+    }
+
+    #[test]
+    fn dirty_pages_leave_the_lru_and_come_back_clean() {
+        let mut f = fixture();
+        let pk = f.resident(12, 0);
+        f.st.mark_dirty(pk, &f.rc);
+        f.st.mark_dirty(pk, &f.rc); // already dirty: counted once
+        assert!(!f.st.lru().contains(pk));
+        assert_eq!(f.st.dirty_pages(f.fk), [(12, pk)]);
+        assert_eq!(f.fh.snapshot().dirty_pages, 1);
+        f.st.mark_clean(pk, &f.rc);
+        assert!(f.st.lru().contains(pk));
+        assert!(f.st.dirty_pages(f.fk).is_empty());
+        assert_eq!(f.fh.snapshot().dirty_pages, 0);
+    }
+
+    #[test]
+    fn detach_hands_back_the_slots_and_the_memory() {
+        let mut f = fixture();
+        let pk = f.resident(13, 7);
+        f.st.mark_dirty(pk, &f.rc);
+        let mut slots = Vec::new();
+        let d = f.st.detach(pk, &f.rc, Unmap::Deferred, &mut slots);
+        assert_eq!(
+            d,
+            Detached {
+                fileh: f.fk,
+                ram_page: Some(RamPage(7))
+            }
+        );
+        assert_eq!(slots.len(), 1);
+        assert_eq!(
+            (slots[0].index, slots[0].addr.as_ptr() as usize),
+            (3, 0x7000_0000_0000 + 3 * PS)
+        );
+        assert_eq!(f.st.lookup(f.fk, 13), None);
+        assert!(
+            f.st.block_unmapping(f.fk, 13),
+            "deferred: marked until unmapped"
+        );
+        f.st.slot_unmapped(&slots[0]);
+        assert!(!f.st.block_unmapping(f.fk, 13));
+        let s = f.fh.snapshot();
+        assert_eq!(
+            (s.dirty_pages, s.resident_pages, f.st.budget().resident()),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn reclaim_takes_the_oldest_clean_page_and_batches_become_spares() {
+        let mut f = fixture();
+        let a = f.resident(10, 0);
+        let b = f.resident(11, 1);
+        f.st.touch(a); // b is now the oldest
+        let mut slots = Vec::new();
+        let d = f.st.reclaim_oldest(&f.rc, Unmap::Now, &mut slots).unwrap();
+        assert_eq!(d.ram_page, Some(RamPage(1)));
+        assert_eq!(f.st.lookup(f.fk, 11), None);
+        assert_eq!(f.fh.snapshot().reclaims, 1);
+        // The next oldest (a) becomes a spare of the handle: still
+        // counted, usable once unmapped.
+        let rp = f.st.spare_from_lru(f.fk, &f.rc, &mut slots).unwrap();
+        assert_eq!(rp, RamPage(0));
+        assert_eq!(f.st.budget().resident(), 1);
+        assert_eq!(f.st.take_spare(f.fk, &f.rc), None, "not unmapped yet");
+        f.st.spare_unmapped(f.fk, rp);
+        assert_eq!(f.st.take_spare(f.fk, &f.rc), Some(rp));
+        assert!(f.st.reclaim_oldest(&f.rc, Unmap::Now, &mut slots).is_none());
+        let _ = b;
+    }
+
+    #[test]
+    fn drop_behind_demotes_the_block_before_in_a_sequential_mapping() {
+        let mut f = fixture();
+        let a = f.resident(10, 0);
+        let b = f.resident(11, 1);
+        let id = f.vma_id();
+        assert!(!f.st.drop_behind(f.fk, id, 12, true), "not advised");
+        assert_eq!(f.st.lru().oldest(), Some(a));
+        f.st.vma_mut(f.fk, f.vk).set_advice(Advice::Sequential);
+        assert!(f.st.drop_behind(f.fk, id, 12, true));
+        assert_eq!(f.st.lru().oldest(), Some(b));
+        let gone = VmaId {
+            key: f.vk,
+            start: 1,
+        };
+        assert!(
+            !f.st.drop_behind(f.fk, gone, 11, true),
+            "another mapping now"
+        );
+    }
+
+    #[test]
+    fn a_writeout_is_a_ticket_of_the_handle() {
+        let mut f = fixture();
+        let t = Ticket::mine();
+        f.st.begin_writeout(f.fk, t.clone());
+        assert!(Arc::ptr_eq(f.st.writeout(f.fk).unwrap(), &t));
+        assert!(Arc::ptr_eq(&f.st.end_writeout(f.fk).unwrap(), &t));
+        assert!(f.st.writeout(f.fk).is_none());
+    }
+}

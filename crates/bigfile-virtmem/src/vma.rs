@@ -103,6 +103,14 @@ impl Vma {
         Ok(vma)
     }
 
+    /// The mapping as a fault names it.
+    pub(crate) fn id(&self) -> VmaId {
+        VmaId {
+            key: self.key,
+            start: self.start.as_ptr() as usize,
+        }
+    }
+
     /// Start of the mapping.
     pub fn as_ptr(&self) -> *mut u8 {
         self.start.as_ptr()
@@ -254,10 +262,7 @@ impl Vma {
         let first = range.start / ps;
         for idx in first..=(range.end - 1) / ps {
             let req = PageRequest {
-                vma: VmaId {
-                    key: self.key,
-                    start: self.start.as_ptr() as usize,
-                },
+                vma: self.id(),
                 blk: self.pgoffset + idx as u64,
                 access,
                 // Drop-behind would reclaim the pages just prefaulted.

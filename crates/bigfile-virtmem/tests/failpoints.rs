@@ -2,48 +2,17 @@
 //! fault-injection suite (tests/faults) runs them all in a whole workload.
 #![cfg(feature = "failpoints")]
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use bigfile_virtmem::{BigFile, BlockError, Error, FileH, PageState, Ram, WriteoutFlags};
+use bigfile_testkit::memory::prot_at;
+use bigfile_testkit::MemFile;
+use bigfile_virtmem::{Error, FileH, PageState, Ram, WriteoutFlags};
 
 const BLK: usize = 4096;
 
-/// Block n is all bytes n + 1: never zeros, unlike a dropped RAM page.
-/// Counts its stores.
-#[derive(Default)]
-struct Blocks {
-    stores: AtomicUsize,
-}
-
-impl BigFile for Blocks {
-    fn blksize(&self) -> usize {
-        BLK
-    }
-    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        buf.fill(blk as u8 + 1);
-        Ok(())
-    }
-    fn storeblk(&self, _blk: u64, _buf: &[u8]) -> Result<(), BlockError> {
-        self.stores.fetch_add(1, Relaxed);
-        Ok(())
-    }
-}
-
-/// Permissions of the mapping holding `addr`, from /proc/self/maps.
+/// Permissions of the mapping holding `addr`.
 fn perms_at(addr: usize) -> String {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    for line in maps.lines() {
-        let mut it = line.split_whitespace();
-        let (range, perms) = (it.next().unwrap(), it.next().unwrap());
-        let (a, b) = range.split_once('-').unwrap();
-        let a = usize::from_str_radix(a, 16).unwrap();
-        let b = usize::from_str_radix(b, 16).unwrap();
-        if (a..b).contains(&addr) {
-            return perms.to_owned();
-        }
-    }
-    panic!("{addr:#x} is not mapped");
+    prot_at(addr).unwrap_or_else(|| panic!("{addr:#x} is not mapped"))
 }
 
 /// When a dropped page cannot be replaced by the reservation (mmap fails,
@@ -54,7 +23,7 @@ fn perms_at(addr: usize) -> String {
 fn a_page_that_cannot_be_unmapped_is_made_inaccessible() {
     let _scenario = fail::FailScenario::setup();
     let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
-    let fh = FileH::open(Arc::new(Blocks::default()), Some(&ram)).unwrap();
+    let fh = FileH::open(Arc::new(MemFile::new(BLK)), Some(&ram)).unwrap();
     let vma = fh.mmap(0, 2).unwrap();
     let mut b = [0u8];
     vma.read_at(0, &mut b).unwrap();
@@ -80,7 +49,7 @@ fn a_page_that_cannot_be_unmapped_is_made_inaccessible() {
 fn writeout_that_cannot_protect_a_page_fails_and_keeps_it_dirty() {
     let _scenario = fail::FailScenario::setup();
     let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
-    let file = Arc::new(Blocks::default());
+    let file = Arc::new(MemFile::new(BLK));
     let fh = FileH::open(file.clone(), Some(&ram)).unwrap();
     let vma = fh.mmap(0, 2).unwrap();
     vma.write_at(0, b"x").unwrap();
@@ -93,14 +62,14 @@ fn writeout_that_cannot_protect_a_page_fails_and_keeps_it_dirty() {
             matches!(res, Err(Error::Os { op: "mprotect", .. })),
             "{res:?}"
         );
-        assert_eq!(file.stores.load(Relaxed), 0);
+        assert_eq!(file.stores(), 0);
         assert_eq!(fh.dirty_blocks(), [0]);
         assert_eq!(fh.page_state(0), Some(PageState::Dirty));
         assert_eq!(perms_at(vma.as_ptr() as usize), "rw-s");
     }
     fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
         .unwrap();
-    assert_eq!(file.stores.load(Relaxed), 1);
+    assert_eq!(file.stores(), 1);
     assert!(fh.dirty_blocks().is_empty());
     assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
 }
@@ -112,7 +81,7 @@ fn writeout_that_cannot_protect_a_page_fails_and_keeps_it_dirty() {
 fn prefault_reports_a_mapping_failure_as_an_os_error() {
     let _scenario = fail::FailScenario::setup();
     let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
-    let fh = FileH::open(Arc::new(Blocks::default()), Some(&ram)).unwrap();
+    let fh = FileH::open(Arc::new(MemFile::new(BLK)), Some(&ram)).unwrap();
     let vma = fh.mmap(0, 2).unwrap();
     fail::cfg("ram::map_page", &format!("1*return({})", libc::ENOMEM)).unwrap();
     let res = vma.prefault(0..BLK, bigfile_virtmem::Access::Read);
