@@ -10,7 +10,9 @@ use std::sync::Arc;
 use bigfile_virtmem::{Access, Error, FileH, Ram, Vma, WriteoutFlags};
 
 use crate::leaks::Baseline;
-use crate::model::{InjectFile, Model};
+use bigfile_testkit::MemFile;
+
+use crate::model::{inject_file, Model};
 
 /// Pages the tmpfs holds.
 const FS_PAGES: u64 = 16;
@@ -79,7 +81,7 @@ impl Drop for TinyTmpfs {
 
 /// One file on the tmpfs RAM with its handle, mapping and model.
 struct Side {
-    file: Arc<InjectFile>,
+    file: Arc<MemFile>,
     fh: Option<FileH>,
     vma: Option<Vma>,
     model: Model,
@@ -87,7 +89,7 @@ struct Side {
 
 impl Side {
     fn new(ram: &Ram, ps: usize, nblk: u64) -> Result<Side, String> {
-        let file = Arc::new(InjectFile::new(ps));
+        let file = inject_file(ps);
         let fh = FileH::open(file.clone(), Some(ram)).map_err(|e| format!("open: {e}"))?;
         let vma = fh.mmap(0, nblk).map_err(|e| format!("mmap: {e}"))?;
         Ok(Side {
@@ -236,7 +238,7 @@ fn exhaust(ram: &Ram, ps: usize, used: &mut Vec<std::ops::Range<usize>>) -> Resu
         a.read(blk).map_err(|e| format!("A after recovery: {e}"))?;
     }
     for blk in 0..nblk {
-        if a.file.stored(blk) != a.model.committed(blk) {
+        if a.file.content(blk) != a.model.committed(blk) {
             return Err(format!(
                 "A's block {blk} in the file differs from the model"
             ));
@@ -247,7 +249,7 @@ fn exhaust(ram: &Ram, ps: usize, used: &mut Vec<std::ops::Range<usize>>) -> Resu
     fh_b.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
         .map_err(|e| format!("writeout B: {e}"))?;
     for (&blk, data) in &b.model.dirty {
-        if b.file.stored(blk) != *data {
+        if b.file.content(blk) != *data {
             return Err(format!(
                 "B's block {blk} in the file differs from the model"
             ));
