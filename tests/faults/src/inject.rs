@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use bigfile_virtmem::{Access, Error, FileH, PageState, Ram, Vma, WriteoutFlags};
 
 use crate::leaks::{self, Baseline};
+use bigfile_testkit::child::{self, Death};
 use bigfile_testkit::memfile::BlockError;
 use bigfile_testkit::MemFile;
 
@@ -774,34 +775,19 @@ const FAULT_CHILDREN: &[FaultChild] = &[
 /// Spawn this binary as child `c`; it must die by SIGBUS after its marker,
 /// with the diagnostic.
 fn run_fault_child(c: &FaultChild) -> Result<String, String> {
-    use std::os::unix::process::ExitStatusExt;
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let out = std::process::Command::new(exe)
-        .env(CHILD_ENV, c.name)
-        .output()
-        .map_err(|e| format!("spawn: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let diag = stderr
-        .lines()
-        .find(|l| l.starts_with("bigfile:"))
-        .unwrap_or("");
-    if out.status.signal() != Some(libc::SIGBUS) {
-        return Err(format!(
-            "ended with {:?}, expected SIGBUS; stdout {stdout:?}, stderr {stderr:?}",
-            out.status
-        ));
+    let mut cmd = std::process::Command::new(exe);
+    cmd.env(CHILD_ENV, c.name);
+    let ended = child::run(cmd, child::TIMEOUT)?;
+    Death::by(libc::SIGBUS)
+        .stderr(&["bigfile:", c.message])
+        .absent(&["survived"])
+        .check(&ended)?;
+    if !ended.stdout.contains("armed") {
+        return Err(format!("died in the wrong place\n{}", ended.describe()));
     }
-    if !stdout.contains("armed") || stdout.contains("survived") {
-        return Err(format!("died in the wrong place: stdout {stdout:?}"));
-    }
-    if !diag.contains(c.message) {
-        return Err(format!(
-            "diagnostic {diag:?} does not mention {:?}; stderr {stderr:?}",
-            c.message
-        ));
-    }
-    Ok(format!("SIGBUS as documented: {diag}"))
+    let diag = ended.stderr.lines().find(|l| l.starts_with("bigfile:"));
+    Ok(format!("SIGBUS as documented: {}", diag.unwrap_or("")))
 }
 
 fn fault_child(name: &str) {
