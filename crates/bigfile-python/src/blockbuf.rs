@@ -168,9 +168,9 @@ pub(crate) fn scrub(
     buf.get().revoked.store(true, SeqCst);
     clear_exc(py);
     // One reference is ours: anything more is a cycle, a frame or a user.
-    if mv.get_refcnt() > 1 {
+    if refcnt(&mv) > 1 {
         gc_collect(py);
-        if mv.get_refcnt() > 1 {
+        if refcnt(&mv) > 1 {
             stub_in_frames(py, &mv);
         }
     }
@@ -194,6 +194,12 @@ pub(crate) fn scrub(
     clear_exc(py);
 }
 
+/// The reference count of `obj`.
+fn refcnt(obj: &Bound<'_, PyMemoryView>) -> ffi::Py_ssize_t {
+    // SAFETY: `obj` is a live object and the GIL is held (a `Bound` exists).
+    unsafe { ffi::Py_REFCNT(obj.as_ptr()) }
+}
+
 fn gc_collect(py: Python<'_>) {
     if let Ok(gc) = py.import("gc") {
         let _ = gc.call_method0("collect");
@@ -211,7 +217,7 @@ fn running_frames<'py>(py: Python<'py>) -> Vec<Bound<'py, PyAny>> {
         clear_exc(py);
         return out;
     };
-    let Ok(frames) = frames.downcast_into::<PyDict>() else {
+    let Ok(frames) = frames.cast_into::<PyDict>() else {
         return out;
     };
     for (_, top) in frames.iter() {

@@ -56,7 +56,7 @@ fn _ensure_fault_handler_on_top() -> PyResult<bool> {
 #[pyfunction]
 fn _read_nogil(py: Python<'_>, vma: &Bound<'_, fileh::PyVMA>, offset: usize) -> PyResult<u8> {
     let vma = vma.borrow().get()?;
-    py.allow_threads(|| {
+    py.detach(|| {
         let mut b = [0u8];
         vma.read_at(offset, &mut b).map(|()| b[0])
     })
@@ -72,7 +72,7 @@ fn _read_in_new_thread(
     offset: usize,
 ) -> PyResult<u8> {
     let vma = vma.borrow().get()?;
-    py.allow_threads(|| {
+    py.detach(|| {
         std::thread::spawn(move || {
             let mut b = [0u8];
             vma.read_at(offset, &mut b).map(|()| b[0])

@@ -88,9 +88,9 @@ fn open_file(path_or_fd: &Bound<'_, PyAny>) -> PyResult<(File, PathBuf)> {
                 .map_or_else(|_| "?".into(), |n| n.to_string())
         ))
     })?;
-    let path = if let Ok(s) = p.downcast::<PyString>() {
+    let path = if let Ok(s) = p.cast::<PyString>() {
         PathBuf::from(s.to_str()?)
-    } else if let Ok(b) = p.downcast::<PyBytes>() {
+    } else if let Ok(b) = p.cast::<PyBytes>() {
         PathBuf::from(OsString::from_vec(b.as_bytes().to_vec()))
     } else {
         return Err(PyTypeError::new_err(
@@ -167,7 +167,7 @@ impl PyFileBigFile {
 
     /// Read block `blk` into the writable buffer `buf` (`blksize` bytes);
     /// past the end of the file: zeros.
-    fn loadblk(&self, py: Python<'_>, blk: u64, buf: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn loadblk(&self, blk: u64, buf: &Bound<'_, PyAny>) -> PyResult<()> {
         let b = block_buffer(buf, self.file.blksize(), true)?;
         // SAFETY: `b` holds the export, so the memory stays valid for
         // `len_bytes` bytes; it is writable and contiguous (checked). The GIL
@@ -176,19 +176,19 @@ impl PyFileBigFile {
         let dst =
             unsafe { std::slice::from_raw_parts_mut(b.buf_ptr().cast::<u8>(), b.len_bytes()) };
         let r = self.file.loadblk(blk, dst);
-        b.release(py);
+        drop(b);
         r.map_err(|e| block_error_to_py(&*e))
     }
 
     /// Write the buffer `buf` (`blksize` bytes) as block `blk`.
-    fn storeblk(&self, py: Python<'_>, blk: u64, buf: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn storeblk(&self, blk: u64, buf: &Bound<'_, PyAny>) -> PyResult<()> {
         let b = block_buffer(buf, self.file.blksize(), false)?;
         // SAFETY: as in loadblk; the memory is only read.
         let src = unsafe {
             std::slice::from_raw_parts(b.buf_ptr().cast::<u8>().cast_const(), b.len_bytes())
         };
         let r = self.file.storeblk(blk, src);
-        b.release(py);
+        drop(b);
         r.map_err(|e| block_error_to_py(&*e))
     }
 
@@ -203,14 +203,16 @@ impl PyFileBigFile {
     /// only hands them to the OS.
     fn sync(&self, py: Python<'_>) -> PyResult<()> {
         let file = self.file.clone();
-        py.allow_threads(move || file.sync())
+        py.detach(move || file.sync())
             .map_err(|e| os_error(e, &self.file.path().display().to_string()))
     }
 
     /// The path of the file (for a descriptor, what /proc says it is).
     #[getter]
-    fn path(&self) -> PathBuf {
-        self.file.path().to_owned()
+    fn path(&self) -> OsString {
+        // A str (not a pathlib.Path, pyo3's conversion of a PathBuf), as
+        // io.FileIO's `name`.
+        self.file.path().as_os_str().to_owned()
     }
 
     fn __repr__(&self) -> String {

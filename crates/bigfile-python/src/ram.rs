@@ -87,7 +87,7 @@ pub(crate) fn resolve_ram(
     let spec = match ram {
         Some(r) if r.is_none() => None,
         Some(r) => {
-            if let Ok(r) = r.downcast::<PyRam>() {
+            if let Ok(r) = r.cast::<PyRam>() {
                 if budget.is_some() {
                     return Err(PyValueError::new_err(
                         "budget= applies to a RAM that fileh_open creates; set the budget of a RAM object on it",
