@@ -81,7 +81,7 @@ fn python_bench(quick: bool) -> Result<Results> {
     let (version, exe) = python::interpreters()
         .into_iter()
         .next()
-        .ok_or("no CPython 3.9-3.13 found")?;
+        .ok_or("no CPython 3.9-3.14 found")?;
     let venv = python::venv(&version, &exe)?;
     run(Command::new(venv.join("bin/maturin"))
         .args(["develop", "--release", "--quiet"])

@@ -1,8 +1,9 @@
 //! `cargo xtask <task>`: the project's automation, in Rust so it needs
 //! nothing but cargo.
 //!
-//! - `test`: everything CI runs: formatting, clippy, every Rust test, the
-//!   Python tests on every CPython 3.9-3.13 found, and the fault suite.
+//! - `test [lint|rust|python|faults]`: everything CI runs (formatting,
+//!   clippy and the module-cycle check; every Rust test; the Python tests on
+//!   every CPython 3.9-3.14 found; the fault suite), or one of those parts.
 //! - `faults [FILTER]`: the fault suite (crash, inject and race scenarios
 //!   whose names contain FILTER); see README.md.
 //! - `bench [--quick]`: benchmarks with their baselines, one table.
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
 
 mod bench;
+mod cycles;
 mod python;
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -41,7 +43,7 @@ fn usage() -> ! {
         "usage: cargo xtask <task>\n\
          \n\
          tasks:\n  \
-           test          fmt check, clippy, all Rust tests, Python tests, fault suite (what CI runs)\n  \
+           test [PART]   what CI runs: lint (fmt, clippy, module cycles), rust, python, faults;\n                or only PART\n  \
            faults [FILTER]  the fault suite (crash, inject, races) or the scenarios matching FILTER\n  \
            bench [--quick]  benchmarks with kernel baselines, printed as one table\n  \
            demo [--file PATH] [--size N] [--ram-budget N] [--blksize N]\n                the main job: a file bigger than the RAM budget used as memory"
@@ -49,12 +51,28 @@ fn usage() -> ! {
     exit(2)
 }
 
-/// The workspace root (xtask lives one level below it).
+/// The workspace root of the checkout `cargo xtask` was run in, found at
+/// run time: with a target directory shared by several checkouts, the
+/// binary may have been built from another one. `cargo run` gives the
+/// package's directory (xtask, one level below the root); without it, the
+/// nearest directory above the current one holding a workspace with xtask.
 pub(crate) fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask is inside the workspace")
+    if let Some(dir) = env::var_os("CARGO_MANIFEST_DIR") {
+        let xtask = PathBuf::from(dir);
+        if let Some(root) = xtask.parent().filter(|r| is_root(r)) {
+            return root.to_path_buf();
+        }
+    }
+    let cwd = env::current_dir().expect("a current directory");
+    cwd.ancestors()
+        .find(|d| is_root(d))
+        .unwrap_or_else(|| panic!("no bigfile workspace above {}", cwd.display()))
         .to_path_buf()
+}
+
+fn is_root(dir: &Path) -> bool {
+    dir.join("xtask/Cargo.toml").is_file()
+        && std::fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|t| t.contains("[workspace]"))
 }
 
 pub(crate) fn cargo() -> Command {
@@ -77,10 +95,56 @@ pub(crate) fn run(cmd: &mut Command) -> Result {
     }
 }
 
+/// A part of `cargo xtask test`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// Formatting, clippy (of the workspace and of tests/faults) and the
+    /// module-cycle check.
+    Lint,
+    /// Every Rust test: the workspace's, the libraries' failure-point
+    /// tests, the fault suite's own unit tests.
+    Rust,
+    /// The Python tests on every CPython found.
+    Python,
+    /// The fault suite.
+    Faults,
+}
+
+const PARTS: [(&str, Part); 4] = [
+    ("lint", Part::Lint),
+    ("rust", Part::Rust),
+    ("python", Part::Python),
+    ("faults", Part::Faults),
+];
+
 fn test(args: &[String]) -> Result {
-    if let Some(a) = args.first() {
-        return Err(format!("test takes no arguments, got {a:?}"));
+    let parts: Vec<Part> = match args {
+        [] => PARTS.iter().map(|&(_, p)| p).collect(),
+        [name] => match PARTS.iter().find(|(n, _)| n == name) {
+            Some(&(_, p)) => vec![p],
+            None => {
+                return Err(format!(
+                    "test takes lint, rust, python or faults, got {name:?}"
+                ))
+            }
+        },
+        _ => return Err(format!("test takes at most one part, got {args:?}")),
+    };
+    for part in &parts {
+        match part {
+            Part::Lint => lint()?,
+            Part::Rust => rust_tests()?,
+            Part::Python => python::test_all()?,
+            // After the Python part, the package is built in the first
+            // CPython's venv already.
+            Part::Faults => run_faults(&[], faults_python(!parts.contains(&Part::Python))?)?,
+        }
     }
+    eprintln!("xtask: all tests passed");
+    Ok(())
+}
+
+fn lint() -> Result {
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -93,23 +157,19 @@ fn test(args: &[String]) -> Result {
     // The fault suite is a workspace of its own: the commands above do
     // not see it.
     let suite = root().join("tests/faults/Cargo.toml");
-    if suite.exists() {
-        run(cargo()
-            .args(["fmt", "--check", "--manifest-path"])
-            .arg(&suite))?;
-        run(cargo()
-            .args(["clippy", "--release", "--all-targets", "--manifest-path"])
-            .arg(&suite)
-            .arg("--target-dir")
-            .arg(faults_target_dir())
-            .args(["--", "-D", "warnings"]))?;
-        // The suite's own unit tests (its helpers, e.g. reading gdb output).
-        run(cargo()
-            .args(["test", "--release", "--manifest-path"])
-            .arg(&suite)
-            .arg("--target-dir")
-            .arg(faults_target_dir()))?;
-    }
+    run(cargo()
+        .args(["fmt", "--check", "--manifest-path"])
+        .arg(&suite))?;
+    run(cargo()
+        .args(["clippy", "--release", "--all-targets", "--manifest-path"])
+        .arg(&suite)
+        .arg("--target-dir")
+        .arg(faults_target_dir())
+        .args(["--", "-D", "warnings"]))?;
+    cycles::check(&root())
+}
+
+fn rust_tests() -> Result {
     run(cargo().args(["test", "--workspace"]))?;
     // The libraries' own failure-point tests (regressions found by the
     // suite), built where the suite builds, so the feature stays out of the
@@ -127,11 +187,12 @@ fn test(args: &[String]) -> Result {
             "--target-dir",
         ])
         .arg(faults_target_dir()))?;
-    python::test_all()?;
-    // test_all has just built the package into every venv.
-    run_faults(&[], faults_python(false)?)?;
-    eprintln!("xtask: all tests passed");
-    Ok(())
+    // The suite's own unit tests (its helpers, e.g. reading gdb output).
+    run(cargo()
+        .args(["test", "--release", "--manifest-path"])
+        .arg(root().join("tests/faults/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(faults_target_dir()))
 }
 
 fn faults(args: &[String]) -> Result {
