@@ -11,12 +11,10 @@
 //! re-executes, so the process dies at the faulting instruction with a true
 //! core.
 //!
-//! Invariants: the signal handler's lookup takes no lock (the table is an
-//! immutable snapshot behind an atomic pointer, swapped by writers who wait
-//! for readers); a registration's handler object is never used after its
-//! [`Registration`] has been dropped (the drop waits for handlers running on
-//! other threads); errno is preserved across a served fault; a panic never
-//! unwinds through the signal frame; nesting deeper than [`MAX_DEPTH`] is fatal.
+//! Its invariants (a lock-free lookup, no handler used after its
+//! [`Registration`] is dropped, errno preserved, no unwinding through the
+//! signal frame, at most [`MAX_DEPTH`] nested faults) and where it sits in
+//! the fault path are in ARCHITECTURE.md at the repository root.
 //!
 //! The handler contract: [`FaultHandler::handle`] runs inside a signal
 //! handler, synchronously on the faulting thread, with that thread's own

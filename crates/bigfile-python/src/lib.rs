@@ -2,19 +2,12 @@
 //!
 //! It owns the Python face of virtmem: `BigFile` (a base class whose
 //! subclasses implement `loadblk`/`storeblk` in Python), `BigFileH`, `VMA`
-//! (a writable buffer numpy can use without copying) and `RAM`. Invariants:
-//! - every Python call made from virtmem (loadblk from a page fault, storeblk
-//!   from a writeout) holds the GIL taken with `PyGILState_Ensure`, runs
-//!   with the thread's raised and handled exception state saved and clear,
-//!   and leaves that state exactly as it found it;
-//! - after such a call no Python object can reach the block's memory (see
-//!   `blockbuf`);
-//! - virtmem releases the GIL before it takes its own lock or waits (the
-//!   `Gil` host lock);
-//! - a VMA keeps its BigFileH alive and a BigFileH its BigFile; the
-//!   references held in Rust are visible to the cyclic GC;
-//! - our SIGSEGV handler is put back on top whenever Python's faulthandler
-//!   may have displaced it.
+//! (a writable buffer numpy can use without copying) and `RAM`. Its
+//! invariants (the GIL and exception state around every Python call made
+//! from virtmem, no Python object reaching a block's memory after the call,
+//! the references the cyclic GC sees, our signal handler kept on top) and
+//! its place in the lock order are in ARCHITECTURE.md at the repository
+//! root.
 
 mod adapter;
 mod blockbuf;

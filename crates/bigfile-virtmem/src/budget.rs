@@ -1,12 +1,7 @@
 //! The RAM budget's accounting: pages holding (or about to hold) memory,
-//! and the spares of batched reclaim.
-//!
-//! Batched reclaim (the policy is described in ARCHITECTURE.md): a load
-//! that finds the budget full reclaims several clean pages of its handle at
-//! once ([`batch_size`]); one is reused for the load, the others are kept
-//! as *spares*, still counted here, for the handle's next loads. A spare is
-//! usable only once its reclaimer has unmapped it (`ready`): before that
-//! its old slot still shows its old data.
+//! and the spares of batched reclaim ("Batched reclaim" in ARCHITECTURE.md).
+//! A spare is usable only once its reclaimer has unmapped it (`ready`):
+//! before that its old slot still shows its old data.
 
 use crate::keys::{FileKey, RamPage};
 

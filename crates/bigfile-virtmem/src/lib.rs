@@ -6,15 +6,10 @@
 //! It owns the `BigFile` trait, file handles ([`FileH`]: a snapshot of a
 //! file plus its own in-memory changes), mappings ([`Vma`]), page states, the
 //! loading protocol, the dirty list, writeout, discard, invalidation, and LRU
-//! reclaim of clean pages under a [`Ram`]'s budget. Invariants:
-//! - a page's memory is visible in a mapping only after `loadblk` filled it;
-//! - `loadblk`/`storeblk` never run under the RAM's lock; one `loadblk` per
-//!   page however many threads fault it, the others waiting on a condition
-//!   variable (with the host lock, e.g. Python's GIL, released);
-//! - a LOADED page is mapped read-only everywhere; a DIRTY page is on its
-//!   handle's dirty list and never reclaimed; pages mapped in several
-//!   mappings are one memory;
-//! - nothing is lost on a failed `storeblk`: unstored pages stay dirty.
+//! reclaim of clean pages under a [`Ram`]'s budget. Its invariants, the
+//! path of a fault through its modules, its lock order and its policies
+//! (batched reclaim, drop-behind, load retry) are in ARCHITECTURE.md at the
+//! repository root.
 //!
 //! Errors are values ([`Error`]); inside a page fault, where no value can be
 //! returned, a persistent load failure or an exhausted budget ends in SIGBUS
