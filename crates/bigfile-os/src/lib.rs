@@ -5,6 +5,7 @@
 #![doc = include_str!("../README.md")]
 
 use std::io;
+use std::ptr::NonNull;
 use std::sync::OnceLock;
 
 pub use libc;
@@ -58,6 +59,48 @@ pub fn os_page_size() -> usize {
             .and_then(|s| usize::try_from(s).ok())
             .unwrap_or(4096)
     })
+}
+
+/// Reserve `len` bytes of address space at a multiple of `align` (a power
+/// of two, or any multiple of the OS page size): inaccessible (PROT_NONE),
+/// backed by nothing, for the caller to map over with MAP_FIXED and to
+/// unmap when done. Mapping pages at aligned addresses lets the kernel use
+/// large page-table entries (hugetlbfs requires it).
+pub fn reserve_aligned(len: usize, align: usize) -> io::Result<NonNull<u8>> {
+    let extra = if align > os_page_size() { align } else { 0 };
+    let total = len
+        .checked_add(extra)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+    // SAFETY: a fresh anonymous mapping at an address of the kernel's
+    // choosing cannot alias any existing memory.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let base = addr as usize;
+    let start = if extra == 0 {
+        base
+    } else {
+        base.div_ceil(align) * align
+    };
+    let (head, tail) = (start - base, base + total - (start + len));
+    for (at, n) in [(base, head), (start + len, tail)] {
+        if n > 0 {
+            // SAFETY: the slack around the kept range, part of the mapping
+            // just made; nothing refers to it.
+            unsafe { libc::munmap(at as *mut libc::c_void, n) };
+        }
+    }
+    NonNull::new(start as *mut u8).ok_or_else(|| io::Error::other("mmap returned address 0"))
 }
 
 /// Protection of a page mapping.
@@ -123,6 +166,25 @@ mod tests {
         assert_eq!(
             (e.kind(), e.to_string()),
             (io::ErrorKind::InvalidInput, "bad".into())
+        );
+    }
+
+    #[test]
+    fn a_reservation_is_aligned_and_inaccessible() {
+        let align = 2 << 20;
+        let p = reserve_aligned(3 * os_page_size(), align).unwrap();
+        assert_eq!(p.as_ptr() as usize % align, 0);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let start = format!("{:x}-", p.as_ptr() as usize);
+        let line = maps.lines().find(|l| l.starts_with(&start)).unwrap();
+        assert!(
+            line.split_whitespace().nth(1).unwrap().starts_with("---"),
+            "{line}"
+        );
+        // SAFETY: the reservation just made, used by nothing.
+        assert_eq!(
+            unsafe { libc::munmap(p.as_ptr().cast(), 3 * os_page_size()) },
+            0
         );
     }
 

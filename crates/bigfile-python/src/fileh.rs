@@ -15,6 +15,7 @@ use pyo3::types::PyInt;
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::adapter::PyFileAdapter;
+use crate::blockbuf::export;
 use crate::error::to_py;
 use crate::faults::ensure_on_top;
 use crate::mapcache::{self, MapCache};
@@ -327,21 +328,16 @@ impl PyVMA {
         // SAFETY: `view` is the consumer's Py_buffer; the mapping stays in
         // place while any export is alive (unmap refuses, and each export
         // holds a reference to this object).
-        let r = unsafe {
-            ffi::PyBuffer_FillInfo(
+        unsafe {
+            export(
+                slf.as_any(),
                 view,
-                slf.as_ptr(),
-                this.addr as *mut std::ffi::c_void,
-                this.len as ffi::Py_ssize_t,
-                0,
+                (this.addr as *mut u8, this.len),
+                false,
                 flags,
+                &this.exports,
             )
-        };
-        if r != 0 {
-            return Err(PyErr::fetch(slf.py()));
         }
-        this.exports.fetch_add(1, SeqCst);
-        Ok(())
     }
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {

@@ -196,46 +196,13 @@ pub(crate) fn mmap_aligned(
     flags: libc::c_int,
     fd: BorrowedFd<'_>,
 ) -> io::Result<NonNull<u8>> {
-    let span = len.checked_add(align).ok_or(io::ErrorKind::InvalidInput)?;
-    // SAFETY: not MAP_FIXED: the kernel picks a free range, reserved (no
-    // access, no memory) only to find an aligned place inside it.
-    let res = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            span,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if res == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    let start = res as usize;
-    let aligned = start.next_multiple_of(align);
-    // SAFETY: `[aligned, aligned + len)` lies inside the reservation just
-    // made, which nothing else knows about.
-    let mapped = unsafe {
-        mmap(
-            aligned as *mut u8,
-            len,
-            prot,
-            flags | libc::MAP_FIXED,
-            fd,
-            0,
-        )
-    };
-    // Give back the slack on both sides (and everything, on failure).
-    let (head, tail) = match mapped {
-        Ok(_) => (aligned - start, start + span - (aligned + len)),
-        Err(_) => (span, 0),
-    };
-    for (at, n) in [(start, head), (aligned + len, tail)] {
-        if n > 0 {
-            // SAFETY: part of our own reservation, not handed out.
-            unsafe { libc::munmap(at as *mut libc::c_void, n) };
-        }
+    let aligned = bigfile_os::reserve_aligned(len, align)?;
+    // SAFETY: `[aligned, aligned + len)` is the reservation just made,
+    // which nothing else knows about.
+    let mapped = unsafe { mmap(aligned.as_ptr(), len, prot, flags | libc::MAP_FIXED, fd, 0) };
+    if mapped.is_err() {
+        // SAFETY: our own reservation, not handed out.
+        unsafe { libc::munmap(aligned.as_ptr().cast(), len) };
     }
     mapped
 }

@@ -12,9 +12,8 @@ use bigfile_ram::{
     allocated_bytes, os_page_size, unmap, AllocPolicy, Backend, Prot, Ram, RamError, RamHandle,
     RamSpec, RamStats, ThpPolicy,
 };
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use bigfile_testkit::mount::Mount;
+use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::{Mutex, MutexGuard};
 
@@ -38,54 +37,6 @@ fn skip(why: &str) {
 fn new_ram(spec: &str) -> Ram {
     let spec: RamSpec = spec.parse().unwrap_or_else(|e| panic!("{spec}: {e}"));
     Ram::new(spec.clone()).unwrap_or_else(|e| panic!("{spec}: {e}"))
-}
-
-/// A filesystem mounted on a fresh temporary directory; unmounted and removed on drop.
-struct Mount {
-    dir: PathBuf,
-}
-
-impl Mount {
-    fn new(fstype: &str, options: &str) -> Result<Mount, String> {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "bigfile-ram-test-{}-{fstype}-{n}",
-            std::process::id()
-        ));
-        std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-        let cdir = CString::new(dir.as_os_str().as_bytes()).unwrap();
-        let ctype = CString::new(fstype).unwrap();
-        let copts = CString::new(options).unwrap();
-        // SAFETY: all strings are NUL-terminated and live across the call.
-        let rc = unsafe {
-            libc::mount(
-                ctype.as_ptr(),
-                cdir.as_ptr(),
-                ctype.as_ptr(),
-                0,
-                copts.as_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            let _ = std::fs::remove_dir(&dir);
-            return Err(format!(
-                "mount -t {fstype} -o {options} {}: {e}",
-                dir.display()
-            ));
-        }
-        Ok(Mount { dir })
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let cdir = CString::new(self.dir.as_os_str().as_bytes()).unwrap();
-        // SAFETY: a NUL-terminated path; MNT_DETACH unmounts even if something is still open.
-        unsafe { libc::umount2(cdir.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_dir(&self.dir);
-    }
 }
 
 const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
@@ -127,44 +78,23 @@ impl Drop for HugePages {
     }
 }
 
-/// An anonymous PROT_NONE reservation with a `align`-aligned range of `len` bytes inside.
+/// An anonymous PROT_NONE reservation of `len` bytes at an `align`-aligned address.
 struct Reservation {
-    base: NonNull<u8>,
-    total: usize,
     aligned: NonNull<u8>,
+    len: usize,
 }
 
 impl Reservation {
     fn new(len: usize, align: usize) -> Reservation {
-        let total = len + align;
-        // SAFETY: a fresh anonymous mapping at a kernel-chosen address.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                total,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        let base = NonNull::new(p.cast::<u8>()).unwrap();
-        let skew = (align - base.as_ptr() as usize % align) % align;
-        // SAFETY: `skew < align`, inside the `len + align` bytes just mapped.
-        let aligned = unsafe { base.add(skew) };
-        Reservation {
-            base,
-            total,
-            aligned,
-        }
+        let aligned = bigfile_os::reserve_aligned(len, align).unwrap();
+        Reservation { aligned, len }
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         // SAFETY: the whole reservation (and whatever was mapped over it) is ours.
-        unsafe { unmap(self.base, self.total) }.unwrap();
+        unsafe { unmap(self.aligned, self.len) }.unwrap();
     }
 }
 
@@ -320,7 +250,7 @@ fn hugetlbfs_one_memory_and_drop() {
     // A hugetlbfs mount.
     match Mount::new("hugetlbfs", "pagesize=2M") {
         Ok(m) => {
-            let ram = new_ram(&format!("hugetlbfs:{},alloc=reserve", m.dir.display()));
+            let ram = new_ram(&format!("hugetlbfs:{},alloc=reserve", m.path().display()));
             check_one_memory(&ram);
             check_drop_releases(&ram);
         }
@@ -361,7 +291,7 @@ fn tiny_tmpfs_exhaustion_then_recovery() {
     };
     let ram = new_ram(&format!(
         "shmfs:{},pagesize=2M,alloc=reserve",
-        mount.dir.display()
+        mount.path().display()
     ));
     assert_eq!(ram.max_size(), 8 * MIB as u64);
     let h1 = ram.open_handle().unwrap();

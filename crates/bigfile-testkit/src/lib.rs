@@ -10,7 +10,8 @@
 //!   seeded generator;
 //! - [`memory`]: plain mappings, protections, byte accesses and
 //!   `/proc/self/maps`;
-//! - [`handler`]: fault handlers from closures.
+//! - [`handler`]: fault handlers from closures;
+//! - [`mount`]: a filesystem mounted for a test (a tmpfs to fill).
 //!
 //! See ARCHITECTURE.md at the repository root for who uses it.
 
@@ -19,5 +20,6 @@ pub mod handler;
 pub mod memfile;
 pub mod memory;
 pub mod model;
+pub mod mount;
 
 pub use memfile::{Call, MemFile};

@@ -133,10 +133,7 @@ impl FileH {
         let _host = HostUnlocked::new();
         let fh = &*self.inner;
         let shared = &*fh.shared;
-        let mut st = shared.lock();
-        if st.writeout(fh.key).is_some() {
-            return Err(Error::WriteoutInProgress("dirty_writeout"));
-        }
+        let mut st = fh.lock_unless_writeout("dirty_writeout")?;
         let blocks = st.dirty_pages(fh.key);
         if flags.contains(WriteoutFlags::STORE) {
             // Read-only everywhere, so a write during storeblk faults and waits.
@@ -190,10 +187,7 @@ impl FileH {
         let _host = HostUnlocked::new();
         let fh = &*self.inner;
         let shared = &*fh.shared;
-        let mut st = shared.lock();
-        if st.writeout(fh.key).is_some() {
-            return Err(Error::WriteoutInProgress("dirty_discard"));
-        }
+        let mut st = fh.lock_unless_writeout("dirty_discard")?;
         let mapper = Mapper::of(shared);
         for (_, pk) in st.dirty_pages(fh.key) {
             mapper.forget(&mut st, pk, shared.counters());
@@ -209,10 +203,7 @@ impl FileH {
         let _host = HostUnlocked::new();
         let fh = &*self.inner;
         let shared = &*fh.shared;
-        let mut st = shared.lock();
-        if st.writeout(fh.key).is_some() {
-            return Err(Error::WriteoutInProgress("invalidate_page"));
-        }
+        let mut st = fh.lock_unless_writeout("invalidate_page")?;
         if let Some(pk) = st.lookup(fh.key, pgoffset) {
             if st.invalidate(pk) == Invalidation::Resident {
                 Mapper::of(shared).forget(&mut st, pk, shared.counters());

@@ -8,12 +8,12 @@ use std::time::Duration;
 use bigfile_ram::RamHandle;
 
 use crate::bigfile::BigFile;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::host::HostUnlocked;
 use crate::keys::FileKey;
 use crate::mapper::Mapper;
 use crate::ram::Ram;
-use crate::shared::Shared;
+use crate::shared::{Guard, Shared};
 use crate::stats::{CountPair, Counters};
 
 /// How a failing `loadblk` is retried before the fault is given up (SIGBUS).
@@ -83,6 +83,17 @@ impl FileHInner {
         self.load_attempts.store(policy.attempts.max(1), Relaxed);
         self.load_backoff_us
             .store(policy.backoff.as_micros() as u64, Relaxed);
+    }
+
+    /// The RAM lock, to change this handle's pages for `what`: refused
+    /// while a writeout of the handle is in progress. The caller has
+    /// released the host lock.
+    pub(crate) fn lock_unless_writeout(&self, what: &'static str) -> Result<Guard<'_>> {
+        let st = self.shared.lock();
+        if st.writeout(self.key).is_some() {
+            return Err(Error::WriteoutInProgress(what));
+        }
+        Ok(st)
     }
 
     pub(crate) fn page_size(&self) -> usize {

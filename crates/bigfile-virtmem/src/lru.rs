@@ -52,17 +52,29 @@ impl Lru {
     /// Put `pk` (not on the list) at the most recently used end.
     pub(crate) fn push_back(&mut self, pk: PageKey) {
         debug_assert!(!self.contains(pk), "{pk:?} is on the LRU list already");
-        let tail = self.tail;
+        self.insert(pk, false);
+    }
+
+    /// Link `pk` (not on the list) in at the oldest end, or the newest.
+    fn insert(&mut self, pk: PageKey, oldest: bool) {
+        let (prev, next) = if oldest {
+            (None, self.head)
+        } else {
+            (self.tail, None)
+        };
         *self.link(pk) = Link {
-            prev: tail,
-            next: None,
+            prev,
+            next,
             linked: true,
         };
-        match tail {
-            Some(t) => self.link(t).next = Some(pk),
+        match prev {
+            Some(p) => self.link(p).next = Some(pk),
             None => self.head = Some(pk),
         }
-        self.tail = Some(pk);
+        match next {
+            Some(n) => self.link(n).prev = Some(pk),
+            None => self.tail = Some(pk),
+        }
         self.len += 1;
     }
 
@@ -98,18 +110,7 @@ impl Lru {
             return;
         }
         self.remove(pk);
-        let head = self.head;
-        *self.link(pk) = Link {
-            prev: None,
-            next: head,
-            linked: true,
-        };
-        match head {
-            Some(h) => self.link(h).prev = Some(pk),
-            None => self.tail = Some(pk),
-        }
-        self.head = Some(pk);
-        self.len += 1;
+        self.insert(pk, true);
     }
 }
 

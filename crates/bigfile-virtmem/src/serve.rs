@@ -49,7 +49,7 @@ pub(crate) fn serve(fh: &FileHInner, req: &PageRequest) -> Result<(), Failure> {
     let sequential = st.drop_behind(fh.key, req.vma, req.blk, req.drop_behind);
     loop {
         st = match st.lookup(fh.key, req.blk) {
-            None => load(fh, st, req.blk, sequential)?,
+            None => load(fh, st, (req.blk, sequential))?,
             Some(pk) => match st.pages().get(pk).state() {
                 PageState::Loading | PageState::LoadingInvalidated => {
                     wait_for_load(fh, st, req.blk, pk)?
@@ -69,23 +69,18 @@ pub(crate) fn serve(fh: &FileHInner, req: &PageRequest) -> Result<(), Failure> {
 fn load<'a>(
     fh: &'a FileHInner,
     st: Guard<'a>,
-    blk: u64,
-    sequential: bool,
+    (blk, sequential): (u64, bool),
 ) -> Result<Guard<'a>, Failure> {
     let shared = &*fh.shared;
     let mut deferred = Deferred::default();
     let (mut st, room) = make_room(st, shared, (fh.key, &fh.ramh), sequential, &mut deferred);
     let recycled = match room {
         Ok(Room::Ready(recycled)) => recycled,
-        Ok(Room::Retry) => {
+        // Retry: after the deferred work, the next round waits for loads.
+        other => {
             drop(st);
             deferred.finish(shared);
-            return Ok(shared.lock());
-        }
-        Err(failure) => {
-            drop(st);
-            deferred.finish(shared);
-            return Err(failure);
+            return other.map(|_| shared.lock());
         }
     };
     if st.lookup(fh.key, blk).is_some() {

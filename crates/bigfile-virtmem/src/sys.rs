@@ -5,7 +5,7 @@
 use std::io;
 use std::ptr::NonNull;
 
-use bigfile_os::{os_page_size, syscall};
+use bigfile_os::syscall;
 
 /// Reserve `len` bytes of address space aligned to `align` (a power-of-two
 /// multiple of the OS page size, or any page multiple: see below),
@@ -13,47 +13,9 @@ use bigfile_os::{os_page_size, syscall};
 /// at page-size-aligned addresses (hugetlbfs requires it; it also lets the
 /// kernel use large page-table entries).
 pub(crate) fn reserve(len: usize, align: usize) -> io::Result<NonNull<u8>> {
-    let os = os_page_size();
-    let extra = if align > os { align } else { 0 };
-    let total = len
-        .checked_add(extra)
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
     #[cfg(feature = "failpoints")]
     crate::failpoint::check("virtmem::mmap")?;
-    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing
-    // cannot alias any existing memory.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            total,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if addr == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    let base = addr as usize;
-    let start = if extra == 0 {
-        base
-    } else {
-        base.div_ceil(align) * align
-    };
-    let head = start - base;
-    let tail = total - head - len;
-    // SAFETY: head and tail are parts of the mapping just made, outside the
-    // kept range; nothing refers to them.
-    unsafe {
-        if head > 0 {
-            libc::munmap(addr, head);
-        }
-        if tail > 0 {
-            libc::munmap((start + len) as *mut libc::c_void, tail);
-        }
-    }
-    NonNull::new(start as *mut u8).ok_or_else(|| io::Error::other("mmap returned null"))
+    bigfile_os::reserve_aligned(len, align)
 }
 
 /// Put an inaccessible anonymous reservation over `[addr, addr+len)`, dropping
