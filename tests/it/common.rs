@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use bigfile::virtmem::{FileH, Ram};
+use bigfile::virtmem::{FileH, Ram, Vma};
 use bigfile_testkit::memory::{read_byte, write_byte};
 
 pub use bigfile_testkit::memory::prot_at;
@@ -35,4 +35,19 @@ pub fn peek(ptr: *const u8) -> u8 {
 /// Write one byte through a raw pointer (dirtying the page).
 pub fn poke(ptr: *mut u8, v: u8) {
     write_byte(ptr as usize, v)
+}
+
+/// A memory file, a RAM of `budget` pages and a handle of the file on it.
+pub fn handle(budget: u64) -> (Arc<MemFile>, Ram, FileH) {
+    let file = mem_file(BLK);
+    let ram = ram(budget);
+    let fh = open(&file, &ram);
+    (file, ram, fh)
+}
+
+/// [`handle`], and a mapping of the file's first `pages` blocks.
+pub fn setup(budget: u64, pages: u64) -> (Arc<MemFile>, Ram, FileH, Vma) {
+    let (file, ram, fh) = handle(budget);
+    let vma = fh.mmap(0, pages).unwrap();
+    (file, ram, fh, vma)
 }

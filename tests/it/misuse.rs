@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use bigfile::virtmem::{Error, FileH, Ram, WriteoutFlags};
 
-use crate::common::{mem_file, open, ram, MemFile, BLK};
+use crate::common::{handle, mem_file, open, ram, setup, MemFile, BLK};
 
 #[test]
 fn bad_blksize_is_refused() {
@@ -37,9 +37,7 @@ fn default_ram_follows_the_blksize() {
 
 #[test]
 fn bad_ranges_are_refused() {
-    let file = mem_file(BLK);
-    let ram = ram(4);
-    let fh = open(&file, &ram);
+    let (_file, _ram, fh) = handle(4);
     assert!(matches!(fh.mmap(0, 0), Err(Error::InvalidRange(_))));
     assert!(matches!(fh.mmap(u64::MAX, 2), Err(Error::InvalidRange(_))));
     assert!(matches!(
@@ -140,10 +138,7 @@ fn prefault_reports_load_errors_as_values() {
 #[test]
 fn panic_in_loadblk_under_prefault_unwinds_and_leaks_nothing() {
     use bigfile::virtmem::Access;
-    let file = mem_file(BLK);
-    let ram = ram(2);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 4).unwrap();
+    let (file, ram, fh, vma) = setup(2, 4);
     vma.prefault(0..2 * BLK, Access::Read).unwrap();
     file.on_load(|_, _| panic!("loader exploded"));
     // Block 2: the budget is full, block 0's RAM page is recycled for it.

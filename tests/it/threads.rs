@@ -9,14 +9,11 @@ use std::time::Duration;
 
 use bigfile::virtmem::{Advice, Error, LoadError, WriteoutFlags};
 
-use crate::common::{mem_file, open, peek, ram, Call, MemFile, BLK};
+use crate::common::{handle, mem_file, open, peek, ram, setup, Call, MemFile, BLK};
 
 #[test]
 fn two_threads_one_block_one_load() {
-    let file = mem_file(BLK);
-    let ram = ram(16);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 1).unwrap();
+    let (file, _ram, fh, vma) = setup(16, 1);
     file.on_load(|_, _| {
         thread::sleep(Duration::from_millis(100));
         Ok(())
@@ -42,10 +39,7 @@ fn two_threads_one_block_one_load() {
 
 #[test]
 fn two_blocks_load_in_parallel() {
-    let file = mem_file(BLK);
-    let ram = ram(16);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 2).unwrap();
+    let (file, _ram, _fh, vma) = setup(16, 2);
     // Each loader waits (up to 10 s) for the other to be inside loadblk too:
     // both see each other only if the two loads run at the same time.
     let inside = Arc::new(AtomicUsize::new(0));
@@ -335,9 +329,7 @@ fn waiters_of_a_failed_load_get_its_error() {
 #[test]
 fn reclaim_races_with_faults_and_unmaps_of_the_same_pages() {
     const BLOCKS: u64 = 8;
-    let file = mem_file(BLK);
-    let ram = ram(3);
-    let fh = open(&file, &ram);
+    let (_file, ram, fh) = handle(3);
     let shared = Arc::new(fh.mmap(0, BLOCKS).unwrap());
     thread::scope(|s| {
         for t in 0..2u64 {
@@ -388,10 +380,7 @@ fn reclaim_races_with_faults_and_unmaps_of_the_same_pages() {
 /// on a second block waits for the first block's slow load and reclaims it.
 #[test]
 fn a_full_budget_of_loading_pages_waits_for_them() {
-    let file = mem_file(BLK);
-    let ram = ram(1);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 2).unwrap();
+    let (file, _ram, fh, vma) = setup(1, 2);
     let first_loading = Arc::new(AtomicBool::new(false));
     {
         let first_loading = first_loading.clone();
@@ -452,10 +441,7 @@ impl Gates {
 /// second time over the first (which left a page counted but lost).
 #[test]
 fn two_threads_waiting_for_room_for_one_block_load_it_once() {
-    let file = mem_file(BLK);
-    let ram = ram(2);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 10).unwrap();
+    let (file, ram, fh, vma) = setup(2, 10);
     let gates = Arc::new(Gates::default());
     {
         let gates = gates.clone();

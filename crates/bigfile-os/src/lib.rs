@@ -182,10 +182,8 @@ mod tests {
             "{line}"
         );
         // SAFETY: the reservation just made, used by nothing.
-        assert_eq!(
-            unsafe { libc::munmap(p.as_ptr().cast(), 3 * os_page_size()) },
-            0
-        );
+        let rc = unsafe { libc::munmap(p.as_ptr().cast(), 3 * os_page_size()) };
+        assert_eq!(rc, 0);
     }
 
     #[test]

@@ -86,12 +86,16 @@ impl PyBigFileH {
         pgoffset: &Bound<'_, PyAny>,
         pglen: &Bound<'_, PyAny>,
     ) -> PyResult<Py<PyVMA>> {
-        let py = slf.py();
         let (pgoffset, pglen) = page_range(pgoffset, pglen)?;
         let fileh = slf.borrow().get()?;
         ensure_on_top()?;
-        let vma = fileh.mmap(pgoffset, pglen).map_err(|e| to_py(py, e))?;
-        Py::new(py, PyVMA::new(vma, fileh.blksize(), slf.clone().unbind()))
+        let vma = fileh
+            .mmap(pgoffset, pglen)
+            .map_err(|e| to_py(slf.py(), e))?;
+        Py::new(
+            slf.py(),
+            PyVMA::new(vma, fileh.blksize(), slf.clone().unbind()),
+        )
     }
 
     /// A mapping covering at least pages `pgoffset .. pgoffset+pglen`,

@@ -12,6 +12,7 @@ use bigfile_ram::{
     allocated_bytes, os_page_size, unmap, AllocPolicy, Backend, Prot, Ram, RamError, RamHandle,
     RamSpec, RamStats, ThpPolicy,
 };
+use bigfile_testkit::memory::ram_file_mappings;
 use bigfile_testkit::mount::Mount;
 use std::path::Path;
 use std::ptr::NonNull;
@@ -361,15 +362,6 @@ fn fd_count() -> usize {
         .count()
 }
 
-/// Mappings of this crate's memfds.
-fn map_count() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("memfd:bigfile-ram"))
-        .count()
-}
-
 fn assert_err(r: Result<impl std::fmt::Debug, RamError>, want: &str) -> RamError {
     let e = r.expect_err(want);
     assert!(e.to_string().contains(want), "{e:?}: {e} lacks {want:?}");
@@ -380,7 +372,7 @@ fn assert_err(r: Result<impl std::fmt::Debug, RamError>, want: &str) -> RamError
 fn bad_input_is_an_error_and_leaks_nothing() {
     let _s = serial();
     let os = os_page_size();
-    let (fds, maps) = (fd_count(), map_count());
+    let (fds, maps) = (fd_count(), ram_file_mappings());
 
     // Page sizes.
     let spec = |page_size| RamSpec {
@@ -478,25 +470,25 @@ fn bad_input_is_an_error_and_leaks_nothing() {
     h.close().unwrap();
 
     assert_eq!(fd_count(), fds, "descriptors leaked");
-    assert_eq!(map_count(), maps, "mappings leaked");
+    assert_eq!(ram_file_mappings(), maps, "mappings leaked");
 }
 
 #[test]
 fn handles_close_their_descriptor_and_window() {
     let _s = serial();
     let ram = new_ram("memfd,pagesize=64K");
-    let (fds, maps) = (fd_count(), map_count());
+    let (fds, maps) = (fd_count(), ram_file_mappings());
     for close in [true, false] {
         let h = ram.open_handle().unwrap();
         let p = h.alloc_page(0).unwrap();
         h.window(p).unwrap();
-        assert_eq!((fd_count(), map_count()), (fds + 1, maps + 1));
+        assert_eq!((fd_count(), ram_file_mappings()), (fds + 1, maps + 1));
         if close {
             h.close().unwrap();
         } else {
             drop(h);
         }
-        assert_eq!((fd_count(), map_count()), (fds, maps));
+        assert_eq!((fd_count(), ram_file_mappings()), (fds, maps));
     }
     assert_eq!(ram.stats(), RamStats::default());
 }

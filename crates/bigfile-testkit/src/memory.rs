@@ -95,6 +95,16 @@ pub fn prot_at(addr: usize) -> Option<String> {
     })
 }
 
+/// How many mappings of bigfile-ram's memory files the process has (lines
+/// of `/proc/self/maps` naming one): what a leak of mappings shows in.
+pub fn ram_file_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("memfd:bigfile-ram"))
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

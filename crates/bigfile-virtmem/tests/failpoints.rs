@@ -6,13 +6,22 @@ use std::sync::Arc;
 
 use bigfile_testkit::memory::prot_at;
 use bigfile_testkit::MemFile;
-use bigfile_virtmem::{Error, FileH, PageState, Ram, WriteoutFlags};
+use bigfile_virtmem::{Error, FileH, PageState, Ram, Vma, WriteoutFlags};
 
 const BLK: usize = 4096;
 
 /// Permissions of the mapping holding `addr`.
 fn perms_at(addr: usize) -> String {
     prot_at(addr).unwrap_or_else(|| panic!("{addr:#x} is not mapped"))
+}
+
+/// A handle of `file` on a RAM of its own, and a mapping of its first two
+/// blocks.
+fn open(file: Arc<MemFile>) -> (Ram, FileH, Vma) {
+    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
+    let fh = FileH::open(file, Some(&ram)).unwrap();
+    let vma = fh.mmap(0, 2).unwrap();
+    (ram, fh, vma)
 }
 
 /// When a dropped page cannot be replaced by the reservation (mmap fails,
@@ -22,9 +31,7 @@ fn perms_at(addr: usize) -> String {
 #[test]
 fn a_page_that_cannot_be_unmapped_is_made_inaccessible() {
     let _scenario = fail::FailScenario::setup();
-    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
-    let fh = FileH::open(Arc::new(MemFile::new(BLK)), Some(&ram)).unwrap();
-    let vma = fh.mmap(0, 2).unwrap();
+    let (ram, fh, vma) = open(Arc::new(MemFile::new(BLK)));
     let mut b = [0u8];
     vma.read_at(0, &mut b).unwrap();
     assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
@@ -48,10 +55,8 @@ fn a_page_that_cannot_be_unmapped_is_made_inaccessible() {
 #[test]
 fn writeout_that_cannot_protect_a_page_fails_and_keeps_it_dirty() {
     let _scenario = fail::FailScenario::setup();
-    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
     let file = Arc::new(MemFile::new(BLK));
-    let fh = FileH::open(file.clone(), Some(&ram)).unwrap();
-    let vma = fh.mmap(0, 2).unwrap();
+    let (_ram, fh, vma) = open(file.clone());
     vma.write_at(0, b"x").unwrap();
     assert_eq!(perms_at(vma.as_ptr() as usize), "rw-s");
     for flags in [WriteoutFlags::STORE, WriteoutFlags::MARKSTORED] {
@@ -80,9 +85,7 @@ fn writeout_that_cannot_protect_a_page_fails_and_keeps_it_dirty() {
 #[test]
 fn prefault_reports_a_mapping_failure_as_an_os_error() {
     let _scenario = fail::FailScenario::setup();
-    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
-    let fh = FileH::open(Arc::new(MemFile::new(BLK)), Some(&ram)).unwrap();
-    let vma = fh.mmap(0, 2).unwrap();
+    let (ram, fh, vma) = open(Arc::new(MemFile::new(BLK)));
     fail::cfg("ram::map_page", &format!("1*return({})", libc::ENOMEM)).unwrap();
     let res = vma.prefault(0..BLK, bigfile_virtmem::Access::Read);
     fail::remove("ram::map_page");

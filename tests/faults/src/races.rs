@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::Duration;
 
+use bigfile_testkit::memory::ram_file_mappings;
 use bigfile_testkit::model::Rng;
 use bigfile_testkit::MemFile;
 use bigfile_virtmem::{Access, Error, FileH, Ram, Vma, WriteoutFlags};
@@ -307,17 +308,8 @@ fn write_word(vma: &Vma, page: u64, w: usize, v: u64) {
     unsafe { std::ptr::write_volatile(vma.as_ptr().add(off).cast::<u64>(), v) }
 }
 
-/// Lines of /proc/self/maps naming a RAM file.
-fn ram_mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("memfd:bigfile-ram"))
-        .count()
-}
-
 fn run(cfg: &Config) -> Result<String, String> {
-    let baseline_maps = ram_mappings();
+    let baseline_maps = ram_file_mappings();
     let owned = cfg.owners as u64 * cfg.blocks_per_owner;
     let total = owned + cfg.readonly_blocks;
     let file = Arc::new(RaceFile::new(owned));
@@ -482,7 +474,7 @@ fn run(cfg: &Config) -> Result<String, String> {
             return Err(format!("a mapping's reservation is still there: {line}"));
         }
     }
-    if ram_mappings() != baseline_maps {
+    if ram_file_mappings() != baseline_maps {
         return Err(format!("RAM mappings left behind:\n{maps}"));
     }
     Ok(format!(
