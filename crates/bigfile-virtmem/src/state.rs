@@ -314,7 +314,7 @@ impl State {
         self.pages.invalidate(pk)
     }
 
-    /// Mark the page of block `blk` used (LRU).
+    /// Mark page `pk` used (LRU).
     pub(crate) fn touch(&mut self, pk: PageKey) {
         self.lru.touch(pk);
     }
