@@ -4,8 +4,9 @@
 //! - `test [lint|rust|python|faults]`: everything CI runs (formatting,
 //!   clippy and the module-cycle check; every Rust test; the Python tests on
 //!   every CPython 3.9-3.14 found; the fault suite), or one of those parts.
-//! - `faults [FILTER]`: the fault suite (crash, inject and race scenarios
-//!   whose names contain FILTER); see README.md.
+//! - `faults [FILTER] [--minutes N]`: the fault suite (crash, inject, race
+//!   and ZODB stress scenarios whose names contain FILTER; long-running ones
+//!   for N minutes); see README.md.
 //! - `bench [--quick]`: benchmarks with their baselines, one table.
 //! - `demo [args]`: the main job, a file bigger than the RAM budget used as memory.
 
@@ -44,7 +45,7 @@ fn usage() -> ! {
          \n\
          tasks:\n  \
            test [PART]   what CI runs: lint (fmt, clippy, module cycles), rust, python, faults;\n                or only PART\n  \
-           faults [FILTER]  the fault suite (crash, inject, races) or the scenarios matching FILTER\n  \
+           faults [FILTER] [--minutes N]\n                the fault suite (crash, inject, races, zodb-stress) or the scenarios\n                matching FILTER; long-running scenarios for N minutes\n  \
            bench [--quick]  benchmarks with kernel baselines, printed as one table\n  \
            demo [--file PATH] [--size N] [--ram-budget N] [--blksize N]\n                the main job: a file bigger than the RAM budget used as memory"
     );

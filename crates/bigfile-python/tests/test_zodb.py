@@ -869,44 +869,195 @@ def test_threads_faulting_blocks_at_once(store, db, key):
 # ~~~ review regressions
 
 
-@pytest.mark.parametrize("how", ["format_change", "consolidation"])
-def test_replaced_zblk_changed_by_another_commit_conflicts(tmp_path, key, how):
-    """A commit that replaces a block's ZBlk (a format change, or the
-    ZBlk1 -> ZBlk0 rewrite of the previous end of the file when an append
-    creates the next block) must not lose another transaction's committed
-    change to the old ZBlk: ConflictError instead."""
-    db = ZODB.DB(FileStorage(str(tmp_path / "r.fs")))
-    try:
-        c1, c2 = conn_pair(db)
-        tm1, tm2 = c1.transaction_manager, c2.transaction_manager
-        zf1 = new_zfile(c1, key)
-        fh1 = zf1.fileh_open()
-        a1 = u8(fh1.mmap(0, 2))
-        a1[:100] = 1  # a partly filled new block: ZBlk1
-        tm1.commit()
-        assert type(zf1.blktab[0]) is ZBlk1 and 1 not in zf1.blktab
-        assert a1[:200].sum() == 100  # c1 holds block 0 of this snapshot
+CS = ZBlk1.CHUNKSIZE
 
-        tm2.begin()
-        fh2 = c2.root()[key].fileh_open()
-        a2 = u8(fh2.mmap(0, 1))
-        a2[50] = 42  # chunk 0 only: stays ZBlk1
-        if how == "format_change":
-            a1[ZBlk1.CHUNKSIZE : BLK] = 7  # most chunks: rewritten as ZBlk0
-        else:
-            a1[BLK : BLK + 10] = 7  # an append creating block 1 only
-        tm2.commit()
-        assert type(c2.root()[key].blktab[0]) is ZBlk1
-        with pytest.raises(ConflictError):
-            tm1.commit()
-        tm1.abort()
-        assert a1[50] == 42 and not a1[BLK:].any()  # c2's change, seen after the abort
-        del a1, a2
-        fh1.close()
-        fh2.close()
+
+def _partly_filled(a, zf):
+    a[:100] = 1  # a new block, partly filled: ZBlk1 under "auto"
+
+
+def _full(a, zf):
+    a[:BLK] = 1  # a new full block: ZBlk0 under "auto"
+
+
+def _full_as_zblk1(a, zf):
+    if zf is not None:
+        zf.zblk_fmt = "ZBlk1"
+    a[:BLK] = 1
+
+
+def _small_change(a, zf):
+    a[50] = 42  # one chunk
+
+
+def _big_change(a, zf):
+    a[CS:BLK] = 3  # most chunks
+
+
+def _small_change_and_zblk0_format(a, zf):
+    if zf is not None:
+        zf.zblk_fmt = "ZBlk0"  # the ZBigFile changed by the same commit
+    a[5] = 2
+
+
+def _append_next_block(a, zf):
+    a[BLK : BLK + 10] = 7  # creates block 1: block 0 is consolidated
+
+
+def _tiny_change(a, zf):
+    a[5] = 2
+
+
+# A block's ZBlk replaced by a new object, each way it happens, against a
+# change of the old object in place:
+# name: (setup, ZBlk type after it, replacement, ZBlk_fmt_write during the
+#        replacement's commit, in-place change)
+REPLACEMENTS = {
+    "auto-zblk1-to-zblk0": (_partly_filled, ZBlk1, _big_change, None, _small_change),
+    "auto-zblk0-to-zblk1": (_full, ZBlk0, _tiny_change, None, _big_change),
+    "zblk_fmt-change": (_full_as_zblk1, ZBlk1, _small_change_and_zblk0_format, None, _small_change),
+    "ZBlk_fmt_write-change": (_partly_filled, ZBlk1, _tiny_change, "ZBlk0", _small_change),
+    "consolidation": (_partly_filled, ZBlk1, _append_next_block, None, _small_change),
+}
+
+
+def read_fresh(db, key, nblk):
+    """The first `nblk` blocks as a new connection reads them."""
+    c = db.open(transaction.TransactionManager())
+    try:
+        with c.root()[key].fileh_open() as fh, fh.mmap(0, nblk) as vma:
+            return u8(vma).copy()
     finally:
-        transaction.abort()
-        db.close()
+        c.transaction_manager.abort()
+        c.close()
+
+
+@pytest.mark.parametrize("first", ["replacement", "in-place"])
+@pytest.mark.parametrize("path", sorted(REPLACEMENTS))
+def test_replacement_and_in_place_change_of_a_block_conflict(store, db, key, path, first, monkeypatch):
+    """Issue 15: one transaction replaces block 0's ZBlk with a new object,
+    another changes the old ZBlk in place. Whichever commits first, the
+    second gets ConflictError, and a fresh client sees exactly the
+    winner's change; redone, the loser's change lands too. Before the fix,
+    an in-place change committed after the replacement went into an object
+    blktab no longer named: committed, and lost."""
+    setup, kind, replace, fmt_write, in_place = REPLACEMENTS[path]
+    c1, c2 = conn_pair(db)
+    tm1, tm2 = c1.transaction_manager, c2.transaction_manager
+    zf1 = new_zfile(c1, key)
+    fh1 = zf1.fileh_open()
+    a1 = u8(fh1.mmap(0, 2))
+    model = np.zeros(2 * BLK, np.uint8)
+    setup(a1, zf1)
+    setup(model, None)
+    tm1.commit()
+    old = zf1.blktab[0]
+    assert type(old) is kind
+
+    tm2.begin()
+    fh2 = c2.root()[key].fileh_open()
+    a2 = u8(fh2.mmap(0, 2))
+    assert (a2 == model).all()  # c2 holds block 0 of the same snapshot
+    replace(a1, zf1)
+    in_place(a2, None)
+
+    def commit_replacement():
+        if fmt_write is None:
+            tm1.commit()
+        else:
+            with monkeypatch.context() as m:
+                m.setattr(file_zodb, "ZBlk_fmt_write", fmt_write)
+                tm1.commit()
+
+    if first == "replacement":
+        commit_replacement()
+        assert zf1.blktab[0] is not old  # it was replaced
+        replace(model, None)
+        with pytest.raises(ConflictError):
+            tm2.commit()
+        tm2.abort()
+        loser_redo = lambda: (in_place(a2, None), tm2.commit())  # noqa: E731
+        loser_op = in_place
+    else:
+        tm2.commit()
+        assert c2.root()[key].blktab[0]._p_oid == old._p_oid  # changed in place
+        in_place(model, None)
+        with pytest.raises(ConflictError):
+            commit_replacement()
+        tm1.abort()
+        loser_redo = lambda: (replace(a1, zf1), commit_replacement())  # noqa: E731
+        loser_op = replace
+    got = read_fresh(db, key, 2)
+    assert (got == model).all(), f"{np.flatnonzero(got != model)[:10]} differ from the winner's commit"
+
+    tm1.begin()
+    tm2.begin()
+    loser_redo()
+    loser_op(model, None)
+    got = read_fresh(db, key, 2)
+    assert (got == model).all(), f"{np.flatnonzero(got != model)[:10]} differ after the loser redid its change"
+    del a1, a2
+    fh1.close()
+    fh2.close()
+
+
+def records_of_last_transaction(db):
+    """The oids the storage holds for its last transaction, one per record."""
+    tid = db.lastTransaction()
+    it = db.storage.iterator(tid, tid)
+    try:
+        for txn in it:  # records are read while the iterator is open
+            assert txn.tid == tid
+            return [r.oid for r in txn]
+        raise AssertionError("the storage does not list its last transaction")
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def test_each_object_stored_once_per_transaction(store, db, key):
+    """Issue 15: a transaction that changes the ZBigFile itself (zblk_fmt)
+    and has dirty pages, in one handle or two, stores the ZBigFile once:
+    the handle used to register it again at commit, and two records of one
+    object in one transaction corrupt a ZEO client's cache."""
+    c1, c2 = conn_pair(db)
+    tm1, tm2 = c1.transaction_manager, c2.transaction_manager
+    zf = new_zfile(c1, key)
+    fh1, fh2 = zf.fileh_open(), zf.fileh_open()
+    a1, a2 = u8(fh1.mmap(0, 1)), u8(fh2.mmap(1, 1))  # block 0 in one handle, block 1 in the other
+
+    def check(zfile_written):
+        oids = records_of_last_transaction(db)
+        assert len(oids) == len(set(oids)), f"objects stored twice: {sorted(o for o in set(oids) if oids.count(o) > 1)}"
+        assert (zf._p_oid in oids) == zfile_written
+
+    for i, fmt in enumerate(["ZBlk1", "ZBlk0", "auto", ""]):
+        zf.zblk_fmt = fmt  # the ZBigFile changed ...
+        a1[i] = 1  # ... and pages of both handles dirty
+        a2[i] = 2
+        tm1.commit()
+        check(zfile_written=True)
+    a1[9] = a2[9] = 9  # the ZBigFile unchanged: joined, not written
+    tm1.commit()
+    check(zfile_written=False)
+
+    # The ZBigFile invalidated (another connection changed it) before the commit.
+    tm2.begin()
+    zf2 = c2.root()[key]
+    zf2.zblk_fmt = "ZBlk1"
+    tm2.commit()
+    tm1.begin()
+    assert zf.zblk_fmt == "ZBlk1"
+    a1[10] = 10
+    tm1.commit()
+    check(zfile_written=False)
+    got = read_fresh(db, key, 2)
+    assert list(got[[0, 1, 2, 3, 9, 10]]) == [1, 1, 1, 1, 9, 10]
+    assert list(got[BLK + np.array([0, 1, 2, 3, 9])]) == [2, 2, 2, 2, 9]
+    del a1, a2
+    fh1.close()
+    fh2.close()
 
 
 def test_connection_close_drops_uncommitted_changes(tmp_path, key):

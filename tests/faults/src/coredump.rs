@@ -78,6 +78,15 @@ struct Finished {
     dir: TempDir,
 }
 
+/// The line of `out` starting with `prefix`, as the scenario's detail.
+pub fn last_line(out: &str, prefix: &str) -> Result<String, String> {
+    out.lines()
+        .rev()
+        .find(|l| l.starts_with(prefix))
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no {prefix:?} line in the output:\n{out}"))
+}
+
 /// Runs `cmd` in a fresh directory, optionally with cores enabled, and
 /// waits for it; killing it after `timeout` is a failure (a hang).
 fn run(mut cmd: Command, timeout: Duration, cores: bool) -> Result<Finished, String> {

@@ -8,6 +8,10 @@
 //! - `inject`: the Nth call of a fallible operation fails; the process must
 //!   survive with nothing lost and nothing leaked.
 //! - `races`: threads doing everything at once, checked against a model.
+//! - `zodb-stress`: concurrent ZODB transactions through a real ZEO server.
+//!
+//! Arguments: `[FILTER] [--minutes N]`; `--minutes` makes the long-running
+//! scenarios (`zodb-stress`) run for N minutes instead of their default.
 
 mod coredump;
 mod crash;
@@ -17,7 +21,9 @@ mod model;
 mod python;
 mod races;
 mod tmpfs;
+mod zodb;
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 /// One scenario of the suite.
@@ -55,12 +61,19 @@ fn main() {
             std::process::exit(101);
         }
     }
-    let filter = args.first().cloned().unwrap_or_default();
+    let filter = match parse_args(&args) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("faults: {e}\nusage: bigfile-faults [FILTER] [--minutes N]");
+            std::process::exit(2);
+        }
+    };
 
     let mut scenarios = Vec::new();
     scenarios.extend(crash::scenarios());
     scenarios.extend(inject::scenarios());
     scenarios.extend(races::scenarios());
+    scenarios.extend(zodb::scenarios());
 
     let (mut passed, mut failed) = (0, 0);
     let t0 = Instant::now();
@@ -85,6 +98,35 @@ fn main() {
         t0.elapsed().as_secs_f64()
     );
     std::process::exit(if failed == 0 { 0 } else { 1 });
+}
+
+static MINUTES: OnceLock<f64> = OnceLock::new();
+
+/// `--minutes N` of the command line: how long long-running scenarios run.
+pub fn minutes() -> Option<f64> {
+    MINUTES.get().copied()
+}
+
+/// The FILTER of `[FILTER] [--minutes N]`; records the minutes.
+fn parse_args(args: &[String]) -> Result<String, String> {
+    let mut filter = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--minutes" {
+            let n = it.next().ok_or("--minutes needs a number")?;
+            let m: f64 = n
+                .parse()
+                .ok()
+                .filter(|m: &f64| m.is_finite() && *m > 0.0)
+                .ok_or_else(|| format!("--minutes {n:?}: not a positive number"))?;
+            MINUTES.set(m).map_err(|_| "--minutes given twice")?;
+        } else if a.starts_with('-') {
+            return Err(format!("unknown option {a:?}"));
+        } else if filter.replace(a.clone()).is_some() {
+            return Err(format!("one FILTER only, got a second: {a:?}"));
+        }
+    }
+    Ok(filter.unwrap_or_default())
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {

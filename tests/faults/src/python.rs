@@ -8,9 +8,18 @@ use std::process::Command;
 pub const PYTHON_ENV: &str = "BIGFILE_FAULTS_PYTHON";
 
 /// `python -c SCRIPT` in the interpreter named by `BIGFILE_FAULTS_PYTHON`.
-/// Without it a Python scenario fails: it is not skipped, since a suite that
-/// silently stops testing the bindings would still say "passed".
 pub fn command(script: &str) -> Result<Command, String> {
+    let mut cmd = Command::new(interpreter()?);
+    cmd.args(["-c", script])
+        .env_remove("PYTHONSTARTUP")
+        .env("PYTHONUNBUFFERED", "1");
+    Ok(cmd)
+}
+
+/// The interpreter named by `BIGFILE_FAULTS_PYTHON`. Without it a Python
+/// scenario fails: it is not skipped, since a suite that silently stops
+/// testing the bindings would still say "passed".
+pub fn interpreter() -> Result<PathBuf, String> {
     let python = std::env::var_os(PYTHON_ENV)
         .map(PathBuf::from)
         .ok_or_else(|| {
@@ -22,9 +31,5 @@ pub fn command(script: &str) -> Result<Command, String> {
     if !python.exists() {
         return Err(format!("{PYTHON_ENV}={} does not exist", python.display()));
     }
-    let mut cmd = Command::new(python);
-    cmd.args(["-c", script])
-        .env_remove("PYTHONSTARTUP")
-        .env("PYTHONUNBUFFERED", "1");
-    Ok(cmd)
+    Ok(python)
 }

@@ -37,7 +37,7 @@ use bigfile_testkit::model::Rng;
 use bigfile_testkit::MemFile;
 use bigfile_virtmem::{Access, Error, FileH, Ram, Vma, WriteoutFlags};
 
-use crate::coredump::expect_success;
+use crate::coredump::{expect_success, last_line};
 use crate::python;
 use crate::Scenario;
 
@@ -103,15 +103,6 @@ pub fn scenarios() -> Vec<Scenario> {
         last_line(&out, "python races OK")
     }));
     out
-}
-
-/// The line of `out` starting with `prefix`, as the scenario's detail.
-fn last_line(out: &str, prefix: &str) -> Result<String, String> {
-    out.lines()
-        .rev()
-        .find(|l| l.starts_with(prefix))
-        .map(str::to_owned)
-        .ok_or_else(|| format!("no {prefix:?} line in the output:\n{out}"))
 }
 
 /// The body of child `races/NAME`: runs the race and exits, 0 on success.

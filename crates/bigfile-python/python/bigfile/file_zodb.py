@@ -120,6 +120,17 @@ class ZBlkBase(Persistent):  # type: ignore[misc]  # persistent has no type hint
         anything changed."""
         raise NotImplementedError
 
+    def _retire(self) -> None:
+        """This ZBlk is being replaced in ``blktab`` by another object (a
+        format change, a consolidation): write it too, in the same
+        transaction, as it is no longer read. Every change of a block in
+        place writes its ZBlk, so a transaction that changes this one
+        concurrently conflicts with the replacement whichever of the two
+        commits first. (A read dependency, ``readCurrent``, protects only
+        the replacement: an in-place change committed after it would land
+        in an object that ``blktab`` no longer names, and be lost.)"""
+        raise NotImplementedError
+
     def _p_invalidate(self) -> None:
         jar = self._p_jar
         Persistent._p_invalidate(self)
@@ -152,6 +163,11 @@ class ZBlk0(ZBlkBase):
     def setblkdata(self, data: bytes) -> bool:
         self._blkdata = data
         return True
+
+    def _retire(self) -> None:
+        # Loaded first (by the attribute write), so the write carries the
+        # serial of our snapshot; the data is dropped, nobody reads it.
+        self._blkdata = b""
 
 
 class ZData(Persistent):  # type: ignore[misc]
@@ -229,6 +245,12 @@ class ZBlk1(ZBlkBase):
             else:
                 chunk._p_deactivate()
         return changed
+
+    def _retire(self) -> None:
+        # Written as it is (its state is a reference to its chunks): loaded
+        # first, so the write carries the serial of our snapshot.
+        self._p_activate()
+        self._p_changed = True
 
 
 def _count_changed(old: Any, new: bytes, cs: int) -> int:
@@ -384,14 +406,7 @@ class ZBigFile(Persistent):  # type: ignore[misc]
     def _setzblk(self, blk: int, zblk: Optional[ZBlkBase], fmt: Any, data: bytes) -> None:
         if zblk is None or type(zblk) is not fmt:
             if zblk is not None:
-                # The old ZBlk is replaced, not changed: make the commit check
-                # that it is still current, or another transaction's change
-                # to it would be lost without a ConflictError. Loaded first:
-                # a ghost's serial is not the one of our snapshot.
-                zblk._p_activate()
-                if zblk._p_jar is not None and zblk._p_oid is not None:
-                    zblk._p_jar.readCurrent(zblk)
-                zblk._p_deactivate()
+                zblk._retire()
             zblk = fmt()
             self.blktab[blk] = zblk
             zblk.setblkdata(data)
@@ -534,6 +549,28 @@ def _connection_zfiles(conn: Any) -> "weakref.WeakSet[ZBigFile]":
         conn.newTransaction = newTransaction
         conn._bigfile_zfiles = zfiles
     return zfiles
+
+
+def _make_join(conn: Any, zfile: ZBigFile, txn: Any) -> None:
+    """Make `conn` join `txn` now (our commit, which runs before the
+    connection's, changes its objects, and a connection cannot join a
+    transaction once its commit runs), by registering the unchanged `zfile`
+    once. Never an object ZODB already has registered: a registered object
+    is stored once per registration, and two records of one object in one
+    transaction corrupt ZEO client caches. A changed `zfile` is registered
+    already; so is one registered by another handle of this transaction.
+    Nothing changes the ZBigFile after the commit has begun (it writes
+    ZBlks and blktab only), so it is not registered a second time by
+    being changed after this."""
+    if zfile._p_oid is None or zfile._p_jar is not conn:
+        return
+    zfile._p_activate()  # a ghost after an invalidation: registered unloaded, it would not be "unchanged"
+    if zfile._p_changed:
+        return
+    if conn.__dict__.get("_bigfile_joined") is txn:
+        return
+    conn._bigfile_joined = txn
+    conn.register(zfile)
 
 
 def _on_connection_close(ref: "weakref.ref[ZBigFileH]") -> None:
@@ -687,9 +724,7 @@ class ZBigFileH:
             return
         txn.join(self)
         self._joined = txn
-        zfile = self.zfile
-        if zfile._p_oid is not None and zfile._p_jar is self._conn:
-            self._conn.register(zfile)
+        _make_join(self._conn, self.zfile, txn)
 
     def afterCompletion(self, txn: Any) -> None:
         # After a commit the connection marked the ZBlks we wrote saved:
