@@ -248,3 +248,19 @@ fn demo(args: &[String]) -> Result {
         .args(["run", "--release", "--example", "demo", "--"])
         .args(args))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_root_is_the_checkout_being_run() {
+        // `cargo test` runs this with CARGO_MANIFEST_DIR naming this
+        // checkout's xtask, as `cargo run` does for `cargo xtask`.
+        let xtask = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
+        assert_eq!(root(), xtask.parent().unwrap());
+        assert!(is_root(&root()));
+        assert!(!is_root(&xtask), "xtask/ is not the workspace root");
+        assert!(!is_root(&env::temp_dir()));
+    }
+}
