@@ -104,11 +104,32 @@ fn python_bench(quick: bool) -> Result<Results> {
         return Err(format!("Python bench failed: {}", out.status));
     }
     let mut python = read_tsv(&String::from_utf8_lossy(&out.stdout));
+    python.extend(dask_bench(&venv, quick)?);
     python.insert("python".into(), version);
     Ok(Results {
         python,
         ..Results::default()
     })
+}
+
+/// benches/dask_bench.py in `venv` (bigfile built there): its figures.
+fn dask_bench(venv: &std::path::Path, quick: bool) -> Result<HashMap<String, String>> {
+    let mut cmd = Command::new(venv.join("bin/python"));
+    cmd.arg(root().join("benches/dask_bench.py"))
+        .arg("--data-dir")
+        .arg(target_dir().join("bench-data"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    eprintln!("xtask: running {cmd:?}");
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run the Dask bench: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("Dask bench failed: {}", out.status));
+    }
+    Ok(read_tsv(&String::from_utf8_lossy(&out.stdout)))
 }
 
 fn read_tsv(text: &str) -> HashMap<String, String> {
@@ -141,7 +162,7 @@ enum Fig {
     /// Seconds per operation from the Python bench.
     PyTime(&'static str),
     /// Seconds per pass over `python[bytes key]` bytes, from the Python bench.
-    PyRate(&'static str),
+    PyRate(&'static str, &'static str),
 }
 
 /// How the ratio reads and what the issue asks of it.
@@ -340,57 +361,57 @@ const ROWS: &[Row] = {
         (
             "7",
             "Python adler32, file-backed BigFile",
-            PyRate("adler32_bigfile"),
+            PyRate("adler32_bigfile", "adler32_bytes"),
             "Python mmap",
-            PyRate("adler32_mmap"),
+            PyRate("adler32_mmap", "adler32_bytes"),
             AtLeast(Some(0.6)),
         ),
         (
             "7",
             "Python adler32, file-backed BigFile",
-            PyRate("adler32_bigfile"),
+            PyRate("adler32_bigfile", "adler32_bytes"),
             "readinto, reused buffer",
-            PyRate("adler32_readinto"),
+            PyRate("adler32_readinto", "adler32_bytes"),
             AtLeast(None),
         ),
         (
             "7",
             "Python adler32, file-backed BigFile, `advise(\"sequential\")`",
-            PyRate("adler32_bigfile_sequential"),
+            PyRate("adler32_bigfile_sequential", "adler32_bytes"),
             "Python mmap",
-            PyRate("adler32_mmap"),
+            PyRate("adler32_mmap", "adler32_bytes"),
             AtLeast(None),
         ),
         (
             "7",
             "Python adler32, BigFile_File (native I/O)",
-            PyRate("adler32_file_native"),
+            PyRate("adler32_file_native", "adler32_bytes"),
             "Python mmap",
-            PyRate("adler32_mmap"),
+            PyRate("adler32_mmap", "adler32_bytes"),
             AtLeast(None),
         ),
         (
             "9",
             "Python adler32, BigFile_File (native I/O)",
-            PyRate("adler32_file_native"),
+            PyRate("adler32_file_native", "adler32_bytes"),
             "BigFile_File_PyIO (Python I/O)",
-            PyRate("adler32_file_pyio"),
+            PyRate("adler32_file_pyio", "adler32_bytes"),
             AtLeast(None),
         ),
         (
             "9",
             "BigArray sum, BigFile_File, 2 MiB blocks",
-            PyRate("bigarray_sum_native"),
+            PyRate("bigarray_sum_native", "adler32_bytes"),
             "BigFile_File_PyIO",
-            PyRate("bigarray_sum_pyio"),
+            PyRate("bigarray_sum_pyio", "adler32_bytes"),
             AtLeast(None),
         ),
         (
             "9",
             "BigArray sum, BigFile_File, 64 KiB blocks",
-            PyRate("bigarray_sum_native_64K"),
+            PyRate("bigarray_sum_native_64K", "adler32_bytes"),
             "BigFile_File_PyIO",
-            PyRate("bigarray_sum_pyio_64K"),
+            PyRate("bigarray_sum_pyio_64K", "adler32_bytes"),
             AtLeast(None),
         ),
         (
@@ -399,6 +420,30 @@ const ROWS: &[Row] = {
             PyTime("writeout_native"),
             "BigFile_File_PyIO",
             PyTime("writeout_pyio"),
+            AtLeast(None),
+        ),
+        (
+            "21",
+            "Dask sum of a 1 GiB ZBigArray on ZEO, 2 worker processes",
+            PyRate("dask_sum_2w", "dask_sum_bytes"),
+            "1 worker process",
+            PyRate("dask_sum_1w", "dask_sum_bytes"),
+            AtLeast(None),
+        ),
+        (
+            "21",
+            "Dask sum of a 1 GiB ZBigArray on ZEO, 2 worker processes",
+            PyRate("dask_sum_2w", "dask_sum_bytes"),
+            "one process reading it directly",
+            PyRate("dask_sum_direct", "dask_sum_bytes"),
+            AtLeast(None),
+        ),
+        (
+            "21",
+            "Dask sum of a 1 GiB ZBigArray on ZEO, 1 worker process",
+            PyRate("dask_sum_1w", "dask_sum_bytes"),
+            "one process reading it directly",
+            PyRate("dask_sum_direct", "dask_sum_bytes"),
             AtLeast(None),
         ),
     ]
@@ -427,9 +472,9 @@ fn value(res: &Results, fig: Fig) -> Option<(f64, String)> {
             Some((b, fmt_bytes(b)))
         }
         Fig::PyTime(k) => pnum(k).map(|s| (s * 1e9, fmt_time(s * 1e9))),
-        Fig::PyRate(k) => {
+        Fig::PyRate(k, bytes) => {
             let ns = pnum(k)? * 1e9;
-            let shown = match pnum("adler32_bytes") {
+            let shown = match pnum(bytes) {
                 Some(b) => format!("{} ({})", fmt_rate(b, ns), fmt_time(ns)),
                 None => fmt_time(ns),
             };

@@ -2,19 +2,23 @@
 //! nothing but cargo.
 //!
 //! - `test [lint|rust|python|faults]`: everything CI runs (formatting,
-//!   clippy and the module-cycle check; every Rust test; the Python tests on
-//!   every CPython 3.9-3.14 found; the fault suite), or one of those parts.
+//!   clippy and the module-cycle check; every Rust test, the C API's header
+//!   check and C tests among them; the Python tests on every CPython
+//!   3.9-3.14 found; the fault suite), or one of those parts.
 //! - `faults [FILTER] [--minutes N]`: the fault suite (crash, inject, race
 //!   and ZODB stress scenarios whose names contain FILTER; long-running ones
 //!   for N minutes); see README.md.
 //! - `bench [--quick]`: benchmarks with their baselines, one table.
 //! - `demo [args]`: the main job, a file bigger than the RAM budget used as memory.
+//! - `capi`: the C API's part of `test` alone (header check, C and C++ programs).
+//! - `capi-header`: regenerate the C API's header (`crates/bigfile-capi/include/bigfile.h`).
 
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
 
 mod bench;
+mod capi;
 mod cycles;
 mod python;
 
@@ -30,6 +34,8 @@ fn main() {
         "faults" => faults(rest),
         "bench" => bench::bench(rest),
         "demo" => demo(rest),
+        "capi" => capi::test_task(rest),
+        "capi-header" => capi::write_header(rest),
         "-h" | "--help" | "help" => usage(),
         other => Err(format!("unknown task {other:?}")),
     };
@@ -47,7 +53,9 @@ fn usage() -> ! {
            test [PART]   what CI runs: lint (fmt, clippy, module cycles), rust, python, faults;\n                or only PART\n  \
            faults [FILTER] [--minutes N]\n                the fault suite (crash, inject, races, zodb-stress) or the scenarios\n                matching FILTER; long-running scenarios for N minutes\n  \
            bench [--quick]  benchmarks with kernel baselines, printed as one table\n  \
-           demo [--file PATH] [--size N] [--ram-budget N] [--blksize N]\n                the main job: a file bigger than the RAM budget used as memory"
+           demo [--file PATH] [--size N] [--ram-budget N] [--blksize N]\n                the main job: a file bigger than the RAM budget used as memory\n  \
+           capi          the C API's tests alone: header up to date, C programs (shared, static), C++\n  \
+           capi-header   regenerate crates/bigfile-capi/include/bigfile.h (cbindgen)"
     );
     exit(2)
 }
@@ -172,6 +180,7 @@ fn lint() -> Result {
 
 fn rust_tests() -> Result {
     run(cargo().args(["test", "--workspace"]))?;
+    capi::test()?;
     // The libraries' own failure-point tests (regressions found by the
     // suite), built where the suite builds, so the feature stays out of the
     // workspace's target directory.
@@ -217,10 +226,15 @@ const FAULTS_PYTHON: &str = "BIGFILE_FAULTS_PYTHON";
 /// Where the fault suite is built: its own directory under the target
 /// directory (`CARGO_TARGET_DIR` if set), never shared with the main build.
 fn faults_target_dir() -> PathBuf {
+    target_dir().join("faults")
+}
+
+/// The target directory: `CARGO_TARGET_DIR` (relative to the workspace
+/// root, where `cargo()` runs) if set, else `target/`.
+pub(crate) fn target_dir() -> PathBuf {
     env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
+        .map(|d| root().join(d))
         .unwrap_or_else(|| root().join("target"))
-        .join("faults")
 }
 
 /// Runs the fault suite with `python` (a venv's interpreter with bigfile

@@ -1,7 +1,10 @@
 //! The Python side of `cargo xtask test`: a venv per CPython found, with
-//! maturin, pytest, numpy and hypothesis (BigArray's property tests) from
-//! PyPI, the package built into it, pytest run.
+//! maturin, pytest, numpy and hypothesis (BigArray's property tests), ZODB,
+//! ZEO, RelStorage and Dask from PyPI, the package built into it, the
+//! wendelin alias distribution installed beside it for its own test, pytest
+//! run; a PostgreSQL server for the RelStorage tests found or installed.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -20,6 +23,11 @@ const VENV_DEPS: &[&str] = &[
     "BTrees",
     "persistent",
     "transaction",
+    "zodburi",
+    "RelStorage",
+    "psycopg2-binary",
+    "dask[array]",
+    "distributed",
 ];
 
 /// Every supported CPython (3.9-3.14) on the machine: the default `python3` first, then
@@ -78,7 +86,55 @@ pub(crate) fn test_all() -> Result {
     );
     for (version, exe) in &pys {
         let venv = venv(version, exe)?;
+        if version == &pys[0].0 {
+            ensure_postgres(&venv)?;
+        }
         test_in(&venv)?;
+    }
+    Ok(())
+}
+
+/// The RelStorage tests start a PostgreSQL server of their own
+/// (tests/servers.py finds its binaries); when there is none, install
+/// Debian's (as root, the tests run it as `nobody`).
+fn ensure_postgres(venv: &Path) -> Result {
+    let tests = root().join(PACKAGE).join("tests");
+    let found = || {
+        Command::new(venv.join("bin/python"))
+            .arg(tests.join("servers.py"))
+            .arg("postgres-bindir")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if found() {
+        return Ok(());
+    }
+    // /proc/self belongs to the process's effective user.
+    let root_user = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    if !root_user || Command::new("apt-get").arg("--version").output().is_err() {
+        return Err(
+            "no PostgreSQL server for the RelStorage tests: install one (Debian: apt-get install \
+                    postgresql), or name its binaries' directory in BIGFILE_TEST_PG_BINDIR"
+                .into(),
+        );
+    }
+    eprintln!("xtask: no PostgreSQL server found; installing Debian's postgresql package");
+    run(Command::new("apt-get")
+        .args(["update", "-q"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "postgresql",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    if !found() {
+        return Err(
+            "installed postgresql, but tests/servers.py still finds no server binaries".into(),
+        );
     }
     Ok(())
 }
@@ -104,12 +160,34 @@ pub(crate) fn venv(version: &str, exe: &Path) -> Result<PathBuf> {
     Ok(venv)
 }
 
+/// The optional distribution of wendelin.core's module paths (aliases of bigfile's).
+const WENDELIN_ALIAS: &str = "crates/bigfile-python/wendelin-alias";
+
 /// Build the package into `venv` and run pytest there.
 pub(crate) fn test_in(venv: &Path) -> Result {
     build_into(venv)?;
+    let alias = install_wendelin_alias(venv)?;
     run(Command::new(venv.join("bin/python"))
         .args(["-m", "pytest", "-q"])
+        .env("BIGFILE_WENDELIN_ALIAS", &alias)
         .current_dir(root().join(PACKAGE)))
+}
+
+/// Install the wendelin alias distribution into `venv/wendelin-alias`, a
+/// directory not on the venv's `sys.path`: only the processes its test
+/// starts put it there, so no other test can lean on it (it would let
+/// `wendelin.*` imports succeed that the package itself does not offer).
+fn install_wendelin_alias(venv: &Path) -> Result<PathBuf> {
+    let dir = venv.join("wendelin-alias");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    run(Command::new(venv.join("bin/python"))
+        .args(["-m", "pip", "install", "--quiet", "--no-deps", "--no-index"])
+        .args(["--disable-pip-version-check", "--target"])
+        .arg(&dir)
+        .arg(root().join(WENDELIN_ALIAS)))?;
+    Ok(dir)
 }
 
 /// Build the package and install it into `venv` (editable).

@@ -169,6 +169,14 @@ impl PyBigFileH {
             .map_err(|e| to_py(py, e))
     }
 
+    /// Whether the mappings take clean pages from a base-layer mapping of
+    /// the file (wendelin.core 2.x's mode over its WCFS filesystem): never
+    /// here, every page is loaded into this handle's RAM. Kept for
+    /// wendelin.core's callers.
+    fn uses_mmap_overlay(&self) -> bool {
+        false
+    }
+
     /// The state of page `pgoffset`: `None` when not in memory, else
     /// "loading", "loaded" or "dirty" (a load invalidated meanwhile is "loading").
     fn page_state(&self, pgoffset: &Bound<'_, PyAny>) -> PyResult<Option<&'static str>> {

@@ -64,3 +64,52 @@ def run_py(code, *args, env=None, timeout=120):
         timeout=timeout,
         env=full_env,
     )
+
+
+def open_conn(db):
+    """Yields a connection of `db` with a transaction manager of its own,
+    aborted and closed afterwards: a fixture's body, so that the close comes
+    after pytest reported a failure (the report may read arrays mapping the
+    connection's data, which cannot load once it is closed)."""
+    import transaction
+
+    tm = transaction.TransactionManager()
+    c = db.open(tm)
+    try:
+        yield c
+    finally:
+        tm.abort()
+        c.close()
+
+
+# ~~~ database servers (tests/servers.py), one of each per test session
+
+
+@pytest.fixture(scope="session")
+def zeo_server(tmp_path_factory):
+    """runzeo on a FileStorage, on 127.0.0.1."""
+    from servers import ZEOServer
+
+    server = ZEOServer(str(tmp_path_factory.mktemp("zeo")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server on 127.0.0.1, for RelStorage."""
+    from servers import PostgresServer
+
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def relstorage_uris(postgres_server):
+    """RelStorage URIs of two databases of the server: history-preserving
+    and history-free."""
+    return {
+        "relstorage-hp": postgres_server.uri("bigfile_hp", keep_history=True),
+        "relstorage-hf": postgres_server.uri("bigfile_hf", keep_history=False),
+    }

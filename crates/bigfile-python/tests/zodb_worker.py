@@ -1,8 +1,7 @@
 """A ZODB client process driven by tests: one JSON command per stdin line,
 one JSON reply per stdout line.
 
-    python zodb_worker.py zeo HOST:PORT      (a ZEO client)
-    python zodb_worker.py fs PATH            (a FileStorage, one process at a time)
+    python zodb_worker.py URI     (a database URI: zeo://, file://, postgres://)
 
 Commands operate on ZBigArray ``root[key]`` (1-d, int64 unless said):
 create, open, append, append_range, set, get, info, sum, carry, commit,
@@ -15,10 +14,9 @@ import sys
 
 import numpy as np
 import transaction
-import ZODB
-from ZODB.FileStorage import FileStorage
 
 from bigfile.bigarray.array_zodb import ZBigArray
+from bigfile.uri import open_db
 
 
 def pss_shmem_kb():
@@ -30,15 +28,8 @@ def pss_shmem_kb():
 
 
 def main():
-    kind, where = sys.argv[1], sys.argv[2]
-    if kind == "zeo":
-        import ZEO
-
-        host, port = where.rsplit(":", 1)
-        # server_sync: begin() sees every commit that finished before it
-        db = ZEO.DB((host, int(port)), wait_timeout=30, server_sync=True)
-    else:
-        db = ZODB.DB(FileStorage(where))
+    # zeo:// opens with server_sync: begin() sees every commit finished before it
+    db = open_db(sys.argv[1])
     conn = db.open()
     root = conn.root()
     arrays = {}

@@ -51,7 +51,12 @@ ARRAYS = {
     "A": ("uint32", (), 64 << 10, 1 << 20),
     "B": ("int16", (5,), 128 << 10, 400_000),
 }
-BUDGET = 1 << 20  # each handle's RAM budget: smaller than the arrays
+# RAM budgets: a writer's holds the dirty pages of its largest transaction
+# (3 operations of up to 5 blocks; dirty pages are never reclaimed, and a
+# load finding the budget full of them is a SIGBUS), the reader's is small;
+# both are smaller than the arrays grow, so pages are reclaimed.
+WRITER_BUDGET = 3 << 20
+READER_BUDGET = 1 << 20
 ZEO_CACHE = 2 << 20  # small, so the client cache evicts
 KILL_EVERY = (15, 30)  # seconds between two kills of a writer process
 SELF_KILL = 1 / 150  # chance that a commit kills its process midway
@@ -244,7 +249,7 @@ def writer_thread(db, wid, tid, seed, stop, log):
     arrays = {}
     for name in ARRAYS:
         a = conn.root()[name]
-        a.fileh_open(budget=BUDGET)
+        a.fileh_open(budget=WRITER_BUDGET)
         arrays[name] = a
     handles = [a._v_fileh for a in arrays.values()]
 
@@ -366,7 +371,7 @@ def reader(addr, logpath):
     arrays = {}
     for name in ARRAYS:
         arrays[name] = conn.root()[name]
-        arrays[name].fileh_open(budget=BUDGET)
+        arrays[name].fileh_open(budget=READER_BUDGET)
     with open(logpath, "a", buffering=1) as out:
         while not stop.is_set():
             tm.begin()
@@ -570,8 +575,65 @@ def check_storage(d):
     return problems
 
 
+class Replay:
+    """The FileStorage's transactions applied one at a time, with their own
+    tids, to an in-memory storage, and a connection that moves to each
+    state: loads of the current state are O(1), where a FileStorage's
+    historical loads walk back through every later revision (quadratic
+    over a long run). Old revisions are packed away as it goes."""
+
+    PACK_EVERY = 200
+
+    def __init__(self):
+        from ZODB.MappingStorage import MappingStorage
+
+        self.ms = MappingStorage()
+        self.db = self.conn = None
+        self.n = 0
+
+    def apply(self, txn):
+        from ZODB.utils import z64
+
+        ms = self.ms
+        ms.tpc_begin(txn, tid=txn.tid)
+        oids = []
+        for r in txn:
+            try:
+                serial = ms.load(r.oid)[1]
+            except KeyError:
+                serial = z64
+            ms.store(r.oid, serial, r.data, "", txn)
+            oids.append(r.oid)
+        ms.tpc_vote(txn)
+        ms.tpc_finish(txn)
+        if self.db is None:
+            # Only now: opening a DB on an empty storage would create a root
+            # with a tid of its own, after those of the file.
+            import transaction
+            import ZODB
+
+            self.db = ZODB.DB(ms, cache_size=5000)
+            self.tm = transaction.TransactionManager()
+            self.conn = self.db.open(self.tm)
+        else:
+            self.db._mvcc_storage.invalidate(txn.tid, oids)  # as a storage tells its DB
+        self.n += 1
+        if self.n % self.PACK_EVERY == 0:
+            from ZODB.serialize import referencesf
+
+            self.tm.abort()
+            ms.pack(time.time(), referencesf)
+        self.tm.begin()
+        return self.conn
+
+    def close(self):
+        if self.db is not None:
+            self.tm.abort()
+            self.conn.close()
+            self.db.close()
+
+
 def verify(d):
-    import ZODB
     from ZODB.FileStorage import FileStorage
 
     from bigfile.file_zodb import ZBlk0, ZBlk1
@@ -579,7 +641,7 @@ def verify(d):
     errors = []
     model = Model()
     storage = FileStorage(os.path.join(d, "data.fs"), read_only=True)
-    db = ZODB.DB(storage, cache_size=2000, historical_pool_size=2, historical_cache_size=2000)
+    replay = Replay()
     snaps = []
     with open(os.path.join(d, "reader.log")) as f:
         for line in f:
@@ -606,24 +668,61 @@ def verify(d):
                                   f"{got['crc']:#x}; the model {n} rows (samples differing: {bad[:5]})")
 
     def full_check(conn, tid, label):
+        """The whole arrays, read through bigfile."""
         stats["full"] += 1
         for name in ARRAYS:
             a = conn.root()[name]
-            a.fileh_open(budget=4 << 20)
+            fh = a.zfile.fileh_open(budget=4 << 20)
             n = model.shape[name]
-            got = np.array(a[...])
-            want = model.view(name, n)
-            a._v_fileh.close()
-            if got.shape[0] != n:
-                errors.append(f"{label} {tid.hex()}: {name} has {got.shape[0]} rows, the model {n}")
-            elif not np.array_equal(got, want):
-                rows = np.flatnonzero((got != want).reshape(n, -1).any(axis=1))
-                errors.append(f"{label} {tid.hex()}: {name} differs from the model at rows {rows[:8].tolist()}"
-                              f" ({len(rows)} rows)")
+            if a.shape[0] != n:
+                errors.append(f"{label} {tid.hex()}: {name} has {a.shape[0]} rows, the model {n}")
+                fh.close()
+                continue
+            nbytes = n * itemsize(name)
+            bs = a.zfile.blksize
+            with fh.mmap(0, -(-nbytes // bs) or 1) as vma:
+                got = np.frombuffer(vma, np.uint8)[:nbytes].copy()
+            fh.close()
+            want = model.bytes[name][:nbytes]
+            if not np.array_equal(got, want):
+                off = np.flatnonzero(got != want)
+                errors.append(f"{label} {tid.hex()}: {name} differs from the model at {len(off)} bytes from"
+                              f" offset {int(off[0])}")
+
+    def check_txn(conn, txn, info, written):
+        """Shapes, formats and the blocks the transaction wrote, as stored."""
+        for name, ranges in written.items():
+            a = conn.root()[name]
+            if a.shape[0] != model.shape[name]:
+                errors.append(f"txn {txn.tid.hex()} {info['who']}: {name} has {a.shape[0]} rows, the model"
+                              f" {model.shape[name]}")
+            zf = a.zfile
+            bs = zf.blksize
+            if zf.zblk_fmt != model.fmt[name]:
+                errors.append(f"txn {txn.tid.hex()}: {name}.zblk_fmt {zf.zblk_fmt!r}, the model {model.fmt[name]!r}")
+            fixed = {"ZBlk0": ZBlk0, "ZBlk1": ZBlk1}.get(info["fmt"][name])
+            blocks = sorted({b for lo, hi in ranges for b in range(lo // bs, (hi - 1) // bs + 1)})
+            for b in blocks:
+                stats["blocks"] += 1
+                zblk = zf.blktab.get(b)
+                data = zblk.loadblkdata() if zblk is not None else b""
+                want = model.bytes[name][b * bs : (b + 1) * bs]
+                got = np.zeros(bs, np.uint8)
+                got[: len(data)] = np.frombuffer(bytes(data), np.uint8)
+                if not np.array_equal(got, want):
+                    off = np.flatnonzero(got != want)
+                    errors.append(
+                        f"txn {txn.tid.hex()} {info['who']} (carried={info['carried']}): {name} block {b}"
+                        f" differs from the model at {len(off)} bytes from offset {int(off[0])}: a"
+                        f" committed change is lost or wrong (ops {info['ops']})")
+                if fixed is not None and zblk is not None and type(zblk) is not fixed:
+                    errors.append(f"txn {txn.tid.hex()}: {name} block {b} is {type(zblk).__name__}, written"
+                                  f" with format {fixed.__name__}")
 
     it = storage.iterator()
     try:
         for txn in it:
+            conn = replay.apply(txn)
             info = txn.extension.get(EXT)
             if info is None:
                 continue
@@ -639,56 +738,29 @@ def verify(d):
             for op in info["ops"]:
                 stats["ops"][op[0]] = stats["ops"].get(op[0], 0) + 1
                 written[op[1]] += model.apply(op, info["carried"], errors)
-            conn = db.open(at=txn.tid)
-            try:
-                for name, ranges in written.items():
-                    a = conn.root()[name]
-                    if a.shape[0] != model.shape[name]:
-                        errors.append(f"txn {txn.tid.hex()} {info['who']}: {name} has {a.shape[0]} rows, the model"
-                                      f" {model.shape[name]}")
-                    zf = a.zfile
-                    bs = zf.blksize
-                    if zf.zblk_fmt != model.fmt[name]:
-                        errors.append(f"txn {txn.tid.hex()}: {name}.zblk_fmt {zf.zblk_fmt!r}, the model"
-                                      f" {model.fmt[name]!r}")
-                    fixed = {"ZBlk0": ZBlk0, "ZBlk1": ZBlk1}.get(info["fmt"][name])
-                    blocks = sorted({b for lo, hi in ranges for b in range(lo // bs, (hi - 1) // bs + 1)})
-                    for b in blocks:
-                        stats["blocks"] += 1
-                        zblk = zf.blktab.get(b)
-                        data = zblk.loadblkdata() if zblk is not None else b""
-                        want = model.bytes[name][b * bs : (b + 1) * bs]
-                        got = np.zeros(bs, np.uint8)
-                        got[: len(data)] = np.frombuffer(bytes(data), np.uint8)
-                        if not np.array_equal(got, want):
-                            off = np.flatnonzero(got != want)
-                            errors.append(
-                                f"txn {txn.tid.hex()} {info['who']} (carried={info['carried']}): {name} block {b}"
-                                f" differs from the model at {len(off)} bytes from offset {int(off[0])}: a"
-                                f" committed change is lost or wrong (ops {info['ops']})")
-                        if fixed is not None and zblk is not None and type(zblk) is not fixed:
-                            errors.append(f"txn {txn.tid.hex()}: {name} block {b} is {type(zblk).__name__}, written"
-                                          f" with format {fixed.__name__}")
-                if stats["txns"] % FULL_CHECK_EVERY == 0:
-                    full_check(conn, txn.tid, "txn")
-            finally:
-                conn.close()
+            check_txn(conn, txn, info, written)
+            if stats["txns"] % FULL_CHECK_EVERY == 0:
+                full_check(conn, txn.tid, "txn")
             if len(errors) > 20:
                 break
+        check_snapshots(None)
+        full_check(replay.conn, storage.lastTransaction(), "final state at")
     finally:
         it.close()
-    check_snapshots(None)
-    conn = db.open()
-    try:
-        full_check(conn, storage.lastTransaction(), "final state at")
-    finally:
-        conn.close()
-        db.close()
+        replay.close()
+        storage.close()
     return errors, stats
 
 
 def supervise(d, seconds):
     t0 = time.monotonic()
+    # Whole-block rewrites make the FileStorage grow by about half a GB
+    # a minute here: refuse a run the disk cannot hold.
+    need = (1 + seconds / 60) * (1 << 30)
+    free = os.statvfs(d).f_bavail * os.statvfs(d).f_frsize
+    if free < need:
+        print(f"zodb stress FAILED: {free >> 20} MiB free in {d}, a {seconds:.0f} s run needs about {int(need) >> 20}")
+        return 1
     procs, kills = run(d, seconds)
     storage = check_storage(d)
     counts, client_errors = client_counts(d)
@@ -731,6 +803,9 @@ def main():
         writer(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
     elif role == "reader":
         reader(sys.argv[2], sys.argv[3])
+    elif role == "verify":  # again, on the directory of a run
+        errors, stats = verify(sys.argv[2])
+        print("\n".join(errors[:10]) or "no differences", stats)
     else:
         sys.exit(f"unknown role {role!r}")
 

@@ -12,7 +12,11 @@ with ``dirty_discard()``.
 The API is that of wendelin.core's ``wendelin.bigfile``. Submodules:
 ``bigfile.file_file`` (``BigFile_File``, a BigFile over an OS file, read
 and written natively) and ``bigfile.bigarray`` (``BigArray``, numpy arrays
-bigger than RAM), as wendelin.core's ``file_file`` and ``bigarray``.
+bigger than RAM; ``ArrayRef``; ``array_ram.RAMArray``), as wendelin.core's
+``file_file`` and ``bigarray``; with ZODB, ``bigfile.file_zodb``,
+``bigfile.bigarray.array_zodb`` and ``bigfile.zodbutil`` (wendelin.core's
+``wendelin.lib.zodb``), and ``bigfile.compat`` for wendelin.core's
+databases.
 """
 
 import faulthandler as _faulthandler

@@ -15,7 +15,10 @@ not in all, e.g. 6.1)::
     db = DB(storage)
 
 Objects this database then writes are stored under bigfile's module
-paths, which wendelin.core in turn cannot load.
+paths, which wendelin.core in turn cannot load. To run wendelin.core's
+programs unchanged, and keep writing its module paths, install the
+optional ``bigfile-wendelin-alias`` distribution instead (see the README):
+with it, plain ``ZODB.DB`` loads such databases.
 """
 
 from typing import Any, Dict
@@ -25,10 +28,18 @@ from ZODB.broken import find_global
 
 __all__ = ["WENDELIN_MODULES", "class_factory", "DB"]
 
-#: wendelin.core module path -> the bigfile module holding its classes
+#: wendelin.core module path -> the bigfile module holding its classes (and
+#: functions): those whose classes databases name (ZBigFile, ZBlk0, ZBlk1,
+#: ZData; ZBigArray; ArrayRef; LivePersistent) and the rest a program
+#: imports. The bigfile-wendelin-alias distribution aliases the same set.
 WENDELIN_MODULES: Dict[str, str] = {
+    "wendelin.bigfile": "bigfile",
+    "wendelin.bigfile.file_file": "bigfile.file_file",
     "wendelin.bigfile.file_zodb": "bigfile.file_zodb",
+    "wendelin.bigarray": "bigfile.bigarray",
+    "wendelin.bigarray.array_ram": "bigfile.bigarray.array_ram",
     "wendelin.bigarray.array_zodb": "bigfile.bigarray.array_zodb",
+    "wendelin.lib.zodb": "bigfile.zodbutil",
 }
 
 

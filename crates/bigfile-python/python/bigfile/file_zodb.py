@@ -27,7 +27,9 @@ package README for the rules in full and the measured costs.
 
 ``zfile.fileh_open()`` returns a ``ZBigFileH`` tied to the ZODB connection
 of `zfile` (it must be in a connection: added with ``conn.add`` or reached
-from a committed root). Its changes are part of that connection's
+from a committed root). A handle the program drops is collected like any
+object once it has no live mapping and no uncommitted change (the ZBigFile
+holds it until then). Its changes are part of that connection's
 transactions:
 
 - ``transaction.commit()`` stores the dirty pages into ZBlk objects in the
@@ -360,10 +362,13 @@ class ZBigFile(Persistent):  # type: ignore[misc]
         f = self.__dict__.get("_v_file")
         if f is None:
             f = self._v_file = _ZBigFile(self, self.blksize)
-            # Open handles, held here: a handle whose mappings are in use
-            # must stay joined to the transactions even if the program
-            # dropped the handle object itself (close() removes it).
-            self._v_filehset: Set[ZBigFileH] = set()
+            # Open handles, held weakly: a handle the program dropped goes
+            # like any object. But one with live mappings or dirty pages
+            # must stay joined to the transactions even if the program kept
+            # only arrays over its memory: it is also held in _v_filehpinned
+            # from its first mapping until it has neither (ZBigFileH._pin).
+            self._v_filehset: "weakref.WeakSet[ZBigFileH]" = weakref.WeakSet()
+            self._v_filehpinned: Set[ZBigFileH] = set()
             # block -> the ZBlk (None: a hole) its pages were loaded from
             self._v_loaded: Dict[int, Optional[ZBlkBase]] = {}
             self._v_blkof: Dict[int, int] = {}  # id(ZBlk in _v_loaded) -> block
@@ -394,6 +399,13 @@ class ZBigFile(Persistent):  # type: ignore[misc]
         _fill(buf, data)
 
     def _storeblk(self, blk: int, buf: memoryview) -> None:
+        jar = self._p_jar
+        if jar is not None and self._p_oid is not None:
+            # The blocks are written into the block table of this snapshot:
+            # if another transaction replaced the table meanwhile
+            # (bigfile.dask.to_zbigarray), this commit must fail, not write
+            # into a table nobody reads any more.
+            jar.readCurrent(self)
         data = bytes(buf).rstrip(b"\0")
         zblk = self.blktab.get(blk)
         fmt = ZBlk_fmt_registry[self.zblk_fmt or ZBlk_fmt_write]
@@ -481,7 +493,7 @@ class ZBigFile(Persistent):  # type: ignore[misc]
         for blk, zblk in list(loaded.items()):
             if blk in stale or tab.get(blk) is not zblk:
                 stale.add(blk)
-        filehs = [fh for fh in self._v_filehset if not fh.closed]
+        filehs = [fh for fh in list(self._v_filehset) if not fh.closed]
         for blk in stale:
             keep = False
             for fh in filehs:
@@ -545,6 +557,9 @@ def _connection_zfiles(conn: Any) -> "weakref.WeakSet[ZBigFile]":
                 for fh in list(zfile._v_filehset):
                     fh._follow_transaction_manager()
                 zfile._sync_invalidations()
+                # Committed or aborted by now: handles without mappings go.
+                for fh in list(zfile._v_filehpinned):
+                    fh._unpin_if_unused()
 
         conn.newTransaction = newTransaction
         conn._bigfile_zfiles = zfiles
@@ -573,10 +588,25 @@ def _make_join(conn: Any, zfile: ZBigFile, txn: Any) -> None:
     conn.register(zfile)
 
 
-def _on_connection_close(ref: "weakref.ref[ZBigFileH]") -> None:
+def _on_connection_close(ref: "weakref.ref[Any]") -> None:
+    """The close callback of a connection with handles: one per connection
+    (ZODB keeps callbacks until the close, so one per handle would pile up
+    with every handle opened meanwhile)."""
+    conn = ref()
+    if conn is None:
+        return
+    conn._bigfile_close_cb = False
+    for zfile in list(conn._bigfile_zfiles):
+        for fileh in list(zfile._v_filehset):
+            if fileh._conn is conn:
+                fileh._on_connection_close()
+
+
+def _mapping_gone(ref: "weakref.ref[ZBigFileH]", _vma_ref: Any) -> None:
     fileh = ref()
     if fileh is not None:
-        fileh._on_connection_close()
+        fileh._maps.discard(_vma_ref)
+        fileh._unpin_if_unused()
 
 
 @implementer(IDataManager, ISynchronizer)
@@ -598,9 +628,9 @@ class ZBigFileH:
         # changes are kept over a failed commit): never to be committed
         self._stale_dirty: Set[int] = set()
         self.transaction_manager: Any = None
-        # whether our close callback is registered with the connection
-        # (ZODB runs and forgets them at each close)
-        self._close_cb = False
+        # weak references to the mappings made through this handle (their
+        # callbacks unpin it when the last goes)
+        self._maps: Set[Any] = set()
         # the connection was closed since we last followed it
         self._conn_was_closed = False
         _connection_zfiles(conn).add(zfile)
@@ -609,10 +639,12 @@ class ZBigFileH:
     def _follow_transaction_manager(self) -> None:
         if self._zfileh.closed:
             return
-        tm = self._conn.transaction_manager if self._conn.opened else None
-        if tm is not None and not self._close_cb:
-            self._conn.onCloseCallback(functools.partial(_on_connection_close, weakref.ref(self)))
-            self._close_cb = True
+        conn = self._conn
+        tm = conn.transaction_manager if conn.opened else None
+        # ZODB runs and forgets close callbacks at each close.
+        if tm is not None and not conn.__dict__.get("_bigfile_close_cb"):
+            conn.onCloseCallback(functools.partial(_on_connection_close, weakref.ref(conn)))
+            conn._bigfile_close_cb = True
         if tm is self.transaction_manager:
             return
         if self.transaction_manager is not None:
@@ -627,7 +659,6 @@ class ZBigFileH:
             tm.registerSynch(self)
 
     def _on_connection_close(self) -> None:
-        self._close_cb = False
         self._conn_was_closed = True
         if self.transaction_manager is not None:
             self.transaction_manager.unregisterSynch(self)
@@ -647,10 +678,34 @@ class ZBigFileH:
     # ~~~ BigFileH
 
     def mmap(self, pgoffset: int, pglen: int) -> Any:
-        return self._zfileh.mmap(pgoffset, pglen)
+        return self._pin(self._zfileh.mmap(pgoffset, pglen))
 
     def mmap_cached(self, pgoffset: int, pglen: int) -> Any:
-        return self._zfileh.mmap_cached(pgoffset, pglen)
+        return self._pin(self._zfileh.mmap_cached(pgoffset, pglen))
+
+    def _pin(self, vma: Any) -> Any:
+        """Hold this handle in its ZBigFile while `vma` lives: its pages
+        may be written through it, and their changes must reach the
+        transaction even if the program dropped the handle itself."""
+        self._maps.add(weakref.ref(vma, functools.partial(_mapping_gone, weakref.ref(self))))
+        self.zfile._v_filehpinned.add(self)
+        return vma
+
+    def _unpin_if_unused(self) -> None:
+        """Let the ZBigFile hold this handle weakly again once it has no
+        live mapping and no dirty page (mappings kept in the handle's
+        ``mmap_cached`` cache do not count: no one else can write through
+        them)."""
+        if not self._zfileh.closed:
+            # (a copy: callbacks of mappings freed meanwhile change the set)
+            if self._zfileh.isdirty() or any(not getattr(r(), "closed", True) for r in list(self._maps)):
+                return
+        self.zfile._v_filehpinned.discard(self)
+
+    def uses_mmap_overlay(self) -> bool:
+        """Whether clean pages come from a base-layer mapping of the file
+        (wendelin.core 2.x with WCFS): never here, see BigFileH."""
+        return self._zfileh.uses_mmap_overlay()
 
     def release_cached(self) -> None:
         self._zfileh.release_cached()
@@ -703,6 +758,7 @@ class ZBigFileH:
             self.transaction_manager.unregisterSynch(self)
             self.transaction_manager = None
         self.zfile._v_filehset.discard(self)
+        self.zfile._v_filehpinned.discard(self)
 
     def __enter__(self) -> "ZBigFileH":
         return self

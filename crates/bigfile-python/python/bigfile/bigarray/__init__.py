@@ -13,6 +13,26 @@ The whole array can be larger than RAM and than the address space; process
 it in slices. ``numpy.asarray(a)`` maps it whole, which works when it fits
 in the address space (RAM use stays within the handle's budget either way).
 
+The handle can be any object providing what BigArray uses (a BigFileH, a
+``ZBigFileH``, ``array_ram``'s RAM handle, a wrapper of one of these):
+
+- ``fileh.mmap(pgoffset, pglen)``: a mapping of pages ``pgoffset ..
+  pgoffset+pglen``: an object exporting a writable (or, for read-only
+  data, read-only) buffer of ``pglen`` pages, with ``filerange()``
+  returning its ``(pgoffset, pglen)`` and ``pagesize()`` its page size;
+- optionally ``fileh.mmap_cached(pgoffset, pglen)``: the same, but the
+  mapping may cover more pages (``filerange()`` says which) and be shared;
+  used instead of ``mmap`` when present;
+- optionally ``fileh.blksize``: the page size those calls count in; a
+  handle without it maps pages of ``bigfile.bigarray.pagesize`` bytes
+  (2 MiB, as ``wendelin.bigarray.pagesize``), as wendelin.core's
+  ``_RAMFileH`` does. A mapping whose ``pagesize()`` differs is an error.
+
+``ArrayRef(view)`` finds, for any numpy view of a BigArray's memory (sliced,
+strided, transposed, reshaped, viewed as another dtype), the BigArray and
+where the view lies in it, so the view can be stored (a ZBigArray is stored
+by reference) and recreated with ``deref()``; see `ArrayRef`.
+
 Deliberate differences from wendelin.core's BigArray:
 
 - an int index out of range raises IndexError naming the axis (as numpy);
@@ -35,7 +55,18 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["BigArray"]
+from ._arrayref import ArrayRef, InvalidArrayRef, _flatbytev
+from ._mapping import Mapped
+
+__all__ = ["BigArray", "ArrayRef", "InvalidArrayRef", "pagesize"]
+
+#: The page size of handles without ``blksize`` (wendelin.core's
+#: ``wendelin.bigarray.pagesize``): BigArray and ``array_ram``'s handle read
+#: it at each mapping.
+pagesize = 2 * 1024 * 1024
+
+# Pickled under the public path (wendelin.core pickles wendelin.bigarray.ArrayRef).
+ArrayRef.__module__ = InvalidArrayRef.__module__ = __name__
 
 _BASIC = "ints, slices, ... and numpy.newaxis (basic indexing)"
 
@@ -65,6 +96,12 @@ def _check_dtype(dtype: Any) -> np.dtype:
     if dt.itemsize == 0:
         raise TypeError(f"dtype {dt} has no size")
     return dt
+
+
+def _page_size(fileh: Any) -> int:
+    """The size of the pages `fileh` maps, in bytes (see the module docs)."""
+    ps: Optional[int] = getattr(fileh, "blksize", None)
+    return pagesize if ps is None else ps
 
 
 def _prod(dims: Sequence[int]) -> int:
@@ -104,6 +141,9 @@ class BigArray:
     _shape: Tuple[int, ...]
     _stridev: Tuple[int, ...]
     _order: str
+    # For an array made by view(dtype): the array it is a view of (whose
+    # bytes are its bytes), which ArrayRef refers to.
+    _v_viewof: Optional["BigArray"] = None
 
     def __init__(self, shape: Union[int, Sequence[int]], dtype: Any, bigfileh: Any, order: str = "C") -> None:
         self._init0(shape, dtype, order)
@@ -229,27 +269,57 @@ class BigArray:
             axis += 1
 
         if empty:
-            # Nothing to map; numpy gives a writable empty array too.
-            return np.empty(dims, self._dtype), False
+            # Nothing to map; numpy gives a writable empty array too. Its
+            # base still names this array (for ArrayRef), at byte `first`.
+            return Mapped.ndarray(np.empty(dims, self._dtype), self._ref_root(), first), False
+        itemsize = self._dtype.itemsize
+        view = self._mapped(self._dtype, dims, strides, first, lo, hi + itemsize, wrap=not scalar)
+        return view, scalar
+
+    def _mapped(
+        self, dtype: np.dtype, dims: Sequence[int], strides: Sequence[int], first: int, lo: int, end: int, wrap: bool
+    ) -> np.ndarray:
+        """An ndarray of `dims`, `strides` and `dtype` whose first item is at
+        byte `first` of the array's memory, mapping bytes `lo` .. `end`
+        (exclusive) of the handle. With `wrap`, its base is a `Mapped`
+        recording this array (for ArrayRef)."""
         fileh = self._fileh
-        ps = fileh.blksize
+        ps = _page_size(fileh)
         pg_lo = lo // ps
-        pg_hi = (hi + self._dtype.itemsize - 1) // ps
+        pg_hi = (end - 1) // ps
         if (pg_hi - pg_lo + 1) * ps > sys.maxsize:
-            raise MemoryError(self._too_big(hi - lo + self._dtype.itemsize))
-        # A handle-like object without the cache (a proxy) is mapped exactly.
+            raise MemoryError(self._too_big(end - lo))
+        # A handle without the cache (a proxy, a duck-typed handle) is mapped exactly.
         mmap = getattr(fileh, "mmap_cached", None) or fileh.mmap
         try:
             vma = mmap(pg_lo, pg_hi - pg_lo + 1)
         except OSError as e:
             if e.errno == errno.ENOMEM:
-                raise MemoryError(self._too_big(hi - lo + self._dtype.itemsize)) from e
+                raise MemoryError(self._too_big(end - lo)) from e
             raise
+        if vma.pagesize() != ps:
+            raise ValueError(
+                f"the handle maps pages of {vma.pagesize()} bytes, but its page size is {ps} "
+                "(fileh.blksize, or bigfile.bigarray.pagesize for a handle without blksize)"
+            )
         vma_start = vma.filerange()[0] * ps
-        # The memoryview is the array's base: it holds the mapping (and the
-        # mapping its handle) for as long as the array or a view of it lives.
-        view = np.ndarray(dims, self._dtype, memoryview(vma), first - vma_start, strides)
-        return view, scalar
+        # The memoryview holds the mapping (and the mapping its handle) for
+        # as long as the ndarray or a view of it lives.
+        root = np.ndarray(dims, dtype, memoryview(vma), first - vma_start, strides)
+        if not wrap:
+            return root
+        return Mapped.ndarray(root, self._ref_root(), first)
+
+    def _ref_root(self) -> "BigArray":
+        """The array ArrayRef names for views of this one's memory."""
+        return self._v_viewof if self._v_viewof is not None else self
+
+    def _bytes(self, lo: int, end: int) -> np.ndarray:
+        """Bytes `lo` .. `end` (exclusive) of the array's memory (its handle's
+        bytes from offset 0) as a uint8 ndarray viewing a mapping."""
+        if end <= lo:
+            return Mapped.ndarray(np.empty(0, np.uint8), self._ref_root(), lo)
+        return self._mapped(np.dtype(np.uint8), (end - lo,), (1,), lo, lo, end, wrap=True)
 
     def _too_big(self, nbytes: int) -> str:
         return (
@@ -353,4 +423,5 @@ class BigArray:
         v = BigArray.__new__(BigArray)
         v._init0(dims, new, self._order)
         v._v_fileh = self._fileh
+        v._v_viewof = self._ref_root()
         return v
