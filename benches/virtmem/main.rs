@@ -37,10 +37,7 @@ fn main() {
     // BIGFILE_BENCH_GROUPS=a,b runs only those groups, setup included (for
     // profiling one of them: criterion's filter still runs every setup).
     let only = std::env::var("BIGFILE_BENCH_GROUPS").ok();
-    let on = |g: &str| {
-        only.as_deref()
-            .map_or(true, |o| o.split(',').any(|x| x == g))
-    };
+    let on = |g: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == g));
     if on("fault_noop") {
         fault_noop(&mut c, &figures);
     }

@@ -181,6 +181,11 @@ impl Figures {
         let path = std::env::var_os("BIGFILE_BENCH_FIGURES")
             .map(PathBuf::from)
             .unwrap_or_else(|| data_dir().join("figures.tsv"));
+        // Named by `cargo xtask bench`, its directory may not exist yet (a
+        // fresh clone): the first figure is set before any data file is made.
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).expect("create the figures file's directory");
+        }
         Figures {
             path,
             lines: Mutex::new(Vec::new()),

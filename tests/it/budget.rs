@@ -1,13 +1,10 @@
 //! The RAM budget: clean pages are reclaimed, least recently used first.
 
-use crate::common::{open, peek, ram, MemFile, BLK};
+use crate::common::{handle, mem_file, open, peek, setup, MemFile, BLK};
 
 #[test]
 fn loading_beyond_the_budget_reclaims_lru_pages() {
-    let file = MemFile::new(BLK);
-    let ram = ram(4);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 16).unwrap();
+    let (_file, ram, fh, vma) = setup(4, 16);
     let at = |pg: usize| vma.as_ptr().wrapping_add(pg * BLK);
     for pg in 0..4 {
         peek(at(pg));
@@ -48,9 +45,7 @@ fn read_block(vma: &bigfile::virtmem::Vma, idx: usize, blk: u64) {
 #[test]
 fn sequential_advice_drops_behind_and_keeps_other_pages_cached() {
     use bigfile::virtmem::Advice;
-    let file = MemFile::new(BLK);
-    let ram = ram(6);
-    let fh = open(&file, &ram);
+    let (_file, ram, fh) = handle(6);
     let other = fh.mmap(20, 4).unwrap();
     for i in 0..4 {
         read_block(&other, i, 20 + i as u64);
@@ -97,9 +92,7 @@ fn sequential_advice_drops_behind_and_keeps_other_pages_cached() {
 #[test]
 fn sequential_advice_applies_to_faults_in_its_own_mapping_only() {
     use bigfile::virtmem::Advice;
-    let file = MemFile::new(BLK);
-    let ram = ram(4);
-    let fh = open(&file, &ram);
+    let (_file, _ram, fh) = handle(4);
     let seq = fh.mmap(0, 8).unwrap();
     seq.advise(Advice::Sequential);
     let normal = fh.mmap(0, 8).unwrap();
@@ -122,10 +115,7 @@ fn sequential_advice_applies_to_faults_in_its_own_mapping_only() {
 /// and when their handle closes.
 #[test]
 fn batched_reclaim_keeps_spares_within_the_budget() {
-    let file = MemFile::new(BLK);
-    let ram = ram(16);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 64).unwrap();
+    let (_file, ram, fh, vma) = setup(16, 64);
     for blk in 0..64 {
         read_block(&vma, blk as usize, blk);
         assert!(ram.stats().resident_bytes <= ram.budget(), "block {blk}");
@@ -149,7 +139,7 @@ fn batched_reclaim_keeps_spares_within_the_budget() {
 
     // Another handle of the same RAM takes the spare's room rather than a
     // page of the first handle.
-    let file_b = MemFile::new(BLK);
+    let file_b = mem_file(BLK);
     let fh_b = open(&file_b, &ram);
     let vma_b = fh_b.mmap(0, 1).unwrap();
     read_block(&vma_b, 0, 0);
@@ -198,10 +188,7 @@ fn batched_reclaim_keeps_spares_within_the_budget() {
 #[test]
 fn prefault_in_a_sequential_mapping_keeps_its_whole_range() {
     use bigfile::virtmem::{Access, Advice};
-    let file = MemFile::new(BLK);
-    let ram = ram(4);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 8).unwrap();
+    let (_file, _ram, fh, vma) = setup(4, 8);
     vma.advise(Advice::Sequential);
     for blk in 0..4 {
         read_block(&vma, blk as usize, blk);

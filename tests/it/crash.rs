@@ -2,52 +2,34 @@
 //! their own: the test binary re-executes itself with `BIGFILE_IT_CHILD`
 //! naming the scenario, and the parent asserts how the child ended.
 
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Output};
 use std::sync::Arc;
 
 use bigfile::virtmem::WriteoutFlags;
+use bigfile_testkit::child::{self, Death};
 
-use crate::common::{open, peek, poke, ram, MemFile, BLK};
+use crate::common::{mem_file, open, peek, poke, ram, MemFile, BLK};
 
 const CHILD_ENV: &str = "BIGFILE_IT_CHILD";
 
-fn run_child(scenario: &str) -> Output {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash::child", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, scenario)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap()
+fn run_child(scenario: &str) -> child::Ended {
+    child::run(
+        child::test_child("crash::child", CHILD_ENV, scenario),
+        child::TIMEOUT,
+    )
+    .unwrap()
 }
 
 fn expect_signal(scenario: &str, signal: i32, stderr_has: &[&str]) {
-    let out = run_child(scenario);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.signal(),
-        Some(signal),
-        "{scenario}: {:?}\nstderr:\n{stderr}",
-        out.status
-    );
-    for s in stderr_has {
-        assert!(
-            stderr.contains(s),
-            "{scenario}: stderr lacks {s:?}:\n{stderr}"
-        );
+    let ended = run_child(scenario);
+    if let Err(e) = Death::by(signal).stderr(stderr_has).check(&ended) {
+        panic!("{scenario}: {e}");
     }
 }
 
 fn expect_ok(scenario: &str) -> String {
-    let out = run_child(scenario);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{scenario}: {:?}\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    let ended = run_child(scenario);
+    assert!(ended.status.success(), "{scenario}: {}", ended.describe());
+    ended.stdout
 }
 
 #[test]
@@ -55,7 +37,7 @@ fn persistent_load_failure_is_sigbus_with_diagnostic() {
     expect_signal(
         "load_fails",
         libc::SIGBUS,
-        &["block 3", "memfile", "media error", "3 attempt"],
+        &["block 3", "memfile", "3 attempt", "media error"],
     );
 }
 
@@ -111,45 +93,45 @@ fn scan_of_ten_times_the_budget_stays_within_it() {
 /// it is the parent's test run and there is nothing to do.
 #[test]
 fn child() {
-    let Ok(scenario) = std::env::var(CHILD_ENV) else {
+    let Some(scenario) = child::scenario(CHILD_ENV) else {
         return;
     };
     match scenario.as_str() {
         "load_fails" => {
-            let file = MemFile::new(BLK);
-            file.on_load(|_| Err("media error".into()));
+            let file = mem_file(BLK);
+            file.on_load(|_, _| Err("media error".into()));
             let ram = ram(8);
             let fh = open(&file, &ram);
             let vma = fh.mmap(0, 4).unwrap();
             peek(vma.as_ptr().wrapping_add(3 * BLK));
         }
         "self_touch" => {
-            let file = MemFile::new(BLK);
+            let file = mem_file(BLK);
             let ram = ram(8);
             let fh = open(&file, &ram);
             let vma = fh.mmap(0, 1).unwrap();
             let p = vma.as_ptr() as usize;
-            file.on_load(move |_| {
+            file.on_load(move |_, _| {
                 peek(p as *const u8);
                 Ok(())
             });
             peek(vma.as_ptr());
         }
         "store_writes_own" => {
-            let file = MemFile::new(BLK);
+            let file = mem_file(BLK);
             let ram = ram(8);
             let fh = open(&file, &ram);
             let vma = fh.mmap(0, 2).unwrap();
             poke(vma.as_ptr(), 1);
             let p = vma.as_ptr() as usize;
-            file.on_store(move |_| {
+            file.on_store(move |_, _| {
                 poke(p as *mut u8, 2);
                 Ok(())
             });
             let _ = fh.dirty_writeout(WriteoutFlags::STORE);
         }
         "dirty_over_budget" => {
-            let file = MemFile::new(BLK);
+            let file = mem_file(BLK);
             let ram = ram(4);
             let fh = open(&file, &ram);
             let vma = fh.mmap(0, 8).unwrap();
@@ -158,23 +140,23 @@ fn child() {
             }
         }
         "panic_in_load" => {
-            let file = MemFile::new(BLK);
-            file.on_load(|_| panic!("loader exploded"));
+            let file = mem_file(BLK);
+            file.on_load(|_, _| panic!("loader exploded"));
             let ram = ram(8);
             let fh = open(&file, &ram);
             let vma = fh.mmap(0, 1).unwrap();
             peek(vma.as_ptr());
         }
         "nested" => {
-            let inner = MemFile::new(BLK);
-            let outer = MemFile::new(BLK);
+            let inner = mem_file(BLK);
+            let outer = mem_file(BLK);
             let ram = ram(8);
             let inner_fh = open(&inner, &ram);
             let inner_vma = Arc::new(inner_fh.mmap(0, 2).unwrap());
             let iv = inner_vma.clone();
             // The outer file's block n is the inner file's block n, read
             // through the inner mapping: a fault inside loadblk.
-            outer.on_load(move |blk| {
+            outer.on_load(move |blk, _| {
                 let got = peek(iv.as_ptr().wrapping_add(blk as usize * BLK));
                 assert_eq!(got, MemFile::initial(blk));
                 Ok(())
@@ -189,9 +171,9 @@ fn child() {
             println!("nested OK");
         }
         "transient" => {
-            let file = MemFile::new(BLK);
+            let file = mem_file(BLK);
             let failures = std::sync::atomic::AtomicU32::new(0);
-            file.on_load(move |_| {
+            file.on_load(move |_, _| {
                 if failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
                     Err("busy".into())
                 } else {
@@ -227,7 +209,7 @@ fn pss_shmem_kib() -> u64 {
 fn budget_scan() {
     const BIG: usize = 2 << 20;
     const BUDGET_PAGES: u64 = 8;
-    let file = MemFile::new(BIG);
+    let file = mem_file(BIG);
     let ram = bigfile::virtmem::Ram::from_spec("memfd,pagesize=2M")
         .unwrap()
         .with_budget(BUDGET_PAGES * BIG as u64);

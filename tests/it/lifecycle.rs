@@ -2,7 +2,7 @@
 
 use bigfile::virtmem::{FileH, PageState, WriteoutFlags};
 
-use crate::common::{open, peek, poke, prot_at, ram, Call, MemFile, BLK};
+use crate::common::{handle, mem_file, open, peek, poke, prot_at, ram, setup, Call, MemFile, BLK};
 
 fn state(fh: &FileH, pg: u64) -> Option<PageState> {
     fh.page_state(pg)
@@ -10,10 +10,7 @@ fn state(fh: &FileH, pg: u64) -> Option<PageState> {
 
 #[test]
 fn full_lifecycle() {
-    let file = MemFile::new(BLK);
-    let ram = ram(64);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 4).unwrap();
+    let (file, ram, fh, vma) = setup(64, 4);
     let p = vma.as_ptr();
     let at = |pg: usize| p.wrapping_add(pg * BLK);
     assert_eq!(fh.stats().resident_pages, 0);
@@ -147,9 +144,7 @@ fn full_lifecycle() {
 
 #[test]
 fn overlapping_mappings_are_one_memory() {
-    let file = MemFile::new(BLK);
-    let ram = ram(16);
-    let fh = open(&file, &ram);
+    let (file, _ram, fh) = handle(16);
     let a = fh.mmap(0, 4).unwrap();
     let b = fh.mmap(2, 4).unwrap();
     // page 3: a[3] and b[1].
@@ -172,7 +167,7 @@ fn overlapping_mappings_are_one_memory() {
 
 #[test]
 fn handles_of_one_file_have_their_own_changes() {
-    let file = MemFile::new(BLK);
+    let file = mem_file(BLK);
     let ram = ram(16);
     let fh1 = open(&file, &ram);
     let fh2 = open(&file, &ram);
@@ -185,15 +180,12 @@ fn handles_of_one_file_have_their_own_changes() {
 
 #[test]
 fn failed_store_loses_nothing_and_retries() {
-    let file = MemFile::new(BLK);
-    let ram = ram(16);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 4).unwrap();
+    let (file, _ram, fh, vma) = setup(16, 4);
     for pg in 0..4 {
         vma.write_at(pg * BLK, &[0x40 + pg as u8]).unwrap();
     }
     file.take_calls();
-    file.on_store(|blk| {
+    file.on_store(|blk, _| {
         if blk == 2 {
             Err("disk full".into())
         } else {
@@ -215,7 +207,7 @@ fn failed_store_loses_nothing_and_retries() {
     assert_eq!(fh.dirty_blocks(), [0, 1, 2, 3]);
     // The handle stays usable.
     vma.write_at(3 * BLK + 1, &[0x99]).unwrap();
-    file.on_store(|_| Ok(()));
+    file.on_store(|_, _| Ok(()));
     fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
         .unwrap();
     assert_eq!(
@@ -237,10 +229,7 @@ fn failed_store_loses_nothing_and_retries() {
 #[test]
 fn prefault_makes_kernel_io_into_the_mapping_work() {
     use std::io::{Read, Write};
-    let file = MemFile::new(BLK);
-    let ram = ram(16);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 2).unwrap();
+    let (_file, _ram, fh, vma) = setup(16, 2);
     let mut tmp = tempfile();
     tmp.write_all(&[7u8; 100]).unwrap();
     // Without prefault read(2) into a not-yet-loaded page fails with EFAULT.
@@ -272,15 +261,13 @@ fn tempfile() -> std::fs::File {
 
 #[test]
 fn loader_can_drop_another_mapping_from_inside_a_fault() {
-    let file = MemFile::new(BLK);
-    let ram = ram(16);
-    let fh = open(&file, &ram);
+    let (file, _ram, fh) = handle(16);
     let other = fh.mmap(0, 2).unwrap();
     poke(other.as_ptr(), 0x5a); // page 0 dirty, mapped in `other`
     let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(other)));
     {
         let slot = slot.clone();
-        file.on_load(move |_| {
+        file.on_load(move |_, _| {
             // The last reference to `other` goes away inside this fault.
             drop(slot.lock().unwrap().take());
             Ok(())

@@ -4,12 +4,12 @@ use std::sync::Arc;
 
 use bigfile::virtmem::{Error, FileH, Ram, WriteoutFlags};
 
-use crate::common::{open, ram, MemFile, BLK};
+use crate::common::{handle, mem_file, open, ram, setup, MemFile, BLK};
 
 #[test]
 fn bad_blksize_is_refused() {
     for blksize in [0, 1000, 4096 + 1] {
-        let err = FileH::open(MemFile::new(blksize), None).unwrap_err();
+        let err = FileH::open(mem_file(blksize), None).unwrap_err();
         assert!(matches!(err, Error::BadBlksize { .. }), "{err}");
         assert!(
             err.to_string().contains("multiple of the OS page size"),
@@ -21,13 +21,13 @@ fn bad_blksize_is_refused() {
 #[test]
 fn ram_of_another_page_size_is_refused() {
     let ram = Ram::from_spec("memfd,pagesize=2M").unwrap();
-    let err = FileH::open(MemFile::new(BLK), Some(&ram)).unwrap_err();
+    let err = FileH::open(mem_file(BLK), Some(&ram)).unwrap_err();
     assert!(matches!(err, Error::PageSizeMismatch { .. }), "{err}");
 }
 
 #[test]
 fn default_ram_follows_the_blksize() {
-    let fh = FileH::open(MemFile::new(3 * 4096), None).unwrap();
+    let fh = FileH::open(mem_file(3 * 4096), None).unwrap();
     assert_eq!(fh.ram().page_size(), 3 * 4096);
     let vma = fh.mmap(0, 2).unwrap();
     let mut b = [0u8; 1];
@@ -37,9 +37,7 @@ fn default_ram_follows_the_blksize() {
 
 #[test]
 fn bad_ranges_are_refused() {
-    let file = MemFile::new(BLK);
-    let ram = ram(4);
-    let fh = open(&file, &ram);
+    let (_file, _ram, fh) = handle(4);
     assert!(matches!(fh.mmap(0, 0), Err(Error::InvalidRange(_))));
     assert!(matches!(fh.mmap(u64::MAX, 2), Err(Error::InvalidRange(_))));
     assert!(matches!(
@@ -80,7 +78,7 @@ fn bad_writeout_flags_are_refused() {
 
 #[test]
 fn writeout_discard_invalidate_during_writeout_are_refused() {
-    let file = MemFile::new(BLK);
+    let file = mem_file(BLK);
     let ram = ram(4);
     let fh = Arc::new(open(&file, &ram));
     let vma = fh.mmap(0, 1).unwrap();
@@ -89,7 +87,7 @@ fn writeout_discard_invalidate_during_writeout_are_refused() {
     {
         let (fh2, results) = (fh.clone(), results.clone());
         // storeblk runs during the writeout: call the other operations from there.
-        file.on_store(move |_| {
+        file.on_store(move |_, _| {
             let mut r = results.lock().unwrap();
             r.push(
                 fh2.dirty_writeout(WriteoutFlags::STORE)
@@ -115,8 +113,8 @@ fn writeout_discard_invalidate_during_writeout_are_refused() {
 
 #[test]
 fn prefault_reports_load_errors_as_values() {
-    let file = MemFile::new(BLK);
-    file.on_load(|_| Err("no such block".into()));
+    let file = mem_file(BLK);
+    file.on_load(|_, _| Err("no such block".into()));
     let ram = ram(4);
     let fh = open(&file, &ram);
     fh.set_load_policy(bigfile::virtmem::LoadPolicy {
@@ -140,12 +138,9 @@ fn prefault_reports_load_errors_as_values() {
 #[test]
 fn panic_in_loadblk_under_prefault_unwinds_and_leaks_nothing() {
     use bigfile::virtmem::Access;
-    let file = MemFile::new(BLK);
-    let ram = ram(2);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 4).unwrap();
+    let (file, ram, fh, vma) = setup(2, 4);
     vma.prefault(0..2 * BLK, Access::Read).unwrap();
-    file.on_load(|_| panic!("loader exploded"));
+    file.on_load(|_, _| panic!("loader exploded"));
     // Block 2: the budget is full, block 0's RAM page is recycled for it.
     // Block 3: block 2's failure left room, a fresh RAM page is allocated.
     for (blk, resident) in [(2usize, 1u64), (3, 1)] {
@@ -161,7 +156,7 @@ fn panic_in_loadblk_under_prefault_unwinds_and_leaks_nothing() {
             "block {blk}: no RAM page leaked"
         );
     }
-    *file.load_hook.lock().unwrap() = None;
+    file.clear_load_hook();
     let mut b = [0u8];
     vma.read_at(3 * BLK, &mut b).unwrap();
     assert_eq!(b[0], MemFile::initial(3));

@@ -7,17 +7,14 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use bigfile::virtmem::{Advice, WriteoutFlags};
+use bigfile::virtmem::{Advice, Error, LoadError, WriteoutFlags};
 
-use crate::common::{open, peek, ram, Call, MemFile, BLK};
+use crate::common::{handle, mem_file, open, peek, ram, setup, Call, MemFile, BLK};
 
 #[test]
 fn two_threads_one_block_one_load() {
-    let file = MemFile::new(BLK);
-    let ram = ram(16);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 1).unwrap();
-    file.on_load(|_| {
+    let (file, _ram, fh, vma) = setup(16, 1);
+    file.on_load(|_, _| {
         thread::sleep(Duration::from_millis(100));
         Ok(())
     });
@@ -42,17 +39,14 @@ fn two_threads_one_block_one_load() {
 
 #[test]
 fn two_blocks_load_in_parallel() {
-    let file = MemFile::new(BLK);
-    let ram = ram(16);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 2).unwrap();
+    let (file, _ram, _fh, vma) = setup(16, 2);
     // Each loader waits (up to 10 s) for the other to be inside loadblk too:
     // both see each other only if the two loads run at the same time.
     let inside = Arc::new(AtomicUsize::new(0));
     let met = Arc::new(AtomicUsize::new(0));
     {
         let (inside, met) = (inside.clone(), met.clone());
-        file.on_load(move |_| {
+        file.on_load(move |_, _| {
             inside.fetch_add(1, SeqCst);
             let t0 = std::time::Instant::now();
             while inside.load(SeqCst) < 2 && t0.elapsed() < Duration::from_secs(10) {
@@ -77,7 +71,7 @@ fn two_blocks_load_in_parallel() {
 #[test]
 fn eight_threads_against_a_model() {
     const BLOCKS: u64 = 64;
-    let file = MemFile::new(BLK);
+    let file = mem_file(BLK);
     let ram = ram(BLOCKS * 2);
     let fh = open(&file, &ram);
     let vma = Arc::new(fh.mmap(0, BLOCKS).unwrap());
@@ -135,7 +129,7 @@ fn eight_threads_against_a_model() {
 
 #[test]
 fn load_versus_invalidate_sees_the_new_data() {
-    let file = MemFile::new(BLK);
+    let file = mem_file(BLK);
     let ram = ram(16);
     let fh = Arc::new(open(&file, &ram));
     let vma = fh.mmap(0, 1).unwrap();
@@ -144,7 +138,7 @@ fn load_versus_invalidate_sees_the_new_data() {
     let first = Arc::new(AtomicBool::new(true));
     {
         let (entered, invalidated, first) = (entered.clone(), invalidated.clone(), first.clone());
-        file.on_load(move |_| {
+        file.on_load(move |_, _| {
             if first.swap(false, SeqCst) {
                 entered.wait();
                 invalidated.wait();
@@ -156,7 +150,7 @@ fn load_versus_invalidate_sees_the_new_data() {
     let reader = thread::spawn(move || peek(p as *const u8));
     entered.wait();
     // The file changes underneath while the first load is in flight.
-    file.blocks.lock().unwrap().insert(0, vec![0x77; BLK]);
+    file.put(0, vec![0x77; BLK]);
     fh.invalidate_page(0).unwrap();
     assert_eq!(
         fh.page_state(0),
@@ -169,8 +163,8 @@ fn load_versus_invalidate_sees_the_new_data() {
 
 #[test]
 fn external_lock_in_loadblk_and_around_invalidate_does_not_deadlock() {
-    let file = MemFile::new(BLK);
-    let other = MemFile::new(BLK);
+    let file = mem_file(BLK);
+    let other = mem_file(BLK);
     let ram = ram(16);
     let fh = open(&file, &ram);
     let fh_other = Arc::new(open(&other, &ram));
@@ -179,13 +173,13 @@ fn external_lock_in_loadblk_and_around_invalidate_does_not_deadlock() {
     let in_load = Arc::new(AtomicUsize::new(0));
     {
         let (ml, in_load) = (m.clone(), in_load.clone());
-        file.on_load(move |_| {
+        file.on_load(move |_, _| {
             in_load.fetch_add(1, SeqCst);
             let _g = ml.lock().unwrap();
             Ok(())
         });
         let m = m.clone();
-        file.on_store(move |_| {
+        file.on_store(move |_, _| {
             let _g = m.lock().unwrap();
             Ok(())
         });
@@ -212,7 +206,7 @@ fn external_lock_in_loadblk_and_around_invalidate_does_not_deadlock() {
         fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
             .unwrap();
         ram.reclaim();
-        file.blocks.lock().unwrap().clear();
+        file.clear();
     }
     stop.store(true, SeqCst);
     inval.join().unwrap();
@@ -221,7 +215,7 @@ fn external_lock_in_loadblk_and_around_invalidate_does_not_deadlock() {
 
 #[test]
 fn write_during_writeout_waits_for_it() {
-    let file = MemFile::new(BLK);
+    let file = mem_file(BLK);
     let ram = ram(16);
     let fh = Arc::new(open(&file, &ram));
     let vma = Arc::new(fh.mmap(0, 2).unwrap());
@@ -230,7 +224,7 @@ fn write_during_writeout_waits_for_it() {
     let writer_done = Arc::new(AtomicBool::new(false));
     {
         let (in_store, writer_done) = (in_store.clone(), writer_done.clone());
-        file.on_store(move |_| {
+        file.on_store(move |_, _| {
             in_store.wait();
             thread::sleep(Duration::from_millis(100));
             // The writer must still be blocked: storeblk sees the old data.
@@ -256,17 +250,29 @@ fn write_during_writeout_waits_for_it() {
     assert_eq!(fh.dirty_blocks(), [0]);
 }
 
+/// The loader's error, as a value.
+#[derive(Debug)]
+struct BadSector;
+
+impl std::fmt::Display for BadSector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("bad sector")
+    }
+}
+
+impl std::error::Error for BadSector {}
+
 #[test]
 fn waiters_of_a_failed_load_get_its_error() {
-    let file = MemFile::new(BLK);
+    let file = mem_file(BLK);
     let entered = Arc::new(Barrier::new(2));
     {
         let entered = entered.clone();
-        file.on_load(move |_| {
+        file.on_load(move |_, _| {
             entered.wait();
             // Give the second thread time to find the page LOADING and wait.
             thread::sleep(Duration::from_millis(200));
-            Err("bad sector".into())
+            Err(Box::new(BadSector))
         });
     }
     let ram = ram(4);
@@ -278,22 +284,37 @@ fn waiters_of_a_failed_load_get_its_error() {
     let vma = Arc::new(fh.mmap(0, 1).unwrap());
     let loader = {
         let vma = vma.clone();
-        thread::spawn(move || {
-            vma.prefault(0..1, bigfile::virtmem::Access::Read)
-                .map_err(|e| e.to_string())
-        })
+        thread::spawn(move || vma.prefault(0..1, bigfile::virtmem::Access::Read))
     };
     entered.wait();
-    let waited = vma
-        .prefault(0..1, bigfile::virtmem::Access::Read)
-        .map_err(|e| e.to_string());
+    let waited = vma.prefault(0..1, bigfile::virtmem::Access::Read);
     let loaded = loader.join().unwrap();
     let (l, w) = (loaded.unwrap_err(), waited.unwrap_err());
-    assert!(l.contains("bad sector"), "{l}");
+    assert!(l.to_string().contains("bad sector"), "{l}");
     assert!(
-        w.contains("while waiting for another thread's load") && w.contains("bad sector"),
+        w.to_string()
+            .contains("while waiting for another thread's load")
+            && w.to_string().contains("bad sector"),
         "{w}"
     );
+    // The very error value loadblk returned, for both threads.
+    let block_error = |e: &Error| match e {
+        Error::Load {
+            source: LoadError::Block { source, .. },
+            ..
+        } => source.clone(),
+        e => panic!("not loadblk's error: {e:?}"),
+    };
+    let Error::Load {
+        source: LoadError::Waited(inner),
+        ..
+    } = &w
+    else {
+        panic!("the waiter's error is not the load it waited for: {w:?}");
+    };
+    let (mine, theirs) = (block_error(&l), block_error(inner));
+    assert!(Arc::ptr_eq(&mine, &theirs));
+    assert!(mine.downcast_ref::<BadSector>().is_some());
     assert_eq!(file.take_calls(), [Call::Load(0)]);
     assert_eq!(fh.page_state(0), None);
 }
@@ -308,9 +329,7 @@ fn waiters_of_a_failed_load_get_its_error() {
 #[test]
 fn reclaim_races_with_faults_and_unmaps_of_the_same_pages() {
     const BLOCKS: u64 = 8;
-    let file = MemFile::new(BLK);
-    let ram = ram(3);
-    let fh = open(&file, &ram);
+    let (_file, ram, fh) = handle(3);
     let shared = Arc::new(fh.mmap(0, BLOCKS).unwrap());
     thread::scope(|s| {
         for t in 0..2u64 {
@@ -361,14 +380,11 @@ fn reclaim_races_with_faults_and_unmaps_of_the_same_pages() {
 /// on a second block waits for the first block's slow load and reclaims it.
 #[test]
 fn a_full_budget_of_loading_pages_waits_for_them() {
-    let file = MemFile::new(BLK);
-    let ram = ram(1);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 2).unwrap();
+    let (file, _ram, fh, vma) = setup(1, 2);
     let first_loading = Arc::new(AtomicBool::new(false));
     {
         let first_loading = first_loading.clone();
-        file.on_load(move |blk| {
+        file.on_load(move |blk, _| {
             if blk == 0 {
                 first_loading.store(true, SeqCst);
                 thread::sleep(Duration::from_millis(200));
@@ -425,14 +441,11 @@ impl Gates {
 /// second time over the first (which left a page counted but lost).
 #[test]
 fn two_threads_waiting_for_room_for_one_block_load_it_once() {
-    let file = MemFile::new(BLK);
-    let ram = ram(2);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 10).unwrap();
+    let (file, ram, fh, vma) = setup(2, 10);
     let gates = Arc::new(Gates::default());
     {
         let gates = gates.clone();
-        file.on_load(move |blk| {
+        file.on_load(move |blk, _| {
             gates.enter(blk);
             Ok(())
         });

@@ -81,7 +81,7 @@ fn python_bench(quick: bool) -> Result<Results> {
     let (version, exe) = python::interpreters()
         .into_iter()
         .next()
-        .ok_or("no CPython 3.9-3.13 found")?;
+        .ok_or("no CPython 3.9-3.14 found")?;
     let venv = python::venv(&version, &exe)?;
     run(Command::new(venv.join("bin/maturin"))
         .args(["develop", "--release", "--quiet"])
@@ -160,38 +160,15 @@ enum Goal {
     AtLeast(Option<f64>),
 }
 
-struct Row {
-    item: &'static str,
-    what: &'static str,
-    ours: Fig,
-    baseline_name: &'static str,
-    baseline: Fig,
-    goal: Goal,
-}
-
-const fn row(
-    item: &'static str,
-    what: &'static str,
-    ours: Fig,
-    baseline_name: &'static str,
-    baseline: Fig,
-    goal: Goal,
-) -> Row {
-    Row {
-        item,
-        what,
-        ours,
-        baseline_name,
-        baseline,
-        goal,
-    }
-}
+/// A line of the table: the item, what it shows, our figure, the
+/// baseline's name, the baseline's figure, the goal.
+type Row = (&'static str, &'static str, Fig, &'static str, Fig, Goal);
 
 const ROWS: &[Row] = {
     use Fig::*;
     use Goal::*;
     &[
-        row(
+        (
             "1",
             "no-op fault, 2 MiB",
             Time("fault_noop/bigfile/2M"),
@@ -199,7 +176,7 @@ const ROWS: &[Row] = {
             Time("fault_noop/sigsegv/2M"),
             AtMost(Some(3.0)),
         ),
-        row(
+        (
             "1",
             "no-op fault, 64 KiB",
             Time("fault_noop/bigfile/64K"),
@@ -207,7 +184,7 @@ const ROWS: &[Row] = {
             Time("fault_noop/sigsegv/64K"),
             AtMost(None),
         ),
-        row(
+        (
             "1",
             "no-op fault, 4 KiB",
             Time("fault_noop/bigfile/4K"),
@@ -215,7 +192,7 @@ const ROWS: &[Row] = {
             Time("fault_noop/sigsegv/4K"),
             AtMost(None),
         ),
-        row(
+        (
             "1",
             "no-op fault, fresh RAM page, 2 MiB",
             Time("fault_noop/bigfile_fresh_page/2M"),
@@ -223,7 +200,7 @@ const ROWS: &[Row] = {
             Time("fault_noop/sigsegv/2M"),
             AtMost(None),
         ),
-        row(
+        (
             "2",
             "full-block fault, 2 MiB",
             Time("fault_fill/bigfile/2M"),
@@ -231,7 +208,7 @@ const ROWS: &[Row] = {
             Time("fault_fill/kernel/2M"),
             AtMost(Some(1.5)),
         ),
-        row(
+        (
             "3",
             "scan sum(u64), FileBigFile, `Advice::Sequential`",
             Rate("scan/bigfile_sequential", "scan.bytes"),
@@ -239,7 +216,7 @@ const ROWS: &[Row] = {
             Rate("scan/pread", "scan.bytes"),
             AtLeast(Some(0.7)),
         ),
-        row(
+        (
             "3",
             "scan sum(u64), FileBigFile, `Advice::Sequential`",
             Rate("scan/bigfile_sequential", "scan.bytes"),
@@ -247,7 +224,7 @@ const ROWS: &[Row] = {
             Rate("scan/mmap", "scan.bytes"),
             AtLeast(None),
         ),
-        row(
+        (
             "3",
             "scan sum(u64), FileBigFile, default advice (LRU)",
             Rate("scan/bigfile", "scan.bytes"),
@@ -255,7 +232,7 @@ const ROWS: &[Row] = {
             Rate("scan/pread", "scan.bytes"),
             AtLeast(None),
         ),
-        row(
+        (
             "4",
             "random 4 KiB read, 2 MiB blocks",
             Time("random_read/bigfile/2M"),
@@ -263,7 +240,7 @@ const ROWS: &[Row] = {
             Time("random_read/mmap"),
             AtMost(None),
         ),
-        row(
+        (
             "4",
             "random 4 KiB read, 64 KiB blocks",
             Time("random_read/bigfile/64K"),
@@ -271,7 +248,7 @@ const ROWS: &[Row] = {
             Time("random_read/mmap"),
             AtMost(None),
         ),
-        row(
+        (
             "4",
             "resident peak, 2 MiB blocks",
             Bytes("random_read.2M.resident_peak"),
@@ -279,7 +256,7 @@ const ROWS: &[Row] = {
             BudgetPlusBlock("random_read.2M"),
             AtMost(Some(1.0)),
         ),
-        row(
+        (
             "4",
             "resident peak, 64 KiB blocks",
             Bytes("random_read.64K.resident_peak"),
@@ -287,7 +264,7 @@ const ROWS: &[Row] = {
             BudgetPlusBlock("random_read.64K"),
             AtMost(Some(1.0)),
         ),
-        row(
+        (
             "4",
             "resident peak, 2 MiB blocks",
             Bytes("random_read.2M.resident_peak"),
@@ -295,7 +272,7 @@ const ROWS: &[Row] = {
             Bytes("random_read.mmap.rss"),
             AtMost(None),
         ),
-        row(
+        (
             "5",
             "write every block + dirty_writeout",
             Time("write/bigfile_writeout"),
@@ -303,7 +280,7 @@ const ROWS: &[Row] = {
             Time("write/pwrite"),
             AtMost(None),
         ),
-        row(
+        (
             "5",
             "first write to a clean loaded page",
             Time("first_write/bigfile/2M"),
@@ -311,7 +288,7 @@ const ROWS: &[Row] = {
             Time("fault_noop/sigsegv/2M"),
             AtMost(None),
         ),
-        row(
+        (
             "6",
             "2 threads, full-block faults (per fault)",
             Time("threads/fill/2"),
@@ -319,7 +296,7 @@ const ROWS: &[Row] = {
             Time("threads/fill/1"),
             AtLeast(Some(1.6)),
         ),
-        row(
+        (
             "6",
             "2 threads, the same fill of plain memory, no faults (per block)",
             Time("threads/bare_fill/2"),
@@ -327,7 +304,7 @@ const ROWS: &[Row] = {
             Time("threads/bare_fill/1"),
             AtLeast(None),
         ),
-        row(
+        (
             "6",
             "2 threads, no-op faults (per fault)",
             Time("threads/noop/2"),
@@ -335,7 +312,7 @@ const ROWS: &[Row] = {
             Time("threads/noop/1"),
             AtLeast(None),
         ),
-        row(
+        (
             "6",
             "2 threads, full-block faults, `Advice::Sequential` (per fault)",
             Time("threads/fill_sequential/2"),
@@ -343,7 +320,7 @@ const ROWS: &[Row] = {
             Time("threads/fill_sequential/1"),
             AtLeast(None),
         ),
-        row(
+        (
             "6",
             "1 thread, full-block fault, `Advice::Sequential`",
             Time("threads/fill_sequential/1"),
@@ -351,7 +328,7 @@ const ROWS: &[Row] = {
             Time("threads/fill/1"),
             AtMost(None),
         ),
-        row(
+        (
             "7",
             "Python no-op loadblk fault, 2 MiB",
             PyTime("fault_noop"),
@@ -359,7 +336,7 @@ const ROWS: &[Row] = {
             Time("fault_noop/bigfile/2M"),
             AtMost(None),
         ),
-        row(
+        (
             "7",
             "Python numpy zero-fill fault, 2 MiB",
             PyTime("fault_zero_numpy"),
@@ -367,7 +344,7 @@ const ROWS: &[Row] = {
             Time("fault_fill/kernel/2M"),
             AtMost(None),
         ),
-        row(
+        (
             "7",
             "Python adler32, file-backed BigFile",
             PyRate("adler32_bigfile", "adler32_bytes"),
@@ -375,7 +352,7 @@ const ROWS: &[Row] = {
             PyRate("adler32_mmap", "adler32_bytes"),
             AtLeast(Some(0.6)),
         ),
-        row(
+        (
             "7",
             "Python adler32, file-backed BigFile",
             PyRate("adler32_bigfile", "adler32_bytes"),
@@ -383,7 +360,7 @@ const ROWS: &[Row] = {
             PyRate("adler32_readinto", "adler32_bytes"),
             AtLeast(None),
         ),
-        row(
+        (
             "7",
             "Python adler32, file-backed BigFile, `advise(\"sequential\")`",
             PyRate("adler32_bigfile_sequential", "adler32_bytes"),
@@ -391,7 +368,7 @@ const ROWS: &[Row] = {
             PyRate("adler32_mmap", "adler32_bytes"),
             AtLeast(None),
         ),
-        row(
+        (
             "7",
             "Python adler32, BigFile_File (native I/O)",
             PyRate("adler32_file_native", "adler32_bytes"),
@@ -399,7 +376,7 @@ const ROWS: &[Row] = {
             PyRate("adler32_mmap", "adler32_bytes"),
             AtLeast(None),
         ),
-        row(
+        (
             "9",
             "Python adler32, BigFile_File (native I/O)",
             PyRate("adler32_file_native", "adler32_bytes"),
@@ -407,7 +384,7 @@ const ROWS: &[Row] = {
             PyRate("adler32_file_pyio", "adler32_bytes"),
             AtLeast(None),
         ),
-        row(
+        (
             "9",
             "BigArray sum, BigFile_File, 2 MiB blocks",
             PyRate("bigarray_sum_native", "adler32_bytes"),
@@ -415,7 +392,7 @@ const ROWS: &[Row] = {
             PyRate("bigarray_sum_pyio", "adler32_bytes"),
             AtLeast(None),
         ),
-        row(
+        (
             "9",
             "BigArray sum, BigFile_File, 64 KiB blocks",
             PyRate("bigarray_sum_native_64K", "adler32_bytes"),
@@ -423,7 +400,7 @@ const ROWS: &[Row] = {
             PyRate("bigarray_sum_pyio_64K", "adler32_bytes"),
             AtLeast(None),
         ),
-        row(
+        (
             "9",
             "writeout of dirty blocks, BigFile_File",
             PyTime("writeout_native"),
@@ -431,7 +408,7 @@ const ROWS: &[Row] = {
             PyTime("writeout_pyio"),
             AtLeast(None),
         ),
-        row(
+        (
             "21",
             "Dask sum of a 1 GiB ZBigArray on ZEO, 2 worker processes",
             PyRate("dask_sum_2w", "dask_sum_bytes"),
@@ -439,7 +416,7 @@ const ROWS: &[Row] = {
             PyRate("dask_sum_1w", "dask_sum_bytes"),
             AtLeast(None),
         ),
-        row(
+        (
             "21",
             "Dask sum of a 1 GiB ZBigArray on ZEO, 2 worker processes",
             PyRate("dask_sum_2w", "dask_sum_bytes"),
@@ -447,7 +424,7 @@ const ROWS: &[Row] = {
             PyRate("dask_sum_direct", "dask_sum_bytes"),
             AtLeast(None),
         ),
-        row(
+        (
             "21",
             "Dask sum of a 1 GiB ZBigArray on ZEO, 1 worker process",
             PyRate("dask_sum_1w", "dask_sum_bytes"),
@@ -545,10 +522,10 @@ fn table(res: &Results, quick: bool) -> String {
     ));
     out.push_str("| # | figure | bigfile | baseline | baseline figure | ratio | target | met |\n");
     out.push_str("|---|---|---|---|---|---|---|---|\n");
-    for r in ROWS {
-        let ours = value(res, r.ours);
-        let base = value(res, r.baseline);
-        let (ratio, target, met) = match (ours.as_ref(), base.as_ref(), r.goal) {
+    for &(item, what, ours, baseline_name, baseline, goal) in ROWS {
+        let ours = value(res, ours);
+        let base = value(res, baseline);
+        let (ratio, target, met) = match (ours.as_ref(), base.as_ref(), goal) {
             (Some((o, _)), Some((b, _)), Goal::AtMost(t)) => {
                 let x = o / b;
                 (
@@ -574,10 +551,10 @@ fn table(res: &Results, quick: bool) -> String {
         let shown = |v: Option<(f64, String)>| v.map_or("—".into(), |(_, s)| s);
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            r.item,
-            r.what,
+            item,
+            what,
             shown(ours),
-            r.baseline_name,
+            baseline_name,
             shown(base),
             ratio,
             target,

@@ -34,6 +34,7 @@ use crate::{cargo, python, root, run, target_dir, Result};
 
 /// The crates published to crates.io, in dependency order.
 pub(crate) const CRATES: &[&str] = &[
+    "bigfile-os",
     "bigfile-ram",
     "bigfile-fault",
     "bigfile-virtmem",

@@ -1,9 +1,11 @@
 //! `cargo xtask <task>`: the project's automation, in Rust so it needs
 //! nothing but cargo.
 //!
-//! - `test`: everything CI runs: formatting, clippy, every Rust test, the
-//!   C API's header check and C tests, the Python tests on every CPython
-//!   3.9-3.13 found, and the fault suite.
+//! - `test [lint|rust|python|wheel|faults]`: everything CI runs (formatting,
+//!   clippy and the module-cycle check; every Rust test, the C API's header
+//!   check and C tests among them; the Python tests on every CPython
+//!   3.9-3.14 found; a built wheel tested installed; the fault suite), or
+//!   one of those parts.
 //! - `faults [FILTER] [--minutes N]`: the fault suite (crash, inject, race
 //!   and ZODB stress scenarios whose names contain FILTER; long-running ones
 //!   for N minutes); see README.md.
@@ -19,6 +21,7 @@ use std::process::{exit, Command};
 
 mod bench;
 mod capi;
+mod cycles;
 mod dist;
 mod python;
 
@@ -51,7 +54,7 @@ fn usage() -> ! {
         "usage: cargo xtask <task>\n\
          \n\
          tasks:\n  \
-           test          fmt check, clippy, all Rust tests, Python tests, fault suite (what CI runs)\n  \
+           test [PART]   what CI runs: lint (fmt, clippy, module cycles), rust, python, wheel, faults;\n                or only PART\n  \
            faults [FILTER] [--minutes N]\n                the fault suite (crash, inject, races, zodb-stress) or the scenarios\n                matching FILTER; long-running scenarios for N minutes\n  \
            bench [--quick]  benchmarks with kernel baselines, printed as one table\n  \
            demo [--file PATH] [--size N] [--ram-budget N] [--blksize N]\n                the main job: a file bigger than the RAM budget used as memory\n  \
@@ -62,12 +65,28 @@ fn usage() -> ! {
     exit(2)
 }
 
-/// The workspace root (xtask lives one level below it).
+/// The workspace root of the checkout `cargo xtask` was run in, found at
+/// run time: with a target directory shared by several checkouts, the
+/// binary may have been built from another one. `cargo run` gives the
+/// package's directory (xtask, one level below the root); without it, the
+/// nearest directory above the current one holding a workspace with xtask.
 pub(crate) fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask is inside the workspace")
+    if let Some(dir) = env::var_os("CARGO_MANIFEST_DIR") {
+        let xtask = PathBuf::from(dir);
+        if let Some(root) = xtask.parent().filter(|r| is_root(r)) {
+            return root.to_path_buf();
+        }
+    }
+    let cwd = env::current_dir().expect("a current directory");
+    cwd.ancestors()
+        .find(|d| is_root(d))
+        .unwrap_or_else(|| panic!("no bigfile workspace above {}", cwd.display()))
         .to_path_buf()
+}
+
+fn is_root(dir: &Path) -> bool {
+    dir.join("xtask/Cargo.toml").is_file()
+        && std::fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|t| t.contains("[workspace]"))
 }
 
 pub(crate) fn cargo() -> Command {
@@ -90,10 +109,61 @@ pub(crate) fn run(cmd: &mut Command) -> Result {
     }
 }
 
+/// A part of `cargo xtask test`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// Formatting, clippy (of the workspace and of tests/faults) and the
+    /// module-cycle check.
+    Lint,
+    /// Every Rust test: the workspace's, the libraries' failure-point
+    /// tests, the fault suite's own unit tests.
+    Rust,
+    /// The Python tests on every CPython found.
+    Python,
+    /// A wheel as `cargo xtask dist` builds it, installed into a fresh venv
+    /// without Rust, the Python tests run against it.
+    Wheel,
+    /// The fault suite.
+    Faults,
+}
+
+const PARTS: [(&str, Part); 5] = [
+    ("lint", Part::Lint),
+    ("rust", Part::Rust),
+    ("python", Part::Python),
+    ("wheel", Part::Wheel),
+    ("faults", Part::Faults),
+];
+
 fn test(args: &[String]) -> Result {
-    if let Some(a) = args.first() {
-        return Err(format!("test takes no arguments, got {a:?}"));
+    let parts: Vec<Part> = match args {
+        [] => PARTS.iter().map(|&(_, p)| p).collect(),
+        [name] => match PARTS.iter().find(|(n, _)| n == name) {
+            Some(&(_, p)) => vec![p],
+            None => {
+                return Err(format!(
+                    "test takes lint, rust, python, wheel or faults, got {name:?}"
+                ))
+            }
+        },
+        _ => return Err(format!("test takes at most one part, got {args:?}")),
+    };
+    for part in &parts {
+        match part {
+            Part::Lint => lint()?,
+            Part::Rust => rust_tests()?,
+            Part::Python => python::test_all()?,
+            Part::Wheel => dist::check_installed_wheel()?,
+            // After the Python part, the package is built in the first
+            // CPython's venv already.
+            Part::Faults => run_faults(&[], faults_python(!parts.contains(&Part::Python))?)?,
+        }
     }
+    eprintln!("xtask: all tests passed");
+    Ok(())
+}
+
+fn lint() -> Result {
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -106,23 +176,19 @@ fn test(args: &[String]) -> Result {
     // The fault suite is a workspace of its own: the commands above do
     // not see it.
     let suite = root().join("tests/faults/Cargo.toml");
-    if suite.exists() {
-        run(cargo()
-            .args(["fmt", "--check", "--manifest-path"])
-            .arg(&suite))?;
-        run(cargo()
-            .args(["clippy", "--release", "--all-targets", "--manifest-path"])
-            .arg(&suite)
-            .arg("--target-dir")
-            .arg(faults_target_dir())
-            .args(["--", "-D", "warnings"]))?;
-        // The suite's own unit tests (its helpers, e.g. reading gdb output).
-        run(cargo()
-            .args(["test", "--release", "--manifest-path"])
-            .arg(&suite)
-            .arg("--target-dir")
-            .arg(faults_target_dir()))?;
-    }
+    run(cargo()
+        .args(["fmt", "--check", "--manifest-path"])
+        .arg(&suite))?;
+    run(cargo()
+        .args(["clippy", "--release", "--all-targets", "--manifest-path"])
+        .arg(&suite)
+        .arg("--target-dir")
+        .arg(faults_target_dir())
+        .args(["--", "-D", "warnings"]))?;
+    cycles::check(&root())
+}
+
+fn rust_tests() -> Result {
     run(cargo().args(["test", "--workspace"]))?;
     capi::test()?;
     // The libraries' own failure-point tests (regressions found by the
@@ -141,12 +207,12 @@ fn test(args: &[String]) -> Result {
             "--target-dir",
         ])
         .arg(faults_target_dir()))?;
-    python::test_all()?;
-    dist::check_installed_wheel()?;
-    // test_all has just built the package into every venv.
-    run_faults(&[], faults_python(false)?)?;
-    eprintln!("xtask: all tests passed");
-    Ok(())
+    // The suite's own unit tests (its helpers, e.g. reading gdb output).
+    run(cargo()
+        .args(["test", "--release", "--manifest-path"])
+        .arg(root().join("tests/faults/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(faults_target_dir()))
 }
 
 fn faults(args: &[String]) -> Result {
@@ -205,4 +271,20 @@ fn demo(args: &[String]) -> Result {
     run(cargo()
         .args(["run", "--release", "--example", "demo", "--"])
         .args(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_root_is_the_checkout_being_run() {
+        // `cargo test` runs this with CARGO_MANIFEST_DIR naming this
+        // checkout's xtask, as `cargo run` does for `cargo xtask`.
+        let xtask = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
+        assert_eq!(root(), xtask.parent().unwrap());
+        assert!(is_root(&root()));
+        assert!(!is_root(&xtask), "xtask/ is not the workspace root");
+        assert!(!is_root(&env::temp_dir()));
+    }
 }

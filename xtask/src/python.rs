@@ -11,6 +11,8 @@ use std::process::Command;
 use crate::{root, run, Result};
 
 const PACKAGE: &str = "crates/bigfile-python";
+/// The CPython versions the bindings support (pyo3's range; README.md).
+const SUPPORTED: &[&str] = &["3.9", "3.10", "3.11", "3.12", "3.13", "3.14"];
 const VENV_DEPS: &[&str] = &[
     "maturin>=1.5,<2",
     "pytest>=7",
@@ -28,7 +30,7 @@ const VENV_DEPS: &[&str] = &[
     "distributed",
 ];
 
-/// Every CPython 3.9-3.13 on the machine: the default `python3` first, then
+/// Every supported CPython (3.9-3.14) on the machine: the default `python3` first, then
 /// pyenv's interpreters; one per minor version.
 pub(crate) fn interpreters() -> Vec<(String, PathBuf)> {
     let mut found: Vec<(String, PathBuf)> = Vec::new();
@@ -57,7 +59,7 @@ pub(crate) fn interpreters() -> Vec<(String, PathBuf)> {
             continue;
         }
         let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let supported = ["3.9", "3.10", "3.11", "3.12", "3.13"].contains(&version.as_str());
+        let supported = SUPPORTED.contains(&version.as_str());
         if supported && !found.iter().any(|(v, _)| *v == version) {
             found.push((version, exe));
         }
@@ -73,7 +75,7 @@ pub(crate) fn test_all() -> Result {
     }
     let pys = interpreters();
     if pys.is_empty() {
-        return Err("no CPython 3.9-3.13 found (python3 or pyenv)".into());
+        return Err("no CPython 3.9-3.14 found (python3 or pyenv)".into());
     }
     eprintln!(
         "xtask: Python interpreters: {}",
@@ -212,7 +214,7 @@ fn build_into(venv: &Path) -> Result {
 pub(crate) fn faults_python(rebuild: bool) -> Result<PathBuf> {
     let pys = interpreters();
     let Some((version, exe)) = pys.first() else {
-        return Err("no CPython 3.9-3.13 found (python3 or pyenv) for the fault suite".into());
+        return Err("no CPython 3.9-3.14 found (python3 or pyenv) for the fault suite".into());
     };
     let venv = venv(version, exe)?;
     let py = venv.join("bin/python");

@@ -194,6 +194,19 @@ pub extern "C" fn bigfile_last_error_kind() -> c_int {
         .unwrap_or(BIGFILE_ERROR_NONE)
 }
 
+/// Store `value` into a C out-parameter.
+///
+/// # Safety
+/// `out` is NULL or valid for a write of a `T`.
+pub(crate) unsafe fn write_out<T>(out: *mut T, value: T) -> Result<(), CError> {
+    if out.is_null() {
+        return Err(CError::invalid("out is NULL"));
+    }
+    // SAFETY: not NULL and writable (caller).
+    unsafe { out.write(value) };
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -166,7 +166,7 @@ pub extern "C" fn bigfile_file_new(
 ) -> *mut bigfile_file {
     guard("bigfile_file_new", || {
         let loadblk = loadblk.ok_or_else(|| CError::invalid("loadblk is NULL"))?;
-        let os_page = crate::os_page_size();
+        let os_page = bigfile_os::os_page_size();
         if blksize == 0 || blksize % os_page != 0 {
             return Err(bigfile_virtmem::Error::BadBlksize { blksize, os_page }.into());
         }

@@ -201,7 +201,7 @@ pub unsafe extern "C" fn bigfile_fileh_stats(
     guard("bigfile_fileh_stats", || {
         let stats = FILEHS.get(fileh)?.fileh.stats().into();
         // SAFETY: NULL or writable (caller).
-        unsafe { crate::write_out(out, stats) }?;
+        unsafe { crate::error::write_out(out, stats) }?;
         Ok(0)
     })
 }

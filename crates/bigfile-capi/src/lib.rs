@@ -33,25 +33,3 @@ pub mod ram;
 pub mod signals;
 pub mod stats;
 pub mod vma;
-
-use error::CError;
-
-/// The OS page size, which a block size must be a multiple of.
-fn os_page_size() -> usize {
-    // SAFETY: sysconf only reads a system constant.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(n).unwrap_or(4096)
-}
-
-/// Store `value` into a C out-parameter.
-///
-/// # Safety
-/// `out` is NULL or valid for a write of a `T`.
-unsafe fn write_out<T>(out: *mut T, value: T) -> Result<(), CError> {
-    if out.is_null() {
-        return Err(CError::invalid("out is NULL"));
-    }
-    // SAFETY: not NULL and writable (caller).
-    unsafe { out.write(value) };
-    Ok(())
-}

@@ -90,7 +90,7 @@ pub unsafe extern "C" fn bigfile_ram_stats(
     guard("bigfile_ram_stats", || {
         let stats = RAMS.get(ram)?.stats().into();
         // SAFETY: NULL or writable (caller).
-        unsafe { crate::write_out(out, stats) }?;
+        unsafe { crate::error::write_out(out, stats) }?;
         Ok(0)
     })
 }

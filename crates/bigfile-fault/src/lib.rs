@@ -11,12 +11,10 @@
 //! re-executes, so the process dies at the faulting instruction with a true
 //! core.
 //!
-//! Invariants: the signal handler's lookup takes no lock (the table is an
-//! immutable snapshot behind an atomic pointer, swapped by writers who wait
-//! for readers); a registration's handler object is never used after its
-//! [`Registration`] has been dropped (the drop waits for handlers running on
-//! other threads); errno is preserved across a served fault; a panic never
-//! unwinds through the signal frame; nesting deeper than [`MAX_DEPTH`] is fatal.
+//! Its invariants (a lock-free lookup, no handler used after its
+//! [`Registration`] is dropped, errno preserved, no unwinding through the
+//! signal frame, at most [`MAX_DEPTH`] nested faults) and where it sits in
+//! the fault path are in ARCHITECTURE.md at the repository root.
 //!
 //! The handler contract: [`FaultHandler::handle`] runs inside a signal
 //! handler, synchronously on the faulting thread, with that thread's own
@@ -37,60 +35,16 @@
 mod arch;
 mod diag;
 mod error;
+mod frames;
 mod halflock;
+mod handler;
 mod registry;
 mod signal;
 mod sys;
+mod table;
 
 pub use error::FaultError;
+pub use frames::{current_depth, MAX_DEPTH};
+pub use handler::{Access, Fault, FaultHandler, FaultSignal, Outcome};
 pub use registry::{register, Registration};
-pub use signal::{current_depth, ensure_on_top, install, is_on_top, BlockFaultsGuard, MAX_DEPTH};
-
-/// Whether the faulting access read or wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    Read,
-    Write,
-}
-
-/// The signal a fault arrived as, or should kill the process with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultSignal {
-    /// SIGSEGV: a protection fault.
-    Segv,
-    /// SIGBUS: e.g. a file-backed page past the end of the file, or an I/O error.
-    Bus,
-}
-
-/// One fault in a registered range.
-#[derive(Debug, Clone, Copy)]
-pub struct Fault {
-    /// The faulting address (not page-aligned).
-    pub addr: usize,
-    pub access: Access,
-    pub signal: FaultSignal,
-    /// 1 for a first fault on this thread, 2 for a fault taken while a
-    /// handler on this thread runs, and so on.
-    pub depth: u32,
-}
-
-/// What a [`FaultHandler`] did with a fault.
-#[derive(Debug)]
-pub enum Outcome {
-    /// The memory is fixed up: re-execute the access.
-    Handled,
-    /// Treat the fault as outside every range: chain to the previous handler.
-    NotOurs,
-    /// Print `bigfile: <message>` to stderr and die by `signal`: the faulting
-    /// access dies by SIGSEGV at its instruction (a true core); SIGBUS is
-    /// delivered to the faulting thread as it returns to that instruction.
-    Fatal {
-        signal: FaultSignal,
-        message: String,
-    },
-}
-
-/// Serves faults in a registered range. See the crate docs for the contract.
-pub trait FaultHandler: Send + Sync + 'static {
-    fn handle(&self, fault: &Fault) -> Outcome;
-}
+pub use signal::{ensure_on_top, install, is_on_top, BlockFaultsGuard};

@@ -1,60 +1,16 @@
-//! The table of registered ranges and the previous signal actions, published
-//! through a [`HalfLock`] so that the signal handler looks it up without
-//! taking a lock.
+//! Registering a range: adding it to the published table, and the
+//! [`Registration`] whose drop removes it and waits for its handlers.
 
 use std::fmt;
 use std::ops::Range;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
-use crate::halflock::HalfLock;
-use crate::{signal, FaultError, FaultHandler};
-
-/// One registered range and its handler. Shared by its [`Registration`], the
-/// published tables that list it, and the signal handler while it serves a
-/// fault in it; the reference count is thus also the in-flight count that
-/// [`Registration`]'s drop waits on.
-pub(crate) struct RangeState {
-    pub(crate) start: usize,
-    pub(crate) end: usize,
-    pub(crate) handler: Arc<dyn FaultHandler>,
-}
-
-/// What the signal handler needs to know, as one immutable snapshot.
-#[derive(Clone)]
-pub(crate) struct Table {
-    /// Sorted by start, non-overlapping.
-    pub(crate) ranges: Vec<Arc<RangeState>>,
-    /// Actions that were in place before ours, to chain to: SIGSEGV, SIGBUS.
-    pub(crate) prev: [libc::sigaction; 2],
-    pub(crate) installed: bool,
-}
-
-impl Table {
-    fn empty() -> Self {
-        // SAFETY: an all-zero sigaction is SIG_DFL with an empty mask.
-        let dfl: libc::sigaction = unsafe { std::mem::zeroed() };
-        Self {
-            ranges: Vec::new(),
-            prev: [dfl, dfl],
-            installed: false,
-        }
-    }
-
-    /// The range containing `addr`, by binary search.
-    pub(crate) fn find(&self, addr: usize) -> Option<&Arc<RangeState>> {
-        let i = self.ranges.partition_point(|r| r.start <= addr);
-        let r = self.ranges.get(i.checked_sub(1)?)?;
-        (addr < r.end).then_some(r)
-    }
-}
-
-pub(crate) static TABLE: HalfLock<Table> = HalfLock::new();
-
-/// The current table, or an empty one before anything was published.
-pub(crate) fn current(guard: &crate::halflock::WriteGuard<'_, Table>) -> Table {
-    guard.get().cloned().unwrap_or_else(Table::empty)
-}
+use crate::error::FaultError;
+use crate::frames::frames_serving;
+use crate::handler::FaultHandler;
+use crate::signal;
+use crate::table::{current, RangeState, TABLE};
 
 /// Registers `handler` for faults in `start..start + len`.
 ///
@@ -148,7 +104,7 @@ impl Drop for Registration {
             guard.publish(table);
         }
         // Without the writer lock: a handler we wait for may itself register.
-        let own = signal::frames_serving(Arc::as_ptr(&self.state));
+        let own = frames_serving(Arc::as_ptr(&self.state));
         let mut spins = 0u32;
         while Arc::strong_count(&self.state) > 1 + own {
             spins += 1;

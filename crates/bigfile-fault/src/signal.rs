@@ -9,16 +9,16 @@ use std::ptr;
 
 use libc::{c_int, c_void, siginfo_t};
 
+use crate::error::FaultError;
+use crate::frames::{self, current_depth, MAX_DEPTH};
 use crate::halflock::WriteGuard;
-use crate::registry::{current, RangeState, Table, TABLE};
-use crate::{arch, diag, sys, Fault, FaultError, FaultSignal, Outcome};
+use crate::handler::{Fault, FaultSignal, Outcome};
+use crate::table::{current, RangeState, Table, TABLE};
+use crate::{arch, diag, sys};
 
 /// si_code of a SIGSEGV for an access the page's protection forbids (the
 /// mapping exists); libc does not export it.
 const SEGV_ACCERR: c_int = 2;
-
-/// Nesting deeper than this is runaway recursion: fatal.
-pub const MAX_DEPTH: u32 = 8;
 
 /// The signals we handle, in the order of `Table::prev`.
 const SIGNALS: [(c_int, &str); 2] = [(libc::SIGSEGV, "SIGSEGV"), (libc::SIGBUS, "SIGBUS")];
@@ -38,28 +38,7 @@ enum Chaining {
 }
 
 thread_local! {
-    static DEPTH: Cell<u32> = const { Cell::new(0) };
-    /// The range served at each depth on this thread (its `RangeState` address).
-    static FRAMES: [Cell<usize>; MAX_DEPTH as usize] = const { [const { Cell::new(0) }; MAX_DEPTH as usize] };
     static CHAINING: Cell<Chaining> = const { Cell::new(Chaining::No) };
-}
-
-/// Nesting depth of fault handlers on this thread: 0 outside any handler, 1
-/// inside the handler of a first fault, 2 inside a fault taken by that
-/// handler, and so on.
-pub fn current_depth() -> u32 {
-    DEPTH.with(Cell::get)
-}
-
-/// How many handlers of `range` are running on this thread.
-pub(crate) fn frames_serving(range: *const RangeState) -> usize {
-    let depth = current_depth() as usize;
-    FRAMES.with(|frames| {
-        frames[..depth]
-            .iter()
-            .filter(|f| f.get() == range as usize)
-            .count()
-    })
 }
 
 fn our_handler() -> usize {
@@ -327,14 +306,11 @@ unsafe extern "C" fn run_handler(arg: *mut c_void) {
         let _ = sys::sigaltstack_set(&disable);
     }
     let depth = call.fault.depth;
-    let slot = depth as usize - 1;
-    FRAMES.with(|f| f[slot].set(ptr::from_ref(call.range) as usize));
-    DEPTH.with(|d| d.set(depth));
+    frames::enter(depth, call.range);
     let handler = &call.range.handler;
     let fault = call.fault;
     let result = catch_unwind(AssertUnwindSafe(|| handler.handle(fault)));
-    DEPTH.with(|d| d.set(depth - 1));
-    FRAMES.with(|f| f[slot].set(0));
+    frames::leave(depth);
     if let Some(mut alt) = call.altstack {
         alt.ss_flags &= !libc::SS_ONSTACK;
         let _ = sys::sigaltstack_set(&alt);

@@ -6,21 +6,8 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::ptr;
 
+use bigfile_os::syscall;
 use libc::c_int;
-
-/// Evaluates a libc call that returns -1 and sets errno on failure. The call
-/// site writes the `unsafe` block, so its `// SAFETY:` comment sits where the
-/// arguments are.
-macro_rules! syscall {
-    ($call:expr) => {{
-        let res = $call;
-        if res == -1 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(res)
-        }
-    }};
-}
 
 /// The current action for `signo`.
 pub(crate) fn sigaction_get(signo: c_int) -> io::Result<libc::sigaction> {

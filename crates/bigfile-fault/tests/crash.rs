@@ -2,11 +2,6 @@
 //! process: the test binary re-executes itself with `SCENARIO` naming what to
 //! do, and the parent asserts how the child died and what it printed.
 
-#[allow(dead_code)] // reason: shared by several test binaries, each uses a subset
-mod common;
-
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -14,7 +9,10 @@ use bigfile_fault::{
     ensure_on_top, install, is_on_top, register, BlockFaultsGuard, Fault, FaultHandler,
     FaultSignal, Outcome,
 };
-use common::{page_size, protect, read_byte, write_byte, Mapping};
+use bigfile_os::os_page_size as page_size;
+use bigfile_testkit::child::{self, Death};
+use bigfile_testkit::handler::{handler, unprotect};
+use bigfile_testkit::memory::{read_byte, write_byte, Mapping};
 
 const SCENARIO: &str = "BIGFILE_FAULT_CRASH_SCENARIO";
 const HANDLER_CALLED: &str = "RANGE HANDLER CALLED";
@@ -22,71 +20,45 @@ const HANDLER_CALLED: &str = "RANGE HANDLER CALLED";
 /// The child's entry point; does nothing when run as an ordinary test.
 #[test]
 fn child() {
-    let Ok(name) = std::env::var(SCENARIO) else {
+    let Some(name) = child::scenario(SCENARIO) else {
         return;
     };
-    let no_core = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: a valid rlimit; no core files from the crashes we provoke.
-    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
     scenario(&name);
     println!("SCENARIO RETURNED");
 }
 
-fn run_child(name: &str) -> Output {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["child", "--exact", "--nocapture", "--test-threads=1"])
-        .env(SCENARIO, name)
-        .output()
-        .unwrap()
+fn run_child(name: &str) -> child::Ended {
+    child::run(child::test_child("child", SCENARIO, name), child::TIMEOUT).unwrap()
 }
 
 /// Runs `name` in a child and asserts it died by `signal`, with `wanted` in
-/// its stderr and none of `unwanted`. Returns the child's stdout.
+/// its stderr (in order) and none of `unwanted` in its output. Returns the
+/// child's stdout.
 fn assert_dies(name: &str, signal: libc::c_int, wanted: &[&str], unwanted: &[&str]) -> String {
-    let out = run_child(name);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let ctx = format!(
-        "scenario {name}: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
-    );
-    assert_eq!(out.status.signal(), Some(signal), "{ctx}");
-    for w in wanted {
-        assert!(stderr.contains(w), "missing {w:?} in {ctx}");
+    let ended = run_child(name);
+    if let Err(e) = Death::by(signal)
+        .stderr(wanted)
+        .absent(unwanted)
+        .check(&ended)
+    {
+        panic!("scenario {name}: {e}");
     }
-    for u in unwanted {
-        assert!(!stderr.contains(u), "unexpected {u:?} in {ctx}");
-    }
-    stdout
+    ended.stdout
 }
 
-/// Serves reads and writes, saying so on stderr; or answers `outcome`.
-struct Handler(fn(&Fault) -> Outcome);
-
-impl FaultHandler for Handler {
-    fn handle(&self, fault: &Fault) -> Outcome {
+/// A handler that says on stderr that it was called, then does `f`.
+fn logged(f: impl Fn(&Fault) -> Outcome + Send + Sync + 'static) -> Arc<dyn FaultHandler> {
+    handler(move |fault| {
         eprintln!("{HANDLER_CALLED}");
-        (self.0)(fault)
-    }
-}
-
-fn serve(fault: &Fault) -> Outcome {
-    protect(
-        fault.addr & !(page_size() - 1),
-        page_size(),
-        libc::PROT_READ | libc::PROT_WRITE,
-    );
-    Outcome::Handled
+        f(fault)
+    })
 }
 
 /// A registered PROT_NONE page, kept for the rest of the (short) child's life.
 fn registered_page(f: fn(&Fault) -> Outcome) -> usize {
     let map = Mapping::new(1, libc::PROT_NONE);
     let start = map.start;
-    std::mem::forget(register(map.start, map.len, Arc::new(Handler(f))).unwrap());
+    std::mem::forget(register(map.start, map.len, logged(f)).unwrap());
     std::mem::forget(map);
     start
 }
@@ -171,31 +143,31 @@ fn null_deref() {
 fn scenario(name: &str) {
     match name {
         "null_deref" => {
-            registered_page(serve);
+            registered_page(unprotect);
             null_deref();
         }
         "unmapped_read" => {
-            registered_page(serve);
+            registered_page(unprotect);
             read_byte(unmapped_address());
         }
         "unmapped_write" => {
-            registered_page(serve);
+            registered_page(unprotect);
             write_byte(unmapped_address(), 1);
         }
         "kill" => {
-            registered_page(serve);
+            registered_page(unprotect);
             // SAFETY: sends a signal to ourselves.
             unsafe { libc::kill(libc::getpid(), libc::SIGSEGV) };
         }
         "kill_default_prev" => {
             set_action(libc::SIGSEGV, libc::SIG_DFL, 0);
-            registered_page(serve);
+            registered_page(unprotect);
             // SAFETY: sends a signal to ourselves.
             unsafe { libc::kill(libc::getpid(), libc::SIGSEGV) };
         }
         "kill_ignored_prev" => {
             set_action(libc::SIGSEGV, libc::SIG_IGN, 0);
-            registered_page(serve);
+            registered_page(unprotect);
             // SAFETY: sends a signal to ourselves.
             unsafe { libc::kill(libc::getpid(), libc::SIGSEGV) };
             std::thread::sleep(std::time::Duration::from_millis(50));
@@ -229,11 +201,11 @@ fn scenario(name: &str) {
                 read_byte(f.addr + page_size());
                 Outcome::Handled
             };
-            std::mem::forget(register(map.start, map.len, Arc::new(Handler(next))).unwrap());
+            std::mem::forget(register(map.start, map.len, logged(next)).unwrap());
             read_byte(map.start);
         }
         "blocked" => {
-            let page = registered_page(serve);
+            let page = registered_page(unprotect);
             let _guard = BlockFaultsGuard::new();
             read_byte(page);
         }
@@ -243,18 +215,18 @@ fn scenario(name: &str) {
                 info_handler as *const () as usize,
                 libc::SA_SIGINFO,
             );
-            let page = registered_page(serve);
+            let page = registered_page(unprotect);
             read_byte(page);
             println!("SERVED");
             read_byte(unmapped_address());
         }
         "chain_plain" => {
             set_action(libc::SIGSEGV, plain_handler as *const () as usize, 0);
-            registered_page(serve);
+            registered_page(unprotect);
             null_deref();
         }
         "displaced" => {
-            let page = registered_page(serve);
+            let page = registered_page(unprotect);
             set_action(
                 libc::SIGSEGV,
                 info_handler as *const () as usize,
@@ -277,14 +249,14 @@ fn scenario(name: &str) {
             };
             install_reraising(flags);
             // register() puts us back on top too.
-            let page = registered_page(serve);
+            let page = registered_page(unprotect);
             assert!(is_on_top());
             read_byte(page);
             println!("SERVED");
             null_deref();
         }
         "stack_overflow" => {
-            registered_page(serve);
+            registered_page(unprotect);
             #[allow(unconditional_recursion)] // reason: the point is to overflow the stack
             fn recurse(n: u64) -> u64 {
                 let buf = std::hint::black_box([n; 64]);
@@ -323,9 +295,9 @@ fn a_killed_process_dies_without_calling_handlers() {
 
 #[test]
 fn a_sent_signal_ignored_before_us_stays_ignored() {
-    let out = run_child("kill_ignored_prev");
-    assert!(out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("SURVIVED IGNORED KILL"));
+    let ended = run_child("kill_ignored_prev");
+    assert!(ended.status.success(), "{}", ended.describe());
+    assert!(ended.stdout.contains("SURVIVED IGNORED KILL"));
 }
 
 #[test]

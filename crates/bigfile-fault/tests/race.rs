@@ -6,16 +6,14 @@
 //! after its Registration's drop returned or after it was dropped, and every
 //! fault is served exactly once.
 
-#[allow(dead_code)] // reason: shared by several test binaries, each uses a subset
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bigfile_fault::{register, Fault, FaultHandler, Outcome, Registration};
-use common::{page_size, protect, read_byte, Mapping};
+use bigfile_os::os_page_size as page_size;
+use bigfile_testkit::memory::{protect, read_byte, Mapping};
 
 const RUN_FOR: Duration = Duration::from_millis(1500);
 const REGIONS: usize = 4;

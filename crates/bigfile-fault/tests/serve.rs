@@ -1,8 +1,5 @@
 //! Faults served in-process: decoding, threads, nesting, registration rules.
 
-#[allow(dead_code)] // reason: shared by several test binaries, each uses a subset
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
@@ -12,11 +9,9 @@ use bigfile_fault::{
     current_depth, register, Access, BlockFaultsGuard, Fault, FaultError, FaultHandler,
     FaultSignal, Outcome, Registration,
 };
-use common::{page_size, protect, read_byte, write_byte, Mapping};
-
-fn page_of(addr: usize) -> usize {
-    addr & !(page_size() - 1)
-}
+use bigfile_os::os_page_size as page_size;
+use bigfile_testkit::handler::{handler, unprotect};
+use bigfile_testkit::memory::{page_of, protect, read_byte, write_byte, Mapping};
 
 /// Serves a read by making the page readable and a write by making it
 /// writable, and records every fault.
@@ -28,12 +23,7 @@ struct Recorder {
 impl FaultHandler for Recorder {
     fn handle(&self, fault: &Fault) -> Outcome {
         self.faults.lock().unwrap().push(*fault);
-        let prot = match fault.access {
-            Access::Read => libc::PROT_READ,
-            Access::Write => libc::PROT_READ | libc::PROT_WRITE,
-        };
-        protect(page_of(fault.addr), page_size(), prot);
-        Outcome::Handled
+        unprotect(fault)
     }
 }
 
@@ -80,17 +70,13 @@ fn read_and_write_faults_are_decoded_and_served() {
 fn handler_runs_on_the_faulting_threads_stack() {
     // The alternate signal stack Rust gives each thread is a few KiB; a
     // handler using far more must have been moved to the thread's own stack.
-    struct BigStack;
-    impl FaultHandler for BigStack {
-        fn handle(&self, fault: &Fault) -> Outcome {
-            let buf = std::hint::black_box([fault.addr as u8; 256 * 1024]);
-            assert_eq!(std::hint::black_box(&buf)[1000], fault.addr as u8);
-            protect(page_of(fault.addr), page_size(), libc::PROT_READ);
-            Outcome::Handled
-        }
-    }
+    let big_stack = handler(|fault| {
+        let buf = std::hint::black_box([fault.addr as u8; 256 * 1024]);
+        assert_eq!(std::hint::black_box(&buf)[1000], fault.addr as u8);
+        unprotect(fault)
+    });
     let map = Mapping::new(1, libc::PROT_NONE);
-    let _reg = register(map.start, map.len, Arc::new(BigStack)).unwrap();
+    let _reg = register(map.start, map.len, big_stack).unwrap();
     let addr = map.start;
     thread::Builder::new()
         .stack_size(4 << 20)
@@ -102,17 +88,13 @@ fn handler_runs_on_the_faulting_threads_stack() {
 
 #[test]
 fn errno_is_preserved_across_a_served_fault() {
-    struct Clobber;
-    impl FaultHandler for Clobber {
-        fn handle(&self, fault: &Fault) -> Outcome {
-            // SAFETY: closing an invalid descriptor only sets errno (EBADF).
-            unsafe { libc::close(-1) };
-            protect(page_of(fault.addr), page_size(), libc::PROT_READ);
-            Outcome::Handled
-        }
-    }
+    let clobber = handler(|fault| {
+        // SAFETY: closing an invalid descriptor only sets errno (EBADF).
+        unsafe { libc::close(-1) };
+        unprotect(fault)
+    });
     let map = Mapping::new(1, libc::PROT_NONE);
-    let _reg = register(map.start, map.len, Arc::new(Clobber)).unwrap();
+    let _reg = register(map.start, map.len, clobber).unwrap();
     // SAFETY: this thread's errno slot.
     unsafe { *libc::__errno_location() = libc::ENOSPC };
     read_byte(map.start);

@@ -122,26 +122,54 @@ impl BlockBuffer {
         // SAFETY: `view` is the consumer's Py_buffer (protocol contract); the
         // memory stays allocated until the last export is released, as
         // every export holds a reference to this object.
-        let r = unsafe {
-            ffi::PyBuffer_FillInfo(
+        unsafe {
+            export(
+                slf.as_any(),
                 view,
-                slf.as_ptr(),
-                this.mem.ptr.cast(),
-                this.mem.len as ffi::Py_ssize_t,
-                c_int::from(this.readonly),
+                (this.mem.ptr, this.mem.len),
+                this.readonly,
                 flags,
+                &this.exports,
             )
-        };
-        if r != 0 {
-            return Err(PyErr::fetch(slf.py()));
         }
-        this.exports.fetch_add(1, SeqCst);
-        Ok(())
     }
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
         self.exports.fetch_sub(1, SeqCst);
     }
+}
+
+/// Fill `view` for a buffer-protocol export of `len` bytes at `ptr` owned by
+/// `obj`, and count it in `exports` (what `__releasebuffer__` uncounts).
+///
+/// # Safety
+/// `view` is the consumer's `Py_buffer`; the memory stays valid (and, unless
+/// `readonly`, writable) until the export is released.
+pub(crate) unsafe fn export(
+    obj: &Bound<'_, PyAny>,
+    view: *mut ffi::Py_buffer,
+    (ptr, len): (*mut u8, usize),
+    readonly: bool,
+    flags: c_int,
+    exports: &AtomicUsize,
+) -> PyResult<()> {
+    // SAFETY: forwarded to the caller; `obj` is a live object the view
+    // will hold a reference to.
+    let r = unsafe {
+        ffi::PyBuffer_FillInfo(
+            view,
+            obj.as_ptr(),
+            ptr.cast(),
+            len as ffi::Py_ssize_t,
+            c_int::from(readonly),
+            flags,
+        )
+    };
+    if r != 0 {
+        return Err(PyErr::fetch(obj.py()));
+    }
+    exports.fetch_add(1, SeqCst);
+    Ok(())
 }
 
 /// A memoryview over `buf` for the call.
@@ -168,9 +196,9 @@ pub(crate) fn scrub(
     buf.get().revoked.store(true, SeqCst);
     clear_exc(py);
     // One reference is ours: anything more is a cycle, a frame or a user.
-    if mv.get_refcnt() > 1 {
+    if refcnt(&mv) > 1 {
         gc_collect(py);
-        if mv.get_refcnt() > 1 {
+        if refcnt(&mv) > 1 {
             stub_in_frames(py, &mv);
         }
     }
@@ -194,6 +222,12 @@ pub(crate) fn scrub(
     clear_exc(py);
 }
 
+/// The reference count of `obj`.
+fn refcnt(obj: &Bound<'_, PyMemoryView>) -> ffi::Py_ssize_t {
+    // SAFETY: `obj` is a live object and the GIL is held (a `Bound` exists).
+    unsafe { ffi::Py_REFCNT(obj.as_ptr()) }
+}
+
 fn gc_collect(py: Python<'_>) {
     if let Ok(gc) = py.import("gc") {
         let _ = gc.call_method0("collect");
@@ -211,7 +245,7 @@ fn running_frames<'py>(py: Python<'py>) -> Vec<Bound<'py, PyAny>> {
         clear_exc(py);
         return out;
     };
-    let Ok(frames) = frames.downcast_into::<PyDict>() else {
+    let Ok(frames) = frames.cast_into::<PyDict>() else {
         return out;
     };
     for (_, top) in frames.iter() {

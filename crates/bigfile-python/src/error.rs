@@ -3,21 +3,60 @@
 //! Misuse is ValueError (bad ranges, offsets, flags, blksize, RAM specs) or
 //! RuntimeError (a state that forbids the call: live mappings, a writeout in
 //! progress); an exhausted budget is MemoryError; OS failures are OSError
-//! with their errno (a native file's I/O errors too). A `storeblk` exception
-//! comes back as itself.
+//! with their errno (a native file's I/O errors too). An exception raised by
+//! a Python `loadblk` or `storeblk` comes back as itself, to the caller and
+//! to every thread that waited for that load.
 
-use bigfile_virtmem::{BlockError, Error, FileBlockError};
+use std::fmt;
+
+use bigfile_virtmem::{Error, FileBlockError, LoadError};
 use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::file::{take_load_error, PyBlockError};
+/// A Python exception raised by `loadblk` or `storeblk`, carried through
+/// virtmem as the block error, back to the Python callers.
+#[derive(Debug)]
+pub(crate) struct PyBlockError {
+    err: PyErr,
+    message: String,
+}
+
+impl PyBlockError {
+    /// `err` with its message (as `str(type): value`), for diagnostics.
+    pub(crate) fn new(err: PyErr) -> PyBlockError {
+        let message = err.to_string();
+        PyBlockError { err, message }
+    }
+}
+
+impl fmt::Display for PyBlockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PyBlockError {}
 
 /// The Python exception for a virtmem error.
-pub(crate) fn to_py(_py: Python<'_>, e: Error) -> PyErr {
+pub(crate) fn to_py(py: Python<'_>, e: Error) -> PyErr {
     match e {
         Error::Store { source, .. } => match source.downcast::<PyBlockError>() {
             Ok(b) => b.err,
-            Err(source) => block_error_to_py(source),
+            Err(source) => block_error_to_py(&*source),
+        },
+        Error::Load { file, blk, source } => match source {
+            LoadError::Waited(inner) => to_py(py, *inner),
+            LoadError::Block { attempts, source } => {
+                if let Some(b) = source.downcast_ref::<PyBlockError>() {
+                    b.err.clone_ref(py)
+                } else if source.is::<FileBlockError>() {
+                    block_error_to_py(&*source)
+                } else {
+                    let source = LoadError::Block { attempts, source };
+                    PyRuntimeError::new_err(Error::Load { file, blk, source }.to_string())
+                }
+            }
+            source => PyRuntimeError::new_err(Error::Load { file, blk, source }.to_string()),
         },
         Error::BadBlksize { .. }
         | Error::PageSizeMismatch { .. }
@@ -40,23 +79,13 @@ pub(crate) fn to_py(_py: Python<'_>, e: Error) -> PyErr {
 
 /// The Python exception for an error of a native `loadblk`/`storeblk`: an
 /// `OSError` with the errno for file I/O, else RuntimeError.
-pub(crate) fn block_error_to_py(e: BlockError) -> PyErr {
-    match e.downcast::<FileBlockError>() {
-        Ok(f) => match f.source.raw_os_error() {
+pub(crate) fn block_error_to_py(e: &(dyn std::error::Error + 'static)) -> PyErr {
+    match e.downcast_ref::<FileBlockError>() {
+        Some(f) => match f.source.raw_os_error() {
             Some(n) => PyOSError::new_err((n, f.to_string(), f.path.display().to_string())),
             None => PyOSError::new_err(f.to_string()),
         },
-        Err(e) => PyRuntimeError::new_err(e.to_string()),
-    }
-}
-
-/// As [`to_py`], for calls that run `loadblk` outside a fault (prefault):
-/// a loadblk exception comes back as itself.
-pub(crate) fn to_py_load(py: Python<'_>, e: Error) -> PyErr {
-    let pending = take_load_error();
-    match (e, pending) {
-        (Error::Load { .. }, Some(err)) => err,
-        (e, _) => to_py(py, e),
+        None => PyRuntimeError::new_err(e.to_string()),
     }
 }
 

@@ -7,16 +7,19 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bigfile_virtmem::{Access, Advice, FileH, LoadPolicy, PageState, Stats, Vma, WriteoutFlags};
+use bigfile_virtmem::{Access, Advice, FileH, LoadPolicy, PageState, Vma, WriteoutFlags};
 use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyInt;
 use pyo3::{PyTraverseError, PyVisit};
 
-use crate::error::{to_py, to_py_load};
-use crate::file::PyFileAdapter;
+use crate::adapter::PyFileAdapter;
+use crate::blockbuf::export;
+use crate::error::to_py;
+use crate::faults::ensure_on_top;
 use crate::mapcache::{self, MapCache};
+use crate::stats::{ram_stats_dict, stats_dict};
 
 /// A non-negative integer argument that fits in 64 bits.
 fn u64_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
@@ -37,18 +40,6 @@ fn u64_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-pub(crate) fn stats_dict(s: Stats) -> HashMap<&'static str, u64> {
-    HashMap::from([
-        ("faults", s.faults),
-        ("loads", s.loads),
-        ("load_errors", s.load_errors),
-        ("stores", s.stores),
-        ("reclaims", s.reclaims),
-        ("resident_pages", s.resident_pages),
-        ("dirty_pages", s.dirty_pages),
-    ])
 }
 
 /// A handle of a BigFile: the file as it is, plus this handle's changes.
@@ -95,12 +86,16 @@ impl PyBigFileH {
         pgoffset: &Bound<'_, PyAny>,
         pglen: &Bound<'_, PyAny>,
     ) -> PyResult<Py<PyVMA>> {
-        let py = slf.py();
         let (pgoffset, pglen) = page_range(pgoffset, pglen)?;
         let fileh = slf.borrow().get()?;
-        crate::ensure_fault_handler_on_top()?;
-        let vma = fileh.mmap(pgoffset, pglen).map_err(|e| to_py(py, e))?;
-        Py::new(py, PyVMA::new(vma, fileh.blksize(), slf.clone().unbind()))
+        ensure_on_top()?;
+        let vma = fileh
+            .mmap(pgoffset, pglen)
+            .map_err(|e| to_py(slf.py(), e))?;
+        Py::new(
+            slf.py(),
+            PyVMA::new(vma, fileh.blksize(), slf.clone().unbind()),
+        )
     }
 
     /// A mapping covering at least pages `pgoffset .. pgoffset+pglen`,
@@ -123,7 +118,7 @@ impl PyBigFileH {
         let vma = match found {
             Some(v) => v,
             None => {
-                crate::ensure_fault_handler_on_top()?;
+                ensure_on_top()?;
                 let window = mapcache::window(pgoffset, pglen, ps);
                 let (start, len) = window.unwrap_or((pgoffset, pglen));
                 let vma = Arc::new(fileh.mmap(start, len).map_err(|e| to_py(py, e))?);
@@ -207,7 +202,7 @@ impl PyBigFileH {
     /// The counters of the RAM this handle's pages live in, with
     /// `budget` and `resident_bytes`.
     fn ram_stats(&self) -> PyResult<HashMap<&'static str, u64>> {
-        Ok(crate::ram::ram_stats_dict(self.get()?.ram()))
+        Ok(ram_stats_dict(self.get()?.ram()))
     }
 
     /// How a failing loadblk is retried (inside a fault, the last failure
@@ -341,25 +336,20 @@ impl PyVMA {
         // Holds the mapping for the check; the export count then keeps
         // unmap() from happening while the buffer is out.
         let _vma = this.get()?;
-        crate::ensure_fault_handler_on_top()?;
+        ensure_on_top()?;
         // SAFETY: `view` is the consumer's Py_buffer; the mapping stays in
         // place while any export is alive (unmap refuses, and each export
         // holds a reference to this object).
-        let r = unsafe {
-            ffi::PyBuffer_FillInfo(
+        unsafe {
+            export(
+                slf.as_any(),
                 view,
-                slf.as_ptr(),
-                this.addr as *mut std::ffi::c_void,
-                this.len as ffi::Py_ssize_t,
-                0,
+                (this.addr as *mut u8, this.len),
+                false,
                 flags,
+                &this.exports,
             )
-        };
-        if r != 0 {
-            return Err(PyErr::fetch(slf.py()));
         }
-        this.exports.fetch_add(1, SeqCst);
-        Ok(())
     }
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
@@ -449,8 +439,7 @@ impl PyVMA {
         let vma = self.get()?;
         let stop = stop.unwrap_or(self.len);
         let access = if write { Access::Write } else { Access::Read };
-        vma.prefault(start..stop, access)
-            .map_err(|e| to_py_load(py, e))
+        vma.prefault(start..stop, access).map_err(|e| to_py(py, e))
     }
 
     /// Unmap now. Refused (BufferError) while buffers of it (memoryviews,

@@ -52,7 +52,7 @@ pub(crate) fn with_python<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> R {
     }
     // SAFETY: the interpreter is initialized while our module is loaded.
     let _ensured = Ensured(unsafe { ffi::PyGILState_Ensure() });
-    Python::with_gil(f)
+    Python::attach(f)
 }
 
 /// The raised exception (an error being propagated) and the handled one (as

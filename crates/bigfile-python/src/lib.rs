@@ -2,45 +2,33 @@
 //!
 //! It owns the Python face of virtmem: `BigFile` (a base class whose
 //! subclasses implement `loadblk`/`storeblk` in Python), `BigFileH`, `VMA`
-//! (a writable buffer numpy can use without copying) and `RAM`. Invariants:
-//! - every Python call made from virtmem (loadblk from a page fault, storeblk
-//!   from a writeout) holds the GIL taken with `PyGILState_Ensure`, runs
-//!   with the thread's raised and handled exception state saved and clear,
-//!   and leaves that state exactly as it found it;
-//! - after such a call no Python object can reach the block's memory (see
-//!   `blockbuf`);
-//! - virtmem releases the GIL before it takes its own lock or waits (the
-//!   `Gil` host lock);
-//! - a VMA keeps its BigFileH alive and a BigFileH its BigFile; the
-//!   references held in Rust are visible to the cyclic GC;
-//! - our SIGSEGV handler is put back on top whenever Python's faulthandler
-//!   may have displaced it.
+//! (a writable buffer numpy can use without copying) and `RAM`. Its
+//! invariants (the GIL and exception state around every Python call made
+//! from virtmem, no Python object reaching a block's memory after the call,
+//! the references the cyclic GC sees, our signal handler kept on top) and
+//! its place in the lock order are in ARCHITECTURE.md at the repository
+//! root.
 
+mod adapter;
 mod blockbuf;
 mod error;
+mod faults;
 mod file;
 mod fileh;
 mod gil;
 mod mapcache;
 mod native_file;
 mod ram;
+mod stats;
 
 use std::sync::Arc;
 
-use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 
 /// `dirty_writeout` flag: call storeblk for every dirty block.
 const WRITEOUT_STORE: u32 = 1;
 /// `dirty_writeout` flag: mark every dirty block clean.
 const WRITEOUT_MARKSTORED: u32 = 2;
-
-/// Put our fault handler back on top of any installed after it.
-pub(crate) fn ensure_fault_handler_on_top() -> PyResult<()> {
-    bigfile_fault::ensure_on_top()
-        .map(drop)
-        .map_err(|e| PyOSError::new_err(e.to_string()))
-}
 
 /// Drop every clean page of the default RAMs; returns how many.
 #[pyfunction]
@@ -53,7 +41,7 @@ fn ram_reclaim() -> usize {
 /// that is not bigfile's. Returns whether it had been displaced.
 #[pyfunction]
 fn _ensure_fault_handler_on_top() -> PyResult<bool> {
-    bigfile_fault::ensure_on_top().map_err(|e| PyOSError::new_err(e.to_string()))
+    faults::ensure_on_top()
 }
 
 /// Testing aid: read the byte at `offset` of `vma` with the GIL released,
@@ -61,7 +49,7 @@ fn _ensure_fault_handler_on_top() -> PyResult<bool> {
 #[pyfunction]
 fn _read_nogil(py: Python<'_>, vma: &Bound<'_, fileh::PyVMA>, offset: usize) -> PyResult<u8> {
     let vma = vma.borrow().get()?;
-    py.allow_threads(|| {
+    py.detach(|| {
         let mut b = [0u8];
         vma.read_at(offset, &mut b).map(|()| b[0])
     })
@@ -77,7 +65,7 @@ fn _read_in_new_thread(
     offset: usize,
 ) -> PyResult<u8> {
     let vma = vma.borrow().get()?;
-    py.allow_threads(|| {
+    py.detach(|| {
         std::thread::spawn(move || {
             let mut b = [0u8];
             vma.read_at(offset, &mut b).map(|()| b[0])
@@ -91,7 +79,7 @@ fn _read_in_new_thread(
 #[pymodule]
 fn _bigfile(m: &Bound<'_, PyModule>) -> PyResult<()> {
     bigfile_virtmem::set_host_lock(Arc::new(gil::Gil));
-    ensure_fault_handler_on_top()?;
+    faults::ensure_on_top()?;
     m.add_class::<file::PyBigFile>()?;
     m.add_class::<native_file::PyFileBigFile>()?;
     m.add_class::<fileh::PyBigFileH>()?;

@@ -23,8 +23,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyString, PyTuple};
 
 use crate::error::{block_error_to_py, to_py};
-use crate::file::{open_python, resolve_ram, PyBigFile};
+use crate::faults::ensure_on_top;
+use crate::file::{open_python, PyBigFile};
 use crate::fileh::PyBigFileH;
+use crate::ram::resolve_ram;
 
 /// A file of `blksize`-byte blocks stored in an OS file, block n at byte
 /// n * blksize; blocks past the end of the file read as zeros, a stored
@@ -86,9 +88,9 @@ fn open_file(path_or_fd: &Bound<'_, PyAny>) -> PyResult<(File, PathBuf)> {
                 .map_or_else(|_| "?".into(), |n| n.to_string())
         ))
     })?;
-    let path = if let Ok(s) = p.downcast::<PyString>() {
+    let path = if let Ok(s) = p.cast::<PyString>() {
         PathBuf::from(s.to_str()?)
-    } else if let Ok(b) = p.downcast::<PyBytes>() {
+    } else if let Ok(b) = p.cast::<PyBytes>() {
         PathBuf::from(OsString::from_vec(b.as_bytes().to_vec()))
     } else {
         return Err(PyTypeError::new_err(
@@ -156,7 +158,7 @@ impl PyFileBigFile {
         if overridden("loadblk")? || overridden("storeblk")? {
             return open_python(slf.as_any(), blksize, ram, budget);
         }
-        crate::ensure_fault_handler_on_top()?;
+        ensure_on_top()?;
         let ram = resolve_ram(py, ram, budget, blksize)?;
         let file: Arc<dyn BigFile> = slf.get().file.clone();
         let fileh = FileH::open(file, ram.as_ref()).map_err(|e| to_py(py, e))?;
@@ -165,7 +167,7 @@ impl PyFileBigFile {
 
     /// Read block `blk` into the writable buffer `buf` (`blksize` bytes);
     /// past the end of the file: zeros.
-    fn loadblk(&self, py: Python<'_>, blk: u64, buf: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn loadblk(&self, blk: u64, buf: &Bound<'_, PyAny>) -> PyResult<()> {
         let b = block_buffer(buf, self.file.blksize(), true)?;
         // SAFETY: `b` holds the export, so the memory stays valid for
         // `len_bytes` bytes; it is writable and contiguous (checked). The GIL
@@ -174,20 +176,20 @@ impl PyFileBigFile {
         let dst =
             unsafe { std::slice::from_raw_parts_mut(b.buf_ptr().cast::<u8>(), b.len_bytes()) };
         let r = self.file.loadblk(blk, dst);
-        b.release(py);
-        r.map_err(block_error_to_py)
+        drop(b);
+        r.map_err(|e| block_error_to_py(&*e))
     }
 
     /// Write the buffer `buf` (`blksize` bytes) as block `blk`.
-    fn storeblk(&self, py: Python<'_>, blk: u64, buf: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn storeblk(&self, blk: u64, buf: &Bound<'_, PyAny>) -> PyResult<()> {
         let b = block_buffer(buf, self.file.blksize(), false)?;
         // SAFETY: as in loadblk; the memory is only read.
         let src = unsafe {
             std::slice::from_raw_parts(b.buf_ptr().cast::<u8>().cast_const(), b.len_bytes())
         };
         let r = self.file.storeblk(blk, src);
-        b.release(py);
-        r.map_err(block_error_to_py)
+        drop(b);
+        r.map_err(|e| block_error_to_py(&*e))
     }
 
     /// The file descriptor the blocks are read from and written to (owned
@@ -201,14 +203,16 @@ impl PyFileBigFile {
     /// only hands them to the OS.
     fn sync(&self, py: Python<'_>) -> PyResult<()> {
         let file = self.file.clone();
-        py.allow_threads(move || file.sync())
+        py.detach(move || file.sync())
             .map_err(|e| os_error(e, &self.file.path().display().to_string()))
     }
 
     /// The path of the file (for a descriptor, what /proc says it is).
     #[getter]
-    fn path(&self) -> PathBuf {
-        self.file.path().to_owned()
+    fn path(&self) -> OsString {
+        // A str (not a pathlib.Path, pyo3's conversion of a PathBuf), as
+        // io.FileIO's `name`.
+        self.file.path().as_os_str().to_owned()
     }
 
     fn __repr__(&self) -> String {

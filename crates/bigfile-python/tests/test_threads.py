@@ -159,3 +159,40 @@ def test_writeout_with_faults_in_other_threads():
     stop.set()
     t.join(10)
     assert f.data[3][0] == 103
+
+
+def test_waiters_of_a_failed_load_get_its_exception():
+    """The exception a loadblk raised reaches the thread that called for the
+    block and every thread that waited for that load, as the same object."""
+    calls = []
+
+    class G(_bigfile.BigFile):
+        def loadblk(self, blk, buf):
+            calls.append(blk)
+            # Fail only once the other thread has come for the block too
+            # (and is waiting for this load, with the GIL released).
+            while fh.stats()["faults"] < 2:
+                time.sleep(0.001)
+            time.sleep(0.1)
+            raise KeyError("bad sector %d" % blk)
+
+    fh = G(PS).fileh_open()
+    fh.set_load_policy(1)
+    vma = fh.mmap(0, 1)
+    raised = {}
+
+    def prefault(who):
+        try:
+            vma.prefault(0, PS)
+        except KeyError as e:
+            raised[who] = e
+
+    ts = [threading.Thread(target=prefault, args=(who,)) for who in ("a", "b")]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert calls == [0], "one load, the other thread waited for it"
+    assert raised["a"] is raised["b"]
+    assert raised["a"].args == ("bad sector 0",)
+    assert fh.page_state(0) is None

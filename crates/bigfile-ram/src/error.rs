@@ -138,3 +138,77 @@ impl RamError {
         }
     }
 }
+
+/// A copy for a second owner: virtmem hands the error of one failed load to
+/// every thread that waited for that load. OS errors keep their errno.
+impl Clone for RamError {
+    fn clone(&self) -> RamError {
+        use bigfile_os::clone_io_error;
+        match self {
+            RamError::Spec { spec, problem } => RamError::Spec {
+                spec: spec.clone(),
+                problem: problem.clone(),
+            },
+            &RamError::PageSize {
+                page_size,
+                unit,
+                unit_name,
+            } => RamError::PageSize {
+                page_size,
+                unit,
+                unit_name,
+            },
+            RamError::NoHugePages {
+                huge_page_size,
+                pool,
+            } => RamError::NoHugePages {
+                huge_page_size: *huge_page_size,
+                pool: pool.clone(),
+            },
+            RamError::NotHugetlbfs { dir } => RamError::NotHugetlbfs { dir: dir.clone() },
+            &RamError::TooSmall {
+                max_size,
+                page_size,
+            } => RamError::TooSmall {
+                max_size,
+                page_size,
+            },
+            &RamError::Unaligned { addr, page_size } => RamError::Unaligned { addr, page_size },
+            &RamError::OutOfRange { page, max_pages } => RamError::OutOfRange { page, max_pages },
+            &RamError::NotAllocated { page } => RamError::NotAllocated { page },
+            RamError::Exhausted { page_size, source } => RamError::Exhausted {
+                page_size: *page_size,
+                source: clone_io_error(source),
+            },
+            &RamError::HandleFull { max_pages } => RamError::HandleFull { max_pages },
+            RamError::Io { what, source } => RamError::Io {
+                what: what.clone(),
+                source: clone_io_error(source),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clone_keeps_the_errno_and_the_message() {
+        let e = RamError::io(
+            "map page 3 (mmap)",
+            io::Error::from_raw_os_error(libc::ENOMEM),
+        );
+        let c = e.clone();
+        assert_eq!(c.to_string(), e.to_string());
+        match c {
+            RamError::Io { source, .. } => assert_eq!(source.raw_os_error(), Some(libc::ENOMEM)),
+            other => panic!("{other:?}"),
+        }
+        let x = RamError::Exhausted {
+            page_size: 4096,
+            source: io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert!(x.clone().is_exhausted());
+    }
+}

@@ -5,10 +5,9 @@
 //! hugetlbfs) from memfd, a tmpfs directory or the hugetlb pool; every page of a
 //! [`RamHandle`] lives in that handle's single kernel file at offset `index × page_size`, so a
 //! page mapped at several addresses is one memory, and adjacent pages mapped adjacently form
-//! one kernel VMA. Allocation counts (per RAM, per handle) always equal the pages allocated and
-//! not dropped. Bad input is an error value, never a panic, and every descriptor and mapping
-//! this crate creates for itself is owned by a value that releases it on drop. This crate knows
-//! nothing of signals, files or Python.
+//! one kernel VMA. This crate knows nothing of signals, files or Python; its invariants
+//! (allocation counts, errors not panics, owned descriptors and mappings) are in
+//! ARCHITECTURE.md at the repository root.
 //!
 #![doc = include_str!("../README.md")]
 
@@ -22,9 +21,10 @@ mod spec;
 mod sys;
 mod thp;
 
+pub use bigfile_os::Prot;
 pub use error::RamError;
 pub use pagemap::PageMap;
-pub use ram::{unmap, Prot, Ram, RamHandle, RamStats};
+pub use ram::{unmap, Ram, RamHandle, RamStats};
 pub use spec::{AllocPolicy, Backend, RamSpec, ThpPolicy, DEFAULT_PAGE_SIZE, RAM_ENV};
 pub use sys::os_page_size;
 

@@ -4,6 +4,7 @@ use crate::error::RamError;
 use crate::spec::{AllocPolicy, Backend, RamSpec};
 use crate::sys;
 use crate::thp::Collapser;
+use bigfile_os::Prot;
 use std::fmt;
 use std::io;
 use std::mem::ManuallyDrop;
@@ -24,27 +25,6 @@ pub struct RamStats {
     pub pages_allocated: u64,
     /// Bytes those pages hold at most.
     pub bytes_resident: u64,
-}
-
-/// Protection of a page mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Prot {
-    /// No access: any touch faults.
-    None,
-    /// Read-only: a write faults.
-    Read,
-    /// Read and write.
-    ReadWrite,
-}
-
-impl Prot {
-    fn to_libc(self) -> libc::c_int {
-        match self {
-            Prot::None => libc::PROT_NONE,
-            Prot::Read => libc::PROT_READ,
-            Prot::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
-        }
-    }
 }
 
 /// A source of pages of one size from one backend. Cheap to clone (shared); `Send + Sync`.
@@ -598,7 +578,7 @@ impl RamHandle {
             sys::mmap(
                 addr,
                 self.page_size,
-                prot.to_libc(),
+                prot.bits(),
                 flags,
                 self.fd(),
                 self.offset(page),

@@ -6,22 +6,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::OnceLock;
 
-/// Calls `libc::$fn(args)` and turns the `-1` failure convention into `io::Result`.
-///
-/// The expansion calls a libc function, so it must be used inside an `unsafe` block whose
-/// `SAFETY` comment justifies that particular call.
-macro_rules! syscall {
-    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
-        let res = libc::$fn($($arg),*);
-        if res == -1 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(res)
-        }
-    }};
-}
+use bigfile_os::syscall;
 
 /// Failure point `name` of the fault-injection suite (tests/faults): when the
 /// suite arms it, returns the error number it gives as `return(ERRNO)` (EIO
@@ -39,18 +25,7 @@ pub(crate) fn failpoint(name: &str) -> io::Result<()> {
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 const HUGEPAGES_SYSFS: &str = "/sys/kernel/mm/hugepages";
 
-/// Size of an OS page (the unit of `mmap`), e.g. 4096 on x86-64.
-pub fn os_page_size() -> usize {
-    static SIZE: OnceLock<usize> = OnceLock::new();
-    *SIZE.get_or_init(|| {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let size = unsafe { syscall!(sysconf(libc::_SC_PAGESIZE)) };
-        // POSIX requires _SC_PAGESIZE; 4096 is the only sane fallback.
-        size.ok()
-            .and_then(|s| usize::try_from(s).ok())
-            .unwrap_or(4096)
-    })
-}
+pub use bigfile_os::os_page_size;
 
 /// Bytes of physical memory.
 pub(crate) fn phys_mem() -> u64 {
@@ -224,46 +199,13 @@ pub(crate) fn mmap_aligned(
     flags: libc::c_int,
     fd: BorrowedFd<'_>,
 ) -> io::Result<NonNull<u8>> {
-    let span = len.checked_add(align).ok_or(io::ErrorKind::InvalidInput)?;
-    // SAFETY: not MAP_FIXED: the kernel picks a free range, reserved (no
-    // access, no memory) only to find an aligned place inside it.
-    let res = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            span,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if res == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    let start = res as usize;
-    let aligned = start.next_multiple_of(align);
-    // SAFETY: `[aligned, aligned + len)` lies inside the reservation just
-    // made, which nothing else knows about.
-    let mapped = unsafe {
-        mmap(
-            aligned as *mut u8,
-            len,
-            prot,
-            flags | libc::MAP_FIXED,
-            fd,
-            0,
-        )
-    };
-    // Give back the slack on both sides (and everything, on failure).
-    let (head, tail) = match mapped {
-        Ok(_) => (aligned - start, start + span - (aligned + len)),
-        Err(_) => (span, 0),
-    };
-    for (at, n) in [(start, head), (aligned + len, tail)] {
-        if n > 0 {
-            // SAFETY: part of our own reservation, not handed out.
-            unsafe { libc::munmap(at as *mut libc::c_void, n) };
-        }
+    let aligned = bigfile_os::reserve_aligned(len, align)?;
+    // SAFETY: `[aligned, aligned + len)` is the reservation just made,
+    // which nothing else knows about.
+    let mapped = unsafe { mmap(aligned.as_ptr(), len, prot, flags | libc::MAP_FIXED, fd, 0) };
+    if mapped.is_err() {
+        // SAFETY: our own reservation, not handed out.
+        unsafe { libc::munmap(aligned.as_ptr().cast(), len) };
     }
     mapped
 }

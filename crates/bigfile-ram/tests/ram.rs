@@ -12,9 +12,9 @@ use bigfile_ram::{
     allocated_bytes, os_page_size, unmap, AllocPolicy, Backend, Prot, Ram, RamError, RamHandle,
     RamSpec, RamStats, ThpPolicy,
 };
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use bigfile_testkit::memory::ram_file_mappings;
+use bigfile_testkit::mount::Mount;
+use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::{Mutex, MutexGuard};
 
@@ -38,54 +38,6 @@ fn skip(why: &str) {
 fn new_ram(spec: &str) -> Ram {
     let spec: RamSpec = spec.parse().unwrap_or_else(|e| panic!("{spec}: {e}"));
     Ram::new(spec.clone()).unwrap_or_else(|e| panic!("{spec}: {e}"))
-}
-
-/// A filesystem mounted on a fresh temporary directory; unmounted and removed on drop.
-struct Mount {
-    dir: PathBuf,
-}
-
-impl Mount {
-    fn new(fstype: &str, options: &str) -> Result<Mount, String> {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "bigfile-ram-test-{}-{fstype}-{n}",
-            std::process::id()
-        ));
-        std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-        let cdir = CString::new(dir.as_os_str().as_bytes()).unwrap();
-        let ctype = CString::new(fstype).unwrap();
-        let copts = CString::new(options).unwrap();
-        // SAFETY: all strings are NUL-terminated and live across the call.
-        let rc = unsafe {
-            libc::mount(
-                ctype.as_ptr(),
-                cdir.as_ptr(),
-                ctype.as_ptr(),
-                0,
-                copts.as_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            let _ = std::fs::remove_dir(&dir);
-            return Err(format!(
-                "mount -t {fstype} -o {options} {}: {e}",
-                dir.display()
-            ));
-        }
-        Ok(Mount { dir })
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let cdir = CString::new(self.dir.as_os_str().as_bytes()).unwrap();
-        // SAFETY: a NUL-terminated path; MNT_DETACH unmounts even if something is still open.
-        unsafe { libc::umount2(cdir.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_dir(&self.dir);
-    }
 }
 
 const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
@@ -127,44 +79,23 @@ impl Drop for HugePages {
     }
 }
 
-/// An anonymous PROT_NONE reservation with a `align`-aligned range of `len` bytes inside.
+/// An anonymous PROT_NONE reservation of `len` bytes at an `align`-aligned address.
 struct Reservation {
-    base: NonNull<u8>,
-    total: usize,
     aligned: NonNull<u8>,
+    len: usize,
 }
 
 impl Reservation {
     fn new(len: usize, align: usize) -> Reservation {
-        let total = len + align;
-        // SAFETY: a fresh anonymous mapping at a kernel-chosen address.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                total,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        let base = NonNull::new(p.cast::<u8>()).unwrap();
-        let skew = (align - base.as_ptr() as usize % align) % align;
-        // SAFETY: `skew < align`, inside the `len + align` bytes just mapped.
-        let aligned = unsafe { base.add(skew) };
-        Reservation {
-            base,
-            total,
-            aligned,
-        }
+        let aligned = bigfile_os::reserve_aligned(len, align).unwrap();
+        Reservation { aligned, len }
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         // SAFETY: the whole reservation (and whatever was mapped over it) is ours.
-        unsafe { unmap(self.base, self.total) }.unwrap();
+        unsafe { unmap(self.aligned, self.len) }.unwrap();
     }
 }
 
@@ -320,7 +251,7 @@ fn hugetlbfs_one_memory_and_drop() {
     // A hugetlbfs mount.
     match Mount::new("hugetlbfs", "pagesize=2M") {
         Ok(m) => {
-            let ram = new_ram(&format!("hugetlbfs:{},alloc=reserve", m.dir.display()));
+            let ram = new_ram(&format!("hugetlbfs:{},alloc=reserve", m.path().display()));
             check_one_memory(&ram);
             check_drop_releases(&ram);
         }
@@ -361,7 +292,7 @@ fn tiny_tmpfs_exhaustion_then_recovery() {
     };
     let ram = new_ram(&format!(
         "shmfs:{},pagesize=2M,alloc=reserve",
-        mount.dir.display()
+        mount.path().display()
     ));
     assert_eq!(ram.max_size(), 8 * MIB as u64);
     let h1 = ram.open_handle().unwrap();
@@ -431,15 +362,6 @@ fn fd_count() -> usize {
         .count()
 }
 
-/// Mappings of this crate's memfds.
-fn map_count() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("memfd:bigfile-ram"))
-        .count()
-}
-
 fn assert_err(r: Result<impl std::fmt::Debug, RamError>, want: &str) -> RamError {
     let e = r.expect_err(want);
     assert!(e.to_string().contains(want), "{e:?}: {e} lacks {want:?}");
@@ -450,7 +372,7 @@ fn assert_err(r: Result<impl std::fmt::Debug, RamError>, want: &str) -> RamError
 fn bad_input_is_an_error_and_leaks_nothing() {
     let _s = serial();
     let os = os_page_size();
-    let (fds, maps) = (fd_count(), map_count());
+    let (fds, maps) = (fd_count(), ram_file_mappings());
 
     // Page sizes.
     let spec = |page_size| RamSpec {
@@ -548,25 +470,25 @@ fn bad_input_is_an_error_and_leaks_nothing() {
     h.close().unwrap();
 
     assert_eq!(fd_count(), fds, "descriptors leaked");
-    assert_eq!(map_count(), maps, "mappings leaked");
+    assert_eq!(ram_file_mappings(), maps, "mappings leaked");
 }
 
 #[test]
 fn handles_close_their_descriptor_and_window() {
     let _s = serial();
     let ram = new_ram("memfd,pagesize=64K");
-    let (fds, maps) = (fd_count(), map_count());
+    let (fds, maps) = (fd_count(), ram_file_mappings());
     for close in [true, false] {
         let h = ram.open_handle().unwrap();
         let p = h.alloc_page(0).unwrap();
         h.window(p).unwrap();
-        assert_eq!((fd_count(), map_count()), (fds + 1, maps + 1));
+        assert_eq!((fd_count(), ram_file_mappings()), (fds + 1, maps + 1));
         if close {
             h.close().unwrap();
         } else {
             drop(h);
         }
-        assert_eq!((fd_count(), map_count()), (fds, maps));
+        assert_eq!((fd_count(), ram_file_mappings()), (fds, maps));
     }
     assert_eq!(ram.stats(), RamStats::default());
 }

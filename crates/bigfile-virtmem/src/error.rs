@@ -36,12 +36,16 @@ pub enum Error {
         #[source]
         source: BlockError,
     },
-    /// `loadblk` failed (returned by prefault; a failing page fault ends in SIGBUS).
-    #[error("loadblk of block {blk} of {file} failed: {message}")]
+    /// A page could not be loaded (returned by prefault; a failing page
+    /// fault ends in SIGBUS): `source` says why, as a value (the loader's
+    /// own error included, for this thread and every thread that waited
+    /// for that load).
+    #[error("loadblk of block {blk} of {file} {source}")]
     Load {
         file: String,
         blk: u64,
-        message: String,
+        #[source]
+        source: LoadError,
     },
     /// The RAM budget is used up by pages that cannot be reclaimed (dirty or loading).
     #[error("RAM budget of {budget} bytes is exhausted by {pinned} dirty or loading pages; write out or discard changes, or raise the budget")]
@@ -63,6 +67,38 @@ pub enum Error {
         source: std::io::Error,
     },
 }
+
+/// Why a page could not be loaded: the value inside [`Error::Load`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// `loadblk` failed on each of `attempts` attempts (see
+    /// [`LoadPolicy`](crate::LoadPolicy)); `source` is the error the last
+    /// one returned, shared with every thread that waited for this load.
+    #[error("failed after {attempts} attempt(s): {source}")]
+    Block {
+        attempts: u32,
+        #[source]
+        source: SharedBlockError,
+    },
+    /// `loadblk` panicked (seen by the threads that waited for it; the
+    /// loader's own thread goes on unwinding).
+    #[error("panicked")]
+    Panicked,
+    /// Waiting for the page would never end: this thread is loading it
+    /// itself, or the wait would close a cycle of threads waiting for each
+    /// other's loads and writeouts.
+    #[error("cannot be served: {0}")]
+    Deadlock(String),
+    /// Another thread was loading the page, and its load failed with this.
+    #[error("failed while waiting for another thread's load: {0}")]
+    Waited(#[source] Box<Error>),
+}
+
+/// A `loadblk` error shared by the loader and the threads that waited for
+/// its load: downcast it (`source.downcast_ref::<MyError>()`) to get the
+/// backend's own error type back.
+pub type SharedBlockError = std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Result of the virtmem layer.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

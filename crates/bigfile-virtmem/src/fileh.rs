@@ -1,22 +1,24 @@
 //! `FileH`: a handle to a BigFile with its own in-memory changes.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
 
-use bigfile_ram::PageMap;
-use slab::Slab;
+use bigfile_os::Prot;
 
 use crate::bigfile::BigFile;
+use crate::callback::InCallback;
 use crate::error::{Error, Result};
+use crate::handle::{FileHInner, LoadPolicy};
 use crate::host::HostUnlocked;
+use crate::keys::PageKey;
+use crate::mapper::Mapper;
+use crate::pages::{Invalidation, PageState};
 use crate::ram::Ram;
-use crate::state::{FileHState, PageState, Shared};
-use crate::stats::{CountPair, Counter, Counters, Stats};
+use crate::state::State;
+use crate::stats::{Counter, Stats};
 use crate::vma::Vma;
+use crate::waits::Ticket;
 
 /// What `dirty_writeout` does; combine with `|`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,72 +57,6 @@ impl std::ops::BitOr for WriteoutFlags {
     }
 }
 
-/// How a failing `loadblk` is retried before the fault is given up (SIGBUS).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LoadPolicy {
-    /// Total attempts, at least 1.
-    pub attempts: u32,
-    /// Sleep before retry `n` is `n * backoff`.
-    pub backoff: Duration,
-}
-
-impl Default for LoadPolicy {
-    fn default() -> Self {
-        LoadPolicy {
-            attempts: 3,
-            backoff: Duration::from_millis(1),
-        }
-    }
-}
-
-/// The part of a handle that mappings and the fault handler share.
-pub(crate) struct FileHInner {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) ram: Ram,
-    pub(crate) key: usize,
-    pub(crate) file: Arc<dyn BigFile>,
-    pub(crate) ramh: Arc<bigfile_ram::RamHandle>,
-    pub(crate) counters: Arc<Counters>,
-    pub(crate) name: String,
-    load_attempts: AtomicU32,
-    load_backoff_us: AtomicU64,
-}
-
-impl FileHInner {
-    pub(crate) fn load_policy(&self) -> LoadPolicy {
-        LoadPolicy {
-            attempts: self.load_attempts.load(Relaxed).max(1),
-            backoff: Duration::from_micros(self.load_backoff_us.load(Relaxed)),
-        }
-    }
-
-    pub(crate) fn page_size(&self) -> usize {
-        self.shared.page_size()
-    }
-}
-
-impl Drop for FileHInner {
-    fn drop(&mut self) {
-        // No mapping is alive (each holds an Arc to us), so no page is
-        // loading: every page is clean or dirty, and all are dropped. Dirty
-        // pages not written out are lost, as on close in the reference.
-        let _host = HostUnlocked::new();
-        let shared = self.shared.clone();
-        let ps = shared.page_size();
-        let mut st = shared.lock();
-        let pks: Vec<usize> = st.filehs[self.key]
-            .pages
-            .iter()
-            .map(|(_, &pk)| pk)
-            .collect();
-        for pk in pks {
-            st.forget_page(pk, ps, &shared.counters);
-        }
-        st.drop_spares_of(self.key, &shared.counters);
-        st.filehs.remove(self.key);
-    }
-}
-
 /// A handle to a BigFile: a snapshot of it with its own changes in memory.
 ///
 /// One file may have many handles, each with its own changes. Mappings
@@ -144,7 +80,7 @@ impl FileH {
     /// equal to the file's blksize.
     pub fn open(file: Arc<dyn BigFile>, ram: Option<&Ram>) -> Result<FileH> {
         let blksize = file.blksize();
-        let os_page = crate::sys::os_page_size();
+        let os_page = bigfile_os::os_page_size();
         if blksize == 0 || blksize % os_page != 0 {
             return Err(Error::BadBlksize { blksize, os_page });
         }
@@ -160,31 +96,8 @@ impl FileH {
             }
             None => Ram::default_for(blksize)?,
         };
-        let ramh = Arc::new(ram.shared.ram.open_handle()?);
-        let counters = Arc::new(Counters::default());
-        let name = file.name();
-        let _host = HostUnlocked::new();
-        let key = ram.shared.lock().filehs.insert(FileHState {
-            ramh: ramh.clone(),
-            pages: PageMap::new(),
-            dirty: BTreeSet::new(),
-            vmas: Slab::new(),
-            writeout: None,
-            counters: counters.clone(),
-        });
-        let policy = LoadPolicy::default();
         Ok(FileH {
-            inner: Arc::new(FileHInner {
-                shared: ram.shared.clone(),
-                ram,
-                key,
-                file,
-                ramh,
-                counters,
-                name,
-                load_attempts: AtomicU32::new(policy.attempts),
-                load_backoff_us: AtomicU64::new(policy.backoff.as_micros() as u64),
-            }),
+            inner: Arc::new(FileHInner::open(file, ram)?),
         })
     }
 
@@ -220,31 +133,24 @@ impl FileH {
         let _host = HostUnlocked::new();
         let fh = &*self.inner;
         let shared = &*fh.shared;
-        let ps = shared.page_size();
-        let me = std::thread::current().id();
-        let mut st = shared.lock();
-        if st.filehs[fh.key].writeout.is_some() {
-            return Err(Error::WriteoutInProgress("dirty_writeout"));
-        }
-        let blocks: Vec<(u64, usize)> = {
-            let fs = &st.filehs[fh.key];
-            fs.dirty
-                .iter()
-                .map(|&blk| (blk, *fs.pages.get(blk).expect("dirty page is resident")))
-                .collect()
-        };
+        let mut st = fh.lock_unless_writeout("dirty_writeout")?;
+        let blocks = st.dirty_pages(fh.key);
         if flags.contains(WriteoutFlags::STORE) {
             // Read-only everywhere, so a write during storeblk faults and waits.
             // If that fails (mprotect's ENOMEM), nothing is stored: a page left
             // writable could change unseen while stored, and the change be lost
             // when marked clean. Pages made read-only already stay dirty; a
             // write to them faults and makes them writable again.
-            read_only_everywhere(&st, fh.key, &blocks, ps)?;
+            read_only_everywhere(&st, fh, &blocks)?;
             let to_store: Vec<(u64, u64)> = blocks
                 .iter()
-                .map(|&(blk, pk)| (blk, st.pages[pk].ram_page.expect("dirty page has RAM")))
+                .map(|&(blk, pk)| {
+                    let rp = st.pages().get(pk).ram_page().expect("dirty page has RAM");
+                    (blk, rp.0)
+                })
                 .collect();
-            st.filehs[fh.key].writeout = Some(me);
+            let ticket = Ticket::mine();
+            st.begin_writeout(fh.key, ticket.clone());
             drop(st);
 
             let stored = catch_unwind(AssertUnwindSafe(|| store_all(fh, &to_store)));
@@ -252,7 +158,8 @@ impl FileH {
             // Retake the lock and keep it through marking, so no discard or
             // invalidation slips in between and `blocks` stays exact.
             st = shared.lock();
-            st.filehs[fh.key].writeout = None;
+            st.end_writeout(fh.key);
+            ticket.finish(Ok(()));
             shared.notify(&st);
             match stored {
                 Ok(Ok(())) => {}
@@ -264,18 +171,11 @@ impl FileH {
             }
         }
         if flags.contains(WriteoutFlags::MARKSTORED) {
-            let counts = CountPair {
-                fileh: &fh.counters,
-                ram: &shared.counters,
-            };
             // Every page read-only first: a clean page left writable would take
             // writes without becoming dirty. On failure all stay dirty.
-            read_only_everywhere(&st, fh.key, &blocks, ps)?;
-            for (blk, pk) in blocks {
-                st.filehs[fh.key].dirty.remove(&blk);
-                st.pages[pk].state = PageState::Loaded;
-                st.lru_push_back(pk);
-                counts.sub(Counter::Dirty, 1);
+            read_only_everywhere(&st, fh, &blocks)?;
+            for (_, pk) in blocks {
+                st.mark_clean(pk, shared.counters());
             }
         }
         Ok(())
@@ -287,19 +187,10 @@ impl FileH {
         let _host = HostUnlocked::new();
         let fh = &*self.inner;
         let shared = &*fh.shared;
-        let mut st = shared.lock();
-        if st.filehs[fh.key].writeout.is_some() {
-            return Err(Error::WriteoutInProgress("dirty_discard"));
-        }
-        let pks: Vec<usize> = {
-            let fs = &st.filehs[fh.key];
-            fs.dirty
-                .iter()
-                .map(|&blk| *fs.pages.get(blk).expect("dirty page is resident"))
-                .collect()
-        };
-        for pk in pks {
-            st.forget_page(pk, shared.page_size(), &shared.counters);
+        let mut st = fh.lock_unless_writeout("dirty_discard")?;
+        let mapper = Mapper::of(shared);
+        for (_, pk) in st.dirty_pages(fh.key) {
+            mapper.forget(&mut st, pk, shared.counters());
         }
         Ok(())
     }
@@ -312,17 +203,10 @@ impl FileH {
         let _host = HostUnlocked::new();
         let fh = &*self.inner;
         let shared = &*fh.shared;
-        let mut st = shared.lock();
-        if st.filehs[fh.key].writeout.is_some() {
-            return Err(Error::WriteoutInProgress("invalidate_page"));
-        }
-        if let Some(&pk) = st.filehs[fh.key].pages.get(pgoffset) {
-            match st.pages[pk].state {
-                PageState::Loading => st.pages[pk].state = PageState::LoadingInvalidated,
-                PageState::LoadingInvalidated => {}
-                PageState::Loaded | PageState::Dirty => {
-                    st.forget_page(pk, shared.page_size(), &shared.counters)
-                }
+        let mut st = fh.lock_unless_writeout("invalidate_page")?;
+        if let Some(pk) = st.lookup(fh.key, pgoffset) {
+            if st.invalidate(pk) == Invalidation::Resident {
+                Mapper::of(shared).forget(&mut st, pk, shared.counters());
             }
         }
         // A reclaimer may still be unmapping an earlier page of the block,
@@ -342,17 +226,18 @@ impl FileH {
     pub fn dirty_blocks(&self) -> Vec<u64> {
         let _host = HostUnlocked::new();
         let st = self.inner.shared.lock();
-        st.filehs[self.inner.key].dirty.iter().copied().collect()
+        st.dirty_pages(self.inner.key)
+            .into_iter()
+            .map(|(blk, _)| blk)
+            .collect()
     }
 
     /// The state of page `pgoffset`, `None` when it is EMPTY.
     pub fn page_state(&self, pgoffset: u64) -> Option<PageState> {
         let _host = HostUnlocked::new();
         let st = self.inner.shared.lock();
-        st.filehs[self.inner.key]
-            .pages
-            .get(pgoffset)
-            .map(|&pk| st.pages[pk].state)
+        st.lookup(self.inner.key, pgoffset)
+            .map(|pk| st.pages().get(pk).state())
     }
 
     /// This handle's counters.
@@ -362,12 +247,7 @@ impl FileH {
 
     /// How a failing `loadblk` is retried.
     pub fn set_load_policy(&self, policy: LoadPolicy) {
-        self.inner
-            .load_attempts
-            .store(policy.attempts.max(1), Relaxed);
-        self.inner
-            .load_backoff_us
-            .store(policy.backoff.as_micros() as u64, Relaxed);
+        self.inner.set_load_policy(policy);
     }
 
     /// The current load policy.
@@ -378,7 +258,7 @@ impl FileH {
     /// Number of live mappings of this handle.
     pub fn mapping_count(&self) -> usize {
         let _host = HostUnlocked::new();
-        self.inner.shared.lock().filehs[self.inner.key].vmas.len()
+        self.inner.shared.lock().vma_count(self.inner.key)
     }
 
     /// Close the handle, dropping changes not written out. Refused while
@@ -393,16 +273,13 @@ impl FileH {
     }
 }
 
-/// Make `blocks` (block, page key) of handle `fk` read-only in every
-/// mapping; stop at the first failure (mprotect's ENOMEM).
-fn read_only_everywhere(
-    st: &crate::state::State,
-    fk: usize,
-    blocks: &[(u64, usize)],
-    ps: usize,
-) -> Result<()> {
+/// Make `blocks` (block, page) of handle `fh` read-only in every mapping;
+/// stop at the first failure (mprotect's ENOMEM).
+fn read_only_everywhere(st: &State, fh: &FileHInner, blocks: &[(u64, PageKey)]) -> Result<()> {
+    let mapper = Mapper::of(&fh.shared);
     for &(blk, _) in blocks {
-        st.protect_everywhere(fk, blk, libc::PROT_READ, ps)
+        mapper
+            .protect_everywhere(st, fh.key, blk, Prot::Read)
             .map_err(|source| Error::Os {
                 op: "mprotect",
                 source,
@@ -414,10 +291,6 @@ fn read_only_everywhere(
 /// Store `blocks` (block, RAM page) in order; stop at the first failure.
 fn store_all(fh: &FileHInner, blocks: &[(u64, u64)]) -> Result<()> {
     let ps = fh.page_size();
-    let counts = CountPair {
-        fileh: &fh.counters,
-        ram: &fh.shared.counters,
-    };
     for &(blk, ram_page) in blocks {
         let window = fh.ramh.window(ram_page)?;
         // SAFETY: the page is dirty and this handle is under writeout: it
@@ -425,13 +298,13 @@ fn store_all(fh: &FileHInner, blocks: &[(u64, u64)]) -> Result<()> {
         // clean pages only) and every mapping of it is read-only, so its
         // memory stays valid and unchanged while we read it.
         let buf = unsafe { std::slice::from_raw_parts(window.as_ptr().cast_const(), ps) };
-        let _inside = crate::serve::InCallback::enter();
+        let _inside = InCallback::enter();
         fh.file.storeblk(blk, buf).map_err(|source| Error::Store {
             file: fh.name.clone(),
             blk,
             source,
         })?;
-        counts.add(Counter::Stores, 1);
+        fh.counts().add(Counter::Stores, 1);
     }
     Ok(())
 }

@@ -6,15 +6,10 @@
 //! It owns the `BigFile` trait, file handles ([`FileH`]: a snapshot of a
 //! file plus its own in-memory changes), mappings ([`Vma`]), page states, the
 //! loading protocol, the dirty list, writeout, discard, invalidation, and LRU
-//! reclaim of clean pages under a [`Ram`]'s budget. Invariants:
-//! - a page's memory is visible in a mapping only after `loadblk` filled it;
-//! - `loadblk`/`storeblk` never run under the RAM's lock; one `loadblk` per
-//!   page however many threads fault it, the others waiting on a condition
-//!   variable (with the host lock, e.g. Python's GIL, released);
-//! - a LOADED page is mapped read-only everywhere; a DIRTY page is on its
-//!   handle's dirty list and never reclaimed; pages mapped in several
-//!   mappings are one memory;
-//! - nothing is lost on a failed `storeblk`: unstored pages stay dirty.
+//! reclaim of clean pages under a [`Ram`]'s budget. Its invariants, the
+//! path of a fault through its modules, its lock order and its policies
+//! (batched reclaim, drop-behind, load retry) are in ARCHITECTURE.md at the
+//! repository root.
 //!
 //! Errors are values ([`Error`]); inside a page fault, where no value can be
 //! returned, a persistent load failure or an exhausted budget ends in SIGBUS
@@ -23,28 +18,43 @@
 
 #![doc = include_str!("../README.md")]
 
+mod advice;
 mod bigfile;
+mod budget;
+mod callback;
 mod error;
 #[cfg(feature = "failpoints")]
 mod failpoint;
+mod failure;
 mod file;
 mod fileh;
+mod handle;
 mod host;
+mod keys;
+mod lru;
+mod mapper;
+mod pages;
 mod ram;
+mod reclaim;
 mod serve;
-mod spares;
+mod shared;
+mod source;
 mod state;
 mod stats;
 mod sys;
 mod vma;
+mod vmas;
+mod waits;
 
+pub use advice::Advice;
 pub use bigfile::{BigFile, BlockError};
 pub use bigfile_fault::Access;
-pub use error::{Error, Result};
+pub use error::{Error, LoadError, Result, SharedBlockError};
 pub use file::{FileBigFile, FileBlockError};
-pub use fileh::{FileH, LoadPolicy, WriteoutFlags};
+pub use fileh::{FileH, WriteoutFlags};
+pub use handle::LoadPolicy;
 pub use host::{set_host_lock, HostLock};
+pub use pages::PageState;
 pub use ram::{Ram, RamStats};
-pub use state::PageState;
 pub use stats::Stats;
-pub use vma::{Advice, Vma};
+pub use vma::Vma;

@@ -2,13 +2,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 use crate::error::Result;
 use crate::host::HostUnlocked;
-use crate::state::{Shared, State};
-use crate::stats::{Counters, Stats};
+use crate::reclaim::reclaim_one;
+use crate::shared::Shared;
+use crate::stats::Stats;
 
 /// A RAM as virtmem uses it: a page source from `bigfile-ram` plus a budget
 /// of resident bytes and the LRU of clean pages reclaimed to stay within it.
@@ -16,7 +16,7 @@ use crate::stats::{Counters, Stats};
 /// Cloning gives another handle to the same RAM.
 #[derive(Clone)]
 pub struct Ram {
-    pub(crate) shared: Arc<Shared>,
+    shared: Arc<Shared>,
 }
 
 impl fmt::Debug for Ram {
@@ -24,7 +24,7 @@ impl fmt::Debug for Ram {
         f.debug_struct("Ram")
             .field("page_size", &self.page_size())
             .field("budget", &self.budget())
-            .field("spec", self.shared.ram.spec())
+            .field("spec", self.shared.ram().spec())
             .finish()
     }
 }
@@ -47,13 +47,7 @@ impl Ram {
     pub fn new(ram: bigfile_ram::Ram) -> Ram {
         let budget = ram.max_size();
         let r = Ram {
-            shared: Arc::new(Shared {
-                ram,
-                state: Mutex::new(State::default()),
-                cond: Condvar::new(),
-                counters: Counters::default(),
-                budget_pages: AtomicU64::new(1),
-            }),
+            shared: Arc::new(Shared::new(ram)),
         };
         r.set_budget(budget);
         r
@@ -96,6 +90,10 @@ impl Ram {
         rams.iter().map(Ram::reclaim).sum()
     }
 
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// Page size in bytes.
     pub fn page_size(&self) -> usize {
         self.shared.page_size()
@@ -103,7 +101,7 @@ impl Ram {
 
     /// The page source.
     pub fn pages(&self) -> &bigfile_ram::Ram {
-        &self.shared.ram
+        self.shared.ram()
     }
 
     /// Budget in bytes (a whole number of pages, at least one).
@@ -119,16 +117,13 @@ impl Ram {
     /// fault fails (SIGBUS with a diagnostic; `prefault` returns
     /// `Error::BudgetExhausted`).
     ///
-    /// With a budget of 16 pages or more, reclaim takes the faulting
-    /// handle's oldest clean pages in batches of a quarter of the budget (at
-    /// most 8): the extra pages' memory is kept, still within the budget,
-    /// for the handle's next loads, and their mappings are removed together
-    /// (one `mmap_lock` hold and TLB shootdown for a run of faults instead of
-    /// one each, which is what lets threads fault in parallel). So up to a
-    /// batch of clean pages may be dropped a little before they had to be.
+    /// With a budget of 16 pages or more, reclaim works in batches (see
+    /// "Batched reclaim" in ARCHITECTURE.md): up to a batch of clean pages
+    /// may be dropped a little before they had to be, their memory kept,
+    /// within the budget, for the handle's next loads.
     pub fn set_budget(&self, bytes: u64) {
-        let pages = (bytes / self.page_size() as u64).max(1);
-        self.shared.budget_pages.store(pages, Relaxed);
+        self.shared
+            .set_budget_pages(bytes / self.page_size() as u64);
     }
 
     /// Drop every clean page (the LRU list, and RAM pages reclaimed ahead of
@@ -145,7 +140,7 @@ impl Ram {
         let _host = HostUnlocked::new();
         let mut st = self.shared.lock();
         let mut freed = 0;
-        while freed < n && st.reclaim_one(self.page_size(), &self.shared.counters) {
+        while freed < n && reclaim_one(&mut st, &self.shared) {
             freed += 1;
         }
         freed
@@ -156,12 +151,12 @@ impl Ram {
     pub fn reclaimable_pages(&self) -> u64 {
         let _host = HostUnlocked::new();
         let st = self.shared.lock();
-        st.lru_len() + st.spares_ready()
+        st.lru().len() + st.budget().spares_ready()
     }
 
     /// Counters over all handles of this RAM.
     pub fn stats(&self) -> RamStats {
-        let stats = self.shared.counters.snapshot();
+        let stats = self.shared.counters().snapshot();
         RamStats {
             stats,
             budget: self.budget(),

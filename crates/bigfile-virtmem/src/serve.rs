@@ -1,456 +1,296 @@
-//! Serving one page of one mapping: the loading protocol.
+//! Serving one page of one mapping: the loading protocol (ARCHITECTURE.md
+//! walks through it). [`serve`] does not know who asked: a fault source
+//! (`source.rs`) turns its faults into [`PageRequest`]s and reports the
+//! outcome its own way.
 //!
-//! Used by the fault handler (a thread touched the page) and by prefault
-//! (a thread asked for the page). First, in a mapping advised
-//! `Advice::Sequential`, the clean page of the block before becomes the
-//! first to be reclaimed (drop-behind). The steps, under the RAM lock except
-//! where said:
-//! - EMPTY: make room within the budget (taking a spare page of the handle,
-//!   or reclaiming least recently used clean pages, in batches, whose
-//!   unmapping is finished after the lock is dropped; with none clean,
-//!   waiting for other threads' loads); if the block was taken on by another
-//!   thread meanwhile, start over; else create the page LOADING
-//!   with a ticket naming this thread, drop the lock; run `loadblk`
-//!   into the handle's persistent window (the page is mapped nowhere, so
-//!   nobody sees it half-filled); retake the lock. If the page was
-//!   invalidated meanwhile, drop the result and start over; on failure drop
-//!   it and fail every waiter; else it is LOADED.
-//! - LOADING by another thread: wait on the RAM's condition variable for the
-//!   ticket, then start over (or fail with the loader's diagnostic).
-//! - LOADING by this thread: the loader touched its own page: fatal; so is
-//!   any wait that would close a cycle of threads waiting for each other.
-//! - LOADED/DIRTY: wait while a reclaimer still unmaps an earlier page from
-//!   this slot; map into the mapping, read-only for a read; for a write,
-//!   wait out a writeout of the handle, mark DIRTY, map read-write; populate
-//!   the mapping's page-table entries after dropping the lock.
+//! A round looks at the block's page, under the RAM lock, and takes one
+//! step: EMPTY → [`load`] it on this thread; LOADING → [`wait_for_load`];
+//! LOADED or DIRTY → [`map_page`] into the mapping. A step that had to wait
+//! or load hands the lock back for another round, since anything may have
+//! happened meanwhile.
 
-use std::cell::Cell;
+use std::any::Any;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::{Arc, MutexGuard};
+use std::sync::Arc;
 use std::thread;
 
 use bigfile_fault::Access;
-use bigfile_ram::Prot;
+use bigfile_os::Prot;
 
-use crate::fileh::FileHInner;
-use crate::state::{Awaited, Deferred, LoadTicket, PageState, Shared, State};
-use crate::stats::{CountPair, Counter};
+use crate::callback::InCallback;
+use crate::failure::{Failure, ALLOCATING, MAPPING, WINDOWING};
+use crate::handle::FileHInner;
+use crate::keys::{PageKey, RamPage, VmaId};
+use crate::mapper::{Deferred, MapError, Mapper};
+use crate::pages::{LoadEnd, PageState};
+use crate::reclaim::{make_room, reclaim_one, Room};
+use crate::shared::Guard;
+use crate::state::Unmap;
+use crate::stats::Counter;
+use crate::waits::Ticket;
 
-thread_local! {
-    /// How many `loadblk`/`storeblk` calls this thread is inside (nested
-    /// through faults): such a thread must not wait for other threads'
-    /// loads, which may be waiting for it. Const-initialised with no
-    /// destructor, so reading it from the fault handler is safe.
-    static IN_CALLBACK: Cell<u32> = const { Cell::new(0) };
+/// One page to serve: a block of a mapping, for an access.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PageRequest {
+    pub(crate) vma: VmaId,
+    pub(crate) blk: u64,
+    pub(crate) access: Access,
+    /// In a mapping advised sequential, demote the block before
+    /// (drop-behind): for a fault; for prefault only for the first block of
+    /// its range, so it does not reclaim the pages it has just served.
+    pub(crate) drop_behind: bool,
 }
 
-/// Marks this thread inside a `loadblk` or `storeblk` while it lives.
-pub(crate) struct InCallback(());
-
-impl InCallback {
-    pub(crate) fn enter() -> InCallback {
-        IN_CALLBACK.with(|c| c.set(c.get() + 1));
-        InCallback(())
-    }
-}
-
-impl Drop for InCallback {
-    fn drop(&mut self) {
-        IN_CALLBACK.with(|c| c.set(c.get() - 1));
-    }
-}
-
-/// Whether this thread is inside a `loadblk` or `storeblk`.
-pub(crate) fn in_callback() -> bool {
-    IN_CALLBACK.with(|c| c.get() > 0)
-}
-
-/// Why a page could not be served.
-#[derive(Debug)]
-pub(crate) enum Failure {
-    /// Serving would wait on this very thread (a loader touching its own
-    /// page, a storeblk writing to its handle under writeout): fatal, SIGSEGV.
-    SelfWait(String),
-    /// `loadblk` kept failing (or the loader of the page we waited for failed).
-    Load(String),
-    /// The budget is full of pages that cannot be reclaimed.
-    NoMemory(String),
-    /// The RAM itself (its filesystem, the OS) has no memory for another
-    /// page, and no clean page is left to reclaim.
-    RamExhausted {
-        message: String,
-        source: bigfile_ram::RamError,
-    },
-    /// An OS call needed to map the page failed.
-    Os(String),
-}
-
-impl Failure {
-    pub(crate) fn message(&self) -> &str {
-        match self {
-            Failure::SelfWait(m) | Failure::Load(m) | Failure::NoMemory(m) | Failure::Os(m) => m,
-            Failure::RamExhausted { message, .. } => message,
-        }
-    }
-}
-
-/// Serve block `blk` of mapping `vma` (its key and start address) of `fh` for `access`.
-///
-/// `drop_behind`: in a mapping advised sequential, demote the block before
-/// (a fault; prefault only for the first block of its range, so it does not
-/// reclaim the pages it has just served).
-pub(crate) fn serve(
-    fh: &FileHInner,
-    vma: (usize, usize),
-    blk: u64,
-    access: Access,
-    drop_behind: bool,
-) -> Result<(), Failure> {
-    let shared = &*fh.shared;
-    let ps = shared.page_size();
-    let me = thread::current().id();
-    let counts = CountPair {
-        fileh: &fh.counters,
-        ram: &shared.counters,
-    };
-    counts.add(Counter::Faults, 1);
-    let mut st = shared.lock();
-    let sequential = st.drop_behind(fh.key, vma, blk, drop_behind);
+/// Serve `req` for handle `fh`: when this returns `Ok`, the page is mapped
+/// in the request's mapping with the access it asked for.
+pub(crate) fn serve(fh: &FileHInner, req: &PageRequest) -> Result<(), Failure> {
+    fh.counts().add(Counter::Faults, 1);
+    let mut st = fh.shared.lock();
+    let sequential = st.drop_behind(fh.key, req.vma, req.blk, req.drop_behind);
     loop {
-        let Some(pk) = st.filehs[fh.key].pages.get(blk).copied() else {
-            // EMPTY: this thread loads it.
-            let mut deferred = Deferred::default();
-            let room;
-            (st, room) = make_room(st, shared, fh, (blk, sequential), &mut deferred);
-            let recycled = match room {
-                Ok(Room::Ready(recycled)) => recycled,
-                Ok(Room::Retry) => {
-                    drop(st);
-                    deferred.finish(shared);
-                    st = shared.lock();
-                    continue;
+        st = match st.lookup(fh.key, req.blk) {
+            None => load(fh, st, (req.blk, sequential))?,
+            Some(pk) => match st.pages().get(pk).state() {
+                PageState::Loading | PageState::LoadingInvalidated => {
+                    wait_for_load(fh, st, req.blk, pk)?
                 }
-                Err(failure) => {
-                    drop(st);
-                    deferred.finish(shared);
-                    return Err(failure);
-                }
-            };
-            if st.filehs[fh.key].pages.get(blk).is_some() {
-                // make_room waited, and meanwhile another thread took the
-                // block on: give the room back and serve what it made.
-                if let Some(rp) = recycled {
-                    deferred.drops.push((fh.ramh.clone(), rp));
-                }
-                drop(st);
-                deferred.finish(shared);
-                st = shared.lock();
-                continue;
-            }
-            let ticket = Arc::new(LoadTicket {
-                loader: me,
-                outcome: Default::default(),
-            });
-            let pk = st.new_page(fh.key, blk, ticket.clone());
-            st.filehs[fh.key].pages.insert(blk, pk);
-            drop(st);
-            // Unmap what make_room reclaimed (the recycled RAM page among
-            // it) before the load writes into it.
-            deferred.finish(shared);
-
-            let loaded = load(fh, blk, recycled);
-
-            st = shared.lock();
-            let invalidated = st.pages[pk].state == PageState::LoadingInvalidated;
-            match loaded {
-                Ok(ram_page) => {
-                    st.pages[pk].ram_page = Some(ram_page);
-                    counts.add(Counter::Resident, 1);
-                    counts.add(Counter::Loads, 1);
-                    if invalidated {
-                        st.forget_page(pk, ps, &shared.counters);
-                    } else {
-                        st.pages[pk].state = PageState::Loaded;
-                        st.pages[pk].ticket = None;
-                        st.lru_push_back(pk);
-                    }
-                    let _ = ticket.outcome.set(Ok(()));
-                    shared.notify(&st);
-                    // Loaded: the next round maps it. Invalidated: the next
-                    // round loads afresh.
-                    continue;
-                }
-                Err((ram_page, failure)) => {
-                    // Its memory is given back with the page.
-                    st.pages[pk].ram_page = ram_page;
-                    if ram_page.is_some() {
-                        counts.add(Counter::Resident, 1);
-                    }
-                    let panic = match failure {
-                        LoadFailure::Failed(failure) => {
-                            st.forget_page(pk, ps, &shared.counters);
-                            let _ = ticket.outcome.set(Err(failure.message().into()));
-                            shared.notify(&st);
-                            return Err(failure);
-                        }
-                        LoadFailure::Panicked(panic) => panic,
-                    };
-                    // Leave no LOADING page behind for waiters to hang on.
-                    st.forget_page(pk, ps, &shared.counters);
-                    let msg = format!("loadblk of block {blk} of {} panicked", fh.name);
-                    let _ = ticket.outcome.set(Err(msg.as_str().into()));
-                    shared.notify(&st);
-                    drop(st);
-                    // The fault handler reports the panic with the faulting
-                    // address only: say which block of which file it was.
-                    eprintln!("bigfile: {msg}");
-                    resume_unwind(panic);
-                }
-            }
+                PageState::Loaded | PageState::Dirty => match map_page(fh, st, req, pk)? {
+                    Some(st) => st,
+                    None => return Ok(()),
+                },
+            },
         };
-
-        let page = &st.pages[pk];
-        match page.state {
-            PageState::Loading | PageState::LoadingInvalidated => {
-                let ticket = page.ticket.clone().expect("a loading page has a ticket");
-                if ticket.loader == me {
-                    return Err(Failure::SelfWait(format!(
-                        "loadblk of block {blk} of {} touched the page it is loading; \
-                         a loader must not access its own page through a mapping",
-                        fh.name
-                    )));
-                }
-                if let Some(chain) = st.would_deadlock(me, ticket.loader) {
-                    return Err(Failure::SelfWait(format!(
-                        "waiting for block {blk} of {}, which another thread is loading, \
-                         would never end: {chain}; loadblk and storeblk must not access pages \
-                         other loads or writeouts may be waiting for",
-                        fh.name
-                    )));
-                }
-                st.waiting_for.insert(me, Awaited::Load(ticket.clone()));
-                while ticket.outcome.get().is_none() {
-                    st = shared.wait(st);
-                }
-                st.waiting_for.remove(&me);
-                if let Some(Err(msg)) = ticket.outcome.get() {
-                    return Err(Failure::Load(format!(
-                        "while waiting for another thread's load: {msg}"
-                    )));
-                }
-            }
-            PageState::Loaded | PageState::Dirty => {
-                if st.slot_unmapping(fh.key, vma, blk) {
-                    // A reclaimer is still unmapping an earlier page of this
-                    // block from this very slot.
-                    st = shared.wait(st);
-                    continue;
-                }
-                let ram_page = page.ram_page.expect("a resident page has RAM");
-                let state = page.state;
-                let prot = match access {
-                    Access::Read => Prot::Read,
-                    Access::Write => {
-                        if let Some(writer) = st.filehs[fh.key].writeout {
-                            if writer == me {
-                                return Err(Failure::SelfWait(format!(
-                                    "a write to block {blk} of {} during its writeout, from the \
-                                     thread running that writeout (storeblk must not change \
-                                     the memory it is storing)",
-                                    fh.name
-                                )));
-                            }
-                            // Writes wait for the writeout: storeblk must see
-                            // the block as it was when writeout began. Checked
-                            // again for each writeout, should another follow.
-                            while let Some(writer) = st.filehs[fh.key].writeout {
-                                if let Some(chain) = st.would_deadlock(me, writer) {
-                                    st.waiting_for.remove(&me);
-                                    return Err(Failure::SelfWait(format!(
-                                        "a write to block {blk} of {} would wait for its \
-                                         writeout forever: {chain}",
-                                        fh.name
-                                    )));
-                                }
-                                st.waiting_for
-                                    .insert(me, Awaited::Writeout { fk: fh.key, writer });
-                                st = shared.wait(st);
-                            }
-                            st.waiting_for.remove(&me);
-                            continue;
-                        }
-                        if state == PageState::Loaded {
-                            st.lru_remove(pk);
-                            st.pages[pk].state = PageState::Dirty;
-                            st.filehs[fh.key].dirty.insert(blk);
-                            counts.add(Counter::Dirty, 1);
-                        }
-                        Prot::ReadWrite
-                    }
-                };
-                let fresh = st
-                    .map_into(fh.key, vma, blk, ram_page, prot, ps)
-                    .map_err(|e| Failure::Os(format!("mapping block {blk} of {}: {e}", fh.name)))?;
-                st.lru_touch(pk);
-                drop(st);
-                if let Some(addr) = fresh.filter(|_| !fh.ramh.is_huge(ram_page)) {
-                    // Fill the page-table entries now, in one call, rather
-                    // than one minor fault per OS page on the accesses to
-                    // come (a huge page is mapped whole by the first access,
-                    // which, unlike this call, takes no mmap_lock: two
-                    // threads faulting contend less). Outside the lock: if
-                    // the page is unmapped meanwhile this populates nothing,
-                    // which is harmless.
-                    // SAFETY: the range is still part of the mapping's
-                    // reservation (dropping a Vma waits for its fault
-                    // handlers, prefault borrows the Vma); whatever is mapped
-                    // there by now (the page, or the reservation after a
-                    // reclaim), populating it changes no data.
-                    unsafe { crate::sys::populate(addr, ps, prot == Prot::ReadWrite) };
-                }
-                return Ok(());
-            }
-        }
     }
 }
 
-/// What [`make_room`] found.
-enum Room {
-    /// There is room for one more page; maybe with a RAM page of the
-    /// handle's to reuse once the `Deferred` work is finished.
-    Ready(Option<u64>),
-    /// Other threads' loads hold the budget, and reclaim left work: finish
-    /// it, then try again (the next try waits for those loads).
-    Retry,
-}
-
-/// Reserve room for one more page within the budget: take a spare of the
-/// handle if there is one, else reclaim (spares of other handles, then LRU
-/// pages, their unmapping left to `deferred`). A reclaim takes a batch of
-/// the handle's oldest pages, the extra ones kept as spares (see `spares`),
-/// except in a mapping advised sequential, where drop-behind already hands
-/// over the page just left.
-///
-/// When every resident page is dirty or loading, pages other threads are
-/// loading will soon be clean and reclaimable: wait for them rather than
-/// fail (unless this thread is itself inside a `loadblk` or `storeblk`, see
-/// `State::may_wait_for_loads`); spares other threads are still unmapping
-/// are waited for in any case (their reclaimers wait for nothing). Otherwise,
-/// with no clean page left, the budget is exhausted.
-fn make_room<'a>(
-    mut st: MutexGuard<'a, State>,
-    shared: &'a Shared,
-    fh: &FileHInner,
+/// EMPTY: make room within the budget, then load the block on this
+/// thread. Returns the lock retaken, for the next round to serve what is
+/// there now (the loaded page; nothing, if it was invalidated meanwhile).
+fn load<'a>(
+    fh: &'a FileHInner,
+    st: Guard<'a>,
     (blk, sequential): (u64, bool),
-    deferred: &mut Deferred,
-) -> (MutexGuard<'a, State>, Result<Room, Failure>) {
-    let mut recycled = st.take_spare(fh.key, &shared.counters);
-    let mut reclaimed = false;
-    while st.resident >= shared.budget_pages() {
-        if recycled.is_none() {
-            // After a wait, spares of the handle may have become ready.
-            recycled = st.take_spare(fh.key, &shared.counters);
-            if recycled.is_some() {
-                continue;
-            }
-        }
-        if st.drop_spare(&shared.counters, Some(deferred)) {
-            continue;
-        }
-        let want = if recycled.is_none() {
-            Some(fh.key)
-        } else {
-            None
-        };
-        match st.reclaim_lru(shared.page_size(), &shared.counters, want, Some(deferred)) {
-            Some(Some(rp)) => {
-                recycled = Some(rp);
-                reclaimed = true;
-            }
-            Some(None) => reclaimed = true,
-            None => {
-                if let Some(rp) = recycled.take() {
-                    // Still mapped where it was until `deferred` is finished.
-                    deferred.drops.push((fh.ramh.clone(), rp));
-                }
-                if st.spares_pending() || st.may_wait_for_loads() {
-                    if !deferred.is_empty() {
-                        return (st, Ok(Room::Retry));
-                    }
-                    st = shared.wait(st);
-                    continue;
-                }
-                let failure = Failure::NoMemory(format!(
-                    "RAM budget of {} bytes is exhausted by {} dirty or loading pages; \
-                     cannot load block {blk} of {} (write out or discard changes, or raise the budget)",
-                    shared.budget_pages().saturating_mul(shared.page_size() as u64),
-                    st.resident,
-                    fh.name
-                ));
-                return (st, Err(failure));
-            }
-        }
-    }
-    if reclaimed && !sequential {
-        let ps = shared.page_size();
-        for _ in 1..crate::spares::batch_size(shared.budget_pages()) {
-            if !st.spare_from_lru(fh.key, ps, &shared.counters, deferred) {
-                break;
-            }
-        }
-    }
-    (st, Ok(Room::Ready(recycled)))
-}
-
-/// Allocate a RAM page for block `blk`, reclaiming clean pages while the OS
-/// (or the RAM's filesystem) is out of memory.
-fn alloc(fh: &FileHInner, blk: u64) -> Result<u64, Failure> {
+) -> Result<Guard<'a>, Failure> {
     let shared = &*fh.shared;
-    loop {
-        match fh.ramh.alloc_page(blk) {
-            Ok(p) => return Ok(p),
-            Err(e) if e.is_exhausted() => {
-                let mut st = shared.lock();
-                if !st.reclaim_one(shared.page_size(), &shared.counters) {
-                    return Err(Failure::RamExhausted {
-                        message: format!(
-                            "no RAM for block {blk} of {} and no clean page to reclaim: {e}",
-                            fh.name
-                        ),
-                        source: e,
-                    });
-                }
+    let mut deferred = Deferred::default();
+    let (mut st, room) = make_room(st, shared, (fh.key, &fh.ramh), sequential, &mut deferred);
+    let recycled = match room {
+        Ok(Room::Ready(recycled)) => recycled,
+        // Retry: after the deferred work, the next round waits for loads.
+        other => {
+            drop(st);
+            deferred.finish(shared);
+            return other.map(|_| shared.lock());
+        }
+    };
+    if st.lookup(fh.key, blk).is_some() {
+        // make_room waited, and meanwhile another thread took the block
+        // on: give the room back and serve what it made.
+        if let Some(rp) = recycled {
+            deferred.release(fh.ramh.clone(), rp);
+        }
+        drop(st);
+        deferred.finish(shared);
+        return Ok(shared.lock());
+    }
+    let ticket = Ticket::mine();
+    let pk = st.begin_load(fh.key, blk, ticket.clone());
+    drop(st);
+    // Unmap what make_room reclaimed (the recycled RAM page among it)
+    // before the load writes into it.
+    deferred.finish(shared);
+    let loaded = fill_page(fh, blk, recycled);
+    finish_load(fh, shared.lock(), (pk, blk), &ticket, loaded)
+}
+
+/// After the load of `pk` (block `blk`): make the page LOADED, or drop it
+/// (invalidated meanwhile, or the load failed), and tell the waiters.
+fn finish_load<'a>(
+    fh: &'a FileHInner,
+    mut st: Guard<'a>,
+    (pk, blk): (PageKey, u64),
+    ticket: &Ticket,
+    loaded: Result<RamPage, (Option<RamPage>, LoadFailure)>,
+) -> Result<Guard<'a>, Failure> {
+    let shared = &*fh.shared;
+    let mapper = Mapper::of(shared);
+    let rc = shared.counters();
+    let (ram_page, failure) = match loaded {
+        Ok(rp) => {
+            if st.finish_load(pk, rp, rc) == LoadEnd::Invalidated {
+                mapper.forget(&mut st, pk, rc);
             }
-            Err(e) => {
-                return Err(Failure::Os(format!(
-                    "allocating RAM for block {blk} of {}: {e}",
-                    fh.name
-                )));
-            }
+            ticket.finish(Ok(()));
+            shared.notify(&st);
+            return Ok(st);
+        }
+        Err(failed) => failed,
+    };
+    // Leave no LOADING page behind for waiters to hang on; its memory goes
+    // back. (A loading page is mapped nowhere: no slot to unmap.)
+    st.detach(pk, rc, Unmap::Now, &mut Vec::new());
+    if let Some(rp) = ram_page {
+        mapper.release(&fh.ramh, rp);
+    }
+    match failure {
+        LoadFailure::Failed(failure) => {
+            ticket.finish(Err(failure.clone()));
+            shared.notify(&st);
+            Err(failure)
+        }
+        LoadFailure::Panicked(panic) => {
+            ticket.finish(Err(Failure::Panicked));
+            shared.notify(&st);
+            drop(st);
+            // The fault handler reports the panic with the faulting address
+            // only: say which block of which file it was.
+            eprintln!("bigfile: {}", Failure::Panicked.message(blk, &fh.name));
+            resume_unwind(panic)
         }
     }
 }
 
-/// Why [`load`] failed.
+/// LOADING by another thread: wait for its load, then look again. Fails
+/// with the loader's own failure, or when the wait would never end (this
+/// thread is the loader: it touched its own page; or a cycle of waits).
+fn wait_for_load<'a>(
+    fh: &'a FileHInner,
+    st: Guard<'a>,
+    blk: u64,
+    pk: PageKey,
+) -> Result<Guard<'a>, Failure> {
+    let ticket = st
+        .pages()
+        .get(pk)
+        .ticket()
+        .expect("a loading page has a ticket")
+        .clone();
+    let st = fh.shared.wait_for(st, &ticket).map_err(|cycle| {
+        Failure::Deadlock(if cycle.is_self() {
+            format!(
+                "loadblk of block {blk} of {} touched the page it is loading; \
+                 a loader must not access its own page through a mapping",
+                fh.name
+            )
+        } else {
+            format!(
+                "waiting for block {blk} of {}, which another thread is loading, \
+                 would never end: {cycle}; loadblk and storeblk must not access pages \
+                 other loads or writeouts may be waiting for",
+                fh.name
+            )
+        })
+    })?;
+    match ticket.outcome() {
+        Some(Err(failure)) => Err(Failure::Waited(Box::new(failure.clone()))),
+        _ => Ok(st),
+    }
+}
+
+/// LOADED or DIRTY: map the page into the request's mapping, read-only for
+/// a read; for a write, once no writeout of the handle runs, dirty and
+/// read-write. Then populate it without the lock. `Ok(None)` when done,
+/// `Ok(Some(lock))` when it had to wait and must look again.
+fn map_page<'a>(
+    fh: &'a FileHInner,
+    mut st: Guard<'a>,
+    req: &PageRequest,
+    pk: PageKey,
+) -> Result<Option<Guard<'a>>, Failure> {
+    let shared = &*fh.shared;
+    if st.slot_unmapping(fh.key, req.vma, req.blk) {
+        // A reclaimer is still unmapping an earlier page of this block
+        // from this very slot.
+        return Ok(Some(shared.wait(st)));
+    }
+    let prot = match req.access {
+        Access::Read => Prot::Read,
+        Access::Write => {
+            if let Some(writeout) = st.writeout(fh.key).cloned() {
+                return wait_out_writeout(fh, st, req.blk, &writeout).map(Some);
+            }
+            st.mark_dirty(pk, shared.counters());
+            Prot::ReadWrite
+        }
+    };
+    let ram_page = st
+        .pages()
+        .get(pk)
+        .ram_page()
+        .expect("a resident page has RAM");
+    let mapper = Mapper::of(shared);
+    let fresh = mapper
+        .map(&mut st, fh.key, req.vma, req.blk, ram_page, prot)
+        .map_err(|e| match e {
+            MapError::Map(source) => Failure::Ram {
+                doing: MAPPING,
+                source,
+            },
+            MapError::Protect(source) => Failure::Os {
+                op: "mprotect",
+                source,
+            },
+        })?;
+    st.touch(pk);
+    drop(st);
+    if let Some(addr) = fresh.filter(|_| !fh.ramh.is_huge(ram_page.0)) {
+        // Populated now rather than by a minor fault per OS page on the
+        // accesses to come (a huge page is mapped whole by the first access,
+        // which, unlike this call, takes no mmap_lock: two threads faulting
+        // contend less). Outside the lock: if the page is unmapped meanwhile
+        // this populates nothing, which is harmless.
+        // SAFETY: the range is still part of the mapping's reservation
+        // (dropping a Vma waits for its fault handlers, prefault borrows the
+        // Vma); whatever is mapped there by now (the page, or the
+        // reservation after a reclaim), populating it changes no data.
+        unsafe { mapper.populate(addr, prot == Prot::ReadWrite) };
+    }
+    Ok(None)
+}
+
+/// A write during a writeout of the handle waits for it: storeblk must see
+/// the block as it was when the writeout began. (The next round checks
+/// again, should another writeout follow.)
+fn wait_out_writeout<'a>(
+    fh: &'a FileHInner,
+    st: Guard<'a>,
+    blk: u64,
+    writeout: &Arc<Ticket>,
+) -> Result<Guard<'a>, Failure> {
+    fh.shared.wait_for(st, writeout).map_err(|cycle| {
+        Failure::Deadlock(if cycle.is_self() {
+            format!(
+                "a write to block {blk} of {} during its writeout, from the thread \
+                 running that writeout (storeblk must not change the memory it is storing)",
+                fh.name
+            )
+        } else {
+            format!(
+                "a write to block {blk} of {} would wait for its writeout forever: {cycle}",
+                fh.name
+            )
+        })
+    })
+}
+
+/// Why [`fill_page`] failed.
 enum LoadFailure {
     Failed(Failure),
     /// `loadblk` panicked: the caller cleans up, then resumes the unwinding.
-    Panicked(Box<dyn std::any::Any + Send>),
+    Panicked(Box<dyn Any + Send>),
 }
 
-/// Allocate a RAM page (or take the recycled one) and fill it with
-/// `loadblk`, retrying per the handle's policy. Runs without the RAM lock.
-/// On failure (a panic of `loadblk` included) returns the RAM page, if one
-/// was had, so the caller frees it.
-fn load(
+/// Allocate a RAM page (or take the recycled one) and fill it with block
+/// `blk`. Runs without the RAM lock. On failure (a panic included: a page
+/// left LOADING would hang its waiters) returns the RAM page, if one was
+/// had, for the caller to give back.
+fn fill_page(
     fh: &FileHInner,
     blk: u64,
-    recycled: Option<u64>,
-) -> Result<u64, (Option<u64>, LoadFailure)> {
+    recycled: Option<RamPage>,
+) -> Result<RamPage, (Option<RamPage>, LoadFailure)> {
     let ram_page = match recycled {
         Some(rp) => rp,
-        // Caught too (a bug, no user code runs there): a page left LOADING
-        // would hang its waiters.
         None => match catch_unwind(AssertUnwindSafe(|| alloc(fh, blk))) {
             Ok(Ok(rp)) => rp,
             Ok(Err(f)) => return Err((None, LoadFailure::Failed(f))),
@@ -466,19 +306,35 @@ fn load(
     }
 }
 
-/// Fill `ram_page` with block `blk` through the handle's window.
-fn fill(fh: &FileHInner, blk: u64, ram_page: u64, recycled: bool) -> Result<(), Failure> {
-    let shared = &*fh.shared;
-    let ps = shared.page_size();
-    let counts = CountPair {
-        fileh: &fh.counters,
-        ram: &shared.counters,
-    };
-    let window = fh.ramh.window(ram_page).map_err(|e| {
-        Failure::Os(format!(
-            "window onto RAM page for block {blk} of {}: {e}",
-            fh.name
-        ))
+/// Allocate a RAM page for block `blk`, reclaiming clean pages while the OS
+/// (or the RAM's filesystem) is out of memory.
+fn alloc(fh: &FileHInner, blk: u64) -> Result<RamPage, Failure> {
+    loop {
+        match fh.ramh.alloc_page(blk) {
+            Ok(p) => return Ok(RamPage(p)),
+            Err(e) if e.is_exhausted() => {
+                let mut st = fh.shared.lock();
+                if !reclaim_one(&mut st, &fh.shared) {
+                    return Err(Failure::RamExhausted(e));
+                }
+            }
+            Err(source) => {
+                return Err(Failure::Ram {
+                    doing: ALLOCATING,
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Fill `ram_page` with block `blk` through the handle's window, retrying
+/// per the handle's load policy.
+fn fill(fh: &FileHInner, blk: u64, ram_page: RamPage, recycled: bool) -> Result<(), Failure> {
+    let ps = fh.page_size();
+    let window = fh.ramh.window(ram_page.0).map_err(|source| Failure::Ram {
+        doing: WINDOWING,
+        source,
     })?;
     // The window keeps its page-table entries between loads (nothing drops
     // them but punching the RAM page out), so a recycled RAM page is written
@@ -487,12 +343,12 @@ fn fill(fh: &FileHInner, blk: u64, ram_page: u64, recycled: bool) -> Result<(), 
     if !recycled {
         // SAFETY: the window maps the RAM file shared and read-write; the
         // page is ours alone while LOADING.
-        unsafe { crate::sys::populate(window, ps, true) };
+        unsafe { Mapper::of(&fh.shared).populate(window, true) };
     }
-    // SAFETY: `ram_page` was just allocated (or recycled) to this page alone; it is mapped in
-    // no mapping yet (the page is LOADING), so this is the only reference to
-    // its memory until the load finishes; the window stays valid while the
-    // handle's RamHandle (held by `fh`) lives.
+    // SAFETY: `ram_page` was just allocated (or recycled) to this page
+    // alone; it is mapped in no mapping yet (the page is LOADING), so this
+    // is the only reference to its memory until the load finishes; the
+    // window stays valid while the handle's RamHandle (held by `fh`) lives.
     let buf = unsafe { std::slice::from_raw_parts_mut(window.as_ptr(), ps) };
     let policy = fh.load_policy();
     let mut attempt = 0;
@@ -502,18 +358,180 @@ fn fill(fh: &FileHInner, blk: u64, ram_page: u64, recycled: bool) -> Result<(), 
             let _inside = InCallback::enter();
             fh.file.loadblk(blk, buf)
         };
-        match res {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                counts.add(Counter::LoadErrors, 1);
-                if attempt >= policy.attempts {
-                    return Err(Failure::Load(format!(
-                        "loadblk of block {blk} of {} failed after {attempt} attempt(s): {e}",
-                        fh.name
-                    )));
-                }
-                thread::sleep(policy.backoff * attempt);
-            }
+        let Err(e) = res else {
+            return Ok(());
+        };
+        fh.counts().add(Counter::LoadErrors, 1);
+        if attempt >= policy.attempts {
+            return Err(Failure::Load {
+                attempts: attempt,
+                source: Arc::from(e),
+            });
         }
+        thread::sleep(policy.backoff * attempt);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use bigfile_testkit::memory::prot_at;
+    use bigfile_testkit::{Call, MemFile};
+
+    use super::*;
+    use crate::bigfile::{BigFile, BlockError};
+    use crate::{FileH, LoadPolicy, PageState, Ram, Vma};
+
+    const BLK: usize = 4096;
+
+    /// The test kit's memory file as this crate's BigFile.
+    struct Kit(Arc<MemFile>);
+
+    impl BigFile for Kit {
+        fn blksize(&self) -> usize {
+            self.0.blksize()
+        }
+        fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+            self.0.load(blk, buf)
+        }
+        fn storeblk(&self, blk: u64, buf: &[u8]) -> Result<(), BlockError> {
+            self.0.store(blk, buf)
+        }
+        fn name(&self) -> String {
+            self.0.name().to_owned()
+        }
+    }
+
+    /// A handle of a memory file on a RAM of `budget` pages, and a mapping
+    /// of its first 4 blocks (no fault is taken: the tests call `serve`).
+    fn setup(budget: u64) -> (Arc<MemFile>, FileH, Vma) {
+        let file = Arc::new(MemFile::new(BLK));
+        let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}"))
+            .unwrap()
+            .with_budget(budget * BLK as u64);
+        let fh = FileH::open(Arc::new(Kit(file.clone())), Some(&ram)).unwrap();
+        fh.set_load_policy(LoadPolicy {
+            attempts: 2,
+            backoff: std::time::Duration::ZERO,
+        });
+        let vma = fh.mmap(0, 4).unwrap();
+        (file, fh, vma)
+    }
+
+    fn request(vma: &Vma, blk: u64, access: Access) -> PageRequest {
+        PageRequest {
+            vma: vma.id(),
+            blk,
+            access,
+            drop_behind: false,
+        }
+    }
+
+    fn prot_of(vma: &Vma, blk: u64) -> String {
+        prot_at(vma.as_ptr() as usize + blk as usize * BLK).unwrap()
+    }
+
+    #[test]
+    fn a_read_loads_once_and_maps_read_only() {
+        let (file, fh, vma) = setup(4);
+        let req = request(&vma, 2, Access::Read);
+        serve(&fh.inner, &req).unwrap();
+        assert_eq!(fh.page_state(2), Some(PageState::Loaded));
+        assert_eq!(vma.mapped_pages(), [2]);
+        assert_eq!(prot_of(&vma, 2), "r--s");
+        serve(&fh.inner, &req).unwrap();
+        assert_eq!(file.take_calls(), [Call::Load(2)]);
+        let stats = fh.stats();
+        assert_eq!((stats.faults, stats.loads, stats.resident_pages), (2, 1, 1));
+        let mut b = [0];
+        vma.read_at(2 * BLK, &mut b).unwrap();
+        assert_eq!(b[0], MemFile::initial(2));
+    }
+
+    #[test]
+    fn a_write_dirties_the_page_and_maps_it_read_write() {
+        let (_file, fh, vma) = setup(4);
+        serve(&fh.inner, &request(&vma, 1, Access::Read)).unwrap();
+        serve(&fh.inner, &request(&vma, 1, Access::Write)).unwrap();
+        assert_eq!(fh.page_state(1), Some(PageState::Dirty));
+        assert_eq!(fh.dirty_blocks(), [1]);
+        assert_eq!(prot_of(&vma, 1), "rw-s");
+    }
+
+    #[test]
+    fn a_budget_full_of_dirty_pages_fails_the_next_load() {
+        let (file, fh, vma) = setup(1);
+        serve(&fh.inner, &request(&vma, 0, Access::Write)).unwrap();
+        let f = serve(&fh.inner, &request(&vma, 1, Access::Read)).unwrap_err();
+        assert!(
+            matches!(f, Failure::Budget { budget, pinned: 1 } if budget == BLK as u64),
+            "{f:?}"
+        );
+        assert_eq!(file.take_calls(), [Call::Load(0)]);
+        assert_eq!(fh.page_state(1), None);
+    }
+
+    #[test]
+    fn a_failing_load_is_retried_then_fails_with_the_loaders_error() {
+        let (file, fh, vma) = setup(4);
+        file.on_load(|blk, _| Err(format!("media error at {blk}").into()));
+        let f = serve(&fh.inner, &request(&vma, 3, Access::Read)).unwrap_err();
+        let Failure::Load { attempts, source } = &f else {
+            panic!("{f:?}");
+        };
+        assert_eq!(
+            (*attempts, source.to_string()),
+            (2, "media error at 3".into())
+        );
+        assert_eq!(fh.page_state(3), None, "no LOADING page left behind");
+        assert_eq!(fh.stats().load_errors, 2);
+        assert_eq!(fh.ram().stats().stats.resident_pages, 0);
+        assert!(vma.mapped_pages().is_empty());
+    }
+
+    #[test]
+    fn a_loader_asking_for_its_own_page_is_a_deadlock_not_a_hang() {
+        let (file, fh, vma) = setup(4);
+        let inner = Arc::new(OnceLock::new());
+        let req = request(&vma, 0, Access::Read);
+        {
+            let (inner, fh) = (inner.clone(), fh.inner.clone());
+            file.on_load(move |_, _| {
+                let nested = serve(&fh, &req);
+                let _ = inner.set(nested.map_err(|f| f.message(0, "memfile")));
+                Ok(())
+            });
+        }
+        serve(&fh.inner, &req).unwrap();
+        file.clear_load_hook();
+        let nested = inner.get().expect("the loader asked");
+        assert!(
+            nested
+                .as_ref()
+                .unwrap_err()
+                .contains("loadblk of block 0 of memfile touched the page it is loading"),
+            "{nested:?}"
+        );
+    }
+
+    #[test]
+    fn a_page_invalidated_while_loading_is_loaded_afresh() {
+        let (file, fh, vma) = setup(4);
+        let fh2 = fh.inner.clone();
+        let once = std::sync::atomic::AtomicBool::new(true);
+        file.on_load(move |blk, _| {
+            if once.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                // The data changed underneath while this load ran.
+                FileH { inner: fh2.clone() }.invalidate_page(blk).unwrap();
+            }
+            Ok(())
+        });
+        serve(&fh.inner, &request(&vma, 1, Access::Read)).unwrap();
+        file.clear_load_hook();
+        assert_eq!(file.take_calls(), [Call::Load(1), Call::Load(1)]);
+        assert_eq!(fh.page_state(1), Some(PageState::Loaded));
+        let stats = fh.stats();
+        assert_eq!((stats.loads, stats.resident_pages), (2, 1));
     }
 }

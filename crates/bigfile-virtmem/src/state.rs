@@ -1,755 +1,622 @@
-//! The state behind one RAM's lock: pages, file handles, mappings, the LRU.
+//! The state behind one RAM's lock, as parts that own their data: the page
+//! table, the LRU list, the wait graph, the budget, and each handle's page
+//! index, dirty list and mappings.
 //!
-//! Every file handle and mapping that uses a RAM keeps its mutable state here,
-//! under the RAM's one mutex, so reclaim can walk pages of all handles in LRU
-//! order. `loadblk` and `storeblk` never run while the mutex is held.
+//! Every file handle and mapping that uses a RAM keeps its mutable state
+//! here, under the RAM's one mutex, so reclaim can walk pages of all
+//! handles in LRU order. This is bookkeeping only: it makes no system call
+//! (the mapper does, from what these methods return), and `loadblk` and
+//! `storeblk` never run while the mutex is held.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::ptr::NonNull;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::thread::ThreadId;
+use std::sync::Arc;
 
-use bigfile_ram::{PageMap, Prot, RamHandle};
-use bitvec::vec::BitVec;
+use bigfile_ram::{PageMap, RamHandle};
 use slab::Slab;
 
-use crate::spares::Spare;
+use crate::budget::Budget;
+use crate::keys::{FileKey, PageKey, RamPage, Slot, VmaId, VmaKey};
+use crate::lru::Lru;
+use crate::pages::{Invalidation, LoadEnd, PageState, PageTable};
 use crate::stats::{CountPair, Counter, Counters};
-use crate::sys;
-use crate::vma::Advice;
+use crate::vmas::VmaState;
+use crate::waits::{Ticket, WaitGraph};
 
-/// A page's state; a page absent from its handle's page map is EMPTY.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PageState {
-    /// `loadblk` is filling it; it is mapped nowhere yet.
-    Loading,
-    /// Invalidated while loading: the loader drops its result.
-    LoadingInvalidated,
-    /// Holds the file's data; mapped read-only; on the LRU list.
-    Loaded,
-    /// Changed in memory; on the handle's dirty list; never reclaimed.
-    Dirty,
-}
-
-/// The result of one load, shared by the loader and the threads waiting for it.
-#[derive(Debug)]
-pub(crate) struct LoadTicket {
-    pub(crate) loader: ThreadId,
-    /// Set once by the loader: `Err` carries the diagnostic of a failed load.
-    pub(crate) outcome: OnceLock<Result<(), Arc<str>>>,
-}
-
-#[derive(Debug)]
-pub(crate) struct Page {
-    pub(crate) fileh: usize,
-    pub(crate) blk: u64,
-    pub(crate) state: PageState,
-    /// The RAM page index in the handle's RAM file; `None` while loading.
-    pub(crate) ram_page: Option<u64>,
-    pub(crate) ticket: Option<Arc<LoadTicket>>,
-    lru_prev: Option<usize>,
-    lru_next: Option<usize>,
-    in_lru: bool,
-}
-
-#[derive(Debug)]
-pub(crate) struct VmaState {
-    pub(crate) start: NonNull<u8>,
-    pub(crate) pgoffset: u64,
-    pub(crate) pglen: u64,
-    /// Which pages of the mapping have a RAM page mapped (vs. the PROT_NONE reservation).
-    pub(crate) mapped: BitVec,
-    /// Pages reclaim detached and whose reclaimer is unmapping them outside
-    /// the lock ([`Deferred`]): nothing may be mapped there, and the mapping
-    /// may not go away, until the mark is cleared.
-    pub(crate) unmapping: BitVec,
-    /// The mapping's access pattern, given by `Vma::advise`.
-    pub(crate) advice: Advice,
-}
-
-// SAFETY: `start` is only an address of a reservation owned by the Vma; it is
-// dereferenced by no one through this struct, only passed to mmap/mprotect.
-unsafe impl Send for VmaState {}
-
-pub(crate) struct FileHState {
-    pub(crate) ramh: Arc<RamHandle>,
-    pub(crate) pages: PageMap<usize>,
+/// One file handle's part of the state.
+pub(crate) struct HandleState {
+    ramh: Arc<RamHandle>,
+    /// Block → its resident page.
+    index: PageMap<PageKey>,
     /// Dirty blocks, ascending: the order writeout stores them in.
-    pub(crate) dirty: BTreeSet<u64>,
-    pub(crate) vmas: Slab<VmaState>,
-    /// The thread running a writeout of this handle, if any.
-    pub(crate) writeout: Option<ThreadId>,
-    pub(crate) counters: Arc<Counters>,
+    dirty: BTreeSet<u64>,
+    vmas: Slab<VmaState>,
+    /// The writeout of this handle in progress, if any.
+    writeout: Option<Arc<Ticket>>,
+    counters: Arc<Counters>,
+}
+
+/// A page forgotten by [`State::detach`], with its memory (if it had any)
+/// for the caller to give back or reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Detached {
+    pub(crate) fileh: FileKey,
+    pub(crate) ram_page: Option<RamPage>,
+}
+
+/// When the slots of a detached page are taken away from their mappings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unmap {
+    /// At once, by the caller, under the lock.
+    Now,
+    /// After the lock is dropped (a `Deferred`): the slots stay marked
+    /// unmapping until then.
+    Deferred,
+}
+
+/// A slot where a fault maps its page: its address, and what is there.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SlotView {
+    pub(crate) index: usize,
+    pub(crate) addr: NonNull<u8>,
+    /// A RAM page is mapped there (only its protection changes).
+    pub(crate) mapped: bool,
 }
 
 #[derive(Default)]
 pub(crate) struct State {
-    pub(crate) pages: Slab<Page>,
-    pub(crate) filehs: Slab<FileHState>,
-    lru_head: Option<usize>,
-    lru_tail: Option<usize>,
-    /// Pages holding or about to hold memory, counted against the budget.
-    pub(crate) resident: u64,
-    /// Threads waiting, each for one other thread: the loader of a page it
-    /// needs, or the thread running a writeout it must wait out. Consulted
-    /// before every such wait so that a cycle (two loaders each touching the
-    /// other's page) fails at once instead of hanging.
-    pub(crate) waiting_for: HashMap<ThreadId, Awaited>,
-    /// RAM pages reclaimed ahead of need, counted in `resident` (see `spares`).
-    pub(crate) spares: Vec<Spare>,
-    /// Threads in [`Shared::wait`]: notifications are skipped when none.
+    pages: PageTable,
+    lru: Lru,
+    waits: WaitGraph,
+    budget: Budget,
+    handles: Slab<HandleState>,
+    /// Threads waiting on the RAM's condition variable: notifications are
+    /// skipped when none.
     waiters: u32,
 }
 
-/// What a waiting thread waits for (see `State::waiting_for`). Kept as the
-/// thing awaited, not just the thread, so an edge is followed only while
-/// the wait is real: a load finished or a writeout ended meanwhile leaves
-/// an entry its waiter has not yet woken to remove.
-#[derive(Debug)]
-pub(crate) enum Awaited {
-    /// The load behind this ticket.
-    Load(Arc<LoadTicket>),
-    /// The writeout of handle `fk` run by thread `writer`.
-    Writeout { fk: usize, writer: ThreadId },
-}
-
-/// One RAM as virtmem sees it: the page source, its budget, its lock.
-pub(crate) struct Shared {
-    pub(crate) ram: bigfile_ram::Ram,
-    pub(crate) state: Mutex<State>,
-    /// Signalled when a load finishes or a writeout ends.
-    pub(crate) cond: Condvar,
-    pub(crate) counters: Counters,
-    pub(crate) budget_pages: std::sync::atomic::AtomicU64,
-}
-
-impl Shared {
-    /// Take the lock. A panic while it was held leaves state that is still
-    /// structurally valid (every step keeps the maps consistent), so poisoning
-    /// is ignored rather than turned into a crash inside a page fault.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+impl State {
+    pub(crate) fn pages(&self) -> &PageTable {
+        &self.pages
     }
 
-    /// Wait on the condition variable, counted in `State::waiters`.
-    pub(crate) fn wait<'a>(&self, mut guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        guard.waiters += 1;
-        let mut guard = self.cond.wait(guard).unwrap_or_else(|p| p.into_inner());
-        guard.waiters -= 1;
-        guard
+    pub(crate) fn lru(&self) -> &Lru {
+        &self.lru
     }
 
-    /// Wake every waiter, if any; `st` is the state just changed, still
-    /// locked. (The standard condition variable makes a system call for
-    /// every notification, waiters or not: two per fault otherwise.)
-    pub(crate) fn notify(&self, st: &State) {
-        if st.waiters > 0 {
-            self.cond.notify_all();
+    pub(crate) fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    pub(crate) fn waits(&self) -> &WaitGraph {
+        &self.waits
+    }
+
+    pub(crate) fn waits_mut(&mut self) -> &mut WaitGraph {
+        &mut self.waits
+    }
+
+    pub(crate) fn waiters(&self) -> u32 {
+        self.waiters
+    }
+
+    /// A thread starts (`true`) or stops waiting on the condition variable.
+    pub(crate) fn count_waiter(&mut self, starts: bool) {
+        if starts {
+            self.waiters += 1;
+        } else {
+            self.waiters -= 1;
         }
     }
 
-    pub(crate) fn page_size(&self) -> usize {
-        self.ram.page_size()
+    /// The counters a change of handle `fk` is counted in.
+    fn counts<'a>(&'a self, fk: FileKey, ram: &'a Counters) -> CountPair<'a> {
+        CountPair {
+            fileh: &self.handles[fk.0].counters,
+            ram,
+        }
     }
 
-    pub(crate) fn budget_pages(&self) -> u64 {
-        self.budget_pages.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
+    // --- handles ---
 
-impl State {
-    pub(crate) fn new_page(&mut self, fileh: usize, blk: u64, ticket: Arc<LoadTicket>) -> usize {
-        self.resident += 1;
-        self.pages.insert(Page {
-            fileh,
-            blk,
-            state: PageState::Loading,
-            ram_page: None,
-            ticket: Some(ticket),
-            lru_prev: None,
-            lru_next: None,
-            in_lru: false,
+    pub(crate) fn open_handle(&mut self, ramh: Arc<RamHandle>, counters: Arc<Counters>) -> FileKey {
+        FileKey(self.handles.insert(HandleState {
+            ramh,
+            index: PageMap::new(),
+            dirty: BTreeSet::new(),
+            vmas: Slab::new(),
+            writeout: None,
+            counters,
+        }))
+    }
+
+    /// Forget handle `fk`; its pages must be gone.
+    pub(crate) fn close_handle(&mut self, fk: FileKey) {
+        let h = self.handles.remove(fk.0);
+        debug_assert!(h.index.is_empty(), "a closed handle still has pages");
+    }
+
+    pub(crate) fn ramh(&self, fk: FileKey) -> &Arc<RamHandle> {
+        &self.handles[fk.0].ramh
+    }
+
+    /// Handle `fk`'s resident pages.
+    pub(crate) fn pages_of(&self, fk: FileKey) -> Vec<PageKey> {
+        self.handles[fk.0].index.iter().map(|(_, &pk)| pk).collect()
+    }
+
+    /// The resident page of block `blk` of handle `fk`.
+    pub(crate) fn lookup(&self, fk: FileKey, blk: u64) -> Option<PageKey> {
+        self.handles[fk.0].index.get(blk).copied()
+    }
+
+    /// Handle `fk`'s dirty blocks, ascending, with their pages.
+    pub(crate) fn dirty_pages(&self, fk: FileKey) -> Vec<(u64, PageKey)> {
+        let h = &self.handles[fk.0];
+        h.dirty
+            .iter()
+            .map(|&blk| (blk, *h.index.get(blk).expect("a dirty page is resident")))
+            .collect()
+    }
+
+    pub(crate) fn writeout(&self, fk: FileKey) -> Option<&Arc<Ticket>> {
+        self.handles[fk.0].writeout.as_ref()
+    }
+
+    /// A writeout of handle `fk` starts under `ticket`.
+    pub(crate) fn begin_writeout(&mut self, fk: FileKey, ticket: Arc<Ticket>) {
+        debug_assert!(self.handles[fk.0].writeout.is_none());
+        self.handles[fk.0].writeout = Some(ticket);
+    }
+
+    /// The writeout of handle `fk` has ended: its ticket, to finish.
+    pub(crate) fn end_writeout(&mut self, fk: FileKey) -> Option<Arc<Ticket>> {
+        self.handles[fk.0].writeout.take()
+    }
+
+    // --- mappings ---
+
+    pub(crate) fn add_vma(&mut self, fk: FileKey, vma: VmaState) -> VmaKey {
+        VmaKey(self.handles[fk.0].vmas.insert(vma))
+    }
+
+    pub(crate) fn remove_vma(&mut self, fk: FileKey, vk: VmaKey) {
+        self.handles[fk.0].vmas.remove(vk.0);
+    }
+
+    pub(crate) fn vma_count(&self, fk: FileKey) -> usize {
+        self.handles[fk.0].vmas.len()
+    }
+
+    pub(crate) fn vma(&self, fk: FileKey, vk: VmaKey) -> &VmaState {
+        &self.handles[fk.0].vmas[vk.0]
+    }
+
+    pub(crate) fn vma_mut(&mut self, fk: FileKey, vk: VmaKey) -> &mut VmaState {
+        &mut self.handles[fk.0].vmas[vk.0]
+    }
+
+    /// The mapping a fault names, unless it is gone (a loader dropped it
+    /// while the fault was being served).
+    pub(crate) fn find_vma(&self, fk: FileKey, vma: VmaId) -> Option<&VmaState> {
+        self.handles[fk.0]
+            .vmas
+            .get(vma.key.0)
+            .filter(|v| v.start() == vma.start)
+    }
+
+    /// The slot of block `blk` in mapping `vma`, unless the mapping is gone.
+    pub(crate) fn slot(&self, fk: FileKey, vma: VmaId, blk: u64, ps: usize) -> Option<SlotView> {
+        let v = self.find_vma(fk, vma)?;
+        let index = v.index_of(blk).expect("block inside the faulting mapping");
+        Some(SlotView {
+            index,
+            addr: v.page_addr(index, ps),
+            mapped: v.is_mapped(index),
         })
     }
 
-    pub(crate) fn lru_push_back(&mut self, pk: usize) {
-        debug_assert!(!self.pages[pk].in_lru);
-        let tail = self.lru_tail;
-        {
-            let p = &mut self.pages[pk];
-            p.lru_prev = tail;
-            p.lru_next = None;
-            p.in_lru = true;
-        }
-        match tail {
-            Some(t) => self.pages[t].lru_next = Some(pk),
-            None => self.lru_head = Some(pk),
-        }
-        self.lru_tail = Some(pk);
+    /// Whether a reclaimer is still unmapping block `blk`'s slot in `vma`.
+    pub(crate) fn slot_unmapping(&self, fk: FileKey, vma: VmaId, blk: u64) -> bool {
+        self.find_vma(fk, vma)
+            .and_then(|v| v.index_of(blk).map(|idx| v.is_unmapping(idx)))
+            .unwrap_or(false)
     }
 
-    pub(crate) fn lru_remove(&mut self, pk: usize) {
-        if !self.pages[pk].in_lru {
-            return;
-        }
-        let (prev, next) = {
-            let p = &mut self.pages[pk];
-            p.in_lru = false;
-            (p.lru_prev.take(), p.lru_next.take())
-        };
-        match prev {
-            Some(pr) => self.pages[pr].lru_next = next,
-            None => self.lru_head = next,
-        }
-        match next {
-            Some(nx) => self.pages[nx].lru_prev = prev,
-            None => self.lru_tail = prev,
-        }
+    /// Whether a reclaimer is still unmapping block `blk` of handle `fk`
+    /// from one of its mappings.
+    pub(crate) fn block_unmapping(&self, fk: FileKey, blk: u64) -> bool {
+        self.handles[fk.0]
+            .vmas
+            .iter()
+            .any(|(_, v)| v.index_of(blk).is_some_and(|idx| v.is_unmapping(idx)))
     }
 
-    /// Mark a page most recently used.
-    pub(crate) fn lru_touch(&mut self, pk: usize) {
-        if self.pages[pk].in_lru && self.lru_tail != Some(pk) {
-            self.lru_remove(pk);
-            self.lru_push_back(pk);
-        }
+    /// The addresses where block `blk` of handle `fk` is mapped.
+    pub(crate) fn mapped_addrs(&self, fk: FileKey, blk: u64, ps: usize) -> Vec<NonNull<u8>> {
+        self.handles[fk.0]
+            .vmas
+            .iter()
+            .filter_map(|(_, v)| {
+                let idx = v.index_of(blk)?;
+                v.is_mapped(idx).then(|| v.page_addr(idx, ps))
+            })
+            .collect()
     }
 
-    /// Make a page the first to be reclaimed.
-    pub(crate) fn lru_demote(&mut self, pk: usize) {
-        if self.pages[pk].in_lru && self.lru_head != Some(pk) {
-            self.lru_remove(pk);
-            let head = self.lru_head;
-            {
-                let p = &mut self.pages[pk];
-                p.lru_prev = None;
-                p.lru_next = head;
-                p.in_lru = true;
-            }
-            match head {
-                Some(h) => self.pages[h].lru_prev = Some(pk),
-                None => self.lru_tail = Some(pk),
-            }
-            self.lru_head = Some(pk);
-        }
-    }
-
-    /// Drop-behind for a mapping advised [`Advice::Sequential`]: with
+    /// Drop-behind (ARCHITECTURE.md) for a mapping advised sequential: with
     /// `demote`, a fault on block `blk` there makes the clean page of block
     /// `blk - 1` (if resident) the first to be reclaimed. Returns whether the
     /// mapping is advised sequential.
-    pub(crate) fn drop_behind(
-        &mut self,
-        fk: usize,
-        (vk, vma_start): (usize, usize),
-        blk: u64,
-        demote: bool,
-    ) -> bool {
-        let fh = &self.filehs[fk];
-        let Some(vma) = fh
-            .vmas
-            .get(vk)
-            .filter(|v| v.start.as_ptr() as usize == vma_start)
-        else {
+    pub(crate) fn drop_behind(&mut self, fk: FileKey, vma: VmaId, blk: u64, demote: bool) -> bool {
+        let Some(v) = self.find_vma(fk, vma) else {
             return false;
         };
-        if vma.advice != Advice::Sequential {
+        if v.advice() != crate::advice::Advice::Sequential {
             return false;
         }
-        if demote && blk > vma.pgoffset {
-            if let Some(&pk) = fh.pages.get(blk - 1) {
+        if demote && blk > v.pgoffset() {
+            if let Some(pk) = self.lookup(fk, blk - 1) {
                 // Only clean pages are on the LRU list: a dirty one stays put.
-                self.lru_demote(pk);
+                self.lru.demote(pk);
             }
         }
         true
     }
 
-    pub(crate) fn lru_oldest(&self) -> Option<usize> {
-        self.lru_head
+    // --- the loading protocol ---
+
+    /// EMPTY → LOADING: block `blk` of `fk` is loaded by `ticket`'s owner;
+    /// the page counts against the budget from now on.
+    pub(crate) fn begin_load(&mut self, fk: FileKey, blk: u64, ticket: Arc<Ticket>) -> PageKey {
+        let pk = self.pages.begin_load(fk, blk, ticket);
+        self.handles[fk.0].index.insert(blk, pk);
+        self.budget.charge();
+        pk
     }
 
-    /// Number of pages on the LRU list (clean, reclaimable).
-    pub(crate) fn lru_len(&self) -> u64 {
-        let mut n = 0;
-        let mut cur = self.lru_head;
-        while let Some(pk) = cur {
-            n += 1;
-            cur = self.pages[pk].lru_next;
+    /// The load of `pk` filled `ram_page`: LOADED and on the LRU list, or
+    /// (invalidated meanwhile) left for the caller to drop.
+    pub(crate) fn finish_load(&mut self, pk: PageKey, ram_page: RamPage, rc: &Counters) -> LoadEnd {
+        let fk = self.pages.get(pk).fileh();
+        let counts = self.counts(fk, rc);
+        counts.add(Counter::Resident, 1);
+        counts.add(Counter::Loads, 1);
+        let end = self.pages.finish_load(pk, ram_page);
+        if end == LoadEnd::Loaded {
+            self.lru.push_back(pk);
         }
-        n
+        end
     }
 
-    /// Set the protection of block `blk` of handle `fk` in every mapping where
-    /// it is mapped; stops at the first failure.
-    pub(crate) fn protect_everywhere(
-        &self,
-        fk: usize,
-        blk: u64,
-        prot: libc::c_int,
-        page_size: usize,
-    ) -> std::io::Result<()> {
-        let fh = &self.filehs[fk];
-        for (_, vma) in fh.vmas.iter() {
-            if let Some(idx) = vma.index_of(blk) {
-                if vma.mapped[idx] {
-                    let addr = vma.page_addr(idx, page_size);
-                    // SAFETY: the page lies inside the mapping's reservation,
-                    // owned by its Vma, which stays alive while its state is here.
-                    unsafe { sys::mprotect(addr, page_size, prot) }?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Drop a resident page (clean or dirty): unmap it from every mapping,
-    /// give its memory back, forget it.
-    pub(crate) fn forget_page(&mut self, pk: usize, page_size: usize, ram_counters: &Counters) {
-        let (fk, ram_page) = self.detach_page(pk, page_size, ram_counters, None);
-        if let Some(rp) = ram_page {
-            // A failed hole punch keeps the page for the handle's next
-            // allocation (bigfile-ram's stray list): nothing to do here.
-            let _ = self.filehs[fk].ramh.drop_page(rp);
+    /// LOADED → DIRTY: off the LRU list, onto the handle's dirty list.
+    pub(crate) fn mark_dirty(&mut self, pk: PageKey, rc: &Counters) {
+        if self.pages.mark_dirty(pk) {
+            self.lru.remove(pk);
+            let (fk, blk) = (self.pages.get(pk).fileh(), self.pages.get(pk).blk());
+            self.handles[fk.0].dirty.insert(blk);
+            self.counts(fk, rc).add(Counter::Dirty, 1);
         }
     }
 
-    /// Forget a page as `forget_page` does but keep its RAM page, returned
-    /// with the handle it belongs to, for the caller to reuse or drop. With
-    /// `defer`, the unmapping is left to the caller (see [`Deferred`]).
-    pub(crate) fn detach_page(
+    /// DIRTY → LOADED (written out): off the dirty list, onto the LRU list.
+    pub(crate) fn mark_clean(&mut self, pk: PageKey, rc: &Counters) {
+        self.pages.mark_clean(pk);
+        let (fk, blk) = (self.pages.get(pk).fileh(), self.pages.get(pk).blk());
+        self.handles[fk.0].dirty.remove(&blk);
+        self.lru.push_back(pk);
+        self.counts(fk, rc).sub(Counter::Dirty, 1);
+    }
+
+    /// Invalidate `pk`: a loading page is marked for its loader to drop; a
+    /// resident one is the caller's to drop.
+    pub(crate) fn invalidate(&mut self, pk: PageKey) -> Invalidation {
+        self.pages.invalidate(pk)
+    }
+
+    /// Mark page `pk` used (LRU).
+    pub(crate) fn touch(&mut self, pk: PageKey) {
+        self.lru.touch(pk);
+    }
+
+    /// Mark slot `index` of mapping `vk` of `fk` as having its page mapped.
+    pub(crate) fn set_mapped(&mut self, fk: FileKey, vk: VmaKey, index: usize) {
+        self.handles[fk.0].vmas[vk.0].set_mapped(index, true);
+    }
+
+    /// Forget page `pk` in any state: off every list, out of the budget,
+    /// its slots pushed to `slots` for the caller to take away from their
+    /// mappings `when` said. Returns the memory it had.
+    pub(crate) fn detach(
         &mut self,
-        pk: usize,
-        page_size: usize,
-        ram_counters: &Counters,
-        mut defer: Option<&mut Deferred>,
-    ) -> (usize, Option<u64>) {
-        self.lru_remove(pk);
-        let page = self.pages.remove(pk);
-        self.resident -= 1;
-        let fh = &mut self.filehs[page.fileh];
-        fh.pages.remove(page.blk);
+        pk: PageKey,
+        rc: &Counters,
+        when: Unmap,
+        slots: &mut Vec<Slot>,
+    ) -> Detached {
+        self.lru.remove(pk);
+        let page = self.pages.detach(pk);
+        self.budget.release();
+        let fk = page.fileh();
+        let h = &mut self.handles[fk.0];
+        h.index.remove(page.blk());
         let counts = CountPair {
-            fileh: &fh.counters,
-            ram: ram_counters,
+            fileh: &h.counters,
+            ram: rc,
         };
-        if page.state == PageState::Dirty && fh.dirty.remove(&page.blk) {
+        if page.state() == PageState::Dirty && h.dirty.remove(&page.blk()) {
             counts.sub(Counter::Dirty, 1);
         }
-        for (vk, vma) in fh.vmas.iter_mut() {
-            if let Some(idx) = vma.index_of(page.blk) {
-                if vma.mapped[idx] {
-                    let addr = vma.page_addr(idx, page_size);
-                    vma.mapped.set(idx, false);
-                    if let Some(d) = defer.as_deref_mut() {
-                        vma.unmapping.set(idx, true);
-                        d.unmaps.push((page.fileh, vk, idx, addr));
-                        continue;
-                    }
-                    // SAFETY: the page lies inside the mapping's own reservation;
-                    // the data in it is dropped on purpose (reclaim, discard,
-                    // invalidate): later accesses fault and reload.
-                    unsafe { revoke_slot(addr, page_size) };
-                }
-            }
-        }
-        if page.ram_page.is_some() {
+        if page.ram_page().is_some() {
             counts.sub(Counter::Resident, 1);
         }
-        (page.fileh, page.ram_page)
-    }
-
-    /// Reclaim the least recently used clean page. If it belongs to handle
-    /// `recycle_for`, its RAM page is kept and returned for reuse (saving a
-    /// hole punch now and an allocation and zeroing on the next load);
-    /// otherwise its memory goes back to the OS. `None` when no page is clean.
-    /// With `defer`, unmapping it and giving its memory back are left to the
-    /// caller, to do without the lock (a returned RAM page is then still
-    /// mapped until [`Deferred::finish`]).
-    pub(crate) fn reclaim_lru(
-        &mut self,
-        page_size: usize,
-        ram_counters: &Counters,
-        recycle_for: Option<usize>,
-        mut defer: Option<&mut Deferred>,
-    ) -> Option<Option<u64>> {
-        let pk = self.lru_oldest()?;
-        let (fk, ram_page) = self.detach_page(pk, page_size, ram_counters, defer.as_deref_mut());
-        CountPair {
-            fileh: &self.filehs[fk].counters,
-            ram: ram_counters,
-        }
-        .add(Counter::Reclaims, 1);
-        match ram_page {
-            Some(rp) if recycle_for == Some(fk) => Some(Some(rp)),
-            Some(rp) => {
-                match defer {
-                    Some(d) => d.drops.push((self.filehs[fk].ramh.clone(), rp)),
-                    None => {
-                        // On failure the RAM keeps it for its next allocation.
-                        let _ = self.filehs[fk].ramh.drop_page(rp);
-                    }
-                }
-                Some(None)
-            }
-            None => Some(None),
-        }
-    }
-
-    /// Give back the memory of one clean page: a spare first, else the
-    /// least recently used page. Returns false when there is none.
-    pub(crate) fn reclaim_one(&mut self, page_size: usize, ram_counters: &Counters) -> bool {
-        self.drop_spare(ram_counters, None)
-            || self
-                .reclaim_lru(page_size, ram_counters, None, None)
-                .is_some()
-    }
-
-    /// Map block `blk`'s RAM page into mapping `vk` of handle `fk` with `prot`.
-    ///
-    /// If the mapping is gone (a loader dropped it while this fault was being
-    /// served), nothing is mapped: the access is retried, finds the address
-    /// unmapped and ends as any access to unmapped memory does.
-    ///
-    /// Returns the address of the page when it was newly mapped: the caller
-    /// populates its page-table entries after dropping the RAM lock
-    /// ([`sys::populate`] is advisory and changes no data, so it needs no
-    /// lock, and holding the lock over it would serialise every fault).
-    pub(crate) fn map_into(
-        &mut self,
-        fk: usize,
-        (vk, vma_start): (usize, usize),
-        blk: u64,
-        ram_page: u64,
-        prot: Prot,
-        page_size: usize,
-    ) -> crate::Result<Option<NonNull<u8>>> {
-        let fh = &mut self.filehs[fk];
-        let Some(vma) = fh
-            .vmas
-            .get_mut(vk)
-            .filter(|v| v.start.as_ptr() as usize == vma_start)
-        else {
-            return Ok(None);
-        };
-        let idx = vma
-            .index_of(blk)
-            .expect("block inside the faulting mapping");
-        let addr = vma.page_addr(idx, page_size);
-        if vma.mapped[idx] {
-            let prot = match prot {
-                Prot::None => libc::PROT_NONE,
-                Prot::Read => libc::PROT_READ,
-                Prot::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+        let ps = h.ramh.page_size();
+        for (vk, v) in h.vmas.iter_mut() {
+            let Some(index) = v.index_of(page.blk()).filter(|&i| v.is_mapped(i)) else {
+                continue;
             };
-            // SAFETY: the page is inside this mapping's reservation.
-            unsafe { sys::mprotect(addr, page_size, prot) }.map_err(|source| crate::Error::Os {
-                op: "mprotect",
-                source,
-            })?;
-        } else {
-            // SAFETY: `addr` is a page of this mapping's own reservation,
-            // currently PROT_NONE with nothing behind it; replacing it with
-            // the RAM page is exactly what the reservation is for.
-            unsafe { fh.ramh.map_page_fixed(ram_page, addr, prot)? };
-            vma.mapped.set(idx, true);
-            return Ok(Some(addr));
-        }
-        Ok(None)
-    }
-}
-
-/// Take a dropped page away from the mapping slot at `addr`: put the
-/// reservation back or, when the kernel cannot (ENOMEM), make the page
-/// inaccessible. Either way the next access faults and maps the slot
-/// afresh. The page must not stay accessible, its RAM being freed or given
-/// to another block next: if both fail (both may need the same split of a
-/// kernel mapping, refused at the process's mapping limit), abort.
-///
-/// # Safety
-/// `addr..addr + len` is a page slot of a live mapping's reservation whose
-/// data is dropped on purpose.
-unsafe fn revoke_slot(addr: NonNull<u8>, len: usize) {
-    // SAFETY: forwarded to the caller.
-    let res = unsafe { sys::unmap_to_reserved(addr, len) }
-        // SAFETY: as above.
-        .or_else(|_| unsafe { sys::mprotect(addr, len, libc::PROT_NONE) });
-    if let Err(e) = res {
-        // Left accessible, the slot would show whatever block its RAM page
-        // holds next (or a zero page taken behind the budget's back): no
-        // way to go on without handing out wrong data.
-        eprintln!(
-            "bigfile: cannot take a dropped page away from its mapping at {addr:p} ({e}); \
-             aborting rather than let it show another block's data"
-        );
-        std::process::abort();
-    }
-}
-
-/// The slow part of reclaim, done by the reclaiming thread after it drops
-/// the RAM lock: replacing the reclaimed pages' mappings with the
-/// reservation (hundreds of page-table entries for a large page) and
-/// punching their memory out. Under the lock this was a third of a fault and
-/// serialised every faulting thread.
-///
-/// Until [`finish`](Deferred::finish) clears them, the slots stay marked in
-/// [`VmaState::unmapping`]: a fault there waits rather than map over a
-/// pending unmap, and dropping the mapping waits rather than free a range
-/// that is about to be mapped over, and `FileH::invalidate_page` waits for
-/// it. Meanwhile the old mapping still shows the reclaimed block's (clean,
-/// read-only) data, which is right until the block is invalidated.
-#[derive(Default)]
-pub(crate) struct Deferred {
-    /// (handle, mapping, index in the mapping, address) of each slot.
-    unmaps: Vec<(usize, usize, usize, NonNull<u8>)>,
-    /// RAM pages to punch out once unmapped.
-    pub(crate) drops: Vec<(Arc<RamHandle>, u64)>,
-    /// Spares (handle, RAM page) to mark ready once unmapped.
-    pub(crate) spares: Vec<(usize, u64)>,
-}
-
-impl Deferred {
-    pub(crate) fn is_empty(&self) -> bool {
-        self.unmaps.is_empty() && self.drops.is_empty() && self.spares.is_empty()
-    }
-
-    /// Do the work. Must be called, without the lock held, on every path
-    /// after a reclaim that was given this `Deferred`.
-    pub(crate) fn finish(mut self, shared: &Shared) {
-        let ps = shared.page_size();
-        // Adjacent slots of one mapping (a batch of a scan's oldest blocks)
-        // are unmapped by one call: one mmap_lock hold, one TLB shootdown.
-        self.unmaps
-            .sort_unstable_by_key(|&(fk, vk, idx, _)| (fk, vk, idx));
-        let mut i = 0;
-        while i < self.unmaps.len() {
-            let (fk, vk, first, addr) = self.unmaps[i];
-            let mut n = 1;
-            while self
-                .unmaps
-                .get(i + n)
-                .is_some_and(|&(f, v, idx, _)| (f, v) == (fk, vk) && idx == first + n)
-            {
-                n += 1;
+            v.set_mapped(index, false);
+            if when == Unmap::Deferred {
+                v.set_unmapping(index, true);
             }
-            // SAFETY: the slots lie inside one mapping's reservation; the
-            // mapping cannot be dropped (nor the slots mapped anew) while
-            // they are marked unmapping, and the pages' data is dropped on
-            // purpose (they are clean: reclaim takes clean pages only).
-            unsafe { revoke_slot(addr, n * ps) };
-            i += n;
+            slots.push(Slot {
+                fileh: fk,
+                vma: VmaKey(vk),
+                index,
+                addr: v.page_addr(index, ps),
+            });
         }
-        for (ramh, rp) in &self.drops {
-            // On failure the RAM keeps it for its next allocation.
-            let _ = ramh.drop_page(*rp);
-        }
-        if !self.unmaps.is_empty() || !self.spares.is_empty() {
-            let mut st = shared.lock();
-            for &(fk, vk, idx, _) in &self.unmaps {
-                st.filehs[fk].vmas[vk].unmapping.set(idx, false);
-            }
-            for &(fk, rp) in &self.spares {
-                st.spare_unmapped(fk, rp);
-            }
-            shared.notify(&st);
-        }
-    }
-}
-
-impl State {
-    /// If `me` waiting for `other` would close a cycle of waits, the cycle,
-    /// described for a diagnostic.
-    pub(crate) fn would_deadlock(&self, me: ThreadId, other: ThreadId) -> Option<String> {
-        let mut chain = vec![me, other];
-        let mut cur = other;
-        while cur != me {
-            cur = self.awaited_thread(cur)?;
-            if chain.len() > self.waiting_for.len() + 2 {
-                // Not through `me`: a cycle of others, which is theirs to find.
-                return None;
-            }
-            chain.push(cur);
-        }
-        Some(
-            chain
-                .iter()
-                .map(|t| format!("{t:?}"))
-                .collect::<Vec<_>>()
-                .join(" waits for "),
-        )
-    }
-
-    /// The thread `t` is waiting for, if it is waiting and its wait is
-    /// still live.
-    fn awaited_thread(&self, t: ThreadId) -> Option<ThreadId> {
-        match self.waiting_for.get(&t)? {
-            Awaited::Load(ticket) => ticket.outcome.get().is_none().then_some(ticket.loader),
-            Awaited::Writeout { fk, writer } => {
-                (self.filehs.get(*fk)?.writeout == Some(*writer)).then_some(*writer)
-            }
+        Detached {
+            fileh: fk,
+            ram_page: page.ram_page(),
         }
     }
 
-    /// Whether a reclaimer is still unmapping block `blk` of handle `fk`
-    /// from one of its mappings (see [`Deferred`]).
-    pub(crate) fn block_unmapping(&self, fk: usize, blk: u64) -> bool {
-        self.filehs[fk]
-            .vmas
-            .iter()
-            .any(|(_, v)| v.index_of(blk).is_some_and(|idx| v.unmapping[idx]))
+    /// Detach the least recently used clean page (counted as a reclaim);
+    /// `None` when no page is clean.
+    pub(crate) fn reclaim_oldest(
+        &mut self,
+        rc: &Counters,
+        when: Unmap,
+        slots: &mut Vec<Slot>,
+    ) -> Option<Detached> {
+        let pk = self.lru.oldest()?;
+        let d = self.detach(pk, rc, when, slots);
+        self.counts(d.fileh, rc).add(Counter::Reclaims, 1);
+        Some(d)
     }
 
-    /// Whether a thread finding the budget full may wait for loads in
-    /// progress (a loaded page is clean and can be reclaimed): some page is
-    /// loading, and the thread is not itself inside a `loadblk` or
-    /// `storeblk` (of any RAM): the thread it would wait for may be waiting
-    /// for that load or writeout.
-    pub(crate) fn may_wait_for_loads(&self) -> bool {
-        !crate::serve::in_callback()
-            && self
-                .pages
-                .iter()
-                .any(|(_, p)| matches!(p.state, PageState::Loading | PageState::LoadingInvalidated))
+    /// A reclaimer has unmapped `slot`.
+    pub(crate) fn slot_unmapped(&mut self, slot: &Slot) {
+        self.handles[slot.fileh.0].vmas[slot.vma.0].set_unmapping(slot.index, false);
     }
 
-    /// Whether block `blk`'s slot in mapping `vma` (key, start) of handle
-    /// `fk` is being unmapped by a reclaimer ([`Deferred`]).
-    pub(crate) fn slot_unmapping(
-        &self,
-        fk: usize,
-        (vk, vma_start): (usize, usize),
-        blk: u64,
-    ) -> bool {
-        self.filehs[fk]
-            .vmas
-            .get(vk)
-            .filter(|v| v.start.as_ptr() as usize == vma_start)
-            .and_then(|v| v.index_of(blk).map(|idx| v.unmapping[idx]))
-            .unwrap_or(false)
-    }
-}
+    // --- spares (batched reclaim) ---
 
-impl VmaState {
-    /// Index inside this mapping of file block `blk`, if the mapping covers it.
-    pub(crate) fn index_of(&self, blk: u64) -> Option<usize> {
-        if blk >= self.pgoffset && blk - self.pgoffset < self.pglen {
-            usize::try_from(blk - self.pgoffset).ok()
-        } else {
-            None
+    /// Take a ready spare of handle `fk` for a load (it leaves the resident
+    /// count; the load counts it again).
+    pub(crate) fn take_spare(&mut self, fk: FileKey, rc: &Counters) -> Option<RamPage> {
+        let rp = self.budget.take_spare(fk)?;
+        self.counts(fk, rc).sub(Counter::Resident, 1);
+        Some(rp)
+    }
+
+    /// Take any ready spare to give its memory back.
+    pub(crate) fn drop_spare(&mut self, rc: &Counters) -> Option<(Arc<RamHandle>, RamPage)> {
+        let s = self.budget.pop_ready_spare()?;
+        self.counts(s.fileh, rc).sub(Counter::Resident, 1);
+        Some((self.handles[s.fileh.0].ramh.clone(), s.ram_page))
+    }
+
+    /// Reclaim the least recently used clean page as a spare if it belongs
+    /// to handle `fk`; its slots go to `slots` (marked unmapping), and the
+    /// spare is ready once they are unmapped. `None` (nothing done) when
+    /// the oldest page is another handle's, or there is none.
+    pub(crate) fn spare_from_lru(
+        &mut self,
+        fk: FileKey,
+        rc: &Counters,
+        slots: &mut Vec<Slot>,
+    ) -> Option<RamPage> {
+        let pk = self.lru.oldest()?;
+        if self.pages.get(pk).fileh() != fk {
+            return None;
         }
+        let rp = self.reclaim_oldest(rc, Unmap::Deferred, slots)?.ram_page?;
+        self.budget.add_spare(fk, rp);
+        self.counts(fk, rc).add(Counter::Resident, 1);
+        Some(rp)
     }
 
-    pub(crate) fn page_addr(&self, idx: usize, page_size: usize) -> NonNull<u8> {
-        // SAFETY: idx < pglen, so the offset stays inside the reservation.
-        unsafe { self.start.add(idx * page_size) }
+    /// The spare `(fk, ram_page)` is unmapped: ready.
+    pub(crate) fn spare_unmapped(&mut self, fk: FileKey, ram_page: RamPage) {
+        self.budget.spare_unmapped(fk, ram_page);
+    }
+
+    /// Take handle `fk`'s spares (it is closing), to give their memory back.
+    pub(crate) fn take_spares_of(&mut self, fk: FileKey, rc: &Counters) -> Vec<RamPage> {
+        let spares = self.budget.take_spares_of(fk);
+        self.counts(fk, rc)
+            .sub(Counter::Resident, spares.len() as u64);
+        spares
+    }
+
+    /// Handle `fk`'s mapped blocks in mapping `vk`.
+    pub(crate) fn mapped_blocks(&self, fk: FileKey, vk: VmaKey) -> Vec<u64> {
+        self.vma(fk, vk).mapped_blocks().collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::advice::Advice;
 
-    fn ticket() -> Arc<LoadTicket> {
-        Arc::new(LoadTicket {
-            loader: std::thread::current().id(),
-            outcome: OnceLock::new(),
-        })
+    const PS: usize = 4096;
+
+    struct Fixture {
+        st: State,
+        rc: Counters,
+        fh: Arc<Counters>,
+        fk: FileKey,
+        vk: VmaKey,
+        start: NonNull<u8>,
     }
 
-    fn lru_order(st: &State) -> Vec<usize> {
-        let mut v = Vec::new();
-        let mut cur = st.lru_head;
-        while let Some(pk) = cur {
-            v.push(pk);
-            cur = st.pages[pk].lru_next;
-        }
-        v
-    }
-
-    #[test]
-    fn lru_push_touch_remove_keep_order_and_links() {
+    /// A state with one handle (on a real RAM handle) and one mapping of
+    /// its blocks 10..14 at a made-up address (no system call is made).
+    fn fixture() -> Fixture {
+        let ram = bigfile_ram::Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap();
+        let ramh = Arc::new(ram.open_handle().unwrap());
         let mut st = State::default();
-        let pks: Vec<usize> = (0..4).map(|b| st.new_page(0, b, ticket())).collect();
-        assert_eq!(st.resident, 4);
-        for &pk in &pks {
-            st.lru_push_back(pk);
+        let fh = Arc::new(Counters::default());
+        let fk = st.open_handle(ramh, fh.clone());
+        let start = NonNull::new(0x7000_0000_0000 as *mut u8).unwrap();
+        let vk = st.add_vma(fk, VmaState::new(start, 10, 4));
+        Fixture {
+            st,
+            rc: Counters::default(),
+            fh,
+            fk,
+            vk,
+            start,
         }
-        assert_eq!(lru_order(&st), pks);
-        st.lru_touch(pks[0]);
-        assert_eq!(lru_order(&st), [pks[1], pks[2], pks[3], pks[0]]);
-        st.lru_remove(pks[2]);
-        st.lru_remove(pks[2]); // not on the list any more: no effect
-        assert_eq!(lru_order(&st), [pks[1], pks[3], pks[0]]);
-        assert_eq!(st.lru_len(), 3);
-        assert_eq!(st.lru_oldest(), Some(pks[1]));
-        st.lru_remove(pks[1]);
-        st.lru_remove(pks[0]);
-        st.lru_remove(pks[3]);
-        assert_eq!(st.lru_oldest(), None);
-        assert_eq!(st.lru_tail, None);
-        // touching a page that is not on the list (dirty) does not add it
-        st.lru_touch(pks[1]);
-        assert_eq!(st.lru_len(), 0);
+    }
+
+    impl Fixture {
+        fn vma_id(&self) -> VmaId {
+            VmaId {
+                key: self.vk,
+                start: self.start.as_ptr() as usize,
+            }
+        }
+
+        /// Load block `blk` into RAM page `rp` and map it in the mapping.
+        fn resident(&mut self, blk: u64, rp: u64) -> PageKey {
+            let pk = self.st.begin_load(self.fk, blk, Ticket::mine());
+            assert_eq!(
+                self.st.finish_load(pk, RamPage(rp), &self.rc),
+                LoadEnd::Loaded
+            );
+            let slot = self.st.slot(self.fk, self.vma_id(), blk, PS).unwrap();
+            self.st.set_mapped(self.fk, self.vk, slot.index);
+            pk
+        }
     }
 
     #[test]
-    fn lru_demote_makes_a_page_oldest_and_keeps_links() {
-        let mut st = State::default();
-        let pks: Vec<usize> = (0..4).map(|b| st.new_page(0, b, ticket())).collect();
-        for &pk in &pks {
-            st.lru_push_back(pk);
-        }
-        st.lru_demote(pks[2]);
-        assert_eq!(lru_order(&st), [pks[2], pks[0], pks[1], pks[3]]);
-        st.lru_demote(pks[2]); // already oldest
-        assert_eq!(lru_order(&st), [pks[2], pks[0], pks[1], pks[3]]);
-        st.lru_demote(pks[3]); // the newest: the tail moves back
-        assert_eq!(lru_order(&st), [pks[3], pks[2], pks[0], pks[1]]);
-        assert_eq!(st.lru_tail, Some(pks[1]));
-        // backward links agree with the forward order
-        let mut back = Vec::new();
-        let mut cur = st.lru_tail;
-        while let Some(pk) = cur {
-            back.push(pk);
-            cur = st.pages[pk].lru_prev;
-        }
-        assert_eq!(back, [pks[1], pks[0], pks[2], pks[3]]);
-        // a page off the list (dirty) is not put on it
-        st.lru_remove(pks[0]);
-        st.lru_demote(pks[0]);
-        assert_eq!(lru_order(&st), [pks[3], pks[2], pks[1]]);
-        // the only page on the list
-        for pk in [pks[3], pks[2]] {
-            st.lru_remove(pk);
-        }
-        st.lru_demote(pks[1]);
-        assert_eq!(lru_order(&st), [pks[1]]);
-        assert_eq!(st.lru_tail, Some(pks[1]));
+    fn a_load_counts_against_the_budget_and_ends_on_the_lru() {
+        let mut f = fixture();
+        let pk = f.st.begin_load(f.fk, 11, Ticket::mine());
+        assert_eq!(f.st.lookup(f.fk, 11), Some(pk));
+        assert_eq!(f.st.budget().resident(), 1);
+        assert!(f.st.pages().any_loading() && !f.st.lru().contains(pk));
+        f.st.finish_load(pk, RamPage(0), &f.rc);
+        assert!(f.st.lru().contains(pk));
+        let s = f.fh.snapshot();
+        assert_eq!((s.loads, s.resident_pages), (1, 1));
+        assert_eq!(f.rc.snapshot().loads, 1, "counted for the RAM too");
     }
 
     #[test]
-    fn vma_index_of_covers_exactly_its_range() {
-        let v = VmaState {
-            start: NonNull::dangling(),
-            pgoffset: 10,
-            pglen: 3,
-            mapped: BitVec::repeat(false, 3),
-            unmapping: BitVec::repeat(false, 3),
-            advice: Advice::Normal,
+    fn dirty_pages_leave_the_lru_and_come_back_clean() {
+        let mut f = fixture();
+        let pk = f.resident(12, 0);
+        f.st.mark_dirty(pk, &f.rc);
+        f.st.mark_dirty(pk, &f.rc); // already dirty: counted once
+        assert!(!f.st.lru().contains(pk));
+        assert_eq!(f.st.dirty_pages(f.fk), [(12, pk)]);
+        assert_eq!(f.fh.snapshot().dirty_pages, 1);
+        f.st.mark_clean(pk, &f.rc);
+        assert!(f.st.lru().contains(pk));
+        assert!(f.st.dirty_pages(f.fk).is_empty());
+        assert_eq!(f.fh.snapshot().dirty_pages, 0);
+    }
+
+    #[test]
+    fn detach_hands_back_the_slots_and_the_memory() {
+        let mut f = fixture();
+        let pk = f.resident(13, 7);
+        f.st.mark_dirty(pk, &f.rc);
+        let mut slots = Vec::new();
+        let d = f.st.detach(pk, &f.rc, Unmap::Deferred, &mut slots);
+        assert_eq!(
+            d,
+            Detached {
+                fileh: f.fk,
+                ram_page: Some(RamPage(7))
+            }
+        );
+        assert_eq!(slots.len(), 1);
+        assert_eq!(
+            (slots[0].index, slots[0].addr.as_ptr() as usize),
+            (3, 0x7000_0000_0000 + 3 * PS)
+        );
+        assert_eq!(f.st.lookup(f.fk, 13), None);
+        assert!(
+            f.st.block_unmapping(f.fk, 13),
+            "deferred: marked until unmapped"
+        );
+        f.st.slot_unmapped(&slots[0]);
+        assert!(!f.st.block_unmapping(f.fk, 13));
+        let s = f.fh.snapshot();
+        assert_eq!(
+            (s.dirty_pages, s.resident_pages, f.st.budget().resident()),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn reclaim_takes_the_oldest_clean_page_and_batches_become_spares() {
+        let mut f = fixture();
+        let a = f.resident(10, 0);
+        let b = f.resident(11, 1);
+        f.st.touch(a); // b is now the oldest
+        let mut slots = Vec::new();
+        let d = f.st.reclaim_oldest(&f.rc, Unmap::Now, &mut slots).unwrap();
+        assert_eq!(d.ram_page, Some(RamPage(1)));
+        assert_eq!(f.st.lookup(f.fk, 11), None);
+        assert_eq!(f.fh.snapshot().reclaims, 1);
+        // The next oldest (a) becomes a spare of the handle: still
+        // counted, usable once unmapped.
+        let rp = f.st.spare_from_lru(f.fk, &f.rc, &mut slots).unwrap();
+        assert_eq!(rp, RamPage(0));
+        assert_eq!(f.st.budget().resident(), 1);
+        assert_eq!(f.st.take_spare(f.fk, &f.rc), None, "not unmapped yet");
+        f.st.spare_unmapped(f.fk, rp);
+        assert_eq!(f.st.take_spare(f.fk, &f.rc), Some(rp));
+        assert!(f.st.reclaim_oldest(&f.rc, Unmap::Now, &mut slots).is_none());
+        let _ = b;
+    }
+
+    #[test]
+    fn drop_behind_demotes_the_block_before_in_a_sequential_mapping() {
+        let mut f = fixture();
+        let a = f.resident(10, 0);
+        let b = f.resident(11, 1);
+        let id = f.vma_id();
+        assert!(!f.st.drop_behind(f.fk, id, 12, true), "not advised");
+        assert_eq!(f.st.lru().oldest(), Some(a));
+        f.st.vma_mut(f.fk, f.vk).set_advice(Advice::Sequential);
+        assert!(f.st.drop_behind(f.fk, id, 12, true));
+        assert_eq!(f.st.lru().oldest(), Some(b));
+        let gone = VmaId {
+            key: f.vk,
+            start: 1,
         };
-        assert_eq!(v.index_of(9), None);
-        assert_eq!(v.index_of(10), Some(0));
-        assert_eq!(v.index_of(12), Some(2));
-        assert_eq!(v.index_of(13), None);
-        let top = VmaState {
-            start: NonNull::dangling(),
-            pgoffset: u64::MAX - 1,
-            pglen: 1,
-            mapped: BitVec::repeat(false, 1),
-            unmapping: BitVec::repeat(false, 1),
-            advice: Advice::Normal,
-        };
-        assert_eq!(top.index_of(u64::MAX), None);
-        assert_eq!(top.index_of(u64::MAX - 1), Some(0));
+        assert!(
+            !f.st.drop_behind(f.fk, gone, 11, true),
+            "another mapping now"
+        );
+    }
+
+    #[test]
+    fn a_writeout_is_a_ticket_of_the_handle() {
+        let mut f = fixture();
+        let t = Ticket::mine();
+        f.st.begin_writeout(f.fk, t.clone());
+        assert!(Arc::ptr_eq(f.st.writeout(f.fk).unwrap(), &t));
+        assert!(Arc::ptr_eq(&f.st.end_writeout(f.fk).unwrap(), &t));
+        assert!(f.st.writeout(f.fk).is_none());
     }
 }

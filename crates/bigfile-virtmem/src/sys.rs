@@ -1,22 +1,11 @@
 //! The few OS calls virtmem makes itself: reserving address space and
-//! changing protection. Page memory itself comes from `bigfile-ram`.
+//! changing protection; only the mapper (`mapper.rs`) calls them. Page
+//! memory itself comes from `bigfile-ram`.
 
 use std::io;
 use std::ptr::NonNull;
 
-/// Call a libc function returning -1 on error; yields `io::Result`.
-macro_rules! syscall {
-    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
-        // SAFETY: the caller of the macro upholds the libc function's contract;
-        // each use site documents it.
-        let res = unsafe { libc::$fn($($arg),*) };
-        if res == -1 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(res)
-        }
-    }};
-}
+use bigfile_os::syscall;
 
 /// Reserve `len` bytes of address space aligned to `align` (a power-of-two
 /// multiple of the OS page size, or any page multiple: see below),
@@ -24,47 +13,9 @@ macro_rules! syscall {
 /// at page-size-aligned addresses (hugetlbfs requires it; it also lets the
 /// kernel use large page-table entries).
 pub(crate) fn reserve(len: usize, align: usize) -> io::Result<NonNull<u8>> {
-    let os = os_page_size();
-    let extra = if align > os { align } else { 0 };
-    let total = len
-        .checked_add(extra)
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
     #[cfg(feature = "failpoints")]
     crate::failpoint::check("virtmem::mmap")?;
-    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing
-    // cannot alias any existing memory.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            total,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if addr == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    let base = addr as usize;
-    let start = if extra == 0 {
-        base
-    } else {
-        base.div_ceil(align) * align
-    };
-    let head = start - base;
-    let tail = total - head - len;
-    // SAFETY: head and tail are parts of the mapping just made, outside the
-    // kept range; nothing refers to them.
-    unsafe {
-        if head > 0 {
-            libc::munmap(addr, head);
-        }
-        if tail > 0 {
-            libc::munmap((start + len) as *mut libc::c_void, tail);
-        }
-    }
-    NonNull::new(start as *mut u8).ok_or_else(|| io::Error::other("mmap returned null"))
+    bigfile_os::reserve_aligned(len, align)
 }
 
 /// Put an inaccessible anonymous reservation over `[addr, addr+len)`, dropping
@@ -102,7 +53,8 @@ pub(crate) unsafe fn unmap_to_reserved(addr: NonNull<u8>, len: usize) -> io::Res
 pub(crate) unsafe fn mprotect(addr: NonNull<u8>, len: usize, prot: libc::c_int) -> io::Result<()> {
     #[cfg(feature = "failpoints")]
     crate::failpoint::check("virtmem::mprotect")?;
-    syscall!(mprotect(addr.as_ptr().cast(), len, prot)).map(drop)
+    // SAFETY: per this function's contract the range is the caller's.
+    syscall!(unsafe { libc::mprotect(addr.as_ptr().cast(), len, prot) }).map(drop)
 }
 
 /// Release a whole reservation.
@@ -110,14 +62,8 @@ pub(crate) unsafe fn mprotect(addr: NonNull<u8>, len: usize, prot: libc::c_int) 
 /// # Safety
 /// The range must be a reservation owned by the caller and no longer used.
 pub(crate) unsafe fn unmap(addr: NonNull<u8>, len: usize) -> io::Result<()> {
-    syscall!(munmap(addr.as_ptr().cast(), len)).map(drop)
-}
-
-/// The OS page size.
-pub(crate) fn os_page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let sz = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(sz).unwrap_or(4096)
+    // SAFETY: per this function's contract the reservation is unused.
+    syscall!(unsafe { libc::munmap(addr.as_ptr().cast(), len) }).map(drop)
 }
 
 /// Linux's MADV_POPULATE_READ / MADV_POPULATE_WRITE (5.14+), not in libc yet.
@@ -140,5 +86,7 @@ pub(crate) unsafe fn populate(addr: NonNull<u8>, len: usize, write: bool) {
     } else {
         MADV_POPULATE_READ
     };
-    let _ = syscall!(madvise(addr.as_ptr().cast(), len, advice));
+    // SAFETY: per this function's contract the range is memory of ours;
+    // populating it changes no data.
+    let _ = syscall!(unsafe { libc::madvise(addr.as_ptr().cast(), len, advice) });
 }

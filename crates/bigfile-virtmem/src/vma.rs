@@ -5,35 +5,17 @@ use std::ops::Range;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use bigfile_fault::{Access, Fault, FaultHandler, FaultSignal, Outcome, Registration};
-use bitvec::vec::BitVec;
+use bigfile_fault::{Access, Registration};
 
+use crate::advice::Advice;
 use crate::error::{Error, Result};
-use crate::fileh::FileHInner;
+use crate::handle::FileHInner;
 use crate::host::HostUnlocked;
-use crate::serve::{serve, Failure};
-use crate::state::VmaState;
-use crate::sys;
-
-/// How a mapping is expected to be accessed, given to [`Vma::advise`]. The
-/// counterpart of `madvise(2)`'s `MADV_NORMAL` / `MADV_SEQUENTIAL`, for the
-/// pages bigfile manages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Advice {
-    /// No expectation: clean pages are reclaimed least recently used first.
-    #[default]
-    Normal,
-    /// Pages are accessed in ascending order and, once passed, not soon
-    /// again: when a fault in this mapping hits block `b`, the clean page of
-    /// block `b - 1` becomes the first to be reclaimed (drop-behind). A scan
-    /// bigger than the budget then keeps reusing the page it just left,
-    /// still in the CPU caches, instead of the least recently used one, and
-    /// leaves the rest of the budget's pages (other data) cached. The page is
-    /// only reclaimed when room is needed, so data read within the budget
-    /// stays resident as with `Normal`. [`Vma::prefault`] applies it to the
-    /// block before its range only, never to pages of the range.
-    Sequential,
-}
+use crate::keys::{VmaId, VmaKey};
+use crate::mapper::Mapper;
+use crate::serve::PageRequest;
+use crate::source::{take, Prefault, SignalFaults};
+use crate::vmas::VmaState;
 
 /// A mapping of pages `pgoffset..pgoffset+pglen` of a file handle.
 ///
@@ -42,7 +24,7 @@ pub enum Advice {
 /// It keeps its file handle alive.
 pub struct Vma {
     fileh: Arc<FileHInner>,
-    key: usize,
+    key: VmaKey,
     start: NonNull<u8>,
     len: usize,
     pgoffset: u64,
@@ -67,45 +49,6 @@ impl fmt::Debug for Vma {
     }
 }
 
-/// The fault layer's view of one mapping.
-struct VmaFaults {
-    fileh: Arc<FileHInner>,
-    key: usize,
-    start: usize,
-    pgoffset: u64,
-}
-
-impl FaultHandler for VmaFaults {
-    fn handle(&self, fault: &Fault) -> Outcome {
-        let ps = self.fileh.page_size();
-        let idx = (fault.addr - self.start) / ps;
-        let blk = self.pgoffset + idx as u64;
-        if fault.signal == FaultSignal::Bus {
-            // A SIGBUS inside our mapping means the RAM's memory could not be
-            // provided (e.g. its filesystem is full under first-touch allocation).
-            return Outcome::Fatal {
-                signal: FaultSignal::Bus,
-                message: format!(
-                    "bus error at {:#x} in block {blk} of {}: the RAM could not provide memory",
-                    fault.addr, self.fileh.name
-                ),
-            };
-        }
-        let _host = HostUnlocked::new();
-        match serve(&self.fileh, (self.key, self.start), blk, fault.access, true) {
-            Ok(()) => Outcome::Handled,
-            Err(f @ Failure::SelfWait(_)) => Outcome::Fatal {
-                signal: FaultSignal::Segv,
-                message: f.message().to_owned(),
-            },
-            Err(f) => Outcome::Fatal {
-                signal: FaultSignal::Bus,
-                message: f.message().to_owned(),
-            },
-        }
-    }
-}
-
 impl Vma {
     pub(crate) fn new(fileh: Arc<FileHInner>, pgoffset: u64, pglen: u64) -> Result<Vma> {
         let ps = fileh.page_size();
@@ -126,28 +69,23 @@ impl Vma {
                     "{pglen} pages of {ps} bytes do not fit in the address space"
                 ))
             })?;
-        let start = sys::reserve(len, ps).map_err(|source| Error::Os {
-            op: "reserve address space",
-            source,
-        })?;
+        let pages = len / ps;
+        let start = Mapper::of(&fileh.shared)
+            .reserve(pages)
+            .map_err(|source| Error::Os {
+                op: "reserve address space",
+                source,
+            })?;
         let key = {
             let _host = HostUnlocked::new();
             let mut st = fileh.shared.lock();
-            st.filehs[fileh.key].vmas.insert(VmaState {
-                start,
-                pgoffset,
-                pglen,
-                mapped: BitVec::repeat(false, len / ps),
-                unmapping: BitVec::repeat(false, len / ps),
-                advice: Advice::Normal,
-            })
+            st.add_vma(fileh.key, VmaState::new(start, pgoffset, pages))
         };
-        let handler = Arc::new(VmaFaults {
-            fileh: fileh.clone(),
+        let id = VmaId {
             key,
             start: start.as_ptr() as usize,
-            pgoffset,
-        });
+        };
+        let handler = Arc::new(SignalFaults::new(fileh.clone(), id, pgoffset));
         let mut vma = Vma {
             fileh,
             key,
@@ -163,6 +101,14 @@ impl Vma {
             handler,
         )?);
         Ok(vma)
+    }
+
+    /// The mapping as a fault names it.
+    pub(crate) fn id(&self) -> VmaId {
+        VmaId {
+            key: self.key,
+            start: self.start.as_ptr() as usize,
+        }
     }
 
     /// Start of the mapping.
@@ -199,12 +145,10 @@ impl Vma {
     /// Which file pages are mapped in (have memory behind them) in this mapping.
     pub fn mapped_pages(&self) -> Vec<u64> {
         let _host = HostUnlocked::new();
-        let st = self.fileh.shared.lock();
-        let v = &st.filehs[self.fileh.key].vmas[self.key];
-        v.mapped
-            .iter_ones()
-            .map(|i| self.pgoffset + i as u64)
-            .collect()
+        self.fileh
+            .shared
+            .lock()
+            .mapped_blocks(self.fileh.key, self.key)
     }
 
     /// Declare how this mapping will be accessed (see [`Advice`]); the last
@@ -213,14 +157,14 @@ impl Vma {
     pub fn advise(&self, advice: Advice) {
         let _host = HostUnlocked::new();
         let mut st = self.fileh.shared.lock();
-        st.filehs[self.fileh.key].vmas[self.key].advice = advice;
+        st.vma_mut(self.fileh.key, self.key).set_advice(advice);
     }
 
     /// The advice in effect (see [`Vma::advise`]).
     pub fn advice(&self) -> Advice {
         let _host = HostUnlocked::new();
         let st = self.fileh.shared.lock();
-        st.filehs[self.fileh.key].vmas[self.key].advice
+        st.vma(self.fileh.key, self.key).advice()
     }
 
     /// The mapping as a byte slice.
@@ -293,11 +237,14 @@ impl Vma {
     /// Needed before handing the memory to the kernel: a syscall such as
     /// `read(2)` into a page that is not yet mapped fails with EFAULT instead
     /// of faulting the page in, because the kernel does not deliver SIGSEGV
-    /// for its own accesses. Errors (a failing loadblk: [`Error::Load`]; a
-    /// budget full of dirty pages: [`Error::BudgetExhausted`]; the RAM's
-    /// memory itself exhausted with no clean page left: [`Error::Ram`], whose
-    /// `is_exhausted()` is true; an OS call failing to provide or map the
-    /// page: [`Error::Os`]) are returned instead of ending in SIGBUS.
+    /// for its own accesses. Errors are returned instead of ending in
+    /// SIGBUS: a failing loadblk, or the failed load of another thread this
+    /// one waited for, is [`Error::Load`] with the loader's error as a value
+    /// ([`LoadError`](crate::LoadError)); a budget full of dirty pages
+    /// [`Error::BudgetExhausted`]; the RAM's memory itself exhausted with no
+    /// clean page left [`Error::Ram`], whose `is_exhausted()` is true; an OS
+    /// call failing to provide or map the page [`Error::Os`], naming the
+    /// call, with its errno.
     pub fn prefault(&self, range: Range<usize>, access: Access) -> Result<()> {
         if range.start > range.end {
             return Err(Error::OutOfBounds {
@@ -314,36 +261,14 @@ impl Vma {
         let _host = HostUnlocked::new();
         let first = range.start / ps;
         for idx in first..=(range.end - 1) / ps {
-            let blk = self.pgoffset + idx as u64;
-            serve(
-                &self.fileh,
-                (self.key, self.start.as_ptr() as usize),
-                blk,
+            let req = PageRequest {
+                vma: self.id(),
+                blk: self.pgoffset + idx as u64,
                 access,
                 // Drop-behind would reclaim the pages just prefaulted.
-                idx == first,
-            )
-            .map_err(|f| match f {
-                Failure::NoMemory(_) => {
-                    let budget = self.fileh.shared.budget_pages() * ps as u64;
-                    let pinned = self.fileh.shared.lock().resident;
-                    Error::BudgetExhausted { budget, pinned }
-                }
-                // The RAM's own memory (its filesystem, the OS) ran out:
-                // not the budget, whatever it is.
-                Failure::RamExhausted { source, .. } => Error::Ram(source),
-                // Allocating, windowing or mapping the page failed: the
-                // OS's failure, not loadblk's.
-                Failure::Os(message) => Error::Os {
-                    op: "prefault",
-                    source: std::io::Error::other(message),
-                },
-                f => Error::Load {
-                    file: self.fileh.name.clone(),
-                    blk,
-                    message: f.message().to_owned(),
-                },
-            })?;
+                drop_behind: idx == first,
+            };
+            take(&Prefault, &self.fileh, &req)?;
         }
         Ok(())
     }
@@ -359,19 +284,19 @@ impl Drop for Vma {
         // under the RAM lock, which those handlers may be waiting for.
         let _host = HostUnlocked::new();
         drop(self.registration.take());
+        let shared = &self.fileh.shared;
         {
-            let shared = &self.fileh.shared;
             let mut st = shared.lock();
             // A reclaimer may be unmapping pages of ours outside the lock:
             // the range must stay ours until it is done.
-            while st.filehs[self.fileh.key].vmas[self.key].unmapping.any() {
+            while st.vma(self.fileh.key, self.key).any_unmapping() {
                 st = shared.wait(st);
             }
-            st.filehs[self.fileh.key].vmas.remove(self.key);
+            st.remove_vma(self.fileh.key, self.key);
         }
-        // SAFETY: the reservation is ours and no longer registered; nobody may
-        // use it after the Vma is dropped (slices borrow the Vma).
-        let res = unsafe { sys::unmap(self.start, self.len) };
-        debug_assert!(res.is_ok(), "munmap: {res:?}");
+        // SAFETY: the reservation is ours and no longer registered, nor
+        // being unmapped; nobody may use it after the Vma is dropped
+        // (slices borrow the Vma).
+        unsafe { Mapper::of(shared).release_range(self.start, self.len / self.fileh.page_size()) };
     }
 }

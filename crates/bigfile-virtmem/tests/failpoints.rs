@@ -2,48 +2,26 @@
 //! fault-injection suite (tests/faults) runs them all in a whole workload.
 #![cfg(feature = "failpoints")]
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use bigfile_virtmem::{BigFile, BlockError, Error, FileH, PageState, Ram, WriteoutFlags};
+use bigfile_testkit::memory::prot_at;
+use bigfile_testkit::MemFile;
+use bigfile_virtmem::{Error, FileH, PageState, Ram, Vma, WriteoutFlags};
 
 const BLK: usize = 4096;
 
-/// Block n is all bytes n + 1: never zeros, unlike a dropped RAM page.
-/// Counts its stores.
-#[derive(Default)]
-struct Blocks {
-    stores: AtomicUsize,
-}
-
-impl BigFile for Blocks {
-    fn blksize(&self) -> usize {
-        BLK
-    }
-    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        buf.fill(blk as u8 + 1);
-        Ok(())
-    }
-    fn storeblk(&self, _blk: u64, _buf: &[u8]) -> Result<(), BlockError> {
-        self.stores.fetch_add(1, Relaxed);
-        Ok(())
-    }
-}
-
-/// Permissions of the mapping holding `addr`, from /proc/self/maps.
+/// Permissions of the mapping holding `addr`.
 fn perms_at(addr: usize) -> String {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    for line in maps.lines() {
-        let mut it = line.split_whitespace();
-        let (range, perms) = (it.next().unwrap(), it.next().unwrap());
-        let (a, b) = range.split_once('-').unwrap();
-        let a = usize::from_str_radix(a, 16).unwrap();
-        let b = usize::from_str_radix(b, 16).unwrap();
-        if (a..b).contains(&addr) {
-            return perms.to_owned();
-        }
-    }
-    panic!("{addr:#x} is not mapped");
+    prot_at(addr).unwrap_or_else(|| panic!("{addr:#x} is not mapped"))
+}
+
+/// A handle of `file` on a RAM of its own, and a mapping of its first two
+/// blocks.
+fn open(file: Arc<MemFile>) -> (Ram, FileH, Vma) {
+    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
+    let fh = FileH::open(file, Some(&ram)).unwrap();
+    let vma = fh.mmap(0, 2).unwrap();
+    (ram, fh, vma)
 }
 
 /// When a dropped page cannot be replaced by the reservation (mmap fails,
@@ -53,9 +31,7 @@ fn perms_at(addr: usize) -> String {
 #[test]
 fn a_page_that_cannot_be_unmapped_is_made_inaccessible() {
     let _scenario = fail::FailScenario::setup();
-    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
-    let fh = FileH::open(Arc::new(Blocks::default()), Some(&ram)).unwrap();
-    let vma = fh.mmap(0, 2).unwrap();
+    let (ram, fh, vma) = open(Arc::new(MemFile::new(BLK)));
     let mut b = [0u8];
     vma.read_at(0, &mut b).unwrap();
     assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
@@ -79,10 +55,8 @@ fn a_page_that_cannot_be_unmapped_is_made_inaccessible() {
 #[test]
 fn writeout_that_cannot_protect_a_page_fails_and_keeps_it_dirty() {
     let _scenario = fail::FailScenario::setup();
-    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
-    let file = Arc::new(Blocks::default());
-    let fh = FileH::open(file.clone(), Some(&ram)).unwrap();
-    let vma = fh.mmap(0, 2).unwrap();
+    let file = Arc::new(MemFile::new(BLK));
+    let (_ram, fh, vma) = open(file.clone());
     vma.write_at(0, b"x").unwrap();
     assert_eq!(perms_at(vma.as_ptr() as usize), "rw-s");
     for flags in [WriteoutFlags::STORE, WriteoutFlags::MARKSTORED] {
@@ -93,36 +67,33 @@ fn writeout_that_cannot_protect_a_page_fails_and_keeps_it_dirty() {
             matches!(res, Err(Error::Os { op: "mprotect", .. })),
             "{res:?}"
         );
-        assert_eq!(file.stores.load(Relaxed), 0);
+        assert_eq!(file.stores(), 0);
         assert_eq!(fh.dirty_blocks(), [0]);
         assert_eq!(fh.page_state(0), Some(PageState::Dirty));
         assert_eq!(perms_at(vma.as_ptr() as usize), "rw-s");
     }
     fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
         .unwrap();
-    assert_eq!(file.stores.load(Relaxed), 1);
+    assert_eq!(file.stores(), 1);
     assert!(fh.dirty_blocks().is_empty());
     assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
 }
 
-/// A prefault whose page cannot be mapped (mmap fails) reports an OS error,
-/// not a loadblk failure, and a retry maps the page.
+/// A prefault whose page cannot be mapped (mmap fails) reports an OS error
+/// naming the call, with its errno, not a loadblk failure; a retry maps the
+/// page.
 #[test]
 fn prefault_reports_a_mapping_failure_as_an_os_error() {
     let _scenario = fail::FailScenario::setup();
-    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
-    let fh = FileH::open(Arc::new(Blocks::default()), Some(&ram)).unwrap();
-    let vma = fh.mmap(0, 2).unwrap();
+    let (ram, fh, vma) = open(Arc::new(MemFile::new(BLK)));
     fail::cfg("ram::map_page", &format!("1*return({})", libc::ENOMEM)).unwrap();
     let res = vma.prefault(0..BLK, bigfile_virtmem::Access::Read);
     fail::remove("ram::map_page");
     match res {
         Err(Error::Os {
-            op: "prefault",
+            op: "map a RAM page",
             source,
-        }) => {
-            assert!(source.to_string().contains("map page 0 (mmap)"), "{source}")
-        }
+        }) => assert_eq!(source.raw_os_error(), Some(libc::ENOMEM), "{source}"),
         other => panic!("expected Error::Os, got {other:?}"),
     }
     vma.prefault(0..BLK, bigfile_virtmem::Access::Read).unwrap();

@@ -12,7 +12,9 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use bigfile_testkit::child::{self, signal_name, Death, Ended};
 
 /// The largest core a crash may leave with the default dump filter. A RAM
 /// handle's window spans the RAM's whole capacity (physical memory for
@@ -72,10 +74,7 @@ impl Expect {
 
 /// A child that ran to its end, in its directory (removed on drop).
 struct Finished {
-    status: std::process::ExitStatus,
-    pid: u32,
-    out: String,
-    err: String,
+    ended: Ended,
     dir: TempDir,
 }
 
@@ -92,44 +91,14 @@ pub fn last_line(out: &str, prefix: &str) -> Result<String, String> {
 /// waits for it; killing it after `timeout` is a failure (a hang).
 fn run(mut cmd: Command, timeout: Duration, cores: bool) -> Result<Finished, String> {
     let dir = TempDir::new()?;
-    let exe = PathBuf::from(cmd.get_program());
-    let stdout = fs::File::create(dir.path.join("stdout")).map_err(|e| e.to_string())?;
-    let stderr = fs::File::create(dir.path.join("stderr")).map_err(|e| e.to_string())?;
-    cmd.current_dir(&dir.path)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr);
+    cmd.current_dir(&dir.path);
     if cores {
         // SAFETY: between fork and exec only async-signal-safe calls are
-        // allowed: setrlimit, open, write and close are; their arguments are
-        // constants.
+        // allowed: setrlimit is; its argument is a constant.
         unsafe { cmd.pre_exec(enable_cores) };
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
-            break st;
-        }
-        if t0.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = fs::read_to_string(dir.path.join("stderr")).unwrap_or_default();
-            return Err(format!(
-                "hung: still running after {timeout:?}, killed\nstderr:\n{err}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Ok(Finished {
-        status,
-        pid: child.id(),
-        out: fs::read_to_string(dir.path.join("stdout")).unwrap_or_default(),
-        err: fs::read_to_string(dir.path.join("stderr")).unwrap_or_default(),
-        dir,
-    })
+    let ended = child::run(cmd, timeout)?;
+    Ok(Finished { ended, dir })
 }
 
 /// Runs in the child between fork and exec (async-signal-safe calls only).
@@ -149,13 +118,10 @@ fn enable_cores() -> std::io::Result<()> {
 /// with status 0 within `timeout`.
 pub fn expect_success(cmd: Command, timeout: Duration) -> Result<String, String> {
     let f = run(cmd, timeout, false)?;
-    if !f.status.success() {
-        return Err(format!(
-            "{}\nstdout:\n{}\nstderr:\n{}",
-            f.status, f.out, f.err
-        ));
+    if !f.ended.status.success() {
+        return Err(f.ended.describe());
     }
-    Ok(f.out)
+    Ok(f.ended.stdout)
 }
 
 /// Runs `cmd` in a fresh directory with cores enabled, waits for it to die
@@ -165,37 +131,19 @@ pub fn expect_crash(cmd: Command, expect: &Expect) -> Result<String, String> {
     let pattern = check_core_pattern()?;
     let exe = PathBuf::from(cmd.get_program());
     let f = run(cmd, expect.timeout, true)?;
-    let (status, out, err) = (f.status, &f.out, &f.err);
-    let ctx = || format!("\nstdout:\n{out}\nstderr:\n{err}");
-
-    if status.signal() != Some(expect.signal) {
+    Death::by(expect.signal)
+        .stderr(expect.stderr)
+        .absent(expect.absent)
+        .check(&f.ended)?;
+    if !f.ended.status.core_dumped() {
         return Err(format!(
-            "want death by {}, got {status}{}",
+            "died by {} but dumped no core (core_pattern {pattern:?}, RLIMIT_CORE raised)\n{}",
             signal_name(expect.signal),
-            ctx()
+            f.ended.describe()
         ));
     }
-    if !status.core_dumped() {
-        return Err(format!(
-            "died by {} but dumped no core (core_pattern {pattern:?}, RLIMIT_CORE raised){}",
-            signal_name(expect.signal),
-            ctx()
-        ));
-    }
-    let mut from = 0;
-    for w in expect.stderr {
-        match err[from..].find(w) {
-            Some(i) => from += i + w.len(),
-            None => return Err(format!("stderr lacks {w:?} (in order){}", ctx())),
-        }
-    }
-    for u in expect.absent {
-        if out.contains(u) || err.contains(u) {
-            return Err(format!("output has {u:?}{}", ctx()));
-        }
-    }
 
-    let core = find_core(&f.dir.path, f.pid)?;
+    let core = find_core(&f.dir.path, f.ended.pid)?;
     let size = fs::metadata(&core).map(|m| m.len()).unwrap_or(0);
     if size > MAX_CORE_BYTES {
         return Err(format!(
@@ -346,16 +294,6 @@ fn gdb_backtrace(exe: &Path, core: &Path) -> Result<String, String> {
         return Err(format!("gdb could not read {}:\n{text}", core.display()));
     }
     Ok(text)
-}
-
-pub fn signal_name(sig: libc::c_int) -> &'static str {
-    match sig {
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGKILL => "SIGKILL",
-        _ => "another signal",
-    }
 }
 
 /// A directory of its own for one child; removed with everything in it.

@@ -14,7 +14,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bigfile_virtmem::{BigFile, BlockError, FileH, Ram, Vma, WriteoutFlags};
+use bigfile_testkit::MemFile;
+use bigfile_virtmem::{FileH, Ram, Vma, WriteoutFlags};
 
 use crate::coredump::{expect_crash, Expect};
 use crate::python;
@@ -183,21 +184,31 @@ pub fn child(name: &str) {
             println!("SURVIVED kill(SIGBUS), vma at {:p}", vma.as_ptr());
         }
         "loadblk-touches-own-page" => {
-            let file = Arc::new(SelfTouching {
-                base: AtomicUsize::new(0),
-            });
+            let file = zeros("self-touching");
             let (_ram, _fh, vma) = mapping(file.clone(), 8, 4);
-            file.base.store(vma.as_ptr() as usize, Ordering::SeqCst);
+            let base = vma.as_ptr() as usize;
+            file.on_load(move |blk, buf| {
+                touch_own_page(base + blk as usize * BLK, buf);
+                Ok(())
+            });
             read_block(&vma, 2);
         }
         "loaders-touch-each-others-page" => {
-            let file = Arc::new(Crossed {
-                base: AtomicUsize::new(0),
-                started: AtomicUsize::new(0),
-            });
+            // Loading block 0 reads block 1 and loading block 1 reads block
+            // 0, once both loads have started.
+            let file = zeros("crossed-loaders");
             let (_ram, _fh, vma) = mapping(file.clone(), 8, 2);
-            file.base.store(vma.as_ptr() as usize, Ordering::SeqCst);
             let base = vma.as_ptr() as usize;
+            let started = AtomicUsize::new(0);
+            file.on_load(move |blk, buf| {
+                started.fetch_add(1, Ordering::SeqCst);
+                let t0 = std::time::Instant::now();
+                while started.load(Ordering::SeqCst) < 2 && t0.elapsed().as_secs() < 10 {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                touch_other_page(base + (1 - blk as usize) * BLK, buf);
+                Ok(())
+            });
             let other = std::thread::spawn(move || {
                 // SAFETY: block 1 of the live mapping, which outlives the
                 // process's death below.
@@ -207,21 +218,34 @@ pub fn child(name: &str) {
             let _ = other.join();
         }
         "storeblk-writes-own-handle" => {
-            let file = Arc::new(OwnWriter {
-                base: AtomicUsize::new(0),
-            });
+            let file = zeros("own-writer");
             let (_ram, fh, vma) = mapping(file.clone(), 8, 4);
-            file.base.store(vma.as_ptr() as usize, Ordering::SeqCst);
+            let base = vma.as_ptr() as usize;
+            file.on_store(move |blk, _| {
+                eprintln!("storeblk {blk}");
+                write_own_handle(base + BLK);
+                Ok(())
+            });
             write_pages(&vma, 2);
             let res = fh.dirty_writeout(WriteoutFlags::STORE);
             println!("writeout returned {res:?}");
         }
         "loadblk-keeps-failing" => {
-            let (_ram, _fh, vma) = mapping(Arc::new(FailingDisk), 8, 8);
+            // A disk whose every read fails.
+            let file = zeros("failing-disk");
+            let attempts = AtomicUsize::new(0);
+            file.on_load(move |blk, _| {
+                let n = attempts.fetch_add(1, Ordering::SeqCst) + 1;
+                eprintln!("loadblk attempt {n}");
+                Err(format!("media error at block {blk}").into())
+            });
+            let (_ram, _fh, vma) = mapping(file, 8, 8);
             read_block(&vma, 5);
         }
         "panic-in-loadblk" => {
-            let (_ram, _fh, vma) = mapping(Arc::new(Exploding), 8, 4);
+            let file = zeros("exploding");
+            file.on_load(|blk, _| panic!("loader exploded at block {blk}"));
+            let (_ram, _fh, vma) = mapping(file, 8, 4);
             let caught =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_with_guard(&vma, 1)));
             println!("CAUGHT OUTSIDE: {}", caught.is_err());
@@ -239,7 +263,7 @@ pub fn child(name: &str) {
             let _ = t.join();
         }
         "budget-exhausted-by-dirty" => {
-            let (_ram, _fh, vma) = mapping(Arc::new(Zeros("dirty-pile")), 4, 8);
+            let (_ram, _fh, vma) = mapping(zeros("dirty-pile"), 4, 8);
             write_pages(&vma, 8);
         }
         other => eprintln!("faults: no child scenario {other:?}"),
@@ -248,7 +272,7 @@ pub fn child(name: &str) {
 
 /// A RAM of `budget` pages, a handle of `file` on it and a mapping of its
 /// first `pages` blocks: our signal handler is installed from here on.
-fn mapping(file: Arc<dyn BigFile>, budget: u64, pages: u64) -> (Ram, FileH, Vma) {
+fn mapping(file: Arc<MemFile>, budget: u64, pages: u64) -> (Ram, FileH, Vma) {
     let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}"))
         .expect("memfd RAM")
         .with_budget(budget * BLK as u64);
@@ -260,7 +284,7 @@ fn mapping(file: Arc<dyn BigFile>, budget: u64, pages: u64) -> (Ram, FileH, Vma)
 /// A mapping with one page loaded, alive while a scenario provokes a fault
 /// elsewhere: the handler is installed and has a range to look up.
 fn live_mapping() -> (Ram, FileH, Vma) {
-    let m = mapping(Arc::new(Zeros("bystander")), 8, 4);
+    let m = mapping(zeros("bystander"), 8, 4);
     read_block(&m.2, 0);
     ARMED.store(true, Ordering::SeqCst);
     m
@@ -383,79 +407,23 @@ fn recurse(depth: u64) -> u64 {
     recurse(black_box(depth + 1)) + black_box(&frame)[0] as u64
 }
 
-/// Every block zeros; stores discarded; loads said on stderr once ARMED.
-struct Zeros(&'static str);
-
-impl BigFile for Zeros {
-    fn blksize(&self) -> usize {
-        BLK
-    }
-    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+/// A file of zero blocks named `name`, whose loads are said on stderr once
+/// the scenario is ARMED.
+fn zeros(name: &str) -> Arc<MemFile> {
+    let file = MemFile::new(BLK)
+        .named(name)
+        .with_initial(|_, buf| buf.fill(0));
+    let name = name.to_owned();
+    file.on_load(move |blk, _| {
         if ARMED.load(Ordering::SeqCst) {
-            eprintln!("{LOADBLK_RAN} for block {blk} of {}", self.0);
+            eprintln!("{LOADBLK_RAN} for block {blk} of {name}");
         }
-        buf.fill(0);
         Ok(())
-    }
-    fn storeblk(&self, _blk: u64, _buf: &[u8]) -> Result<(), BlockError> {
-        Ok(())
-    }
-    fn name(&self) -> String {
-        self.0.into()
-    }
+    });
+    Arc::new(file)
 }
 
-/// A loader that reads its own page through the mapping at `base`.
-struct SelfTouching {
-    base: AtomicUsize,
-}
-
-impl BigFile for SelfTouching {
-    fn blksize(&self) -> usize {
-        BLK
-    }
-    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        touch_own_page(self.base.load(Ordering::SeqCst) + blk as usize * BLK, buf);
-        Ok(())
-    }
-    fn storeblk(&self, _blk: u64, _buf: &[u8]) -> Result<(), BlockError> {
-        Ok(())
-    }
-    fn name(&self) -> String {
-        "self-touching".into()
-    }
-}
-
-/// Loading block 0 reads block 1 and loading block 1 reads block 0 (of the
-/// mapping at `base`), once both loads have started.
-struct Crossed {
-    base: AtomicUsize,
-    started: AtomicUsize,
-}
-
-impl BigFile for Crossed {
-    fn blksize(&self) -> usize {
-        BLK
-    }
-    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        self.started.fetch_add(1, Ordering::SeqCst);
-        let t0 = std::time::Instant::now();
-        while self.started.load(Ordering::SeqCst) < 2 && t0.elapsed().as_secs() < 10 {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        let other = self.base.load(Ordering::SeqCst) + (1 - blk as usize) * BLK;
-        touch_other_page(other, buf);
-        Ok(())
-    }
-    fn storeblk(&self, _blk: u64, _buf: &[u8]) -> Result<(), BlockError> {
-        Ok(())
-    }
-    fn name(&self) -> String {
-        "crossed-loaders".into()
-    }
-}
-
-/// Crossed's loadblk touching the other loader's page.
+/// A loader touching the other loader's page.
 #[inline(never)]
 fn touch_other_page(other: usize, buf: &mut [u8]) {
     // SAFETY: `other` is inside the child's live mapping; waiting there for
@@ -463,31 +431,7 @@ fn touch_other_page(other: usize, buf: &mut [u8]) {
     buf[1] = unsafe { std::ptr::read_volatile(other as *const u8) };
 }
 
-/// A storeblk that writes block 1 of the mapping at `base` while the
-/// handle is under writeout.
-struct OwnWriter {
-    base: AtomicUsize,
-}
-
-impl BigFile for OwnWriter {
-    fn blksize(&self) -> usize {
-        BLK
-    }
-    fn loadblk(&self, _blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        buf.fill(0);
-        Ok(())
-    }
-    fn storeblk(&self, blk: u64, _buf: &[u8]) -> Result<(), BlockError> {
-        eprintln!("storeblk {blk}");
-        write_own_handle(self.base.load(Ordering::SeqCst) + BLK);
-        Ok(())
-    }
-    fn name(&self) -> String {
-        "own-writer".into()
-    }
-}
-
-/// SelfTouching's loadblk (a frame with a name of its own in the core).
+/// A loader touching its own page (a frame with a name of its own in the core).
 #[inline(never)]
 fn touch_own_page(own: usize, buf: &mut [u8]) {
     // SAFETY: `own` is inside the child's live mapping; touching it from its
@@ -495,49 +439,12 @@ fn touch_own_page(own: usize, buf: &mut [u8]) {
     buf[0] = unsafe { std::ptr::read_volatile(own as *const u8) };
 }
 
-/// OwnWriter's storeblk.
+/// A storeblk writing the handle under writeout.
 #[inline(never)]
 fn write_own_handle(addr: usize) {
     // SAFETY: inside the child's live mapping; writing the handle under
     // writeout from its storeblk is the misuse under test.
     unsafe { std::ptr::write_volatile(addr as *mut u8, 7) };
-}
-
-/// A disk whose every read fails.
-struct FailingDisk;
-
-static ATTEMPTS: AtomicUsize = AtomicUsize::new(0);
-
-impl BigFile for FailingDisk {
-    fn blksize(&self) -> usize {
-        BLK
-    }
-    fn loadblk(&self, blk: u64, _buf: &mut [u8]) -> Result<(), BlockError> {
-        let n = ATTEMPTS.fetch_add(1, Ordering::SeqCst) + 1;
-        eprintln!("loadblk attempt {n}");
-        Err(format!("media error at block {blk}").into())
-    }
-    fn storeblk(&self, _blk: u64, _buf: &[u8]) -> Result<(), BlockError> {
-        Ok(())
-    }
-    fn name(&self) -> String {
-        "failing-disk".into()
-    }
-}
-
-/// A loader that panics.
-struct Exploding;
-
-impl BigFile for Exploding {
-    fn blksize(&self) -> usize {
-        BLK
-    }
-    fn loadblk(&self, blk: u64, _buf: &mut [u8]) -> Result<(), BlockError> {
-        panic!("loader exploded at block {blk}");
-    }
-    fn storeblk(&self, _blk: u64, _buf: &[u8]) -> Result<(), BlockError> {
-        Ok(())
-    }
 }
 
 /// A BigFile in Python whose loadblk raises: each attempt's traceback is

@@ -31,7 +31,11 @@ use std::sync::{Arc, Mutex};
 use bigfile_virtmem::{Access, Error, FileH, PageState, Ram, Vma, WriteoutFlags};
 
 use crate::leaks::{self, Baseline};
-use crate::model::{InjectFile, Model, Rng, StoreCheck};
+use bigfile_testkit::child::{self, Death};
+use bigfile_testkit::memfile::BlockError;
+use bigfile_testkit::MemFile;
+
+use crate::model::{inject_file, Model, Rng};
 use crate::Scenario;
 
 /// Blocks of the file the workload uses.
@@ -289,7 +293,7 @@ fn run_once(
 /// The workload's state: the file, its RAM, a handle, its mappings, the model.
 struct World {
     ps: usize,
-    file: Arc<InjectFile>,
+    file: Arc<MemFile>,
     ram: Ram,
     fh: Option<FileH>,
     vmas: Vec<Vma>,
@@ -310,7 +314,7 @@ impl World {
         let ram = Ram::from_spec(&format!("memfd,pagesize={ps}"))
             .map_err(|e| format!("RAM: {e}"))?
             .with_budget(BUDGET_PAGES * ps as u64);
-        let file = Arc::new(InjectFile::new(ps));
+        let file = inject_file(ps);
         Ok(World {
             ps,
             file,
@@ -367,7 +371,9 @@ impl World {
         self.map(0, NBLK)?;
         self.map(4, 8)?;
         let layout = Arc::new(Mutex::new(Vec::new()));
-        *self.file.store_check.lock().unwrap() = Some(store_check(layout.clone(), self.ps));
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        self.file
+            .on_store(store_check(layout.clone(), self.ps, violations.clone()));
         for step in 0..STEPS {
             *layout.lock().unwrap() = self
                 .vmas
@@ -375,7 +381,7 @@ impl World {
                 .map(|v| (v.pgoffset(), v.as_ptr() as usize, v.pglen()))
                 .collect();
             let what = self.step(step)?;
-            if let Some(v) = self.file.violations.lock().unwrap().pop() {
+            if let Some(v) = violations.lock().unwrap().pop() {
                 return Err(format!("step {step} ({what}): {v}"));
             }
             self.check_state()
@@ -424,7 +430,7 @@ impl World {
                 }
                 let len = 1 + self.rng.below(64) as usize;
                 let off = self.rng.below((ps - len) as u64) as usize;
-                let data: Vec<u8> = (0..len).map(|_| self.rng.next() as u8).collect();
+                let data: Vec<u8> = (0..len).map(|_| self.rng.next_u64() as u8).collect();
                 let vma = &self.vmas[i];
                 Self::retry(&mut self.errors, "prefault write", || {
                     vma.prefault(idx * ps + off..idx * ps + off + len, Access::Write)
@@ -505,7 +511,7 @@ impl World {
                 _ => None,
             };
             for (&blk, data) in &self.model.dirty {
-                let stored = self.file.stored(blk);
+                let stored = self.file.content(blk);
                 let old = self.model.committed(blk);
                 let ok = match failed_at {
                     Some(f) if blk < f => stored == *data,
@@ -617,7 +623,7 @@ impl World {
             return fail("the final writeout failed with injection off".into());
         }
         for blk in 0..NBLK {
-            if self.file.stored(blk) != self.model.committed(blk) {
+            if self.file.content(blk) != self.model.committed(blk) {
                 return fail(format!("block {blk} in the file differs from the model"));
             }
         }
@@ -665,9 +671,13 @@ impl World {
 /// The check `storeblk` runs: a block being stored is read-only in every
 /// mapping (`layout`: first block, address, pages), or a write during the
 /// writeout would change it unseen, and be lost once the page is marked
-/// clean.
-fn store_check(layout: Arc<Mutex<Vec<(u64, usize, u64)>>>, ps: usize) -> StoreCheck {
-    Box::new(move |blk| {
+/// clean. What is wrong goes to `violations`; the store goes on.
+fn store_check(
+    layout: Arc<Mutex<Vec<(u64, usize, u64)>>>,
+    ps: usize,
+    violations: Arc<Mutex<Vec<String>>>,
+) -> impl Fn(u64, &[u8]) -> Result<(), BlockError> + Send + Sync + 'static {
+    let check = move |blk| {
         let maps = match leaks::maps() {
             Ok(m) => m,
             Err(e) => return Some(e),
@@ -687,7 +697,16 @@ fn store_check(layout: Arc<Mutex<Vec<(u64, usize, u64)>>>, ps: usize) -> StoreCh
             }
         }
         None
-    })
+    };
+    move |blk, _| {
+        if let Some(problem) = check(blk) {
+            violations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(problem);
+        }
+        Ok(())
+    }
 }
 
 fn read_block(vma: &Vma, blk: u64, ps: usize) -> Result<Vec<u8>, String> {
@@ -756,34 +775,19 @@ const FAULT_CHILDREN: &[FaultChild] = &[
 /// Spawn this binary as child `c`; it must die by SIGBUS after its marker,
 /// with the diagnostic.
 fn run_fault_child(c: &FaultChild) -> Result<String, String> {
-    use std::os::unix::process::ExitStatusExt;
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let out = std::process::Command::new(exe)
-        .env(CHILD_ENV, c.name)
-        .output()
-        .map_err(|e| format!("spawn: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let diag = stderr
-        .lines()
-        .find(|l| l.starts_with("bigfile:"))
-        .unwrap_or("");
-    if out.status.signal() != Some(libc::SIGBUS) {
-        return Err(format!(
-            "ended with {:?}, expected SIGBUS; stdout {stdout:?}, stderr {stderr:?}",
-            out.status
-        ));
+    let mut cmd = std::process::Command::new(exe);
+    cmd.env(CHILD_ENV, c.name);
+    let ended = child::run(cmd, child::TIMEOUT)?;
+    Death::by(libc::SIGBUS)
+        .stderr(&["bigfile:", c.message])
+        .absent(&["survived"])
+        .check(&ended)?;
+    if !ended.stdout.contains("armed") {
+        return Err(format!("died in the wrong place\n{}", ended.describe()));
     }
-    if !stdout.contains("armed") || stdout.contains("survived") {
-        return Err(format!("died in the wrong place: stdout {stdout:?}"));
-    }
-    if !diag.contains(c.message) {
-        return Err(format!(
-            "diagnostic {diag:?} does not mention {:?}; stderr {stderr:?}",
-            c.message
-        ));
-    }
-    Ok(format!("SIGBUS as documented: {diag}"))
+    let diag = ended.stderr.lines().find(|l| l.starts_with("bigfile:"));
+    Ok(format!("SIGBUS as documented: {}", diag.unwrap_or("")))
 }
 
 fn fault_child(name: &str) {
@@ -801,7 +805,7 @@ fn fault_child(name: &str) {
     let _scenario = fail::FailScenario::setup();
     let ps = bigfile_ram::os_page_size();
     let ram = Ram::from_spec(&format!("memfd,pagesize={ps}")).expect("RAM");
-    let fh = FileH::open(Arc::new(InjectFile::new(ps)), Some(&ram)).expect("open");
+    let fh = FileH::open(inject_file(ps), Some(&ram)).expect("open");
     let vma = fh.mmap(0, 2).expect("mmap");
     let p = vma.as_ptr();
     if c.preload {
@@ -834,8 +838,7 @@ fn fault_path_transient_load() -> Result<String, String> {
         let ram = Ram::from_spec(&format!("memfd,pagesize={ps}"))
             .map_err(|e| e.to_string())?
             .with_budget(BUDGET_PAGES * ps as u64);
-        let fh =
-            FileH::open(Arc::new(InjectFile::new(ps)), Some(&ram)).map_err(|e| e.to_string())?;
+        let fh = FileH::open(inject_file(ps), Some(&ram)).map_err(|e| e.to_string())?;
         let vma = fh.mmap(0, NBLK).map_err(|e| e.to_string())?;
         if let Some(n) = armed_at {
             let a = if n == 1 {

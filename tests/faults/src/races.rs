@@ -27,13 +27,15 @@
 //! the model, a final writeout makes the file equal it, and the RAM's
 //! accounting and the process's mappings are back to where they started.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::Duration;
 
-use bigfile_virtmem::{Access, BigFile, BlockError, Error, FileH, Ram, Vma, WriteoutFlags};
+use bigfile_testkit::memory::ram_file_mappings;
+use bigfile_testkit::model::Rng;
+use bigfile_testkit::MemFile;
+use bigfile_virtmem::{Access, Error, FileH, Ram, Vma, WriteoutFlags};
 
 use crate::coredump::{expect_success, last_line};
 use crate::python;
@@ -141,111 +143,82 @@ fn decode(v: u64) -> Option<(u64, usize, u32)> {
     ))
 }
 
-/// A file in memory whose blocks start as version 0 of every word. Its
-/// storeblk checks what it is given.
+/// The race's file: the test kit's memory file, whose blocks start as
+/// version 0 of every word, and whose storeblk checks what it is given.
 struct RaceFile {
-    blocks: Mutex<HashMap<u64, Vec<u8>>>,
-    /// Blocks nobody writes: storing one is an error.
-    first_readonly: u64,
-    loads: AtomicU64,
-    stores: AtomicU64,
+    mem: Arc<MemFile>,
     /// Everything wrong that storeblk saw.
-    violations: Mutex<Vec<String>>,
-    /// Makes loads and stores take a little longer now and then, so that
-    /// other threads find pages LOADING and handles under writeout.
-    jitter: AtomicU64,
+    violations: Arc<Mutex<Vec<String>>>,
 }
 
 impl RaceFile {
-    fn initial(blk: u64) -> Vec<u8> {
-        (0..WORDS_PER_BLOCK)
-            .flat_map(|w| word(blk, w, 0).to_ne_bytes())
-            .collect()
+    /// Blocks from `first_readonly` on are written by nobody: storing one
+    /// is an error.
+    fn new(first_readonly: u64) -> RaceFile {
+        let mem = Arc::new(
+            MemFile::new(BLK)
+                .named("race-file")
+                .with_initial(|blk, buf| {
+                    for (w, c) in buf.chunks_exact_mut(8).enumerate() {
+                        c.copy_from_slice(&word(blk, w, 0).to_ne_bytes());
+                    }
+                }),
+        );
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        // Loads and stores take a little longer now and then, so that
+        // other threads find pages LOADING and handles under writeout.
+        let jitter = Arc::new(AtomicU64::new(0));
+        let load_jitter = jitter.clone();
+        mem.on_load(move |_, _| {
+            pause(&load_jitter);
+            Ok(())
+        });
+        let seen = violations.clone();
+        mem.on_store(move |blk, buf| {
+            pause(&jitter);
+            if let Some(v) = check_store(blk, buf, first_readonly) {
+                seen.lock().unwrap().push(v);
+            }
+            Ok(())
+        });
+        RaceFile { mem, violations }
     }
 
     /// The versions of block `blk`'s words in the file.
     fn versions(&self, blk: u64) -> Vec<u32> {
-        let blocks = self.blocks.lock().unwrap();
-        let data = blocks
-            .get(&blk)
-            .cloned()
-            .unwrap_or_else(|| Self::initial(blk));
-        data.chunks_exact(8)
+        self.mem
+            .content(blk)
+            .chunks_exact(8)
             .map(|c| decode(u64::from_ne_bytes(c.try_into().unwrap())).map_or(u32::MAX, |d| d.2))
             .collect()
     }
+}
 
-    fn jitter(&self) {
-        let n = self.jitter.fetch_add(1, SeqCst);
-        if n.is_multiple_of(7) {
-            thread::yield_now();
-        }
-        if n.is_multiple_of(97) {
-            thread::sleep(Duration::from_micros(200));
-        }
+/// Yield now and then, sleep more rarely, by the `n`th call.
+fn pause(n: &AtomicU64) {
+    let n = n.fetch_add(1, SeqCst);
+    if n.is_multiple_of(7) {
+        thread::yield_now();
+    }
+    if n.is_multiple_of(97) {
+        thread::sleep(Duration::from_micros(200));
     }
 }
 
-impl BigFile for RaceFile {
-    fn blksize(&self) -> usize {
-        BLK
+/// What is wrong with storing `buf` as block `blk`, if anything: a block
+/// nobody writes, or a word that is not of this block at its place.
+fn check_store(blk: u64, buf: &[u8], first_readonly: u64) -> Option<String> {
+    if blk >= first_readonly {
+        return Some(format!("storeblk of read-only block {blk}"));
     }
-
-    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        self.jitter();
-        let data = self.blocks.lock().unwrap().get(&blk).cloned();
-        buf.copy_from_slice(&data.unwrap_or_else(|| Self::initial(blk)));
-        self.loads.fetch_add(1, SeqCst);
-        Ok(())
-    }
-
-    fn storeblk(&self, blk: u64, buf: &[u8]) -> Result<(), BlockError> {
-        self.jitter();
-        if blk >= self.first_readonly {
-            self.violations
-                .lock()
-                .unwrap()
-                .push(format!("storeblk of read-only block {blk}"));
+    for (w, c) in buf.chunks_exact(8).enumerate() {
+        let v = u64::from_ne_bytes(c.try_into().unwrap());
+        match decode(v) {
+            Some((b, ww, _)) if b == blk && ww == w => {}
+            _ => return Some(format!("storeblk of block {blk}: word {w} is {v:#x}")),
         }
-        for (w, c) in buf.chunks_exact(8).enumerate() {
-            let v = u64::from_ne_bytes(c.try_into().unwrap());
-            match decode(v) {
-                Some((b, ww, _)) if b == blk && ww == w => {}
-                _ => {
-                    self.violations
-                        .lock()
-                        .unwrap()
-                        .push(format!("storeblk of block {blk}: word {w} is {v:#x}"));
-                    break;
-                }
-            }
-        }
-        self.blocks.lock().unwrap().insert(blk, buf.to_vec());
-        self.stores.fetch_add(1, SeqCst);
-        Ok(())
     }
-
-    fn name(&self) -> String {
-        "race-file".into()
-    }
-}
-
-/// xorshift64*: a fixed sequence per seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
+    None
 }
 
 /// What every thread shares.
@@ -326,31 +299,15 @@ fn write_word(vma: &Vma, page: u64, w: usize, v: u64) {
     unsafe { std::ptr::write_volatile(vma.as_ptr().add(off).cast::<u64>(), v) }
 }
 
-/// Lines of /proc/self/maps naming a RAM file.
-fn ram_mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("memfd:bigfile-ram"))
-        .count()
-}
-
 fn run(cfg: &Config) -> Result<String, String> {
-    let baseline_maps = ram_mappings();
+    let baseline_maps = ram_file_mappings();
     let owned = cfg.owners as u64 * cfg.blocks_per_owner;
     let total = owned + cfg.readonly_blocks;
-    let file = Arc::new(RaceFile {
-        blocks: Mutex::new(HashMap::new()),
-        first_readonly: owned,
-        loads: AtomicU64::new(0),
-        stores: AtomicU64::new(0),
-        violations: Mutex::new(Vec::new()),
-        jitter: AtomicU64::new(0),
-    });
+    let file = Arc::new(RaceFile::new(owned));
     let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}"))
         .map_err(|e| e.to_string())?
         .with_budget(cfg.budget_pages * BLK as u64);
-    let fh = FileH::open(file.clone(), Some(&ram)).map_err(|e| e.to_string())?;
+    let fh = FileH::open(file.mem.clone(), Some(&ram)).map_err(|e| e.to_string())?;
     let vma = fh.mmap(0, total).map_err(|e| e.to_string())?;
     let sh = Arc::new(Shared {
         cfg: *cfg,
@@ -456,17 +413,17 @@ fn run(cfg: &Config) -> Result<String, String> {
             rs.resident_bytes, rs.budget
         ));
     }
-    if stats.loads != file.loads.load(SeqCst) {
+    if stats.loads != file.mem.loads() as u64 {
         return Err(format!(
             "the handle counted {} loads, loadblk ran {} times",
             stats.loads,
-            file.loads.load(SeqCst)
+            file.mem.loads() as u64
         ));
     }
     let summary = format!(
         "{} loads, {} stores, {} reclaims, {} discards, {} busy skips, {} faults",
         stats.loads,
-        file.stores.load(SeqCst),
+        file.mem.stores() as u64,
         stats.reclaims,
         sh.discards.load(SeqCst),
         sh.skipped_busy.load(SeqCst),
@@ -508,7 +465,7 @@ fn run(cfg: &Config) -> Result<String, String> {
             return Err(format!("a mapping's reservation is still there: {line}"));
         }
     }
-    if ram_mappings() != baseline_maps {
+    if ram_file_mappings() != baseline_maps {
         return Err(format!("RAM mappings left behind:\n{maps}"));
     }
     Ok(format!(
@@ -524,7 +481,7 @@ fn owner(sh: &Shared, t: usize) -> Result<(Vec<Vec<u32>>, u64), String> {
     let cfg = &sh.cfg;
     let per = cfg.blocks_per_owner;
     let first = t as u64 * per;
-    let mut rng = Rng::new(cfg.seed ^ t as u64);
+    let mut rng = Rng::spread(cfg.seed ^ t as u64);
     // What this owner's blocks hold in memory, and the last version written.
     let mut mem: Vec<Vec<u32>> = vec![vec![0; WORDS_PER_BLOCK]; per as usize];
     let mut last: Vec<Vec<u32>> = vec![vec![0; WORDS_PER_BLOCK]; per as usize];
@@ -585,7 +542,7 @@ fn owner(sh: &Shared, t: usize) -> Result<(Vec<Vec<u32>>, u64), String> {
 
 /// Writes out, mostly committing (STORE|MARKSTORED), sometimes storing only.
 fn committer(sh: &Shared, seed: u64) -> Result<(), String> {
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::spread(seed);
     for k in 0..sh.cfg.helper_ops {
         sh.pace(k);
         let flags = if rng.below(4) == 0 {
@@ -602,7 +559,7 @@ fn committer(sh: &Shared, seed: u64) -> Result<(), String> {
 
 /// Discards (behind the gate), invalidates read-only blocks, reclaims.
 fn chaos(sh: &Shared, seed: u64) -> Result<(), String> {
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::spread(seed);
     for k in 0..sh.cfg.helper_ops {
         sh.pace(k);
         match rng.below(8) {
@@ -638,7 +595,7 @@ fn chaos(sh: &Shared, seed: u64) -> Result<(), String> {
 
 /// Maps small ranges of the handle, reads and prefaults them, unmaps them.
 fn mapper(sh: &Shared, seed: u64) -> Result<(), String> {
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::spread(seed);
     let total = sh.total_blocks();
     for k in 0..sh.cfg.helper_ops {
         sh.pace(k);

@@ -2,84 +2,22 @@
 //! the scenario, as root), with a budget far above it, so that running out
 //! comes from the filesystem (ENOSPC from fallocate) and not from the budget.
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bigfile_virtmem::{Access, Error, FileH, Ram, Vma, WriteoutFlags};
 
 use crate::leaks::Baseline;
-use crate::model::{InjectFile, Model};
+use bigfile_testkit::mount::Mount;
+use bigfile_testkit::MemFile;
+
+use crate::model::{inject_file, Model};
 
 /// Pages the tmpfs holds.
 const FS_PAGES: u64 = 16;
 
-/// A tmpfs mounted on a fresh directory, unmounted and removed on drop.
-struct TinyTmpfs {
-    dir: PathBuf,
-}
-
-impl TinyTmpfs {
-    fn mount(bytes: u64) -> Result<TinyTmpfs, String> {
-        let dir = std::env::temp_dir().join(format!("bigfile-faults-tmpfs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-        let target = CString::new(dir.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-        let opts = CString::new(format!("size={bytes},mode=0700")).map_err(|e| e.to_string())?;
-        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
-        let rc = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                opts.as_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            let _ = std::fs::remove_dir(&dir);
-            return Err(format!(
-                "mount -t tmpfs on {} as root failed: {e}",
-                dir.display()
-            ));
-        }
-        Ok(TinyTmpfs { dir })
-    }
-
-    fn path(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Bytes in use on the filesystem.
-    fn used(&self) -> Result<u64, String> {
-        let c = CString::new(self.dir.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-        let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
-        // SAFETY: `c` is NUL-terminated, `st` has room for a statfs.
-        if unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
-            return Err(format!("statfs: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: statfs succeeded and filled `st`.
-        let st = unsafe { st.assume_init() };
-        // The statfs field types differ between architectures.
-        #[allow(clippy::unnecessary_cast)]
-        Ok((st.f_blocks - st.f_bfree) as u64 * st.f_bsize as u64)
-    }
-}
-
-impl Drop for TinyTmpfs {
-    fn drop(&mut self) {
-        if let Ok(c) = CString::new(self.dir.as_os_str().as_bytes()) {
-            // SAFETY: a NUL-terminated path; lazily detached if still busy.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
 /// One file on the tmpfs RAM with its handle, mapping and model.
 struct Side {
-    file: Arc<InjectFile>,
+    file: Arc<MemFile>,
     fh: Option<FileH>,
     vma: Option<Vma>,
     model: Model,
@@ -87,7 +25,7 @@ struct Side {
 
 impl Side {
     fn new(ram: &Ram, ps: usize, nblk: u64) -> Result<Side, String> {
-        let file = Arc::new(InjectFile::new(ps));
+        let file = inject_file(ps);
         let fh = FileH::open(file.clone(), Some(ram)).map_err(|e| format!("open: {e}"))?;
         let vma = fh.mmap(0, nblk).map_err(|e| format!("mmap: {e}"))?;
         Ok(Side {
@@ -137,7 +75,7 @@ pub fn tiny_tmpfs() -> Result<String, String> {
     let _scenario = fail::FailScenario::setup();
     let baseline = Baseline::take()?;
     let ps = bigfile_ram::os_page_size();
-    let fs = TinyTmpfs::mount(FS_PAGES * ps as u64)?;
+    let fs = Mount::new("tmpfs", &format!("size={},mode=0700", FS_PAGES * ps as u64))?;
     let ram = Ram::from_spec(&format!("shmfs:{},pagesize={ps}", fs.path().display()))
         .map_err(|e| format!("RAM on the tmpfs: {e}"))?
         .with_budget(1 << 30);
@@ -236,7 +174,7 @@ fn exhaust(ram: &Ram, ps: usize, used: &mut Vec<std::ops::Range<usize>>) -> Resu
         a.read(blk).map_err(|e| format!("A after recovery: {e}"))?;
     }
     for blk in 0..nblk {
-        if a.file.stored(blk) != a.model.committed(blk) {
+        if a.file.content(blk) != a.model.committed(blk) {
             return Err(format!(
                 "A's block {blk} in the file differs from the model"
             ));
@@ -247,7 +185,7 @@ fn exhaust(ram: &Ram, ps: usize, used: &mut Vec<std::ops::Range<usize>>) -> Resu
     fh_b.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
         .map_err(|e| format!("writeout B: {e}"))?;
     for (&blk, data) in &b.model.dirty {
-        if b.file.stored(blk) != *data {
+        if b.file.content(blk) != *data {
             return Err(format!(
                 "B's block {blk} in the file differs from the model"
             ));

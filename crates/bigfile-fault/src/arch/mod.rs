@@ -4,8 +4,11 @@
 //! Each architecture module provides:
 //! - `unsafe fn access(ctx: *const libc::c_void) -> Access`
 //! - `unsafe fn stack_pointer(ctx: *const libc::c_void) -> usize`
-//! - `unsafe fn call_on_stack(sp: usize, f: unsafe extern "C" fn(*mut c_void), arg: *mut c_void)`
+//! - `bigfile_fault_call_on_stack`, in assembly (`global_asm!`): the
+//!   trampoline [`call_on_stack`] calls;
 //! - `const RED_ZONE: usize`: bytes below the stack pointer the interrupted code may use.
+
+use libc::c_void;
 
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
@@ -25,3 +28,28 @@ compile_error!(
 
 #[cfg(not(target_os = "linux"))]
 compile_error!("bigfile-fault supports Linux only (it relies on Linux's siginfo and ucontext)");
+
+extern "C" {
+    /// The architecture's trampoline: switch to `sp`, call `f(arg)`,
+    /// switch back.
+    fn bigfile_fault_call_on_stack(
+        arg: *mut c_void,
+        f: unsafe extern "C" fn(*mut c_void),
+        sp: usize,
+    );
+}
+
+/// Calls `f(arg)` with the stack pointer set to `sp`, then switches back.
+///
+/// # Safety
+/// `sp` is 16-byte aligned and has room below it for everything `f` does;
+/// `f` must not unwind; `arg` is whatever `f` expects.
+pub(crate) unsafe fn call_on_stack(
+    sp: usize,
+    f: unsafe extern "C" fn(*mut c_void),
+    arg: *mut c_void,
+) {
+    // SAFETY: the trampoline follows the C ABI; the caller vouches for the
+    // new stack, `f` and `arg`.
+    unsafe { bigfile_fault_call_on_stack(arg, f, sp) }
+}

@@ -1,6 +1,6 @@
 use libc::c_void;
 
-use crate::Access;
+use crate::handler::Access;
 
 /// The System V ABI lets a leaf function use 128 bytes below `rsp`.
 pub(crate) const RED_ZONE: usize = 128;
@@ -64,26 +64,3 @@ std::arch::global_asm!(
     ".size bigfile_fault_call_on_stack, . - bigfile_fault_call_on_stack",
     ".popsection",
 );
-
-extern "C" {
-    fn bigfile_fault_call_on_stack(
-        arg: *mut c_void,
-        f: unsafe extern "C" fn(*mut c_void),
-        sp: usize,
-    );
-}
-
-/// Calls `f(arg)` with the stack pointer set to `sp`, then switches back.
-///
-/// # Safety
-/// `sp` is 16-byte aligned and has room below it for everything `f` does;
-/// `f` must not unwind; `arg` is whatever `f` expects.
-pub(crate) unsafe fn call_on_stack(
-    sp: usize,
-    f: unsafe extern "C" fn(*mut c_void),
-    arg: *mut c_void,
-) {
-    // SAFETY: the trampoline above follows the C ABI; the caller vouches for
-    // the new stack, `f` and `arg`.
-    unsafe { bigfile_fault_call_on_stack(arg, f, sp) }
-}

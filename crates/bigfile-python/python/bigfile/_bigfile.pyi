@@ -29,7 +29,8 @@ class BigFile:
 
 class FileBigFile(BigFile):
     """A BigFile over an OS file (a path opened read-write, or a file
-    descriptor, duplicated), block n at byte n * blksize, zeros past its
+    descriptor, taken over as io.FileIO(fd, "r+") does: closed once the file
+    and its handles are gone), block n at byte n * blksize, zeros past its
     end; blocks are read and written natively unless a subclass overrides
     `loadblk`/`storeblk`."""
 

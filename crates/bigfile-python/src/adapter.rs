@@ -1,0 +1,185 @@
+//! The virtmem `BigFile` of a Python BigFile object: `loadblk` and
+//! `storeblk` call the object's Python methods, with the GIL taken from any
+//! thread, the thread's exception state kept, and the block's memory taken
+//! back from Python after the call (`blockbuf`).
+
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Mutex;
+
+use bigfile_virtmem::BlockError;
+use pyo3::prelude::*;
+
+use crate::blockbuf::{memoryview, scrub, write_stderr, BlockBuffer};
+use crate::error::PyBlockError;
+use crate::gil::{with_python, ExcState};
+
+/// The virtmem `BigFile` of a Python BigFile object.
+pub(crate) struct PyFileAdapter {
+    /// The Python object; `None` once the cyclic GC cleared its handle.
+    obj: Mutex<Option<Py<PyAny>>>,
+    blksize: usize,
+    name: String,
+}
+
+impl PyFileAdapter {
+    /// The adapter of `obj`, a file of `blksize`-byte blocks called `name`
+    /// in diagnostics.
+    pub(crate) fn new(obj: Py<PyAny>, blksize: usize, name: String) -> PyFileAdapter {
+        PyFileAdapter {
+            obj: Mutex::new(Some(obj)),
+            blksize,
+            name,
+        }
+    }
+}
+
+impl fmt::Debug for PyFileAdapter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PyFileAdapter")
+            .field("name", &self.name)
+            .field("blksize", &self.blksize)
+            .finish()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Load,
+    Store,
+}
+
+impl PyFileAdapter {
+    pub(crate) fn traverse(&self, visit: &pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        if let Ok(obj) = self.obj.try_lock() {
+            if let Some(o) = obj.as_ref() {
+                visit.call(o)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop the reference to the Python object (GC breaking a cycle).
+    pub(crate) fn clear(&self) -> Option<Py<PyAny>> {
+        self.obj.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Call `loadblk` or `storeblk` of the Python object. `buf` is the block
+    /// (filled on success for a load).
+    fn call(&self, op: Op, blk: u64, buf: *mut u8) -> Result<(), BlockError> {
+        let len = self.blksize;
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            with_python(|py| {
+                // SAFETY: we hold the GIL (with_python).
+                let saved = unsafe { ExcState::take() };
+                let r = self.call_in(py, op, blk, buf, len);
+                // SAFETY: we hold the GIL; this thread took `saved`.
+                unsafe { saved.restore() };
+                r
+            })
+        }));
+        match r {
+            Ok(r) => r,
+            Err(_) => Err(format!("{} of block {blk} of {} panicked", op.name(), self.name).into()),
+        }
+    }
+
+    fn call_in(
+        &self,
+        py: Python<'_>,
+        op: Op,
+        blk: u64,
+        buf: *mut u8,
+        len: usize,
+    ) -> Result<(), BlockError> {
+        let obj = {
+            let guard = self.obj.lock().unwrap_or_else(|p| p.into_inner());
+            guard.as_ref().map(|o| o.bind(py).clone())
+        };
+        let Some(obj) = obj else {
+            return Err(format!("{} was cleared by the garbage collector", self.name).into());
+        };
+        let block = Bound::new(py, BlockBuffer::new(len, op == Op::Store))
+            .map_err(|e| self.fail(py, op, blk, e))?;
+        if op == Op::Store {
+            // SAFETY: virtmem hands storeblk `len` readable bytes at `buf`.
+            block
+                .get()
+                .fill_from(unsafe { std::slice::from_raw_parts(buf, len) });
+        }
+        let mv = match memoryview(&block) {
+            Ok(mv) => mv,
+            Err(e) => return Err(self.fail(py, op, blk, e)),
+        };
+        let r = obj.call_method1(op.name(), (blk, &mv));
+        if op == Op::Load && r.is_ok() {
+            // SAFETY: virtmem hands loadblk `len` writable bytes at `buf`,
+            // ours alone for the duration of the call.
+            block
+                .get()
+                .copy_to(unsafe { std::slice::from_raw_parts_mut(buf, len) });
+        }
+        // While the exception (with frames holding the buffer) is alive, so
+        // those frames get the stub.
+        scrub(
+            py,
+            &block,
+            mv,
+            &format!("{} of block {blk} of {}", op.name(), self.name),
+        );
+        drop(block);
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.fail(py, op, blk, e)),
+        }
+    }
+
+    /// Turn the Python exception of a failed call into a virtmem error that
+    /// carries it: virtmem hands it, as a value, to whoever called for the
+    /// block (the writeout, a prefault, every thread that waited for that
+    /// load), and the bindings raise it there.
+    fn fail(&self, py: Python<'_>, op: Op, blk: u64, e: PyErr) -> BlockError {
+        if op == Op::Load {
+            if bigfile_fault::current_depth() > 0 {
+                // Inside a page fault nobody can catch it: show it, then
+                // virtmem retries and finally raises SIGBUS.
+                write_stderr(
+                    py,
+                    &format!("bigfile: loadblk of block {blk} of {} raised:\n", self.name),
+                );
+                e.display(py);
+            }
+            // SAFETY: we hold the GIL.
+            unsafe { ExcState::clear() };
+        }
+        Box::new(PyBlockError::new(e))
+    }
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Load => "loadblk",
+            Op::Store => "storeblk",
+        }
+    }
+}
+
+impl bigfile_virtmem::BigFile for PyFileAdapter {
+    fn blksize(&self) -> usize {
+        self.blksize
+    }
+
+    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.call(Op::Load, blk, buf.as_mut_ptr())
+    }
+
+    fn storeblk(&self, blk: u64, buf: &[u8]) -> Result<(), BlockError> {
+        // A store only reads: `call` copies from `buf` and never writes it.
+        self.call(Op::Store, blk, buf.as_ptr().cast_mut())
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+}

@@ -1,0 +1,125 @@
+//! Plain memory for tests: anonymous mappings, protections, byte accesses
+//! the compiler keeps, and what `/proc/self/maps` says of an address.
+
+use std::ptr;
+
+use bigfile_os::os_page_size;
+
+/// An anonymous private mapping, unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    pub start: usize,
+    pub len: usize,
+}
+
+impl Mapping {
+    /// `pages` OS pages with protection `prot`.
+    pub fn new(pages: usize, prot: libc::c_int) -> Self {
+        let len = pages * os_page_size();
+        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        Self {
+            start: p as usize,
+            len,
+        }
+    }
+
+    /// The address of page `i`.
+    pub fn page(&self, i: usize) -> usize {
+        assert!(i * os_page_size() < self.len);
+        self.start + i * os_page_size()
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we mapped exactly this range; tests drop a Mapping only
+        // after the last access to it.
+        unsafe { libc::munmap(self.start as *mut libc::c_void, self.len) };
+    }
+}
+
+/// The start of the OS page holding `addr`.
+pub fn page_of(addr: usize) -> usize {
+    addr & !(os_page_size() - 1)
+}
+
+/// mprotect of whole pages; panics on failure.
+pub fn protect(addr: usize, len: usize, prot: libc::c_int) {
+    // SAFETY: callers pass pages of a mapping they own; changing protection
+    // does not invalidate Rust references (tests access it through raw
+    // pointers).
+    let rc = unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) };
+    assert_eq!(rc, 0, "mprotect: {}", std::io::Error::last_os_error());
+}
+
+/// A volatile read of one byte (faulting the page in, if it is served).
+pub fn read_byte(addr: usize) -> u8 {
+    // SAFETY: callers pass an address of a live mapping whose faults are served.
+    unsafe { ptr::read_volatile(addr as *const u8) }
+}
+
+/// A volatile write of one byte (dirtying the page, if it is served).
+pub fn write_byte(addr: usize, value: u8) {
+    // SAFETY: as for `read_byte`.
+    unsafe { ptr::write_volatile(addr as *mut u8, value) }
+}
+
+/// The permissions of the kernel mapping holding `addr`, as
+/// `/proc/self/maps` shows them ("r--s", "rw-p", "---p"...); `None` where
+/// nothing is mapped.
+pub fn prot_at(addr: usize) -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|line| {
+        let mut it = line.split_whitespace();
+        let (a, b) = it.next()?.split_once('-')?;
+        let perms = it.next()?;
+        let a = usize::from_str_radix(a, 16).ok()?;
+        let b = usize::from_str_radix(b, 16).ok()?;
+        (a..b).contains(&addr).then(|| perms.to_owned())
+    })
+}
+
+/// How many mappings of bigfile-ram's memory files the process has (lines
+/// of `/proc/self/maps` naming one): what a leak of mappings shows in.
+pub fn ram_file_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("memfd:bigfile-ram"))
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_show_a_mappings_protection() {
+        let m = Mapping::new(2, libc::PROT_READ);
+        assert_eq!(prot_at(m.page(1)).as_deref(), Some("r--p"));
+        protect(
+            m.page(1),
+            os_page_size(),
+            libc::PROT_READ | libc::PROT_WRITE,
+        );
+        write_byte(m.page(1) + 3, 9);
+        assert_eq!(read_byte(m.page(1) + 3), 9);
+        assert_eq!(prot_at(page_of(m.page(1) + 3)).as_deref(), Some("rw-p"));
+    }
+}

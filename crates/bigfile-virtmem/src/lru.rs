@@ -1,0 +1,200 @@
+//! The LRU list of clean pages: the order reclaim takes them in.
+//!
+//! Only LOADED pages are on it (a DIRTY page is never reclaimed, a LOADING
+//! one has nothing to give back yet). A doubly linked list threaded through
+//! a table indexed by page key: every operation is O(1) and allocates only
+//! when the page table grows.
+
+use crate::keys::PageKey;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Link {
+    prev: Option<PageKey>,
+    next: Option<PageKey>,
+    linked: bool,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Lru {
+    links: Vec<Link>,
+    head: Option<PageKey>,
+    tail: Option<PageKey>,
+    len: u64,
+}
+
+impl Lru {
+    fn link(&mut self, pk: PageKey) -> &mut Link {
+        if pk.0 >= self.links.len() {
+            self.links.resize(pk.0 + 1, Link::default());
+        }
+        &mut self.links[pk.0]
+    }
+
+    fn get(&self, pk: PageKey) -> Link {
+        self.links.get(pk.0).copied().unwrap_or_default()
+    }
+
+    /// Whether `pk` is on the list.
+    pub(crate) fn contains(&self, pk: PageKey) -> bool {
+        self.get(pk).linked
+    }
+
+    /// Number of pages on the list.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// The least recently used page: the next to reclaim.
+    pub(crate) fn oldest(&self) -> Option<PageKey> {
+        self.head
+    }
+
+    /// Put `pk` (not on the list) at the most recently used end.
+    pub(crate) fn push_back(&mut self, pk: PageKey) {
+        debug_assert!(!self.contains(pk), "{pk:?} is on the LRU list already");
+        self.insert(pk, false);
+    }
+
+    /// Link `pk` (not on the list) in at the oldest end, or the newest.
+    fn insert(&mut self, pk: PageKey, oldest: bool) {
+        let (prev, next) = if oldest {
+            (None, self.head)
+        } else {
+            (self.tail, None)
+        };
+        *self.link(pk) = Link {
+            prev,
+            next,
+            linked: true,
+        };
+        match prev {
+            Some(p) => self.link(p).next = Some(pk),
+            None => self.head = Some(pk),
+        }
+        match next {
+            Some(n) => self.link(n).prev = Some(pk),
+            None => self.tail = Some(pk),
+        }
+        self.len += 1;
+    }
+
+    /// Take `pk` off the list; nothing when it is not on it.
+    pub(crate) fn remove(&mut self, pk: PageKey) {
+        let Link { prev, next, linked } = self.get(pk);
+        if !linked {
+            return;
+        }
+        *self.link(pk) = Link::default();
+        match prev {
+            Some(p) => self.link(p).next = next,
+            None => self.head = next,
+        }
+        match next {
+            Some(n) => self.link(n).prev = prev,
+            None => self.tail = prev,
+        }
+        self.len -= 1;
+    }
+
+    /// Mark `pk` most recently used, if it is on the list.
+    pub(crate) fn touch(&mut self, pk: PageKey) {
+        if self.contains(pk) && self.tail != Some(pk) {
+            self.remove(pk);
+            self.push_back(pk);
+        }
+    }
+
+    /// Make `pk` the first to be reclaimed, if it is on the list.
+    pub(crate) fn demote(&mut self, pk: PageKey) {
+        if !self.contains(pk) || self.head == Some(pk) {
+            return;
+        }
+        self.remove(pk);
+        self.insert(pk, true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(lru: &Lru) -> Vec<usize> {
+        let mut v = Vec::new();
+        let mut cur = lru.head;
+        while let Some(pk) = cur {
+            v.push(pk.0);
+            cur = lru.get(pk).next;
+        }
+        assert_eq!(v.len() as u64, lru.len(), "len agrees with the links");
+        let mut back = Vec::new();
+        let mut cur = lru.tail;
+        while let Some(pk) = cur {
+            back.push(pk.0);
+            cur = lru.get(pk).prev;
+        }
+        back.reverse();
+        assert_eq!(back, v, "backward links agree with the forward order");
+        v
+    }
+
+    fn filled(n: usize) -> Lru {
+        let mut lru = Lru::default();
+        for i in 0..n {
+            lru.push_back(PageKey(i));
+        }
+        lru
+    }
+
+    #[test]
+    fn push_touch_remove_keep_order_and_links() {
+        let mut lru = filled(4);
+        assert_eq!(order(&lru), [0, 1, 2, 3]);
+        lru.touch(PageKey(0));
+        assert_eq!(order(&lru), [1, 2, 3, 0]);
+        lru.remove(PageKey(2));
+        lru.remove(PageKey(2)); // not on the list any more: no effect
+        assert_eq!(order(&lru), [1, 3, 0]);
+        assert_eq!(lru.oldest(), Some(PageKey(1)));
+        for pk in [1, 0, 3] {
+            lru.remove(PageKey(pk));
+        }
+        assert_eq!((lru.oldest(), lru.tail, lru.len()), (None, None, 0));
+        // touching a page that is not on the list (dirty) does not add it
+        lru.touch(PageKey(1));
+        assert_eq!(lru.len(), 0);
+    }
+
+    #[test]
+    fn demote_makes_a_page_oldest_and_keeps_links() {
+        let mut lru = filled(4);
+        lru.demote(PageKey(2));
+        assert_eq!(order(&lru), [2, 0, 1, 3]);
+        lru.demote(PageKey(2)); // already oldest
+        assert_eq!(order(&lru), [2, 0, 1, 3]);
+        lru.demote(PageKey(3)); // the newest: the tail moves back
+        assert_eq!(order(&lru), [3, 2, 0, 1]);
+        assert_eq!(lru.tail, Some(PageKey(1)));
+        // a page off the list (dirty) is not put on it
+        lru.remove(PageKey(0));
+        lru.demote(PageKey(0));
+        assert_eq!(order(&lru), [3, 2, 1]);
+        // the only page on the list
+        lru.remove(PageKey(3));
+        lru.remove(PageKey(2));
+        lru.demote(PageKey(1));
+        assert_eq!(order(&lru), [1]);
+        assert_eq!(lru.tail, Some(PageKey(1)));
+    }
+
+    #[test]
+    fn a_key_reused_after_removal_starts_unlinked() {
+        let mut lru = filled(3);
+        lru.remove(PageKey(1));
+        assert!(!lru.contains(PageKey(1)));
+        lru.push_back(PageKey(1));
+        assert_eq!(order(&lru), [0, 2, 1]);
+        // keys far beyond the table grow it
+        lru.push_back(PageKey(100));
+        assert_eq!(order(&lru), [0, 2, 1, 100]);
+    }
+}

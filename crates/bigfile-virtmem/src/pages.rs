@@ -1,0 +1,227 @@
+//! The page table: every resident page of every handle of one RAM, each in
+//! one of the states of the loading protocol (ARCHITECTURE.md), changed only
+//! through the named transitions below.
+
+use std::sync::Arc;
+
+use slab::Slab;
+
+use crate::keys::{FileKey, PageKey, RamPage};
+use crate::waits::Ticket;
+
+/// A page's state; a page absent from its handle's page map is EMPTY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageState {
+    /// `loadblk` is filling it; it is mapped nowhere yet.
+    Loading,
+    /// Invalidated while loading: the loader drops its result.
+    LoadingInvalidated,
+    /// Holds the file's data; mapped read-only; on the LRU list.
+    Loaded,
+    /// Changed in memory; on the handle's dirty list; never reclaimed.
+    Dirty,
+}
+
+/// One resident page.
+#[derive(Debug)]
+pub(crate) struct Page {
+    fileh: FileKey,
+    blk: u64,
+    state: PageState,
+    /// Its memory: a page of the handle's RAM file; `None` while loading.
+    ram_page: Option<RamPage>,
+    /// While loading: the loader's ticket, which waiters wait for.
+    ticket: Option<Arc<Ticket>>,
+}
+
+impl Page {
+    pub(crate) fn fileh(&self) -> FileKey {
+        self.fileh
+    }
+
+    pub(crate) fn blk(&self) -> u64 {
+        self.blk
+    }
+
+    pub(crate) fn state(&self) -> PageState {
+        self.state
+    }
+
+    pub(crate) fn ram_page(&self) -> Option<RamPage> {
+        self.ram_page
+    }
+
+    pub(crate) fn ticket(&self) -> Option<&Arc<Ticket>> {
+        self.ticket.as_ref()
+    }
+
+    fn is_loading(&self) -> bool {
+        matches!(
+            self.state,
+            PageState::Loading | PageState::LoadingInvalidated
+        )
+    }
+}
+
+/// How a load ended, from [`PageTable::finish_load`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LoadEnd {
+    /// The page is LOADED.
+    Loaded,
+    /// It was invalidated meanwhile: the caller drops it.
+    Invalidated,
+}
+
+/// What [`PageTable::invalidate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Invalidation {
+    /// The page is loading: marked, its loader drops the result.
+    Marked,
+    /// The page holds memory: the caller drops it.
+    Resident,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct PageTable {
+    pages: Slab<Page>,
+    /// Pages LOADING or LOADING_INVALIDATED.
+    loading: usize,
+}
+
+impl PageTable {
+    pub(crate) fn get(&self, pk: PageKey) -> &Page {
+        &self.pages[pk.0]
+    }
+
+    /// Whether some page is being loaded.
+    pub(crate) fn any_loading(&self) -> bool {
+        self.loading > 0
+    }
+
+    /// EMPTY → LOADING: a new page of block `blk` of `fileh`, loaded by the
+    /// owner of `ticket`.
+    pub(crate) fn begin_load(&mut self, fileh: FileKey, blk: u64, ticket: Arc<Ticket>) -> PageKey {
+        self.loading += 1;
+        PageKey(self.pages.insert(Page {
+            fileh,
+            blk,
+            state: PageState::Loading,
+            ram_page: None,
+            ticket: Some(ticket),
+        }))
+    }
+
+    /// The load filled `ram_page`: LOADING → LOADED, or, if invalidated
+    /// meanwhile, the page keeps its memory for the caller to drop.
+    pub(crate) fn finish_load(&mut self, pk: PageKey, ram_page: RamPage) -> LoadEnd {
+        let p = &mut self.pages[pk.0];
+        debug_assert!(p.is_loading(), "finish_load of a {:?} page", p.state);
+        p.ram_page = Some(ram_page);
+        match p.state {
+            // Still counted as loading until detached.
+            PageState::LoadingInvalidated => LoadEnd::Invalidated,
+            _ => {
+                self.loading -= 1;
+                p.state = PageState::Loaded;
+                p.ticket = None;
+                LoadEnd::Loaded
+            }
+        }
+    }
+
+    /// LOADED → DIRTY; false (nothing done) when it is dirty already.
+    pub(crate) fn mark_dirty(&mut self, pk: PageKey) -> bool {
+        let p = &mut self.pages[pk.0];
+        debug_assert!(!p.is_loading(), "mark_dirty of a {:?} page", p.state);
+        let was_clean = p.state == PageState::Loaded;
+        p.state = PageState::Dirty;
+        was_clean
+    }
+
+    /// DIRTY → LOADED (written out).
+    pub(crate) fn mark_clean(&mut self, pk: PageKey) {
+        let p = &mut self.pages[pk.0];
+        debug_assert_eq!(p.state, PageState::Dirty);
+        p.state = PageState::Loaded;
+    }
+
+    /// LOADING → LOADING_INVALIDATED; a resident page is the caller's to drop.
+    pub(crate) fn invalidate(&mut self, pk: PageKey) -> Invalidation {
+        let p = &mut self.pages[pk.0];
+        match p.state {
+            PageState::Loading | PageState::LoadingInvalidated => {
+                p.state = PageState::LoadingInvalidated;
+                Invalidation::Marked
+            }
+            PageState::Loaded | PageState::Dirty => Invalidation::Resident,
+        }
+    }
+
+    /// Forget the page (any state → EMPTY); it is returned with its memory.
+    pub(crate) fn detach(&mut self, pk: PageKey) -> Page {
+        let p = self.pages.remove(pk.0);
+        if p.is_loading() {
+            self.loading -= 1;
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table_with(n: u64) -> (PageTable, Vec<PageKey>) {
+        let mut t = PageTable::default();
+        let pks = (0..n)
+            .map(|blk| t.begin_load(FileKey(0), blk, Ticket::mine()))
+            .collect();
+        (t, pks)
+    }
+
+    #[test]
+    fn a_load_goes_from_loading_to_loaded_and_counts_loading_pages() {
+        let (mut t, pks) = table_with(2);
+        assert!(t.any_loading());
+        let p = t.get(pks[0]);
+        assert_eq!(
+            (p.state(), p.blk(), p.ram_page()),
+            (PageState::Loading, 0, None)
+        );
+        assert!(p.ticket().is_some());
+        assert_eq!(t.finish_load(pks[0], RamPage(7)), LoadEnd::Loaded);
+        let p = t.get(pks[0]);
+        assert_eq!(
+            (p.state(), p.ram_page()),
+            (PageState::Loaded, Some(RamPage(7)))
+        );
+        assert!(p.ticket().is_none());
+        assert!(t.any_loading(), "block 1 still loads");
+        t.detach(pks[1]);
+        assert!(!t.any_loading());
+    }
+
+    #[test]
+    fn a_page_invalidated_while_loading_is_left_to_the_caller() {
+        let (mut t, pks) = table_with(1);
+        assert_eq!(t.invalidate(pks[0]), Invalidation::Marked);
+        assert_eq!(t.get(pks[0]).state(), PageState::LoadingInvalidated);
+        assert_eq!(t.invalidate(pks[0]), Invalidation::Marked);
+        assert_eq!(t.finish_load(pks[0], RamPage(1)), LoadEnd::Invalidated);
+        let page = t.detach(pks[0]);
+        assert_eq!(page.ram_page(), Some(RamPage(1)));
+        assert!(!t.any_loading());
+    }
+
+    #[test]
+    fn dirty_and_clean_transitions() {
+        let (mut t, pks) = table_with(1);
+        t.finish_load(pks[0], RamPage(0));
+        assert!(t.mark_dirty(pks[0]));
+        assert!(!t.mark_dirty(pks[0]), "dirty already");
+        assert_eq!(t.get(pks[0]).state(), PageState::Dirty);
+        assert_eq!(t.invalidate(pks[0]), Invalidation::Resident);
+        t.mark_clean(pks[0]);
+        assert_eq!(t.get(pks[0]).state(), PageState::Loaded);
+    }
+}

@@ -1,0 +1,135 @@
+//! Making room within the budget: taking spares, reclaiming least recently
+//! used clean pages (in batches, their unmapping deferred), and waiting for
+//! other threads' loads when only pinned pages are left. The policies
+//! (batched reclaim, drop-behind) are described in ARCHITECTURE.md.
+
+use std::sync::Arc;
+
+use bigfile_ram::RamHandle;
+
+use crate::budget::batch_size;
+use crate::callback::in_callback;
+use crate::failure::Failure;
+use crate::keys::{FileKey, RamPage};
+use crate::mapper::{Deferred, Mapper};
+use crate::shared::{Guard, Shared};
+use crate::state::{State, Unmap};
+
+/// What [`make_room`] found.
+pub(crate) enum Room {
+    /// There is room for one more page; maybe with a RAM page of the
+    /// handle's to reuse once the `Deferred` work is finished.
+    Ready(Option<RamPage>),
+    /// Other threads' loads hold the budget, and reclaim left work: finish
+    /// it, then try again (the next try waits for those loads).
+    Retry,
+}
+
+/// Reserve room for one more page of handle `fk` within the budget: take a
+/// spare of the handle if there is one, else reclaim (spares of other
+/// handles, then LRU pages, their unmapping left to `deferred`). A reclaim
+/// takes a batch of the handle's oldest pages, the extra ones kept as
+/// spares, except in a mapping advised `sequential`, where drop-behind
+/// already hands over the page just left.
+///
+/// When every resident page is dirty or loading, pages other threads are
+/// loading will soon be clean and reclaimable: wait for them rather than
+/// fail (unless this thread is itself inside a `loadblk` or `storeblk`: the
+/// thread it would wait for may be waiting for that load or writeout);
+/// spares other threads are still unmapping are waited for in any case
+/// (their reclaimers wait for nothing). Otherwise, with no clean page left,
+/// the budget is exhausted.
+pub(crate) fn make_room<'a>(
+    mut st: Guard<'a>,
+    shared: &'a Shared,
+    (fk, ramh): (FileKey, &Arc<RamHandle>),
+    sequential: bool,
+    deferred: &mut Deferred,
+) -> (Guard<'a>, Result<Room, Failure>) {
+    let rc = shared.counters();
+    let mut recycled = st.take_spare(fk, rc);
+    let mut reclaimed = false;
+    while st.budget().is_full(shared.budget_pages()) {
+        if recycled.is_none() {
+            // After a wait, spares of the handle may have become ready.
+            recycled = st.take_spare(fk, rc);
+            if recycled.is_some() {
+                continue;
+            }
+        }
+        if let Some((owner, rp)) = st.drop_spare(rc) {
+            deferred.release(owner, rp);
+            continue;
+        }
+        match st.reclaim_oldest(rc, Unmap::Deferred, deferred.slots()) {
+            Some(d) => {
+                reclaimed = true;
+                if let Some(rp) = d.ram_page {
+                    if recycled.is_none() && d.fileh == fk {
+                        // Reused by the load: saves a hole punch now and
+                        // an allocation and zeroing then.
+                        recycled = Some(rp);
+                    } else {
+                        deferred.release(st.ramh(d.fileh).clone(), rp);
+                    }
+                }
+            }
+            None => {
+                if let Some(rp) = recycled.take() {
+                    // Still mapped where it was until `deferred` is finished.
+                    deferred.release(ramh.clone(), rp);
+                }
+                if st.budget().spares_pending() || may_wait_for_loads(&st) {
+                    if !deferred.is_empty() {
+                        return (st, Ok(Room::Retry));
+                    }
+                    st = shared.wait(st);
+                    continue;
+                }
+                let failure = Failure::Budget {
+                    budget: shared
+                        .budget_pages()
+                        .saturating_mul(shared.page_size() as u64),
+                    pinned: st.budget().resident(),
+                };
+                return (st, Err(failure));
+            }
+        }
+    }
+    if reclaimed && !sequential {
+        for _ in 1..batch_size(shared.budget_pages()) {
+            match st.spare_from_lru(fk, rc, deferred.slots()) {
+                Some(rp) => deferred.spare(fk, rp),
+                None => break,
+            }
+        }
+    }
+    (st, Ok(Room::Ready(recycled)))
+}
+
+/// Whether a thread finding the budget full may wait for loads in progress
+/// (a loaded page is clean and can be reclaimed): some page is loading, and
+/// the thread is not itself inside a `loadblk` or `storeblk` (of any RAM).
+fn may_wait_for_loads(st: &State) -> bool {
+    !in_callback() && st.pages().any_loading()
+}
+
+/// Give back the memory of one clean page now: a ready spare first, else
+/// the least recently used page. Returns false when there is none.
+pub(crate) fn reclaim_one(st: &mut State, shared: &Shared) -> bool {
+    let mapper = Mapper::of(shared);
+    let rc = shared.counters();
+    if let Some((ramh, rp)) = st.drop_spare(rc) {
+        mapper.release(&ramh, rp);
+        return true;
+    }
+    let mut slots = Vec::new();
+    let Some(d) = st.reclaim_oldest(rc, Unmap::Now, &mut slots) else {
+        return false;
+    };
+    mapper.revoke_slots(&slots);
+    if let Some(rp) = d.ram_page {
+        mapper.release(st.ramh(d.fileh), rp);
+    }
+    true
+}

@@ -1,0 +1,161 @@
+//! One RAM as virtmem sees it: the page source, its budget, the lock over
+//! its [`State`] and the condition variable its threads wait on.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+
+use crate::state::State;
+use crate::stats::Counters;
+use crate::waits::{Cycle, Ticket};
+
+pub(crate) type Guard<'a> = MutexGuard<'a, State>;
+
+pub(crate) struct Shared {
+    ram: bigfile_ram::Ram,
+    state: Mutex<State>,
+    /// Signalled when a load finishes, a writeout ends, or a reclaimer has
+    /// unmapped what it deferred.
+    cond: Condvar,
+    counters: Counters,
+    budget_pages: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(ram: bigfile_ram::Ram) -> Shared {
+        Shared {
+            ram,
+            state: Mutex::new(State::default()),
+            cond: Condvar::new(),
+            counters: Counters::default(),
+            budget_pages: AtomicU64::new(1),
+        }
+    }
+
+    /// The page source.
+    pub(crate) fn ram(&self) -> &bigfile_ram::Ram {
+        &self.ram
+    }
+
+    /// The RAM-wide counters.
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub(crate) fn page_size(&self) -> usize {
+        self.ram.page_size()
+    }
+
+    pub(crate) fn budget_pages(&self) -> u64 {
+        self.budget_pages.load(Relaxed)
+    }
+
+    pub(crate) fn set_budget_pages(&self, pages: u64) {
+        self.budget_pages.store(pages.max(1), Relaxed);
+    }
+
+    /// Take the lock. A panic while it was held leaves state that is still
+    /// structurally valid (every step keeps the maps consistent), so poisoning
+    /// is ignored rather than turned into a crash inside a page fault.
+    pub(crate) fn lock(&self) -> Guard<'_> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait for a notification, counted in the state's waiters.
+    pub(crate) fn wait<'a>(&self, mut st: Guard<'a>) -> Guard<'a> {
+        st.count_waiter(true);
+        let mut st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+        st.count_waiter(false);
+        st
+    }
+
+    /// Wake every waiter, if any; `st` is the state just changed, still
+    /// locked. (The standard condition variable makes a system call for
+    /// every notification, waiters or not: two per fault otherwise.)
+    pub(crate) fn notify(&self, st: &State) {
+        if st.waiters() > 0 {
+            self.cond.notify_all();
+        }
+    }
+
+    /// Wait until `ticket` is finished, unless the wait would never end: the
+    /// calling thread owns the ticket, or waiting would close a cycle of
+    /// waits; then the lock is dropped and the cycle returned. The one place
+    /// virtmem waits for another thread's work.
+    pub(crate) fn wait_for<'a>(
+        &self,
+        mut st: Guard<'a>,
+        ticket: &Arc<Ticket>,
+    ) -> Result<Guard<'a>, Cycle> {
+        let me = thread::current().id();
+        if let Some(cycle) = st.waits().cycle(me, ticket) {
+            return Err(cycle);
+        }
+        st.waits_mut().start(me, ticket.clone());
+        while !ticket.is_finished() {
+            st = self.wait(st);
+        }
+        st.waits_mut().end(me);
+        Ok(st)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::failure::Failure;
+
+    fn shared() -> Arc<Shared> {
+        let ram = bigfile_ram::Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap();
+        Arc::new(Shared::new(ram))
+    }
+
+    #[test]
+    fn waiting_for_ones_own_ticket_fails_at_once() {
+        let s = shared();
+        let t = Ticket::mine();
+        let Err(cycle) = s.wait_for(s.lock(), &t) else {
+            panic!("waited for its own ticket");
+        };
+        assert!(cycle.is_self());
+    }
+
+    #[test]
+    fn a_waiter_wakes_when_the_ticket_is_finished() {
+        let s = shared();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let owner = {
+            let s = s.clone();
+            thread::spawn(move || {
+                let t = Ticket::mine();
+                tx.send(t.clone()).unwrap();
+                // Finish once the other thread waits.
+                loop {
+                    let st = s.lock();
+                    if st.waiters() > 0 {
+                        t.finish(Err(Failure::Panicked));
+                        s.notify(&st);
+                        return;
+                    }
+                    drop(st);
+                    thread::yield_now();
+                }
+            })
+        };
+        let t = rx.recv().unwrap();
+        let Ok(st) = s.wait_for(s.lock(), &t) else {
+            panic!("no cycle here");
+        };
+        assert!(matches!(t.outcome(), Some(Err(Failure::Panicked))));
+        assert_eq!(st.waiters(), 0);
+        drop(st);
+        owner.join().unwrap();
+    }
+
+    #[test]
+    fn the_budget_is_at_least_one_page() {
+        let s = shared();
+        s.set_budget_pages(0);
+        assert_eq!(s.budget_pages(), 1);
+    }
+}

@@ -1,0 +1,125 @@
+//! Where a fault comes from: the seam between [`serve`], which serves a
+//! [`PageRequest`] without knowing who asked, and the sources of requests.
+//! A source decodes its faults into requests and finishes each its own way
+//! once served.
+//!
+//! - [`SignalFaults`]: a thread touched a slot of a mapping (SIGSEGV, via
+//!   bigfile-fault); finishing is returning from the handler, so the
+//!   access re-executes, or dying with a diagnostic.
+//! - [`Prefault`]: a thread asked for pages ([`Vma::prefault`]); finishing
+//!   is returning the outcome as a value.
+//!
+//! A userfaultfd source fits the same way: a thread reading the uffd
+//! decodes each message (address, read or write) into a request, and
+//! finishes it by waking the faulting thread (UFFDIO_WAKE), or poisoning
+//! the page (UFFDIO_POISON) when it failed. See ARCHITECTURE.md.
+//!
+//! [`Vma::prefault`]: crate::Vma::prefault
+
+use std::sync::Arc;
+
+use bigfile_fault::{Fault, FaultHandler, FaultSignal, Outcome};
+
+use crate::error::Error;
+use crate::failure::Failure;
+use crate::handle::FileHInner;
+use crate::host::HostUnlocked;
+use crate::keys::VmaId;
+use crate::serve::{serve, PageRequest};
+
+/// A source of faults: how a served (or failed) request is finished.
+pub(crate) trait FaultSource {
+    /// What finishing gives the source.
+    type Finished;
+
+    /// Finish `req` of `fh`, which [`serve`] served (`Ok`) or not.
+    fn finish(
+        &self,
+        fh: &FileHInner,
+        req: &PageRequest,
+        served: Result<(), Failure>,
+    ) -> Self::Finished;
+}
+
+/// Serve `req` of `fh` for `source`: the one way in for every source.
+pub(crate) fn take<S: FaultSource>(source: &S, fh: &FileHInner, req: &PageRequest) -> S::Finished {
+    source.finish(fh, req, serve(fh, req))
+}
+
+/// The signal handler's view of one mapping: a SIGSEGV on one of its slots
+/// is a request for that slot's block.
+pub(crate) struct SignalFaults {
+    fileh: Arc<FileHInner>,
+    vma: VmaId,
+    pgoffset: u64,
+}
+
+impl SignalFaults {
+    pub(crate) fn new(fileh: Arc<FileHInner>, vma: VmaId, pgoffset: u64) -> SignalFaults {
+        SignalFaults {
+            fileh,
+            vma,
+            pgoffset,
+        }
+    }
+}
+
+impl FaultHandler for SignalFaults {
+    fn handle(&self, fault: &Fault) -> Outcome {
+        let idx = (fault.addr - self.vma.start) / self.fileh.page_size();
+        let blk = self.pgoffset + idx as u64;
+        if fault.signal == FaultSignal::Bus {
+            // A SIGBUS inside our mapping means the RAM's memory could not be
+            // provided (e.g. its filesystem is full under first-touch allocation).
+            return Outcome::Fatal {
+                signal: FaultSignal::Bus,
+                message: format!(
+                    "bus error at {:#x} in block {blk} of {}: the RAM could not provide memory",
+                    fault.addr, self.fileh.name
+                ),
+            };
+        }
+        let req = PageRequest {
+            vma: self.vma,
+            blk,
+            access: fault.access,
+            drop_behind: true,
+        };
+        let _host = HostUnlocked::new();
+        take(self, &self.fileh, &req)
+    }
+}
+
+impl FaultSource for SignalFaults {
+    type Finished = Outcome;
+
+    fn finish(&self, fh: &FileHInner, req: &PageRequest, served: Result<(), Failure>) -> Outcome {
+        match served {
+            Ok(()) => Outcome::Handled,
+            Err(f) => Outcome::Fatal {
+                signal: if f.is_deadlock() {
+                    FaultSignal::Segv
+                } else {
+                    FaultSignal::Bus
+                },
+                message: f.message(req.blk, &fh.name),
+            },
+        }
+    }
+}
+
+/// A thread asking for a page now (prefault): the outcome is a value.
+pub(crate) struct Prefault;
+
+impl FaultSource for Prefault {
+    type Finished = Result<(), Error>;
+
+    fn finish(
+        &self,
+        fh: &FileHInner,
+        req: &PageRequest,
+        served: Result<(), Failure>,
+    ) -> Result<(), Error> {
+        served.map_err(|f| f.into_error(req.blk, &fh.name))
+    }
+}
