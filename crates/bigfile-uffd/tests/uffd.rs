@@ -1,0 +1,307 @@
+//! userfaultfd against a real kernel: kernel-mode and user-mode faults on a
+//! memfd mapping, told apart by the faulting thread; minor faults;
+//! write-protection tracking a kernel write; poisoned pages; refusal for an
+//! unprivileged user.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use bigfile_uffd::{thread_mode, Event, FaultKind, ThreadMode, Uffd, Unavailable};
+
+const PS: usize = 4096;
+const PAGES: usize = 8;
+
+/// A memfd mapped twice: `vma` (registered) and `win` (the loader's view).
+struct Shm {
+    fd: OwnedFd,
+    vma: *mut u8,
+    win: *mut u8,
+}
+
+// SAFETY: the pointers are to shared mappings alive as long as Shm; tests
+// synchronize the accesses they make through them.
+unsafe impl Send for Shm {}
+// SAFETY: as above.
+unsafe impl Sync for Shm {}
+
+impl Shm {
+    fn new() -> Shm {
+        // SAFETY: plain system calls on values we own; results checked.
+        unsafe {
+            let fd = libc::memfd_create(c"uffd-test".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            assert_eq!(libc::ftruncate(fd, (PAGES * PS) as i64), 0);
+            let map = || {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    PAGES * PS,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                );
+                assert_ne!(p, libc::MAP_FAILED);
+                p.cast::<u8>()
+            };
+            Shm {
+                vma: map(),
+                win: map(),
+                fd: OwnedFd::from_raw_fd(fd),
+            }
+        }
+    }
+
+    fn addr(&self, page: usize) -> usize {
+        self.vma as usize + page * PS
+    }
+
+    /// "loadblk": the page's bytes written through the window.
+    fn fill(&self, page: usize, byte: u8) {
+        // SAFETY: the window maps PAGES pages; nothing else writes this page now.
+        unsafe { std::ptr::write_bytes(self.win.add(page * PS), byte, PS) };
+    }
+
+    fn drop_page(&self, page: usize) {
+        // SAFETY: punching a hole in our own memfd.
+        let rc = unsafe {
+            libc::fallocate(
+                self.fd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (page * PS) as i64,
+                PS as i64,
+            )
+        };
+        assert_eq!(rc, 0);
+    }
+}
+
+/// Resolves faults on `shm` until stopped: missing pages filled with
+/// `b'a' + page`, write-protect faults unprotected; every event recorded with
+/// the faulting thread's mode.
+fn server(
+    uffd: Arc<Uffd>,
+    shm: Arc<Shm>,
+    stop: Arc<AtomicBool>,
+) -> (thread::JoinHandle<()>, Arc<Mutex<Vec<(Event, ThreadMode)>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let h = thread::spawn(move || {
+        let mut events = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let mut pfd = libc::pollfd {
+                fd: uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd we own.
+            unsafe { libc::poll(&mut pfd, 1, 20) };
+            events.clear();
+            uffd.read_events(&mut events, 16).unwrap();
+            for e in &events {
+                let mode = thread_mode(e.tid).unwrap();
+                log.lock().unwrap().push((*e, mode));
+                let page_addr = e.addr & !(PS - 1);
+                let page = (page_addr - shm.vma as usize) / PS;
+                match e.kind {
+                    FaultKind::WriteProtect => uffd.write_protect(page_addr, PS, false).unwrap(),
+                    FaultKind::Missing => {
+                        shm.fill(page, b'a' + page as u8);
+                        uffd.resolve(page_addr, PS, !e.write).unwrap();
+                    }
+                    FaultKind::Minor => uffd.resolve(page_addr, PS, !e.write).unwrap(),
+                }
+            }
+        }
+    });
+    (h, seen)
+}
+
+fn gettid() -> libc::pid_t {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::pid_t }
+}
+
+#[test]
+fn kernel_and_user_faults_are_served_and_told_apart() {
+    let uffd = Arc::new(Uffd::open().expect("tests run as root: userfaultfd is allowed"));
+    let shm = Arc::new(Shm::new());
+    let reg = uffd.register(shm.vma as usize, PAGES * PS).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (h, seen) = server(uffd.clone(), shm.clone(), stop.clone());
+    let me = gettid();
+
+    // user-mode read of a missing page
+    // SAFETY: reading a byte of the registered mapping.
+    assert_eq!(unsafe { shm.vma.read_volatile() }, b'a');
+    // the kernel reads a missing page for write(2)
+    let mut pipe = [0; 2];
+    // SAFETY: a pipe into an array we own.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    // SAFETY: the descriptors are new and ours.
+    let (mut rd, mut wr) = unsafe {
+        (
+            std::fs::File::from_raw_fd(pipe[0]),
+            std::fs::File::from_raw_fd(pipe[1]),
+        )
+    };
+    // SAFETY: page 1 of the mapping, PS bytes.
+    let from_map = unsafe { std::slice::from_raw_parts(shm.vma.add(PS), 16) };
+    assert_eq!(wr.write(from_map).unwrap(), 16);
+    let mut got = [0u8; 16];
+    rd.read_exact(&mut got).unwrap();
+    assert_eq!(got, [b'b'; 16]);
+    // the kernel writes into a missing page for read(2)
+    wr.write_all(b"hello").unwrap();
+    // SAFETY: page 2 of the mapping.
+    let into_map = unsafe { std::slice::from_raw_parts_mut(shm.vma.add(2 * PS), 5) };
+    assert_eq!(rd.read(into_map).unwrap(), 5);
+    assert_eq!(into_map, b"hello");
+    // a page in the page cache but not mapped here: a minor fault
+    shm.fill(3, b'M');
+    // SAFETY: page 3 of the mapping.
+    assert_eq!(unsafe { shm.vma.add(3 * PS).read_volatile() }, b'M');
+    // dropped (a reclaim): missing again
+    shm.drop_page(0);
+    // SAFETY: page 0 of the mapping.
+    assert_eq!(unsafe { shm.vma.read_volatile() }, b'a');
+
+    stop.store(true, Ordering::Relaxed);
+    h.join().unwrap();
+    drop(reg);
+    let seen = seen.lock().unwrap();
+    let mine: Vec<_> = seen
+        .iter()
+        .filter(|(e, _)| e.tid == me)
+        .map(|(e, m)| (e.addr - shm.vma as usize, e.kind, e.write, *m))
+        .collect();
+    assert_eq!(
+        mine,
+        [
+            (0, FaultKind::Missing, false, ThreadMode::User),
+            (
+                PS,
+                FaultKind::Missing,
+                false,
+                ThreadMode::Syscall(libc::SYS_write)
+            ),
+            (
+                2 * PS,
+                FaultKind::Missing,
+                true,
+                ThreadMode::Syscall(libc::SYS_read)
+            ),
+            (3 * PS, FaultKind::Minor, false, ThreadMode::User),
+            (0, FaultKind::Missing, false, ThreadMode::User),
+        ]
+    );
+}
+
+#[test]
+fn write_protection_tracks_kernel_writes() {
+    let uffd = Arc::new(Uffd::open().unwrap());
+    let shm = Arc::new(Shm::new());
+    let _reg = uffd.register(shm.vma as usize, PAGES * PS).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (h, seen) = server(uffd.clone(), shm.clone(), stop.clone());
+    // a read maps page 4 write-protected (the server resolves reads with wp)
+    // SAFETY: page 4 of the mapping.
+    assert_eq!(unsafe { shm.vma.add(4 * PS).read_volatile() }, b'a' + 4);
+    // the kernel writes into it: a write-protect fault, then the write lands
+    let mut f = std::fs::File::open("/dev/zero").unwrap();
+    // SAFETY: page 4 of the mapping.
+    let dst = unsafe { std::slice::from_raw_parts_mut(shm.vma.add(4 * PS + 8), 8) };
+    f.read_exact(dst).unwrap();
+    assert_eq!(dst, [0u8; 8]);
+    stop.store(true, Ordering::Relaxed);
+    h.join().unwrap();
+    let kinds: Vec<_> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(e, m)| (e.addr - shm.vma as usize, e.kind, *m))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (4 * PS, FaultKind::Missing, ThreadMode::User),
+            (
+                4 * PS + 8,
+                FaultKind::WriteProtect,
+                ThreadMode::Syscall(libc::SYS_read)
+            )
+        ]
+    );
+}
+
+#[test]
+fn poisoned_page_fails_kernel_access_with_efault() {
+    let uffd = Uffd::open().unwrap();
+    assert!(uffd.features().poison, "Linux 6.18 has UFFDIO_POISON");
+    let shm = Shm::new();
+    let _reg = uffd.register(shm.vma as usize, PAGES * PS).unwrap();
+    uffd.poison(shm.addr(5), PS).unwrap();
+    let mut f = std::fs::File::open("/dev/zero").unwrap();
+    // SAFETY: page 5 of the mapping (the kernel's access fails, ours is none).
+    let dst = unsafe { std::slice::from_raw_parts_mut(shm.vma.add(5 * PS), 8) };
+    let err = f.read(dst).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+}
+
+#[test]
+fn an_unprivileged_user_is_told_why_not() {
+    // A child that gives up root: the system call is refused (the sysctl is
+    // 0 here) and /dev/userfaultfd is root's only.
+    // SAFETY: fork; the child only calls async-signal-safe functions and
+    // userfaultfd's system calls, then _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: setuid to nobody; then report through the exit status.
+        let code = unsafe {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                3
+            } else {
+                match Uffd::open() {
+                    Err(Unavailable::Denied { syscall, device })
+                        if syscall.raw_os_error() == Some(libc::EPERM)
+                            && device.raw_os_error() == Some(libc::EACCES) =>
+                    {
+                        0
+                    }
+                    Err(_) => 1,
+                    Ok(_) => 2,
+                }
+            }
+        };
+        // SAFETY: leaving the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    let unprivileged = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap();
+    if unprivileged.trim() == "0" {
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status:#x}"
+        );
+    } else {
+        // The sysctl allows it: the child gets a descriptor.
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 2,
+            "status {status:#x}"
+        );
+    }
+    let msg = Unavailable::Denied {
+        syscall: std::io::Error::from_raw_os_error(libc::EPERM),
+        device: std::io::Error::from_raw_os_error(libc::EACCES),
+    }
+    .to_string();
+    assert!(
+        msg.contains("vm.unprivileged_userfaultfd=1") && msg.contains("/dev/userfaultfd"),
+        "{msg}"
+    );
+}
