@@ -78,14 +78,13 @@ impl Shm {
     }
 }
 
+/// Every event the server saw, with the faulting thread's mode then.
+type Seen = Arc<Mutex<Vec<(Event, ThreadMode)>>>;
+
 /// Resolves faults on `shm` until stopped: missing pages filled with
 /// `b'a' + page`, write-protect faults unprotected; every event recorded with
 /// the faulting thread's mode.
-fn server(
-    uffd: Arc<Uffd>,
-    shm: Arc<Shm>,
-    stop: Arc<AtomicBool>,
-) -> (thread::JoinHandle<()>, Arc<Mutex<Vec<(Event, ThreadMode)>>>) {
+fn server(uffd: Arc<Uffd>, shm: Arc<Shm>, stop: Arc<AtomicBool>) -> (thread::JoinHandle<()>, Seen) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
     let h = thread::spawn(move || {
