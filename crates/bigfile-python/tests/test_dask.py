@@ -133,6 +133,27 @@ def test_a_dask_array_is_a_snapshot(client, zeo_server):
     assert int(bdask.from_zbigarray(zeo_server.uri, key).sum().compute()) == 5 << 20
 
 
+def test_a_dask_array_sees_every_commit_finished_before(zeo_server):
+    """Another client's commit, finished just before from_zbigarray, is in
+    the snapshot (this process's cached database hears of it through ZEO's
+    asynchronous invalidations: the snapshot must first ask the server)."""
+    other = open_db(zeo_server.uri)
+    try:
+        for i in range(30):
+            key = new_key()
+            tm = transaction.TransactionManager()
+            c = other.open(tm)
+            c.root()[key] = a = ZBigArray((4,), np.int64)
+            tm.commit()
+            a[:] = i
+            tm.commit()
+            c.close()
+            x = bdask.from_zbigarray(zeo_server.uri, key)
+            assert x.compute(scheduler="threads").tolist() == [i] * 4
+    finally:
+        other.close()
+
+
 # ~~~ writing
 
 
