@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use bigfile::virtmem::{FileH, Ram, Vma};
+use bigfile::virtmem::{FaultBackend, FileH, Ram, Vma};
 use bigfile_testkit::memory::{read_byte, write_byte};
 
-pub use bigfile_testkit::memory::prot_at;
+pub use bigfile_testkit::memory::{access_at, PageAccess};
 pub use bigfile_testkit::{Call, MemFile};
 
 pub const BLK: usize = 64 * 1024;
@@ -16,11 +16,17 @@ pub fn mem_file(blksize: usize) -> Arc<MemFile> {
     Arc::new(MemFile::new(blksize))
 }
 
-/// A private RAM of `BLK`-sized pages with a budget of `pages` pages.
+/// A private RAM of `BLK`-sized pages with a budget of `pages` pages, on
+/// the default fault backend (`BIGFILE_FAULTS`, else the best available).
 pub fn ram(pages: u64) -> Ram {
     Ram::from_spec(&format!("memfd,pagesize={}", BLK))
         .unwrap()
         .with_budget(pages * BLK as u64)
+}
+
+/// [`ram`] on fault backend `backend`.
+pub fn ram_on(backend: FaultBackend, pages: u64) -> Ram {
+    ram(pages).with_fault_backend(backend).unwrap()
 }
 
 pub fn open(file: &Arc<MemFile>, ram: &Ram) -> FileH {

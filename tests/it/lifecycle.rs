@@ -1,8 +1,8 @@
 //! The full lifecycle of a handle and its mappings, checked after every step.
 
-use bigfile::virtmem::{FileH, PageState, WriteoutFlags};
+use bigfile::virtmem::{FaultBackend, FileH, PageState, WriteoutFlags};
 
-use crate::common::{handle, mem_file, open, peek, poke, prot_at, ram, setup, Call, MemFile, BLK};
+use crate::common::{access_at, handle, mem_file, open, peek, poke, ram, setup, Call, MemFile, PageAccess, BLK};
 
 fn state(fh: &FileH, pg: u64) -> Option<PageState> {
     fh.page_state(pg)
@@ -14,20 +14,20 @@ fn full_lifecycle() {
     let p = vma.as_ptr();
     let at = |pg: usize| p.wrapping_add(pg * BLK);
     assert_eq!(fh.stats().resident_pages, 0);
-    assert_eq!(prot_at(at(0) as usize).as_deref(), Some("---p"));
+    assert_eq!(access_at(at(0) as usize), PageAccess::None);
 
     // read page 0: loaded, mapped read-only.
     assert_eq!(peek(at(0)), MemFile::initial(0));
     assert_eq!(file.take_calls(), [Call::Load(0)]);
     assert_eq!(state(&fh, 0), Some(PageState::Loaded));
-    assert_eq!(prot_at(at(0) as usize).as_deref(), Some("r--s"));
+    assert_eq!(access_at(at(0) as usize), PageAccess::Read);
     assert_eq!(vma.mapped_pages(), [0]);
 
     // write page 2: loaded, dirty, writable.
     poke(at(2).wrapping_add(5), 0xa2);
     assert_eq!(file.take_calls(), [Call::Load(2)]);
     assert_eq!(state(&fh, 2), Some(PageState::Dirty));
-    assert_eq!(prot_at(at(2) as usize).as_deref(), Some("rw-s"));
+    assert_eq!(access_at(at(2) as usize), PageAccess::Write);
     assert!(fh.is_dirty());
     assert_eq!(fh.dirty_blocks(), [2]);
 
@@ -40,7 +40,7 @@ fn full_lifecycle() {
     poke(at(0), 0xa0);
     assert_eq!(file.take_calls(), []);
     assert_eq!(state(&fh, 0), Some(PageState::Dirty));
-    assert_eq!(prot_at(at(0) as usize).as_deref(), Some("rw-s"));
+    assert_eq!(access_at(at(0) as usize), PageAccess::Write);
     assert_eq!(fh.dirty_blocks(), [0, 2]);
 
     // read page 1.
@@ -55,7 +55,7 @@ fn full_lifecycle() {
     assert_eq!(state(&fh, 1), None);
     assert_eq!(state(&fh, 3), None);
     assert_eq!(vma.mapped_pages(), [0, 2]);
-    assert_eq!(prot_at(at(1) as usize).as_deref(), Some("---p"));
+    assert_eq!(access_at(at(1) as usize), PageAccess::None);
     assert_eq!(fh.stats().resident_pages, 2);
     assert_eq!(fh.stats().reclaims, 2);
 
@@ -70,7 +70,7 @@ fn full_lifecycle() {
     assert_eq!(peek(at(2).wrapping_add(5)), 0xa2);
     assert_eq!(file.take_calls(), []);
     // a read maps even a dirty page read-only at first; the next write upgrades it.
-    assert_eq!(prot_at(at(2) as usize).as_deref(), Some("r--s"));
+    assert_eq!(access_at(at(2) as usize), PageAccess::Read);
 
     // discard: changes gone, data reloads from the file.
     fh.dirty_discard().unwrap();
@@ -88,18 +88,18 @@ fn full_lifecycle() {
     fh.dirty_writeout(WriteoutFlags::STORE).unwrap();
     assert_eq!(file.take_calls(), [Call::Store(1), Call::Store(3)]);
     assert_eq!(fh.dirty_blocks(), [1, 3]);
-    assert_eq!(prot_at(at(1) as usize).as_deref(), Some("r--s"));
+    assert_eq!(access_at(at(1) as usize), PageAccess::Read);
     assert_eq!(file.content(1)[0], 0xb1);
     // a write after STORE needs no load and keeps the page dirty.
     poke(at(1).wrapping_add(1), 0xb2);
-    assert_eq!(prot_at(at(1) as usize).as_deref(), Some("rw-s"));
+    assert_eq!(access_at(at(1) as usize), PageAccess::Write);
 
     // MARKSTORED: clean, read-only, nothing stored.
     fh.dirty_writeout(WriteoutFlags::MARKSTORED).unwrap();
     assert_eq!(file.take_calls(), []);
     assert!(!fh.is_dirty());
     assert_eq!(state(&fh, 1), Some(PageState::Loaded));
-    assert_eq!(prot_at(at(1) as usize).as_deref(), Some("r--s"));
+    assert_eq!(access_at(at(1) as usize), PageAccess::Read);
 
     // STORE|MARKSTORED.
     poke(at(2), 0xc2);
@@ -158,11 +158,8 @@ fn overlapping_mappings_are_one_memory() {
     fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
         .unwrap();
     assert_eq!(file.content(3)[7], 0x33);
-    assert_eq!(
-        prot_at(a.as_ptr() as usize + 3 * BLK).as_deref(),
-        Some("r--s")
-    );
-    assert_eq!(prot_at(b.as_ptr() as usize + BLK).as_deref(), Some("r--s"));
+    assert_eq!(access_at(a.as_ptr() as usize + 3 * BLK), PageAccess::Read);
+    assert_eq!(access_at(b.as_ptr() as usize + BLK), PageAccess::Read);
 }
 
 #[test]
@@ -227,17 +224,27 @@ fn failed_store_loses_nothing_and_retries() {
 }
 
 #[test]
-fn prefault_makes_kernel_io_into_the_mapping_work() {
+fn kernel_io_into_the_mapping_works_after_prefault_or_on_userfaultfd() {
     use std::io::{Read, Write};
     let (_file, _ram, fh, vma) = setup(16, 2);
     let mut tmp = tempfile();
     tmp.write_all(&[7u8; 100]).unwrap();
-    // Without prefault read(2) into a not-yet-loaded page fails with EFAULT.
+    // Without prefault, read(2) into a not-yet-loaded page fails with
+    // EFAULT on the signal backend (the kernel's access faults with no
+    // signal); the userfaultfd backend serves it.
     let mut f = std::fs::File::open(tmp_path()).unwrap();
     // SAFETY: nothing else accesses these bytes while the slice lives.
     let dst = unsafe { &mut vma.as_mut_slice()[..100] };
-    let err = f.read(dst).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+    match fh.ram().fault_backend() {
+        FaultBackend::Signals => {
+            let err = f.read(dst).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+        }
+        FaultBackend::Userfaultfd => {
+            assert_eq!(f.read(dst).unwrap(), 100);
+            assert_eq!(fh.dirty_blocks(), [0]);
+        }
+    }
     vma.prefault(0..100, bigfile::virtmem::Access::Write)
         .unwrap();
     let mut f = std::fs::File::open(tmp_path()).unwrap();

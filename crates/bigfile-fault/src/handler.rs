@@ -28,6 +28,11 @@ pub struct Fault {
     /// 1 for a first fault on this thread, 2 for a fault taken while a
     /// handler on this thread runs, and so on.
     pub depth: u32,
+    /// Reported by another thread and delivered to this one by the request
+    /// signal ([`send_request`](crate::send_request)): the thread is
+    /// blocked in a userfaultfd fault at `addr`, and returning `Handled`
+    /// retries its access. `signal` is then `Segv`.
+    pub requested: bool,
 }
 
 /// What a [`FaultHandler`] did with a fault.

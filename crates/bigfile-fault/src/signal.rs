@@ -225,6 +225,7 @@ unsafe fn dispatch(signo: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
         access: unsafe { arch::access(ctx) },
         signal,
         depth,
+        requested: false,
     };
     // SAFETY: forwarding the kernel's ucontext.
     let outcome = unsafe { serve(&range, &fault, ctx) };
@@ -234,12 +235,20 @@ unsafe fn dispatch(signo: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
         Outcome::Handled => {}
         // SAFETY: forwarding the kernel's arguments.
         Outcome::NotOurs => unsafe { chain(signo, info, ctx, prev) },
-        Outcome::Fatal { signal, message } => {
-            diag::report(format_args!("{message}"));
-            // SAFETY: forwarding the kernel's ucontext.
-            unsafe { die(signo, signal, ctx) };
-        }
+        // SAFETY: forwarding the kernel's ucontext.
+        Outcome::Fatal { signal, message } => unsafe { die_reporting(signo, signal, &message, ctx) },
     }
+}
+
+/// Prints `bigfile: <message>`, then dies by `want` at the access (see
+/// `die`).
+///
+/// # Safety
+/// `ctx` is the kernel's ucontext for the signal being handled.
+pub(crate) unsafe fn die_reporting(signo: c_int, want: FaultSignal, message: &str, ctx: *mut c_void) {
+    diag::report(format_args!("{message}"));
+    // SAFETY: forwarded to the caller.
+    unsafe { die(signo, want, ctx) };
 }
 
 /// One handler call, passed through `call_on_stack` as a raw pointer.
@@ -257,7 +266,7 @@ struct Call<'a> {
 ///
 /// # Safety
 /// `ctx` is the kernel's ucontext for this fault.
-unsafe fn serve(range: &RangeState, fault: &Fault, ctx: *mut c_void) -> Outcome {
+pub(crate) unsafe fn serve(range: &RangeState, fault: &Fault, ctx: *mut c_void) -> Outcome {
     let mut call = Call {
         range,
         fault,

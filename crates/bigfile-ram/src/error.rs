@@ -112,6 +112,14 @@ pub enum RamError {
         max_pages: u64,
     },
 
+    /// [`RamHandle::alloc_page_at`](crate::RamHandle::alloc_page_at): the
+    /// page asked for is allocated already.
+    #[error("RAM page {page} is allocated already")]
+    PageTaken {
+        /// The page asked for.
+        page: u64,
+    },
+
     /// A system call failed.
     #[error("{what}: {source}")]
     Io {
@@ -181,6 +189,7 @@ impl Clone for RamError {
                 source: clone_io_error(source),
             },
             &RamError::HandleFull { max_pages } => RamError::HandleFull { max_pages },
+            &RamError::PageTaken { page } => RamError::PageTaken { page },
             RamError::Io { what, source } => RamError::Io {
                 what: what.clone(),
                 source: clone_io_error(source),

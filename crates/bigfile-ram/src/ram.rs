@@ -12,7 +12,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Page and byte counts of a RAM or a handle.
 ///
@@ -159,6 +160,27 @@ impl Ram {
 
     /// A new handle: one new kernel file, sized to hold [`Ram::max_size`] bytes of pages.
     pub fn open_handle(&self) -> Result<RamHandle, RamError> {
+        let max_pages = self.max_size() / self.page_size() as u64;
+        if max_pages == 0 {
+            return Err(RamError::TooSmall {
+                max_size: self.max_size(),
+                page_size: self.page_size(),
+            });
+        }
+        self.open_handle_sized(max_pages)
+    }
+
+    /// A new handle with `max_pages` page indices, whatever the RAM can hold
+    /// (its file is sparse): for a caller that keeps each block of a file at
+    /// the block's own index ([`RamHandle::alloc_page_at`]), so indices span
+    /// the file, not the memory.
+    pub fn open_handle_sized(&self, max_pages: u64) -> Result<RamHandle, RamError> {
+        if max_pages == 0 {
+            return Err(RamError::TooSmall {
+                max_size: 0,
+                page_size: self.page_size(),
+            });
+        }
         let spec = &self.inner.spec;
         let fd = match (&spec.backend, self.inner.huge_page_size) {
             (Backend::Memfd, _) => sys::memfd_create(c"bigfile-ram", libc::MFD_CLOEXEC)
@@ -177,14 +199,11 @@ impl Ram {
             (Backend::Hugetlbfs { dir: None }, None) => unreachable!("checked by Ram::new"),
         };
         let page_size = self.page_size();
-        let max_pages = self.max_size() / page_size as u64;
-        if max_pages == 0 {
-            return Err(RamError::TooSmall {
-                max_size: self.max_size(),
-                page_size,
-            });
-        }
-        sys::ftruncate(fd.as_fd(), max_pages * page_size as u64)
+        let size = max_pages.checked_mul(page_size as u64).ok_or(RamError::OutOfRange {
+            page: max_pages,
+            max_pages: u64::MAX / page_size as u64,
+        })?;
+        sys::ftruncate(fd.as_fd(), size)
             .map_err(|e| RamError::io("size the handle file (ftruncate)", e))?;
         Ok(RamHandle {
             fd,
@@ -197,8 +216,7 @@ impl Ram {
                 ram: self.clone(),
                 pages: AtomicU64::new(0),
             },
-            window: OnceLock::new(),
-            window_init: Mutex::new(()),
+            windows: Mutex::new(HashMap::new()),
             thp: crate::thp::collapse_size(&self.inner.spec).map(Collapser::new),
             stray: Mutex::new(Vec::new()),
             huge: Mutex::new(Bitmap::default()),
@@ -387,6 +405,9 @@ impl Drop for Window {
     }
 }
 
+/// Bytes of the handle file each window mapping covers (see [`RamHandle::window`]).
+pub const WINDOW_SEGMENT: u64 = 1 << 30;
+
 /// One kernel file of pages from a [`Ram`]: page index `i` lives at file offset
 /// `i × page_size`, so pages at adjacent indices mapped at adjacent addresses merge into one
 /// kernel VMA. `Send + Sync`; every method takes `&self`.
@@ -402,9 +423,11 @@ pub struct RamHandle {
     hugetlb: bool,
     used: Mutex<Bitmap>,
     account: Account,
-    window: OnceLock<Window>,
-    /// Serialises creating the window (`OnceLock::get_or_try_init` is not stable).
-    window_init: Mutex<()>,
+    /// The handle file mapped for filling pages, in segments of
+    /// [`WINDOW_SEGMENT`] bytes made on first use (by segment index): a
+    /// handle sized for a whole file's offsets (`open_handle_sized`) would
+    /// not fit in the address space as one mapping.
+    windows: Mutex<HashMap<u64, Window>>,
     /// Makes new pages transparent huge pages ([`crate::ThpPolicy`]), when eligible.
     thp: Option<Collapser>,
     /// Pages given up by `drop_page` whose memory could not be returned (the hole punch
@@ -511,29 +534,61 @@ impl RamHandle {
             used.set(page, true);
             page
         };
-        // The index is claimed, so fallocate runs without the lock.
-        if self.alloc == AllocPolicy::Reserve {
-            #[cfg(feature = "failpoints")]
-            if let Err(e) = sys::failpoint("ram::alloc_page") {
-                self.used().set(page, false);
-                return Err(exhausted_or_io(e, page, self.page_size));
-            }
-            if self.reserve_huge(page) {
-                self.huge
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .set(page, true);
-            } else {
-                if let Err(e) =
-                    sys::fallocate(self.fd(), 0, self.offset(page), self.page_size as u64)
-                {
-                    // Seed pages of a failed huge reservation may be there.
-                    let _ = self.punch(page);
-                    self.used().set(page, false);
-                    return Err(exhausted_or_io(e, page, self.page_size));
-                }
+        self.reserve_claimed(page)?;
+        self.account.add();
+        Ok(page)
+    }
+
+    /// Take claimed `page`'s memory now under [`AllocPolicy::Reserve`];
+    /// on failure the claim is given up. The index is claimed, so this runs
+    /// without the lock.
+    fn reserve_claimed(&self, page: u64) -> Result<(), RamError> {
+        if self.alloc != AllocPolicy::Reserve {
+            return Ok(());
+        }
+        #[cfg(feature = "failpoints")]
+        if let Err(e) = sys::failpoint("ram::alloc_page") {
+            self.used().set(page, false);
+            return Err(exhausted_or_io(e, page, self.page_size));
+        }
+        if self.reserve_huge(page) {
+            self.huge
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set(page, true);
+        } else if let Err(e) = sys::fallocate(self.fd(), 0, self.offset(page), self.page_size as u64) {
+            // Seed pages of a failed huge reservation may be there.
+            let _ = self.punch(page);
+            self.used().set(page, false);
+            return Err(exhausted_or_io(e, page, self.page_size));
+        }
+        Ok(())
+    }
+
+    /// Allocates exactly `page` (for a caller that keeps each block at its
+    /// own index), as [`RamHandle::alloc_page`] otherwise does; fails with
+    /// [`RamError::PageTaken`] if it is allocated already. A page whose
+    /// drop failed (still holding its memory) is taken back when it is
+    /// this one.
+    pub fn alloc_page_at(&self, page: u64) -> Result<u64, RamError> {
+        if page >= self.max_pages {
+            return Err(RamError::OutOfRange { page, max_pages: self.max_pages });
+        }
+        {
+            let mut stray = self.stray.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = stray.iter().position(|&p| p == page) {
+                stray.swap_remove(i);
+                return Ok(page);
             }
         }
+        {
+            let mut used = self.used();
+            if used.get(page) {
+                return Err(RamError::PageTaken { page });
+            }
+            used.set(page, true);
+        }
+        self.reserve_claimed(page)?;
         self.account.add();
         Ok(page)
     }
@@ -613,48 +668,51 @@ impl RamHandle {
         self.mmap_page(page, addr.as_ptr(), prot, true).map(drop)
     }
 
-    /// A pointer to allocated `page` inside one persistent read-write shared mapping of the
-    /// whole handle file (made on first use, `MAP_NORESERVE`), so a loader fills pages
-    /// without a mapping per page. Valid while the handle lives; writes through it are seen
-    /// by every mapping of the page.
+    /// A pointer to allocated `page` inside a persistent read-write shared mapping of the
+    /// handle file (made on first use, a [`WINDOW_SEGMENT`] at a time, `MAP_NORESERVE`), so a
+    /// loader fills pages without a mapping per page. Valid while the handle lives; writes
+    /// through it are seen by every mapping of the page.
     pub fn window(&self, page: u64) -> Result<NonNull<u8>, RamError> {
         self.check_allocated(page)?;
-        let window = match self.window.get() {
-            Some(w) => w,
-            None => {
-                let _init = self.window_init.lock().unwrap_or_else(|p| p.into_inner());
-                match self.window.get() {
-                    Some(w) => w,
-                    None => {
-                        let len = (self.max_pages * self.page_size as u64) as usize;
-                        #[cfg(feature = "failpoints")]
-                        sys::failpoint("ram::window")
-                            .map_err(|e| RamError::io("map the handle window (mmap)", e))?;
-                        // Page-aligned: huge pages (hugetlb, or transparent
-                        // ones) can only be mapped at addresses aligned to them.
-                        let ptr = sys::mmap_aligned(
-                            len,
-                            self.page_size,
-                            libc::PROT_READ | libc::PROT_WRITE,
-                            libc::MAP_SHARED | libc::MAP_NORESERVE,
-                            self.fd(),
-                        )
-                        .map_err(|e| RamError::io("map the handle window (mmap)", e))?;
-                        // The window spans the RAM's whole capacity: a core
-                        // dump would read every page of it, allocating the
-                        // holes (measured: 24 GB of core for one loaded
-                        // page). The pages are dumped where they are mapped
-                        // for use, if the dump filter says so.
-                        // SAFETY: the range was just mapped, and excluding
-                        // it from core dumps changes no data.
-                        let _ = unsafe { sys::madvise(ptr, len, libc::MADV_DONTDUMP) };
-                        self.window.get_or_init(|| Window { ptr, len })
-                    }
-                }
+        let per = self.segment_pages();
+        let (seg, within) = (page / per, page % per);
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let w = match windows.entry(seg) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let pages = per.min(self.max_pages - seg * per);
+                let len = (pages * self.page_size as u64) as usize;
+                #[cfg(feature = "failpoints")]
+                sys::failpoint("ram::window")
+                    .map_err(|e| RamError::io("map the handle window (mmap)", e))?;
+                // Page-aligned: huge pages (hugetlb, or transparent ones) can
+                // only be mapped at addresses aligned to them.
+                let ptr = sys::mmap_aligned(
+                    len,
+                    self.page_size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_NORESERVE,
+                    self.fd(),
+                    self.offset(seg * per),
+                )
+                .map_err(|e| RamError::io("map the handle window (mmap)", e))?;
+                // A core dump would read every page of the window, allocating
+                // the holes (measured: 24 GB of core for one loaded page).
+                // The pages are dumped where they are mapped for use, if the
+                // dump filter says so.
+                // SAFETY: the range was just mapped, and excluding it from
+                // core dumps changes no data.
+                let _ = unsafe { sys::madvise(ptr, len, libc::MADV_DONTDUMP) };
+                e.insert(Window { ptr, len })
             }
         };
-        // SAFETY: `page < max_pages`, so the offset stays inside the window's range.
-        Ok(unsafe { window.ptr.add(self.offset(page) as usize) })
+        // SAFETY: `within < per` pages, inside this segment's mapping.
+        Ok(unsafe { w.ptr.add((within * self.page_size as u64) as usize) })
+    }
+
+    /// Pages per window segment: [`WINDOW_SEGMENT`] bytes, at least one page.
+    fn segment_pages(&self) -> u64 {
+        (WINDOW_SEGMENT / self.page_size as u64).max(1)
     }
 
     /// Returns `page`'s memory to the OS (`fallocate(PUNCH_HOLE)`); the page reads back as
@@ -702,11 +760,13 @@ impl RamHandle {
     /// Closes the handle, reporting errors that dropping it would ignore. Mappings of its
     /// pages stay valid; the window is unmapped.
     pub fn close(self) -> Result<(), RamError> {
-        let RamHandle { fd, window, .. } = self;
-        let unmapped = match window.into_inner() {
-            Some(w) => w.unmap(),
-            None => Ok(()),
-        };
+        let RamHandle { fd, windows, .. } = self;
+        let unmapped = windows
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .into_values()
+            .map(Window::unmap)
+            .fold(Ok(()), Result::and);
         let closed = sys::close(fd);
         unmapped.map_err(|e| RamError::io("unmap the handle window (munmap)", e))?;
         closed.map_err(|e| RamError::io("close the handle file", e))

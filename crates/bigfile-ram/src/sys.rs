@@ -198,11 +198,12 @@ pub(crate) fn mmap_aligned(
     prot: libc::c_int,
     flags: libc::c_int,
     fd: BorrowedFd<'_>,
+    offset: u64,
 ) -> io::Result<NonNull<u8>> {
     let aligned = bigfile_os::reserve_aligned(len, align)?;
     // SAFETY: `[aligned, aligned + len)` is the reservation just made,
     // which nothing else knows about.
-    let mapped = unsafe { mmap(aligned.as_ptr(), len, prot, flags | libc::MAP_FIXED, fd, 0) };
+    let mapped = unsafe { mmap(aligned.as_ptr(), len, prot, flags | libc::MAP_FIXED, fd, offset) };
     if mapped.is_err() {
         // SAFETY: our own reservation, not handed out.
         unsafe { libc::munmap(aligned.as_ptr().cast(), len) };

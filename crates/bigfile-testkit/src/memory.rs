@@ -95,6 +95,50 @@ pub fn prot_at(addr: usize) -> Option<String> {
     })
 }
 
+/// What a user-mode access to the page at `addr` may do without faulting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageAccess {
+    /// Nothing: the first access faults (an inaccessible slot, or a page
+    /// not present in an accessible mapping).
+    None,
+    /// Read: a read-only page, or one write-protected by a userfaultfd.
+    Read,
+    /// Read and write.
+    Write,
+}
+
+/// [`PageAccess`] at `addr`, from `/proc/self/maps` (the mapping's
+/// protection) and `/proc/self/pagemap` (whether the page is present, and
+/// write-protected by a userfaultfd): the same answer for a page on either
+/// of bigfile's fault backends.
+pub fn access_at(addr: usize) -> PageAccess {
+    match prot_at(addr).as_deref() {
+        None | Some("---p" | "---s") => PageAccess::None,
+        Some(p) if !p.starts_with("rw") => PageAccess::Read,
+        Some(_) => {
+            let entry = pagemap_entry(addr).expect("reading /proc/self/pagemap (as root)");
+            const PRESENT: u64 = 1 << 63;
+            const UFFD_WP: u64 = 1 << 57;
+            if entry & PRESENT == 0 {
+                PageAccess::None
+            } else if entry & UFFD_WP != 0 {
+                PageAccess::Read
+            } else {
+                PageAccess::Write
+            }
+        }
+    }
+}
+
+/// The `/proc/self/pagemap` entry of the OS page at `addr`.
+fn pagemap_entry(addr: usize) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/self/pagemap")?;
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, (addr / bigfile_os::os_page_size() * 8) as u64)?;
+    Ok(u64::from_ne_bytes(b))
+}
+
 /// How many mappings of bigfile-ram's memory files the process has (lines
 /// of `/proc/self/maps` naming one): what a leak of mappings shows in.
 pub fn ram_file_mappings() -> usize {

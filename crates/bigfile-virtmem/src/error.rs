@@ -66,6 +66,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The fault backend asked for cannot be had (or changed now).
+    #[error("fault backend: {0}")]
+    Backend(String),
 }
 
 /// Why a page could not be loaded: the value inside [`Error::Load`].

@@ -35,6 +35,10 @@ impl Default for LoadPolicy {
     }
 }
 
+/// Bytes of a file a handle on the userfaultfd backend can map: its memory
+/// file is this big (sparse), block `b` at page `b`.
+const IN_PLACE_SPAN: u64 = 1 << 46;
+
 pub(crate) struct FileHInner {
     pub(crate) shared: Arc<Shared>,
     pub(crate) ram: Ram,
@@ -51,7 +55,14 @@ impl FileHInner {
     /// A handle of `file` on `ram` (whose page size is the file's blksize).
     pub(crate) fn open(file: Arc<dyn BigFile>, ram: Ram) -> Result<FileHInner> {
         let shared = ram.shared().clone();
-        let ramh = Arc::new(shared.ram().open_handle()?);
+        let ramh = Arc::new(match shared.backend().uffd() {
+            // Each block at its own page of the handle's file: indices span
+            // the file's blocks (up to 64 TiB of offsets), not the memory.
+            Some(_) => shared
+                .ram()
+                .open_handle_sized(IN_PLACE_SPAN / shared.page_size() as u64)?,
+            None => shared.ram().open_handle()?,
+        });
         let counters = Arc::new(Counters::default());
         let name = file.name();
         let key = {

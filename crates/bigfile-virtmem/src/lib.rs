@@ -19,6 +19,7 @@
 #![doc = include_str!("../README.md")]
 
 mod advice;
+mod backend;
 mod bigfile;
 mod budget;
 mod callback;
@@ -42,11 +43,13 @@ mod source;
 mod state;
 mod stats;
 mod sys;
+mod uffd;
 mod vma;
 mod vmas;
 mod waits;
 
 pub use advice::Advice;
+pub use backend::FaultBackend;
 pub use bigfile::{BigFile, BlockError};
 pub use bigfile_fault::Access;
 pub use error::{Error, LoadError, Result, SharedBlockError};

@@ -5,11 +5,13 @@
 //! The bookkeeping (`state.rs` and its parts) decides; the mapper does.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
 use bigfile_os::Prot;
 use bigfile_ram::{RamError, RamHandle};
+use bigfile_uffd::Uffd;
 
 use crate::keys::{FileKey, PageKey, RamPage, Slot, VmaId};
 use crate::shared::Shared;
@@ -17,10 +19,18 @@ use crate::state::{State, Unmap};
 use crate::stats::Counters;
 use crate::sys;
 
-/// The OS side of one RAM's mappings.
+/// The OS side of one RAM's mappings. On the signal backend a mapping is a
+/// reservation with each loaded page mapped over its slot (its RAM page,
+/// wherever in the handle's memory file), read-only until written; on the
+/// userfaultfd backend a mapping maps the handle's memory file linearly
+/// (block `b` is file page `b`) and is registered with the userfaultfd, a
+/// page is made present in a slot by `UFFDIO_CONTINUE` and kept clean by
+/// write-protection, and dropping it from the file takes it away from every
+/// mapping at once.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Mapper {
     page_size: usize,
+    uffd: Option<&'static Uffd>,
 }
 
 /// Why a page could not be mapped into its slot.
@@ -36,7 +46,47 @@ impl Mapper {
     pub(crate) fn of(shared: &Shared) -> Mapper {
         Mapper {
             page_size: shared.page_size(),
+            uffd: shared.backend().uffd(),
         }
+    }
+
+    /// Whether pages are at their block's place in the handle's memory file
+    /// (the userfaultfd backend): a RAM page cannot be reused for another
+    /// block, and each block's page is allocated at its own index.
+    pub(crate) fn pages_in_place(&self) -> bool {
+        self.uffd.is_some()
+    }
+
+    /// On the userfaultfd backend, map `pages` pages of `ramh`'s memory file
+    /// from page `pgoffset` over the reservation at `start`, read-write
+    /// (faults are the userfaultfd's to report); nothing on the signal
+    /// backend.
+    ///
+    /// # Safety
+    /// `start` and `pages` are those of a reservation made by
+    /// [`Mapper::reserve`] that nothing uses yet.
+    pub(crate) unsafe fn map_file(
+        &self,
+        start: NonNull<u8>,
+        pages: usize,
+        ramh: &RamHandle,
+        pgoffset: u64,
+    ) -> io::Result<()> {
+        if self.uffd.is_none() {
+            return Ok(());
+        }
+        if pgoffset.checked_add(pages as u64).is_none_or(|end| end > ramh.max_pages()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "pages {pgoffset}..+{pages} are beyond the RAM handle's capacity of {} pages",
+                    ramh.max_pages()
+                ),
+            ));
+        }
+        let offset = pgoffset * self.page_size as u64;
+        // SAFETY: forwarded to the caller; the memory file is the handle's.
+        unsafe { sys::map_shared_fixed(start, pages * self.page_size, ramh.fd().as_raw_fd(), offset) }
     }
 
     /// Reserve the address range of a mapping of `pages` pages:
@@ -79,6 +129,21 @@ impl Mapper {
         let Some(slot) = st.slot(fk, vma, blk, self.page_size) else {
             return Ok(None);
         };
+        if let Some(uffd) = self.uffd {
+            debug_assert_eq!(ram_page.0, blk, "pages in place");
+            let addr = slot.addr.as_ptr() as usize;
+            let wp = prot == Prot::Read;
+            if slot.mapped {
+                uffd.write_protect(addr, self.page_size, wp)
+            } else {
+                // Present in the file: map it here (waking threads blocked on it).
+                uffd.resolve(addr, self.page_size, wp)
+            }
+            .map_err(MapError::Protect)?;
+            st.set_mapped(fk, vma.key, slot.index);
+            // Present already: nothing to populate.
+            return Ok(None);
+        }
         if slot.mapped {
             // SAFETY: the page is inside this mapping's reservation.
             unsafe { sys::mprotect(slot.addr, self.page_size, prot.bits()) }
@@ -104,6 +169,10 @@ impl Mapper {
         prot: Prot,
     ) -> io::Result<()> {
         for addr in st.mapped_addrs(fk, blk, self.page_size) {
+            if let Some(uffd) = self.uffd {
+                uffd.write_protect(addr.as_ptr() as usize, self.page_size, prot == Prot::Read)?;
+                continue;
+            }
             // SAFETY: the page lies inside a mapping's reservation, owned by
             // its Vma, which stays alive while its state is in `st`.
             unsafe { sys::mprotect(addr, self.page_size, prot.bits()) }?;
@@ -151,6 +220,20 @@ impl Mapper {
     /// dropped on purpose.
     unsafe fn revoke(&self, addr: NonNull<u8>, pages: usize) {
         let len = pages * self.page_size;
+        if self.uffd.is_some() {
+            // The linear mapping stays; its page-table entries go (the page
+            // itself is dropped from the file by `release`, which takes it
+            // from every mapping). The next access faults.
+            // SAFETY: forwarded to the caller.
+            if let Err(e) = unsafe { sys::zap(addr, len) } {
+                eprintln!(
+                    "bigfile: cannot take a dropped page away from its mapping at {addr:p} ({e}); \
+                     aborting rather than let it show another block's data"
+                );
+                std::process::abort();
+            }
+            return;
+        }
         // SAFETY: forwarded to the caller.
         let res = unsafe { sys::unmap_to_reserved(addr, len) }
             // SAFETY: as above.
@@ -174,6 +257,10 @@ impl Mapper {
     /// As [`sys::populate`]: `addr` is a page of our own memory (a slot of a
     /// live mapping, whatever is mapped there by now, or a RAM window).
     pub(crate) unsafe fn populate(&self, addr: NonNull<u8>, write: bool) {
+        if self.uffd.is_some() {
+            // UFFDIO_CONTINUE made the page present.
+            return;
+        }
         // SAFETY: forwarded to the caller.
         unsafe { sys::populate(addr, self.page_size, write) }
     }
@@ -266,7 +353,7 @@ mod tests {
     #[test]
     fn pages_are_mapped_protected_and_revoked_in_runs() {
         let ram = bigfile_ram::Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap();
-        let shared = Shared::new(ram);
+        let shared = Shared::with_backend(ram, crate::backend::Backend::Signals { why_not_uffd: "the test asks for signals".into() });
         let mapper = Mapper::of(&shared);
         let ramh = Arc::new(shared.ram().open_handle().unwrap());
         let start = mapper.reserve(3).unwrap();

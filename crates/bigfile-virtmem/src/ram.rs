@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use crate::error::Result;
+use crate::backend::{Backend, FaultBackend, Wanted};
+use crate::error::{Error, Result};
 use crate::host::HostUnlocked;
 use crate::reclaim::reclaim_one;
 use crate::shared::Shared;
@@ -57,6 +58,39 @@ impl Ram {
     /// `shmfs:/dev/shm,pagesize=64K`.
     pub fn from_spec(spec: &str) -> Result<Ram> {
         Ok(Ram::new(bigfile_ram::Ram::new(spec.parse()?)?))
+    }
+
+    /// This RAM on fault backend `backend` (see [`FaultBackend`]; by
+    /// default the best available, or what the environment variable
+    /// `BIGFILE_FAULTS` names: `signals`, `userfaultfd` or `auto`). Only
+    /// before the RAM is used (no clone of it, no handle opened).
+    ///
+    /// # Errors
+    /// [`Error::Backend`] when the RAM is in use, or userfaultfd is asked
+    /// for and the process cannot have it (the reason says why).
+    pub fn with_fault_backend(mut self, backend: FaultBackend) -> Result<Ram> {
+        let chosen = Backend::choose(Wanted::Exactly(backend), self.shared.ram()).map_err(Error::Backend)?;
+        let page_budget = self.shared.budget_pages();
+        let Some(shared) = Arc::get_mut(&mut self.shared) else {
+            return Err(Error::Backend(
+                "the fault backend of a RAM in use (cloned, or with handles) cannot change".into(),
+            ));
+        };
+        let ram = shared.ram().clone();
+        *shared = Shared::with_backend(ram, chosen);
+        shared.set_budget_pages(page_budget);
+        Ok(self)
+    }
+
+    /// The fault backend the RAM's mappings use.
+    pub fn fault_backend(&self) -> FaultBackend {
+        self.shared.backend().kind()
+    }
+
+    /// Why the RAM does not use userfaultfd, when it does not (signals
+    /// asked for, the process may not use it, the RAM's kind).
+    pub fn fault_backend_fallback(&self) -> Option<String> {
+        self.shared.backend().fallback_reason().map(str::to_owned)
     }
 
     /// This RAM with a budget of `bytes`.

@@ -47,10 +47,13 @@ pub(crate) fn make_room<'a>(
     deferred: &mut Deferred,
 ) -> (Guard<'a>, Result<Room, Failure>) {
     let rc = shared.counters();
-    let mut recycled = st.take_spare(fk, rc);
+    // Pages kept at their block's place (the userfaultfd backend) cannot
+    // serve another block: no recycling, no spares.
+    let recycle = !Mapper::of(shared).pages_in_place();
+    let mut recycled = if recycle { st.take_spare(fk, rc) } else { None };
     let mut reclaimed = false;
     while st.budget().is_full(shared.budget_pages()) {
-        if recycled.is_none() {
+        if recycled.is_none() && recycle {
             // After a wait, spares of the handle may have become ready.
             recycled = st.take_spare(fk, rc);
             if recycled.is_some() {
@@ -58,19 +61,19 @@ pub(crate) fn make_room<'a>(
             }
         }
         if let Some((owner, rp)) = st.drop_spare(rc) {
-            deferred.release(owner, rp);
+            release(shared, deferred, owner, rp);
             continue;
         }
         match st.reclaim_oldest(rc, Unmap::Deferred, deferred.slots()) {
             Some(d) => {
                 reclaimed = true;
                 if let Some(rp) = d.ram_page {
-                    if recycled.is_none() && d.fileh == fk {
+                    if recycle && recycled.is_none() && d.fileh == fk {
                         // Reused by the load: saves a hole punch now and
                         // an allocation and zeroing then.
                         recycled = Some(rp);
                     } else {
-                        deferred.release(st.ramh(d.fileh).clone(), rp);
+                        release(shared, deferred, st.ramh(d.fileh).clone(), rp);
                     }
                 }
             }
@@ -96,7 +99,7 @@ pub(crate) fn make_room<'a>(
             }
         }
     }
-    if reclaimed && !sequential {
+    if reclaimed && !sequential && recycle {
         for _ in 1..batch_size(shared.budget_pages()) {
             match st.spare_from_lru(fk, rc, deferred.slots()) {
                 Some(rp) => deferred.spare(fk, rp),
@@ -105,6 +108,21 @@ pub(crate) fn make_room<'a>(
         }
     }
     (st, Ok(Room::Ready(recycled)))
+}
+
+/// Give a reclaimed RAM page back: once its slots are unmapped (after the
+/// lock is dropped) on the signal backend; now on the userfaultfd backend,
+/// where the page is its block's place in the handle's file: a load of
+/// that block may come before the deferred work is finished, and must find
+/// the place free (dropping the page from the file takes it away from
+/// every mapping at once).
+fn release(shared: &Shared, deferred: &mut Deferred, ramh: Arc<RamHandle>, rp: RamPage) {
+    let mapper = Mapper::of(shared);
+    if mapper.pages_in_place() {
+        mapper.release(&ramh, rp);
+    } else {
+        deferred.release(ramh, rp);
+    }
 }
 
 /// Whether a thread finding the budget full may wait for loads in progress

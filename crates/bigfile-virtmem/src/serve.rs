@@ -309,8 +309,14 @@ fn fill_page(
 /// Allocate a RAM page for block `blk`, reclaiming clean pages while the OS
 /// (or the RAM's filesystem) is out of memory.
 fn alloc(fh: &FileHInner, blk: u64) -> Result<RamPage, Failure> {
+    let in_place = Mapper::of(&fh.shared).pages_in_place();
     loop {
-        match fh.ramh.alloc_page(blk) {
+        let got = if in_place {
+            fh.ramh.alloc_page_at(blk)
+        } else {
+            fh.ramh.alloc_page(blk)
+        };
+        match got {
             Ok(p) => return Ok(RamPage(p)),
             Err(e) if e.is_exhausted() => {
                 let mut st = fh.shared.lock();
@@ -407,7 +413,10 @@ mod tests {
     /// of its first 4 blocks (no fault is taken: the tests call `serve`).
     fn setup(budget: u64) -> (Arc<MemFile>, FileH, Vma) {
         let file = Arc::new(MemFile::new(BLK));
+        // The signal backend: these tests check its page protections.
         let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}"))
+            .unwrap()
+            .with_fault_backend(crate::FaultBackend::Signals)
             .unwrap()
             .with_budget(budget * BLK as u64);
         let fh = FileH::open(Arc::new(Kit(file.clone())), Some(&ram)).unwrap();

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 
+use crate::backend::{Backend, Wanted};
 use crate::state::State;
 use crate::stats::Counters;
 use crate::waits::{Cycle, Ticket};
@@ -19,17 +20,34 @@ pub(crate) struct Shared {
     cond: Condvar,
     counters: Counters,
     budget_pages: AtomicU64,
+    /// How the RAM's mappings learn of faults; fixed before its first handle.
+    backend: Backend,
 }
 
 impl Shared {
+    /// A RAM on the backend `BIGFILE_FAULTS` asks for (automatic by
+    /// default). A backend asked for there that cannot be had, or a value
+    /// that names none, falls back to signals, with that as the reason.
     pub(crate) fn new(ram: bigfile_ram::Ram) -> Shared {
+        let backend = Wanted::from_env()
+            .and_then(|w| Backend::choose(w, &ram))
+            .unwrap_or_else(|why| Backend::Signals { why_not_uffd: why });
+        Shared::with_backend(ram, backend)
+    }
+
+    pub(crate) fn with_backend(ram: bigfile_ram::Ram, backend: Backend) -> Shared {
         Shared {
             ram,
             state: Mutex::new(State::default()),
             cond: Condvar::new(),
             counters: Counters::default(),
             budget_pages: AtomicU64::new(1),
+            backend,
         }
+    }
+
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     /// The page source.
@@ -107,7 +125,7 @@ mod tests {
 
     fn shared() -> Arc<Shared> {
         let ram = bigfile_ram::Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap();
-        Arc::new(Shared::new(ram))
+        Arc::new(Shared::with_backend(ram, crate::backend::Backend::Signals { why_not_uffd: "the test asks for signals".into() }))
     }
 
     #[test]

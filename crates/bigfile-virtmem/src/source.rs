@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use bigfile_fault::{Fault, FaultHandler, FaultSignal, Outcome};
 
+use crate::backend::take_poisoned;
 use crate::error::Error;
 use crate::failure::Failure;
 use crate::handle::FileHInner;
@@ -66,9 +67,16 @@ impl SignalFaults {
 
 impl FaultHandler for SignalFaults {
     fn handle(&self, fault: &Fault) -> Outcome {
-        let idx = (fault.addr - self.vma.start) / self.fileh.page_size();
+        let ps = self.fileh.page_size();
+        let idx = (fault.addr - self.vma.start) / ps;
         let blk = self.pgoffset + idx as u64;
-        if fault.signal == FaultSignal::Bus {
+        let page_addr = self.vma.start + idx * ps;
+        if fault.signal == FaultSignal::Bus && take_poisoned(page_addr) {
+            // The userfaultfd backend poisoned this page when a system call's
+            // load of it failed (the call got EFAULT): clear the poison, and
+            // serve this access as any other (it loads the page again).
+            clear_poison(page_addr, ps);
+        } else if fault.signal == FaultSignal::Bus {
             // A SIGBUS inside our mapping means the RAM's memory could not be
             // provided (e.g. its filesystem is full under first-touch allocation).
             return Outcome::Fatal {
@@ -106,6 +114,15 @@ impl FaultSource for SignalFaults {
             },
         }
     }
+}
+
+/// Take the poison marker off `[page_addr, page_addr + len)` (its
+/// page-table entries dropped: the next access faults to the userfaultfd).
+fn clear_poison(page_addr: usize, len: usize) {
+    // SAFETY: dropping page-table entries of a slot of a live mapping (its
+    // handler is running): the page, if any, stays in the handle's file.
+    let rc = unsafe { libc::madvise(page_addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    debug_assert_eq!(rc, 0, "MADV_DONTNEED on a mapping of ours");
 }
 
 /// A thread asking for a page now (prefault): the outcome is a value.

@@ -44,6 +44,44 @@ pub(crate) unsafe fn unmap_to_reserved(addr: NonNull<u8>, len: usize) -> io::Res
     Ok(())
 }
 
+/// Map `[addr, addr+len)` over file `fd` from `offset`, shared, read-write
+/// (the userfaultfd backend's linear mapping of a handle's memory file).
+///
+/// # Safety
+/// The range must lie inside a reservation owned by the caller, and nothing
+/// may rely on what was mapped there.
+pub(crate) unsafe fn map_shared_fixed(addr: NonNull<u8>, len: usize, fd: libc::c_int, offset: u64) -> io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    crate::failpoint::check("virtmem::mmap")?;
+    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: per this function's contract the range is ours to replace.
+    let res = unsafe {
+        libc::mmap(
+            addr.as_ptr().cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd,
+            offset,
+        )
+    };
+    if res == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Drop the page-table entries of `[addr, addr+len)` in a shared mapping
+/// (MADV_DONTNEED): the file keeps its pages; the next access faults.
+///
+/// # Safety
+/// The range must be owned by the caller.
+pub(crate) unsafe fn zap(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: per this function's contract the range is the caller's; a
+    // shared mapping loses no data.
+    syscall!(unsafe { libc::madvise(addr.as_ptr().cast(), len, libc::MADV_DONTNEED) }).map(drop)
+}
+
 /// Change the protection of `[addr, addr+len)`.
 ///
 /// # Safety

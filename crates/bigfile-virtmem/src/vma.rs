@@ -15,6 +15,7 @@ use crate::keys::{VmaId, VmaKey};
 use crate::mapper::Mapper;
 use crate::serve::PageRequest;
 use crate::source::{take, Prefault, SignalFaults};
+use crate::uffd::{UffdRange, UffdRegistration, UffdService};
 use crate::vmas::VmaState;
 
 /// A mapping of pages `pgoffset..pgoffset+pglen` of a file handle.
@@ -29,6 +30,8 @@ pub struct Vma {
     len: usize,
     pgoffset: u64,
     registration: Option<Registration>,
+    /// On the userfaultfd backend: the mapping's faults reported there.
+    uffd: Option<UffdRegistration>,
 }
 
 // SAFETY: the mapping is process-wide memory; all bookkeeping goes through the
@@ -70,12 +73,28 @@ impl Vma {
                 ))
             })?;
         let pages = len / ps;
-        let start = Mapper::of(&fileh.shared)
-            .reserve(pages)
-            .map_err(|source| Error::Os {
-                op: "reserve address space",
-                source,
-            })?;
+        let mapper = Mapper::of(&fileh.shared);
+        let service = match mapper.pages_in_place() {
+            true => Some(UffdService::get().map_err(Error::Backend)?),
+            false => None,
+        };
+        let start = mapper.reserve(pages).map_err(|source| Error::Os {
+            op: "reserve address space",
+            source,
+        })?;
+        // SAFETY: the reservation was just made and nothing uses it.
+        if let Err(source) = unsafe { mapper.map_file(start, pages, &fileh.ramh, pgoffset) } {
+            // SAFETY: as above.
+            unsafe { mapper.release_range(start, pages) };
+            return Err(if source.kind() == std::io::ErrorKind::InvalidInput {
+                Error::InvalidRange(source.to_string())
+            } else {
+                Error::Os {
+                    op: "map the handle's memory file (userfaultfd backend)",
+                    source,
+                }
+            });
+        }
         let key = {
             let _host = HostUnlocked::new();
             let mut st = fileh.shared.lock();
@@ -93,13 +112,29 @@ impl Vma {
             len,
             pgoffset,
             registration: None,
+            uffd: None,
         };
-        // On error `vma` is dropped, which undoes the two steps above.
+        // On error `vma` is dropped, which undoes the steps above. The fault
+        // handler serves a signal backend's faults, and a userfaultfd
+        // backend's user-mode ones (sent to the faulting thread).
         vma.registration = Some(bigfile_fault::register(
             start.as_ptr() as usize,
             len,
             handler,
         )?);
+        if let Some(service) = service {
+            let range = Arc::new(UffdRange {
+                start: start.as_ptr() as usize,
+                len,
+                fileh: vma.fileh.clone(),
+                vma: id,
+                pgoffset,
+            });
+            vma.uffd = Some(service.register(range).map_err(|source| Error::Os {
+                op: "register the mapping with the userfaultfd",
+                source,
+            })?);
+        }
         Ok(vma)
     }
 
@@ -283,6 +318,9 @@ impl Drop for Vma {
         // other threads, so none maps a page into it after this point. Not
         // under the RAM lock, which those handlers may be waiting for.
         let _host = HostUnlocked::new();
+        // No more userfaultfd events for this range (threads blocked in it
+        // are woken and retry, into a mapping nobody may use any more).
+        drop(self.uffd.take());
         drop(self.registration.take());
         let shared = &self.fileh.shared;
         {

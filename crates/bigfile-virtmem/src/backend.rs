@@ -1,0 +1,171 @@
+//! How a RAM's mappings learn of their faults: the signal backend
+//! (SIGSEGV on inaccessible slots) or the userfaultfd backend (the kernel
+//! reports every fault of a registered mapping, its own accesses included).
+//! Chosen per RAM when it is made: automatically, by the environment
+//! variable `BIGFILE_FAULTS`, or by [`Ram::with_fault_backend`]. The
+//! mechanisms are in ARCHITECTURE.md.
+//!
+//! [`Ram::with_fault_backend`]: crate::Ram::with_fault_backend
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::{Mutex, OnceLock};
+
+use bigfile_uffd::Uffd;
+
+/// A way of learning about page faults; see [`Ram::fault_backend`].
+///
+/// [`Ram::fault_backend`]: crate::Ram::fault_backend
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultBackend {
+    /// SIGSEGV on inaccessible pages: works everywhere; the kernel's own
+    /// accesses to pages not loaded (`read(2)` into a mapping) fail with
+    /// EFAULT (call `Vma::prefault` first).
+    Signals,
+    /// userfaultfd(2): the kernel reports every fault, its own accesses
+    /// included, so system calls work on mapped memory with no prefault.
+    /// Needs root, CAP_SYS_PTRACE, `vm.unprivileged_userfaultfd=1` or
+    /// access to `/dev/userfaultfd`.
+    Userfaultfd,
+}
+
+impl FaultBackend {
+    /// Its name, as `BIGFILE_FAULTS` and the stats spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultBackend::Signals => "signals",
+            FaultBackend::Userfaultfd => "userfaultfd",
+        }
+    }
+}
+
+impl fmt::Display for FaultBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a RAM asked for: one backend, or the best available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wanted {
+    Auto,
+    Exactly(FaultBackend),
+}
+
+impl Wanted {
+    /// `BIGFILE_FAULTS`: `auto` (or unset), `signals`, `userfaultfd`.
+    pub(crate) fn from_env() -> Result<Wanted, String> {
+        match std::env::var("BIGFILE_FAULTS") {
+            Err(_) => Ok(Wanted::Auto),
+            Ok(v) => match v.trim() {
+                "" | "auto" => Ok(Wanted::Auto),
+                "signals" => Ok(Wanted::Exactly(FaultBackend::Signals)),
+                "userfaultfd" | "uffd" => Ok(Wanted::Exactly(FaultBackend::Userfaultfd)),
+                other => Err(format!(
+                    "BIGFILE_FAULTS={other:?}: expected auto, signals or userfaultfd"
+                )),
+            },
+        }
+    }
+}
+
+/// The backend a RAM uses, and why not userfaultfd when it is signals.
+#[derive(Clone)]
+pub(crate) enum Backend {
+    Signals { why_not_uffd: String },
+    /// The process's userfaultfd ([`process_uffd`]).
+    Uffd(&'static Uffd),
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Signals { why_not_uffd } => write!(f, "signals ({why_not_uffd})"),
+            Backend::Uffd(_) => f.write_str("userfaultfd"),
+        }
+    }
+}
+
+impl Backend {
+    /// The backend for a RAM of `ram`'s kind, as `wanted`: userfaultfd when
+    /// asked for or, automatically, when the process may use it and the RAM
+    /// is shared memory it serves (memfd, shmfs; not hugetlbfs); else
+    /// signals, with the reason. Asking for userfaultfd where it cannot be
+    /// had is an error.
+    pub(crate) fn choose(wanted: Wanted, ram: &bigfile_ram::Ram) -> Result<Backend, String> {
+        if wanted == Wanted::Exactly(FaultBackend::Signals) {
+            return Ok(Backend::Signals {
+                why_not_uffd: "signals asked for".into(),
+            });
+        }
+        let uffd = if matches!(ram.spec().backend, bigfile_ram::Backend::Hugetlbfs { .. }) {
+            Err("a hugetlbfs RAM (the userfaultfd backend serves shared memory: memfd, shmfs)".to_owned())
+        } else {
+            process_uffd()
+        };
+        match (uffd, wanted) {
+            (Ok(uffd), _) => Ok(Backend::Uffd(uffd)),
+            (Err(why), Wanted::Auto) => Ok(Backend::Signals { why_not_uffd: why }),
+            (Err(why), _) => Err(format!("the userfaultfd backend is not available: {why}")),
+        }
+    }
+
+    pub(crate) fn kind(&self) -> FaultBackend {
+        match self {
+            Backend::Signals { .. } => FaultBackend::Signals,
+            Backend::Uffd(_) => FaultBackend::Userfaultfd,
+        }
+    }
+
+    /// Why this RAM does not use userfaultfd (None when it does).
+    pub(crate) fn fallback_reason(&self) -> Option<&str> {
+        match self {
+            Backend::Signals { why_not_uffd } => Some(why_not_uffd),
+            Backend::Uffd(_) => None,
+        }
+    }
+
+    pub(crate) fn uffd(&self) -> Option<&'static Uffd> {
+        match self {
+            Backend::Uffd(u) => Some(u),
+            Backend::Signals { .. } => None,
+        }
+    }
+}
+
+/// The process's one userfaultfd, opened on first use (with the request
+/// signal's handler and the fault handler installed: the backend's
+/// user-mode faults arrive through them), or why it cannot be had.
+pub(crate) fn process_uffd() -> Result<&'static Uffd, String> {
+    static UFFD: OnceLock<Result<Uffd, String>> = OnceLock::new();
+    UFFD.get_or_init(|| {
+        let uffd = Uffd::open().map_err(|e| e.to_string())?;
+        bigfile_fault::request_signal().map_err(|e| format!("the request signal: {e}"))?;
+        bigfile_fault::install().map_err(|e| e.to_string())?;
+        Ok(uffd)
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// Pages poisoned after a failed kernel-mode load (the system call got
+/// EFAULT), by address: the next user access (SIGBUS) clears the poison
+/// and loads the page again.
+static POISONED: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
+
+pub(crate) fn note_poisoned(page_addr: usize) {
+    POISONED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashSet::new)
+        .insert(page_addr);
+}
+
+/// Whether `page_addr` was poisoned (see [`note_poisoned`]); forgotten now.
+pub(crate) fn take_poisoned(page_addr: usize) -> bool {
+    POISONED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_mut()
+        .is_some_and(|s| s.remove(&page_addr))
+}

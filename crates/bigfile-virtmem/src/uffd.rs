@@ -1,0 +1,256 @@
+//! The userfaultfd backend's fault source: one userfaultfd for the process,
+//! a reader thread, and worker threads.
+//!
+//! A mapping of a RAM on this backend maps its handle's memory file
+//! linearly (block `b` at file page `b`) and is registered with the
+//! userfaultfd; a fault there (a page not loaded, or not mapped here yet,
+//! or the first write to a clean page) blocks the faulting thread and
+//! queues an event with its thread id. The reader looks where the thread is
+//! (`/proc/self/task/TID/syscall`):
+//!
+//! - in its own code (user mode): the request signal is queued to it
+//!   (`bigfile_fault::send_request`) and the thread serves its own fault in
+//!   the mapping's fault handler, exactly as on the signal backend (its host
+//!   lock released while it waits, `loadblk` on its own stack, death at the
+//!   access when it fails);
+//! - inside a system call (the kernel touching the page for it): a worker
+//!   serves it ([`serve`]), taking the host lock only if the loader needs
+//!   it, and wakes the thread; a failure poisons the page so the system
+//!   call fails with EFAULT (as it would on the signal backend), and the
+//!   next user-mode access loads it again.
+//!
+//! Costs and limits are in ARCHITECTURE.md.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+
+use bigfile_fault::Access;
+use bigfile_uffd::{thread_mode, Event, FaultKind, ThreadMode, Uffd};
+
+use crate::backend::{note_poisoned, process_uffd};
+use crate::failure::Failure;
+use crate::handle::FileHInner;
+use crate::keys::VmaId;
+use crate::serve::PageRequest;
+use crate::source::{take, FaultSource};
+
+/// A registered mapping: what a fault in it is a request for.
+pub(crate) struct UffdRange {
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+    pub(crate) fileh: Arc<FileHInner>,
+    pub(crate) vma: VmaId,
+    pub(crate) pgoffset: u64,
+}
+
+impl UffdRange {
+    fn request(&self, addr: usize, access: Access) -> (PageRequest, usize) {
+        let ps = self.fileh.page_size();
+        let idx = (addr - self.start) / ps;
+        let req = PageRequest {
+            vma: self.vma,
+            blk: self.pgoffset + idx as u64,
+            access,
+            drop_behind: true,
+        };
+        (req, self.start + idx * ps)
+    }
+}
+
+/// The process's userfaultfd, its ranges and threads.
+pub(crate) struct UffdService {
+    uffd: &'static Uffd,
+    ranges: RwLock<BTreeMap<usize, Arc<UffdRange>>>,
+    jobs: Mutex<Jobs>,
+    job_ready: Condvar,
+}
+
+#[derive(Default)]
+struct Jobs {
+    queue: VecDeque<(Arc<UffdRange>, Event)>,
+    idle: usize,
+    workers: usize,
+}
+
+static SERVICE: OnceLock<Result<UffdService, String>> = OnceLock::new();
+
+impl UffdService {
+    /// The service, started on first use; why not, when the process cannot
+    /// have it.
+    pub(crate) fn get() -> Result<&'static UffdService, String> {
+        let svc = SERVICE.get_or_init(|| {
+            Ok(UffdService {
+                uffd: process_uffd()?,
+                ranges: RwLock::new(BTreeMap::new()),
+                jobs: Mutex::new(Jobs::default()),
+                job_ready: Condvar::new(),
+            })
+        });
+        let svc = svc.as_ref().map_err(Clone::clone)?;
+        static READER: OnceLock<()> = OnceLock::new();
+        READER.get_or_init(|| {
+            std::thread::Builder::new()
+                .name("bigfile-uffd".into())
+                .spawn(move || svc.read_loop())
+                .expect("spawning the userfaultfd reader");
+        });
+        Ok(svc)
+    }
+
+    /// Register `range` (mapped linearly over its handle's memory file):
+    /// its faults come here until the returned value is dropped.
+    pub(crate) fn register(&'static self, range: Arc<UffdRange>) -> io::Result<UffdRegistration> {
+        let reg = self.uffd.register(range.start, range.len)?;
+        self.ranges
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(range.start, range.clone());
+        Ok(UffdRegistration {
+            svc: self,
+            start: range.start,
+            reg: Some(reg),
+        })
+    }
+
+    fn lookup(&self, addr: usize) -> Option<Arc<UffdRange>> {
+        let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
+        let (_, r) = ranges.range(..=addr).next_back()?;
+        (addr < r.start + r.len).then(|| r.clone())
+    }
+
+    fn read_loop(&'static self) {
+        let mut events = Vec::new();
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd we own; -1 waits for an event.
+            let _ = unsafe { libc::poll(&mut pfd, 1, -1) };
+            events.clear();
+            if let Err(e) = self.uffd.read_events(&mut events, 64) {
+                eprintln!("bigfile: reading the userfaultfd failed ({e}); faults of its mappings would hang: aborting");
+                std::process::abort();
+            }
+            for &e in &events {
+                self.dispatch(e);
+            }
+        }
+    }
+
+    fn dispatch(&'static self, e: Event) {
+        let Some(range) = self.lookup(e.addr) else {
+            // Unregistered since (its mapping is going away): let the thread
+            // retry, into whatever is there now.
+            let ps = bigfile_os::os_page_size();
+            let _ = self.uffd.wake(e.addr & !(ps - 1), ps);
+            return;
+        };
+        let access = if e.write { Access::Write } else { Access::Read };
+        if thread_mode(e.tid).is_ok_and(|m| m == ThreadMode::User) {
+            // Served by the thread itself, in the mapping's fault handler.
+            if bigfile_fault::send_request(e.tid, e.addr, access).is_ok() {
+                return;
+            }
+            // The thread is gone; nothing waits for this page.
+            return;
+        }
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.queue.push_back((range, e));
+        if jobs.idle == 0 {
+            // Every worker is busy (or blocked in a nested fault, or in a
+            // loader waiting for a lock): one more, so that no fault waits
+            // behind a worker waiting for it.
+            jobs.workers += 1;
+            let n = jobs.workers;
+            drop(jobs);
+            std::thread::Builder::new()
+                .name(format!("bigfile-uffd-{n}"))
+                .spawn(move || self.work())
+                .expect("spawning a userfaultfd worker");
+        } else {
+            drop(jobs);
+            self.job_ready.notify_one();
+        }
+    }
+
+    fn work(&'static self) {
+        loop {
+            let (range, e) = {
+                let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    if let Some(job) = jobs.queue.pop_front() {
+                        break job;
+                    }
+                    jobs.idle += 1;
+                    jobs = self.job_ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+                    jobs.idle -= 1;
+                }
+            };
+            let access = if e.write || e.kind == FaultKind::WriteProtect {
+                Access::Write
+            } else {
+                Access::Read
+            };
+            let (req, page_addr) = range.request(e.addr, access);
+            take(&KernelFault { page_addr, svc: self }, &range.fileh, &req);
+        }
+    }
+}
+
+/// A fault the kernel took for a thread inside a system call, served by a
+/// worker: finishing is waking the thread (serving mapped the page, which
+/// wakes it), or poisoning the page so that the system call fails.
+struct KernelFault {
+    page_addr: usize,
+    svc: &'static UffdService,
+}
+
+impl FaultSource for KernelFault {
+    type Finished = ();
+
+    fn finish(&self, fh: &FileHInner, req: &PageRequest, served: Result<(), Failure>) {
+        let ps = fh.page_size();
+        match served {
+            // Mapping it (or finding it mapped) woke the thread; wake again
+            // in case another thread mapped it between its fault and ours.
+            Ok(()) => {
+                let _ = self.svc.uffd.wake(self.page_addr, ps);
+            }
+            Err(f) => {
+                eprintln!(
+                    "bigfile: {} (in a system call: it fails with EFAULT)",
+                    f.message(req.blk, &fh.name)
+                );
+                note_poisoned(self.page_addr);
+                if self.svc.uffd.poison(self.page_addr, ps).is_err() {
+                    // Without UFFDIO_POISON (before Linux 6.6), the thread
+                    // retries and faults again: better than hanging it.
+                    let _ = self.svc.uffd.wake(self.page_addr, ps);
+                }
+            }
+        }
+    }
+}
+
+/// A range registered with the service; dropping it stops the delivery of
+/// its faults (the range is forgotten first, then unregistered).
+pub(crate) struct UffdRegistration {
+    svc: &'static UffdService,
+    start: usize,
+    reg: Option<bigfile_uffd::Registration<'static>>,
+}
+
+impl Drop for UffdRegistration {
+    fn drop(&mut self) {
+        self.svc
+            .ranges
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.start);
+        drop(self.reg.take());
+    }
+}
