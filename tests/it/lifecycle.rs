@@ -2,7 +2,9 @@
 
 use bigfile::virtmem::{FaultBackend, FileH, PageState, WriteoutFlags};
 
-use crate::common::{access_at, handle, mem_file, open, peek, poke, ram, setup, Call, MemFile, PageAccess, BLK};
+use crate::common::{
+    access_at, handle, mem_file, open, peek, poke, ram, setup, Call, MemFile, PageAccess, BLK,
+};
 
 fn state(fh: &FileH, pg: u64) -> Option<PageState> {
     fh.page_state(pg)

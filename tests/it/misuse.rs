@@ -46,13 +46,16 @@ fn bad_ranges_are_refused() {
     ));
     // Far in the file: on the signal backend any offset can be mapped (its
     // pages go wherever there is room); the userfaultfd backend keeps each
-    // block at its place in the handle's file, which spans 64 TiB.
+    // block at its place in the handle's file, which spans 4 EiB.
     if fh.ram().fault_backend() == bigfile::virtmem::FaultBackend::Userfaultfd {
-        assert!(matches!(fh.mmap(u64::MAX - 2, 2), Err(Error::InvalidRange(_))));
+        assert!(matches!(
+            fh.mmap(u64::MAX - 2, 2),
+            Err(Error::InvalidRange(_))
+        ));
     }
     let far = match fh.ram().fault_backend() {
         bigfile::virtmem::FaultBackend::Signals => u64::MAX - 2,
-        bigfile::virtmem::FaultBackend::Userfaultfd => (1 << 46) / BLK as u64 - 2,
+        bigfile::virtmem::FaultBackend::Userfaultfd => (1 << 62) / BLK as u64 - 2,
     };
     let vma = fh.mmap(far, 2).unwrap();
     let mut b = [0u8; 2];

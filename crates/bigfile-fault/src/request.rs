@@ -21,8 +21,8 @@ use libc::{c_int, c_void, siginfo_t};
 use crate::frames::{current_depth, MAX_DEPTH};
 use crate::handler::{Access, Fault, FaultSignal, Outcome};
 use crate::signal::{die_reporting, serve};
-use crate::table::TABLE;
 use crate::sys;
+use crate::table::TABLE;
 
 /// The request signal and the action it replaced.
 struct Installed {
@@ -63,12 +63,18 @@ pub fn request_signal() -> io::Result<c_int> {
         act.sa_mask = sys::sigset_of(&[]);
         match sys::sigaction_set(signo, &act) {
             Ok(prev) => Ok(Installed { signo, prev }),
-            Err(e) => Err((e.raw_os_error().unwrap_or(libc::EINVAL), format!("sigaction({signo}): {e}"))),
+            Err(e) => Err((
+                e.raw_os_error().unwrap_or(libc::EINVAL),
+                format!("sigaction({signo}): {e}"),
+            )),
         }
     });
     match inst {
         Ok(i) => Ok(i.signo),
-        Err((errno, msg)) => Err(io::Error::new(io::Error::from_raw_os_error(*errno).kind(), msg.clone())),
+        Err((errno, msg)) => Err(io::Error::new(
+            io::Error::from_raw_os_error(*errno).kind(),
+            msg.clone(),
+        )),
     }
 }
 
@@ -86,13 +92,24 @@ pub fn send_request(tid: libc::pid_t, addr: usize, access: Access) -> io::Result
     // SAFETY: the fields of siginfo's rt union that SI_QUEUE uses, written
     // through the layout libc gives them (pid, uid, value).
     unsafe {
-        let rt = (&mut info as *mut siginfo_t).cast::<u8>().add(RT_OFFSET).cast::<RtFields>();
+        let rt = (&mut info as *mut siginfo_t)
+            .cast::<u8>()
+            .add(RT_OFFSET)
+            .cast::<RtFields>();
         (*rt).pid = libc::getpid();
         (*rt).uid = libc::getuid();
         (*rt).value = encode(addr, access);
     }
     // SAFETY: rt_tgsigqueueinfo with our own pid, a tid, and a siginfo we own.
-    let rc = unsafe { libc::syscall(libc::SYS_rt_tgsigqueueinfo, libc::getpid(), tid, signo, &info as *const siginfo_t) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_rt_tgsigqueueinfo,
+            libc::getpid(),
+            tid,
+            signo,
+            &info as *const siginfo_t,
+        )
+    };
     bigfile_os::cvt(rc).map(drop)
 }
 
@@ -116,13 +133,25 @@ fn encode(addr: usize, access: Access) -> usize {
 }
 
 fn decode(v: usize) -> (usize, Access) {
-    (v & !1, if v & 1 != 0 { Access::Write } else { Access::Read })
+    (
+        v & !1,
+        if v & 1 != 0 {
+            Access::Write
+        } else {
+            Access::Read
+        },
+    )
 }
 
 extern "C" fn on_request(signo: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
     let errno = sys::errno();
     // SAFETY: the kernel calls an SA_SIGINFO handler with a valid siginfo.
-    let (code, rt) = unsafe { ((*info).si_code, &*info.cast::<u8>().add(RT_OFFSET).cast::<RtFields>()) };
+    let (code, rt) = unsafe {
+        (
+            (*info).si_code,
+            &*info.cast::<u8>().add(RT_OFFSET).cast::<RtFields>(),
+        )
+    };
     // SAFETY: getpid has no preconditions.
     let ours = code == libc::SI_QUEUE && rt.pid == unsafe { libc::getpid() };
     if ours {
@@ -150,14 +179,22 @@ unsafe fn serve_request(signo: c_int, value: usize, ctx: *mut c_void) {
         // SAFETY: forwarding the kernel's ucontext.
         return unsafe { die_reporting(signo, FaultSignal::Segv, &msg, ctx) };
     }
-    let fault = Fault { addr, access, signal: FaultSignal::Segv, depth, requested: true };
+    let fault = Fault {
+        addr,
+        access,
+        signal: FaultSignal::Segv,
+        depth,
+        requested: true,
+    };
     // SAFETY: forwarding the kernel's ucontext.
     let outcome = unsafe { serve(&range, &fault, ctx) };
     drop(range);
     match outcome {
         Outcome::Handled | Outcome::NotOurs => {}
         // SAFETY: forwarding the kernel's ucontext.
-        Outcome::Fatal { signal, message } => unsafe { die_reporting(signo, signal, &message, ctx) },
+        Outcome::Fatal { signal, message } => unsafe {
+            die_reporting(signo, signal, &message, ctx)
+        },
     }
 }
 
@@ -196,8 +233,14 @@ mod tests {
 
     #[test]
     fn access_rides_in_the_low_bit() {
-        assert_eq!(decode(encode(0x7000_1000, Access::Write)), (0x7000_1000, Access::Write));
-        assert_eq!(decode(encode(0x7000_1001, Access::Read)), (0x7000_1000, Access::Read));
+        assert_eq!(
+            decode(encode(0x7000_1000, Access::Write)),
+            (0x7000_1000, Access::Write)
+        );
+        assert_eq!(
+            decode(encode(0x7000_1001, Access::Read)),
+            (0x7000_1000, Access::Read)
+        );
         // the layout SI_QUEUE's fields are read through
         assert_eq!(std::mem::size_of::<RtFields>(), 16);
     }

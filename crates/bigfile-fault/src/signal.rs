@@ -236,7 +236,9 @@ unsafe fn dispatch(signo: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
         // SAFETY: forwarding the kernel's arguments.
         Outcome::NotOurs => unsafe { chain(signo, info, ctx, prev) },
         // SAFETY: forwarding the kernel's ucontext.
-        Outcome::Fatal { signal, message } => unsafe { die_reporting(signo, signal, &message, ctx) },
+        Outcome::Fatal { signal, message } => unsafe {
+            die_reporting(signo, signal, &message, ctx)
+        },
     }
 }
 
@@ -245,7 +247,12 @@ unsafe fn dispatch(signo: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
 ///
 /// # Safety
 /// `ctx` is the kernel's ucontext for the signal being handled.
-pub(crate) unsafe fn die_reporting(signo: c_int, want: FaultSignal, message: &str, ctx: *mut c_void) {
+pub(crate) unsafe fn die_reporting(
+    signo: c_int,
+    want: FaultSignal,
+    message: &str,
+    ctx: *mut c_void,
+) {
     diag::report(format_args!("{message}"));
     // SAFETY: forwarded to the caller.
     unsafe { die(signo, want, ctx) };

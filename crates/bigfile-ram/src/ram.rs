@@ -5,6 +5,7 @@ use crate::spec::{AllocPolicy, Backend, RamSpec};
 use crate::sys;
 use crate::thp::Collapser;
 use bigfile_os::Prot;
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::mem::ManuallyDrop;
@@ -12,7 +13,6 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Page and byte counts of a RAM or a handle.
@@ -199,10 +199,12 @@ impl Ram {
             (Backend::Hugetlbfs { dir: None }, None) => unreachable!("checked by Ram::new"),
         };
         let page_size = self.page_size();
-        let size = max_pages.checked_mul(page_size as u64).ok_or(RamError::OutOfRange {
-            page: max_pages,
-            max_pages: u64::MAX / page_size as u64,
-        })?;
+        let size = max_pages
+            .checked_mul(page_size as u64)
+            .ok_or(RamError::OutOfRange {
+                page: max_pages,
+                max_pages: u64::MAX / page_size as u64,
+            })?;
         sys::ftruncate(fd.as_fd(), size)
             .map_err(|e| RamError::io("size the handle file (ftruncate)", e))?;
         Ok(RamHandle {
@@ -310,30 +312,33 @@ impl Drop for Account {
     }
 }
 
-/// Which page indices are allocated: one bit per page, grown to the highest one used.
+/// Which page indices are allocated: one bit per page, in words kept only
+/// where a bit is set (indices of a handle sized for a whole file's blocks
+/// are sparse and can be huge).
 #[derive(Default)]
 struct Bitmap {
-    words: Vec<u64>,
+    words: std::collections::BTreeMap<u64, u64>,
 }
 
 impl Bitmap {
+    fn word(&self, w: u64) -> u64 {
+        self.words.get(&w).copied().unwrap_or(0)
+    }
+
     fn get(&self, i: u64) -> bool {
-        let w = (i / 64) as usize;
-        w < self.words.len() && self.words[w] & (1 << (i % 64)) != 0
+        self.word(i / 64) & (1 << (i % 64)) != 0
     }
 
     fn set(&mut self, i: u64, on: bool) {
-        let w = (i / 64) as usize;
-        if w >= self.words.len() {
-            if !on {
-                return;
-            }
-            self.words.resize(w + 1, 0);
-        }
+        let w = i / 64;
+        let bit = 1u64 << (i % 64);
         if on {
-            self.words[w] |= 1 << (i % 64);
-        } else {
-            self.words[w] &= !(1 << (i % 64));
+            *self.words.entry(w).or_insert(0) |= bit;
+        } else if let Some(word) = self.words.get_mut(&w) {
+            *word &= !bit;
+            if *word == 0 {
+                self.words.remove(&w);
+            }
         }
     }
 
@@ -341,17 +346,14 @@ impl Bitmap {
     fn first_free(&self, from: u64, end: u64) -> Option<u64> {
         let mut i = from;
         while i < end {
-            let w = (i / 64) as usize;
-            let Some(&word) = self.words.get(w) else {
-                return Some(i);
-            };
+            let w = i / 64;
             // Bits below `i` in this word count as taken.
-            let taken = word | ((1u64 << (i % 64)) - 1);
+            let taken = self.word(w) | ((1u64 << (i % 64)) - 1);
             if taken != u64::MAX {
-                let found = w as u64 * 64 + u64::from(taken.trailing_ones());
+                let found = w * 64 + u64::from(taken.trailing_ones());
                 return (found < end).then_some(found);
             }
-            i = (w as u64 + 1) * 64;
+            i = (w + 1) * 64;
         }
         None
     }
@@ -361,16 +363,13 @@ impl Bitmap {
         let mut i = below;
         while i > 0 {
             let last = i - 1;
-            let w = (last / 64) as usize;
-            let Some(&word) = self.words.get(w) else {
-                return Some(last);
-            };
+            let w = last / 64;
             // Bits above `last` in this word count as taken.
-            let taken = word | !(u64::MAX >> (63 - last % 64));
+            let taken = self.word(w) | !(u64::MAX >> (63 - last % 64));
             if taken != u64::MAX {
-                return Some(w as u64 * 64 + 63 - u64::from(taken.leading_ones()));
+                return Some(w * 64 + 63 - u64::from(taken.leading_ones()));
             }
-            i = w as u64 * 64;
+            i = w * 64;
         }
         None
     }
@@ -556,7 +555,9 @@ impl RamHandle {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .set(page, true);
-        } else if let Err(e) = sys::fallocate(self.fd(), 0, self.offset(page), self.page_size as u64) {
+        } else if let Err(e) =
+            sys::fallocate(self.fd(), 0, self.offset(page), self.page_size as u64)
+        {
             // Seed pages of a failed huge reservation may be there.
             let _ = self.punch(page);
             self.used().set(page, false);
@@ -572,7 +573,10 @@ impl RamHandle {
     /// this one.
     pub fn alloc_page_at(&self, page: u64) -> Result<u64, RamError> {
         if page >= self.max_pages {
-            return Err(RamError::OutOfRange { page, max_pages: self.max_pages });
+            return Err(RamError::OutOfRange {
+                page,
+                max_pages: self.max_pages,
+            });
         }
         {
             let mut stray = self.stray.lock().unwrap_or_else(|p| p.into_inner());

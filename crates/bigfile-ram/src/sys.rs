@@ -203,7 +203,16 @@ pub(crate) fn mmap_aligned(
     let aligned = bigfile_os::reserve_aligned(len, align)?;
     // SAFETY: `[aligned, aligned + len)` is the reservation just made,
     // which nothing else knows about.
-    let mapped = unsafe { mmap(aligned.as_ptr(), len, prot, flags | libc::MAP_FIXED, fd, offset) };
+    let mapped = unsafe {
+        mmap(
+            aligned.as_ptr(),
+            len,
+            prot,
+            flags | libc::MAP_FIXED,
+            fd,
+            offset,
+        )
+    };
     if mapped.is_err() {
         // SAFETY: our own reservation, not handed out.
         unsafe { libc::munmap(aligned.as_ptr().cast(), len) };

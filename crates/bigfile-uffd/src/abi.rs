@@ -47,6 +47,8 @@ pub const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
 
 // Resolution modes.
 pub const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+pub const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
+pub const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1 << 0;
 pub const UFFDIO_CONTINUE_MODE_WP: u64 = 1 << 1;
 
 // Events and page-fault flags.

@@ -171,31 +171,47 @@ impl Uffd {
     }
 
     /// Map the file's pages over `[addr, addr + len)` in the registered
-    /// mapping (they must be in the page cache), write-protected if `wp`,
-    /// and wake the threads waiting there. A page already mapped (another
-    /// thread resolved it) is not an error.
-    pub fn resolve(&self, addr: usize, len: usize, wp: bool) -> io::Result<()> {
+    /// mapping (they must be in the page cache), write-protected if `wp`;
+    /// with `wake`, wake the threads waiting there. A page already mapped
+    /// (another thread resolved it) is not an error.
+    pub fn resolve(&self, addr: usize, len: usize, wp: bool, wake: bool) -> io::Result<()> {
+        let mut mode = if wp { abi::UFFDIO_CONTINUE_MODE_WP } else { 0 };
+        if !wake {
+            mode |= abi::UFFDIO_CONTINUE_MODE_DONTWAKE;
+        }
         let mut c = abi::uffdio_continue {
             range: range(addr, len),
-            mode: if wp { abi::UFFDIO_CONTINUE_MODE_WP } else { 0 },
+            mode,
             mapped: 0,
         };
         match self.ioctl(abi::UFFDIO_CONTINUE, &mut c) {
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => self.wake(addr, len),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && wake => self.wake(addr, len),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
             r => r,
         }
     }
 
-    /// Write-protect (`protect`) or unprotect `[addr, addr + len)`; an
-    /// unprotection wakes the threads waiting there.
-    pub fn write_protect(&self, addr: usize, len: usize, protect: bool) -> io::Result<()> {
+    /// Write-protect (`protect`) or unprotect `[addr, addr + len)`; with
+    /// `wake`, an unprotection wakes the threads waiting there.
+    pub fn write_protect(
+        &self,
+        addr: usize,
+        len: usize,
+        protect: bool,
+        wake: bool,
+    ) -> io::Result<()> {
+        let mut mode = if protect {
+            abi::UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        };
+        // Protecting wakes nobody; the kernel refuses DONTWAKE with it.
+        if !wake && !protect {
+            mode |= abi::UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
+        }
         let mut wp = abi::uffdio_writeprotect {
             range: range(addr, len),
-            mode: if protect {
-                abi::UFFDIO_WRITEPROTECT_MODE_WP
-            } else {
-                0
-            },
+            mode,
         };
         self.ioctl(abi::UFFDIO_WRITEPROTECT, &mut wp)
     }

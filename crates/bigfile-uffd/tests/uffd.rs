@@ -105,12 +105,14 @@ fn server(uffd: Arc<Uffd>, shm: Arc<Shm>, stop: Arc<AtomicBool>) -> (thread::Joi
                 let page_addr = e.addr & !(PS - 1);
                 let page = (page_addr - shm.vma as usize) / PS;
                 match e.kind {
-                    FaultKind::WriteProtect => uffd.write_protect(page_addr, PS, false).unwrap(),
+                    FaultKind::WriteProtect => {
+                        uffd.write_protect(page_addr, PS, false, true).unwrap()
+                    }
                     FaultKind::Missing => {
                         shm.fill(page, b'a' + page as u8);
-                        uffd.resolve(page_addr, PS, !e.write).unwrap();
+                        uffd.resolve(page_addr, PS, !e.write, true).unwrap();
                     }
-                    FaultKind::Minor => uffd.resolve(page_addr, PS, !e.write).unwrap(),
+                    FaultKind::Minor => uffd.resolve(page_addr, PS, !e.write, true).unwrap(),
                 }
             }
         }

@@ -72,7 +72,9 @@ impl Wanted {
 /// The backend a RAM uses, and why not userfaultfd when it is signals.
 #[derive(Clone)]
 pub(crate) enum Backend {
-    Signals { why_not_uffd: String },
+    Signals {
+        why_not_uffd: String,
+    },
     /// The process's userfaultfd ([`process_uffd`]).
     Uffd(&'static Uffd),
 }
@@ -99,7 +101,10 @@ impl Backend {
             });
         }
         let uffd = if matches!(ram.spec().backend, bigfile_ram::Backend::Hugetlbfs { .. }) {
-            Err("a hugetlbfs RAM (the userfaultfd backend serves shared memory: memfd, shmfs)".to_owned())
+            Err(
+                "a hugetlbfs RAM (the userfaultfd backend serves shared memory: memfd, shmfs)"
+                    .to_owned(),
+            )
         } else {
             process_uffd()
         };

@@ -36,8 +36,9 @@ impl Default for LoadPolicy {
 }
 
 /// Bytes of a file a handle on the userfaultfd backend can map: its memory
-/// file is this big (sparse), block `b` at page `b`.
-const IN_PLACE_SPAN: u64 = 1 << 46;
+/// file is this big (sparse: only loaded blocks take memory, and only the
+/// 1 GiB window segments around them address space), block `b` at page `b`.
+const IN_PLACE_SPAN: u64 = 1 << 62;
 
 pub(crate) struct FileHInner {
     pub(crate) shared: Arc<Shared>,
@@ -57,7 +58,7 @@ impl FileHInner {
         let shared = ram.shared().clone();
         let ramh = Arc::new(match shared.backend().uffd() {
             // Each block at its own page of the handle's file: indices span
-            // the file's blocks (up to 64 TiB of offsets), not the memory.
+            // the file's blocks (up to 4 EiB of offsets), not the memory.
             Some(_) => shared
                 .ram()
                 .open_handle_sized(IN_PLACE_SPAN / shared.page_size() as u64)?,

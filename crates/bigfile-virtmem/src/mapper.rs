@@ -75,7 +75,10 @@ impl Mapper {
         if self.uffd.is_none() {
             return Ok(());
         }
-        if pgoffset.checked_add(pages as u64).is_none_or(|end| end > ramh.max_pages()) {
+        if pgoffset
+            .checked_add(pages as u64)
+            .is_none_or(|end| end > ramh.max_pages())
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
@@ -86,7 +89,9 @@ impl Mapper {
         }
         let offset = pgoffset * self.page_size as u64;
         // SAFETY: forwarded to the caller; the memory file is the handle's.
-        unsafe { sys::map_shared_fixed(start, pages * self.page_size, ramh.fd().as_raw_fd(), offset) }
+        unsafe {
+            sys::map_shared_fixed(start, pages * self.page_size, ramh.fd().as_raw_fd(), offset)
+        }
     }
 
     /// Reserve the address range of a mapping of `pages` pages:
@@ -133,11 +138,16 @@ impl Mapper {
             debug_assert_eq!(ram_page.0, blk, "pages in place");
             let addr = slot.addr.as_ptr() as usize;
             let wp = prot == Prot::Read;
+            // Not waking the threads blocked there: each is woken by the
+            // source of its fault once done with the page (a thread in
+            // user mode returns from its request signal; a worker wakes a
+            // thread in a system call after letting go of the handle, whose
+            // last reference that thread may drop next).
             if slot.mapped {
-                uffd.write_protect(addr, self.page_size, wp)
+                uffd.write_protect(addr, self.page_size, wp, false)
             } else {
-                // Present in the file: map it here (waking threads blocked on it).
-                uffd.resolve(addr, self.page_size, wp)
+                // Present in the file: map it here.
+                uffd.resolve(addr, self.page_size, wp, false)
             }
             .map_err(MapError::Protect)?;
             st.set_mapped(fk, vma.key, slot.index);
@@ -170,7 +180,12 @@ impl Mapper {
     ) -> io::Result<()> {
         for addr in st.mapped_addrs(fk, blk, self.page_size) {
             if let Some(uffd) = self.uffd {
-                uffd.write_protect(addr.as_ptr() as usize, self.page_size, prot == Prot::Read)?;
+                uffd.write_protect(
+                    addr.as_ptr() as usize,
+                    self.page_size,
+                    prot == Prot::Read,
+                    false,
+                )?;
                 continue;
             }
             // SAFETY: the page lies inside a mapping's reservation, owned by
@@ -353,7 +368,12 @@ mod tests {
     #[test]
     fn pages_are_mapped_protected_and_revoked_in_runs() {
         let ram = bigfile_ram::Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap();
-        let shared = Shared::with_backend(ram, crate::backend::Backend::Signals { why_not_uffd: "the test asks for signals".into() });
+        let shared = Shared::with_backend(
+            ram,
+            crate::backend::Backend::Signals {
+                why_not_uffd: "the test asks for signals".into(),
+            },
+        );
         let mapper = Mapper::of(&shared);
         let ramh = Arc::new(shared.ram().open_handle().unwrap());
         let start = mapper.reserve(3).unwrap();

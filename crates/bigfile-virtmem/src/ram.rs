@@ -69,7 +69,8 @@ impl Ram {
     /// [`Error::Backend`] when the RAM is in use, or userfaultfd is asked
     /// for and the process cannot have it (the reason says why).
     pub fn with_fault_backend(mut self, backend: FaultBackend) -> Result<Ram> {
-        let chosen = Backend::choose(Wanted::Exactly(backend), self.shared.ram()).map_err(Error::Backend)?;
+        let chosen =
+            Backend::choose(Wanted::Exactly(backend), self.shared.ram()).map_err(Error::Backend)?;
         let page_budget = self.shared.budget_pages();
         let Some(shared) = Arc::get_mut(&mut self.shared) else {
             return Err(Error::Backend(

@@ -125,7 +125,12 @@ mod tests {
 
     fn shared() -> Arc<Shared> {
         let ram = bigfile_ram::Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap();
-        Arc::new(Shared::with_backend(ram, crate::backend::Backend::Signals { why_not_uffd: "the test asks for signals".into() }))
+        Arc::new(Shared::with_backend(
+            ram,
+            crate::backend::Backend::Signals {
+                why_not_uffd: "the test asks for signals".into(),
+            },
+        ))
     }
 
     #[test]

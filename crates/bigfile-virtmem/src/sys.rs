@@ -50,10 +50,16 @@ pub(crate) unsafe fn unmap_to_reserved(addr: NonNull<u8>, len: usize) -> io::Res
 /// # Safety
 /// The range must lie inside a reservation owned by the caller, and nothing
 /// may rely on what was mapped there.
-pub(crate) unsafe fn map_shared_fixed(addr: NonNull<u8>, len: usize, fd: libc::c_int, offset: u64) -> io::Result<()> {
+pub(crate) unsafe fn map_shared_fixed(
+    addr: NonNull<u8>,
+    len: usize,
+    fd: libc::c_int,
+    offset: u64,
+) -> io::Result<()> {
     #[cfg(feature = "failpoints")]
     crate::failpoint::check("virtmem::mmap")?;
-    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
     // SAFETY: per this function's contract the range is ours to replace.
     let res = unsafe {
         libc::mmap(

@@ -114,12 +114,6 @@ impl UffdService {
         })
     }
 
-    fn lookup(&self, addr: usize) -> Option<Arc<UffdRange>> {
-        let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
-        let (_, r) = ranges.range(..=addr).next_back()?;
-        (addr < r.start + r.len).then(|| r.clone())
-    }
-
     fn read_loop(&'static self) {
         let mut events = Vec::new();
         loop {
@@ -142,22 +136,33 @@ impl UffdService {
     }
 
     fn dispatch(&'static self, e: Event) {
-        let Some(range) = self.lookup(e.addr) else {
-            // Unregistered since (its mapping is going away): let the thread
-            // retry, into whatever is there now.
-            let ps = bigfile_os::os_page_size();
-            let _ = self.uffd.wake(e.addr & !(ps - 1), ps);
-            return;
-        };
         let access = if e.write { Access::Write } else { Access::Read };
-        if thread_mode(e.tid).is_ok_and(|m| m == ThreadMode::User) {
-            // Served by the thread itself, in the mapping's fault handler.
-            if bigfile_fault::send_request(e.tid, e.addr, access).is_ok() {
+        let range = {
+            // Looked up under the lock, kept only for a worker: a reference
+            // held here would keep the handle alive after its owner dropped
+            // it (its pages then freed by this thread, later).
+            let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
+            let found = ranges
+                .range(..=e.addr)
+                .next_back()
+                .map(|(_, r)| r)
+                .filter(|r| e.addr < r.start + r.len);
+            let Some(range) = found else {
+                drop(ranges);
+                // Unregistered since (its mapping is going away): let the
+                // thread retry, into whatever is there now.
+                let ps = bigfile_os::os_page_size();
+                let _ = self.uffd.wake(e.addr & !(ps - 1), ps);
+                return;
+            };
+            if thread_mode(e.tid).is_ok_and(|m| m == ThreadMode::User) {
+                // Served by the thread itself, in the mapping's fault
+                // handler. (If the thread is gone, nothing waits.)
+                let _ = bigfile_fault::send_request(e.tid, e.addr, access);
                 return;
             }
-            // The thread is gone; nothing waits for this page.
-            return;
-        }
+            range.clone()
+        };
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         jobs.queue.push_back((range, e));
         if jobs.idle == 0 {
@@ -196,43 +201,49 @@ impl UffdService {
                 Access::Read
             };
             let (req, page_addr) = range.request(e.addr, access);
-            take(&KernelFault { page_addr, svc: self }, &range.fileh, &req);
+            let ps = range.fileh.page_size();
+            let served = take(&KernelFault, &range.fileh, &req);
+            // Let go of the handle before the thread goes on: it may drop
+            // the handle's last reference next.
+            drop(range);
+            match served {
+                Ok(()) => {
+                    let _ = self.uffd.wake(page_addr, ps);
+                }
+                Err(()) => {
+                    note_poisoned(page_addr);
+                    if self.uffd.poison(page_addr, ps).is_err() {
+                        // Without UFFDIO_POISON (before Linux 6.6), the
+                        // thread retries and faults again: better than
+                        // hanging it.
+                        let _ = self.uffd.wake(page_addr, ps);
+                    }
+                }
+            }
         }
     }
 }
 
 /// A fault the kernel took for a thread inside a system call, served by a
-/// worker: finishing is waking the thread (serving mapped the page, which
-/// wakes it), or poisoning the page so that the system call fails.
-struct KernelFault {
-    page_addr: usize,
-    svc: &'static UffdService,
-}
+/// worker; the worker then wakes the thread, or poisons the page so that
+/// the system call fails with EFAULT (after the diagnostic, here).
+struct KernelFault;
 
 impl FaultSource for KernelFault {
-    type Finished = ();
+    type Finished = Result<(), ()>;
 
-    fn finish(&self, fh: &FileHInner, req: &PageRequest, served: Result<(), Failure>) {
-        let ps = fh.page_size();
-        match served {
-            // Mapping it (or finding it mapped) woke the thread; wake again
-            // in case another thread mapped it between its fault and ours.
-            Ok(()) => {
-                let _ = self.svc.uffd.wake(self.page_addr, ps);
-            }
-            Err(f) => {
-                eprintln!(
-                    "bigfile: {} (in a system call: it fails with EFAULT)",
-                    f.message(req.blk, &fh.name)
-                );
-                note_poisoned(self.page_addr);
-                if self.svc.uffd.poison(self.page_addr, ps).is_err() {
-                    // Without UFFDIO_POISON (before Linux 6.6), the thread
-                    // retries and faults again: better than hanging it.
-                    let _ = self.svc.uffd.wake(self.page_addr, ps);
-                }
-            }
-        }
+    fn finish(
+        &self,
+        fh: &FileHInner,
+        req: &PageRequest,
+        served: Result<(), Failure>,
+    ) -> Result<(), ()> {
+        served.map_err(|f| {
+            eprintln!(
+                "bigfile: {} (in a system call: it fails with EFAULT)",
+                f.message(req.blk, &fh.name)
+            );
+        })
     }
 }
 
