@@ -222,6 +222,10 @@ impl Deferred {
     /// Do the work. Must be called, without the lock held, on every path
     /// after a reclaim that was given this `Deferred`.
     pub(crate) fn finish(mut self, shared: &Shared) {
+        #[cfg(feature = "failpoints")]
+        if !self.unmaps.is_empty() {
+            crate::failpoint::hook("virtmem::deferred_unmap");
+        }
         let mapper = Mapper::of(shared);
         // Adjacent slots of one mapping (a batch of a scan's oldest blocks)
         // are unmapped by one call: one mmap_lock hold, one TLB shootdown.

@@ -209,6 +209,13 @@ fn map_page<'a>(
             if let Some(writeout) = st.writeout(fh.key).cloned() {
                 return wait_out_writeout(fh, st, req.blk, &writeout).map(Some);
             }
+            if st.block_unmapping(fh.key, req.blk) {
+                // A reclaimer is still unmapping an earlier page of this
+                // block from another mapping, which shows the old data
+                // until then: changed here, the block would show two
+                // contents at once. (Its reclaimer waits for nothing.)
+                return Ok(Some(shared.wait(st)));
+            }
             st.mark_dirty(pk, shared.counters());
             Prot::ReadWrite
         }

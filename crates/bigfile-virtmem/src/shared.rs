@@ -64,6 +64,8 @@ impl Shared {
     /// Wait for a notification, counted in the state's waiters.
     pub(crate) fn wait<'a>(&self, mut st: Guard<'a>) -> Guard<'a> {
         st.count_waiter(true);
+        #[cfg(feature = "failpoints")]
+        crate::failpoint::hook("virtmem::wait");
         let mut st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
         st.count_waiter(false);
         st

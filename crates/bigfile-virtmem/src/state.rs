@@ -31,6 +31,9 @@ pub(crate) struct HandleState {
     /// Dirty blocks, ascending: the order writeout stores them in.
     dirty: BTreeSet<u64>,
     vmas: Slab<VmaState>,
+    /// Slots of its mappings that reclaimers are still unmapping: checked
+    /// before looking at each mapping (a write to any block waits for them).
+    unmapping: usize,
     /// The writeout of this handle in progress, if any.
     writeout: Option<Arc<Ticket>>,
     counters: Arc<Counters>,
@@ -125,6 +128,7 @@ impl State {
             index: PageMap::new(),
             dirty: BTreeSet::new(),
             vmas: Slab::new(),
+            unmapping: 0,
             writeout: None,
             counters,
         }))
@@ -226,10 +230,11 @@ impl State {
     /// Whether a reclaimer is still unmapping block `blk` of handle `fk`
     /// from one of its mappings.
     pub(crate) fn block_unmapping(&self, fk: FileKey, blk: u64) -> bool {
-        self.handles[fk.0]
-            .vmas
-            .iter()
-            .any(|(_, v)| v.index_of(blk).is_some_and(|idx| v.is_unmapping(idx)))
+        let h = &self.handles[fk.0];
+        h.unmapping > 0
+            && h.vmas
+                .iter()
+                .any(|(_, v)| v.index_of(blk).is_some_and(|idx| v.is_unmapping(idx)))
     }
 
     /// The addresses where block `blk` of handle `fk` is mapped.
@@ -358,6 +363,7 @@ impl State {
             v.set_mapped(index, false);
             if when == Unmap::Deferred {
                 v.set_unmapping(index, true);
+                h.unmapping += 1;
             }
             slots.push(Slot {
                 fileh: fk,
@@ -388,7 +394,12 @@ impl State {
 
     /// A reclaimer has unmapped `slot`.
     pub(crate) fn slot_unmapped(&mut self, slot: &Slot) {
-        self.handles[slot.fileh.0].vmas[slot.vma.0].set_unmapping(slot.index, false);
+        let h = &mut self.handles[slot.fileh.0];
+        let v = &mut h.vmas[slot.vma.0];
+        if v.is_unmapping(slot.index) {
+            v.set_unmapping(slot.index, false);
+            h.unmapping -= 1;
+        }
     }
 
     // --- spares (batched reclaim) ---
