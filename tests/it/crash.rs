@@ -7,7 +7,11 @@ use std::sync::Arc;
 use bigfile::virtmem::WriteoutFlags;
 use bigfile_testkit::child::{self, Death};
 
-use crate::common::{mem_file, open, peek, poke, ram, MemFile, BLK};
+#[cfg(target_arch = "x86_64")]
+use bigfile_testkit::memory::move_u64_one_access;
+use bigfile_testkit::memory::read_u64_one_access;
+
+use crate::common::{mem_file, open, peek, poke, ram, setup, MemFile, BLK};
 
 const CHILD_ENV: &str = "BIGFILE_IT_CHILD";
 
@@ -87,6 +91,28 @@ fn transient_load_failure_is_retried() {
 fn scan_of_ten_times_the_budget_stays_within_it() {
     let out = expect_ok("budget_scan");
     assert!(out.contains("budget OK"), "{out}");
+}
+
+/// A read of 8 bytes at the boundary of blocks 2 and 3 with a budget of
+/// one page (and one with all but one page of the budget dirty): each
+/// fault used to reclaim the other block's page, forever. In a child, so
+/// that such a livelock fails as a hang instead of hanging the tests.
+#[test]
+fn an_access_spanning_two_blocks_completes_under_a_one_page_budget() {
+    let out = expect_ok("span");
+    assert!(out.contains("span OK"), "{out}");
+}
+
+/// One instruction needing three pages under a budget of one page cannot
+/// complete: it fails with a diagnostic instead of spinning.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn an_access_wider_than_the_budget_plus_one_is_sigbus_with_diagnostic() {
+    expect_signal(
+        "too_wide",
+        libc::SIGBUS,
+        &["one instruction touches more pages than the RAM budget"],
+    );
 }
 
 /// The child side: runs the scenario named by `BIGFILE_IT_CHILD`; without it,
@@ -189,6 +215,14 @@ fn child() {
             println!("transient OK");
         }
         "budget_scan" => budget_scan(),
+        "span" => span(),
+        #[cfg(target_arch = "x86_64")]
+        "too_wide" => {
+            let (_file, _ram, _fh, vma) = setup(1, 4);
+            let base = vma.as_ptr() as usize;
+            // From across blocks 0 and 1 into block 2: three pages at once.
+            move_u64_one_access(base + BLK - 4, base + 2 * BLK);
+        }
         other => panic!("unknown scenario {other}"),
     }
     std::process::exit(0);
@@ -242,4 +276,33 @@ fn budget_scan() {
     println!(
         "budget OK: peak {peak_acct} bytes by accounting, {peak_pss} by Pss_Shmem, limit {limit}"
     );
+}
+
+/// Reads (and a write) spanning two blocks under budgets they fill.
+fn span() {
+    let want = u64::from_le_bytes([3, 3, 3, 3, 4, 4, 4, 4]);
+    // A budget of one page: blocks 2 and 3 cannot both fit, but the one
+    // instruction needs both.
+    let (_file, ram, _fh, vma) = setup(1, 4);
+    let at = vma.as_ptr() as usize + 3 * BLK - 4;
+    assert_eq!(read_u64_one_access(at), want);
+    assert!(ram.stats().resident_bytes <= ram.budget() + BLK as u64);
+    // The next access brings the RAM back within its budget.
+    assert_eq!(peek(vma.as_ptr()), MemFile::initial(0));
+    assert!(ram.stats().resident_bytes <= ram.budget());
+    // All but one page of the budget dirty.
+    let (_file, _ram, fh2, vma) = setup(4, 8);
+    for pg in 4..7 {
+        poke(vma.as_ptr().wrapping_add(pg * BLK), 9);
+    }
+    let at = vma.as_ptr() as usize + 3 * BLK - 4;
+    assert_eq!(read_u64_one_access(at), want);
+    assert_eq!(fh2.dirty_blocks(), [4, 5, 6]);
+    // A write across the boundary with a budget of one page.
+    let (_file, _ram, fh, vma) = setup(1, 4);
+    let q = vma.as_ptr().wrapping_add(2 * BLK - 2);
+    // SAFETY: 8 bytes inside the live mapping; one unaligned store.
+    unsafe { std::ptr::write_unaligned(q.cast::<u64>(), u64::MAX) };
+    assert_eq!(fh.dirty_blocks(), [1, 2]);
+    println!("span OK");
 }

@@ -225,6 +225,8 @@ unsafe fn dispatch(signo: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
         access: unsafe { arch::access(ctx) },
         signal,
         depth,
+        // SAFETY: forwarding the kernel's ucontext.
+        execution: unsafe { arch::execution(ctx) },
     };
     // SAFETY: forwarding the kernel's ucontext.
     let outcome = unsafe { serve(&range, &fault, ctx) };

@@ -1,8 +1,13 @@
 //! bigfile-os: the OS plumbing shared by every layer of bigfile: the
-//! [`syscall!`] helper, [`os_page_size`], [`Prot`] and [`clone_io_error`].
+//! [`syscall!`] helper, [`os_page_size`], [`Prot`], [`clone_io_error`] and
+//! [`HeldLock`] (which of bigfile's locks this thread holds).
 //! It knows nothing of pages, faults or files; see ARCHITECTURE.md at the
 //! repository root for where it sits.
 #![doc = include_str!("../README.md")]
+
+mod held;
+
+pub use held::{holds_lock, HeldLock};
 
 use std::io;
 use std::ptr::NonNull;

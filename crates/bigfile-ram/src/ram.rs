@@ -8,11 +8,14 @@ use bigfile_os::Prot;
 use std::fmt;
 use std::io;
 use std::mem::ManuallyDrop;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use bigfile_os::HeldLock;
 
 /// Page and byte counts of a RAM or a handle.
 ///
@@ -447,10 +450,10 @@ impl RamHandle {
         self.fd.as_fd()
     }
 
-    fn used(&self) -> MutexGuard<'_, Bitmap> {
+    fn used(&self) -> Locked<'_, Bitmap> {
         // A panic while holding the lock cannot leave the bitmap half-updated (each update
         // is one bit), so a poisoned lock is still consistent.
-        self.used.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.used)
     }
 
     fn offset(&self, page: u64) -> u64 {
@@ -480,12 +483,7 @@ impl RamHandle {
     /// access through a suitably aligned mapping maps it whole: populating
     /// such a mapping ahead of use saves nothing.
     pub fn is_huge(&self, page: u64) -> bool {
-        self.hugetlb
-            || self
-                .huge
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(page)
+        self.hugetlb || lock(&self.huge).get(page)
     }
 
     /// Allocates a page: `hint` itself when free (a hint beyond the handle counts as its last
@@ -496,7 +494,7 @@ impl RamHandle {
     /// A page whose [`RamHandle::drop_page`] failed is handed out first, with its old
     /// contents (its memory is still held, so this takes none).
     pub fn alloc_page(&self, hint: u64) -> Result<u64, RamError> {
-        if let Some(page) = self.stray.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+        if let Some(page) = lock(&self.stray).pop() {
             return Ok(page);
         }
         let hint = hint.min(self.max_pages - 1);
@@ -519,10 +517,7 @@ impl RamHandle {
                 return Err(exhausted_or_io(e, page, self.page_size));
             }
             if self.reserve_huge(page) {
-                self.huge
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .set(page, true);
+                lock(&self.huge).set(page, true);
             } else {
                 if let Err(e) =
                     sys::fallocate(self.fd(), 0, self.offset(page), self.page_size as u64)
@@ -622,7 +617,7 @@ impl RamHandle {
         let window = match self.window.get() {
             Some(w) => w,
             None => {
-                let _init = self.window_init.lock().unwrap_or_else(|p| p.into_inner());
+                let _init = lock(&self.window_init);
                 match self.window.get() {
                     Some(w) => w,
                     None => {
@@ -675,7 +670,7 @@ impl RamHandle {
             let punched = Ok(());
             punched.and_then(|()| self.punch(page))
         };
-        let mut stray = self.stray.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stray = lock(&self.stray);
         // A retried drop of a stray page must not list it twice (it would be
         // handed out twice), and a drop that succeeds takes it off the list.
         stray.retain(|&p| p != page);
@@ -687,10 +682,7 @@ impl RamHandle {
             ));
         }
         drop(stray);
-        self.huge
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set(page, false);
+        lock(&self.huge).set(page, false);
         let mut used = self.used();
         if used.get(page) {
             used.set(page, false);
@@ -715,6 +707,38 @@ impl RamHandle {
     /// Whether pages come from the hugetlb pool.
     pub fn is_hugetlb(&self) -> bool {
         self.hugetlb
+    }
+}
+
+/// One of a handle's mutexes, held, and counted as held by this thread
+/// (`bigfile_os::HeldLock`): a page fault taken meanwhile, from a signal
+/// handler, could need it, and fails rather than waits for this thread.
+struct Locked<'a, T> {
+    // Dropped first: the count goes before the lock does.
+    _held: HeldLock,
+    guard: MutexGuard<'a, T>,
+}
+
+impl<T> Deref for Locked<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> DerefMut for Locked<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
+}
+
+/// Take `m`. A panic while it was held leaves its data consistent (every
+/// update is one step), so poisoning is ignored.
+fn lock<T>(m: &Mutex<T>) -> Locked<'_, T> {
+    let guard = m.lock().unwrap_or_else(|p| p.into_inner());
+    Locked {
+        _held: HeldLock::enter(),
+        guard,
     }
 }
 

@@ -41,6 +41,7 @@ mod shared;
 mod source;
 mod state;
 mod stats;
+mod streak;
 mod sys;
 mod vma;
 mod vmas;

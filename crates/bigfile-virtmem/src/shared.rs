@@ -1,15 +1,40 @@
 //! One RAM as virtmem sees it: the page source, its budget, the lock over
 //! its [`State`] and the condition variable its threads wait on.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
+
+use bigfile_os::HeldLock;
 
 use crate::state::State;
 use crate::stats::Counters;
 use crate::waits::{Cycle, Ticket};
 
-pub(crate) type Guard<'a> = MutexGuard<'a, State>;
+/// A RAM's lock, held: the state behind it, and this thread counted as
+/// holding one of bigfile's locks (a fault it takes meanwhile, from a
+/// signal handler, fails instead of waiting for it: `source.rs`).
+pub(crate) struct Guard<'a> {
+    // Dropped first: the count goes before the lock does (a signal in
+    // between could only make a fault wait, as without the count; never
+    // fail a fault whose thread holds nothing).
+    held: HeldLock,
+    state: MutexGuard<'a, State>,
+}
+
+impl Deref for Guard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl DerefMut for Guard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
 
 pub(crate) struct Shared {
     ram: bigfile_ram::Ram,
@@ -58,17 +83,24 @@ impl Shared {
     /// structurally valid (every step keeps the maps consistent), so poisoning
     /// is ignored rather than turned into a crash inside a page fault.
     pub(crate) fn lock(&self) -> Guard<'_> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let held = HeldLock::enter();
+        #[cfg(feature = "failpoints")]
+        crate::failpoint::hook("virtmem::locked");
+        Guard { held, state }
     }
 
     /// Wait for a notification, counted in the state's waiters.
-    pub(crate) fn wait<'a>(&self, mut st: Guard<'a>) -> Guard<'a> {
-        st.count_waiter(true);
+    pub(crate) fn wait<'a>(&self, st: Guard<'a>) -> Guard<'a> {
+        let Guard { held, mut state } = st;
+        state.count_waiter(true);
         #[cfg(feature = "failpoints")]
         crate::failpoint::hook("virtmem::wait");
-        let mut st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
-        st.count_waiter(false);
-        st
+        drop(held);
+        let mut state = self.cond.wait(state).unwrap_or_else(|p| p.into_inner());
+        let held = HeldLock::enter();
+        state.count_waiter(false);
+        Guard { held, state }
     }
 
     /// Wake every waiter, if any; `st` is the state just changed, still

@@ -44,6 +44,7 @@ pub(crate) struct HandleState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Detached {
     pub(crate) fileh: FileKey,
+    pub(crate) blk: u64,
     pub(crate) ram_page: Option<RamPage>,
 }
 
@@ -152,6 +153,12 @@ impl State {
     /// The resident page of block `blk` of handle `fk`.
     pub(crate) fn lookup(&self, fk: FileKey, blk: u64) -> Option<PageKey> {
         self.handles[fk.0].index.get(blk).copied()
+    }
+
+    /// The resident page of block `blk` of handle `fk`, if the handle is
+    /// still open (a fault's pin may name one closed since).
+    pub(crate) fn find_page(&self, fk: FileKey, blk: u64) -> Option<PageKey> {
+        self.handles.get(fk.0)?.index.get(blk).copied()
     }
 
     /// Handle `fk`'s dirty blocks, ascending, with their pages.
@@ -374,6 +381,7 @@ impl State {
         }
         Detached {
             fileh: fk,
+            blk: page.blk(),
             ram_page: page.ram_page(),
         }
     }
@@ -555,6 +563,7 @@ mod tests {
             d,
             Detached {
                 fileh: f.fk,
+                blk: 13,
                 ram_page: Some(RamPage(7))
             }
         );

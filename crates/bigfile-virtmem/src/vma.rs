@@ -267,6 +267,7 @@ impl Vma {
                 access,
                 // Drop-behind would reclaim the pages just prefaulted.
                 drop_behind: idx == first,
+                execution: None,
             };
             take(&Prefault, &self.fileh, &req)?;
         }
