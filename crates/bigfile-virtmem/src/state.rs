@@ -311,6 +311,11 @@ impl State {
         }
     }
 
+    /// A STORE stored dirty page `pk`.
+    pub(crate) fn mark_stored(&mut self, pk: PageKey) {
+        self.pages.mark_stored(pk);
+    }
+
     /// DIRTY → LOADED (written out): off the dirty list, onto the LRU list.
     pub(crate) fn mark_clean(&mut self, pk: PageKey, rc: &Counters) {
         self.pages.mark_clean(pk);
