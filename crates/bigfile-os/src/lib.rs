@@ -53,6 +53,24 @@ pub fn cvt<T: MinusOne>(res: T) -> io::Result<T> {
     }
 }
 
+/// Register fork(2) handlers (`pthread_atfork`): `prepare` runs in the
+/// forking thread before the fork, `parent` and `child` after it, in the
+/// parent and in the child. Prepare handlers run in the reverse order of
+/// their registration, the others in that order: a layer whose locks nest
+/// inside another's registers first.
+pub fn at_fork(
+    prepare: unsafe extern "C" fn(),
+    parent: unsafe extern "C" fn(),
+    child: unsafe extern "C" fn(),
+) -> io::Result<()> {
+    // SAFETY: three function pointers valid for the life of the process.
+    let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+    match rc {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
 /// Size of an OS page (the unit of `mmap`), e.g. 4096 on x86-64.
 pub fn os_page_size() -> usize {
     static SIZE: OnceLock<usize> = OnceLock::new();

@@ -658,3 +658,68 @@ fn two_mib_pages_are_transparent_huge_pages_unless_off() {
         assert_eq!(allocated_bytes(h.fd()).unwrap(), 0, "{spec}: released");
     }
 }
+
+/// Fork and run `child` in the child, whose exit status (0: all held) the
+/// parent gets. The child runs nothing but `child` and `_exit`: other test
+/// threads may hold locks (stdout's) that it must not touch.
+fn in_forked_child(child: impl FnOnce() -> bool) -> i32 {
+    // SAFETY: fork; the child only runs `child` and `_exit`s.
+    match unsafe { libc::fork() } {
+        -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+        0 => {
+            let ok = child();
+            // SAFETY: _exit ends the child at once, running no destructor.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
+        pid => {
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+            assert_eq!(rc, pid, "waitpid: {}", std::io::Error::last_os_error());
+            assert!(libc::WIFEXITED(status), "child ended by {status:#x}");
+            libc::WEXITSTATUS(status)
+        }
+    }
+}
+
+/// A forked child gets every handle renewed: no page allocated, the page
+/// indices free, its writes and hole punches in memory of its own. The
+/// parent's pages are as they were.
+#[test]
+fn a_forked_child_has_handles_of_its_own() {
+    let _s = serial();
+    for spec in ["memfd,pagesize=4K", "shmfs,pagesize=4K"] {
+        let ram = new_ram(spec);
+        let h = ram.open_handle().unwrap();
+        let p = h.alloc_page(3).unwrap();
+        let w = h.window(p).unwrap();
+        // SAFETY: the page's 4 KiB in the window, ours alone.
+        unsafe { w.as_ptr().write_bytes(0x5a, 4096) };
+        let status = in_forked_child(|| {
+            if h.stats().pages_allocated != 0
+                || h.is_allocated(p)
+                || ram.stats().pages_allocated != 0
+            {
+                return false;
+            }
+            // The same index, in the child's own memory: it reads zeros,
+            // and what the child writes and punches is its own.
+            let Ok(q) = h.alloc_page(3) else { return false };
+            let Ok(w) = h.window(q) else { return false };
+            // SAFETY: as in the parent, in the child's own file.
+            let zero = unsafe { w.as_ptr().read() } == 0;
+            // SAFETY: as above.
+            unsafe { w.as_ptr().write_bytes(0x11, 4096) };
+            zero && q == p && h.drop_page(q).is_ok()
+        });
+        assert_eq!(status, 0, "{spec}: the child's handle was not its own");
+        // SAFETY: the parent's page, still allocated.
+        let back = unsafe { std::slice::from_raw_parts(h.window(p).unwrap().as_ptr(), 4096) };
+        assert!(
+            back.iter().all(|&b| b == 0x5a),
+            "{spec}: the child changed the parent's page"
+        );
+        assert_eq!(ram.stats().pages_allocated, 1);
+        h.drop_page(p).unwrap();
+    }
+}
