@@ -78,6 +78,7 @@ pub fn install() -> Result<(), FaultError> {
 /// # Errors
 /// [`FaultError::Sigaction`] if sigaction(2) fails.
 pub fn ensure_on_top() -> Result<bool, FaultError> {
+    crate::fork::install();
     let mut guard = TABLE.write();
     ensure_on_top_locked(&mut guard)
 }

@@ -12,6 +12,7 @@ use bigfile_ram::{
     allocated_bytes, os_page_size, unmap, AllocPolicy, Backend, Prot, Ram, RamError, RamHandle,
     RamSpec, RamStats, ThpPolicy,
 };
+use bigfile_testkit::child::{forked, TIMEOUT};
 use bigfile_testkit::memory::ram_file_mappings;
 use bigfile_testkit::mount::Mount;
 use std::path::Path;
@@ -659,29 +660,6 @@ fn two_mib_pages_are_transparent_huge_pages_unless_off() {
     }
 }
 
-/// Fork and run `child` in the child, whose exit status (0: all held) the
-/// parent gets. The child runs nothing but `child` and `_exit`: other test
-/// threads may hold locks (stdout's) that it must not touch.
-fn in_forked_child(child: impl FnOnce() -> bool) -> i32 {
-    // SAFETY: fork; the child only runs `child` and `_exit`s.
-    match unsafe { libc::fork() } {
-        -1 => panic!("fork: {}", std::io::Error::last_os_error()),
-        0 => {
-            let ok = child();
-            // SAFETY: _exit ends the child at once, running no destructor.
-            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
-        }
-        pid => {
-            let mut status = 0;
-            // SAFETY: waiting for our own child.
-            let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
-            assert_eq!(rc, pid, "waitpid: {}", std::io::Error::last_os_error());
-            assert!(libc::WIFEXITED(status), "child ended by {status:#x}");
-            libc::WEXITSTATUS(status)
-        }
-    }
-}
-
 /// A forked child gets every handle renewed: no page allocated, the page
 /// indices free, its writes and hole punches in memory of its own. The
 /// parent's pages are as they were.
@@ -695,24 +673,31 @@ fn a_forked_child_has_handles_of_its_own() {
         let w = h.window(p).unwrap();
         // SAFETY: the page's 4 KiB in the window, ours alone.
         unsafe { w.as_ptr().write_bytes(0x5a, 4096) };
-        let status = in_forked_child(|| {
-            if h.stats().pages_allocated != 0
-                || h.is_allocated(p)
-                || ram.stats().pages_allocated != 0
-            {
-                return false;
-            }
-            // The same index, in the child's own memory: it reads zeros,
-            // and what the child writes and punches is its own.
-            let Ok(q) = h.alloc_page(3) else { return false };
-            let Ok(w) = h.window(q) else { return false };
-            // SAFETY: as in the parent, in the child's own file.
-            let zero = unsafe { w.as_ptr().read() } == 0;
-            // SAFETY: as above.
-            unsafe { w.as_ptr().write_bytes(0x11, 4096) };
-            zero && q == p && h.drop_page(q).is_ok()
-        });
-        assert_eq!(status, 0, "{spec}: the child's handle was not its own");
+        let status = forked(
+            || {
+                if h.stats().pages_allocated != 0
+                    || h.is_allocated(p)
+                    || ram.stats().pages_allocated != 0
+                {
+                    return false;
+                }
+                // The same index, in the child's own memory: it reads zeros,
+                // and what the child writes and punches is its own.
+                let Ok(q) = h.alloc_page(3) else { return false };
+                let Ok(w) = h.window(q) else { return false };
+                // SAFETY: as in the parent, in the child's own file.
+                let zero = unsafe { w.as_ptr().read() } == 0;
+                // SAFETY: as above.
+                unsafe { w.as_ptr().write_bytes(0x11, 4096) };
+                zero && q == p && h.drop_page(q).is_ok()
+            },
+            TIMEOUT,
+        )
+        .unwrap();
+        assert!(
+            status.success(),
+            "{spec}: the child's handle was not its own"
+        );
         // SAFETY: the parent's page, still allocated.
         let back = unsafe { std::slice::from_raw_parts(h.window(p).unwrap().as_ptr(), 4096) };
         assert!(
