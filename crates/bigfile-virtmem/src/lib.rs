@@ -28,6 +28,7 @@ mod failpoint;
 mod failure;
 mod file;
 mod fileh;
+mod fork;
 mod handle;
 mod host;
 mod keys;

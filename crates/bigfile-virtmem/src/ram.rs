@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::Result;
 use crate::host::HostUnlocked;
@@ -42,13 +42,21 @@ pub struct RamStats {
 
 static DEFAULT_RAMS: Mutex<Option<HashMap<usize, Ram>>> = Mutex::new(None);
 
+/// The default RAMs' table, locked.
+pub(crate) type DefaultRams = MutexGuard<'static, Option<HashMap<usize, Ram>>>;
+
+/// Lock the default RAMs' table.
+pub(crate) fn lock_defaults() -> DefaultRams {
+    DEFAULT_RAMS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Ram {
     /// Use `ram`'s pages, with a budget of everything it can hold.
     pub fn new(ram: bigfile_ram::Ram) -> Ram {
         let budget = ram.max_size();
-        let r = Ram {
-            shared: Arc::new(Shared::new(ram)),
-        };
+        let shared = Arc::new(Shared::new(ram));
+        crate::fork::track(&shared);
+        let r = Ram { shared };
         r.set_budget(budget);
         r
     }
@@ -69,7 +77,7 @@ impl Ram {
     /// the default backend (or `BIGFILE_RAM`'s), shared by every handle
     /// opened without an explicit RAM.
     pub fn default_for(page_size: usize) -> Result<Ram> {
-        let mut rams = DEFAULT_RAMS.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rams = lock_defaults();
         let rams = rams.get_or_insert_with(HashMap::new);
         if let Some(r) = rams.get(&page_size) {
             return Ok(r.clone());
@@ -82,7 +90,7 @@ impl Ram {
     /// Reclaim every clean page of every default RAM; returns how many.
     pub fn reclaim_defaults() -> usize {
         let rams: Vec<Ram> = {
-            let rams = DEFAULT_RAMS.lock().unwrap_or_else(|p| p.into_inner());
+            let rams = lock_defaults();
             rams.as_ref()
                 .map(|m| m.values().cloned().collect())
                 .unwrap_or_default()

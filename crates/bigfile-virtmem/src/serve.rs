@@ -19,6 +19,7 @@ use bigfile_os::Prot;
 
 use crate::callback::InCallback;
 use crate::failure::{Failure, ALLOCATING, MAPPING, WINDOWING};
+use crate::fork;
 use crate::handle::FileHInner;
 use crate::keys::{FileKey, PageKey, RamPage, VmaId};
 use crate::mapper::{Deferred, MapError, Mapper};
@@ -125,12 +126,23 @@ fn load<'a>(
     }
     let ticket = Ticket::mine();
     let pk = st.begin_load(fh.key, blk, ticket.clone());
+    let forks = fork::generation();
     drop(st);
     // Unmap what make_room reclaimed (the recycled RAM page among it)
     // before the load writes into it.
     deferred.finish(shared);
     let loaded = fill_page(fh, blk, recycled);
-    finish_load(fh, shared.lock(), (pk, blk), &ticket, loaded)
+    let st = shared.lock();
+    if fork::generation() != forks {
+        // loadblk forked, and this is the child, whose state forgot the
+        // page (and whose RAM handle is new): load it again, afresh.
+        if let Err((_, LoadFailure::Panicked(panic))) = loaded {
+            drop(st);
+            resume_unwind(panic)
+        }
+        return Ok(st);
+    }
+    finish_load(fh, st, (pk, blk), &ticket, loaded)
 }
 
 /// After the load of `pk` (block `blk`): make the page LOADED, or drop it

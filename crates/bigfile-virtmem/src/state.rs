@@ -77,7 +77,15 @@ pub(crate) struct State {
     /// Threads waiting on the RAM's condition variable: notifications are
     /// skipped when none.
     waiters: u32,
+    /// Ranges of mappings removed from their handle and not yet given back
+    /// to the OS (by `Vma`'s drop, outside the lock): a forked child puts
+    /// the reservation back over them too.
+    releasing: Vec<(NonNull<u8>, usize)>,
 }
+
+// SAFETY: `releasing` holds addresses of reservations owned by dropping
+// Vmas, never dereferenced through the state, only passed to the mapper.
+unsafe impl Send for State {}
 
 impl State {
     pub(crate) fn pages(&self) -> &PageTable {
@@ -191,8 +199,44 @@ impl State {
         VmaKey(self.handles[fk.0].vmas.insert(vma))
     }
 
+    /// Forget mapping `vk` of `fk`, whose range the caller gives back to
+    /// the OS next, and then calls [`State::released`].
     pub(crate) fn remove_vma(&mut self, fk: FileKey, vk: VmaKey) {
-        self.handles[fk.0].vmas.remove(vk.0);
+        let v = self.handles[fk.0].vmas.remove(vk.0);
+        self.releasing.push(v.range());
+    }
+
+    /// The range at `start` of a removed mapping is given back to the OS.
+    pub(crate) fn released(&mut self, start: NonNull<u8>) {
+        self.releasing.retain(|&(s, _)| s != start);
+    }
+
+    /// In a forked child: forget every page (the parent's memory, which
+    /// the child must neither use nor drop), every load, writeout and wait
+    /// (of threads the child does not have) and every spare; handles and
+    /// mappings stay, with nothing mapped. Returns the ranges of every
+    /// mapping, live or being released, for the caller to put the
+    /// reservation back over.
+    pub(crate) fn forget_in_child(&mut self, rc: &Counters) -> Vec<(NonNull<u8>, usize)> {
+        self.pages = PageTable::default();
+        self.lru = Lru::default();
+        self.waits = WaitGraph::default();
+        self.budget = Budget::default();
+        self.waiters = 0;
+        rc.forget_pages();
+        let mut ranges = std::mem::take(&mut self.releasing);
+        for (_, h) in self.handles.iter_mut() {
+            h.index = PageMap::new();
+            h.dirty.clear();
+            h.writeout = None;
+            h.unmapping = 0;
+            h.counters.forget_pages();
+            for (_, v) in h.vmas.iter_mut() {
+                v.forget_pages();
+                ranges.push(v.range());
+            }
+        }
+        ranges
     }
 
     pub(crate) fn vma_count(&self, fk: FileKey) -> usize {

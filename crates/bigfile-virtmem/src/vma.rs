@@ -299,5 +299,6 @@ impl Drop for Vma {
         // being unmapped; nobody may use it after the Vma is dropped
         // (slices borrow the Vma).
         unsafe { Mapper::of(shared).release_range(self.start, self.len / self.fileh.page_size()) };
+        shared.lock().released(self.start);
     }
 }
