@@ -34,6 +34,7 @@ mod host;
 mod keys;
 mod lru;
 mod mapper;
+mod memlimit;
 mod pages;
 mod ram;
 mod reclaim;

@@ -51,7 +51,10 @@ pub(crate) fn lock_defaults() -> DefaultRams {
 }
 
 impl Ram {
-    /// Use `ram`'s pages, with a budget of everything it can hold.
+    /// Use `ram`'s pages, with a budget of everything it can hold (set a
+    /// smaller one with [`Ram::with_budget`]; the default RAMs, which
+    /// handles opened without a RAM use, have a budget that follows the
+    /// memory the process may use: [`Ram::default_for`]).
     pub fn new(ram: bigfile_ram::Ram) -> Ram {
         let budget = ram.max_size();
         let shared = Arc::new(Shared::new(ram));
@@ -76,6 +79,15 @@ impl Ram {
     /// The process's default RAM for `page_size`: created on first use with
     /// the default backend (or `BIGFILE_RAM`'s), shared by every handle
     /// opened without an explicit RAM.
+    ///
+    /// Its budget follows the memory the process may use: a quarter of the
+    /// least of the machine's memory and the memory limits of its cgroups
+    /// (v2 `memory.max`/`memory.high`, v1 `memory.limit_in_bytes`), lowered
+    /// while memory is short (what is available, `MemAvailable` and the
+    /// cgroups' room, beyond an eighth of that limit), never below a 64th
+    /// of it; looked at again at most four times a second, by the faults
+    /// that load. [`Ram::set_budget`] replaces that policy with a fixed
+    /// budget. ("Default budget" in ARCHITECTURE.md says why.)
     pub fn default_for(page_size: usize) -> Result<Ram> {
         let mut rams = lock_defaults();
         let rams = rams.get_or_insert_with(HashMap::new);
@@ -83,6 +95,7 @@ impl Ram {
             return Ok(r.clone());
         }
         let r = Ram::new(bigfile_ram::Ram::with_page_size(page_size)?);
+        r.shared.follow_memory();
         rams.insert(page_size, r.clone());
         Ok(r)
     }
@@ -130,6 +143,7 @@ impl Ram {
     /// may be dropped a little before they had to be, their memory kept,
     /// within the budget, for the handle's next loads.
     pub fn set_budget(&self, bytes: u64) {
+        self.shared.stop_following_memory();
         self.shared
             .set_budget_pages(bytes / self.page_size() as u64);
     }

@@ -61,6 +61,7 @@ pub(crate) fn serve(fh: &FileHInner, req: &PageRequest) -> Result<(), Failure> {
         })?,
         None => None,
     };
+    fh.shared.adapt_budget();
     let mut st = fh.shared.lock();
     let sequential = st.drop_behind(fh.key, req.vma, req.blk, req.drop_behind);
     loop {

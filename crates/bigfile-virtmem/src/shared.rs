@@ -2,12 +2,13 @@
 //! its [`State`] and the condition variable its threads wait on.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread;
 
 use bigfile_os::HeldLock;
 
+use crate::memlimit::{Memory, Policy};
 use crate::state::State;
 use crate::stats::Counters;
 use crate::waits::{Cycle, Ticket};
@@ -44,6 +45,10 @@ pub(crate) struct Shared {
     cond: Condvar,
     counters: Counters,
     budget_pages: AtomicU64,
+    /// A default RAM's budget policy (`memlimit.rs`), while it is not
+    /// overridden by an explicit budget.
+    policy: OnceLock<Policy>,
+    adaptive: AtomicBool,
 }
 
 impl Shared {
@@ -54,6 +59,8 @@ impl Shared {
             cond: Condvar::new(),
             counters: Counters::default(),
             budget_pages: AtomicU64::new(1),
+            policy: OnceLock::new(),
+            adaptive: AtomicBool::new(false),
         }
     }
 
@@ -77,6 +84,36 @@ impl Shared {
 
     pub(crate) fn set_budget_pages(&self, pages: u64) {
         self.budget_pages.store(pages.max(1), Relaxed);
+    }
+
+    /// Keep the budget by the memory the system has (a default RAM's
+    /// policy, `memlimit.rs`) from now on, until an explicit budget is set.
+    pub(crate) fn follow_memory(&self) {
+        let _ = self.policy.set(Policy::new());
+        self.adaptive.store(true, Relaxed);
+        self.adapt_now();
+    }
+
+    /// An explicit budget replaces the policy.
+    pub(crate) fn stop_following_memory(&self) {
+        self.adaptive.store(false, Relaxed);
+    }
+
+    /// With the default policy, and when it is time: the budget for the
+    /// memory available now. Called without the lock, by faults.
+    pub(crate) fn adapt_budget(&self) {
+        if !self.adaptive.load(Relaxed) {
+            return;
+        }
+        if self.policy.get().is_some_and(Policy::due) {
+            self.adapt_now();
+        }
+    }
+
+    fn adapt_now(&self) {
+        let ps = self.page_size() as u64;
+        let resident = self.counters.snapshot().resident_pages * ps;
+        self.set_budget_pages(Memory::now().budget(resident) / ps);
     }
 
     /// Take the lock. A panic while it was held leaves state that is still
