@@ -15,7 +15,6 @@
 compile_error!("bigfile-ram needs Linux: memfd_create, fallocate(PUNCH_HOLE) and hugetlbfs");
 
 mod error;
-mod fork;
 pub mod pagemap;
 mod ram;
 mod spec;

@@ -17,13 +17,19 @@
 //! finds the fork [`generation`] changed when it comes back: its load is
 //! dropped and done again, its writeout fails with `Error::Forked`.
 
+use std::any::Any;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, Once, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock, Weak};
 
 use crate::mapper::Mapper;
-use crate::ram::DefaultRams;
 use crate::shared::{Guard, Shared};
+
+/// Locks the default RAMs' table (`ram.rs`, which tracks RAMs here): the
+/// lock taken first.
+type LockOuter = fn() -> Box<dyn Any>;
+
+static LOCK_OUTER: OnceLock<LockOuter> = OnceLock::new();
 
 /// Every live RAM.
 static RAMS: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
@@ -41,7 +47,10 @@ pub(crate) fn generation() -> u64 {
 /// Track a new RAM (and register the fork handlers, once). A RAM is made
 /// of a bigfile-ram RAM, whose crate registered its handlers before: so
 /// ours, whose locks are taken first, prepare first.
-pub(crate) fn track(shared: &Arc<Shared>) {
+/// `lock_outer` takes the lock held outside the table of RAMs (the
+/// default RAMs' table).
+pub(crate) fn track(shared: &Arc<Shared>, lock_outer: LockOuter) {
+    let _ = LOCK_OUTER.set(lock_outer);
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // Without them a child could damage its parent's pages: no way on.
@@ -63,7 +72,7 @@ struct HeldRam {
 struct Held {
     rams: Vec<HeldRam>,
     _registry: MutexGuard<'static, Vec<Weak<Shared>>>,
-    _defaults: DefaultRams,
+    _outer: Option<Box<dyn Any>>,
 }
 
 thread_local! {
@@ -74,7 +83,7 @@ thread_local! {
 
 unsafe extern "C" fn prepare() {
     // The lock order: the default RAMs' table, the table of RAMs, each RAM.
-    let defaults = crate::ram::lock_defaults();
+    let outer = LOCK_OUTER.get().map(|lock| lock());
     let registry = RAMS.lock().unwrap_or_else(|p| p.into_inner());
     let rams = registry
         .iter()
@@ -94,7 +103,7 @@ unsafe extern "C" fn prepare() {
         *h.borrow_mut() = Some(Held {
             rams,
             _registry: registry,
-            _defaults: defaults,
+            _outer: outer,
         })
     });
 }

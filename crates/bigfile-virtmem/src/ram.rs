@@ -42,11 +42,8 @@ pub struct RamStats {
 
 static DEFAULT_RAMS: Mutex<Option<HashMap<usize, Ram>>> = Mutex::new(None);
 
-/// The default RAMs' table, locked.
-pub(crate) type DefaultRams = MutexGuard<'static, Option<HashMap<usize, Ram>>>;
-
 /// Lock the default RAMs' table.
-pub(crate) fn lock_defaults() -> DefaultRams {
+fn lock_defaults() -> MutexGuard<'static, Option<HashMap<usize, Ram>>> {
     DEFAULT_RAMS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -58,7 +55,7 @@ impl Ram {
     pub fn new(ram: bigfile_ram::Ram) -> Ram {
         let budget = ram.max_size();
         let shared = Arc::new(Shared::new(ram));
-        crate::fork::track(&shared);
+        crate::fork::track(&shared, || Box::new(lock_defaults()));
         let r = Ram { shared };
         r.set_budget(budget);
         r
