@@ -21,8 +21,8 @@ use libc::{c_int, c_void, siginfo_t};
 use crate::frames::{current_depth, MAX_DEPTH};
 use crate::handler::{Access, Fault, FaultSignal, Outcome};
 use crate::signal::{die_reporting, serve};
-use crate::sys;
 use crate::table::TABLE;
+use crate::{arch, sys};
 
 /// The request signal and the action it replaced.
 struct Installed {
@@ -185,6 +185,8 @@ unsafe fn serve_request(signo: c_int, value: usize, ctx: *mut c_void) {
         signal: FaultSignal::Segv,
         depth,
         requested: true,
+        // SAFETY: the kernel's ucontext: the interrupted access's registers.
+        execution: unsafe { arch::execution(ctx) },
     };
     // SAFETY: forwarding the kernel's ucontext.
     let outcome = unsafe { serve(&range, &fault, ctx) };

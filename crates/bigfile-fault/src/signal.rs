@@ -78,6 +78,7 @@ pub fn install() -> Result<(), FaultError> {
 /// # Errors
 /// [`FaultError::Sigaction`] if sigaction(2) fails.
 pub fn ensure_on_top() -> Result<bool, FaultError> {
+    crate::fork::install();
     let mut guard = TABLE.write();
     ensure_on_top_locked(&mut guard)
 }
@@ -226,6 +227,8 @@ unsafe fn dispatch(signo: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
         signal,
         depth,
         requested: false,
+        // SAFETY: forwarding the kernel's ucontext.
+        execution: unsafe { arch::execution(ctx) },
     };
     // SAFETY: forwarding the kernel's ucontext.
     let outcome = unsafe { serve(&range, &fault, ctx) };

@@ -13,11 +13,19 @@ use bigfile_virtmem::{Error, FileBlockError, LoadError};
 use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
+use crate::gil::with_python;
+
 /// A Python exception raised by `loadblk` or `storeblk`, carried through
 /// virtmem as the block error, back to the Python callers.
+///
+/// virtmem drops such errors wherever it is done with them, often with the
+/// GIL released (a failed attempt before a retry, a fault's failure), where
+/// pyo3 may still count the GIL as held (virtmem released it behind pyo3's
+/// back): the exception is let go of under a GIL this drop takes itself.
 #[derive(Debug)]
 pub(crate) struct PyBlockError {
-    err: PyErr,
+    /// `None` only once taken (`into_err`) or dropped.
+    err: Option<PyErr>,
     message: String,
 }
 
@@ -25,7 +33,28 @@ impl PyBlockError {
     /// `err` with its message (as `str(type): value`), for diagnostics.
     pub(crate) fn new(err: PyErr) -> PyBlockError {
         let message = err.to_string();
-        PyBlockError { err, message }
+        PyBlockError {
+            err: Some(err),
+            message,
+        }
+    }
+
+    fn err(&self) -> &PyErr {
+        self.err
+            .as_ref()
+            .expect("taken only by into_err, which consumes")
+    }
+
+    fn into_err(mut self) -> PyErr {
+        self.err.take().expect("taken only once")
+    }
+}
+
+impl Drop for PyBlockError {
+    fn drop(&mut self) {
+        if let Some(err) = self.err.take() {
+            with_python(|_py| drop(err));
+        }
     }
 }
 
@@ -41,14 +70,14 @@ impl std::error::Error for PyBlockError {}
 pub(crate) fn to_py(py: Python<'_>, e: Error) -> PyErr {
     match e {
         Error::Store { source, .. } => match source.downcast::<PyBlockError>() {
-            Ok(b) => b.err,
+            Ok(b) => b.into_err(),
             Err(source) => block_error_to_py(&*source),
         },
         Error::Load { file, blk, source } => match source {
             LoadError::Waited(inner) => to_py(py, *inner),
             LoadError::Block { attempts, source } => {
                 if let Some(b) = source.downcast_ref::<PyBlockError>() {
-                    b.err.clone_ref(py)
+                    b.err().clone_ref(py)
                 } else if source.is::<FileBlockError>() {
                     block_error_to_py(&*source)
                 } else {

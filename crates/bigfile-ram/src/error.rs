@@ -120,6 +120,14 @@ pub enum RamError {
         page: u64,
     },
 
+    /// The handle was inherited by a forked child, which could not give it
+    /// a file of its own: its file is the parent's memory, not to be used.
+    #[error(
+        "this RAM handle was inherited through fork(2) and the child could not give it memory \
+         of its own (out of descriptors or memory); open a new handle in the child"
+    )]
+    Forked,
+
     /// A system call failed.
     #[error("{what}: {source}")]
     Io {
@@ -190,6 +198,7 @@ impl Clone for RamError {
             },
             &RamError::HandleFull { max_pages } => RamError::HandleFull { max_pages },
             &RamError::PageTaken { page } => RamError::PageTaken { page },
+            RamError::Forked => RamError::Forked,
             RamError::Io { what, source } => RamError::Io {
                 what: what.clone(),
                 source: clone_io_error(source),

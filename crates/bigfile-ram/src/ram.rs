@@ -5,15 +5,19 @@ use crate::spec::{AllocPolicy, Backend, RamSpec};
 use crate::sys;
 use crate::thp::Collapser;
 use bigfile_os::Prot;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::mem::ManuallyDrop;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Once, Weak};
+
+use bigfile_os::HeldLock;
 
 /// Page and byte counts of a RAM or a handle.
 ///
@@ -63,6 +67,7 @@ impl Ram {
     /// hugetlbfs directory exists (and is on hugetlbfs for that backend), that hugetlb pages
     /// are reserved, and that the RAM can hold at least one page.
     pub fn new(spec: RamSpec) -> Result<Ram, RamError> {
+        install_fork_handlers();
         let os = sys::os_page_size();
         if spec.page_size == 0 || spec.page_size % os != 0 {
             return Err(RamError::PageSize {
@@ -175,12 +180,37 @@ impl Ram {
     /// the block's own index ([`RamHandle::alloc_page_at`]), so indices span
     /// the file, not the memory.
     pub fn open_handle_sized(&self, max_pages: u64) -> Result<RamHandle, RamError> {
+        let page_size = self.page_size();
         if max_pages == 0 {
             return Err(RamError::TooSmall {
                 max_size: 0,
-                page_size: self.page_size(),
+                page_size,
             });
         }
+        let fd = self.new_file(max_pages)?;
+        let core = Arc::new(Core {
+            fd,
+            page_size,
+            max_pages,
+            alloc: self.inner.spec.alloc,
+            hugetlb: self.inner.huge_page_size.is_some(),
+            used: Mutex::new(Bitmap::default()),
+            account: Account {
+                ram: self.clone(),
+                pages: AtomicU64::new(0),
+            },
+            windows: Mutex::new(HashMap::new()),
+            thp: crate::thp::collapse_size(&self.inner.spec).map(Collapser::new),
+            stray: Mutex::new(Vec::new()),
+            huge: Mutex::new(Bitmap::default()),
+            orphaned: AtomicBool::new(false),
+        });
+        track(&core);
+        Ok(RamHandle { core })
+    }
+
+    /// A new kernel file for a handle of `max_pages` pages.
+    pub(crate) fn new_file(&self, max_pages: u64) -> Result<OwnedFd, RamError> {
         let spec = &self.inner.spec;
         let fd = match (&spec.backend, self.inner.huge_page_size) {
             (Backend::Memfd, _) => sys::memfd_create(c"bigfile-ram", libc::MFD_CLOEXEC)
@@ -198,31 +228,16 @@ impl Ram {
             }
             (Backend::Hugetlbfs { dir: None }, None) => unreachable!("checked by Ram::new"),
         };
-        let page_size = self.page_size();
+        let page_size = self.page_size() as u64;
         let size = max_pages
-            .checked_mul(page_size as u64)
+            .checked_mul(page_size)
             .ok_or(RamError::OutOfRange {
                 page: max_pages,
-                max_pages: u64::MAX / page_size as u64,
+                max_pages: u64::MAX / page_size,
             })?;
         sys::ftruncate(fd.as_fd(), size)
             .map_err(|e| RamError::io("size the handle file (ftruncate)", e))?;
-        Ok(RamHandle {
-            fd,
-            page_size,
-            max_pages,
-            alloc: self.inner.spec.alloc,
-            hugetlb: self.inner.huge_page_size.is_some(),
-            used: Mutex::new(Bitmap::default()),
-            account: Account {
-                ram: self.clone(),
-                pages: AtomicU64::new(0),
-            },
-            windows: Mutex::new(HashMap::new()),
-            thp: crate::thp::collapse_size(&self.inner.spec).map(Collapser::new),
-            stray: Mutex::new(Vec::new()),
-            huge: Mutex::new(Bitmap::default()),
-        })
+        Ok(fd)
     }
 }
 
@@ -288,12 +303,22 @@ fn stats(pages: u64, page_size: usize) -> RamStats {
 
 /// A handle's page count, mirrored into its RAM's; taken back from the RAM when dropped
 /// (closing the file frees the memory).
-struct Account {
+pub(crate) struct Account {
     ram: Ram,
     pages: AtomicU64,
 }
 
 impl Account {
+    pub(crate) fn ram(&self) -> &Ram {
+        &self.ram
+    }
+
+    /// The handle holds no page any more (a forked child's renewed file).
+    pub(crate) fn forget_all(&self) {
+        let n = self.pages.swap(0, Ordering::Relaxed);
+        self.ram.inner.pages.fetch_sub(n, Ordering::Relaxed);
+    }
+
     fn add(&self) {
         self.pages.fetch_add(1, Ordering::Relaxed);
         self.ram.inner.pages.fetch_add(1, Ordering::Relaxed);
@@ -316,7 +341,7 @@ impl Drop for Account {
 /// where a bit is set (indices of a handle sized for a whole file's blocks
 /// are sparse and can be huge).
 #[derive(Default)]
-struct Bitmap {
+pub(crate) struct Bitmap {
     words: std::collections::BTreeMap<u64, u64>,
 }
 
@@ -375,10 +400,10 @@ impl Bitmap {
     }
 }
 
-/// The persistent read-write mapping of a whole handle file.
-struct Window {
-    ptr: NonNull<u8>,
-    len: usize,
+/// One persistent read-write mapping of a segment of a handle file.
+pub(crate) struct Window {
+    pub(crate) ptr: NonNull<u8>,
+    pub(crate) len: usize,
 }
 
 // SAFETY: `Window` is an address range owned by its handle; it never dereferences it, and
@@ -415,34 +440,44 @@ pub const WINDOW_SEGMENT: u64 = 1 << 30;
 /// ([`unmap`] or plain `munmap`). Closing the handle keeps existing mappings valid (they hold
 /// the file); only the window goes away.
 pub struct RamHandle {
-    fd: OwnedFd,
-    page_size: usize,
-    max_pages: u64,
-    alloc: AllocPolicy,
-    hugetlb: bool,
-    used: Mutex<Bitmap>,
-    account: Account,
+    core: Arc<Core>,
+}
+
+/// A handle's state, shared with the registry of live handles that a
+/// forked child renews (`fork.rs`).
+pub(crate) struct Core {
+    pub(crate) fd: OwnedFd,
+    pub(crate) page_size: usize,
+    pub(crate) max_pages: u64,
+    pub(crate) alloc: AllocPolicy,
+    pub(crate) hugetlb: bool,
+    pub(crate) used: Mutex<Bitmap>,
+    pub(crate) account: Account,
     /// The handle file mapped for filling pages, in segments of
     /// [`WINDOW_SEGMENT`] bytes made on first use (by segment index): a
     /// handle sized for a whole file's offsets (`open_handle_sized`) would
     /// not fit in the address space as one mapping.
-    windows: Mutex<HashMap<u64, Window>>,
+    pub(crate) windows: Mutex<HashMap<u64, Window>>,
     /// Makes new pages transparent huge pages ([`crate::ThpPolicy`]), when eligible.
-    thp: Option<Collapser>,
+    pub(crate) thp: Option<Collapser>,
     /// Pages given up by `drop_page` whose memory could not be returned (the hole punch
     /// failed): still allocated and counted, handed out first by `alloc_page`.
-    stray: Mutex<Vec<u64>>,
+    pub(crate) stray: Mutex<Vec<u64>>,
     /// Pages made of transparent huge pages (see [`RamHandle::is_huge`]).
-    huge: Mutex<Bitmap>,
+    pub(crate) huge: Mutex<Bitmap>,
+    /// Inherited by a forked child that could not give it a file of its
+    /// own (`fork.rs`): its file is still the parent's, so no page is
+    /// allocated in it or written through its window.
+    pub(crate) orphaned: AtomicBool,
 }
 
 impl fmt::Debug for RamHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RamHandle")
-            .field("fd", &self.fd)
-            .field("page_size", &self.page_size)
-            .field("max_pages", &self.max_pages)
-            .field("alloc", &self.alloc)
+            .field("fd", &self.core.fd)
+            .field("page_size", &self.core.page_size)
+            .field("max_pages", &self.core.max_pages)
+            .field("alloc", &self.core.alloc)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -451,39 +486,50 @@ impl fmt::Debug for RamHandle {
 impl RamHandle {
     /// Bytes per page.
     pub fn page_size(&self) -> usize {
-        self.page_size
+        self.core.page_size
     }
 
     /// Number of page indices: valid pages are `0..max_pages()`.
     pub fn max_pages(&self) -> u64 {
-        self.max_pages
+        self.core.max_pages
     }
 
     /// Pages allocated in this handle.
     pub fn stats(&self) -> RamStats {
-        stats(self.account.pages.load(Ordering::Relaxed), self.page_size)
+        stats(
+            self.core.account.pages.load(Ordering::Relaxed),
+            self.core.page_size,
+        )
     }
 
     /// The handle's kernel file.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.core.fd.as_fd()
     }
 
-    fn used(&self) -> MutexGuard<'_, Bitmap> {
+    fn used(&self) -> Locked<'_, Bitmap> {
         // A panic while holding the lock cannot leave the bitmap half-updated (each update
         // is one bit), so a poisoned lock is still consistent.
-        self.used.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.core.used)
     }
 
     fn offset(&self, page: u64) -> u64 {
-        page * self.page_size as u64
+        page * self.core.page_size as u64
+    }
+
+    /// Fails for a handle a forked child could not renew (`fork.rs`).
+    fn check_own_file(&self) -> Result<(), RamError> {
+        if self.core.orphaned.load(Ordering::Relaxed) {
+            return Err(RamError::Forked);
+        }
+        Ok(())
     }
 
     fn check_allocated(&self, page: u64) -> Result<(), RamError> {
-        if page >= self.max_pages {
+        if page >= self.core.max_pages {
             return Err(RamError::OutOfRange {
                 page,
-                max_pages: self.max_pages,
+                max_pages: self.core.max_pages,
             });
         }
         if !self.used().get(page) {
@@ -494,7 +540,7 @@ impl RamHandle {
 
     /// Whether `page` is allocated.
     pub fn is_allocated(&self, page: u64) -> bool {
-        page < self.max_pages && self.used().get(page)
+        page < self.core.max_pages && self.used().get(page)
     }
 
     /// Whether `page` is backed by huge pages (made transparent huge pages
@@ -502,12 +548,7 @@ impl RamHandle {
     /// access through a suitably aligned mapping maps it whole: populating
     /// such a mapping ahead of use saves nothing.
     pub fn is_huge(&self, page: u64) -> bool {
-        self.hugetlb
-            || self
-                .huge
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(page)
+        self.core.hugetlb || lock(&self.core.huge).get(page)
     }
 
     /// Allocates a page: `hint` itself when free (a hint beyond the handle counts as its last
@@ -518,52 +559,25 @@ impl RamHandle {
     /// A page whose [`RamHandle::drop_page`] failed is handed out first, with its old
     /// contents (its memory is still held, so this takes none).
     pub fn alloc_page(&self, hint: u64) -> Result<u64, RamError> {
-        if let Some(page) = self.stray.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+        self.check_own_file()?;
+        if let Some(page) = lock(&self.core.stray).pop() {
             return Ok(page);
         }
-        let hint = hint.min(self.max_pages - 1);
+        let hint = hint.min(self.core.max_pages - 1);
         let page = {
             let mut used = self.used();
             let page = used
-                .first_free(hint, self.max_pages)
+                .first_free(hint, self.core.max_pages)
                 .or_else(|| used.last_free(hint))
                 .ok_or(RamError::HandleFull {
-                    max_pages: self.max_pages,
+                    max_pages: self.core.max_pages,
                 })?;
             used.set(page, true);
             page
         };
         self.reserve_claimed(page)?;
-        self.account.add();
+        self.core.account.add();
         Ok(page)
-    }
-
-    /// Take claimed `page`'s memory now under [`AllocPolicy::Reserve`];
-    /// on failure the claim is given up. The index is claimed, so this runs
-    /// without the lock.
-    fn reserve_claimed(&self, page: u64) -> Result<(), RamError> {
-        if self.alloc != AllocPolicy::Reserve {
-            return Ok(());
-        }
-        #[cfg(feature = "failpoints")]
-        if let Err(e) = sys::failpoint("ram::alloc_page") {
-            self.used().set(page, false);
-            return Err(exhausted_or_io(e, page, self.page_size));
-        }
-        if self.reserve_huge(page) {
-            self.huge
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .set(page, true);
-        } else if let Err(e) =
-            sys::fallocate(self.fd(), 0, self.offset(page), self.page_size as u64)
-        {
-            // Seed pages of a failed huge reservation may be there.
-            let _ = self.punch(page);
-            self.used().set(page, false);
-            return Err(exhausted_or_io(e, page, self.page_size));
-        }
-        Ok(())
     }
 
     /// Allocates exactly `page` (for a caller that keeps each block at its
@@ -572,14 +586,15 @@ impl RamHandle {
     /// drop failed (still holding its memory) is taken back when it is
     /// this one.
     pub fn alloc_page_at(&self, page: u64) -> Result<u64, RamError> {
-        if page >= self.max_pages {
+        self.check_own_file()?;
+        if page >= self.core.max_pages {
             return Err(RamError::OutOfRange {
                 page,
-                max_pages: self.max_pages,
+                max_pages: self.core.max_pages,
             });
         }
         {
-            let mut stray = self.stray.lock().unwrap_or_else(|p| p.into_inner());
+            let mut stray = lock(&self.core.stray);
             if let Some(i) = stray.iter().position(|&p| p == page) {
                 stray.swap_remove(i);
                 return Ok(page);
@@ -593,20 +608,47 @@ impl RamHandle {
             used.set(page, true);
         }
         self.reserve_claimed(page)?;
-        self.account.add();
+        self.core.account.add();
         Ok(page)
+    }
+
+    /// Take claimed `page`'s memory now under [`AllocPolicy::Reserve`];
+    /// on failure the claim is given up. The index is claimed, so this runs
+    /// without the lock.
+    fn reserve_claimed(&self, page: u64) -> Result<(), RamError> {
+        if self.core.alloc != AllocPolicy::Reserve {
+            return Ok(());
+        }
+        #[cfg(feature = "failpoints")]
+        if let Err(e) = sys::failpoint("ram::alloc_page") {
+            self.used().set(page, false);
+            return Err(exhausted_or_io(e, page, self.core.page_size));
+        }
+        if self.reserve_huge(page) {
+            lock(&self.core.huge).set(page, true);
+        } else if let Err(e) =
+            sys::fallocate(self.fd(), 0, self.offset(page), self.core.page_size as u64)
+        {
+            // Seed pages of a failed huge reservation may be there.
+            let _ = self.punch(page);
+            self.used().set(page, false);
+            return Err(exhausted_or_io(e, page, self.core.page_size));
+        }
+        Ok(())
     }
 
     /// Reserve claimed `page` as transparent huge pages; false when that was
     /// not done and the page needs the ordinary reservation.
     fn reserve_huge(&self, page: u64) -> bool {
-        let Some(thp) = &self.thp else { return false };
+        let Some(thp) = &self.core.thp else {
+            return false;
+        };
         let Ok(window) = self.window(page) else {
             return false;
         };
         // A seed-page failure is left to the ordinary reservation to meet
         // and report.
-        thp.reserve(self.fd(), self.offset(page), self.page_size, window)
+        thp.reserve(self.fd(), self.offset(page), self.core.page_size, window)
             .unwrap_or(false)
     }
 
@@ -615,7 +657,7 @@ impl RamHandle {
             self.fd(),
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             self.offset(page),
-            self.page_size as u64,
+            self.core.page_size as u64,
         )
     }
 
@@ -636,7 +678,7 @@ impl RamHandle {
         unsafe {
             sys::mmap(
                 addr,
-                self.page_size,
+                self.core.page_size,
                 prot.bits(),
                 flags,
                 self.fd(),
@@ -663,10 +705,10 @@ impl RamHandle {
         addr: NonNull<u8>,
         prot: Prot,
     ) -> Result<(), RamError> {
-        if addr.as_ptr() as usize % self.page_size != 0 {
+        if addr.as_ptr() as usize % self.core.page_size != 0 {
             return Err(RamError::Unaligned {
                 addr: addr.as_ptr() as usize,
-                page_size: self.page_size,
+                page_size: self.core.page_size,
             });
         }
         self.mmap_page(page, addr.as_ptr(), prot, true).map(drop)
@@ -678,14 +720,15 @@ impl RamHandle {
     /// through it are seen by every mapping of the page.
     pub fn window(&self, page: u64) -> Result<NonNull<u8>, RamError> {
         self.check_allocated(page)?;
+        self.check_own_file()?;
         let per = self.segment_pages();
         let (seg, within) = (page / per, page % per);
-        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let mut windows = lock(&self.core.windows);
         let w = match windows.entry(seg) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let pages = per.min(self.max_pages - seg * per);
-                let len = (pages * self.page_size as u64) as usize;
+                let pages = per.min(self.core.max_pages - seg * per);
+                let len = (pages * self.core.page_size as u64) as usize;
                 #[cfg(feature = "failpoints")]
                 sys::failpoint("ram::window")
                     .map_err(|e| RamError::io("map the handle window (mmap)", e))?;
@@ -693,7 +736,7 @@ impl RamHandle {
                 // only be mapped at addresses aligned to them.
                 let ptr = sys::mmap_aligned(
                     len,
-                    self.page_size,
+                    self.core.page_size,
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_SHARED | libc::MAP_NORESERVE,
                     self.fd(),
@@ -711,12 +754,12 @@ impl RamHandle {
             }
         };
         // SAFETY: `within < per` pages, inside this segment's mapping.
-        Ok(unsafe { w.ptr.add((within * self.page_size as u64) as usize) })
+        Ok(unsafe { w.ptr.add((within * self.core.page_size as u64) as usize) })
     }
 
     /// Pages per window segment: [`WINDOW_SEGMENT`] bytes, at least one page.
     fn segment_pages(&self) -> u64 {
-        (WINDOW_SEGMENT / self.page_size as u64).max(1)
+        (WINDOW_SEGMENT / self.core.page_size as u64).max(1)
     }
 
     /// Returns `page`'s memory to the OS (`fallocate(PUNCH_HOLE)`); the page reads back as
@@ -737,7 +780,7 @@ impl RamHandle {
             let punched = Ok(());
             punched.and_then(|()| self.punch(page))
         };
-        let mut stray = self.stray.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stray = lock(&self.core.stray);
         // A retried drop of a stray page must not list it twice (it would be
         // handed out twice), and a drop that succeeds takes it off the list.
         stray.retain(|&p| p != page);
@@ -749,14 +792,11 @@ impl RamHandle {
             ));
         }
         drop(stray);
-        self.huge
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set(page, false);
+        lock(&self.core.huge).set(page, false);
         let mut used = self.used();
         if used.get(page) {
             used.set(page, false);
-            self.account.sub();
+            self.core.account.sub();
         }
         Ok(())
     }
@@ -764,7 +804,11 @@ impl RamHandle {
     /// Closes the handle, reporting errors that dropping it would ignore. Mappings of its
     /// pages stay valid; the window is unmapped.
     pub fn close(self) -> Result<(), RamError> {
-        let RamHandle { fd, windows, .. } = self;
+        // The registry of live handles holds it for a moment while a fork
+        // is prepared: then it goes when the last holder drops it.
+        let Ok(Core { fd, windows, .. }) = Arc::try_unwrap(self.core) else {
+            return Ok(());
+        };
         let unmapped = windows
             .into_inner()
             .unwrap_or_else(|p| p.into_inner())
@@ -778,7 +822,39 @@ impl RamHandle {
 
     /// Whether pages come from the hugetlb pool.
     pub fn is_hugetlb(&self) -> bool {
-        self.hugetlb
+        self.core.hugetlb
+    }
+}
+
+/// One of a handle's mutexes, held, and counted as held by this thread
+/// (`bigfile_os::HeldLock`): a page fault taken meanwhile, from a signal
+/// handler, could need it, and fails rather than waits for this thread.
+pub(crate) struct Locked<'a, T> {
+    // Dropped first: the count goes before the lock does.
+    _held: HeldLock,
+    guard: MutexGuard<'a, T>,
+}
+
+impl<T> Deref for Locked<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> DerefMut for Locked<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
+}
+
+/// Take `m`. A panic while it was held leaves its data consistent (every
+/// update is one step), so poisoning is ignored.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> Locked<'_, T> {
+    let guard = m.lock().unwrap_or_else(|p| p.into_inner());
+    Locked {
+        _held: HeldLock::enter(),
+        guard,
     }
 }
 
@@ -801,6 +877,167 @@ fn exhausted_or_io(e: io::Error, page: u64, page_size: usize) -> RamError {
 pub unsafe fn unmap(addr: NonNull<u8>, len: usize) -> Result<(), RamError> {
     // SAFETY: forwarded to the caller.
     unsafe { sys::munmap(addr, len) }.map_err(|e| RamError::io("munmap", e))
+}
+
+// --- fork(2) ---
+// RAM handles across fork(2). A forked child inherits every handle's
+// descriptor, so its pages would be the parent's memory: a page the child
+// dropped (a hole punched) or wrote would be gone or changed in the parent,
+// and the child's allocations would take the parent's page indices. So in
+// the child every live handle is renewed before fork returns: a new empty
+// file of the same size, of the same backend, takes the old descriptor's
+// number (`dup3`), the handle's window segments are mapped onto it at the
+// same addresses, and the handle holds no page. Mappings of the old pages made
+// with [`RamHandle::map_page`](crate::RamHandle::map_page) or `map_page_fixed`
+// still show the parent's memory in the child: their owner replaces them
+// (bigfile-virtmem puts its reservations back).
+//
+// A handle whose renewal fails (no descriptor or memory left) is
+// *orphaned*: its window segments become private memory, and it allocates nothing,
+// failing with [`RamError::Forked`](crate::RamError::Forked).
+//
+// The handles' mutexes are taken before the fork (`prepare`) and given back
+// after it in both processes, so a child never finds one held by a thread
+// that does not exist there. `Ram::new` registers the handlers: before any
+// layer above, whose locks are taken before these (`bigfile_os::at_fork`).
+
+/// Every live handle.
+static HANDLES: Mutex<Vec<Weak<Core>>> = Mutex::new(Vec::new());
+
+/// Register the fork handlers, once.
+fn install_fork_handlers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Without them a child could damage its parent's pages: no way on.
+        bigfile_os::at_fork(prepare, parent, child).expect("pthread_atfork");
+    });
+}
+
+/// Track a new handle.
+fn track(core: &Arc<Core>) {
+    let mut handles = HANDLES.lock().unwrap_or_else(|p| p.into_inner());
+    handles.retain(|w| w.strong_count() > 0);
+    handles.push(Arc::downgrade(core));
+}
+
+/// One handle's mutexes, held across a fork. The guards borrow `core`'s
+/// mutexes: declared before it, they are dropped before it.
+struct HeldHandle {
+    windows: Locked<'static, HashMap<u64, Window>>,
+    used: Locked<'static, Bitmap>,
+    stray: Locked<'static, Vec<u64>>,
+    huge: Locked<'static, Bitmap>,
+    core: Arc<Core>,
+}
+
+struct Held {
+    handles: Vec<HeldHandle>,
+    _registry: MutexGuard<'static, Vec<Weak<Core>>>,
+}
+
+thread_local! {
+    /// What the forking thread holds between `prepare` and `parent`/`child`
+    /// (the same thread runs all three).
+    static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
+}
+
+/// Extend a guard's borrow of `core`'s mutex to `'static`.
+///
+/// # Safety
+/// The guard must be dropped before the last `Arc` of the `Core` whose
+/// mutex it holds (`HeldHandle` keeps that order).
+unsafe fn extend<T>(guard: Locked<'_, T>) -> Locked<'static, T> {
+    // SAFETY: the same type but for the lifetime; the caller keeps the
+    // mutex alive for as long as the guard.
+    unsafe { std::mem::transmute::<Locked<'_, T>, Locked<'static, T>>(guard) }
+}
+
+unsafe extern "C" fn prepare() {
+    let registry = HANDLES.lock().unwrap_or_else(|p| p.into_inner());
+    let handles = registry
+        .iter()
+        .filter_map(Weak::upgrade)
+        .map(|core| {
+            // SAFETY: each guard is stored beside the `Arc` that keeps its
+            // mutex alive, and dropped first.
+            unsafe {
+                HeldHandle {
+                    windows: extend(lock(&core.windows)),
+                    used: extend(lock(&core.used)),
+                    stray: extend(lock(&core.stray)),
+                    huge: extend(lock(&core.huge)),
+                    core: core.clone(),
+                }
+            }
+        })
+        .collect();
+    HELD.with(|h| {
+        *h.borrow_mut() = Some(Held {
+            handles,
+            _registry: registry,
+        })
+    });
+}
+
+unsafe extern "C" fn parent() {
+    HELD.with(|h| drop(h.borrow_mut().take()));
+}
+
+unsafe extern "C" fn child() {
+    let Some(mut held) = HELD.with(|h| h.borrow_mut().take()) else {
+        return;
+    };
+    for h in &mut held.handles {
+        renew(h);
+    }
+}
+
+/// Give handle `h` (its mutexes held) a file of its own in the child.
+fn renew(h: &mut HeldHandle) {
+    let core = &*h.core;
+    let renewed = core
+        .account
+        .ram()
+        .new_file(core.max_pages)
+        .map_err(|_| ())
+        .and_then(|file| sys::dup_onto(file.as_fd(), core.fd.as_fd()).map_err(drop));
+    let per = (WINDOW_SEGMENT / core.page_size as u64).max(1);
+    let mut windowed = renewed.is_ok();
+    for (&seg, w) in h.windows.iter() {
+        if windowed {
+            // SAFETY: the segment's own range, remapped onto the handle's
+            // (new) file at the offset it was made for; no page is
+            // allocated in it.
+            windowed = unsafe {
+                sys::mmap(
+                    w.ptr.as_ptr(),
+                    w.len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                    core.fd.as_fd(),
+                    seg * per * core.page_size as u64,
+                )
+                .and_then(|_| sys::madvise(w.ptr, w.len, libc::MADV_DONTDUMP))
+            }
+            .is_ok();
+        }
+    }
+    if !windowed {
+        core.orphaned.store(true, Ordering::Relaxed);
+        for w in h.windows.values() {
+            // The parent's memory must not stay reachable; a write through
+            // the window by a load in progress lands in private memory.
+            // SAFETY: the segment's own range; no page of it is in use.
+            if unsafe { sys::map_anonymous_over(w.ptr, w.len) }.is_err() {
+                // SAFETY: as above; unmapped, a use faults.
+                let _ = unsafe { sys::munmap(w.ptr, w.len) };
+            }
+        }
+    }
+    *h.used = Bitmap::default();
+    h.stray.clear();
+    *h.huge = Bitmap::default();
+    core.account.forget_all();
 }
 
 #[cfg(test)]

@@ -50,6 +50,11 @@ pub struct Uffd {
     features: Features,
     /// Opened through `/dev/userfaultfd` (the system call was refused).
     via_device: bool,
+    /// The process that opened it. A forked child inherits the descriptor,
+    /// but the descriptor still acts on the address space of the process
+    /// that opened it: from the child, a registration or resolution would
+    /// change the parent's mappings. So every operation checks.
+    owner: libc::pid_t,
 }
 
 const REQUIRED: [(u64, &str); 5] = [
@@ -107,7 +112,16 @@ impl Uffd {
                 wp_unpopulated: granted & abi::UFFD_FEATURE_WP_UNPOPULATED != 0,
             },
             via_device,
+            // SAFETY: getpid has no preconditions.
+            owner: unsafe { libc::getpid() },
         }
+    }
+
+    /// Whether this process opened it (not a forked child of the one that
+    /// did). Operations from a child fail with [`forked_child_error`].
+    pub fn is_own(&self) -> bool {
+        // SAFETY: getpid has no preconditions.
+        self.owner == unsafe { libc::getpid() }
     }
 
     pub fn features(&self) -> Features {
@@ -154,6 +168,9 @@ impl Uffd {
 
     /// The page-fault events waiting, at most `out.len()`; 0 if none.
     pub fn read_events(&self, out: &mut Vec<Event>, max: usize) -> io::Result<usize> {
+        if !self.is_own() {
+            return Err(forked_child_error());
+        }
         let mut msgs = vec![abi::uffd_msg::default(); max.max(1)];
         let bytes = size_of_val(msgs.as_slice());
         // SAFETY: reading into a buffer of `bytes` bytes we own; uffd_msg is
@@ -235,6 +252,9 @@ impl Uffd {
     }
 
     fn ioctl<T>(&self, request: libc::c_ulong, arg: &mut T) -> io::Result<()> {
+        if !self.is_own() {
+            return Err(forked_child_error());
+        }
         // SAFETY: `request` is one of the UFFDIO requests, whose argument is
         // the structure `T` the caller passes (sizes checked by the abi
         // tests); the kernel reads and writes only that structure.
@@ -264,6 +284,15 @@ impl Drop for Registration<'_> {
             .uffd
             .ioctl(abi::UFFDIO_UNREGISTER, &mut range(self.addr, self.len));
     }
+}
+
+/// The error of an operation on a userfaultfd inherited from the parent
+/// process: it would act on the parent's address space.
+pub fn forked_child_error() -> io::Error {
+    io::Error::other(
+        "the userfaultfd belongs to the parent process (this is a forked child): \
+         it acts on the parent's address space",
+    )
 }
 
 fn range(addr: usize, len: usize) -> abi::uffdio_range {

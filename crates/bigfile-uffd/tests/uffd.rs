@@ -306,3 +306,34 @@ fn an_unprivileged_user_is_told_why_not() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_forked_child_cannot_touch_its_parents_registrations() {
+    let uffd = Uffd::open().unwrap();
+    let shm = Shm::new();
+    let reg = uffd.register(shm.vma as usize, PAGES * PS).unwrap();
+    // SAFETY: fork; the child only makes userfaultfd calls (ioctl, getpid)
+    // and _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // The inherited descriptor acts on the parent's address space: the
+        // child's registration (a copy) must not end the parent's.
+        let own = uffd.is_own();
+        let refused = uffd.wake(shm.addr(0), PS).is_err();
+        drop(reg);
+        // SAFETY: leaving the child without running the parent's destructors.
+        unsafe { libc::_exit(if !own && refused { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "status {status:#x}"
+    );
+    assert!(uffd.is_own());
+    // Still registered in the parent: poisoning a page of it works.
+    uffd.poison(shm.addr(1), PS).unwrap();
+    drop(reg);
+}

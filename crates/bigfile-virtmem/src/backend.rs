@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, OnceLock};
 
 use bigfile_uffd::Uffd;
@@ -116,9 +117,9 @@ impl Backend {
     }
 
     pub(crate) fn kind(&self) -> FaultBackend {
-        match self {
-            Backend::Signals { .. } => FaultBackend::Signals,
-            Backend::Uffd(_) => FaultBackend::Userfaultfd,
+        match self.uffd() {
+            Some(_) => FaultBackend::Userfaultfd,
+            None => FaultBackend::Signals,
         }
     }
 
@@ -126,14 +127,21 @@ impl Backend {
     pub(crate) fn fallback_reason(&self) -> Option<&str> {
         match self {
             Backend::Signals { why_not_uffd } => Some(why_not_uffd),
+            Backend::Uffd(_) if self.uffd().is_none() => Some(FORKED),
             Backend::Uffd(_) => None,
         }
     }
 
+    /// The userfaultfd, if the RAM's mappings use it: not in a forked child
+    /// of the process that opened it, whose mappings, put back to
+    /// reservations when it forked (`fork.rs`), are on the signal backend
+    /// from then on.
     pub(crate) fn uffd(&self) -> Option<&'static Uffd> {
         match self {
-            Backend::Uffd(u) => Some(u),
-            Backend::Signals { .. } => None,
+            Backend::Uffd(u) if crate::fork::generation() == UFFD_GENERATION.load(Relaxed) => {
+                Some(u)
+            }
+            _ => None,
         }
     }
 }
@@ -143,15 +151,31 @@ impl Backend {
 /// user-mode faults arrive through them), or why it cannot be had.
 pub(crate) fn process_uffd() -> Result<&'static Uffd, String> {
     static UFFD: OnceLock<Result<Uffd, String>> = OnceLock::new();
-    UFFD.get_or_init(|| {
+    let uffd = UFFD.get_or_init(|| {
+        // The fork generation the userfaultfd belongs to is known from now:
+        // a child forked later counts one more.
+        crate::fork::install_handlers();
+        UFFD_GENERATION.store(crate::fork::generation(), Relaxed);
         let uffd = Uffd::open().map_err(|e| e.to_string())?;
         bigfile_fault::request_signal().map_err(|e| format!("the request signal: {e}"))?;
         bigfile_fault::install().map_err(|e| e.to_string())?;
         Ok(uffd)
-    })
-    .as_ref()
-    .map_err(Clone::clone)
+    });
+    match uffd {
+        Ok(_) if crate::fork::generation() != UFFD_GENERATION.load(Relaxed) => Err(FORKED.into()),
+        Ok(uffd) => Ok(uffd),
+        Err(why) => Err(why.clone()),
+    }
 }
+
+/// Why a forked child of the process that opened the userfaultfd does not
+/// use it.
+const FORKED: &str = "a forked child of the process that opened the userfaultfd \
+                      (the descriptor acts on the parent's address space)";
+
+/// The fork generation (`fork::generation`) of the process that opened the
+/// userfaultfd.
+static UFFD_GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// Pages poisoned after a failed kernel-mode load (the system call got
 /// EFAULT), by address: the next user access (SIGBUS) clears the poison
@@ -168,6 +192,12 @@ pub(crate) fn note_poisoned(page_addr: usize) {
 
 /// Whether `page_addr` was poisoned (see [`note_poisoned`]); forgotten now.
 pub(crate) fn take_poisoned(page_addr: usize) -> bool {
+    if crate::fork::generation() != UFFD_GENERATION.load(Relaxed) {
+        // A forked child: its mappings are on the signal backend, and the
+        // set (whose lock a worker of the parent may have held at the
+        // fork) is the parent's.
+        return false;
+    }
     POISONED
         .lock()
         .unwrap_or_else(|p| p.into_inner())

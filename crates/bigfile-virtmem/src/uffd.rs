@@ -21,10 +21,11 @@
 //!
 //! Costs and limits are in ARCHITECTURE.md.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, RwLockWriteGuard};
 
 use bigfile_fault::Access;
 use bigfile_uffd::{thread_mode, Event, FaultKind, ThreadMode, Uffd};
@@ -54,15 +55,21 @@ impl UffdRange {
             blk: self.pgoffset + idx as u64,
             access,
             drop_behind: true,
+            // A kernel access resumes where it stopped after each page:
+            // nothing to hold across its faults.
+            execution: None,
         };
         (req, self.start + idx * ps)
     }
 }
 
+/// Registered ranges by start address.
+type Ranges = BTreeMap<usize, Arc<UffdRange>>;
+
 /// The process's userfaultfd, its ranges and threads.
 pub(crate) struct UffdService {
     uffd: &'static Uffd,
-    ranges: RwLock<BTreeMap<usize, Arc<UffdRange>>>,
+    ranges: RwLock<Ranges>,
     jobs: Mutex<Jobs>,
     job_ready: Condvar,
 }
@@ -91,6 +98,9 @@ impl UffdService {
         let svc = svc.as_ref().map_err(Clone::clone)?;
         static READER: OnceLock<()> = OnceLock::new();
         READER.get_or_init(|| {
+            // Without them a forked child could find the table of ranges
+            // locked forever: no way on.
+            bigfile_os::at_fork(prepare, forked, forked).expect("pthread_atfork");
             std::thread::Builder::new()
                 .name("bigfile-uffd".into())
                 .spawn(move || svc.read_loop())
@@ -222,6 +232,31 @@ impl UffdService {
             }
         }
     }
+}
+
+// A forked child keeps no userfaultfd (its mappings are on the signal
+// backend: `backend.rs`), but drops the parent's mappings it inherited, each
+// taking its range out of the table: the table's lock is held across the
+// fork, so that the child never finds it held by a thread it does not have.
+// (Their unregistration is refused in the child: the descriptor would act
+// on the parent.)
+
+thread_local! {
+    /// The table's lock, held by the forking thread across the fork.
+    static HELD_RANGES: RefCell<Option<RwLockWriteGuard<'static, Ranges>>> =
+        const { RefCell::new(None) };
+}
+
+unsafe extern "C" fn prepare() {
+    if let Some(Ok(svc)) = SERVICE.get() {
+        let held = svc.ranges.write().unwrap_or_else(|p| p.into_inner());
+        HELD_RANGES.with(|h| *h.borrow_mut() = Some(held));
+    }
+}
+
+/// After the fork, in the parent and in the child.
+unsafe extern "C" fn forked() {
+    HELD_RANGES.with(|h| drop(h.borrow_mut().take()));
 }
 
 /// A fault the kernel took for a thread inside a system call, served by a

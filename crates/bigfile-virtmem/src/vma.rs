@@ -302,6 +302,7 @@ impl Vma {
                 access,
                 // Drop-behind would reclaim the pages just prefaulted.
                 drop_behind: idx == first,
+                execution: None,
             };
             take(&Prefault, &self.fileh, &req)?;
         }
@@ -336,5 +337,6 @@ impl Drop for Vma {
         // being unmapped; nobody may use it after the Vma is dropped
         // (slices borrow the Vma).
         unsafe { Mapper::of(shared).release_range(self.start, self.len / self.fileh.page_size()) };
+        shared.lock().released(self.start);
     }
 }
