@@ -4,8 +4,7 @@
 //! register another.
 
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::mpsc::channel;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 
 use bigfile_fault::{register, Outcome};
@@ -17,15 +16,17 @@ use bigfile_testkit::memory::{read_byte, Mapping};
 #[test]
 fn a_handler_running_at_the_fork_holds_nothing_up_in_the_child() {
     let m = Mapping::new(2, libc::PROT_NONE);
-    let (inside, entered) = channel();
-    let inside = Mutex::new(inside);
+    // Atomics only: the child drops the handler, and a lock inside it (a
+    // channel's) could be held by the parent's faulting thread at the fork.
+    let inside = Arc::new(AtomicBool::new(false));
+    let entered = inside.clone();
     let release = Arc::new(AtomicBool::new(false));
     let held = release.clone();
     let reg = register(
         m.page(0),
         2 * page_size(),
         handler(move |f| {
-            let _ = inside.lock().unwrap().send(());
+            inside.store(true, SeqCst);
             while !held.load(SeqCst) {
                 thread::yield_now();
             }
@@ -35,7 +36,9 @@ fn a_handler_running_at_the_fork_holds_nothing_up_in_the_child() {
     .unwrap();
     let at = m.page(0);
     let faulter = thread::spawn(move || read_byte(at));
-    entered.recv().unwrap();
+    while !entered.load(SeqCst) {
+        thread::yield_now();
+    }
     // The faulting thread is inside its handler now.
     let other = Mapping::new(1, libc::PROT_NONE);
     // Dropped in the child only: in the parent the handler still runs.
