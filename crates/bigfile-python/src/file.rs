@@ -12,7 +12,7 @@ use crate::adapter::PyFileAdapter;
 use crate::error::to_py;
 use crate::faults::ensure_on_top;
 use crate::fileh::PyBigFileH;
-use crate::ram::resolve_ram;
+use crate::ram::RamChoice;
 
 /// A file of `blksize`-byte blocks whose storage is Python code.
 #[pyclass(
@@ -56,13 +56,19 @@ impl PyBigFile {
     /// quarter of the least of the machine's memory and its cgroups' memory
     /// limits, lowered while memory is short, never below a 64th of that
     /// limit (`RAM.set_budget` on it fixes a budget instead).
-    #[pyo3(signature = (ram = None, budget = None))]
+    ///
+    /// `fault_backend`: "signals", "userfaultfd" or "auto" (see `RAM`), for
+    /// a RAM of its own; by default the default RAM's, which follows the
+    /// environment variable BIGFILE_FAULTS (automatic when unset).
+    #[pyo3(signature = (ram = None, budget = None, fault_backend = None))]
     fn fileh_open(
         slf: &Bound<'_, Self>,
         ram: Option<&Bound<'_, PyAny>>,
         budget: Option<u64>,
+        fault_backend: Option<&str>,
     ) -> PyResult<Py<PyBigFileH>> {
-        open_python(slf.as_any(), slf.get().blksize, ram, budget)
+        let choice = RamChoice::new(ram, budget, fault_backend)?;
+        open_python(slf.as_any(), slf.get().blksize, choice)
     }
 }
 
@@ -86,8 +92,7 @@ impl PyBigFile {
 pub(crate) fn open_python(
     slf: &Bound<'_, PyAny>,
     blksize: usize,
-    ram: Option<&Bound<'_, PyAny>>,
-    budget: Option<u64>,
+    choice: RamChoice<'_, '_>,
 ) -> PyResult<Py<PyBigFileH>> {
     let py = slf.py();
     let ty = slf.get_type();
@@ -99,7 +104,7 @@ pub(crate) fn open_python(
             )));
     }
     ensure_on_top()?;
-    let ram = resolve_ram(py, ram, budget, blksize)?;
+    let ram = choice.resolve(py, blksize)?;
     let name = format!("{}", ty.qualname()?);
     let adapter = Arc::new(PyFileAdapter::new(slf.clone().unbind(), blksize, name));
     let fileh = FileH::open(adapter.clone(), ram.as_ref()).map_err(|e| to_py(py, e))?;

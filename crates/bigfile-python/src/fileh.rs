@@ -11,7 +11,7 @@ use bigfile_virtmem::{Access, Advice, FileH, LoadPolicy, PageState, Vma, Writeou
 use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::PyInt;
+use pyo3::types::{PyDict, PyInt};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::adapter::PyFileAdapter;
@@ -200,9 +200,11 @@ impl PyBigFileH {
     }
 
     /// The counters of the RAM this handle's pages live in, with
-    /// `budget` and `resident_bytes`.
-    fn ram_stats(&self) -> PyResult<HashMap<&'static str, u64>> {
-        Ok(ram_stats_dict(self.get()?.ram()))
+    /// `budget`, `resident_bytes`, `fault_backend` ("signals" or
+    /// "userfaultfd") and `fault_backend_fallback` (why not userfaultfd;
+    /// None when it is).
+    fn ram_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        ram_stats_dict(py, self.get()?.ram())
     }
 
     /// How a failing loadblk is retried (inside a fault, the last failure

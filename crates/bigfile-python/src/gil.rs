@@ -50,8 +50,12 @@ pub(crate) fn with_python<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> R {
             unsafe { ffi::PyGILState_Release(self.0) }
         }
     }
+    // On a userfaultfd worker, the thread in the system call it serves may
+    // hold the GIL: virtmem gives the fault up if this waits too long.
     // SAFETY: the interpreter is initialized while our module is loaded.
-    let _ensured = Ensured(unsafe { ffi::PyGILState_Ensure() });
+    let _ensured = Ensured(bigfile_virtmem::host_lock_wait(|| unsafe {
+        ffi::PyGILState_Ensure()
+    }));
     Python::attach(f)
 }
 

@@ -26,7 +26,7 @@ use crate::error::{block_error_to_py, to_py};
 use crate::faults::ensure_on_top;
 use crate::file::{open_python, PyBigFile};
 use crate::fileh::PyBigFileH;
-use crate::ram::resolve_ram;
+use crate::ram::RamChoice;
 
 /// A file of `blksize`-byte blocks stored in an OS file, block n at byte
 /// n * blksize; blocks past the end of the file read as zeros, a stored
@@ -143,23 +143,25 @@ impl PyFileBigFile {
     /// Open a handle of this file (see `BigFile.fileh_open`). Blocks are
     /// read and written natively unless a subclass overrides `loadblk` or
     /// `storeblk`, in which case those Python methods are called.
-    #[pyo3(signature = (ram = None, budget = None))]
+    #[pyo3(signature = (ram = None, budget = None, fault_backend = None))]
     fn fileh_open(
         slf: &Bound<'_, Self>,
         ram: Option<&Bound<'_, PyAny>>,
         budget: Option<u64>,
+        fault_backend: Option<&str>,
     ) -> PyResult<Py<PyBigFileH>> {
         let py = slf.py();
+        let choice = RamChoice::new(ram, budget, fault_backend)?;
         let blksize = slf.get().file.blksize();
         let ours = py.get_type::<PyFileBigFile>();
         let ty = slf.get_type();
         let overridden =
             |name: &str| -> PyResult<bool> { Ok(!ty.getattr(name)?.is(&ours.getattr(name)?)) };
         if overridden("loadblk")? || overridden("storeblk")? {
-            return open_python(slf.as_any(), blksize, ram, budget);
+            return open_python(slf.as_any(), blksize, choice);
         }
         ensure_on_top()?;
-        let ram = resolve_ram(py, ram, budget, blksize)?;
+        let ram = choice.resolve(py, blksize)?;
         let file: Arc<dyn BigFile> = slf.get().file.clone();
         let fileh = FileH::open(file, ram.as_ref()).map_err(|e| to_py(py, e))?;
         Py::new(py, PyBigFileH::new(fileh, None))

@@ -3,6 +3,8 @@
 use std::collections::HashMap;
 
 use bigfile_virtmem::{Ram, Stats};
+use pyo3::prelude::*;
+use pyo3::types::{IntoPyDict, PyDict};
 
 pub(crate) fn stats_dict(s: Stats) -> HashMap<&'static str, u64> {
     HashMap::from([
@@ -16,10 +18,14 @@ pub(crate) fn stats_dict(s: Stats) -> HashMap<&'static str, u64> {
     ])
 }
 
-pub(crate) fn ram_stats_dict(ram: &Ram) -> HashMap<&'static str, u64> {
+/// A RAM's counters, with its budget, resident bytes, fault backend and
+/// the reason it does not use userfaultfd (None when it does).
+pub(crate) fn ram_stats_dict<'py>(py: Python<'py>, ram: &Ram) -> PyResult<Bound<'py, PyDict>> {
     let s = ram.stats();
-    let mut d = stats_dict(s.stats);
-    d.insert("budget", s.budget);
-    d.insert("resident_bytes", s.resident_bytes);
-    d
+    let d = stats_dict(s.stats).into_py_dict(py)?;
+    d.set_item("budget", s.budget)?;
+    d.set_item("resident_bytes", s.resident_bytes)?;
+    d.set_item("fault_backend", ram.fault_backend().name())?;
+    d.set_item("fault_backend_fallback", ram.fault_backend_fallback())?;
+    Ok(d)
 }

@@ -7,12 +7,13 @@
 //!
 //! [`Ram::with_fault_backend`]: crate::Ram::with_fault_backend
 
-use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use bigfile_uffd::Uffd;
+
+use crate::fork_generation;
 
 /// A way of learning about page faults; see [`Ram::fault_backend`].
 ///
@@ -138,9 +139,7 @@ impl Backend {
     /// from then on.
     pub(crate) fn uffd(&self) -> Option<&'static Uffd> {
         match self {
-            Backend::Uffd(u) if crate::fork::generation() == UFFD_GENERATION.load(Relaxed) => {
-                Some(u)
-            }
+            Backend::Uffd(u) if uffd_is_ours() => Some(u),
             _ => None,
         }
     }
@@ -154,15 +153,14 @@ pub(crate) fn process_uffd() -> Result<&'static Uffd, String> {
     let uffd = UFFD.get_or_init(|| {
         // The fork generation the userfaultfd belongs to is known from now:
         // a child forked later counts one more.
-        crate::fork::install_handlers();
-        UFFD_GENERATION.store(crate::fork::generation(), Relaxed);
+        UFFD_GENERATION.store(fork_generation::generation(), Relaxed);
         let uffd = Uffd::open().map_err(|e| e.to_string())?;
         bigfile_fault::request_signal().map_err(|e| format!("the request signal: {e}"))?;
         bigfile_fault::install().map_err(|e| e.to_string())?;
         Ok(uffd)
     });
     match uffd {
-        Ok(_) if crate::fork::generation() != UFFD_GENERATION.load(Relaxed) => Err(FORKED.into()),
+        Ok(_) if !uffd_is_ours() => Err(FORKED.into()),
         Ok(uffd) => Ok(uffd),
         Err(why) => Err(why.clone()),
     }
@@ -173,34 +171,12 @@ pub(crate) fn process_uffd() -> Result<&'static Uffd, String> {
 const FORKED: &str = "a forked child of the process that opened the userfaultfd \
                       (the descriptor acts on the parent's address space)";
 
-/// The fork generation (`fork::generation`) of the process that opened the
+/// The fork generation (`fork_generation.rs`) of the process that opened the
 /// userfaultfd.
 static UFFD_GENERATION: AtomicU64 = AtomicU64::new(0);
 
-/// Pages poisoned after a failed kernel-mode load (the system call got
-/// EFAULT), by address: the next user access (SIGBUS) clears the poison
-/// and loads the page again.
-static POISONED: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
-
-pub(crate) fn note_poisoned(page_addr: usize) {
-    POISONED
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get_or_insert_with(HashSet::new)
-        .insert(page_addr);
-}
-
-/// Whether `page_addr` was poisoned (see [`note_poisoned`]); forgotten now.
-pub(crate) fn take_poisoned(page_addr: usize) -> bool {
-    if crate::fork::generation() != UFFD_GENERATION.load(Relaxed) {
-        // A forked child: its mappings are on the signal backend, and the
-        // set (whose lock a worker of the parent may have held at the
-        // fork) is the parent's.
-        return false;
-    }
-    POISONED
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_mut()
-        .is_some_and(|s| s.remove(&page_addr))
+/// Whether this process opened the userfaultfd (if any was): not a forked
+/// child of the one that did.
+pub(crate) fn uffd_is_ours() -> bool {
+    fork_generation::generation() == UFFD_GENERATION.load(Relaxed)
 }

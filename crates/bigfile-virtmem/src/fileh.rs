@@ -9,7 +9,7 @@ use bigfile_os::Prot;
 use crate::bigfile::BigFile;
 use crate::callback::InCallback;
 use crate::error::{Error, Result};
-use crate::fork;
+use crate::fork_generation;
 use crate::handle::{FileHInner, LoadPolicy};
 use crate::host::HostUnlocked;
 use crate::keys::PageKey;
@@ -158,7 +158,7 @@ impl FileH {
                 .collect();
             let ticket = Ticket::mine();
             st.begin_writeout(fh.key, ticket.clone());
-            let forks = fork::generation();
+            let forks = fork_generation::generation();
             drop(st);
 
             let stored = catch_unwind(AssertUnwindSafe(|| store_all(fh, &to_store, forks)));
@@ -166,7 +166,7 @@ impl FileH {
             // Retake the lock and keep it through marking, so no discard or
             // invalidation slips in between and `blocks` stays exact.
             st = shared.lock();
-            if fork::generation() != forks {
+            if fork_generation::generation() != forks {
                 // A storeblk forked, and this is the child, whose state
                 // forgot the pages (the parent's): nothing to mark.
                 return Err(Error::Forked);
@@ -315,7 +315,7 @@ fn read_only_everywhere(st: &State, fh: &FileHInner, blocks: &[(u64, PageKey)]) 
 /// hold the parent's pages). Returns how many were stored, and the failure.
 fn store_all(fh: &FileHInner, blocks: &[(u64, u64)], forks: u64) -> (usize, Result<()>) {
     for (n, &(blk, ram_page)) in blocks.iter().enumerate() {
-        if fork::generation() != forks {
+        if fork_generation::generation() != forks {
             return (n, Err(Error::Forked));
         }
         if let Err(e) = store_one(fh, blk, ram_page) {

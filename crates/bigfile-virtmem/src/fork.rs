@@ -19,9 +19,9 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock, Weak};
 
+use crate::fork_generation;
 use crate::mapper::Mapper;
 use crate::shared::{Guard, Shared};
 
@@ -33,16 +33,6 @@ static LOCK_OUTER: OnceLock<LockOuter> = OnceLock::new();
 
 /// Every live RAM.
 static RAMS: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
-
-/// How many forks this process is the child of.
-static GENERATION: AtomicU64 = AtomicU64::new(0);
-
-/// How many forks this process is the child of: a thread that compares it
-/// before and after a `loadblk` or `storeblk` learns whether it forked
-/// inside (and is now the child).
-pub(crate) fn generation() -> u64 {
-    GENERATION.load(Relaxed)
-}
 
 /// Track a new RAM (and register the fork handlers, once). A RAM is made
 /// of a bigfile-ram RAM, whose crate registered its handlers before: so
@@ -122,7 +112,7 @@ unsafe extern "C" fn child() {
     let Some(mut held) = HELD.with(|h| h.borrow_mut().take()) else {
         return;
     };
-    GENERATION.fetch_add(1, Relaxed);
+    fork_generation::advance();
     for r in &mut held.rams {
         let mapper = Mapper::of(&r.shared);
         for (start, pages) in r.state.forget_in_child(r.shared.counters()) {

@@ -14,6 +14,7 @@ use bigfile_ram::{RamError, RamHandle};
 use bigfile_uffd::Uffd;
 
 use crate::keys::{FileKey, PageKey, RamPage, Slot, VmaId};
+use crate::poison;
 use crate::shared::Shared;
 use crate::state::{State, Unmap};
 use crate::stats::Counters;
@@ -158,6 +159,10 @@ impl Mapper {
             // last reference that thread may drop next).
             if slot.mapped {
                 uffd.write_protect(addr, self.page_size, wp, false)
+            } else if poison::is_poisoned(addr) {
+                // A system call was failed here (its load was given up):
+                // the slot is mapped by the access after the poison goes.
+                return Ok(None);
             } else {
                 // Present in the file: map it here.
                 uffd.resolve(addr, self.page_size, wp, false)

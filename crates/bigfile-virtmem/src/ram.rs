@@ -55,6 +55,9 @@ impl Ram {
     /// memory the process may use: [`Ram::default_for`]).
     pub fn new(ram: bigfile_ram::Ram) -> Ram {
         let budget = ram.max_size();
+        // Forks are counted before the backend is chosen (a userfaultfd
+        // opened now is known to be this process's: `backend.rs`).
+        crate::fork::install_handlers();
         let shared = Arc::new(Shared::new(ram));
         crate::fork::track(&shared, || Box::new(lock_defaults()));
         let r = Ram { shared };

@@ -19,7 +19,7 @@ use bigfile_os::Prot;
 
 use crate::callback::InCallback;
 use crate::failure::{Failure, ALLOCATING, MAPPING, WINDOWING};
-use crate::fork;
+use crate::fork_generation;
 use crate::handle::FileHInner;
 use crate::keys::{FileKey, PageKey, RamPage, VmaId};
 use crate::mapper::{Deferred, MapError, Mapper};
@@ -127,14 +127,14 @@ fn load<'a>(
     }
     let ticket = Ticket::mine();
     let pk = st.begin_load(fh.key, blk, ticket.clone());
-    let forks = fork::generation();
+    let forks = fork_generation::generation();
     drop(st);
     // Unmap what make_room reclaimed (the recycled RAM page among it)
     // before the load writes into it.
     deferred.finish(shared);
     let loaded = fill_page(fh, blk, recycled);
     let st = shared.lock();
-    if fork::generation() != forks {
+    if fork_generation::generation() != forks {
         // loadblk forked, and this is the child, whose state forgot the
         // page (and whose RAM handle is new): load it again, afresh.
         if let Err((_, LoadFailure::Panicked(panic))) = loaded {

@@ -20,12 +20,12 @@ use std::sync::Arc;
 
 use bigfile_fault::{Fault, FaultHandler, FaultSignal, Outcome};
 
-use crate::backend::take_poisoned;
 use crate::error::Error;
 use crate::failure::Failure;
 use crate::handle::FileHInner;
 use crate::host::HostUnlocked;
 use crate::keys::VmaId;
+use crate::poison;
 use crate::serve::{serve, PageRequest};
 
 /// A source of faults: how a served (or failed) request is finished.
@@ -71,11 +71,10 @@ impl FaultHandler for SignalFaults {
         let idx = (fault.addr - self.vma.start) / ps;
         let blk = self.pgoffset + idx as u64;
         let page_addr = self.vma.start + idx * ps;
-        if fault.signal == FaultSignal::Bus && take_poisoned(page_addr) {
+        if fault.signal == FaultSignal::Bus && poison::take(page_addr, ps) {
             // The userfaultfd backend poisoned this page when a system call's
-            // load of it failed (the call got EFAULT): clear the poison, and
-            // serve this access as any other (it loads the page again).
-            clear_poison(page_addr, ps);
+            // load of it failed (the call got EFAULT): the poison is cleared,
+            // and this access served as any other (it loads the page again).
         } else if fault.signal == FaultSignal::Bus {
             // A SIGBUS inside our mapping means the RAM's memory could not be
             // provided (e.g. its filesystem is full under first-touch allocation).
@@ -129,15 +128,6 @@ impl FaultSource for SignalFaults {
             },
         }
     }
-}
-
-/// Take the poison marker off `[page_addr, page_addr + len)` (its
-/// page-table entries dropped: the next access faults to the userfaultfd).
-fn clear_poison(page_addr: usize, len: usize) {
-    // SAFETY: dropping page-table entries of a slot of a live mapping (its
-    // handler is running): the page, if any, stays in the handle's file.
-    let rc = unsafe { libc::madvise(page_addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
-    debug_assert_eq!(rc, 0, "MADV_DONTNEED on a mapping of ours");
 }
 
 /// A thread asking for a page now (prefault): the outcome is a value.

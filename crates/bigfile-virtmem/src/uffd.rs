@@ -30,10 +30,12 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, RwLockWriteGuard};
 use bigfile_fault::Access;
 use bigfile_uffd::{thread_mode, Event, FaultKind, ThreadMode, Uffd};
 
-use crate::backend::{note_poisoned, process_uffd};
+use crate::backend::process_uffd;
 use crate::failure::Failure;
 use crate::handle::FileHInner;
+use crate::hostwait::{self, Watch};
 use crate::keys::VmaId;
+use crate::poison::{self, POISON_TIME};
 use crate::serve::PageRequest;
 use crate::source::{take, FaultSource};
 
@@ -132,8 +134,12 @@ impl UffdService {
                 events: libc::POLLIN,
                 revents: 0,
             };
-            // SAFETY: one pollfd we own; -1 waits for an event.
-            let _ = unsafe { libc::poll(&mut pfd, 1, -1) };
+            // SAFETY: one pollfd we own. Woken at least once a second to
+            // give up faults whose loader waits too long for the host lock.
+            let _ = unsafe { libc::poll(&mut pfd, 1, 1000) };
+            for w in hostwait::overdue() {
+                self.give_up(&w);
+            }
             events.clear();
             if let Err(e) = self.uffd.read_events(&mut events, 64) {
                 eprintln!("bigfile: reading the userfaultfd failed ({e}); faults of its mappings would hang: aborting");
@@ -212,24 +218,62 @@ impl UffdService {
             };
             let (req, page_addr) = range.request(e.addr, access);
             let ps = range.fileh.page_size();
-            let served = take(&KernelFault, &range.fileh, &req);
+            let watch = Arc::new(Watch::new(page_addr, ps, req.blk, range.fileh.name.clone()));
+            let served = hostwait::serving(&watch, || take(&KernelFault, &range.fileh, &req));
             // Let go of the handle before the thread goes on: it may drop
             // the handle's last reference next.
             drop(range);
+            if !watch.answer() {
+                // Given up while the loader waited for the host lock: the
+                // system call has failed; the page is loadable again.
+                poison::expire(page_addr, ps);
+                continue;
+            }
             match served {
                 Ok(()) => {
                     let _ = self.uffd.wake(page_addr, ps);
                 }
                 Err(()) => {
-                    note_poisoned(page_addr);
-                    if self.uffd.poison(page_addr, ps).is_err() {
-                        // Without UFFDIO_POISON (before Linux 6.6), the
-                        // thread retries and faults again: better than
-                        // hanging it.
-                        let _ = self.uffd.wake(page_addr, ps);
+                    if self.fail(page_addr, ps) {
+                        // Its page is loadable again once the system call
+                        // has failed (`poison.rs`). More workers are
+                        // started meanwhile if faults wait.
+                        std::thread::sleep(POISON_TIME);
+                        poison::expire(page_addr, ps);
                     }
                 }
             }
+        }
+    }
+
+    /// Fail the system call waiting for `[page_addr, page_addr + len)`:
+    /// poison the page and wake the thread. False if that could not be done
+    /// (the kernel has no `UFFDIO_POISON`, before Linux 6.6; or the page
+    /// was just mapped there): then the thread is only woken, to fault
+    /// again or find the page (better than hanging it).
+    fn fail(&self, page_addr: usize, len: usize) -> bool {
+        poison::note(page_addr);
+        if self.uffd.poison(page_addr, len).is_ok() {
+            return true;
+        }
+        poison::take(page_addr, len);
+        let _ = self.uffd.wake(page_addr, len);
+        false
+    }
+
+    /// Give up a fault whose loader waited too long for the host lock.
+    fn give_up(&self, w: &Watch) {
+        eprintln!(
+            "bigfile: a system call needs block {} of {}, whose loader has waited {}s for the \
+             host lock (Python's GIL), most likely held by the very thread in the system call \
+             (a C extension calling it on mapped memory without releasing the GIL): the call \
+             fails with EFAULT (release the GIL around such calls, or prefault the pages)",
+            w.blk,
+            w.file,
+            hostwait::PATIENCE.as_secs()
+        );
+        if !self.fail(w.page_addr, w.len) {
+            eprintln!("bigfile: (the page could not be poisoned: the call is retried)");
         }
     }
 }
@@ -292,11 +336,15 @@ pub(crate) struct UffdRegistration {
 
 impl Drop for UffdRegistration {
     fn drop(&mut self) {
-        self.svc
+        let range = self
+            .svc
             .ranges
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.start);
+        if let Some(r) = range {
+            poison::forget_range(r.start, r.len);
+        }
         drop(self.reg.take());
     }
 }

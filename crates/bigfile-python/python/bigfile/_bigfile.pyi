@@ -2,7 +2,7 @@
 
 import os
 from types import TracebackType
-from typing import Final, Literal, Optional, Tuple, Type, TypeVar, Union
+from typing import Final, Literal, Optional, Tuple, Type, TypedDict, TypeVar, Union
 
 from _typeshed import ReadableBuffer, WriteableBuffer
 
@@ -12,9 +12,20 @@ WRITEOUT_STORE: Final[int]
 WRITEOUT_MARKSTORED: Final[int]
 
 _StatsKey = Literal["faults", "loads", "load_errors", "stores", "reclaims", "resident_pages", "dirty_pages"]
-_RamStatsKey = Literal[
-    "faults", "loads", "load_errors", "stores", "reclaims", "resident_pages", "dirty_pages", "budget", "resident_bytes"
-]
+_FaultBackend = Literal["signals", "userfaultfd"]
+
+class _RamStats(TypedDict):
+    faults: int
+    loads: int
+    load_errors: int
+    stores: int
+    reclaims: int
+    resident_pages: int
+    dirty_pages: int
+    budget: int
+    resident_bytes: int
+    fault_backend: _FaultBackend
+    fault_backend_fallback: Optional[str]
 
 class BigFile:
     """A file of `blksize`-byte blocks; subclass it and implement
@@ -25,7 +36,12 @@ class BigFile:
     def __new__(cls: Type[_T], blksize: int, *args: object, **kwargs: object) -> _T: ...
     @property
     def blksize(self) -> int: ...
-    def fileh_open(self, ram: Union[None, str, RAM] = None, budget: Optional[int] = None) -> BigFileH: ...
+    def fileh_open(
+        self,
+        ram: Union[None, str, RAM] = None,
+        budget: Optional[int] = None,
+        fault_backend: Optional[Literal["auto", "signals", "userfaultfd"]] = None,
+    ) -> BigFileH: ...
 
 class FileBigFile(BigFile):
     """A BigFile over an OS file (a path opened read-write, or a file
@@ -56,7 +72,7 @@ class BigFileH:
     def page_state(self, pgoffset: int) -> Optional[Literal["loading", "loaded", "dirty"]]: ...
     def dirty_blocks(self) -> list[int]: ...
     def stats(self) -> dict[_StatsKey, int]: ...
-    def ram_stats(self) -> dict[_RamStatsKey, int]: ...
+    def ram_stats(self) -> _RamStats: ...
     def set_load_policy(self, attempts: int, backoff: float = 0.001) -> None: ...
     @property
     def blksize(self) -> int: ...
@@ -105,9 +121,19 @@ class VMA:
 
 class RAM:
     """Memory for pages: a spec ("memfd", "shmfs[:DIR]", "hugetlbfs[:DIR]",
-    optionally ",pagesize=SIZE") and a budget of resident bytes."""
+    optionally ",pagesize=SIZE"), a budget of resident bytes, and the fault
+    backend of its mappings ("auto", "signals", "userfaultfd")."""
 
-    def __init__(self, spec: str = "memfd", budget: Optional[int] = None) -> None: ...
+    def __init__(
+        self,
+        spec: str = "memfd",
+        budget: Optional[int] = None,
+        fault_backend: Optional[Literal["auto", "signals", "userfaultfd"]] = None,
+    ) -> None: ...
+    @property
+    def fault_backend(self) -> _FaultBackend: ...
+    @property
+    def fault_backend_fallback(self) -> Optional[str]: ...
     @property
     def pagesize(self) -> int: ...
     @property
@@ -115,7 +141,7 @@ class RAM:
     @budget.setter
     def budget(self, bytes: int) -> None: ...
     def reclaim(self) -> int: ...
-    def stats(self) -> dict[_RamStatsKey, int]: ...
+    def stats(self) -> _RamStats: ...
 
 def ram_reclaim() -> int: ...
 def _ensure_fault_handler_on_top() -> bool: ...

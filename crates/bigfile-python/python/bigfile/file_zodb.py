@@ -62,7 +62,7 @@ failed commit keeps the changes in memory until the transaction is aborted,
 or longer with ``carry_changes`` (wendelin.core drops them at once);
 ZBlk1 chunks are 16 KiB (4 KiB there); ``ZBigFileH`` refuses
 ``dirty_writeout``/``dirty_discard`` (use the transaction); ``fileh_open``
-takes the RAM and budget arguments of ``BigFile.fileh_open``.
+takes the RAM, budget and fault backend arguments of ``BigFile.fileh_open``.
 """
 
 import functools
@@ -535,10 +535,16 @@ class ZBigFile(Persistent):  # type: ignore[misc]
     # ~~~ handles
 
     def fileh_open(
-        self, ram: Any = None, budget: Optional[int] = None, *, _use_wcfs: Optional[bool] = None
+        self,
+        ram: Any = None,
+        budget: Optional[int] = None,
+        *,
+        fault_backend: Optional[str] = None,
+        _use_wcfs: Optional[bool] = None,
     ) -> "ZBigFileH":
         """A handle whose changes go with the transactions of this object's
-        ZODB connection (``ram``/``budget`` as for ``BigFile.fileh_open``).
+        ZODB connection (``ram``/``budget``/``fault_backend`` as for
+        ``BigFile.fileh_open``).
         `_use_wcfs` is accepted for wendelin.core's callers: there is no
         WCFS mode, so only None and False are valid."""
         if _use_wcfs:
@@ -549,7 +555,7 @@ class ZBigFile(Persistent):  # type: ignore[misc]
                 "ZBigFile.fileh_open: the ZBigFile is not in a ZODB connection; "
                 "add it first (conn.add(zfile) or store it under the root and commit)"
             )
-        fileh = ZBigFileH(self, conn, ram, budget)
+        fileh = ZBigFileH(self, conn, ram, budget, fault_backend)
         self._v_filehset.add(fileh)
         return fileh
 
@@ -637,13 +643,15 @@ class ZBigFileH:
     ``_ZBigFileH``): a transaction data manager and synchronizer. Mapping
     methods are those of ``BigFileH``."""
 
-    def __init__(self, zfile: ZBigFile, conn: Any, ram: Any, budget: Optional[int]) -> None:
+    def __init__(
+        self, zfile: ZBigFile, conn: Any, ram: Any, budget: Optional[int], fault_backend: Optional[str] = None
+    ) -> None:
         self.zfile = zfile
         self._conn = conn
         # The process using the connection for a handle: its forked
         # children may not (`_refuse_in_forked_child`).
         conn.__dict__.setdefault("_bigfile_pid", os.getpid())
-        self._zfileh = zfile._runtime().fileh_open(ram=ram, budget=budget)
+        self._zfileh = zfile._runtime().fileh_open(ram=ram, budget=budget, fault_backend=fault_backend)
         self._joined: Any = None  # the transaction we joined
         self._committing: Any = None  # the transaction in two-phase commit
         self._failed: Any = None  # the transaction whose commit failed, not yet aborted
