@@ -147,7 +147,13 @@ pub enum PageAccess {
 /// write-protected by a userfaultfd): the same answer for a page on either
 /// of bigfile's fault backends.
 pub fn access_at(addr: usize) -> PageAccess {
-    match prot_at(addr).as_deref() {
+    access_in(prot_at(addr).as_deref(), addr)
+}
+
+/// [`access_at`] for a caller that has read `/proc/self/maps` already: `perms`
+/// is the protection of the mapping holding `addr` (None: not mapped).
+pub fn access_in(perms: Option<&str>, addr: usize) -> PageAccess {
+    match perms {
         None | Some("---p" | "---s") => PageAccess::None,
         Some(p) if !p.starts_with("rw") => PageAccess::Read,
         Some(_) => {

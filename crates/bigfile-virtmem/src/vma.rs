@@ -319,9 +319,6 @@ impl Drop for Vma {
         // other threads, so none maps a page into it after this point. Not
         // under the RAM lock, which those handlers may be waiting for.
         let _host = HostUnlocked::new();
-        // No more userfaultfd events for this range (threads blocked in it
-        // are woken and retry, into a mapping nobody may use any more).
-        drop(self.uffd.take());
         drop(self.registration.take());
         let shared = &self.fileh.shared;
         {
@@ -333,6 +330,12 @@ impl Drop for Vma {
             }
             st.remove_vma(self.fileh.key, self.key);
         }
+        // No more userfaultfd events for this range (threads blocked in it
+        // are woken and retry, into a mapping nobody may use any more). Only
+        // now: until the mapping left the state, a writeout or a worker
+        // could still protect or map pages of it, which the userfaultfd
+        // refuses for a range no longer registered.
+        drop(self.uffd.take());
         // SAFETY: the reservation is ours and no longer registered, nor
         // being unmapped; nobody may use it after the Vma is dropped
         // (slices borrow the Vma).

@@ -28,7 +28,8 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bigfile_virtmem::{Access, Error, FileH, PageState, Ram, Vma, WriteoutFlags};
+use bigfile_testkit::memory::{access_in, PageAccess};
+use bigfile_virtmem::{Access, Error, FaultBackend, FileH, PageState, Ram, Vma, WriteoutFlags};
 
 use crate::leaks::{self, Baseline};
 use bigfile_testkit::child::{self, Death};
@@ -306,6 +307,8 @@ struct World {
     /// Whether one RAM page may be held beyond the resident ones (see
     /// `check_state`): set by the scenario failing `ram::drop_page`.
     stray_ok: bool,
+    /// The RAM is on the userfaultfd backend (see `page_access`).
+    uffd: bool,
 }
 
 impl World {
@@ -318,7 +321,6 @@ impl World {
         Ok(World {
             ps,
             file,
-            ram,
             fh: None,
             vmas: Vec::new(),
             model: Model::new(ps),
@@ -326,6 +328,8 @@ impl World {
             errors: Vec::new(),
             rng: Rng::new(seed),
             stray_ok: false,
+            uffd: ram.fault_backend() == FaultBackend::Userfaultfd,
+            ram,
         })
     }
 
@@ -372,8 +376,12 @@ impl World {
         self.map(4, 8)?;
         let layout = Arc::new(Mutex::new(Vec::new()));
         let violations = Arc::new(Mutex::new(Vec::new()));
-        self.file
-            .on_store(store_check(layout.clone(), self.ps, violations.clone()));
+        self.file.on_store(store_check(
+            layout.clone(),
+            self.ps,
+            self.uffd,
+            violations.clone(),
+        ));
         for step in 0..STEPS {
             *layout.lock().unwrap() = self
                 .vmas
@@ -542,7 +550,8 @@ impl World {
 
     /// The handle's dirty list is the model's; every page of every mapping is
     /// mapped as its state says: clean pages read-only, pages not mapped in
-    /// (by the library's account) inaccessible reservation; RAM pages held
+    /// (by the library's account) inaccessible (the reservation on the signal
+    /// backend, not present on the userfaultfd backend); RAM pages held
     /// equal resident pages counted.
     fn check_state(&self) -> Result<(), String> {
         let fh = self.fh();
@@ -572,24 +581,25 @@ impl World {
                     return Err(format!("mapping {i}: block {blk} is not mapped at all"));
                 };
                 let state = fh.page_state(blk);
+                let access = page_access(&m.perms, addr, self.uffd);
                 if mapped.contains(&blk) {
                     let ok = m.path.contains("bigfile-ram")
                         && match state {
-                            Some(PageState::Loaded) => m.perms == "r--s",
-                            Some(PageState::Dirty) => m.perms == "r--s" || m.perms == "rw-s",
+                            Some(PageState::Loaded) => access == PageAccess::Read,
+                            Some(PageState::Dirty) => access != PageAccess::None,
                             _ => false,
                         };
                     if !ok {
                         return Err(format!(
-                            "mapping {i}: block {blk} in state {state:?} is mapped {} {}",
+                            "mapping {i}: block {blk} in state {state:?} is mapped {} {} ({access:?})",
                             m.perms, m.path
                         ));
                     }
-                } else if !m.perms.starts_with("---") {
+                } else if access != PageAccess::None {
                     // Not mapped in: the inaccessible reservation, or a page
                     // that could not be replaced by it and was made inaccessible.
                     return Err(format!(
-                        "mapping {i}: block {blk} (state {state:?}) is not mapped in, yet the address shows {} {}",
+                        "mapping {i}: block {blk} (state {state:?}) is not mapped in, yet the address shows {} {} ({access:?})",
                         m.perms, m.path
                     ));
                 }
@@ -675,6 +685,7 @@ impl World {
 fn store_check(
     layout: Arc<Mutex<Vec<(u64, usize, u64)>>>,
     ps: usize,
+    uffd: bool,
     violations: Arc<Mutex<Vec<String>>>,
 ) -> impl Fn(u64, &[u8]) -> Result<(), BlockError> + Send + Sync + 'static {
     let check = move |blk| {
@@ -687,7 +698,7 @@ fn store_check(
             if (pgoffset..pgoffset + pglen).contains(&blk) {
                 let addr = start + (blk - pgoffset) as usize * ps;
                 if let Some(m) = maps.iter().find(|m| m.range.contains(&addr)) {
-                    if m.perms.contains('w') {
+                    if page_access(&m.perms, addr, uffd) == PageAccess::Write {
                         return Some(format!(
                             "storeblk of block {blk} while it is mapped {} at {addr:#x}",
                             m.perms
@@ -876,4 +887,21 @@ fn fault_path_transient_load() -> Result<String, String> {
     Ok(format!(
         "{calls} loads by plain reads, each failed once in turn: retried, data right"
     ))
+}
+
+/// How the page at `addr` (in a mapping of protection `perms`) can be
+/// accessed without a fault bigfile serves: from the protection alone on the
+/// signal backend (an accessible page is mapped; the kernel fills its
+/// page-table entry itself); on the userfaultfd backend (`uffd`), where a
+/// mapping is accessible throughout, from whether the page is present and
+/// write-protected.
+fn page_access(perms: &str, addr: usize, uffd: bool) -> PageAccess {
+    if uffd {
+        return access_in(Some(perms), addr);
+    }
+    match perms.get(..2) {
+        Some("rw") => PageAccess::Write,
+        Some("r-") => PageAccess::Read,
+        _ => PageAccess::None,
+    }
 }
