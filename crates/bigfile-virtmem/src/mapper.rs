@@ -41,6 +41,9 @@ pub(crate) enum MapError {
     Map(RamError),
     /// Changing the protection of the mapped page failed.
     Protect(io::Error),
+    /// The userfaultfd's `op` (`UFFDIO_CONTINUE`, `UFFDIO_WRITEPROTECT`)
+    /// failed.
+    Uffd(&'static str, io::Error),
 }
 
 impl Mapper {
@@ -158,16 +161,19 @@ impl Mapper {
             // thread in a system call after letting go of the handle, whose
             // last reference that thread may drop next).
             if slot.mapped {
-                uffd.write_protect(addr, self.page_size, wp, false)
+                crate::failpoint::check("virtmem::uffd_writeprotect")
+                    .and_then(|()| uffd.write_protect(addr, self.page_size, wp, false))
+                    .map_err(|e| MapError::Uffd("UFFDIO_WRITEPROTECT", e))?;
             } else if poison::is_poisoned(addr) {
                 // A system call was failed here (its load was given up):
                 // the slot is mapped by the access after the poison goes.
                 return Ok(None);
             } else {
                 // Present in the file: map it here.
-                uffd.resolve(addr, self.page_size, wp, false)
+                crate::failpoint::check("virtmem::uffd_continue")
+                    .and_then(|()| uffd.resolve(addr, self.page_size, wp, false))
+                    .map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
             }
-            .map_err(MapError::Protect)?;
             st.set_mapped(fk, vma.key, slot.index);
             // Present already: nothing to populate.
             return Ok(None);
@@ -198,6 +204,7 @@ impl Mapper {
     ) -> io::Result<()> {
         for addr in st.mapped_addrs(fk, blk, self.page_size) {
             if let Some(uffd) = self.uffd {
+                crate::failpoint::check("virtmem::uffd_writeprotect")?;
                 uffd.write_protect(
                     addr.as_ptr() as usize,
                     self.page_size,

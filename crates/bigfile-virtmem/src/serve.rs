@@ -280,6 +280,7 @@ fn map_page<'a>(
                 op: "mprotect",
                 source,
             },
+            MapError::Uffd(op, source) => Failure::Os { op, source },
         })?;
     st.touch(pk);
     drop(st);

@@ -26,7 +26,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bigfile_testkit::memory::{access_in, PageAccess};
 use bigfile_virtmem::{Access, Error, FaultBackend, FileH, PageState, Ram, Vma, WriteoutFlags};
@@ -60,6 +60,9 @@ enum Expect {
 
 struct Point {
     name: &'static str,
+    /// The point failing the same step on the userfaultfd backend, where
+    /// it is another call (see [`uffd_backend`]); `None`: the same point.
+    on_uffd: Option<&'static str>,
     /// The errno the failure carries (`return(ERRNO)`); `None` for the
     /// file's own points, which fail with their own error.
     errno: Option<(i32, &'static str)>,
@@ -72,52 +75,81 @@ const POINTS: &[Point] = &[
     // exhausted (not the budget).
     Point {
         name: "ram::alloc_page",
+        on_uffd: None,
         errno: Some((libc::ENOSPC, "ENOSPC")),
         expect: Expect::Only(&["RamExhausted"]),
     },
     Point {
         name: "ram::alloc_page",
+        on_uffd: None,
         errno: Some((libc::EIO, "EIO")),
         expect: Expect::Only(&["Os"]),
     },
     Point {
         name: "ram::map_page",
+        on_uffd: Some("virtmem::uffd_continue"),
         errno: Some((libc::ENOMEM, "ENOMEM")),
         expect: Expect::Only(&["Os"]),
     },
     Point {
         name: "ram::window",
+        on_uffd: None,
         errno: Some((libc::ENOMEM, "ENOMEM")),
         expect: Expect::Only(&["Os"]),
     },
     Point {
         name: "ram::drop_page",
+        on_uffd: None,
         errno: Some((libc::EIO, "EIO")),
         expect: Expect::Nothing,
     },
     Point {
         name: "virtmem::mmap",
+        on_uffd: None,
         errno: Some((libc::ENOMEM, "ENOMEM")),
         expect: Expect::Only(&["Os"]),
     },
     Point {
         name: "virtmem::mprotect",
+        on_uffd: Some("virtmem::uffd_writeprotect"),
         errno: Some((libc::ENOMEM, "ENOMEM")),
         expect: Expect::Only(&["Os"]),
     },
     // A transient loadblk failure is retried by the LoadPolicy.
     Point {
         name: "file::loadblk",
+        on_uffd: None,
         errno: None,
         expect: Expect::Nothing,
     },
     // A failed storeblk stops the writeout with Error::Store, pages stay dirty.
     Point {
         name: "file::storeblk",
+        on_uffd: None,
         errno: None,
         expect: Expect::Only(&["Store"]),
     },
 ];
+
+impl Point {
+    /// The failure point armed on this process's backend.
+    fn point(&self) -> &'static str {
+        self.on_uffd.filter(|_| uffd_backend()).unwrap_or(self.name)
+    }
+}
+
+/// Whether a RAM made here is on the userfaultfd backend, which serves a
+/// first access by `UFFDIO_CONTINUE` where the signal backend maps the page
+/// (`ram::map_page`), and changes a page's access by `UFFDIO_WRITEPROTECT`
+/// where the signal backend calls mprotect.
+fn uffd_backend() -> bool {
+    static UFFD: OnceLock<bool> = OnceLock::new();
+    *UFFD.get_or_init(|| {
+        let ps = bigfile_ram::os_page_size();
+        Ram::from_spec(&format!("memfd,pagesize={ps}"))
+            .is_ok_and(|ram| ram.fault_backend() == FaultBackend::Userfaultfd)
+    })
+}
 
 pub fn scenarios() -> Vec<Scenario> {
     // This binary re-executed by a fault-path scenario: run that child's
@@ -131,8 +163,8 @@ pub fn scenarios() -> Vec<Scenario> {
         .iter()
         .map(|p| {
             let name = match p.errno {
-                Some((_, e)) => format!("inject/{}({e})", p.name),
-                None => format!("inject/{}", p.name),
+                Some((_, e)) => format!("inject/{}({e})", p.point()),
+                None => format!("inject/{}", p.point()),
             };
             Scenario::new(name, move || nth_call_fails(p))
         })
@@ -142,10 +174,7 @@ pub fn scenarios() -> Vec<Scenario> {
         fault_path_transient_load,
     ));
     for c in FAULT_CHILDREN {
-        v.push(Scenario::new(
-            format!("inject/fault-path/{}", c.name),
-            move || run_fault_child(c),
-        ));
+        v.push(Scenario::new(c.scenario_name(), move || run_fault_child(c)));
     }
     v.push(Scenario::new("inject/tiny-tmpfs", crate::tmpfs::tiny_tmpfs));
     v
@@ -167,8 +196,10 @@ fn kind(e: &Error) -> &'static str {
 
 fn nth_call_fails(p: &Point) -> Result<String, String> {
     let _scenario = fail::FailScenario::setup();
-    // A first run warms up what the process sets up once (the signal
-    // handler, allocator arenas) so that the baseline is the steady state.
+    // A first RAM opens what the process keeps open (its userfaultfd), a
+    // first run warms up what it sets up once (the signal handler,
+    // allocator arenas), so that the baseline is the steady state.
+    uffd_backend();
     run_once(p, SEEDS[0], None, false)?;
     let mut surfaced: BTreeMap<&'static str, usize> = BTreeMap::new();
     let (mut total, mut absorbed) = (0, 0);
@@ -232,7 +263,7 @@ fn count_calls(p: &Point, seed: u64) -> Result<usize, String> {
     let calls = Arc::new(AtomicUsize::new(0));
     {
         let calls = calls.clone();
-        fail::cfg_callback(p.name, move || {
+        fail::cfg_callback(p.point(), move || {
             calls.fetch_add(1, Ordering::Relaxed);
         })?;
     }
@@ -241,7 +272,7 @@ fn count_calls(p: &Point, seed: u64) -> Result<usize, String> {
     if c == 0 {
         return Err(format!(
             "the workload of seed {seed:#x} never reaches {}",
-            p.name
+            p.point()
         ));
     }
     Ok(c)
@@ -267,12 +298,12 @@ fn run_once(
         } else {
             format!("{}*off->{ret}", n - 1)
         };
-        fail::cfg(p.name, &actions)?;
+        fail::cfg(p.point(), &actions)?;
     }
     let mut w = World::new(seed)?;
     w.stray_ok = p.name == "ram::drop_page";
     let ran = w.workload();
-    fail::remove(p.name);
+    fail::remove(p.point());
     ran?;
     let errors = std::mem::take(&mut w.errors);
     let ram = w.ram.clone();
@@ -746,6 +777,27 @@ struct FaultChild {
     access: Access,
     /// What the diagnostic on stderr must contain.
     message: &'static str,
+    /// The point failing the same step on the userfaultfd backend and
+    /// what its diagnostic names (see [`uffd_backend`]).
+    on_uffd: Option<(&'static str, &'static str)>,
+}
+
+impl FaultChild {
+    /// The failure point armed and the diagnostic expected on this
+    /// process's backend.
+    fn point_and_message(&self) -> (&'static str, &'static str) {
+        self.on_uffd
+            .filter(|_| uffd_backend())
+            .unwrap_or((self.point, self.message))
+    }
+
+    /// The scenario's name, naming the point armed.
+    fn scenario_name(&self) -> String {
+        let name = self
+            .name
+            .replacen(self.point, self.point_and_message().0, 1);
+        format!("inject/fault-path/{name}")
+    }
 }
 
 const FAULT_CHILDREN: &[FaultChild] = &[
@@ -756,6 +808,7 @@ const FAULT_CHILDREN: &[FaultChild] = &[
         preload: false,
         access: Access::Read,
         message: "map page",
+        on_uffd: Some(("virtmem::uffd_continue", "UFFDIO_CONTINUE")),
     },
     FaultChild {
         name: "ram::alloc_page(EIO)",
@@ -764,6 +817,7 @@ const FAULT_CHILDREN: &[FaultChild] = &[
         preload: false,
         access: Access::Read,
         message: "allocating RAM for block 0",
+        on_uffd: None,
     },
     FaultChild {
         name: "ram::alloc_page(ENOSPC)",
@@ -772,6 +826,7 @@ const FAULT_CHILDREN: &[FaultChild] = &[
         preload: false,
         access: Access::Write,
         message: "no clean page to reclaim",
+        on_uffd: None,
     },
     FaultChild {
         name: "virtmem::mprotect(ENOMEM)",
@@ -780,6 +835,7 @@ const FAULT_CHILDREN: &[FaultChild] = &[
         preload: true,
         access: Access::Write,
         message: "mprotect",
+        on_uffd: Some(("virtmem::uffd_writeprotect", "UFFDIO_WRITEPROTECT")),
     },
 ];
 
@@ -791,7 +847,7 @@ fn run_fault_child(c: &FaultChild) -> Result<String, String> {
     cmd.env(CHILD_ENV, c.name);
     let ended = child::run(cmd, child::TIMEOUT)?;
     Death::by(libc::SIGBUS)
-        .stderr(&["bigfile:", c.message])
+        .stderr(&["bigfile:", c.point_and_message().1])
         .absent(&["survived"])
         .check(&ended)?;
     if !ended.stdout.contains("armed") {
@@ -822,7 +878,7 @@ fn fault_child(name: &str) {
     if c.preload {
         vma.prefault(0..ps, Access::Read).expect("prefault");
     }
-    fail::cfg(c.point, &format!("1*return({})", c.errno)).expect("cfg");
+    fail::cfg(c.point_and_message().0, &format!("1*return({})", c.errno)).expect("cfg");
     println!("armed");
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
