@@ -19,6 +19,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
 
+mod backends;
 mod bench;
 mod capi;
 mod cycles;
@@ -148,15 +149,22 @@ fn test(args: &[String]) -> Result {
         },
         _ => return Err(format!("test takes at most one part, got {args:?}")),
     };
+    let backends = backends::to_test();
     for part in &parts {
         match part {
             Part::Lint => lint()?,
-            Part::Rust => rust_tests()?,
-            Part::Python => python::test_all()?,
-            Part::Wheel => dist::check_installed_wheel()?,
-            // After the Python part, the package is built in the first
-            // CPython's venv already.
-            Part::Faults => run_faults(&[], faults_python(!parts.contains(&Part::Python))?)?,
+            Part::Rust => rust_tests(&backends)?,
+            Part::Python => python::test_all(&backends)?,
+            // The default backend's: the wheel's is the same library.
+            Part::Wheel => backends::on(backends[0], dist::check_installed_wheel)?,
+            Part::Faults => {
+                // After the Python part, the package is built in the first
+                // CPython's venv already.
+                let python = faults_python(!parts.contains(&Part::Python))?;
+                for &b in &backends {
+                    backends::on(b, || run_faults(&[], python.clone()))?;
+                }
+            }
         }
     }
     eprintln!("xtask: all tests passed");
@@ -188,9 +196,23 @@ fn lint() -> Result {
     cycles::check(&root())
 }
 
-fn rust_tests() -> Result {
-    run(cargo().args(["test", "--workspace"]))?;
+/// The workspace's tests and the libraries' failure-point tests on each of
+/// `backends`; the C API's and the fault suite's own unit tests once.
+fn rust_tests(backends: &[backends::Backend]) -> Result {
+    for &b in backends {
+        backends::on(b, rust_tests_on_backend)?;
+    }
     capi::test()?;
+    // The suite's own unit tests (its helpers, e.g. reading gdb output).
+    run(cargo()
+        .args(["test", "--release", "--manifest-path"])
+        .arg(root().join("tests/faults/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(faults_target_dir()))
+}
+
+fn rust_tests_on_backend() -> Result {
+    run(cargo().args(["test", "--workspace"]))?;
     // The libraries' own failure-point tests (regressions found by the
     // suite), built where the suite builds, so the feature stays out of the
     // workspace's target directory.
@@ -206,12 +228,6 @@ fn rust_tests() -> Result {
             "failpoints",
             "--target-dir",
         ])
-        .arg(faults_target_dir()))?;
-    // The suite's own unit tests (its helpers, e.g. reading gdb output).
-    run(cargo()
-        .args(["test", "--release", "--manifest-path"])
-        .arg(root().join("tests/faults/Cargo.toml"))
-        .arg("--target-dir")
         .arg(faults_target_dir()))
 }
 

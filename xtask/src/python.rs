@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::backends::{self, Backend};
 use crate::{root, run, Result};
 
 const PACKAGE: &str = "crates/bigfile-python";
@@ -67,8 +68,9 @@ pub(crate) fn interpreters() -> Vec<(String, PathBuf)> {
     found
 }
 
-/// Build the bindings and run their tests on every interpreter found.
-pub(crate) fn test_all() -> Result {
+/// Build the bindings and run their tests on every interpreter found, on
+/// the first of `backends`; the first interpreter's on every one of them.
+pub(crate) fn test_all(backends: &[Backend]) -> Result {
     if !root().join(PACKAGE).join("pyproject.toml").exists() {
         eprintln!("xtask: no Python package yet ({PACKAGE})");
         return Ok(());
@@ -86,10 +88,15 @@ pub(crate) fn test_all() -> Result {
     );
     for (version, exe) in &pys {
         let venv = venv(version, exe)?;
-        if version == &pys[0].0 {
+        let first = version == &pys[0].0;
+        if first {
             ensure_postgres(&venv)?;
         }
-        test_in(&venv)?;
+        build_into(&venv)?;
+        let on = if first { backends } else { &backends[..1] };
+        for &b in on {
+            backends::on(b, || pytest_in(&venv))?;
+        }
     }
     Ok(())
 }
@@ -171,9 +178,8 @@ pub(crate) fn venv_with(venv: &Path, exe: &Path, deps: &[&str]) -> Result<PathBu
 /// The optional distribution of wendelin.core's module paths (aliases of bigfile's).
 const WENDELIN_ALIAS: &str = "crates/bigfile-python/wendelin-alias";
 
-/// Build the package into `venv` and run pytest there.
-pub(crate) fn test_in(venv: &Path) -> Result {
-    build_into(venv)?;
+/// The Python tests in `venv`, the package built into it already.
+fn pytest_in(venv: &Path) -> Result {
     let alias = install_wendelin_alias(venv)?;
     run(Command::new(venv.join("bin/python"))
         .args(["-m", "pytest", "-q"])
