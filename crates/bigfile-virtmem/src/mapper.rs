@@ -161,8 +161,7 @@ impl Mapper {
             // thread in a system call after letting go of the handle, whose
             // last reference that thread may drop next).
             if slot.mapped {
-                crate::failpoint::check("virtmem::uffd_writeprotect")
-                    .and_then(|()| uffd.write_protect(addr, self.page_size, wp, false))
+                uffd_write_protect(uffd, addr, self.page_size, wp)
                     .map_err(|e| MapError::Uffd("UFFDIO_WRITEPROTECT", e))?;
             } else if poison::is_poisoned(addr) {
                 // A system call was failed here (its load was given up):
@@ -170,8 +169,7 @@ impl Mapper {
                 return Ok(None);
             } else {
                 // Present in the file: map it here.
-                crate::failpoint::check("virtmem::uffd_continue")
-                    .and_then(|()| uffd.resolve(addr, self.page_size, wp, false))
+                uffd_continue(uffd, addr, self.page_size, wp)
                     .map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
             }
             st.set_mapped(fk, vma.key, slot.index);
@@ -204,12 +202,11 @@ impl Mapper {
     ) -> io::Result<()> {
         for addr in st.mapped_addrs(fk, blk, self.page_size) {
             if let Some(uffd) = self.uffd {
-                crate::failpoint::check("virtmem::uffd_writeprotect")?;
-                uffd.write_protect(
+                uffd_write_protect(
+                    uffd,
                     addr.as_ptr() as usize,
                     self.page_size,
                     prot == Prot::Read,
-                    false,
                 )?;
                 continue;
             }
@@ -382,6 +379,27 @@ impl Deferred {
             shared.notify(&st);
         }
     }
+}
+
+// The userfaultfd calls that map a page or change its access, with the
+// failure points the fault suite arms where the signal backend's mmap and
+// mprotect are. Neither wakes the threads blocked on the range: see
+// `Mapper::map`.
+
+/// Map the memory file's page present at `addr` (`UFFDIO_CONTINUE`),
+/// write-protected if `wp`.
+fn uffd_continue(uffd: &Uffd, addr: usize, len: usize, wp: bool) -> io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    crate::failpoint::check("virtmem::uffd_continue")?;
+    uffd.resolve(addr, len, wp, false)
+}
+
+/// Write-protect (`wp`) or unprotect the pages at `addr`
+/// (`UFFDIO_WRITEPROTECT`).
+fn uffd_write_protect(uffd: &Uffd, addr: usize, len: usize, wp: bool) -> io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    crate::failpoint::check("virtmem::uffd_writeprotect")?;
+    uffd.write_protect(addr, len, wp, false)
 }
 
 #[cfg(test)]
