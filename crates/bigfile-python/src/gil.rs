@@ -1,28 +1,28 @@
 //! The GIL as virtmem's host lock, entering Python from any thread, and the
 //! thread's exception state saved around every Python call made from a fault.
+//!
+//! Whether a thread holds the GIL is read from the thread itself (the thread
+//! state attached on it), never from `PyGILState_Check`, which answers 1
+//! for every thread once any subinterpreter has been created.
 
 use std::ptr;
 
 use pyo3::ffi;
 use pyo3::Python;
 
-/// Virtmem releases the GIL through this before it takes its own lock or
-/// waits for another thread's load, and retakes it after.
+/// Virtmem releases the GIL through this before it waits for work that may
+/// need it (or calls a loader that takes it), and retakes it after.
 #[derive(Debug)]
 pub(crate) struct Gil;
 
 impl bigfile_virtmem::HostLock for Gil {
     fn release(&self) -> Option<usize> {
-        // SAFETY: the hooks are installed by the module's init, so the
-        // interpreter is initialized; PyGILState_Check only reads the calling
-        // thread's state, and PyEval_SaveThread is called only when this
-        // thread holds the GIL.
-        unsafe {
-            if ffi::PyGILState_Check() == 0 {
-                return None;
-            }
-            Some(ffi::PyEval_SaveThread() as usize)
+        if attached().is_null() {
+            return None;
         }
+        // SAFETY: this thread holds the GIL of the interpreter of its
+        // attached thread state, which PyEval_SaveThread detaches and returns.
+        Some(unsafe { ffi::PyEval_SaveThread() } as usize)
     }
 
     fn retake(&self, token: usize) {
@@ -32,17 +32,59 @@ impl bigfile_virtmem::HostLock for Gil {
     }
 }
 
-/// Run `f` holding the GIL, from any thread: one that holds it, one whose
-/// GIL virtmem released (its thread state is reused, so exception state is
-/// the faulting code's), or one Python never saw (a thread state is created
-/// and destroyed).
+/// The thread state attached on the calling thread (the thread holds its
+/// interpreter's GIL), or null.
+///
+/// 3.12+: the thread's own current thread state. Before 3.12 CPython keeps
+/// only the GIL holder's, process-wide: it is this thread's when it is the
+/// thread state bound to this thread (`PyGILState_GetThisThreadState`). A
+/// thread running a subinterpreter's code there holds the GIL through
+/// another thread state, which this cannot tell from another thread holding
+/// the GIL: it answers null (README: subinterpreters).
+pub(crate) fn attached() -> *mut ffi::PyThreadState {
+    // SAFETY: both only read the calling thread's (3.12+) or the runtime's
+    // current thread state, with no requirement on the GIL.
+    unsafe {
+        let current = ffi::compat::PyThreadState_GetUnchecked();
+        #[cfg(not(Py_3_12))]
+        if current != ffi::PyGILState_GetThisThreadState() {
+            return ptr::null_mut();
+        }
+        current
+    }
+}
+
+/// Whether `ts` belongs to the main interpreter.
+///
+/// # Safety
+/// `ts` is a live thread state.
+unsafe fn of_main_interpreter(ts: *mut ffi::PyThreadState) -> bool {
+    // SAFETY: `ts` is live (caller); both calls only read.
+    unsafe { ffi::PyThreadState_GetInterpreter(ts) == ffi::PyInterpreterState_Main() }
+}
+
+/// A Python call asked for on a thread bound to a subinterpreter: this
+/// module's objects live in the main interpreter, whose GIL such a thread
+/// cannot take with the PyGILState API.
+#[derive(Debug)]
+pub(crate) struct SubinterpreterThread;
+
+/// Run `f` holding the GIL of the main interpreter, from any thread: one
+/// that holds it, one whose GIL virtmem released (its thread state is
+/// reused, so exception state is the faulting code's), one Python never saw
+/// (a thread state is created and destroyed), or one running a
+/// subinterpreter's code (its thread state there is detached meanwhile and
+/// put back after). A thread whose own thread state is a subinterpreter's
+/// (started there) cannot: `Err`.
 ///
 /// The GIL is taken with a raw `PyGILState_Ensure` before pyo3 sees it: pyo3
 /// counts GIL acquisitions per thread and would assume the GIL held when a
 /// fault arrives inside pyo3 code whose GIL virtmem has released (a loadblk
 /// reading another mapping, a storeblk under `dirty_writeout`). Every pyo3
 /// object `f` creates is dropped before the GIL is released.
-pub(crate) fn with_python<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> R {
+pub(crate) fn with_python<R>(
+    f: impl for<'py> FnOnce(Python<'py>) -> R,
+) -> Result<R, SubinterpreterThread> {
     struct Ensured(ffi::PyGILState_STATE);
     impl Drop for Ensured {
         fn drop(&mut self) {
@@ -50,9 +92,32 @@ pub(crate) fn with_python<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> R {
             unsafe { ffi::PyGILState_Release(self.0) }
         }
     }
-    // SAFETY: the interpreter is initialized while our module is loaded.
-    let _ensured = Ensured(unsafe { ffi::PyGILState_Ensure() });
-    Python::attach(f)
+    struct Detached(*mut ffi::PyThreadState);
+    impl Drop for Detached {
+        fn drop(&mut self) {
+            if !self.0.is_null() {
+                // SAFETY: the thread state detached below, on this thread,
+                // which holds no GIL again by now.
+                unsafe { ffi::PyEval_RestoreThread(self.0) }
+            }
+        }
+    }
+    // SAFETY: the interpreter is initialized while our module is loaded;
+    // `attached()` and the bound thread state are this thread's own, live.
+    unsafe {
+        let bound = ffi::PyGILState_GetThisThreadState();
+        if !bound.is_null() && !of_main_interpreter(bound) {
+            return Err(SubinterpreterThread);
+        }
+        let current = attached();
+        let _detached = Detached(if !current.is_null() && !of_main_interpreter(current) {
+            ffi::PyEval_SaveThread()
+        } else {
+            ptr::null_mut()
+        });
+        let _ensured = Ensured(ffi::PyGILState_Ensure());
+        Ok(Python::attach(f))
+    }
 }
 
 /// The raised exception (an error being propagated) and the handled one (as

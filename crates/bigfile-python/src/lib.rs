@@ -16,6 +16,7 @@ mod faults;
 mod file;
 mod fileh;
 mod gil;
+mod interrupt;
 mod mapcache;
 mod native_file;
 mod ram;

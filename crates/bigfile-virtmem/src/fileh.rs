@@ -149,7 +149,7 @@ impl FileH {
                     (blk, rp.0)
                 })
                 .collect();
-            let ticket = Ticket::mine();
+            let ticket = Ticket::mine_for(fh.needs_host);
             st.begin_writeout(fh.key, ticket.clone());
             drop(st);
 

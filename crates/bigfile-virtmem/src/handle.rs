@@ -43,6 +43,8 @@ pub(crate) struct FileHInner {
     pub(crate) ramh: Arc<RamHandle>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) name: String,
+    /// The file's `needs_host_lock`, asked once.
+    pub(crate) needs_host: bool,
     load_attempts: AtomicU32,
     load_backoff_us: AtomicU64,
 }
@@ -54,6 +56,7 @@ impl FileHInner {
         let ramh = Arc::new(shared.ram().open_handle()?);
         let counters = Arc::new(Counters::default());
         let name = file.name();
+        let needs_host = file.needs_host_lock();
         let key = {
             let _host = HostUnlocked::new();
             shared.lock().open_handle(ramh.clone(), counters.clone())
@@ -67,6 +70,7 @@ impl FileHInner {
             ramh,
             counters,
             name,
+            needs_host,
             load_attempts: AtomicU32::new(policy.attempts),
             load_backoff_us: AtomicU64::new(policy.backoff.as_micros() as u64),
         })

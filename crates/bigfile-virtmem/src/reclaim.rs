@@ -10,6 +10,7 @@ use bigfile_ram::RamHandle;
 use crate::budget::batch_size;
 use crate::callback::in_callback;
 use crate::failure::Failure;
+use crate::host::HostLease;
 use crate::keys::{FileKey, RamPage};
 use crate::mapper::{Deferred, Mapper};
 use crate::shared::{Guard, Shared};
@@ -38,12 +39,13 @@ pub(crate) enum Room {
 /// thread it would wait for may be waiting for that load or writeout);
 /// spares other threads are still unmapping are waited for in any case
 /// (their reclaimers wait for nothing). Otherwise, with no clean page left,
-/// the budget is exhausted.
+/// the budget is exhausted. Before waiting for loads whose loader may take
+/// the host lock, `host` is released.
 pub(crate) fn make_room<'a>(
     mut st: Guard<'a>,
     shared: &'a Shared,
     (fk, ramh): (FileKey, &Arc<RamHandle>),
-    sequential: bool,
+    (sequential, host): (bool, &mut HostLease),
     deferred: &mut Deferred,
 ) -> (Guard<'a>, Result<Room, Failure>) {
     let rc = shared.counters();
@@ -82,6 +84,12 @@ pub(crate) fn make_room<'a>(
                 if st.budget().spares_pending() || may_wait_for_loads(&st) {
                     if !deferred.is_empty() {
                         return (st, Ok(Room::Retry));
+                    }
+                    if host.kept() && may_wait_for_loads(&st) && st.pages().any_loading_needing_host() {
+                        drop(st);
+                        host.release_if(true);
+                        st = shared.lock();
+                        continue;
                     }
                     st = shared.wait(st);
                     continue;

@@ -20,6 +20,7 @@ use bigfile_os::Prot;
 use crate::callback::InCallback;
 use crate::failure::{Failure, ALLOCATING, MAPPING, WINDOWING};
 use crate::handle::FileHInner;
+use crate::host::HostLease;
 use crate::keys::{PageKey, RamPage, VmaId};
 use crate::mapper::{Deferred, MapError, Mapper};
 use crate::pages::{LoadEnd, PageState};
@@ -42,19 +43,21 @@ pub(crate) struct PageRequest {
 }
 
 /// Serve `req` for handle `fh`: when this returns `Ok`, the page is mapped
-/// in the request's mapping with the access it asked for.
-pub(crate) fn serve(fh: &FileHInner, req: &PageRequest) -> Result<(), Failure> {
+/// in the request's mapping with the access it asked for. `host` is the
+/// host lock, released only before a step that may need it: calling a
+/// loader that takes it, waiting for work that may take it.
+pub(crate) fn serve(fh: &FileHInner, req: &PageRequest, host: &mut HostLease) -> Result<(), Failure> {
     fh.counts().add(Counter::Faults, 1);
     let mut st = fh.shared.lock();
     let sequential = st.drop_behind(fh.key, req.vma, req.blk, req.drop_behind);
     loop {
         st = match st.lookup(fh.key, req.blk) {
-            None => load(fh, st, (req.blk, sequential))?,
+            None => load(fh, st, (req.blk, sequential), host)?,
             Some(pk) => match st.pages().get(pk).state() {
                 PageState::Loading | PageState::LoadingInvalidated => {
-                    wait_for_load(fh, st, req.blk, pk)?
+                    wait_for_load(fh, st, (req.blk, pk), host)?
                 }
-                PageState::Loaded | PageState::Dirty => match map_page(fh, st, req, pk)? {
+                PageState::Loaded | PageState::Dirty => match map_page(fh, st, (req, pk), host)? {
                     Some(st) => st,
                     None => return Ok(()),
                 },
@@ -70,10 +73,17 @@ fn load<'a>(
     fh: &'a FileHInner,
     st: Guard<'a>,
     (blk, sequential): (u64, bool),
+    host: &mut HostLease,
 ) -> Result<Guard<'a>, Failure> {
     let shared = &*fh.shared;
     let mut deferred = Deferred::default();
-    let (mut st, room) = make_room(st, shared, (fh.key, &fh.ramh), sequential, &mut deferred);
+    let (mut st, room) = make_room(
+        st,
+        shared,
+        (fh.key, &fh.ramh),
+        (sequential, host),
+        &mut deferred,
+    );
     let recycled = match room {
         Ok(Room::Ready(recycled)) => recycled,
         // Retry: after the deferred work, the next round waits for loads.
@@ -93,12 +103,15 @@ fn load<'a>(
         deferred.finish(shared);
         return Ok(shared.lock());
     }
-    let ticket = Ticket::mine();
+    let ticket = Ticket::mine_for(fh.needs_host);
     let pk = st.begin_load(fh.key, blk, ticket.clone());
     drop(st);
     // Unmap what make_room reclaimed (the recycled RAM page among it)
     // before the load writes into it.
     deferred.finish(shared);
+    // A loader that takes the host lock may run on another thread's behalf
+    // too (nested faults): never call it holding the lock.
+    host.release_if(fh.needs_host);
     let loaded = fill_page(fh, blk, recycled);
     finish_load(fh, shared.lock(), (pk, blk), &ticket, loaded)
 }
@@ -153,11 +166,13 @@ fn finish_load<'a>(
 /// LOADING by another thread: wait for its load, then look again. Fails
 /// with the loader's own failure, or when the wait would never end (this
 /// thread is the loader: it touched its own page; or a cycle of waits).
+/// A loader that may take the host lock gets it first: the lock is
+/// released, and the next round looks again.
 fn wait_for_load<'a>(
     fh: &'a FileHInner,
     st: Guard<'a>,
-    blk: u64,
-    pk: PageKey,
+    (blk, pk): (u64, PageKey),
+    host: &mut HostLease,
 ) -> Result<Guard<'a>, Failure> {
     let ticket = st
         .pages()
@@ -165,6 +180,11 @@ fn wait_for_load<'a>(
         .ticket()
         .expect("a loading page has a ticket")
         .clone();
+    if ticket.needs_host() && host.kept() {
+        drop(st);
+        host.release_if(true);
+        return Ok(fh.shared.lock());
+    }
     let st = fh.shared.wait_for(st, &ticket).map_err(|cycle| {
         Failure::Deadlock(if cycle.is_self() {
             format!(
@@ -194,8 +214,8 @@ fn wait_for_load<'a>(
 fn map_page<'a>(
     fh: &'a FileHInner,
     mut st: Guard<'a>,
-    req: &PageRequest,
-    pk: PageKey,
+    (req, pk): (&PageRequest, PageKey),
+    host: &mut HostLease,
 ) -> Result<Option<Guard<'a>>, Failure> {
     let shared = &*fh.shared;
     if st.slot_unmapping(fh.key, req.vma, req.blk) {
@@ -207,7 +227,7 @@ fn map_page<'a>(
         Access::Read => Prot::Read,
         Access::Write => {
             if let Some(writeout) = st.writeout(fh.key).cloned() {
-                return wait_out_writeout(fh, st, req.blk, &writeout).map(Some);
+                return wait_out_writeout(fh, st, (req.blk, &writeout), host).map(Some);
             }
             st.mark_dirty(pk, shared.counters());
             Prot::ReadWrite
@@ -250,13 +270,19 @@ fn map_page<'a>(
 
 /// A write during a writeout of the handle waits for it: storeblk must see
 /// the block as it was when the writeout began. (The next round checks
-/// again, should another writeout follow.)
+/// again, should another writeout follow; a storeblk that may take the host
+/// lock gets it first, as in [`wait_for_load`].)
 fn wait_out_writeout<'a>(
     fh: &'a FileHInner,
     st: Guard<'a>,
-    blk: u64,
-    writeout: &Arc<Ticket>,
+    (blk, writeout): (u64, &Arc<Ticket>),
+    host: &mut HostLease,
 ) -> Result<Guard<'a>, Failure> {
+    if writeout.needs_host() && host.kept() {
+        drop(st);
+        host.release_if(true);
+        return Ok(fh.shared.lock());
+    }
     fh.shared.wait_for(st, writeout).map_err(|cycle| {
         Failure::Deadlock(if cycle.is_self() {
             format!(
@@ -385,8 +411,9 @@ mod tests {
 
     const BLK: usize = 4096;
 
-    /// The test kit's memory file as this crate's BigFile.
-    struct Kit(Arc<MemFile>);
+    /// The test kit's memory file as this crate's BigFile; the flag is its
+    /// `needs_host_lock`.
+    struct Kit(Arc<MemFile>, bool);
 
     impl BigFile for Kit {
         fn blksize(&self) -> usize {
@@ -401,16 +428,29 @@ mod tests {
         fn name(&self) -> String {
             self.0.name().to_owned()
         }
+        fn needs_host_lock(&self) -> bool {
+            self.1
+        }
+    }
+
+    /// Serve as a thread that holds no host lock would.
+    fn serve_now(fh: &FileHInner, req: &PageRequest) -> Result<(), Failure> {
+        serve(fh, req, &mut HostLease::default())
     }
 
     /// A handle of a memory file on a RAM of `budget` pages, and a mapping
     /// of its first 4 blocks (no fault is taken: the tests call `serve`).
     fn setup(budget: u64) -> (Arc<MemFile>, FileH, Vma) {
+        setup_with(budget, true)
+    }
+
+    /// As [`setup`], with a file whose `needs_host_lock` is `host`.
+    fn setup_with(budget: u64, host: bool) -> (Arc<MemFile>, FileH, Vma) {
         let file = Arc::new(MemFile::new(BLK));
         let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}"))
             .unwrap()
             .with_budget(budget * BLK as u64);
-        let fh = FileH::open(Arc::new(Kit(file.clone())), Some(&ram)).unwrap();
+        let fh = FileH::open(Arc::new(Kit(file.clone(), host)), Some(&ram)).unwrap();
         fh.set_load_policy(LoadPolicy {
             attempts: 2,
             backoff: std::time::Duration::ZERO,
@@ -436,11 +476,11 @@ mod tests {
     fn a_read_loads_once_and_maps_read_only() {
         let (file, fh, vma) = setup(4);
         let req = request(&vma, 2, Access::Read);
-        serve(&fh.inner, &req).unwrap();
+        serve_now(&fh.inner, &req).unwrap();
         assert_eq!(fh.page_state(2), Some(PageState::Loaded));
         assert_eq!(vma.mapped_pages(), [2]);
         assert_eq!(prot_of(&vma, 2), "r--s");
-        serve(&fh.inner, &req).unwrap();
+        serve_now(&fh.inner, &req).unwrap();
         assert_eq!(file.take_calls(), [Call::Load(2)]);
         let stats = fh.stats();
         assert_eq!((stats.faults, stats.loads, stats.resident_pages), (2, 1, 1));
@@ -452,8 +492,8 @@ mod tests {
     #[test]
     fn a_write_dirties_the_page_and_maps_it_read_write() {
         let (_file, fh, vma) = setup(4);
-        serve(&fh.inner, &request(&vma, 1, Access::Read)).unwrap();
-        serve(&fh.inner, &request(&vma, 1, Access::Write)).unwrap();
+        serve_now(&fh.inner, &request(&vma, 1, Access::Read)).unwrap();
+        serve_now(&fh.inner, &request(&vma, 1, Access::Write)).unwrap();
         assert_eq!(fh.page_state(1), Some(PageState::Dirty));
         assert_eq!(fh.dirty_blocks(), [1]);
         assert_eq!(prot_of(&vma, 1), "rw-s");
@@ -462,8 +502,8 @@ mod tests {
     #[test]
     fn a_budget_full_of_dirty_pages_fails_the_next_load() {
         let (file, fh, vma) = setup(1);
-        serve(&fh.inner, &request(&vma, 0, Access::Write)).unwrap();
-        let f = serve(&fh.inner, &request(&vma, 1, Access::Read)).unwrap_err();
+        serve_now(&fh.inner, &request(&vma, 0, Access::Write)).unwrap();
+        let f = serve_now(&fh.inner, &request(&vma, 1, Access::Read)).unwrap_err();
         assert!(
             matches!(f, Failure::Budget { budget, pinned: 1 } if budget == BLK as u64),
             "{f:?}"
@@ -476,7 +516,7 @@ mod tests {
     fn a_failing_load_is_retried_then_fails_with_the_loaders_error() {
         let (file, fh, vma) = setup(4);
         file.on_load(|blk, _| Err(format!("media error at {blk}").into()));
-        let f = serve(&fh.inner, &request(&vma, 3, Access::Read)).unwrap_err();
+        let f = serve_now(&fh.inner, &request(&vma, 3, Access::Read)).unwrap_err();
         let Failure::Load { attempts, source } = &f else {
             panic!("{f:?}");
         };
@@ -498,12 +538,12 @@ mod tests {
         {
             let (inner, fh) = (inner.clone(), fh.inner.clone());
             file.on_load(move |_, _| {
-                let nested = serve(&fh, &req);
+                let nested = serve_now(&fh, &req);
                 let _ = inner.set(nested.map_err(|f| f.message(0, "memfile")));
                 Ok(())
             });
         }
-        serve(&fh.inner, &req).unwrap();
+        serve_now(&fh.inner, &req).unwrap();
         file.clear_load_hook();
         let nested = inner.get().expect("the loader asked");
         assert!(
@@ -527,11 +567,119 @@ mod tests {
             }
             Ok(())
         });
-        serve(&fh.inner, &request(&vma, 1, Access::Read)).unwrap();
+        serve_now(&fh.inner, &request(&vma, 1, Access::Read)).unwrap();
         file.clear_load_hook();
         assert_eq!(file.take_calls(), [Call::Load(1), Call::Load(1)]);
         assert_eq!(fh.page_state(1), Some(PageState::Loaded));
         let stats = fh.stats();
         assert_eq!((stats.loads, stats.resident_pages), (2, 1));
+    }
+
+    thread_local! {
+        /// Whether this thread holds the test's host lock.
+        static HOLDS_HOST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// How many times this thread released it.
+        static RELEASES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A host lock that only threads that said so hold.
+    struct TestHost;
+
+    impl crate::HostLock for TestHost {
+        fn release(&self) -> Option<usize> {
+            let held = HOLDS_HOST.with(|h| h.replace(false));
+            RELEASES.with(|r| r.set(r.get() + u32::from(held)));
+            held.then_some(0)
+        }
+        fn retake(&self, _token: usize) {
+            HOLDS_HOST.with(|h| h.set(true));
+        }
+    }
+
+    /// The calling thread holds the host lock from now on.
+    fn hold_host() {
+        static INSTALLED: OnceLock<()> = OnceLock::new();
+        INSTALLED.get_or_init(|| {
+            crate::set_host_lock(Arc::new(TestHost));
+        });
+        HOLDS_HOST.with(|h| h.set(true));
+        RELEASES.with(|r| r.set(0));
+    }
+
+    /// Serve block `blk` holding the host lock as a fault does; returns how
+    /// often the lock was released and whether the loader, if it ran on this
+    /// thread, held it.
+    fn fault_holding_host(file: &MemFile, fh: &FileH, vma: &Vma, blk: u64) -> (u32, Option<bool>) {
+        hold_host();
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let seen2 = seen.clone();
+        let me = std::thread::current().id();
+        file.on_load(move |_, _| {
+            if std::thread::current().id() == me {
+                *seen2.lock().unwrap() = Some(HOLDS_HOST.with(|h| h.get()));
+            }
+            Ok(())
+        });
+        {
+            let mut host = HostLease::default();
+            serve(&fh.inner, &request(vma, blk, Access::Read), &mut host).unwrap();
+        }
+        file.clear_load_hook();
+        assert!(HOLDS_HOST.with(|h| h.get()), "held again after the fault");
+        let seen = *seen.lock().unwrap();
+        (RELEASES.with(|r| r.get()), seen)
+    }
+
+    #[test]
+    fn a_fault_keeps_the_host_lock_for_a_native_loader() {
+        let (file, fh, vma) = setup_with(4, false);
+        assert_eq!(fault_holding_host(&file, &fh, &vma, 1), (0, Some(true)));
+    }
+
+    #[test]
+    fn a_fault_releases_the_host_lock_before_a_loader_that_takes_it() {
+        let (file, fh, vma) = setup_with(4, true);
+        assert_eq!(fault_holding_host(&file, &fh, &vma, 1), (1, Some(false)));
+    }
+
+    /// Block 2 is being loaded by another thread while this one, holding the
+    /// host lock, faults on it: returns how often this thread released it.
+    fn wait_holding_host(host: bool) -> u32 {
+        let (file, fh, vma) = setup_with(4, host);
+        let (loading_tx, loading) = std::sync::mpsc::channel();
+        let shared = fh.inner.shared.clone();
+        file.on_load(move |_, _| {
+            let _ = loading_tx.send(());
+            // Finish once the other thread waits for this load.
+            while shared.lock().waiters() == 0 {
+                std::thread::yield_now();
+            }
+            Ok(())
+        });
+        let loader = {
+            let fh = fh.inner.clone();
+            let req = request(&vma, 2, Access::Read);
+            std::thread::spawn(move || serve_now(&fh, &req).unwrap())
+        };
+        loading.recv().unwrap();
+        hold_host();
+        {
+            let mut lease = HostLease::default();
+            serve(&fh.inner, &request(&vma, 2, Access::Read), &mut lease).unwrap();
+        }
+        loader.join().unwrap();
+        file.clear_load_hook();
+        assert_eq!(file.take_calls(), [Call::Load(2)]);
+        RELEASES.with(|r| r.get())
+    }
+
+    #[test]
+    fn a_fault_waits_for_a_native_load_holding_the_host_lock() {
+        assert_eq!(wait_holding_host(false), 0);
+    }
+
+    #[test]
+    fn a_fault_releases_the_host_lock_to_wait_for_a_load_that_takes_it() {
+        assert_eq!(wait_holding_host(true), 1);
     }
 }

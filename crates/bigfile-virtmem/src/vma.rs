@@ -10,7 +10,7 @@ use bigfile_fault::{Access, Registration};
 use crate::advice::Advice;
 use crate::error::{Error, Result};
 use crate::handle::FileHInner;
-use crate::host::HostUnlocked;
+use crate::host::{HostLease, HostUnlocked};
 use crate::keys::{VmaId, VmaKey};
 use crate::mapper::Mapper;
 use crate::serve::PageRequest;
@@ -258,7 +258,7 @@ impl Vma {
             return Ok(());
         }
         let ps = self.fileh.page_size();
-        let _host = HostUnlocked::new();
+        let mut host = HostLease::released();
         let first = range.start / ps;
         for idx in first..=(range.end - 1) / ps {
             let req = PageRequest {
@@ -268,7 +268,7 @@ impl Vma {
                 // Drop-behind would reclaim the pages just prefaulted.
                 drop_behind: idx == first,
             };
-            take(&Prefault, &self.fileh, &req)?;
+            take(&Prefault, &self.fileh, &req, &mut host)?;
         }
         Ok(())
     }
