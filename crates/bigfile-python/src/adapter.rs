@@ -87,8 +87,8 @@ impl PyFileAdapter {
         match r {
             Ok(Ok(r)) => r,
             Ok(Err(SubinterpreterThread)) => Err(format!(
-                "{} of block {blk} of {} was needed on a thread started by a subinterpreter; \
-                 Python BigFiles are used from the main interpreter only",
+                "{} of block {blk} of {} was needed on a thread started by a subinterpreter, \
+                 which cannot run the main interpreter's code before Python 3.12",
                 op.name(),
                 self.name
             )

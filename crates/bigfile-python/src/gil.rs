@@ -63,9 +63,9 @@ unsafe fn of_main_interpreter(ts: *mut ffi::PyThreadState) -> bool {
     unsafe { ffi::PyThreadState_GetInterpreter(ts) == ffi::PyInterpreterState_Main() }
 }
 
-/// A Python call asked for on a thread bound to a subinterpreter: this
-/// module's objects live in the main interpreter, whose GIL such a thread
-/// cannot take with the PyGILState API.
+/// A Python call asked for, before 3.12, on a thread started by a
+/// subinterpreter: this module's objects live in the main interpreter, whose
+/// GIL such a thread cannot take (see [`with_python`]).
 #[derive(Debug)]
 pub(crate) struct SubinterpreterThread;
 
@@ -74,8 +74,10 @@ pub(crate) struct SubinterpreterThread;
 /// reused, so exception state is the faulting code's), one Python never saw
 /// (a thread state is created and destroyed), or one running a
 /// subinterpreter's code (its thread state there is detached meanwhile and
-/// put back after). A thread whose own thread state is a subinterpreter's
-/// (started there) cannot: `Err`.
+/// put back after; the call gets a thread state of the main interpreter for
+/// its duration). Before 3.12 the PyGILState API, which pyo3 uses, knows
+/// one thread state per thread, the first: a thread started by a
+/// subinterpreter cannot run main-interpreter code (`Err`).
 ///
 /// The GIL is taken with a raw `PyGILState_Ensure` before pyo3 sees it: pyo3
 /// counts GIL acquisitions per thread and would assume the GIL held when a
@@ -105,19 +107,62 @@ pub(crate) fn with_python<R>(
     // SAFETY: the interpreter is initialized while our module is loaded;
     // `attached()` and the bound thread state are this thread's own, live.
     unsafe {
-        let bound = ffi::PyGILState_GetThisThreadState();
-        if !bound.is_null() && !of_main_interpreter(bound) {
-            return Err(SubinterpreterThread);
-        }
         let current = attached();
         let _detached = Detached(if !current.is_null() && !of_main_interpreter(current) {
             ffi::PyEval_SaveThread()
         } else {
             ptr::null_mut()
         });
-        let _ensured = Ensured(ffi::PyGILState_Ensure());
-        Ok(Python::attach(f))
+        let bound = ffi::PyGILState_GetThisThreadState();
+        if bound.is_null() || of_main_interpreter(bound) {
+            let _ensured = Ensured(ffi::PyGILState_Ensure());
+            return Ok(Python::attach(f));
+        }
+        in_temporary_thread_state(f)
     }
+}
+
+/// Run `f` in a thread state of the main interpreter made for it, on a
+/// thread bound to a subinterpreter's and holding no GIL. From 3.12 the
+/// thread state last attached on a thread is the one the PyGILState API
+/// (and pyo3) uses, so `f` may use pyo3 as anywhere.
+///
+/// # Safety
+/// The thread holds no GIL.
+#[cfg(Py_3_12)]
+unsafe fn in_temporary_thread_state<R>(
+    f: impl for<'py> FnOnce(Python<'py>) -> R,
+) -> Result<R, SubinterpreterThread> {
+    struct Temporary;
+    impl Drop for Temporary {
+        fn drop(&mut self) {
+            // SAFETY: the thread state attached below is current on this
+            // thread; clearing it needs the GIL, which it holds.
+            unsafe {
+                ffi::PyThreadState_Clear(ffi::PyThreadState_Get());
+                ffi::PyThreadState_DeleteCurrent();
+            }
+        }
+    }
+    // SAFETY: a new thread state of the main interpreter, attached (taking
+    // its GIL) on this thread, which holds none (caller); deleted by
+    // `Temporary` with the GIL released.
+    unsafe {
+        ffi::PyEval_RestoreThread(ffi::PyThreadState_New(ffi::PyInterpreterState_Main()));
+    }
+    let _temporary = Temporary;
+    Ok(Python::attach(f))
+}
+
+/// Before 3.12: see [`with_python`].
+///
+/// # Safety
+/// None needed; `unsafe` to match the 3.12+ version.
+#[cfg(not(Py_3_12))]
+unsafe fn in_temporary_thread_state<R>(
+    _f: impl for<'py> FnOnce(Python<'py>) -> R,
+) -> Result<R, SubinterpreterThread> {
+    Err(SubinterpreterThread)
 }
 
 /// The raised exception (an error being propagated) and the handled one (as

@@ -152,7 +152,11 @@ enum Queued {
 
 /// Queue a pending call that raises `exc` on the main thread.
 fn queue_for_main(py: Python<'_>, exc: Py<PyAny>, own: bool) {
-    let what = if own { Queued::Own } else { Queued::Handed(exc.clone_ref(py)) };
+    let what = if own {
+        Queued::Own
+    } else {
+        Queued::Handed(exc.clone_ref(py))
+    };
     let arg = Box::into_raw(Box::new(what)).cast::<c_void>();
     // SAFETY: `raise_queued` takes back the box it is given, once.
     if unsafe { ffi::Py_AddPendingCall(Some(raise_queued), arg) } != 0 {

@@ -70,7 +70,9 @@ def test_ctrl_c_in_loadblk_pressed_three_times_is_raised_after_the_access():
         """
     )
     out = r.stdout.splitlines()
-    assert out[0] in ("interrupted after [3]", "interrupted after [3, 'after']"), r.stdout
+    # Where exactly depends on where the interpreter checks for pending
+    # work: 3.9 at every instruction, later versions at calls and jumps.
+    assert out[0] in ("interrupted after []", "interrupted after [3]", "interrupted after [3, 'after']"), r.stdout
     assert out[1:] == ["attempts 4 load_errors 0 loads 2", "stored [0] b'\\x07'"], r.stdout
     assert r.stderr.count("was interrupted by KeyboardInterrupt") == 3, r.stderr
     assert "SIGQUIT" in r.stderr, "the hint after the first interrupt"
@@ -91,12 +93,12 @@ def test_ctrl_c_from_another_process_during_a_slow_load():
                     time.sleep(60)   # until interrupted
         f.hook = slow
         try:
-            x = m[PS]
+            m[PS]
             for _ in range(10):
                 pass
-            print("not interrupted", x, flush=True)
+            print("not interrupted", flush=True)
         except KeyboardInterrupt:
-            print("interrupted", x, fh.stats()["load_errors"], flush=True)
+            print("interrupted", m[PS], fh.stats()["load_errors"], flush=True)
         fh.dirty_writeout(WRITEOUT_STORE)
         print("stored", f.stored[0][:1], flush=True)
         """
@@ -288,6 +290,7 @@ def test_no_interrupt_left_behind_in_the_test_process():
     t = threading.Thread(target=reader)
     t.start()
     t.join()
-    # The thread gets the type (SystemExit's code is the main thread's business).
-    assert out == [0, ("exit", None)]
+    # The thread gets the type (SystemExit's code is the main thread's
+    # business), right after the access (3.9) or at the next call.
+    assert out in ([0, ("exit", None)], [("exit", None)])
     assert f.loads == [0, 0]

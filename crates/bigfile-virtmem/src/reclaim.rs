@@ -85,7 +85,10 @@ pub(crate) fn make_room<'a>(
                     if !deferred.is_empty() {
                         return (st, Ok(Room::Retry));
                     }
-                    if host.kept() && may_wait_for_loads(&st) && st.pages().any_loading_needing_host() {
+                    if host.kept()
+                        && may_wait_for_loads(&st)
+                        && st.pages().any_loading_needing_host()
+                    {
                         drop(st);
                         host.release_if(true);
                         st = shared.lock();

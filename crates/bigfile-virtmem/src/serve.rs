@@ -46,7 +46,11 @@ pub(crate) struct PageRequest {
 /// in the request's mapping with the access it asked for. `host` is the
 /// host lock, released only before a step that may need it: calling a
 /// loader that takes it, waiting for work that may take it.
-pub(crate) fn serve(fh: &FileHInner, req: &PageRequest, host: &mut HostLease) -> Result<(), Failure> {
+pub(crate) fn serve(
+    fh: &FileHInner,
+    req: &PageRequest,
+    host: &mut HostLease,
+) -> Result<(), Failure> {
     fh.counts().add(Counter::Faults, 1);
     let mut st = fh.shared.lock();
     let sequential = st.drop_behind(fh.key, req.vma, req.blk, req.drop_behind);
@@ -576,10 +580,25 @@ mod tests {
     }
 
     thread_local! {
-        /// Whether this thread holds the test's host lock.
-        static HOLDS_HOST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-        /// How many times this thread released it.
+        /// How many times this thread released the test's host lock.
         static RELEASES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    /// The threads holding the test's host lock (seen from other threads).
+    static HOLDERS: std::sync::Mutex<Vec<std::thread::ThreadId>> =
+        std::sync::Mutex::new(Vec::new());
+
+    fn holds_host(t: std::thread::ThreadId) -> bool {
+        HOLDERS.lock().unwrap().contains(&t)
+    }
+
+    fn set_holds_host(held: bool) {
+        let me = std::thread::current().id();
+        let mut h = HOLDERS.lock().unwrap();
+        h.retain(|&t| t != me);
+        if held {
+            h.push(me);
+        }
     }
 
     /// A host lock that only threads that said so hold.
@@ -587,12 +606,13 @@ mod tests {
 
     impl crate::HostLock for TestHost {
         fn release(&self) -> Option<usize> {
-            let held = HOLDS_HOST.with(|h| h.replace(false));
+            let held = holds_host(std::thread::current().id());
+            set_holds_host(false);
             RELEASES.with(|r| r.set(r.get() + u32::from(held)));
             held.then_some(0)
         }
         fn retake(&self, _token: usize) {
-            HOLDS_HOST.with(|h| h.set(true));
+            set_holds_host(true);
         }
     }
 
@@ -602,22 +622,19 @@ mod tests {
         INSTALLED.get_or_init(|| {
             crate::set_host_lock(Arc::new(TestHost));
         });
-        HOLDS_HOST.with(|h| h.set(true));
+        set_holds_host(true);
         RELEASES.with(|r| r.set(0));
     }
 
     /// Serve block `blk` holding the host lock as a fault does; returns how
-    /// often the lock was released and whether the loader, if it ran on this
-    /// thread, held it.
+    /// often the lock was released and whether the loader (on this thread)
+    /// ran with it held.
     fn fault_holding_host(file: &MemFile, fh: &FileH, vma: &Vma, blk: u64) -> (u32, Option<bool>) {
         hold_host();
         let seen = Arc::new(std::sync::Mutex::new(None));
         let seen2 = seen.clone();
-        let me = std::thread::current().id();
         file.on_load(move |_, _| {
-            if std::thread::current().id() == me {
-                *seen2.lock().unwrap() = Some(HOLDS_HOST.with(|h| h.get()));
-            }
+            *seen2.lock().unwrap() = Some(holds_host(std::thread::current().id()));
             Ok(())
         });
         {
@@ -625,7 +642,11 @@ mod tests {
             serve(&fh.inner, &request(vma, blk, Access::Read), &mut host).unwrap();
         }
         file.clear_load_hook();
-        assert!(HOLDS_HOST.with(|h| h.get()), "held again after the fault");
+        assert!(
+            holds_host(std::thread::current().id()),
+            "held again after the fault"
+        );
+        set_holds_host(false);
         let seen = *seen.lock().unwrap();
         (RELEASES.with(|r| r.get()), seen)
     }
@@ -643,16 +664,22 @@ mod tests {
     }
 
     /// Block 2 is being loaded by another thread while this one, holding the
-    /// host lock, faults on it: returns how often this thread released it.
-    fn wait_holding_host(host: bool) -> u32 {
-        let (file, fh, vma) = setup_with(4, host);
+    /// host lock, faults on block `blk` with a budget of `budget` pages:
+    /// whether this thread held the host lock while it waited.
+    fn waits_holding_host(host: bool, budget: u64, blk: u64) -> bool {
+        let (file, fh, vma) = setup_with(budget, host);
         let (loading_tx, loading) = std::sync::mpsc::channel();
+        let (held_tx, held) = std::sync::mpsc::channel();
         let shared = fh.inner.shared.clone();
-        file.on_load(move |_, _| {
-            let _ = loading_tx.send(());
-            // Finish once the other thread waits for this load.
-            while shared.lock().waiters() == 0 {
-                std::thread::yield_now();
+        let waiter = std::thread::current().id();
+        file.on_load(move |loading, _| {
+            if loading == 2 {
+                let _ = loading_tx.send(());
+                // Finish once the other thread waits for this load.
+                while shared.lock().waiters() == 0 {
+                    std::thread::yield_now();
+                }
+                let _ = held_tx.send(holds_host(waiter));
             }
             Ok(())
         });
@@ -665,21 +692,34 @@ mod tests {
         hold_host();
         {
             let mut lease = HostLease::default();
-            serve(&fh.inner, &request(&vma, 2, Access::Read), &mut lease).unwrap();
+            serve(&fh.inner, &request(&vma, blk, Access::Read), &mut lease).unwrap();
         }
+        set_holds_host(false);
         loader.join().unwrap();
         file.clear_load_hook();
-        assert_eq!(file.take_calls(), [Call::Load(2)]);
-        RELEASES.with(|r| r.get())
+        let calls = file.take_calls();
+        assert_eq!(calls[0], Call::Load(2));
+        assert_eq!(calls.len(), 1 + usize::from(blk != 2));
+        held.recv().unwrap()
     }
 
     #[test]
     fn a_fault_waits_for_a_native_load_holding_the_host_lock() {
-        assert_eq!(wait_holding_host(false), 0);
+        assert!(waits_holding_host(false, 4, 2));
     }
 
     #[test]
     fn a_fault_releases_the_host_lock_to_wait_for_a_load_that_takes_it() {
-        assert_eq!(wait_holding_host(true), 1);
+        assert!(!waits_holding_host(true, 4, 2));
+    }
+
+    #[test]
+    fn a_fault_waits_for_room_held_by_a_native_load_holding_the_host_lock() {
+        assert!(waits_holding_host(false, 1, 3));
+    }
+
+    #[test]
+    fn a_fault_releases_the_host_lock_to_wait_for_room_held_by_a_load_that_takes_it() {
+        assert!(!waits_holding_host(true, 1, 3));
     }
 }
