@@ -18,6 +18,7 @@ mod fileh;
 mod gil;
 mod interrupt;
 mod mapcache;
+mod mapping;
 mod native_file;
 mod ram;
 mod stats;

@@ -57,4 +57,4 @@ pub use host::{set_host_lock, HostLock};
 pub use pages::PageState;
 pub use ram::{Ram, RamStats};
 pub use stats::Stats;
-pub use vma::Vma;
+pub use vma::{Placeholder, Vma};

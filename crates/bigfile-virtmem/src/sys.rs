@@ -44,6 +44,32 @@ pub(crate) unsafe fn unmap_to_reserved(addr: NonNull<u8>, len: usize) -> io::Res
     Ok(())
 }
 
+/// Put anonymous, private, zero-filled read-write memory over
+/// `[addr, addr+len)` in one call, dropping whatever was mapped there.
+///
+/// # Safety
+/// The range must be owned by the caller, and nothing may rely on the
+/// memory previously mapped there.
+pub(crate) unsafe fn map_zeros(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    crate::failpoint::check("virtmem::mmap")?;
+    // SAFETY: per this function's contract the range is ours to replace.
+    let res = unsafe {
+        libc::mmap(
+            addr.as_ptr().cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if res == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Change the protection of `[addr, addr+len)`.
 ///
 /// # Safety

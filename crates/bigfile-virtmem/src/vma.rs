@@ -29,6 +29,11 @@ pub struct Vma {
     len: usize,
     pgoffset: u64,
     registration: Option<Registration>,
+    /// Unregistered and forgotten by its handle (`detach`).
+    detached: bool,
+    /// The address range is still the Vma's to give back (not handed to a
+    /// [`Placeholder`]).
+    owns_range: bool,
 }
 
 // SAFETY: the mapping is process-wide memory; all bookkeeping goes through the
@@ -93,6 +98,8 @@ impl Vma {
             len,
             pgoffset,
             registration: None,
+            detached: false,
+            owns_range: true,
         };
         // On error `vma` is dropped, which undoes the two steps above.
         vma.registration = Some(bigfile_fault::register(
@@ -275,28 +282,163 @@ impl Vma {
 
     /// Unmap now (the same as dropping).
     pub fn unmap(self) {}
-}
 
-impl Drop for Vma {
-    fn drop(&mut self) {
+    /// Unmap the file from this mapping now, as dropping does, but leave its
+    /// addresses taken by zero-filled memory of the returned [`Placeholder`]
+    /// until it is dropped: for code that may still hold the addresses (an
+    /// array that outlived the mapping, in the Python bindings). Such code
+    /// then reads zeros and writes into memory of the placeholder, dropped
+    /// with it, instead of faulting or reaching whatever would be mapped at
+    /// those addresses next. The file's pages are replaced in one `mmap`, so
+    /// no other mapping can take the addresses meanwhile; where the kernel
+    /// refuses that (ENOMEM), they are made inaccessible instead (still
+    /// taken: a touch then dies by SIGSEGV). The handle counts the mapping
+    /// as gone at once.
+    pub fn unmap_to_placeholder(mut self) -> Placeholder {
+        self.detach();
+        let pages = self.len / self.fileh.page_size();
+        // SAFETY: the reservation is ours, no longer registered nor being
+        // unmapped (detach); it is handed to the placeholder, which gives
+        // it back.
+        unsafe { Mapper::of(&self.fileh.shared).replace_with_zeros(self.start, pages) };
+        self.owns_range = false;
+        Placeholder {
+            mapper: Mapper::of(&self.fileh.shared),
+            start: self.start,
+            pages,
+        }
+    }
+
+    /// Unregister the mapping and remove it from its handle, once.
+    fn detach(&mut self) {
+        if std::mem::replace(&mut self.detached, true) {
+            return;
+        }
         // Unregister first: this waits for handlers of this mapping running on
         // other threads, so none maps a page into it after this point. Not
         // under the RAM lock, which those handlers may be waiting for.
         let _host = HostUnlocked::new();
         drop(self.registration.take());
         let shared = &self.fileh.shared;
-        {
-            let mut st = shared.lock();
-            // A reclaimer may be unmapping pages of ours outside the lock:
-            // the range must stay ours until it is done.
-            while st.vma(self.fileh.key, self.key).any_unmapping() {
-                st = shared.wait(st);
-            }
-            st.remove_vma(self.fileh.key, self.key);
+        let mut st = shared.lock();
+        // A reclaimer may be unmapping pages of ours outside the lock:
+        // the range must stay ours until it is done.
+        while st.vma(self.fileh.key, self.key).any_unmapping() {
+            st = shared.wait(st);
         }
-        // SAFETY: the reservation is ours and no longer registered, nor
-        // being unmapped; nobody may use it after the Vma is dropped
-        // (slices borrow the Vma).
-        unsafe { Mapper::of(shared).release_range(self.start, self.len / self.fileh.page_size()) };
+        st.remove_vma(self.fileh.key, self.key);
+    }
+}
+
+impl Drop for Vma {
+    fn drop(&mut self) {
+        self.detach();
+        if self.owns_range {
+            // SAFETY: the reservation is ours and no longer registered, nor
+            // being unmapped; nobody may use it after the Vma is dropped
+            // (slices borrow the Vma).
+            unsafe {
+                Mapper::of(&self.fileh.shared)
+                    .release_range(self.start, self.len / self.fileh.page_size())
+            };
+        }
+    }
+}
+
+/// The addresses of a mapping closed by [`Vma::unmap_to_placeholder`]: taken
+/// by zero-filled anonymous memory (readable and writable, private to the
+/// placeholder) until it is dropped, which gives them back.
+pub struct Placeholder {
+    mapper: Mapper,
+    start: NonNull<u8>,
+    pages: usize,
+}
+
+// SAFETY: the placeholder owns its address range and only gives it back.
+unsafe impl Send for Placeholder {}
+// SAFETY: as above; `&Placeholder` only reads its fields.
+unsafe impl Sync for Placeholder {}
+
+impl Placeholder {
+    /// The address range it holds.
+    pub fn addr_range(&self) -> Range<usize> {
+        let s = self.start.as_ptr() as usize;
+        s..s + self.mapper.len_of(self.pages)
+    }
+}
+
+impl fmt::Debug for Placeholder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Placeholder")
+            .field("range", &self.addr_range())
+            .finish()
+    }
+}
+
+impl Drop for Placeholder {
+    fn drop(&mut self) {
+        // SAFETY: the range was handed over by its Vma, which no longer
+        // uses it; whoever still reads it was told it goes with us.
+        unsafe { self.mapper.release_range(self.start, self.pages) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bigfile_testkit::memory::prot_at;
+    use bigfile_testkit::MemFile;
+
+    use crate::bigfile::{BigFile, BlockError};
+    use crate::{FileH, Ram};
+
+    const BLK: usize = 4096;
+
+    struct Kit(MemFile);
+
+    impl BigFile for Kit {
+        fn blksize(&self) -> usize {
+            self.0.blksize()
+        }
+        fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+            self.0.load(blk, buf)
+        }
+        fn storeblk(&self, blk: u64, buf: &[u8]) -> Result<(), BlockError> {
+            self.0.store(blk, buf)
+        }
+    }
+
+    #[test]
+    fn a_placeholder_keeps_the_addresses_with_zeros_until_dropped() {
+        let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
+        let fh = FileH::open(Arc::new(Kit(MemFile::new(BLK))), Some(&ram)).unwrap();
+        let vma = fh.mmap(0, 4).unwrap();
+        vma.write_at(BLK, b"dirty").unwrap();
+        let mut b = [0u8; 1];
+        vma.read_at(2 * BLK, &mut b).unwrap();
+        assert_eq!(b[0], MemFile::initial(2));
+        let range = vma.addr_range();
+        let placeholder = vma.unmap_to_placeholder();
+        assert_eq!(placeholder.addr_range(), range);
+        assert_eq!(fh.mapping_count(), 0, "the handle no longer has it");
+        assert_eq!(fh.dirty_blocks(), [1], "the handle's pages stay");
+        for at in [range.start, range.start + BLK, range.end - 1] {
+            assert_eq!(prot_at(at).unwrap(), "rw-p");
+            // SAFETY: the placeholder's memory, alive until it is dropped.
+            assert_eq!(unsafe { std::ptr::read_volatile(at as *const u8) }, 0);
+        }
+        // SAFETY: as above; writes go to the placeholder's own memory.
+        unsafe { std::ptr::write_volatile((range.start + BLK) as *mut u8, 9) };
+        let again = fh.mmap(0, 4).unwrap();
+        let mut b = [0u8; 5];
+        again.read_at(BLK, &mut b).unwrap();
+        assert_eq!(
+            &b, b"dirty",
+            "the write went to the placeholder, not the file"
+        );
+        assert!(!again.addr_range().contains(&range.start));
+        drop(placeholder);
+        assert_eq!(prot_at(range.start), None, "given back");
     }
 }
