@@ -8,16 +8,20 @@
 //! to every thread that waited for that load.
 
 use std::fmt;
+use std::mem::ManuallyDrop;
 
 use bigfile_virtmem::{Error, FileBlockError, LoadError};
 use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
+use crate::gil::with_python;
+
 /// A Python exception raised by `loadblk` or `storeblk`, carried through
 /// virtmem as the block error, back to the Python callers.
 #[derive(Debug)]
 pub(crate) struct PyBlockError {
-    err: PyErr,
+    /// `None` only once taken or dropped.
+    err: Option<PyErr>,
     message: String,
 }
 
@@ -25,7 +29,32 @@ impl PyBlockError {
     /// `err` with its message (as `str(type): value`), for diagnostics.
     pub(crate) fn new(err: PyErr) -> PyBlockError {
         let message = err.to_string();
-        PyBlockError { err, message }
+        PyBlockError {
+            err: Some(err),
+            message,
+        }
+    }
+
+    fn err(&self) -> &PyErr {
+        self.err.as_ref().expect("taken only by into_err")
+    }
+
+    fn into_err(mut self) -> PyErr {
+        self.err.take().expect("taken only once")
+    }
+}
+
+impl Drop for PyBlockError {
+    /// Virtmem drops the error wherever it lets go of it: a retried load's
+    /// error on a thread whose GIL it released, perhaps inside pyo3 code,
+    /// whose count would then take the GIL for held and decref at once.
+    /// So the GIL is taken for it; where it cannot be (a thread of a
+    /// subinterpreter before 3.12), the exception is leaked instead.
+    fn drop(&mut self) {
+        if let Some(err) = self.err.take() {
+            let err = ManuallyDrop::new(err);
+            let _ = with_python(move |_py| drop(ManuallyDrop::into_inner(err)));
+        }
     }
 }
 
@@ -41,14 +70,14 @@ impl std::error::Error for PyBlockError {}
 pub(crate) fn to_py(py: Python<'_>, e: Error) -> PyErr {
     match e {
         Error::Store { source, .. } => match source.downcast::<PyBlockError>() {
-            Ok(b) => b.err,
+            Ok(b) => b.into_err(),
             Err(source) => block_error_to_py(&*source),
         },
         Error::Load { file, blk, source } => match source {
             LoadError::Waited(inner) => to_py(py, *inner),
             LoadError::Block { attempts, source } => {
                 if let Some(b) = source.downcast_ref::<PyBlockError>() {
-                    b.err.clone_ref(py)
+                    b.err().clone_ref(py)
                 } else if source.is::<FileBlockError>() {
                     block_error_to_py(&*source)
                 } else {

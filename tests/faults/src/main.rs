@@ -9,9 +9,11 @@
 //!   survive with nothing lost and nothing leaked.
 //! - `races`: threads doing everything at once, checked against a model.
 //! - `zodb-stress`: concurrent ZODB transactions through a real ZEO server.
+//! - `soak`: randomized operations checked against a model, for a while.
 //!
 //! Arguments: `[FILTER] [--minutes N]`; `--minutes` makes the long-running
-//! scenarios (`zodb-stress`) run for N minutes instead of their default.
+//! scenarios (`zodb-stress`, `soak/python`) run for N minutes instead of
+//! their default.
 
 mod coredump;
 mod crash;
@@ -20,6 +22,7 @@ mod leaks;
 mod model;
 mod python;
 mod races;
+mod soak_python;
 mod tmpfs;
 mod zodb;
 
@@ -74,6 +77,7 @@ fn main() {
     scenarios.extend(inject::scenarios());
     scenarios.extend(races::scenarios());
     scenarios.extend(zodb::scenarios());
+    scenarios.extend(soak_python::scenarios());
 
     let (mut passed, mut failed) = (0, 0);
     let t0 = Instant::now();
