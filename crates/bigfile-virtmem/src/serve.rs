@@ -705,21 +705,13 @@ mod tests {
 
     #[test]
     fn a_fault_waits_for_a_native_load_holding_the_host_lock() {
-        assert!(waits_holding_host(false, 4, 2));
+        assert!(waits_holding_host(false, 4, 2), "for the page");
+        assert!(waits_holding_host(false, 1, 3), "for room in the budget");
     }
 
     #[test]
     fn a_fault_releases_the_host_lock_to_wait_for_a_load_that_takes_it() {
-        assert!(!waits_holding_host(true, 4, 2));
-    }
-
-    #[test]
-    fn a_fault_waits_for_room_held_by_a_native_load_holding_the_host_lock() {
-        assert!(waits_holding_host(false, 1, 3));
-    }
-
-    #[test]
-    fn a_fault_releases_the_host_lock_to_wait_for_room_held_by_a_load_that_takes_it() {
-        assert!(!waits_holding_host(true, 1, 3));
+        assert!(!waits_holding_host(true, 4, 2), "for the page");
+        assert!(!waits_holding_host(true, 1, 3), "for room in the budget");
     }
 }

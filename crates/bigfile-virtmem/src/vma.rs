@@ -388,36 +388,24 @@ mod tests {
     use std::sync::Arc;
 
     use bigfile_testkit::memory::prot_at;
-    use bigfile_testkit::MemFile;
 
-    use crate::bigfile::{BigFile, BlockError};
-    use crate::{FileH, Ram};
+    use crate::{FileBigFile, FileH, Ram};
 
     const BLK: usize = 4096;
 
-    struct Kit(MemFile);
-
-    impl BigFile for Kit {
-        fn blksize(&self) -> usize {
-            self.0.blksize()
-        }
-        fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-            self.0.load(blk, buf)
-        }
-        fn storeblk(&self, blk: u64, buf: &[u8]) -> Result<(), BlockError> {
-            self.0.store(blk, buf)
-        }
-    }
-
     #[test]
     fn a_placeholder_keeps_the_addresses_with_zeros_until_dropped() {
+        let path = std::env::temp_dir().join(format!("placeholder-{}.bin", std::process::id()));
+        std::fs::write(&path, [7u8; 4 * BLK]).unwrap();
+        let file = Arc::new(FileBigFile::open(&path, BLK).unwrap());
+        std::fs::remove_file(&path).unwrap();
         let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
-        let fh = FileH::open(Arc::new(Kit(MemFile::new(BLK))), Some(&ram)).unwrap();
+        let fh = FileH::open(file, Some(&ram)).unwrap();
         let vma = fh.mmap(0, 4).unwrap();
         vma.write_at(BLK, b"dirty").unwrap();
         let mut b = [0u8; 1];
         vma.read_at(2 * BLK, &mut b).unwrap();
-        assert_eq!(b[0], MemFile::initial(2));
+        assert_eq!(b[0], 7);
         let range = vma.addr_range();
         let placeholder = vma.unmap_to_placeholder();
         assert_eq!(placeholder.addr_range(), range);
