@@ -202,6 +202,8 @@ class Soak:
         self.versions = {b: np.zeros(self.words, np.uint64) for b in range(nblocks)}
         self.last = {b: 0 for b in range(nblocks)}
         self.dirty = set()
+        # Blocks no thread owns being changed by invalidate_live: to what.
+        self.live = {}
         # Reads spanning two blocks only where every thread's two blocks fit
         # beside the dirty ones; at most `dirty_cap` dirty blocks (a budget
         # full of them is fatal).
@@ -214,7 +216,7 @@ class Soak:
         self.errors = []
         self.counts = {k: 0 for k in (
             "reads", "spanning_reads", "writes", "writeouts", "writeouts_apart", "writeout_failures",
-            "discards", "invalidations", "prefaults", "advice", "own_mappings", "closed_under_arrays",
+            "discards", "invalidations", "live_invalidations", "prefaults", "advice", "own_mappings", "closed_under_arrays",
             "cached", "gc", "resident_checks")}
 
     def count(self, key, n=1):
@@ -253,11 +255,32 @@ class Soak:
         finally:
             mv.release()
 
-    def expect(self, me, blk, w0, got):
-        """Check words w0.. of block `blk` read by thread `me`."""
+    def snapshot(self, blk):
+        """What a read of block `blk` may see, taken before and after it:
+        for a block no thread owns, its version and the version it is
+        being changed to (`invalidate_live`)."""
+        if blk in self.owner:
+            return ()
+        with self.lock:
+            return (int(self.versions[blk][0]), self.live.get(blk))
+
+    def expect(self, me, blk, w0, got, before=()):
+        """Check words w0.. of block `blk` read by thread `me`; `before`
+        is the block's snapshot taken before the read."""
         w = np.arange(w0, w0 + len(got))
         owner = self.owner.get(blk)
-        if owner is None or owner == me:
+        if owner is None:
+            # Any of the versions the block had from before the read to
+            # after it, word by word (a reclaim and reload in the middle of
+            # a copy may mix them); never one older than it had before.
+            allowed = [v for v in before + self.snapshot(blk) if v is not None]
+            top = got & np.uint64(~0xFFFFFF & (2**64 - 1))
+            seen = got & np.uint64(0xFFFFFF)
+            if not np.array_equal(top, word(blk, w, 0)) or not np.isin(seen, allowed).all():
+                bad = int(np.argmax(~np.isin(seen, allowed) | (top != word(blk, w, 0))))
+                self.fail("block %d word %d: read %#x, expected one of versions %s" % (blk, w0 + bad, int(got[bad]), allowed))
+            return
+        if owner == me:
             want = word(blk, w, self.versions[blk][w0: w0 + len(got)])
             if not np.array_equal(got, want):
                 bad = int(np.argmax(got != want))
@@ -276,17 +299,18 @@ class Soak:
         blk = rng.randrange(self.nblocks - (1 if span else 0))
         last = blk + 1 if span else blk
         vma, offset = self.covering(rng, blk, last)
+        before = [self.snapshot(b) for b in (blk, last)]
         if span:
             n = rng.randrange(1, self.words)
             w0 = self.words - n
             got = self.view(rng, vma, offset + w0 * 8, 2 * n)
-            self.expect(me, blk, w0, got[:n])
-            self.expect(me, blk + 1, 0, got[n:])
+            self.expect(me, blk, w0, got[:n], before[0])
+            self.expect(me, blk + 1, 0, got[n:], before[1])
             self.count("spanning_reads")
         else:
             w0 = rng.randrange(self.words)
             n = rng.randrange(1, min(self.words - w0, 4096) + 1)
-            self.expect(me, blk, w0, self.view(rng, vma, offset + w0 * 8, n))
+            self.expect(me, blk, w0, self.view(rng, vma, offset + w0 * 8, n), before[0])
         self.count("reads")
 
     def write(self, me, rng):
@@ -395,8 +419,26 @@ class Soak:
                 self.storage.blocks[blk] = word(blk, np.arange(self.words), np.full(self.words, v, np.uint64))
         self.fh.invalidate_page(blk)
         self.dirty.discard(blk)
-        self.from_storage(blk)
+        with self.lock:
+            self.from_storage(blk)
         self.count("invalidations")
+
+    def invalidate_live(self, rng):
+        """A block no thread owns changes in the storage and is invalidated
+        while the others read it (and load it, and reclaim it): reads that
+        start after invalidate_page returned see the new content."""
+        ro = [b for b in range(self.nblocks) if b not in self.owner]
+        blk = rng.choice(ro)
+        with self.lock:
+            self.last[blk] += 1
+            v = self.live[blk] = self.last[blk]
+        with self.storage.lock:
+            self.storage.blocks[blk] = word(blk, np.arange(self.words), np.full(self.words, v, np.uint64))
+        self.fh.invalidate_page(blk)
+        with self.lock:
+            self.versions[blk][:] = v
+            del self.live[blk]
+        self.count("live_invalidations")
 
     # ~~~ threads
 
@@ -429,6 +471,9 @@ class Soak:
             elif r < 0.22:
                 with self.gate.exclusively():
                     self.invalidate(rng)
+            elif r < 0.27:
+                with self.gate:
+                    self.invalidate_live(rng)
             elif r < 0.3:
                 rng.choice(self.mappings).advise(rng.choice(["normal", "sequential"]))
                 self.count("advice")
