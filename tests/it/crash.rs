@@ -7,7 +7,11 @@ use std::sync::Arc;
 use bigfile::virtmem::WriteoutFlags;
 use bigfile_testkit::child::{self, Death};
 
-use crate::common::{mem_file, open, peek, poke, ram, MemFile, BLK};
+#[cfg(target_arch = "x86_64")]
+use bigfile_testkit::memory::move_u64_one_access;
+use bigfile_testkit::memory::read_u64_one_access;
+
+use crate::common::{mem_file, open, peek, poke, ram, setup, MemFile, BLK};
 
 const CHILD_ENV: &str = "BIGFILE_IT_CHILD";
 
@@ -87,6 +91,105 @@ fn transient_load_failure_is_retried() {
 fn scan_of_ten_times_the_budget_stays_within_it() {
     let out = expect_ok("budget_scan");
     assert!(out.contains("budget OK"), "{out}");
+}
+
+/// A read of 8 bytes at the boundary of blocks 2 and 3 with a budget of
+/// one page (and one with all but one page of the budget dirty): each
+/// fault used to reclaim the other block's page, forever. In a child, so
+/// that such a livelock fails as a hang instead of hanging the tests.
+#[test]
+fn an_access_spanning_two_blocks_completes_under_a_one_page_budget() {
+    let out = expect_ok("span");
+    assert!(out.contains("span OK"), "{out}");
+}
+
+/// One instruction needing three pages under a budget of one page cannot
+/// complete: it fails with a diagnostic instead of spinning.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn an_access_wider_than_the_budget_plus_one_is_sigbus_with_diagnostic() {
+    expect_signal(
+        "too_wide",
+        libc::SIGBUS,
+        &["one instruction touches more pages than the RAM budget"],
+    );
+}
+
+/// A memory cgroup of its own for a child process, removed on drop: v1's
+/// memory hierarchy under the test's own cgroup, else v2's.
+struct TestCgroup {
+    dir: std::path::PathBuf,
+    procs: std::path::PathBuf,
+}
+
+impl TestCgroup {
+    fn new(limit: u64) -> Result<TestCgroup, String> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+        let mut tried = Vec::new();
+        for line in own.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (Some(_), Some(ctl), Some(path)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let (roots, limit_file): (&[&str], _) = if ctl.split(',').any(|c| c == "memory") {
+                (&["/sys/fs/cgroup/memory"], "memory.limit_in_bytes")
+            } else if ctl.is_empty() {
+                (&["/sys/fs/cgroup", "/sys/fs/cgroup/unified"], "memory.max")
+            } else {
+                continue;
+            };
+            for root in roots {
+                let dir = std::path::Path::new(root)
+                    .join(path.trim_start_matches('/'))
+                    .join(format!("bigfile-it-{}", std::process::id()));
+                let made = std::fs::create_dir(&dir)
+                    .and_then(|()| std::fs::write(dir.join(limit_file), limit.to_string()));
+                match made {
+                    Ok(()) => {
+                        return Ok(TestCgroup {
+                            procs: dir.join("cgroup.procs"),
+                            dir,
+                        })
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_dir(&dir);
+                        tried.push(format!("{}: {e}", dir.display()));
+                    }
+                }
+            }
+        }
+        Err(format!(
+            "no memory cgroup could be made (run as root on a machine with cgroup v1's memory \
+             controller or v2's enabled for the test's cgroup): {tried:?}"
+        ))
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// The default budget follows the memory the process may use: a process in
+/// a cgroup limited to 256 MiB scans a sparse file of 512 MiB through a
+/// handle opened without a RAM; the RAM stays within a quarter of the limit
+/// (with a budget of all the machine's memory, as before, the scan filled
+/// the cgroup with memory the kernel cannot reclaim and its OOM killer
+/// ended the process).
+#[test]
+fn the_default_budget_keeps_a_scan_within_the_cgroup_limit() {
+    let cg = TestCgroup::new(256 << 20).unwrap();
+    let mut cmd = child::test_child("crash::child", CHILD_ENV, "default_budget_scan");
+    cmd.env("BIGFILE_IT_CGROUP_PROCS", &cg.procs);
+    let ended = child::run(cmd, child::TIMEOUT).unwrap();
+    assert!(ended.status.success(), "{}", ended.describe());
+    assert!(
+        ended.stdout.contains("default budget OK"),
+        "{}",
+        ended.stdout
+    );
 }
 
 /// The child side: runs the scenario named by `BIGFILE_IT_CHILD`; without it,
@@ -189,6 +292,15 @@ fn child() {
             println!("transient OK");
         }
         "budget_scan" => budget_scan(),
+        "span" => span(),
+        "default_budget_scan" => default_budget_scan(),
+        #[cfg(target_arch = "x86_64")]
+        "too_wide" => {
+            let (_file, _ram, _fh, vma) = setup(1, 4);
+            let base = vma.as_ptr() as usize;
+            // From across blocks 0 and 1 into block 2: three pages at once.
+            move_u64_one_access(base + BLK - 4, base + 2 * BLK);
+        }
         other => panic!("unknown scenario {other}"),
     }
     std::process::exit(0);
@@ -242,4 +354,73 @@ fn budget_scan() {
     println!(
         "budget OK: peak {peak_acct} bytes by accounting, {peak_pss} by Pss_Shmem, limit {limit}"
     );
+}
+
+/// Reads (and a write) spanning two blocks under budgets they fill.
+fn span() {
+    let want = u64::from_le_bytes([3, 3, 3, 3, 4, 4, 4, 4]);
+    // A budget of one page: blocks 2 and 3 cannot both fit, but the one
+    // instruction needs both.
+    let (_file, ram, _fh, vma) = setup(1, 4);
+    let at = vma.as_ptr() as usize + 3 * BLK - 4;
+    assert_eq!(read_u64_one_access(at), want);
+    assert!(ram.stats().resident_bytes <= ram.budget() + BLK as u64);
+    // The next access brings the RAM back within its budget.
+    assert_eq!(peek(vma.as_ptr()), MemFile::initial(0));
+    assert!(ram.stats().resident_bytes <= ram.budget());
+    // All but one page of the budget dirty.
+    let (_file, _ram, fh2, vma) = setup(4, 8);
+    for pg in 4..7 {
+        poke(vma.as_ptr().wrapping_add(pg * BLK), 9);
+    }
+    let at = vma.as_ptr() as usize + 3 * BLK - 4;
+    assert_eq!(read_u64_one_access(at), want);
+    assert_eq!(fh2.dirty_blocks(), [4, 5, 6]);
+    // A write across the boundary with a budget of one page.
+    let (_file, _ram, fh, vma) = setup(1, 4);
+    let q = vma.as_ptr().wrapping_add(2 * BLK - 2);
+    // SAFETY: 8 bytes inside the live mapping; one unaligned store.
+    unsafe { std::ptr::write_unaligned(q.cast::<u64>(), u64::MAX) };
+    assert_eq!(fh.dirty_blocks(), [1, 2]);
+    println!("span OK");
+}
+
+/// In a cgroup of 256 MiB (this process moves itself in first): a sparse
+/// file twice that size, scanned through the default RAM.
+fn default_budget_scan() {
+    use bigfile::virtmem::{FileBigFile, FileH};
+    let procs = std::env::var("BIGFILE_IT_CGROUP_PROCS").unwrap();
+    std::fs::write(&procs, std::process::id().to_string()).unwrap();
+    const LIMIT: u64 = 256 << 20;
+    const SIZE: u64 = 2 * LIMIT;
+    let path = std::env::temp_dir().join(format!("bigfile-it-sparse-{}", std::process::id()));
+    std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
+    let file = Arc::new(FileBigFile::open(&path, BLK).unwrap());
+    let fh = FileH::open(file, None).unwrap();
+    let ram = fh.ram().clone();
+    let budget = ram.budget();
+    assert!(
+        (LIMIT / 64..=LIMIT / 4).contains(&budget),
+        "default budget {budget} in a cgroup of {LIMIT}"
+    );
+    let blocks = SIZE / BLK as u64;
+    let vma = fh.mmap(0, blocks).unwrap();
+    let mut peak = 0;
+    let mut sum = 0u64;
+    for blk in 0..blocks as usize {
+        for off in (0..BLK).step_by(4096) {
+            sum += peek(vma.as_ptr().wrapping_add(blk * BLK + off)) as u64;
+        }
+        peak = peak.max(ram.stats().resident_bytes);
+        assert!(
+            peak <= LIMIT / 4 + BLK as u64,
+            "resident {peak} over a quarter of the limit (+ 1 block); budget now {}",
+            ram.budget()
+        );
+    }
+    assert_eq!(sum, 0, "a sparse file reads zeros");
+    drop(vma);
+    drop(fh);
+    let _ = std::fs::remove_file(&path);
+    println!("default budget OK: budget {budget} bytes, peak {peak} bytes in a cgroup of {LIMIT}");
 }

@@ -1,6 +1,6 @@
 //! The full lifecycle of a handle and its mappings, checked after every step.
 
-use bigfile::virtmem::{FileH, PageState, WriteoutFlags};
+use bigfile::virtmem::{FileH, PageState, Vma, WriteoutFlags};
 
 use crate::common::{handle, mem_file, open, peek, poke, prot_at, ram, setup, Call, MemFile, BLK};
 
@@ -94,12 +94,16 @@ fn full_lifecycle() {
     poke(at(1).wrapping_add(1), 0xb2);
     assert_eq!(prot_at(at(1) as usize).as_deref(), Some("rw-s"));
 
-    // MARKSTORED: clean, read-only, nothing stored.
+    // MARKSTORED: clean and read-only what the STORE stored, nothing
+    // stored; block 1, written since the STORE stored it, stays dirty (its
+    // new byte was never stored).
     fh.dirty_writeout(WriteoutFlags::MARKSTORED).unwrap();
     assert_eq!(file.take_calls(), []);
-    assert!(!fh.is_dirty());
-    assert_eq!(state(&fh, 1), Some(PageState::Loaded));
-    assert_eq!(prot_at(at(1) as usize).as_deref(), Some("r--s"));
+    assert_eq!(fh.dirty_blocks(), [1]);
+    assert_eq!(state(&fh, 3), Some(PageState::Loaded));
+    assert_eq!(prot_at(at(3) as usize).as_deref(), Some("r--s"));
+    assert_eq!(prot_at(at(1) as usize).as_deref(), Some("rw-s"));
+    assert_eq!(file.content(1)[1], MemFile::initial(1));
 
     // STORE|MARKSTORED.
     poke(at(2), 0xc2);
@@ -107,10 +111,14 @@ fn full_lifecycle() {
     file.take_calls();
     fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
         .unwrap();
-    assert_eq!(file.take_calls(), [Call::Store(0), Call::Store(2)]);
+    assert_eq!(
+        file.take_calls(),
+        [Call::Store(0), Call::Store(1), Call::Store(2)]
+    );
     assert!(!fh.is_dirty());
     assert_eq!(file.content(2)[0], 0xc2);
-    assert_eq!(fh.stats().stores, 4);
+    assert_eq!(file.content(1)[1], 0xb2, "the write after the STORE");
+    assert_eq!(fh.stats().stores, 5);
 
     // invalidate in every state: EMPTY, LOADED, DIRTY (LOADING: threads.rs).
     drop(vma);
@@ -140,6 +148,33 @@ fn full_lifecycle() {
     fh.close().unwrap();
     assert_eq!(ram.stats().stats.resident_pages, 0);
     assert_eq!(ram.pages().stats().pages_allocated, 0);
+}
+
+/// MARKSTORED apart from STORE marks clean what the STORE stored, and
+/// pages no STORE stored (on the caller's word); a page written after the
+/// STORE stored it, through any mapping, stays dirty.
+#[test]
+fn markstored_apart_keeps_pages_written_since_the_store_dirty() {
+    let (file, _ram, fh, vma) = setup(8, 4);
+    let other = fh.mmap(0, 4).unwrap();
+    let at = |m: &Vma, pg: usize| m.as_ptr().wrapping_add(pg * BLK);
+    poke(at(&vma, 0), 1);
+    poke(at(&vma, 1), 1);
+    fh.dirty_writeout(WriteoutFlags::STORE).unwrap();
+    poke(at(&vma, 2), 1); // dirtied after the STORE: never stored
+    poke(at(&other, 1).wrapping_add(1), 2); // through a mapping it was not in
+    fh.dirty_writeout(WriteoutFlags::MARKSTORED).unwrap();
+    assert_eq!(fh.dirty_blocks(), [1]);
+    assert_eq!(file.content(1)[1], MemFile::initial(1));
+    fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
+        .unwrap();
+    assert_eq!(file.content(1)[..2], [1, 2]);
+    assert_eq!(
+        file.content(2)[0],
+        MemFile::initial(2),
+        "marked, not stored"
+    );
+    assert!(!fh.is_dirty());
 }
 
 #[test]
@@ -282,4 +317,21 @@ fn loader_can_drop_another_mapping_from_inside_a_fault() {
         0x5a,
         "the unmapped mapping's change stays in the handle"
     );
+}
+
+/// A handle is a snapshot of its file only as far as the file is one: a
+/// clean page reclaimed is loaded again from the storage, which another
+/// writer may have changed meanwhile; `invalidate_page` shows the change at
+/// once.
+#[test]
+fn a_clean_page_shows_what_the_storage_holds_at_its_next_load() {
+    let (file, ram, fh, vma) = setup(8, 2);
+    assert_eq!(peek(vma.as_ptr()), MemFile::initial(0));
+    file.put(0, vec![7; BLK]);
+    assert_eq!(peek(vma.as_ptr()), MemFile::initial(0), "the page loaded");
+    assert_eq!(ram.reclaim(), 1);
+    assert_eq!(peek(vma.as_ptr()), 7, "loaded again after a reclaim");
+    file.put(0, vec![8; BLK]);
+    fh.invalidate_page(0).unwrap();
+    assert_eq!(peek(vma.as_ptr()), 8);
 }

@@ -5,6 +5,7 @@ mod budget;
 mod common;
 mod crash;
 mod file;
+mod fork;
 mod lifecycle;
 mod misuse;
 mod threads;

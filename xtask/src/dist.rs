@@ -209,6 +209,8 @@ fn sdist(tools: &Path, staging: &Path) -> Result {
 /// from theirs).
 fn crates(staging: &Path) -> Result {
     let build = target_dir().join("dist-build");
+    let pkg_build = target_dir().join("dist-package");
+    forget_earlier_packages(&pkg_build)?;
     let mut doc = cargo();
     doc.args(["doc", "--no-deps"])
         .env("RUSTDOCFLAGS", "-D warnings");
@@ -221,14 +223,41 @@ fn crates(staging: &Path) -> Result {
     for c in CRATES {
         pkg.args(["-p", c]);
     }
-    run(pkg.arg("--target-dir").arg(&build))?;
+    run(pkg.arg("--target-dir").arg(&pkg_build))?;
     let out = staging.join("crates");
     fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let version = workspace_version()?;
     for c in CRATES {
         let name = format!("{c}-{version}.crate");
-        fs::copy(build.join("package").join(&name), out.join(&name))
+        fs::copy(pkg_build.join("package").join(&name), out.join(&name))
             .map_err(|e| format!("{name}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Cargo takes the crates it verifies for registry crates, whose sources
+/// never change for a version: it reuses what it unpacked
+/// (`$CARGO_HOME/registry/src/*/NAME-VERSION`) and what it built from them
+/// (in `pkg_build`) for an earlier `dist`. With the version unchanged, the
+/// verification would build the old sources. Start both afresh (no
+/// registry has these crates, so nothing else put them there).
+fn forget_earlier_packages(pkg_build: &Path) -> Result {
+    let _ = fs::remove_dir_all(pkg_build);
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .ok_or("neither CARGO_HOME nor HOME is set")?;
+    let version = workspace_version()?;
+    let Ok(registries) = fs::read_dir(home.join("registry/src")) else {
+        return Ok(());
+    };
+    for reg in registries.flatten() {
+        for c in CRATES {
+            let dir = reg.path().join(format!("{c}-{version}"));
+            if dir.exists() {
+                fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
+        }
     }
     Ok(())
 }

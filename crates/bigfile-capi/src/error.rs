@@ -65,7 +65,9 @@ impl From<Error> for CError {
             | Error::InvalidRange(_)
             | Error::OutOfBounds { .. }
             | Error::InvalidFlags(_) => BIGFILE_ERROR_INVALID,
-            Error::WriteoutInProgress(_) | Error::LiveMappings(_) => BIGFILE_ERROR_STATE,
+            Error::WriteoutInProgress(_) | Error::LiveMappings(_) | Error::Forked => {
+                BIGFILE_ERROR_STATE
+            }
             Error::BudgetExhausted { .. } => BIGFILE_ERROR_NOMEM,
             Error::Ram(r) if r.is_exhausted() => BIGFILE_ERROR_NOMEM,
             Error::Ram(

@@ -51,6 +51,14 @@ impl<T> HalfLock<T> {
         r
     }
 
+    /// In a forked child: no thread is reading any more (the readers
+    /// counted were other threads of the parent).
+    pub(crate) fn forget_readers(&self) {
+        for slot in &self.readers {
+            slot.store(0, SeqCst);
+        }
+    }
+
     /// Takes the writer lock. Never held while touching memory a signal
     /// handler serves, and never taken by the signal handler's lookup.
     pub(crate) fn write(&self) -> WriteGuard<'_, T> {

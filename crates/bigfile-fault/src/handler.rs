@@ -28,6 +28,13 @@ pub struct Fault {
     /// 1 for a first fault on this thread, 2 for a fault taken while a
     /// handler on this thread runs, and so on.
     pub depth: u32,
+    /// Which execution of which instruction faulted (a hash of its program
+    /// counter and general registers): the same value when an instruction
+    /// faults again without having made progress, as an access spanning
+    /// two pages does on each of them in turn; another value for another
+    /// instruction, or the same one run again (another loop iteration, a
+    /// string copy further along).
+    pub execution: u64,
 }
 
 /// What a [`FaultHandler`] did with a fault.

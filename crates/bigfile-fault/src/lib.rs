@@ -35,6 +35,7 @@
 mod arch;
 mod diag;
 mod error;
+mod fork;
 mod frames;
 mod halflock;
 mod handler;

@@ -33,6 +33,7 @@ pub fn register(
     let end = start
         .checked_add(len)
         .ok_or(FaultError::Overflow { start, len })?;
+    crate::fork::install();
     let mut guard = TABLE.write();
     signal::ensure_on_top_locked(&mut guard)?;
     let mut table = current(&guard);

@@ -78,6 +78,7 @@ pub fn install() -> Result<(), FaultError> {
 /// # Errors
 /// [`FaultError::Sigaction`] if sigaction(2) fails.
 pub fn ensure_on_top() -> Result<bool, FaultError> {
+    crate::fork::install();
     let mut guard = TABLE.write();
     ensure_on_top_locked(&mut guard)
 }
@@ -225,6 +226,8 @@ unsafe fn dispatch(signo: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
         access: unsafe { arch::access(ctx) },
         signal,
         depth,
+        // SAFETY: forwarding the kernel's ucontext.
+        execution: unsafe { arch::execution(ctx) },
     };
     // SAFETY: forwarding the kernel's ucontext.
     let outcome = unsafe { serve(&range, &fault, ctx) };

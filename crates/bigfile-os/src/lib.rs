@@ -1,8 +1,13 @@
 //! bigfile-os: the OS plumbing shared by every layer of bigfile: the
-//! [`syscall!`] helper, [`os_page_size`], [`Prot`] and [`clone_io_error`].
+//! [`syscall!`] helper, [`os_page_size`], [`Prot`], [`clone_io_error`] and
+//! [`HeldLock`] (which of bigfile's locks this thread holds).
 //! It knows nothing of pages, faults or files; see ARCHITECTURE.md at the
 //! repository root for where it sits.
 #![doc = include_str!("../README.md")]
+
+mod held;
+
+pub use held::{holds_lock, HeldLock};
 
 use std::io;
 use std::ptr::NonNull;
@@ -45,6 +50,24 @@ pub fn cvt<T: MinusOne>(res: T) -> io::Result<T> {
         Err(io::Error::last_os_error())
     } else {
         Ok(res)
+    }
+}
+
+/// Register fork(2) handlers (`pthread_atfork`): `prepare` runs in the
+/// forking thread before the fork, `parent` and `child` after it, in the
+/// parent and in the child. Prepare handlers run in the reverse order of
+/// their registration, the others in that order: a layer whose locks nest
+/// inside another's registers first.
+pub fn at_fork(
+    prepare: unsafe extern "C" fn(),
+    parent: unsafe extern "C" fn(),
+    child: unsafe extern "C" fn(),
+) -> io::Result<()> {
+    // SAFETY: three function pointers valid for the life of the process.
+    let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+    match rc {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
     }
 }
 

@@ -18,9 +18,14 @@ use crate::gil::with_python;
 
 /// A Python exception raised by `loadblk` or `storeblk`, carried through
 /// virtmem as the block error, back to the Python callers.
+///
+/// virtmem drops such errors wherever it is done with them, often with the
+/// GIL released (a failed attempt before a retry, a fault's failure), where
+/// pyo3 may still count the GIL as held (virtmem released it behind pyo3's
+/// back): the exception is let go of under a GIL this drop takes itself.
 #[derive(Debug)]
 pub(crate) struct PyBlockError {
-    /// `None` only once taken or dropped.
+    /// `None` only once taken (`into_err`) or dropped.
     err: Option<PyErr>,
     message: String,
 }
@@ -36,7 +41,9 @@ impl PyBlockError {
     }
 
     fn err(&self) -> &PyErr {
-        self.err.as_ref().expect("taken only by into_err")
+        self.err
+            .as_ref()
+            .expect("taken only by into_err, which consumes")
     }
 
     fn into_err(mut self) -> PyErr {
@@ -45,11 +52,8 @@ impl PyBlockError {
 }
 
 impl Drop for PyBlockError {
-    /// Virtmem drops the error wherever it lets go of it: a retried load's
-    /// error on a thread whose GIL it released, perhaps inside pyo3 code,
-    /// whose count would then take the GIL for held and decref at once.
-    /// So the GIL is taken for it; where it cannot be (a thread of a
-    /// subinterpreter before 3.12), the exception is leaked instead.
+    /// Where the GIL cannot be taken (a thread of a subinterpreter before
+    /// 3.12), the exception is leaked instead.
     fn drop(&mut self) {
         if let Some(err) = self.err.take() {
             let err = ManuallyDrop::new(err);

@@ -51,6 +51,11 @@ impl PyBigFile {
     /// such as "memfd" or "shmfs:/dev/shm" (page size = blksize unless the
     /// spec says), or a `RAM`. `budget`: bytes of memory the handle's pages
     /// may hold (a RAM of its own is created for it).
+    ///
+    /// The default RAM's budget follows the memory the process may use: a
+    /// quarter of the least of the machine's memory and its cgroups' memory
+    /// limits, lowered while memory is short, never below a 64th of that
+    /// limit (`RAM.set_budget` on it fixes a budget instead).
     #[pyo3(signature = (ram = None, budget = None))]
     fn fileh_open(
         slf: &Bound<'_, Self>,

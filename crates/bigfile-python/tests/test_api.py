@@ -7,7 +7,7 @@ import weakref
 
 import numpy as np
 import pytest
-from conftest import PS, DataFile
+from conftest import PS, DataFile, run_py
 
 import bigfile
 from bigfile import RAM, VMA, WRITEOUT_MARKSTORED, WRITEOUT_STORE, BigFile, BigFileH, ram_reclaim
@@ -257,6 +257,28 @@ def test_prefault_raises_loadblk_exception():
     vma = fh.mmap(0, 1)
     with pytest.raises(ZeroDivisionError, match="no block 0"):
         vma.prefault()
+
+
+def test_prefault_raises_loadblk_exception_after_retries():
+    """With the default policy (3 attempts), each failed attempt's exception
+    is let go of before the next (with the GIL released by virtmem): under
+    the GIL, or the interpreter aborts ("PyThreadState_Get: ... GIL is
+    released"). In a child, which such an abort kills."""
+    r = run_py("""
+        import mmap
+        from bigfile import BigFile
+        class G(BigFile):
+            def loadblk(self, blk, buf):
+                raise ZeroDivisionError("no block %d" % blk)
+        vma = G(mmap.PAGESIZE).fileh_open().mmap(0, 1)
+        try:
+            vma.prefault()
+        except ZeroDivisionError as e:
+            print("raised:", e)
+        print("stats:", vma.fileh.stats()["load_errors"])
+    """)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "raised: no block 0" in r.stdout and "stats: 3" in r.stdout, r.stdout
 
 
 def test_prefault_then_readinto(f, tmp_path):

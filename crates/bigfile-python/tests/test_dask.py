@@ -101,8 +101,9 @@ def test_sum_and_mean_in_two_worker_processes(client, zeo_array):
     assert set(x.chunks[0][:-1]) == {(128 << 20) // 8}  # whole 2 MiB blocks, 128 MiB a chunk
     assert int(x.sum().compute()) == N * (N - 1) // 2
     assert float(x.mean().compute()) == pytest.approx((N - 1) / 2, rel=1e-12)
-    # several workers did the reading, each through its own connection
-    small = bdask.from_zbigarray(uri, key, chunks=8 << 20)
+    # several workers did the reading, each through its own connection (64
+    # tasks: more than one worker's threads, so both workers get some)
+    small = bdask.from_zbigarray(uri, key, chunks=N // 64)
     pids = small.map_blocks(lambda b: np.array([os.getpid()]), chunks=(1,), dtype=np.int64).compute()
     assert len(set(pids.tolist())) == 2 and os.getpid() not in pids
     assert int(small.sum().compute()) == N * (N - 1) // 2
@@ -131,6 +132,27 @@ def test_a_dask_array_is_a_snapshot(client, zeo_server):
     db.close()
     assert int(x.sum().compute()) == 1 << 20
     assert int(bdask.from_zbigarray(zeo_server.uri, key).sum().compute()) == 5 << 20
+
+
+def test_a_dask_array_sees_every_commit_finished_before(zeo_server):
+    """Another client's commit, finished just before from_zbigarray, is in
+    the snapshot (this process's cached database hears of it through ZEO's
+    asynchronous invalidations: the snapshot must first ask the server)."""
+    other = open_db(zeo_server.uri)
+    try:
+        for i in range(30):
+            key = new_key()
+            tm = transaction.TransactionManager()
+            c = other.open(tm)
+            c.root()[key] = a = ZBigArray((4,), np.int64)
+            tm.commit()
+            a[:] = i
+            tm.commit()
+            c.close()
+            x = bdask.from_zbigarray(zeo_server.uri, key)
+            assert x.compute(scheduler="threads").tolist() == [i] * 4
+    finally:
+        other.close()
 
 
 # ~~~ writing

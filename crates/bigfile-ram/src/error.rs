@@ -113,6 +113,13 @@ pub enum RamError {
     },
 
     /// A system call failed.
+    /// The handle was inherited by a forked child, which could not give it
+    /// a file of its own: its file is the parent's memory, not to be used.
+    #[error(
+        "this RAM handle was inherited through fork(2) and the child could not give it memory \
+         of its own (out of descriptors or memory); open a new handle in the child"
+    )]
+    Forked,
     #[error("{what}: {source}")]
     Io {
         /// What was being done.
@@ -181,6 +188,7 @@ impl Clone for RamError {
                 source: clone_io_error(source),
             },
             &RamError::HandleFull { max_pages } => RamError::HandleFull { max_pages },
+            RamError::Forked => RamError::Forked,
             RamError::Io { what, source } => RamError::Io {
                 what: what.clone(),
                 source: clone_io_error(source),

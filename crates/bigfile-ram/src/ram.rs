@@ -5,14 +5,18 @@ use crate::spec::{AllocPolicy, Backend, RamSpec};
 use crate::sys;
 use crate::thp::Collapser;
 use bigfile_os::Prot;
+use std::cell::RefCell;
 use std::fmt;
 use std::io;
 use std::mem::ManuallyDrop;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock, Weak};
+
+use bigfile_os::HeldLock;
 
 /// Page and byte counts of a RAM or a handle.
 ///
@@ -62,6 +66,7 @@ impl Ram {
     /// hugetlbfs directory exists (and is on hugetlbfs for that backend), that hugetlb pages
     /// are reserved, and that the RAM can hold at least one page.
     pub fn new(spec: RamSpec) -> Result<Ram, RamError> {
+        install_fork_handlers();
         let os = sys::os_page_size();
         if spec.page_size == 0 || spec.page_size % os != 0 {
             return Err(RamError::PageSize {
@@ -159,6 +164,39 @@ impl Ram {
 
     /// A new handle: one new kernel file, sized to hold [`Ram::max_size`] bytes of pages.
     pub fn open_handle(&self) -> Result<RamHandle, RamError> {
+        let page_size = self.page_size();
+        let max_pages = self.max_size() / page_size as u64;
+        if max_pages == 0 {
+            return Err(RamError::TooSmall {
+                max_size: self.max_size(),
+                page_size,
+            });
+        }
+        let fd = self.new_file(max_pages)?;
+        let core = Arc::new(Core {
+            fd,
+            page_size,
+            max_pages,
+            alloc: self.inner.spec.alloc,
+            hugetlb: self.inner.huge_page_size.is_some(),
+            used: Mutex::new(Bitmap::default()),
+            account: Account {
+                ram: self.clone(),
+                pages: AtomicU64::new(0),
+            },
+            window: OnceLock::new(),
+            window_init: Mutex::new(()),
+            thp: crate::thp::collapse_size(&self.inner.spec).map(Collapser::new),
+            stray: Mutex::new(Vec::new()),
+            huge: Mutex::new(Bitmap::default()),
+            orphaned: AtomicBool::new(false),
+        });
+        track(&core);
+        Ok(RamHandle { core })
+    }
+
+    /// A new kernel file for a handle of `max_pages` pages.
+    pub(crate) fn new_file(&self, max_pages: u64) -> Result<OwnedFd, RamError> {
         let spec = &self.inner.spec;
         let fd = match (&spec.backend, self.inner.huge_page_size) {
             (Backend::Memfd, _) => sys::memfd_create(c"bigfile-ram", libc::MFD_CLOEXEC)
@@ -176,33 +214,9 @@ impl Ram {
             }
             (Backend::Hugetlbfs { dir: None }, None) => unreachable!("checked by Ram::new"),
         };
-        let page_size = self.page_size();
-        let max_pages = self.max_size() / page_size as u64;
-        if max_pages == 0 {
-            return Err(RamError::TooSmall {
-                max_size: self.max_size(),
-                page_size,
-            });
-        }
-        sys::ftruncate(fd.as_fd(), max_pages * page_size as u64)
+        sys::ftruncate(fd.as_fd(), max_pages * self.page_size() as u64)
             .map_err(|e| RamError::io("size the handle file (ftruncate)", e))?;
-        Ok(RamHandle {
-            fd,
-            page_size,
-            max_pages,
-            alloc: self.inner.spec.alloc,
-            hugetlb: self.inner.huge_page_size.is_some(),
-            used: Mutex::new(Bitmap::default()),
-            account: Account {
-                ram: self.clone(),
-                pages: AtomicU64::new(0),
-            },
-            window: OnceLock::new(),
-            window_init: Mutex::new(()),
-            thp: crate::thp::collapse_size(&self.inner.spec).map(Collapser::new),
-            stray: Mutex::new(Vec::new()),
-            huge: Mutex::new(Bitmap::default()),
-        })
+        Ok(fd)
     }
 }
 
@@ -268,12 +282,22 @@ fn stats(pages: u64, page_size: usize) -> RamStats {
 
 /// A handle's page count, mirrored into its RAM's; taken back from the RAM when dropped
 /// (closing the file frees the memory).
-struct Account {
+pub(crate) struct Account {
     ram: Ram,
     pages: AtomicU64,
 }
 
 impl Account {
+    pub(crate) fn ram(&self) -> &Ram {
+        &self.ram
+    }
+
+    /// The handle holds no page any more (a forked child's renewed file).
+    pub(crate) fn forget_all(&self) {
+        let n = self.pages.swap(0, Ordering::Relaxed);
+        self.ram.inner.pages.fetch_sub(n, Ordering::Relaxed);
+    }
+
     fn add(&self) {
         self.pages.fetch_add(1, Ordering::Relaxed);
         self.ram.inner.pages.fetch_add(1, Ordering::Relaxed);
@@ -294,7 +318,7 @@ impl Drop for Account {
 
 /// Which page indices are allocated: one bit per page, grown to the highest one used.
 #[derive(Default)]
-struct Bitmap {
+pub(crate) struct Bitmap {
     words: Vec<u64>,
 }
 
@@ -359,9 +383,9 @@ impl Bitmap {
 }
 
 /// The persistent read-write mapping of a whole handle file.
-struct Window {
-    ptr: NonNull<u8>,
-    len: usize,
+pub(crate) struct Window {
+    pub(crate) ptr: NonNull<u8>,
+    pub(crate) len: usize,
 }
 
 // SAFETY: `Window` is an address range owned by its handle; it never dereferences it, and
@@ -395,32 +419,42 @@ impl Drop for Window {
 /// ([`unmap`] or plain `munmap`). Closing the handle keeps existing mappings valid (they hold
 /// the file); only the window goes away.
 pub struct RamHandle {
-    fd: OwnedFd,
-    page_size: usize,
-    max_pages: u64,
-    alloc: AllocPolicy,
-    hugetlb: bool,
-    used: Mutex<Bitmap>,
-    account: Account,
-    window: OnceLock<Window>,
+    core: Arc<Core>,
+}
+
+/// A handle's state, shared with the registry of live handles that a
+/// forked child renews (`fork.rs`).
+pub(crate) struct Core {
+    pub(crate) fd: OwnedFd,
+    pub(crate) page_size: usize,
+    pub(crate) max_pages: u64,
+    pub(crate) alloc: AllocPolicy,
+    pub(crate) hugetlb: bool,
+    pub(crate) used: Mutex<Bitmap>,
+    pub(crate) account: Account,
+    pub(crate) window: OnceLock<Window>,
     /// Serialises creating the window (`OnceLock::get_or_try_init` is not stable).
-    window_init: Mutex<()>,
+    pub(crate) window_init: Mutex<()>,
     /// Makes new pages transparent huge pages ([`crate::ThpPolicy`]), when eligible.
-    thp: Option<Collapser>,
+    pub(crate) thp: Option<Collapser>,
     /// Pages given up by `drop_page` whose memory could not be returned (the hole punch
     /// failed): still allocated and counted, handed out first by `alloc_page`.
-    stray: Mutex<Vec<u64>>,
+    pub(crate) stray: Mutex<Vec<u64>>,
     /// Pages made of transparent huge pages (see [`RamHandle::is_huge`]).
-    huge: Mutex<Bitmap>,
+    pub(crate) huge: Mutex<Bitmap>,
+    /// Inherited by a forked child that could not give it a file of its
+    /// own (`fork.rs`): its file is still the parent's, so no page is
+    /// allocated in it or written through its window.
+    pub(crate) orphaned: AtomicBool,
 }
 
 impl fmt::Debug for RamHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RamHandle")
-            .field("fd", &self.fd)
-            .field("page_size", &self.page_size)
-            .field("max_pages", &self.max_pages)
-            .field("alloc", &self.alloc)
+            .field("fd", &self.core.fd)
+            .field("page_size", &self.core.page_size)
+            .field("max_pages", &self.core.max_pages)
+            .field("alloc", &self.core.alloc)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -429,39 +463,50 @@ impl fmt::Debug for RamHandle {
 impl RamHandle {
     /// Bytes per page.
     pub fn page_size(&self) -> usize {
-        self.page_size
+        self.core.page_size
     }
 
     /// Number of page indices: valid pages are `0..max_pages()`.
     pub fn max_pages(&self) -> u64 {
-        self.max_pages
+        self.core.max_pages
     }
 
     /// Pages allocated in this handle.
     pub fn stats(&self) -> RamStats {
-        stats(self.account.pages.load(Ordering::Relaxed), self.page_size)
+        stats(
+            self.core.account.pages.load(Ordering::Relaxed),
+            self.core.page_size,
+        )
     }
 
     /// The handle's kernel file.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.core.fd.as_fd()
     }
 
-    fn used(&self) -> MutexGuard<'_, Bitmap> {
+    fn used(&self) -> Locked<'_, Bitmap> {
         // A panic while holding the lock cannot leave the bitmap half-updated (each update
         // is one bit), so a poisoned lock is still consistent.
-        self.used.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.core.used)
     }
 
     fn offset(&self, page: u64) -> u64 {
-        page * self.page_size as u64
+        page * self.core.page_size as u64
+    }
+
+    /// Fails for a handle a forked child could not renew (`fork.rs`).
+    fn check_own_file(&self) -> Result<(), RamError> {
+        if self.core.orphaned.load(Ordering::Relaxed) {
+            return Err(RamError::Forked);
+        }
+        Ok(())
     }
 
     fn check_allocated(&self, page: u64) -> Result<(), RamError> {
-        if page >= self.max_pages {
+        if page >= self.core.max_pages {
             return Err(RamError::OutOfRange {
                 page,
-                max_pages: self.max_pages,
+                max_pages: self.core.max_pages,
             });
         }
         if !self.used().get(page) {
@@ -472,7 +517,7 @@ impl RamHandle {
 
     /// Whether `page` is allocated.
     pub fn is_allocated(&self, page: u64) -> bool {
-        page < self.max_pages && self.used().get(page)
+        page < self.core.max_pages && self.used().get(page)
     }
 
     /// Whether `page` is backed by huge pages (made transparent huge pages
@@ -480,12 +525,7 @@ impl RamHandle {
     /// access through a suitably aligned mapping maps it whole: populating
     /// such a mapping ahead of use saves nothing.
     pub fn is_huge(&self, page: u64) -> bool {
-        self.hugetlb
-            || self
-                .huge
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(page)
+        self.core.hugetlb || lock(&self.core.huge).get(page)
     }
 
     /// Allocates a page: `hint` itself when free (a hint beyond the handle counts as its last
@@ -496,58 +536,58 @@ impl RamHandle {
     /// A page whose [`RamHandle::drop_page`] failed is handed out first, with its old
     /// contents (its memory is still held, so this takes none).
     pub fn alloc_page(&self, hint: u64) -> Result<u64, RamError> {
-        if let Some(page) = self.stray.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+        self.check_own_file()?;
+        if let Some(page) = lock(&self.core.stray).pop() {
             return Ok(page);
         }
-        let hint = hint.min(self.max_pages - 1);
+        let hint = hint.min(self.core.max_pages - 1);
         let page = {
             let mut used = self.used();
             let page = used
-                .first_free(hint, self.max_pages)
+                .first_free(hint, self.core.max_pages)
                 .or_else(|| used.last_free(hint))
                 .ok_or(RamError::HandleFull {
-                    max_pages: self.max_pages,
+                    max_pages: self.core.max_pages,
                 })?;
             used.set(page, true);
             page
         };
         // The index is claimed, so fallocate runs without the lock.
-        if self.alloc == AllocPolicy::Reserve {
+        if self.core.alloc == AllocPolicy::Reserve {
             #[cfg(feature = "failpoints")]
             if let Err(e) = sys::failpoint("ram::alloc_page") {
                 self.used().set(page, false);
-                return Err(exhausted_or_io(e, page, self.page_size));
+                return Err(exhausted_or_io(e, page, self.core.page_size));
             }
             if self.reserve_huge(page) {
-                self.huge
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .set(page, true);
+                lock(&self.core.huge).set(page, true);
             } else {
                 if let Err(e) =
-                    sys::fallocate(self.fd(), 0, self.offset(page), self.page_size as u64)
+                    sys::fallocate(self.fd(), 0, self.offset(page), self.core.page_size as u64)
                 {
                     // Seed pages of a failed huge reservation may be there.
                     let _ = self.punch(page);
                     self.used().set(page, false);
-                    return Err(exhausted_or_io(e, page, self.page_size));
+                    return Err(exhausted_or_io(e, page, self.core.page_size));
                 }
             }
         }
-        self.account.add();
+        self.core.account.add();
         Ok(page)
     }
 
     /// Reserve claimed `page` as transparent huge pages; false when that was
     /// not done and the page needs the ordinary reservation.
     fn reserve_huge(&self, page: u64) -> bool {
-        let Some(thp) = &self.thp else { return false };
+        let Some(thp) = &self.core.thp else {
+            return false;
+        };
         let Ok(window) = self.window(page) else {
             return false;
         };
         // A seed-page failure is left to the ordinary reservation to meet
         // and report.
-        thp.reserve(self.fd(), self.offset(page), self.page_size, window)
+        thp.reserve(self.fd(), self.offset(page), self.core.page_size, window)
             .unwrap_or(false)
     }
 
@@ -556,7 +596,7 @@ impl RamHandle {
             self.fd(),
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             self.offset(page),
-            self.page_size as u64,
+            self.core.page_size as u64,
         )
     }
 
@@ -577,7 +617,7 @@ impl RamHandle {
         unsafe {
             sys::mmap(
                 addr,
-                self.page_size,
+                self.core.page_size,
                 prot.bits(),
                 flags,
                 self.fd(),
@@ -604,10 +644,10 @@ impl RamHandle {
         addr: NonNull<u8>,
         prot: Prot,
     ) -> Result<(), RamError> {
-        if addr.as_ptr() as usize % self.page_size != 0 {
+        if addr.as_ptr() as usize % self.core.page_size != 0 {
             return Err(RamError::Unaligned {
                 addr: addr.as_ptr() as usize,
-                page_size: self.page_size,
+                page_size: self.core.page_size,
             });
         }
         self.mmap_page(page, addr.as_ptr(), prot, true).map(drop)
@@ -619,14 +659,15 @@ impl RamHandle {
     /// by every mapping of the page.
     pub fn window(&self, page: u64) -> Result<NonNull<u8>, RamError> {
         self.check_allocated(page)?;
-        let window = match self.window.get() {
+        self.check_own_file()?;
+        let window = match self.core.window.get() {
             Some(w) => w,
             None => {
-                let _init = self.window_init.lock().unwrap_or_else(|p| p.into_inner());
-                match self.window.get() {
+                let _init = lock(&self.core.window_init);
+                match self.core.window.get() {
                     Some(w) => w,
                     None => {
-                        let len = (self.max_pages * self.page_size as u64) as usize;
+                        let len = (self.core.max_pages * self.core.page_size as u64) as usize;
                         #[cfg(feature = "failpoints")]
                         sys::failpoint("ram::window")
                             .map_err(|e| RamError::io("map the handle window (mmap)", e))?;
@@ -634,7 +675,7 @@ impl RamHandle {
                         // ones) can only be mapped at addresses aligned to them.
                         let ptr = sys::mmap_aligned(
                             len,
-                            self.page_size,
+                            self.core.page_size,
                             libc::PROT_READ | libc::PROT_WRITE,
                             libc::MAP_SHARED | libc::MAP_NORESERVE,
                             self.fd(),
@@ -648,7 +689,7 @@ impl RamHandle {
                         // SAFETY: the range was just mapped, and excluding
                         // it from core dumps changes no data.
                         let _ = unsafe { sys::madvise(ptr, len, libc::MADV_DONTDUMP) };
-                        self.window.get_or_init(|| Window { ptr, len })
+                        self.core.window.get_or_init(|| Window { ptr, len })
                     }
                 }
             }
@@ -675,7 +716,7 @@ impl RamHandle {
             let punched = Ok(());
             punched.and_then(|()| self.punch(page))
         };
-        let mut stray = self.stray.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stray = lock(&self.core.stray);
         // A retried drop of a stray page must not list it twice (it would be
         // handed out twice), and a drop that succeeds takes it off the list.
         stray.retain(|&p| p != page);
@@ -687,14 +728,11 @@ impl RamHandle {
             ));
         }
         drop(stray);
-        self.huge
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set(page, false);
+        lock(&self.core.huge).set(page, false);
         let mut used = self.used();
         if used.get(page) {
             used.set(page, false);
-            self.account.sub();
+            self.core.account.sub();
         }
         Ok(())
     }
@@ -702,7 +740,11 @@ impl RamHandle {
     /// Closes the handle, reporting errors that dropping it would ignore. Mappings of its
     /// pages stay valid; the window is unmapped.
     pub fn close(self) -> Result<(), RamError> {
-        let RamHandle { fd, window, .. } = self;
+        // The registry of live handles holds it for a moment while a fork
+        // is prepared: then it goes when the last holder drops it.
+        let Ok(Core { fd, window, .. }) = Arc::try_unwrap(self.core) else {
+            return Ok(());
+        };
         let unmapped = match window.into_inner() {
             Some(w) => w.unmap(),
             None => Ok(()),
@@ -714,7 +756,39 @@ impl RamHandle {
 
     /// Whether pages come from the hugetlb pool.
     pub fn is_hugetlb(&self) -> bool {
-        self.hugetlb
+        self.core.hugetlb
+    }
+}
+
+/// One of a handle's mutexes, held, and counted as held by this thread
+/// (`bigfile_os::HeldLock`): a page fault taken meanwhile, from a signal
+/// handler, could need it, and fails rather than waits for this thread.
+pub(crate) struct Locked<'a, T> {
+    // Dropped first: the count goes before the lock does.
+    _held: HeldLock,
+    guard: MutexGuard<'a, T>,
+}
+
+impl<T> Deref for Locked<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> DerefMut for Locked<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
+}
+
+/// Take `m`. A panic while it was held leaves its data consistent (every
+/// update is one step), so poisoning is ignored.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> Locked<'_, T> {
+    let guard = m.lock().unwrap_or_else(|p| p.into_inner());
+    Locked {
+        _held: HeldLock::enter(),
+        guard,
     }
 }
 
@@ -737,6 +811,167 @@ fn exhausted_or_io(e: io::Error, page: u64, page_size: usize) -> RamError {
 pub unsafe fn unmap(addr: NonNull<u8>, len: usize) -> Result<(), RamError> {
     // SAFETY: forwarded to the caller.
     unsafe { sys::munmap(addr, len) }.map_err(|e| RamError::io("munmap", e))
+}
+
+// --- fork(2) ---
+// RAM handles across fork(2). A forked child inherits every handle's
+// descriptor, so its pages would be the parent's memory: a page the child
+// dropped (a hole punched) or wrote would be gone or changed in the parent,
+// and the child's allocations would take the parent's page indices. So in
+// the child every live handle is renewed before fork returns: a new empty
+// file of the same size, of the same backend, takes the old descriptor's
+// number (`dup3`), the handle's window is mapped onto it at the same
+// address, and the handle holds no page. Mappings of the old pages made
+// with [`RamHandle::map_page`](crate::RamHandle::map_page) or `map_page_fixed`
+// still show the parent's memory in the child: their owner replaces them
+// (bigfile-virtmem puts its reservations back).
+//
+// A handle whose renewal fails (no descriptor or memory left) is
+// *orphaned*: its window becomes private memory, and it allocates nothing,
+// failing with [`RamError::Forked`](crate::RamError::Forked).
+//
+// The handles' mutexes are taken before the fork (`prepare`) and given back
+// after it in both processes, so a child never finds one held by a thread
+// that does not exist there. `Ram::new` registers the handlers: before any
+// layer above, whose locks are taken before these (`bigfile_os::at_fork`).
+
+/// Every live handle.
+static HANDLES: Mutex<Vec<Weak<Core>>> = Mutex::new(Vec::new());
+
+/// Register the fork handlers, once.
+fn install_fork_handlers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Without them a child could damage its parent's pages: no way on.
+        bigfile_os::at_fork(prepare, parent, child).expect("pthread_atfork");
+    });
+}
+
+/// Track a new handle.
+fn track(core: &Arc<Core>) {
+    let mut handles = HANDLES.lock().unwrap_or_else(|p| p.into_inner());
+    handles.retain(|w| w.strong_count() > 0);
+    handles.push(Arc::downgrade(core));
+}
+
+/// One handle's mutexes, held across a fork. The guards borrow `core`'s
+/// mutexes: declared before it, they are dropped before it.
+struct HeldHandle {
+    _window_init: Locked<'static, ()>,
+    used: Locked<'static, Bitmap>,
+    stray: Locked<'static, Vec<u64>>,
+    huge: Locked<'static, Bitmap>,
+    core: Arc<Core>,
+}
+
+struct Held {
+    handles: Vec<HeldHandle>,
+    _registry: MutexGuard<'static, Vec<Weak<Core>>>,
+}
+
+thread_local! {
+    /// What the forking thread holds between `prepare` and `parent`/`child`
+    /// (the same thread runs all three).
+    static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
+}
+
+/// Extend a guard's borrow of `core`'s mutex to `'static`.
+///
+/// # Safety
+/// The guard must be dropped before the last `Arc` of the `Core` whose
+/// mutex it holds (`HeldHandle` keeps that order).
+unsafe fn extend<T>(guard: Locked<'_, T>) -> Locked<'static, T> {
+    // SAFETY: the same type but for the lifetime; the caller keeps the
+    // mutex alive for as long as the guard.
+    unsafe { std::mem::transmute::<Locked<'_, T>, Locked<'static, T>>(guard) }
+}
+
+unsafe extern "C" fn prepare() {
+    let registry = HANDLES.lock().unwrap_or_else(|p| p.into_inner());
+    let handles = registry
+        .iter()
+        .filter_map(Weak::upgrade)
+        .map(|core| {
+            // SAFETY: each guard is stored beside the `Arc` that keeps its
+            // mutex alive, and dropped first.
+            unsafe {
+                HeldHandle {
+                    _window_init: extend(lock(&core.window_init)),
+                    used: extend(lock(&core.used)),
+                    stray: extend(lock(&core.stray)),
+                    huge: extend(lock(&core.huge)),
+                    core: core.clone(),
+                }
+            }
+        })
+        .collect();
+    HELD.with(|h| {
+        *h.borrow_mut() = Some(Held {
+            handles,
+            _registry: registry,
+        })
+    });
+}
+
+unsafe extern "C" fn parent() {
+    HELD.with(|h| drop(h.borrow_mut().take()));
+}
+
+unsafe extern "C" fn child() {
+    let Some(mut held) = HELD.with(|h| h.borrow_mut().take()) else {
+        return;
+    };
+    for h in &mut held.handles {
+        renew(h);
+    }
+}
+
+/// Give handle `h` (its mutexes held) a file of its own in the child.
+fn renew(h: &mut HeldHandle) {
+    let core = &*h.core;
+    let renewed = core
+        .account
+        .ram()
+        .new_file(core.max_pages)
+        .map_err(|_| ())
+        .and_then(|file| sys::dup_onto(file.as_fd(), core.fd.as_fd()).map_err(drop));
+    let window = core.window.get().map(|w| (w.ptr, w.len));
+    let windowed = match (renewed, window) {
+        (Ok(()), Some((ptr, len))) => {
+            // SAFETY: the window's own range, remapped onto the handle's
+            // (new) file, as it was made; no page is allocated in it.
+            unsafe {
+                sys::mmap(
+                    ptr.as_ptr(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                    core.fd.as_fd(),
+                    0,
+                )
+                .and_then(|_| sys::madvise(ptr, len, libc::MADV_DONTDUMP))
+            }
+            .is_ok()
+        }
+        (Ok(()), None) => true,
+        (Err(()), _) => false,
+    };
+    if !windowed {
+        core.orphaned.store(true, Ordering::Relaxed);
+        if let Some((ptr, len)) = window {
+            // The parent's memory must not stay reachable; a write through
+            // the window by a load in progress lands in private memory.
+            // SAFETY: the window's own range; no page of it is in use.
+            if unsafe { sys::map_anonymous_over(ptr, len) }.is_err() {
+                // SAFETY: as above; unmapped, a use faults.
+                let _ = unsafe { sys::munmap(ptr, len) };
+            }
+        }
+    }
+    *h.used = Bitmap::default();
+    h.stray.clear();
+    *h.huge = Bitmap::default();
+    core.account.forget_all();
 }
 
 #[cfg(test)]

@@ -229,6 +229,35 @@ pub(crate) unsafe fn munmap(addr: NonNull<u8>, len: usize) -> io::Result<()> {
     unsafe { syscall!(munmap(addr.as_ptr().cast(), len)) }.map(drop)
 }
 
+/// Makes descriptor `to` refer to `from`'s file (`dup3`, close-on-exec).
+pub(crate) fn dup_onto(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: two valid descriptors; `to` keeps its number and now refers
+    // to `from`'s file, which is what its owner asks for.
+    unsafe { syscall!(dup3(from.as_raw_fd(), to.as_raw_fd(), libc::O_CLOEXEC)) }.map(drop)
+}
+
+/// Replaces `[addr, addr + len)` by private anonymous memory.
+///
+/// # Safety
+/// The caller owns the range and nothing relies on its old contents.
+pub(crate) unsafe fn map_anonymous_over(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: forwarded to the caller.
+    let p = unsafe {
+        libc::mmap(
+            addr.as_ptr().cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Closes `fd`, reporting the error `Drop for OwnedFd` would swallow.
 pub(crate) fn close(fd: OwnedFd) -> io::Result<()> {
     use std::os::fd::IntoRawFd;

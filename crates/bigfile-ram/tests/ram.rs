@@ -12,6 +12,7 @@ use bigfile_ram::{
     allocated_bytes, os_page_size, unmap, AllocPolicy, Backend, Prot, Ram, RamError, RamHandle,
     RamSpec, RamStats, ThpPolicy,
 };
+use bigfile_testkit::child::{forked, TIMEOUT};
 use bigfile_testkit::memory::ram_file_mappings;
 use bigfile_testkit::mount::Mount;
 use std::path::Path;
@@ -656,5 +657,54 @@ fn two_mib_pages_are_transparent_huge_pages_unless_off() {
         h.drop_page(page).unwrap();
         assert!(!h.is_huge(page), "{spec}: a dropped page is not huge");
         assert_eq!(allocated_bytes(h.fd()).unwrap(), 0, "{spec}: released");
+    }
+}
+
+/// A forked child gets every handle renewed: no page allocated, the page
+/// indices free, its writes and hole punches in memory of its own. The
+/// parent's pages are as they were.
+#[test]
+fn a_forked_child_has_handles_of_its_own() {
+    let _s = serial();
+    for spec in ["memfd,pagesize=4K", "shmfs,pagesize=4K"] {
+        let ram = new_ram(spec);
+        let h = ram.open_handle().unwrap();
+        let p = h.alloc_page(3).unwrap();
+        let w = h.window(p).unwrap();
+        // SAFETY: the page's 4 KiB in the window, ours alone.
+        unsafe { w.as_ptr().write_bytes(0x5a, 4096) };
+        let status = forked(
+            || {
+                if h.stats().pages_allocated != 0
+                    || h.is_allocated(p)
+                    || ram.stats().pages_allocated != 0
+                {
+                    return false;
+                }
+                // The same index, in the child's own memory: it reads zeros,
+                // and what the child writes and punches is its own.
+                let Ok(q) = h.alloc_page(3) else { return false };
+                let Ok(w) = h.window(q) else { return false };
+                // SAFETY: as in the parent, in the child's own file.
+                let zero = unsafe { w.as_ptr().read() } == 0;
+                // SAFETY: as above.
+                unsafe { w.as_ptr().write_bytes(0x11, 4096) };
+                zero && q == p && h.drop_page(q).is_ok()
+            },
+            TIMEOUT,
+        )
+        .unwrap();
+        assert!(
+            status.success(),
+            "{spec}: the child's handle was not its own"
+        );
+        // SAFETY: the parent's page, still allocated.
+        let back = unsafe { std::slice::from_raw_parts(h.window(p).unwrap().as_ptr(), 4096) };
+        assert!(
+            back.iter().all(|&b| b == 0x5a),
+            "{spec}: the child changed the parent's page"
+        );
+        assert_eq!(ram.stats().pages_allocated, 1);
+        h.drop_page(p).unwrap();
     }
 }

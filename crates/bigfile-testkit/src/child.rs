@@ -127,6 +127,52 @@ pub fn run(mut cmd: Command, timeout: Duration) -> Result<Ended, String> {
     })
 }
 
+/// Fork, run `body` in the child and end it with its answer (`true`: exit
+/// 0, `false`: exit 1), and wait for it in the parent: its wait status, or
+/// an error if it is still running after `timeout` (killed: a hang). The
+/// child runs nothing but `body` and `_exit`: other threads of the test
+/// binary may hold locks (stdout's, the allocator's arenas') that only
+/// they would release, so `body` keeps to what the code under test
+/// promises to do in a forked child.
+pub fn forked(body: impl FnOnce() -> bool, timeout: Duration) -> Result<ExitStatus, String> {
+    // SAFETY: fork; the child runs `body` and `_exit`s, never returning
+    // into the test harness.
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(false);
+            // SAFETY: _exit ends the child at once, running no destructor
+            // and no atexit handler of the parent's.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
+        pid => {
+            let t0 = Instant::now();
+            let pid = nix::unistd::Pid::from_raw(pid);
+            loop {
+                match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                    Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
+                    Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => {
+                        return Ok(ExitStatus::from_raw(code << 8))
+                    }
+                    Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => {
+                        return Ok(ExitStatus::from_raw(sig as i32))
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(format!("waitpid: {e}")),
+                }
+                if t0.elapsed() > timeout {
+                    let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                    let _ = nix::sys::wait::waitpid(pid, None);
+                    return Err(format!(
+                        "the forked child hung: still running after {timeout:?}, killed"
+                    ));
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
 /// How a child must die: by a signal, after printing some things (in
 /// order) on stderr, and never printing others.
 #[derive(Debug, Clone)]

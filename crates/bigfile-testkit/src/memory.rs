@@ -80,6 +80,41 @@ pub fn write_byte(addr: usize, value: u8) {
     unsafe { ptr::write_volatile(addr as *mut u8, value) }
 }
 
+/// Read 8 bytes at `addr`, aligned or not, with one instruction: across a
+/// page boundary, that one instruction needs both pages at once.
+pub fn read_u64_one_access(addr: usize) -> u64 {
+    let v: u64;
+    // SAFETY: callers pass 8 bytes of a live mapping whose faults are
+    // served; the load changes nothing.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::asm!("mov {v}, qword ptr [{a}]", a = in(reg) addr, v = out(reg) v,
+            options(nostack, readonly, preserves_flags));
+    }
+    // SAFETY: as above.
+    #[cfg(target_arch = "aarch64")]
+    unsafe {
+        std::arch::asm!("ldr {v}, [{a}]", a = in(reg) addr, v = out(reg) v,
+            options(nostack, readonly, preserves_flags));
+    }
+    v
+}
+
+/// Copy 8 bytes from `src` to `dst` with one instruction (`movsq`): with
+/// `src` across a page boundary and `dst` on a third page, one instruction
+/// that needs three pages at once. (aarch64 has no instruction that reads
+/// and writes memory at two places.)
+#[cfg(target_arch = "x86_64")]
+pub fn move_u64_one_access(src: usize, dst: usize) {
+    // SAFETY: callers pass 8 bytes at `src` and at `dst` of live mappings
+    // whose faults are served; `movsq` moves forward (the direction flag
+    // is clear at every call boundary by the ABI).
+    unsafe {
+        std::arch::asm!("movsq", inout("rsi") src => _, inout("rdi") dst => _,
+            options(nostack, preserves_flags));
+    }
+}
+
 /// The permissions of the kernel mapping holding `addr`, as
 /// `/proc/self/maps` shows them ("r--s", "rw-p", "---p"...); `None` where
 /// nothing is mapped.

@@ -28,6 +28,11 @@ pub enum Error {
     /// The operation conflicts with a writeout of the same handle in progress.
     #[error("{0}: a writeout of this file handle is in progress")]
     WriteoutInProgress(&'static str),
+    /// A `storeblk` of this writeout called fork(2), and this is the child,
+    /// which starts with nothing resident and nothing dirty: the writeout
+    /// stopped there (the parent's goes on).
+    #[error("the writeout was interrupted by fork(2): in the child, the handle has no page of the parent's")]
+    Forked,
     /// `storeblk` failed; this block and every block after it are still dirty.
     #[error("storeblk of block {blk} of {file} failed: {source}")]
     Store {

@@ -13,3 +13,10 @@ pub(crate) fn check(name: &str) -> io::Result<()> {
     });
     Ok(())
 }
+
+/// Hook point `name`: where the crate's own failpoint tests run code of
+/// theirs (fail's callbacks), to hold a thread at a chosen step or to learn
+/// that one got there.
+pub(crate) fn hook(name: &str) {
+    fail::fail_point!(name);
+}

@@ -27,6 +27,9 @@ pub(crate) enum Failure {
     Panicked,
     /// The budget is full of pages that cannot be reclaimed.
     Budget { budget: u64, pinned: u64 },
+    /// One instruction touches more pages than the budget plus one holds:
+    /// loading one of them took back another (`streak.rs`).
+    TooWide { budget: u64 },
     /// The RAM itself (its filesystem, the OS) has no memory for another
     /// page, and no clean page is left to reclaim.
     RamExhausted(RamError),
@@ -52,6 +55,7 @@ impl Clone for Failure {
             },
             Failure::Panicked => Failure::Panicked,
             &Failure::Budget { budget, pinned } => Failure::Budget { budget, pinned },
+            &Failure::TooWide { budget } => Failure::TooWide { budget },
             Failure::RamExhausted(e) => Failure::RamExhausted(e.clone()),
             Failure::Ram { doing, source } => Failure::Ram {
                 doing,
@@ -84,6 +88,11 @@ impl Failure {
                 "RAM budget of {budget} bytes is exhausted by {pinned} dirty or loading pages; \
                  cannot load block {blk} of {file} (write out or discard changes, or raise the budget)"
             ),
+            Failure::TooWide { budget } => format!(
+                "an access needs block {blk} of {file} again after loading another of its pages \
+                 took it back: one instruction touches more pages than the RAM budget of {budget} \
+                 bytes plus one page holds (raise the budget)"
+            ),
             Failure::RamExhausted(e) => format!(
                 "no RAM for block {blk} of {file} and no clean page to reclaim: {e}"
             ),
@@ -108,6 +117,8 @@ impl Failure {
             Failure::Load { attempts, source } => load(LoadError::Block { attempts, source }),
             Failure::Panicked => load(LoadError::Panicked),
             Failure::Budget { budget, pinned } => Error::BudgetExhausted { budget, pinned },
+            // Prefault has no instruction to re-execute: not met there.
+            Failure::TooWide { budget } => Error::BudgetExhausted { budget, pinned: 0 },
             // The RAM's own memory (its filesystem, the OS) ran out: not
             // the budget, whatever it is.
             Failure::RamExhausted(e) => Error::Ram(e),

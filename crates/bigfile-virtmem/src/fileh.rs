@@ -9,11 +9,12 @@ use bigfile_os::Prot;
 use crate::bigfile::BigFile;
 use crate::callback::InCallback;
 use crate::error::{Error, Result};
+use crate::fork;
 use crate::handle::{FileHInner, LoadPolicy};
 use crate::host::HostUnlocked;
 use crate::keys::PageKey;
 use crate::mapper::Mapper;
-use crate::pages::{Invalidation, PageState};
+use crate::pages::{Invalidation, PageState, Stored};
 use crate::ram::Ram;
 use crate::state::State;
 use crate::stats::{Counter, Stats};
@@ -129,13 +130,19 @@ impl FileH {
     /// dirty, so nothing is lost and a later writeout retries. Failing to
     /// make the pages read-only (mprotect) stops it likewise, with
     /// [`Error::Os`], before storing (STORE) or before marking (MARKSTORED).
+    ///
+    /// MARKSTORED apart from STORE (as a two-phase commit does) marks clean
+    /// every dirty page except those written since a STORE stored them:
+    /// their new content was never stored, and they stay dirty for the next
+    /// writeout. (wendelin.core marks those clean too, losing the writes.)
+    /// A dirty page no STORE stored is marked clean on the caller's word.
     pub fn dirty_writeout(&self, flags: WriteoutFlags) -> Result<()> {
         let _host = HostUnlocked::new();
         let fh = &*self.inner;
         let shared = &*fh.shared;
         let mut st = fh.lock_unless_writeout("dirty_writeout")?;
-        let blocks = st.dirty_pages(fh.key);
         if flags.contains(WriteoutFlags::STORE) {
+            let blocks = st.dirty_pages(fh.key);
             // Read-only everywhere, so a write during storeblk faults and waits.
             // If that fails (mprotect's ENOMEM), nothing is stored: a page left
             // writable could change unseen while stored, and the change be lost
@@ -151,26 +158,41 @@ impl FileH {
                 .collect();
             let ticket = Ticket::mine_for(fh.needs_host);
             st.begin_writeout(fh.key, ticket.clone());
+            let forks = fork::generation();
             drop(st);
 
-            let stored = catch_unwind(AssertUnwindSafe(|| store_all(fh, &to_store)));
+            let stored = catch_unwind(AssertUnwindSafe(|| store_all(fh, &to_store, forks)));
 
             // Retake the lock and keep it through marking, so no discard or
             // invalidation slips in between and `blocks` stays exact.
             st = shared.lock();
+            if fork::generation() != forks {
+                // A storeblk forked, and this is the child, whose state
+                // forgot the pages (the parent's): nothing to mark.
+                return Err(Error::Forked);
+            }
             st.end_writeout(fh.key);
             ticket.finish(Ok(()));
             shared.notify(&st);
-            match stored {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e),
+            let (n, res) = match stored {
+                Ok(outcome) => outcome,
                 Err(panic) => {
                     drop(st);
                     resume_unwind(panic)
                 }
+            };
+            // No write could come in between: they waited for the writeout.
+            for &(_, pk) in &blocks[..n] {
+                st.mark_stored(pk);
             }
+            res?;
         }
         if flags.contains(WriteoutFlags::MARKSTORED) {
+            let blocks: Vec<(u64, PageKey)> = st
+                .dirty_pages(fh.key)
+                .into_iter()
+                .filter(|&(_, pk)| st.pages().get(pk).stored() != Stored::Rewritten)
+                .collect();
             // Every page read-only first: a clean page left writable would take
             // writes without becoming dirty. On failure all stay dirty.
             read_only_everywhere(&st, fh, &blocks)?;
@@ -288,24 +310,36 @@ fn read_only_everywhere(st: &State, fh: &FileHInner, blocks: &[(u64, PageKey)]) 
     Ok(())
 }
 
-/// Store `blocks` (block, RAM page) in order; stop at the first failure.
-fn store_all(fh: &FileHInner, blocks: &[(u64, u64)]) -> Result<()> {
-    let ps = fh.page_size();
-    for &(blk, ram_page) in blocks {
-        let window = fh.ramh.window(ram_page)?;
-        // SAFETY: the page is dirty and this handle is under writeout: it
-        // cannot be dropped (discard/invalidate are refused, reclaim takes
-        // clean pages only) and every mapping of it is read-only, so its
-        // memory stays valid and unchanged while we read it.
-        let buf = unsafe { std::slice::from_raw_parts(window.as_ptr().cast_const(), ps) };
-        let _inside = InCallback::enter();
-        fh.file.storeblk(blk, buf).map_err(|source| Error::Store {
-            file: fh.name.clone(),
-            blk,
-            source,
-        })?;
-        fh.counts().add(Counter::Stores, 1);
+/// Store `blocks` (block, RAM page) in order; stop at the first failure,
+/// or if a storeblk forked and this is the child (whose RAM handle does not
+/// hold the parent's pages). Returns how many were stored, and the failure.
+fn store_all(fh: &FileHInner, blocks: &[(u64, u64)], forks: u64) -> (usize, Result<()>) {
+    for (n, &(blk, ram_page)) in blocks.iter().enumerate() {
+        if fork::generation() != forks {
+            return (n, Err(Error::Forked));
+        }
+        if let Err(e) = store_one(fh, blk, ram_page) {
+            return (n, Err(e));
+        }
     }
+    (blocks.len(), Ok(()))
+}
+
+/// Store block `blk` from `ram_page`.
+fn store_one(fh: &FileHInner, blk: u64, ram_page: u64) -> Result<()> {
+    let window = fh.ramh.window(ram_page)?;
+    // SAFETY: the page is dirty and this handle is under writeout: it
+    // cannot be dropped (discard/invalidate are refused, reclaim takes
+    // clean pages only) and every mapping of it is read-only, so its
+    // memory stays valid and unchanged while we read it.
+    let buf = unsafe { std::slice::from_raw_parts(window.as_ptr().cast_const(), fh.page_size()) };
+    let _inside = InCallback::enter();
+    fh.file.storeblk(blk, buf).map_err(|source| Error::Store {
+        file: fh.name.clone(),
+        blk,
+        source,
+    })?;
+    fh.counts().add(Counter::Stores, 1);
     Ok(())
 }
 

@@ -81,6 +81,19 @@ impl Mapper {
         taken_away_or_abort(res, start, "the pages of a closed mapping");
     }
 
+    /// Put the reservation back over a whole mapping's range, whatever
+    /// pages are mapped in it (a forked child's, which are its parent's).
+    /// A range that stays accessible would show the parent's memory: if
+    /// the kernel refuses, abort.
+    ///
+    /// # Safety
+    /// `start` and `pages` are a mapping's range, whose pages are dropped
+    /// on purpose.
+    pub(crate) unsafe fn reserve_again(&self, start: NonNull<u8>, pages: usize) {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.revoke(start, pages) };
+    }
+
     /// Make block `blk`'s RAM page `ram_page` visible in mapping `vma` of
     /// handle `fk` with `prot`: replace the slot's reservation by the page,
     /// or, where it is mapped already, change its protection.
@@ -251,6 +264,10 @@ impl Deferred {
     /// Do the work. Must be called, without the lock held, on every path
     /// after a reclaim that was given this `Deferred`.
     pub(crate) fn finish(mut self, shared: &Shared) {
+        #[cfg(feature = "failpoints")]
+        if !self.unmaps.is_empty() {
+            crate::failpoint::hook("virtmem::deferred_unmap");
+        }
         let mapper = Mapper::of(shared);
         // Adjacent slots of one mapping (a batch of a scan's oldest blocks)
         // are unmapped by one call: one mmap_lock hold, one TLB shootdown.
@@ -341,6 +358,7 @@ mod tests {
         mapper.forget(&mut st, pks[2], shared.counters());
         assert_eq!(ramh.stats().pages_allocated, 0, "every page given back");
         st.remove_vma(fk, vk);
+        st.released(start);
         st.close_handle(fk);
         drop(st);
         // SAFETY: the reservation made above, unused from here on.

@@ -22,12 +22,28 @@ pub enum PageState {
     Dirty,
 }
 
+/// A dirty page's content against the last STORE of its handle: what a
+/// MARKSTORED apart from that STORE may mark clean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stored {
+    /// No STORE stored it since it became dirty: MARKSTORED takes the
+    /// caller's word that it is stored (as wendelin.core does).
+    Not,
+    /// A STORE stored it and it has not been written since.
+    Unchanged,
+    /// Written after a STORE stored it: its content is not stored, and
+    /// MARKSTORED leaves it dirty.
+    Rewritten,
+}
+
 /// One resident page.
 #[derive(Debug)]
 pub(crate) struct Page {
     fileh: FileKey,
     blk: u64,
     state: PageState,
+    /// Meaningful while DIRTY.
+    stored: Stored,
     /// Its memory: a page of the handle's RAM file; `None` while loading.
     ram_page: Option<RamPage>,
     /// While loading: the loader's ticket, which waiters wait for.
@@ -53,6 +69,10 @@ impl Page {
 
     pub(crate) fn ticket(&self) -> Option<&Arc<Ticket>> {
         self.ticket.as_ref()
+    }
+
+    pub(crate) fn stored(&self) -> Stored {
+        self.stored
     }
 
     fn is_loading(&self) -> bool {
@@ -125,6 +145,7 @@ impl PageTable {
             fileh,
             blk,
             state: PageState::Loading,
+            stored: Stored::Not,
             ram_page: None,
             ticket: Some(ticket),
         }))
@@ -148,13 +169,26 @@ impl PageTable {
         }
     }
 
-    /// LOADED → DIRTY; false (nothing done) when it is dirty already.
+    /// LOADED → DIRTY, for a write; false when it is dirty already (a
+    /// page a STORE stored is then written again: `Stored::Rewritten`).
     pub(crate) fn mark_dirty(&mut self, pk: PageKey) -> bool {
         let p = &mut self.pages[pk.0];
         debug_assert!(!p.is_loading(), "mark_dirty of a {:?} page", p.state);
         let was_clean = p.state == PageState::Loaded;
         p.state = PageState::Dirty;
+        p.stored = match (was_clean, p.stored) {
+            (true, _) => Stored::Not,
+            (false, Stored::Unchanged) => Stored::Rewritten,
+            (false, s) => s,
+        };
         was_clean
+    }
+
+    /// A STORE stored the (dirty) page's content.
+    pub(crate) fn mark_stored(&mut self, pk: PageKey) {
+        let p = &mut self.pages[pk.0];
+        debug_assert_eq!(p.state, PageState::Dirty);
+        p.stored = Stored::Unchanged;
     }
 
     /// DIRTY → LOADED (written out).
@@ -257,6 +291,15 @@ mod tests {
         t.finish_load(pks[0], RamPage(0));
         assert!(t.mark_dirty(pks[0]));
         assert!(!t.mark_dirty(pks[0]), "dirty already");
+        assert_eq!(t.get(pks[0]).stored(), Stored::Not);
+        t.mark_stored(pks[0]);
+        assert_eq!(t.get(pks[0]).stored(), Stored::Unchanged);
+        t.mark_dirty(pks[0]);
+        assert_eq!(t.get(pks[0]).stored(), Stored::Rewritten);
+        t.mark_dirty(pks[0]);
+        assert_eq!(t.get(pks[0]).stored(), Stored::Rewritten);
+        t.mark_stored(pks[0]);
+        assert_eq!(t.get(pks[0]).stored(), Stored::Unchanged);
         assert_eq!(t.get(pks[0]).state(), PageState::Dirty);
         assert_eq!(t.invalidate(pks[0]), Invalidation::Resident);
         t.mark_clean(pks[0]);

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::Result;
 use crate::host::HostUnlocked;
@@ -42,13 +42,21 @@ pub struct RamStats {
 
 static DEFAULT_RAMS: Mutex<Option<HashMap<usize, Ram>>> = Mutex::new(None);
 
+/// Lock the default RAMs' table.
+fn lock_defaults() -> MutexGuard<'static, Option<HashMap<usize, Ram>>> {
+    DEFAULT_RAMS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Ram {
-    /// Use `ram`'s pages, with a budget of everything it can hold.
+    /// Use `ram`'s pages, with a budget of everything it can hold (set a
+    /// smaller one with [`Ram::with_budget`]; the default RAMs, which
+    /// handles opened without a RAM use, have a budget that follows the
+    /// memory the process may use: [`Ram::default_for`]).
     pub fn new(ram: bigfile_ram::Ram) -> Ram {
         let budget = ram.max_size();
-        let r = Ram {
-            shared: Arc::new(Shared::new(ram)),
-        };
+        let shared = Arc::new(Shared::new(ram));
+        crate::fork::track(&shared, || Box::new(lock_defaults()));
+        let r = Ram { shared };
         r.set_budget(budget);
         r
     }
@@ -68,13 +76,23 @@ impl Ram {
     /// The process's default RAM for `page_size`: created on first use with
     /// the default backend (or `BIGFILE_RAM`'s), shared by every handle
     /// opened without an explicit RAM.
+    ///
+    /// Its budget follows the memory the process may use: a quarter of the
+    /// least of the machine's memory and the memory limits of its cgroups
+    /// (v2 `memory.max`/`memory.high`, v1 `memory.limit_in_bytes`), lowered
+    /// while memory is short (what is available, `MemAvailable` and the
+    /// cgroups' room, beyond an eighth of that limit), never below a 64th
+    /// of it; looked at again at most four times a second, by the faults
+    /// that load. [`Ram::set_budget`] replaces that policy with a fixed
+    /// budget. ("Default budget" in ARCHITECTURE.md says why.)
     pub fn default_for(page_size: usize) -> Result<Ram> {
-        let mut rams = DEFAULT_RAMS.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rams = lock_defaults();
         let rams = rams.get_or_insert_with(HashMap::new);
         if let Some(r) = rams.get(&page_size) {
             return Ok(r.clone());
         }
         let r = Ram::new(bigfile_ram::Ram::with_page_size(page_size)?);
+        r.shared.follow_memory();
         rams.insert(page_size, r.clone());
         Ok(r)
     }
@@ -82,7 +100,7 @@ impl Ram {
     /// Reclaim every clean page of every default RAM; returns how many.
     pub fn reclaim_defaults() -> usize {
         let rams: Vec<Ram> = {
-            let rams = DEFAULT_RAMS.lock().unwrap_or_else(|p| p.into_inner());
+            let rams = lock_defaults();
             rams.as_ref()
                 .map(|m| m.values().cloned().collect())
                 .unwrap_or_default()
@@ -122,6 +140,7 @@ impl Ram {
     /// may be dropped a little before they had to be, their memory kept,
     /// within the budget, for the handle's next loads.
     pub fn set_budget(&self, bytes: u64) {
+        self.shared.stop_following_memory();
         self.shared
             .set_budget_pages(bytes / self.page_size() as u64);
     }

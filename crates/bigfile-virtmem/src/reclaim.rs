@@ -11,10 +11,11 @@ use crate::budget::batch_size;
 use crate::callback::in_callback;
 use crate::failure::Failure;
 use crate::host::HostLease;
-use crate::keys::{FileKey, RamPage};
+use crate::keys::{FileKey, PageKey, RamPage};
 use crate::mapper::{Deferred, Mapper};
 use crate::shared::{Guard, Shared};
 use crate::state::{State, Unmap};
+use crate::streak;
 
 /// What [`make_room`] found.
 pub(crate) enum Room {
@@ -45,13 +46,15 @@ pub(crate) fn make_room<'a>(
     mut st: Guard<'a>,
     shared: &'a Shared,
     (fk, ramh): (FileKey, &Arc<RamHandle>),
-    (sequential, host): (bool, &mut HostLease),
+    (sequential, pin, host): (bool, Option<PageKey>, &mut HostLease),
     deferred: &mut Deferred,
 ) -> (Guard<'a>, Result<Room, Failure>) {
     let rc = shared.counters();
+    let ram = shared as *const Shared as usize;
+    let budget = shared.budget_pages();
     let mut recycled = st.take_spare(fk, rc);
     let mut reclaimed = false;
-    while st.budget().is_full(shared.budget_pages()) {
+    while st.budget().is_full(budget) {
         if recycled.is_none() {
             // After a wait, spares of the handle may have become ready.
             recycled = st.take_spare(fk, rc);
@@ -63,9 +66,20 @@ pub(crate) fn make_room<'a>(
             deferred.release(owner, rp);
             continue;
         }
-        match st.reclaim_oldest(rc, Unmap::Deferred, deferred.slots()) {
+        if let Some(p) = pin.filter(|&p| st.lru().oldest() == Some(p)) {
+            // The faulting access still needs it: the next oldest goes.
+            st.touch(p);
+        }
+        let pinned_only = pin.is_some() && st.lru().oldest() == pin;
+        let taken = if pinned_only {
+            None
+        } else {
+            st.reclaim_oldest(rc, Unmap::Deferred, deferred.slots())
+        };
+        match taken {
             Some(d) => {
                 reclaimed = true;
+                streak::reclaimed(ram, d.fileh, d.blk);
                 if let Some(rp) = d.ram_page {
                     if recycled.is_none() && d.fileh == fk {
                         // Reused by the load: saves a hole punch now and
@@ -75,6 +89,11 @@ pub(crate) fn make_room<'a>(
                         deferred.release(st.ramh(d.fileh).clone(), rp);
                     }
                 }
+            }
+            None if pin.is_some() && !st.budget().is_full(budget.saturating_add(1)) => {
+                // Only the page the access holds is left (or dirty pages):
+                // its other page goes one over the budget.
+                break;
             }
             None => {
                 if let Some(rp) = recycled.take() {
@@ -98,9 +117,7 @@ pub(crate) fn make_room<'a>(
                     continue;
                 }
                 let failure = Failure::Budget {
-                    budget: shared
-                        .budget_pages()
-                        .saturating_mul(shared.page_size() as u64),
+                    budget: budget.saturating_mul(shared.page_size() as u64),
                     pinned: st.budget().resident(),
                 };
                 return (st, Err(failure));
@@ -108,7 +125,10 @@ pub(crate) fn make_room<'a>(
         }
     }
     if reclaimed && !sequential {
-        for _ in 1..batch_size(shared.budget_pages()) {
+        for _ in 1..batch_size(budget) {
+            if pin.is_some() && st.lru().oldest() == pin {
+                break;
+            }
             match st.spare_from_lru(fk, rc, deferred.slots()) {
                 Some(rp) => deferred.spare(fk, rp),
                 None => break,

@@ -19,15 +19,17 @@ use bigfile_os::Prot;
 
 use crate::callback::InCallback;
 use crate::failure::{Failure, ALLOCATING, MAPPING, WINDOWING};
+use crate::fork;
 use crate::handle::FileHInner;
 use crate::host::HostLease;
-use crate::keys::{PageKey, RamPage, VmaId};
+use crate::keys::{FileKey, PageKey, RamPage, VmaId};
 use crate::mapper::{Deferred, MapError, Mapper};
 use crate::pages::{LoadEnd, PageState};
 use crate::reclaim::{make_room, reclaim_one, Room};
 use crate::shared::Guard;
 use crate::state::Unmap;
 use crate::stats::Counter;
+use crate::streak::{Execution, Lost};
 use crate::waits::Ticket;
 
 /// One page to serve: a block of a mapping, for an access.
@@ -40,6 +42,10 @@ pub(crate) struct PageRequest {
     /// (drop-behind): for a fault; for prefault only for the first block of
     /// its range, so it does not reclaim the pages it has just served.
     pub(crate) drop_behind: bool,
+    /// `Fault::execution` of the access that faulted, which keeps the page
+    /// it was served last (`streak.rs`); `None` for prefault, which
+    /// re-executes nothing.
+    pub(crate) execution: Option<u64>,
 }
 
 /// Serve `req` for handle `fh`: when this returns `Ok`, the page is mapped
@@ -52,18 +58,34 @@ pub(crate) fn serve(
     host: &mut HostLease,
 ) -> Result<(), Failure> {
     fh.counts().add(Counter::Faults, 1);
+    let access = req.execution.map(|execution| Execution {
+        ram: Arc::as_ptr(&fh.shared) as usize,
+        execution,
+    });
+    let pin = match &access {
+        Some(a) => a.begin(fh.key, req.blk).map_err(|Lost| Failure::TooWide {
+            budget: fh.shared.budget_pages() * fh.page_size() as u64,
+        })?,
+        None => None,
+    };
+    fh.shared.adapt_budget();
     let mut st = fh.shared.lock();
     let sequential = st.drop_behind(fh.key, req.vma, req.blk, req.drop_behind);
     loop {
         st = match st.lookup(fh.key, req.blk) {
-            None => load(fh, st, (req.blk, sequential), host)?,
+            None => load(fh, st, (req.blk, sequential), pin, host)?,
             Some(pk) => match st.pages().get(pk).state() {
                 PageState::Loading | PageState::LoadingInvalidated => {
                     wait_for_load(fh, st, (req.blk, pk), host)?
                 }
                 PageState::Loaded | PageState::Dirty => match map_page(fh, st, (req, pk), host)? {
                     Some(st) => st,
-                    None => return Ok(()),
+                    None => {
+                        if let Some(a) = &access {
+                            a.served(fh.key, req.blk);
+                        }
+                        return Ok(());
+                    }
                 },
             },
         };
@@ -73,19 +95,23 @@ pub(crate) fn serve(
 /// EMPTY: make room within the budget, then load the block on this
 /// thread. Returns the lock retaken, for the next round to serve what is
 /// there now (the loaded page; nothing, if it was invalidated meanwhile).
+/// `pin` is the page the faulting access was served last, which it still
+/// needs (`streak.rs`).
 fn load<'a>(
     fh: &'a FileHInner,
     st: Guard<'a>,
     (blk, sequential): (u64, bool),
+    pin: Option<(FileKey, u64)>,
     host: &mut HostLease,
 ) -> Result<Guard<'a>, Failure> {
     let shared = &*fh.shared;
     let mut deferred = Deferred::default();
+    let pin = pin.and_then(|(fk, blk)| st.find_page(fk, blk));
     let (mut st, room) = make_room(
         st,
         shared,
         (fh.key, &fh.ramh),
-        (sequential, host),
+        (sequential, pin, host),
         &mut deferred,
     );
     let recycled = match room {
@@ -109,6 +135,7 @@ fn load<'a>(
     }
     let ticket = Ticket::mine_for(fh.needs_host);
     let pk = st.begin_load(fh.key, blk, ticket.clone());
+    let forks = fork::generation();
     drop(st);
     // Unmap what make_room reclaimed (the recycled RAM page among it)
     // before the load writes into it.
@@ -117,7 +144,17 @@ fn load<'a>(
     // too (nested faults): never call it holding the lock.
     host.release_if(fh.needs_host);
     let loaded = fill_page(fh, blk, recycled);
-    finish_load(fh, shared.lock(), (pk, blk), &ticket, loaded)
+    let st = shared.lock();
+    if fork::generation() != forks {
+        // loadblk forked, and this is the child, whose state forgot the
+        // page (and whose RAM handle is new): load it again, afresh.
+        if let Err((_, LoadFailure::Panicked(panic))) = loaded {
+            drop(st);
+            resume_unwind(panic)
+        }
+        return Ok(st);
+    }
+    finish_load(fh, st, (pk, blk), &ticket, loaded)
 }
 
 /// After the load of `pk` (block `blk`): make the page LOADED, or drop it
@@ -232,6 +269,13 @@ fn map_page<'a>(
         Access::Write => {
             if let Some(writeout) = st.writeout(fh.key).cloned() {
                 return wait_out_writeout(fh, st, (req.blk, &writeout), host).map(Some);
+            }
+            if st.block_unmapping(fh.key, req.blk) {
+                // A reclaimer is still unmapping an earlier page of this
+                // block from another mapping, which shows the old data
+                // until then: changed here, the block would show two
+                // contents at once. (Its reclaimer waits for nothing.)
+                return Ok(Some(shared.wait(st)));
             }
             st.mark_dirty(pk, shared.counters());
             Prot::ReadWrite
@@ -469,6 +513,15 @@ mod tests {
             blk,
             access,
             drop_behind: false,
+            execution: None,
+        }
+    }
+
+    /// A request of the access `execution` (one instruction's faults).
+    fn of_access(vma: &Vma, blk: u64, access: Access, execution: u64) -> PageRequest {
+        PageRequest {
+            execution: Some(execution),
+            ..request(vma, blk, access)
         }
     }
 
@@ -713,5 +766,48 @@ mod tests {
     fn a_fault_releases_the_host_lock_to_wait_for_a_load_that_takes_it() {
         assert!(!waits_holding_host(true, 4, 2), "for the page");
         assert!(!waits_holding_host(true, 1, 3), "for room in the budget");
+    }
+
+    #[test]
+    fn an_access_spanning_two_pages_keeps_the_first_one_over_a_one_page_budget() {
+        let (file, fh, vma) = setup(1);
+        serve_now(&fh.inner, &of_access(&vma, 2, Access::Read, 11)).unwrap();
+        serve_now(&fh.inner, &of_access(&vma, 3, Access::Read, 11)).unwrap();
+        assert_eq!(fh.page_state(2), Some(PageState::Loaded), "kept");
+        assert_eq!(fh.page_state(3), Some(PageState::Loaded));
+        assert_eq!(fh.ram().stats().stats.resident_pages, 2, "budget + 1");
+        // The next access's first fault brings it back within the budget.
+        serve_now(&fh.inner, &of_access(&vma, 0, Access::Read, 12)).unwrap();
+        assert_eq!(fh.ram().stats().stats.resident_pages, 1);
+        assert_eq!(
+            file.take_calls(),
+            [Call::Load(2), Call::Load(3), Call::Load(0)]
+        );
+    }
+
+    #[test]
+    fn a_write_spanning_two_pages_completes_when_the_first_is_dirty() {
+        let (_file, fh, vma) = setup(1);
+        serve_now(&fh.inner, &of_access(&vma, 0, Access::Write, 21)).unwrap();
+        serve_now(&fh.inner, &of_access(&vma, 1, Access::Write, 21)).unwrap();
+        assert_eq!(fh.dirty_blocks(), [0, 1]);
+    }
+
+    #[test]
+    fn an_access_wider_than_the_budget_plus_one_fails_instead_of_spinning() {
+        let (_file, fh, vma) = setup(1);
+        for blk in [0, 1, 2] {
+            serve_now(&fh.inner, &of_access(&vma, blk, Access::Read, 31)).unwrap();
+        }
+        // Loading block 2 took block 0 back from the same access.
+        let f = serve_now(&fh.inner, &of_access(&vma, 0, Access::Read, 31)).unwrap_err();
+        assert!(
+            f.message(0, "memfile").contains(
+                "one instruction touches more pages than the RAM budget of 4096 bytes plus one page"
+            ),
+            "{f:?}"
+        );
+        // Another access (or the same instruction run again) is served.
+        serve_now(&fh.inner, &of_access(&vma, 0, Access::Read, 32)).unwrap();
     }
 }

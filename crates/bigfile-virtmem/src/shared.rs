@@ -1,15 +1,41 @@
 //! One RAM as virtmem sees it: the page source, its budget, the lock over
 //! its [`State`] and the condition variable its threads wait on.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread;
 
+use bigfile_os::HeldLock;
+
+use crate::memlimit::{Memory, Policy};
 use crate::state::State;
 use crate::stats::Counters;
 use crate::waits::{Cycle, Ticket};
 
-pub(crate) type Guard<'a> = MutexGuard<'a, State>;
+/// A RAM's lock, held: the state behind it, and this thread counted as
+/// holding one of bigfile's locks (a fault it takes meanwhile, from a
+/// signal handler, fails instead of waiting for it: `source.rs`).
+pub(crate) struct Guard<'a> {
+    // Dropped first: the count goes before the lock does (a signal in
+    // between could only make a fault wait, as without the count; never
+    // fail a fault whose thread holds nothing).
+    held: HeldLock,
+    state: MutexGuard<'a, State>,
+}
+
+impl Deref for Guard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl DerefMut for Guard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
 
 pub(crate) struct Shared {
     ram: bigfile_ram::Ram,
@@ -19,6 +45,10 @@ pub(crate) struct Shared {
     cond: Condvar,
     counters: Counters,
     budget_pages: AtomicU64,
+    /// A default RAM's budget policy (`memlimit.rs`), while it is not
+    /// overridden by an explicit budget.
+    policy: OnceLock<Policy>,
+    adaptive: AtomicBool,
 }
 
 impl Shared {
@@ -29,6 +59,8 @@ impl Shared {
             cond: Condvar::new(),
             counters: Counters::default(),
             budget_pages: AtomicU64::new(1),
+            policy: OnceLock::new(),
+            adaptive: AtomicBool::new(false),
         }
     }
 
@@ -54,19 +86,58 @@ impl Shared {
         self.budget_pages.store(pages.max(1), Relaxed);
     }
 
+    /// Keep the budget by the memory the system has (a default RAM's
+    /// policy, `memlimit.rs`) from now on, until an explicit budget is set.
+    pub(crate) fn follow_memory(&self) {
+        let _ = self.policy.set(Policy::new());
+        self.adaptive.store(true, Relaxed);
+        self.adapt_now();
+    }
+
+    /// An explicit budget replaces the policy.
+    pub(crate) fn stop_following_memory(&self) {
+        self.adaptive.store(false, Relaxed);
+    }
+
+    /// With the default policy, and when it is time: the budget for the
+    /// memory available now. Called without the lock, by faults.
+    pub(crate) fn adapt_budget(&self) {
+        if !self.adaptive.load(Relaxed) {
+            return;
+        }
+        if self.policy.get().is_some_and(Policy::due) {
+            self.adapt_now();
+        }
+    }
+
+    fn adapt_now(&self) {
+        let ps = self.page_size() as u64;
+        let resident = self.counters.snapshot().resident_pages * ps;
+        self.set_budget_pages(Memory::now().budget(resident) / ps);
+    }
+
     /// Take the lock. A panic while it was held leaves state that is still
     /// structurally valid (every step keeps the maps consistent), so poisoning
     /// is ignored rather than turned into a crash inside a page fault.
     pub(crate) fn lock(&self) -> Guard<'_> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let held = HeldLock::enter();
+        #[cfg(feature = "failpoints")]
+        crate::failpoint::hook("virtmem::locked");
+        Guard { held, state }
     }
 
     /// Wait for a notification, counted in the state's waiters.
-    pub(crate) fn wait<'a>(&self, mut st: Guard<'a>) -> Guard<'a> {
-        st.count_waiter(true);
-        let mut st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
-        st.count_waiter(false);
-        st
+    pub(crate) fn wait<'a>(&self, st: Guard<'a>) -> Guard<'a> {
+        let Guard { held, mut state } = st;
+        state.count_waiter(true);
+        #[cfg(feature = "failpoints")]
+        crate::failpoint::hook("virtmem::wait");
+        drop(held);
+        let mut state = self.cond.wait(state).unwrap_or_else(|p| p.into_inner());
+        let held = HeldLock::enter();
+        state.count_waiter(false);
+        Guard { held, state }
     }
 
     /// Wake every waiter, if any; `st` is the state just changed, still

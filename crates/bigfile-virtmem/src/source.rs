@@ -85,11 +85,26 @@ impl FaultHandler for SignalFaults {
                 ),
             };
         }
+        if bigfile_os::holds_lock() {
+            // A signal handler touched the mapping while its thread was
+            // inside bigfile: serving would wait for this very thread.
+            return Outcome::Fatal {
+                signal: FaultSignal::Segv,
+                message: format!(
+                    "page fault at {:#x} (block {blk} of {}) on a thread that holds a lock of \
+                     bigfile's: a signal handler touched a mapping while its thread was inside \
+                     bigfile, and serving the fault would wait for that thread itself; signal \
+                     handlers must not touch mapped memory (or block the signal around bigfile calls)",
+                    fault.addr, self.fileh.name
+                ),
+            };
+        }
         let req = PageRequest {
             vma: self.vma,
             blk,
             access: fault.access,
             drop_behind: true,
+            execution: Some(fault.execution),
         };
         // Kept while it can be: the code that touched the memory may be host
         // code that assumes no other host thread runs meanwhile.

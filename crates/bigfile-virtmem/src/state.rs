@@ -31,6 +31,9 @@ pub(crate) struct HandleState {
     /// Dirty blocks, ascending: the order writeout stores them in.
     dirty: BTreeSet<u64>,
     vmas: Slab<VmaState>,
+    /// Slots of its mappings that reclaimers are still unmapping: checked
+    /// before looking at each mapping (a write to any block waits for them).
+    unmapping: usize,
     /// The writeout of this handle in progress, if any.
     writeout: Option<Arc<Ticket>>,
     counters: Arc<Counters>,
@@ -41,6 +44,7 @@ pub(crate) struct HandleState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Detached {
     pub(crate) fileh: FileKey,
+    pub(crate) blk: u64,
     pub(crate) ram_page: Option<RamPage>,
 }
 
@@ -73,7 +77,15 @@ pub(crate) struct State {
     /// Threads waiting on the RAM's condition variable: notifications are
     /// skipped when none.
     waiters: u32,
+    /// Ranges of mappings removed from their handle and not yet given back
+    /// to the OS (by `Vma`'s drop, outside the lock): a forked child puts
+    /// the reservation back over them too.
+    releasing: Vec<(NonNull<u8>, usize)>,
 }
+
+// SAFETY: `releasing` holds addresses of reservations owned by dropping
+// Vmas, never dereferenced through the state, only passed to the mapper.
+unsafe impl Send for State {}
 
 impl State {
     pub(crate) fn pages(&self) -> &PageTable {
@@ -125,6 +137,7 @@ impl State {
             index: PageMap::new(),
             dirty: BTreeSet::new(),
             vmas: Slab::new(),
+            unmapping: 0,
             writeout: None,
             counters,
         }))
@@ -148,6 +161,12 @@ impl State {
     /// The resident page of block `blk` of handle `fk`.
     pub(crate) fn lookup(&self, fk: FileKey, blk: u64) -> Option<PageKey> {
         self.handles[fk.0].index.get(blk).copied()
+    }
+
+    /// The resident page of block `blk` of handle `fk`, if the handle is
+    /// still open (a fault's pin may name one closed since).
+    pub(crate) fn find_page(&self, fk: FileKey, blk: u64) -> Option<PageKey> {
+        self.handles.get(fk.0)?.index.get(blk).copied()
     }
 
     /// Handle `fk`'s dirty blocks, ascending, with their pages.
@@ -180,8 +199,44 @@ impl State {
         VmaKey(self.handles[fk.0].vmas.insert(vma))
     }
 
+    /// Forget mapping `vk` of `fk`, whose range the caller gives back to
+    /// the OS next, and then calls [`State::released`].
     pub(crate) fn remove_vma(&mut self, fk: FileKey, vk: VmaKey) {
-        self.handles[fk.0].vmas.remove(vk.0);
+        let v = self.handles[fk.0].vmas.remove(vk.0);
+        self.releasing.push(v.range());
+    }
+
+    /// The range at `start` of a removed mapping is given back to the OS.
+    pub(crate) fn released(&mut self, start: NonNull<u8>) {
+        self.releasing.retain(|&(s, _)| s != start);
+    }
+
+    /// In a forked child: forget every page (the parent's memory, which
+    /// the child must neither use nor drop), every load, writeout and wait
+    /// (of threads the child does not have) and every spare; handles and
+    /// mappings stay, with nothing mapped. Returns the ranges of every
+    /// mapping, live or being released, for the caller to put the
+    /// reservation back over.
+    pub(crate) fn forget_in_child(&mut self, rc: &Counters) -> Vec<(NonNull<u8>, usize)> {
+        self.pages = PageTable::default();
+        self.lru = Lru::default();
+        self.waits = WaitGraph::default();
+        self.budget = Budget::default();
+        self.waiters = 0;
+        rc.forget_pages();
+        let mut ranges = std::mem::take(&mut self.releasing);
+        for (_, h) in self.handles.iter_mut() {
+            h.index = PageMap::new();
+            h.dirty.clear();
+            h.writeout = None;
+            h.unmapping = 0;
+            h.counters.forget_pages();
+            for (_, v) in h.vmas.iter_mut() {
+                v.forget_pages();
+                ranges.push(v.range());
+            }
+        }
+        ranges
     }
 
     pub(crate) fn vma_count(&self, fk: FileKey) -> usize {
@@ -226,10 +281,11 @@ impl State {
     /// Whether a reclaimer is still unmapping block `blk` of handle `fk`
     /// from one of its mappings.
     pub(crate) fn block_unmapping(&self, fk: FileKey, blk: u64) -> bool {
-        self.handles[fk.0]
-            .vmas
-            .iter()
-            .any(|(_, v)| v.index_of(blk).is_some_and(|idx| v.is_unmapping(idx)))
+        let h = &self.handles[fk.0];
+        h.unmapping > 0
+            && h.vmas
+                .iter()
+                .any(|(_, v)| v.index_of(blk).is_some_and(|idx| v.is_unmapping(idx)))
     }
 
     /// The addresses where block `blk` of handle `fk` is mapped.
@@ -299,6 +355,11 @@ impl State {
         }
     }
 
+    /// A STORE stored dirty page `pk`.
+    pub(crate) fn mark_stored(&mut self, pk: PageKey) {
+        self.pages.mark_stored(pk);
+    }
+
     /// DIRTY → LOADED (written out): off the dirty list, onto the LRU list.
     pub(crate) fn mark_clean(&mut self, pk: PageKey, rc: &Counters) {
         self.pages.mark_clean(pk);
@@ -358,6 +419,7 @@ impl State {
             v.set_mapped(index, false);
             if when == Unmap::Deferred {
                 v.set_unmapping(index, true);
+                h.unmapping += 1;
             }
             slots.push(Slot {
                 fileh: fk,
@@ -368,6 +430,7 @@ impl State {
         }
         Detached {
             fileh: fk,
+            blk: page.blk(),
             ram_page: page.ram_page(),
         }
     }
@@ -388,7 +451,12 @@ impl State {
 
     /// A reclaimer has unmapped `slot`.
     pub(crate) fn slot_unmapped(&mut self, slot: &Slot) {
-        self.handles[slot.fileh.0].vmas[slot.vma.0].set_unmapping(slot.index, false);
+        let h = &mut self.handles[slot.fileh.0];
+        let v = &mut h.vmas[slot.vma.0];
+        if v.is_unmapping(slot.index) {
+            v.set_unmapping(slot.index, false);
+            h.unmapping -= 1;
+        }
     }
 
     // --- spares (batched reclaim) ---
@@ -544,6 +612,7 @@ mod tests {
             d,
             Detached {
                 fileh: f.fk,
+                blk: 13,
                 ram_page: Some(RamPage(7))
             }
         );

@@ -66,6 +66,13 @@ impl Counters {
         self.cell(c).fetch_sub(n, Relaxed);
     }
 
+    /// Nothing is resident or dirty any more (a forked child's handles);
+    /// the other counters keep their history.
+    pub(crate) fn forget_pages(&self) {
+        self.resident_pages.store(0, Relaxed);
+        self.dirty_pages.store(0, Relaxed);
+    }
+
     pub(crate) fn snapshot(&self) -> Stats {
         Stats {
             faults: self.faults.load(Relaxed),

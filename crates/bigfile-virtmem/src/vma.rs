@@ -274,6 +274,7 @@ impl Vma {
                 access,
                 // Drop-behind would reclaim the pages just prefaulted.
                 drop_behind: idx == first,
+                execution: None,
             };
             take(&Prefault, &self.fileh, &req, &mut host)?;
         }
@@ -295,12 +296,16 @@ impl Vma {
     /// taken: a touch then dies by SIGSEGV). The handle counts the mapping
     /// as gone at once.
     pub fn unmap_to_placeholder(mut self) -> Placeholder {
+        let _host = HostUnlocked::new();
         self.detach();
         let pages = self.len / self.fileh.page_size();
         // SAFETY: the reservation is ours, no longer registered nor being
         // unmapped (detach); it is handed to the placeholder, which gives
         // it back.
         unsafe { Mapper::of(&self.fileh.shared).replace_with_zeros(self.start, pages) };
+        // Zeros of its own now, not RAM memory: nothing a forked child
+        // must take away from it.
+        self.fileh.shared.lock().released(self.start);
         self.owns_range = false;
         Placeholder {
             mapper: Mapper::of(&self.fileh.shared),
@@ -332,6 +337,7 @@ impl Vma {
 
 impl Drop for Vma {
     fn drop(&mut self) {
+        let _host = HostUnlocked::new();
         self.detach();
         if self.owns_range {
             // SAFETY: the reservation is ours and no longer registered, nor
@@ -341,6 +347,7 @@ impl Drop for Vma {
                 Mapper::of(&self.fileh.shared)
                     .release_range(self.start, self.len / self.fileh.page_size())
             };
+            self.fileh.shared.lock().released(self.start);
         }
     }
 }

@@ -93,6 +93,18 @@ impl VmaState {
         self.unmapping.any()
     }
 
+    /// Nothing is mapped in any slot, nor being unmapped (a forked child
+    /// put the reservation back over the whole range).
+    pub(crate) fn forget_pages(&mut self) {
+        self.mapped.fill(false);
+        self.unmapping.fill(false);
+    }
+
+    /// The first address and the number of pages of the mapping.
+    pub(crate) fn range(&self) -> (NonNull<u8>, usize) {
+        (self.start, self.pglen as usize)
+    }
+
     pub(crate) fn advice(&self) -> Advice {
         self.advice
     }

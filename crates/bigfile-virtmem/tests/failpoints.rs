@@ -99,3 +99,64 @@ fn prefault_reports_a_mapping_failure_as_an_os_error() {
     vma.prefault(0..BLK, bigfile_virtmem::Access::Read).unwrap();
     assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
 }
+
+/// A reclaimer unmaps what it took outside the lock; meanwhile the old page
+/// stays readable in its mappings. A write to that block through another
+/// mapping must wait for the unmap (as `invalidate_page` does): else the
+/// block, reloaded and changed there, still shows its old data through the
+/// first mapping. The reclaimer is held before its unmap
+/// (`virtmem::deferred_unmap`) and let go once a thread waits
+/// (`virtmem::wait`).
+#[test]
+fn a_write_waits_for_a_pending_unmap_of_its_block_in_another_mapping() {
+    use std::sync::mpsc::channel;
+    use std::sync::Mutex;
+    use std::thread;
+
+    let _scenario = fail::FailScenario::setup();
+    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}"))
+        .unwrap()
+        .with_budget(2 * BLK as u64);
+    let fh = FileH::open(Arc::new(MemFile::new(BLK)), Some(&ram)).unwrap();
+    let (first, second) = (fh.mmap(0, 3).unwrap(), fh.mmap(0, 3).unwrap());
+    let mut b = [0u8];
+    first.read_at(0, &mut b).unwrap();
+    first.read_at(2 * BLK, &mut b).unwrap();
+
+    let (reached, at_unmap) = channel();
+    let (release, released) = channel::<()>();
+    let released = Mutex::new(released);
+    fail::cfg_callback("virtmem::deferred_unmap", move || {
+        if thread::current().name() == Some("reclaimer") {
+            reached.send(()).unwrap();
+            let _ = released.lock().unwrap().recv();
+        }
+    })
+    .unwrap();
+    thread::scope(|s| {
+        // Loading block 1 reclaims block 0, the oldest, and stops before
+        // unmapping it from `first`.
+        let reclaimer = thread::Builder::new()
+            .name("reclaimer".into())
+            .spawn_scoped(s, || {
+                let mut b = [0u8];
+                first.read_at(BLK, &mut b).unwrap();
+            })
+            .unwrap();
+        at_unmap.recv().unwrap();
+        fail::cfg_callback("virtmem::wait", move || {
+            let _ = release.send(());
+        })
+        .unwrap();
+        second.write_at(0, &[0x55]).unwrap();
+        let mut b = [0u8];
+        first.read_at(0, &mut b).unwrap();
+        fail::remove("virtmem::wait");
+        fail::remove("virtmem::deferred_unmap");
+        assert_eq!(
+            b[0], 0x55,
+            "the first mapping still shows block 0 as it was before the write"
+        );
+        reclaimer.join().unwrap();
+    });
+}

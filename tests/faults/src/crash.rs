@@ -89,6 +89,16 @@ pub fn scenarios() -> Vec<Scenario> {
                  from the thread running that writeout",
             ]),
         ),
+        // A signal handler touching a mapping while its thread holds the
+        // RAM's lock (here, inside `FileH::dirty_blocks`): serving the fault
+        // would wait for that very thread. It dies by SIGSEGV with a
+        // diagnostic instead of hanging.
+        (
+            "signal-handler-under-ram-lock",
+            Expect::new(SIGSEGV, "touch_in_signal_handler").stderr(&[
+                "on a thread that holds a lock of bigfile's: a signal handler touched a mapping",
+            ]),
+        ),
         (
             "loadblk-keeps-failing",
             Expect::new(SIGBUS, "read_block")
@@ -262,6 +272,28 @@ pub fn child(name: &str) {
                 .expect("spawn");
             let _ = t.join();
         }
+        "signal-handler-under-ram-lock" => {
+            let (_ram, fh, vma) = mapping(zeros("signalled"), 8, 4);
+            SIGNAL_TARGET.store(vma.as_ptr() as usize + 3 * BLK, Ordering::SeqCst);
+            // SAFETY: an all-zero sigaction is valid; the handler only
+            // reads memory of a live mapping.
+            unsafe {
+                let mut act: libc::sigaction = std::mem::zeroed();
+                act.sa_sigaction = on_sigusr1 as extern "C" fn(libc::c_int) as usize;
+                libc::sigaction(libc::SIGUSR1, &act, std::ptr::null_mut());
+            }
+            // The signal arrives while the RAM's lock is held.
+            let _scenario = fail::FailScenario::setup();
+            let once = std::sync::Once::new();
+            fail::cfg_callback("virtmem::locked", move || {
+                // SAFETY: raise has no memory arguments.
+                once.call_once(|| unsafe {
+                    libc::raise(libc::SIGUSR1);
+                });
+            })
+            .expect("failpoint");
+            black_box(fh.dirty_blocks());
+        }
         "budget-exhausted-by-dirty" => {
             let (_ram, _fh, vma) = mapping(zeros("dirty-pile"), 4, 8);
             write_pages(&vma, 8);
@@ -319,6 +351,21 @@ fn readonly_page() -> usize {
 fn page_size() -> usize {
     // SAFETY: sysconf has no memory arguments.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+/// The page `on_sigusr1` reads.
+static SIGNAL_TARGET: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_sigusr1(_: libc::c_int) {
+    touch_in_signal_handler(SIGNAL_TARGET.load(Ordering::SeqCst));
+}
+
+#[inline(never)]
+fn touch_in_signal_handler(addr: usize) {
+    // SAFETY: a byte of a live mapping; its fault is ours to serve (or, on
+    // a thread holding the RAM's lock, to refuse). (The `+ 1` keeps the
+    // linker from folding this into `read_unmapped`.)
+    black_box(unsafe { std::ptr::read_volatile(addr as *const u8) }.wrapping_add(1));
 }
 
 #[inline(never)]

@@ -27,8 +27,10 @@
 # as it is then, so storage is changed only together with invalidate_page
 # under the gate; a write that fills the budget with dirty pages is fatal
 # (SIGBUS), so dirty blocks are capped below the budget; an instruction
-# that touches two blocks needs both in the budget at once, so reads spanning
-# two blocks are made only where the budget leaves room for every thread's.
+# that touches two blocks needs both at once, and threads that together need
+# more pages than the budget holds progress only as their timing lets them
+# ("Accesses spanning pages" in ARCHITECTURE.md), so reads spanning two
+# blocks are made only where the budget leaves room for every thread's.
 #
 # Usage: python soak_python.py SECONDS
 

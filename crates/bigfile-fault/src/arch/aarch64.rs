@@ -56,6 +56,22 @@ pub(crate) unsafe fn access(ctx: *const c_void) -> Access {
     Access::Read
 }
 
+/// The program counter, stack pointer and general registers (x0 to x30)
+/// of the interrupted code.
+///
+/// # Safety
+/// As for [`access`].
+pub(crate) unsafe fn registers(ctx: *const c_void) -> [u64; 33] {
+    let uc = ctx.cast::<libc::ucontext_t>();
+    // SAFETY: as in `access`.
+    let mc = unsafe { &(*uc).uc_mcontext };
+    std::array::from_fn(|i| match i {
+        31 => mc.sp,
+        32 => mc.pc,
+        _ => mc.regs[i],
+    })
+}
+
 /// The stack pointer of the interrupted code.
 ///
 /// # Safety

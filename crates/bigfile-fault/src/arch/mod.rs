@@ -4,6 +4,10 @@
 //! Each architecture module provides:
 //! - `unsafe fn access(ctx: *const libc::c_void) -> Access`
 //! - `unsafe fn stack_pointer(ctx: *const libc::c_void) -> usize`
+//! - `unsafe fn registers(ctx: *const libc::c_void) -> [u64; N]`: the
+//!   program counter and the general registers of the interrupted code,
+//!   without the ones the kernel fills per fault (fault address, error
+//!   code), for [`execution`];
 //! - `bigfile_fault_call_on_stack`, in assembly (`global_asm!`): the
 //!   trampoline [`call_on_stack`] calls;
 //! - `const RED_ZONE: usize`: bytes below the stack pointer the interrupted code may use.
@@ -28,6 +32,26 @@ compile_error!(
 
 #[cfg(not(target_os = "linux"))]
 compile_error!("bigfile-fault supports Linux only (it relies on Linux's siginfo and ucontext)");
+
+/// An identity of the faulting instruction's execution: a hash of the
+/// interrupted program counter and general registers. An instruction that
+/// faults again without making progress (an access spanning two pages,
+/// faulting on each in turn) re-executes with the same registers; another
+/// instruction, the same one in another loop iteration, or a string
+/// instruction further along (`rep movs` advances its registers) has
+/// others.
+///
+/// # Safety
+/// `ctx` is the third argument of an SA_SIGINFO handler (a `ucontext_t`).
+pub(crate) unsafe fn execution(ctx: *const c_void) -> u64 {
+    // SAFETY: forwarded to the caller.
+    let regs = unsafe { registers(ctx) };
+    // FNV-1a over the words: identical registers give identical values;
+    // that different ones collide is as unlikely as any 64-bit hash.
+    regs.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &r| {
+        (h ^ r).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
 
 extern "C" {
     /// The architecture's trampoline: switch to `sp`, call `f(arg)`,

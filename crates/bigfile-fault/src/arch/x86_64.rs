@@ -23,6 +23,19 @@ pub(crate) unsafe fn access(ctx: *const c_void) -> Access {
     }
 }
 
+/// The program counter and general registers of the interrupted code
+/// (`REG_R8` to `REG_RIP`: everything before the flags, segment and fault
+/// words).
+///
+/// # Safety
+/// As for [`access`].
+pub(crate) unsafe fn registers(ctx: *const c_void) -> [u64; 17] {
+    let uc = ctx.cast::<libc::ucontext_t>();
+    // SAFETY: as in `access`.
+    let gregs = unsafe { &(*uc).uc_mcontext.gregs };
+    std::array::from_fn(|i| gregs[libc::REG_R8 as usize + i] as u64)
+}
+
 /// The stack pointer of the interrupted code.
 ///
 /// # Safety

@@ -20,10 +20,10 @@ client's process (a FileStorage is opened by one process at a time, a
 memory database exists in one). Without a ``dask.distributed`` client the threaded
 scheduler runs the same tasks in threads.
 
-Reading. ``from_zbigarray`` records the database's last transaction; every
-task reads the array as of that transaction (a historical connection), so
-the dask array is a snapshot, however the array changes while it is
-computed. On a storage that keeps no history (RelStorage with
+Reading. ``from_zbigarray`` records the database's last transaction (every
+commit finished before the call, from any client, is in it); every task
+reads the array as of that transaction (a historical connection), so the
+dask array is a snapshot, however the array changes while it is computed. On a storage that keeps no history (RelStorage with
 ``keep_history=false``) the tasks read the current state instead, and a
 task fails if the array's shape or dtype changed meanwhile.
 
@@ -126,10 +126,18 @@ def _keeps_history(db: Any) -> bool:
     return bool(getattr(db.storage, "keep_history", True))
 
 
-def _last_transaction(db: Any) -> bytes:
-    """The database's last transaction, as of now. A storage that keeps a
-    view per connection (RelStorage) updates the DB's own only when asked
-    to poll; ZEO and FileStorage know it already."""
+def _last_transaction(uri: str, db: Any) -> bytes:
+    """The database's last transaction, as of now: every commit finished
+    before this call is in it. A transaction begun on a connection first
+    synchronizes the storage (a ZEO client opened with ``server_sync``, as
+    bigfile.uri does by default, asks the server and so receives every
+    earlier commit's invalidations; without it the DB's last transaction
+    may lag a few milliseconds behind other clients' commits). A storage
+    that keeps a view per connection (RelStorage) updates the DB's own view
+    only when asked to poll."""
+    tm, _conn = _connection(uri, None)
+    tm.begin()
+    tm.abort()
     with _dbs_lock:
         poll = getattr(db.storage, "poll_invalidations", None)
         if poll is not None:
@@ -205,7 +213,7 @@ def from_zbigarray(uri: str, name: str, chunks: Any = None) -> Any:
     from dask.base import tokenize
 
     db = _db(uri)
-    at = _last_transaction(db) if _keeps_history(db) else None
+    at = _last_transaction(uri, db) if _keeps_history(db) else None
     tm, conn = _connection(uri, at)
     if at is None:
         tm.begin()

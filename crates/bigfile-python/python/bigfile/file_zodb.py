@@ -302,10 +302,31 @@ class _ZBigFile(BigFile):
         return zfile
 
     def loadblk(self, blk: int, buf: memoryview) -> None:
-        self._zfile()._loadblk(blk, buf)
+        zfile = self._zfile()
+        _refuse_in_forked_child(zfile)
+        zfile._loadblk(blk, buf)
 
     def storeblk(self, blk: int, buf: memoryview) -> None:
-        self._zfile()._storeblk(blk, buf)
+        zfile = self._zfile()
+        _refuse_in_forked_child(zfile)
+        zfile._storeblk(blk, buf)
+
+
+def _refuse_in_forked_child(zfile: "ZBigFile") -> None:
+    """ZODB and ZEO connections are not fork-safe (a child shares the
+    parent's socket, file offsets and caches): a ZBigFile whose connection
+    was opened for a handle in another process (the parent of a fork) must
+    neither load nor store here; a clear error rather than a hang or
+    another process's data."""
+    jar = zfile._p_jar
+    pid = jar.__dict__.get("_bigfile_pid") if jar is not None else None
+    if pid is not None and pid != os.getpid():
+        raise RuntimeError(
+            f"ZBigFile used in process {os.getpid()}, a forked child of process {pid} which "
+            "opened its ZODB connection; ZODB connections are not fork-safe: use the "
+            "multiprocessing start method 'spawn' or 'forkserver', or open the database "
+            "again in the child"
+        )
 
 
 def _never_ghost(self: Any) -> None:
@@ -619,6 +640,9 @@ class ZBigFileH:
     def __init__(self, zfile: ZBigFile, conn: Any, ram: Any, budget: Optional[int]) -> None:
         self.zfile = zfile
         self._conn = conn
+        # The process using the connection for a handle: its forked
+        # children may not (`_refuse_in_forked_child`).
+        conn.__dict__.setdefault("_bigfile_pid", os.getpid())
         self._zfileh = zfile._runtime().fileh_open(ram=ram, budget=budget)
         self._joined: Any = None  # the transaction we joined
         self._committing: Any = None  # the transaction in two-phase commit

@@ -1,0 +1,130 @@
+//! File handles and mappings across fork(2) ("Fork" in ARCHITECTURE.md).
+//!
+//! A forked child shares its parent's RAM memory (bigfile-ram renews the
+//! handles' files in the child, so the child's pages are its own) but has
+//! a copy of the bookkeeping, which describes the parent's pages. Before
+//! fork returns in the child, every RAM's state forgets its pages, loads,
+//! writeouts, waits and spares, and every mapping's whole range is
+//! reserved again (PROT_NONE): the child starts with nothing resident and
+//! nothing dirty, and every access loads the block through `loadblk` into
+//! memory of its own. The parent's changes not written out are not the
+//! child's; the child's changes, reclaims and exit are not the parent's.
+//!
+//! Every RAM's lock (and the tables of RAMs) is taken before the fork and
+//! given back after it in both processes: the child never finds one held
+//! by a thread it does not have. A thread that forks inside a `loadblk` or
+//! `storeblk` (whose frames in the child hold keys of the forgotten pages)
+//! finds the fork [`generation`] changed when it comes back: its load is
+//! dropped and done again, its writeout fails with `Error::Forked`.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock, Weak};
+
+use crate::mapper::Mapper;
+use crate::shared::{Guard, Shared};
+
+/// Locks the default RAMs' table (`ram.rs`, which tracks RAMs here): the
+/// lock taken first.
+type LockOuter = fn() -> Box<dyn Any>;
+
+static LOCK_OUTER: OnceLock<LockOuter> = OnceLock::new();
+
+/// Every live RAM.
+static RAMS: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
+
+/// How many forks this process is the child of.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// How many forks this process is the child of: a thread that compares it
+/// before and after a `loadblk` or `storeblk` learns whether it forked
+/// inside (and is now the child).
+pub(crate) fn generation() -> u64 {
+    GENERATION.load(Relaxed)
+}
+
+/// Track a new RAM (and register the fork handlers, once). A RAM is made
+/// of a bigfile-ram RAM, whose crate registered its handlers before: so
+/// ours, whose locks are taken first, prepare first.
+/// `lock_outer` takes the lock held outside the table of RAMs (the
+/// default RAMs' table).
+pub(crate) fn track(shared: &Arc<Shared>, lock_outer: LockOuter) {
+    let _ = LOCK_OUTER.set(lock_outer);
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Without them a child could damage its parent's pages: no way on.
+        bigfile_os::at_fork(prepare, parent, child).expect("pthread_atfork");
+    });
+    let mut rams = RAMS.lock().unwrap_or_else(|p| p.into_inner());
+    rams.retain(|w| w.strong_count() > 0);
+    rams.push(Arc::downgrade(shared));
+}
+
+/// One RAM's lock, held across a fork. The guard borrows `shared`:
+/// declared before it, it is dropped before it.
+struct HeldRam {
+    state: Guard<'static>,
+    shared: Arc<Shared>,
+}
+
+/// Locks outer first; dropped in the reverse order of taking.
+struct Held {
+    rams: Vec<HeldRam>,
+    _registry: MutexGuard<'static, Vec<Weak<Shared>>>,
+    _outer: Option<Box<dyn Any>>,
+}
+
+thread_local! {
+    /// What the forking thread holds between `prepare` and `parent`/`child`
+    /// (the same thread runs all three).
+    static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
+}
+
+unsafe extern "C" fn prepare() {
+    // The lock order: the default RAMs' table, the table of RAMs, each RAM.
+    let outer = LOCK_OUTER.get().map(|lock| lock());
+    let registry = RAMS.lock().unwrap_or_else(|p| p.into_inner());
+    let rams = registry
+        .iter()
+        .filter_map(Weak::upgrade)
+        .map(|shared| {
+            let state = shared.lock();
+            // SAFETY: the guard borrows `shared`'s mutex, which the `Arc`
+            // stored beside it keeps alive; `HeldRam` drops it first.
+            let state = unsafe { std::mem::transmute::<Guard<'_>, Guard<'static>>(state) };
+            HeldRam {
+                state,
+                shared: shared.clone(),
+            }
+        })
+        .collect();
+    HELD.with(|h| {
+        *h.borrow_mut() = Some(Held {
+            rams,
+            _registry: registry,
+            _outer: outer,
+        })
+    });
+}
+
+unsafe extern "C" fn parent() {
+    HELD.with(|h| drop(h.borrow_mut().take()));
+}
+
+unsafe extern "C" fn child() {
+    let Some(mut held) = HELD.with(|h| h.borrow_mut().take()) else {
+        return;
+    };
+    GENERATION.fetch_add(1, Relaxed);
+    for r in &mut held.rams {
+        let mapper = Mapper::of(&r.shared);
+        for (start, pages) in r.state.forget_in_child(r.shared.counters()) {
+            // SAFETY: the range of a mapping of this RAM (live, or removed
+            // and not yet given back by a thread the child does not have):
+            // its pages are the parent's memory, which the child must not
+            // reach; the reservation is what the range holds between pages.
+            unsafe { mapper.reserve_again(start, pages) };
+        }
+    }
+}
