@@ -21,6 +21,7 @@ mod model;
 mod python;
 mod races;
 mod tmpfs;
+mod words;
 mod zodb;
 
 use std::sync::OnceLock;
