@@ -10,11 +10,11 @@ use bigfile_ram::RamHandle;
 use crate::budget::batch_size;
 use crate::callback::in_callback;
 use crate::failure::Failure;
-use crate::keys::{FileKey, PageKey, RamPage};
+use crate::keys::{FileKey, RamPage};
 use crate::mapper::{Deferred, Mapper};
 use crate::shared::{Guard, Shared};
 use crate::state::{State, Unmap};
-use crate::streak;
+use crate::streak::Execution;
 
 /// What [`make_room`] found.
 pub(crate) enum Room {
@@ -40,19 +40,25 @@ pub(crate) enum Room {
 /// spares other threads are still unmapping are waited for in any case
 /// (their reclaimers wait for nothing). Otherwise, with no clean page left,
 /// the budget is exhausted.
+///
+/// `access` is the faulting access (none for prefault) and `pin_block` the
+/// block it holds (`streak.rs`): its page, the pin, is looked up again after
+/// every wait, since meanwhile it may have been reclaimed and loaded again
+/// as another page.
 pub(crate) fn make_room<'a>(
     mut st: Guard<'a>,
     shared: &'a Shared,
     (fk, ramh): (FileKey, &Arc<RamHandle>),
-    (sequential, pin): (bool, Option<PageKey>),
+    (sequential, access, pin_block): (bool, Option<&Execution>, Option<(FileKey, u64)>),
     deferred: &mut Deferred,
 ) -> (Guard<'a>, Result<Room, Failure>) {
     let rc = shared.counters();
-    let ram = shared as *const Shared as usize;
     let budget = shared.budget_pages();
+    let pin_of = |st: &State| pin_block.and_then(|(fk, blk)| st.find_page(fk, blk));
     let mut recycled = st.take_spare(fk, rc);
     let mut reclaimed = false;
     while st.budget().is_full(budget) {
+        let pin = pin_of(&st);
         if recycled.is_none() {
             // After a wait, spares of the handle may have become ready.
             recycled = st.take_spare(fk, rc);
@@ -77,7 +83,9 @@ pub(crate) fn make_room<'a>(
         match taken {
             Some(d) => {
                 reclaimed = true;
-                streak::reclaimed(ram, d.fileh, d.blk);
+                if let Some(a) = access {
+                    a.reclaimed(d.fileh, d.blk);
+                }
                 if let Some(rp) = d.ram_page {
                     if recycled.is_none() && d.fileh == fk {
                         // Reused by the load: saves a hole punch now and
@@ -114,6 +122,7 @@ pub(crate) fn make_room<'a>(
         }
     }
     if reclaimed && !sequential {
+        let pin = pin_of(&st);
         for _ in 1..batch_size(budget) {
             if pin.is_some() && st.lru().oldest() == pin {
                 break;
