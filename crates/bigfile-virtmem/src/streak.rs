@@ -173,30 +173,26 @@ mod tests {
 
     const F: FileKey = FileKey(1);
 
+    /// Access `execution` in RAM 1.
+    fn exec(execution: u64) -> Execution {
+        Execution { ram: 1, execution }
+    }
+
     #[test]
     fn the_page_served_last_is_the_pin_of_the_same_execution_only() {
-        let a = Execution {
-            ram: 1,
-            execution: 7,
-        };
+        let a = exec(7);
         assert!(matches!(a.begin(F, 2), Ok(None)));
         a.served(F, 2);
         assert!(matches!(a.begin(F, 3), Ok(Some((F, 2)))));
         a.served(F, 3);
         assert!(matches!(a.begin(F, 2), Ok(Some((F, 3)))));
-        let b = Execution {
-            ram: 1,
-            execution: 8,
-        };
+        let b = exec(8);
         assert!(matches!(b.begin(F, 2), Ok(None)), "another execution");
     }
 
     #[test]
     fn a_fault_on_the_page_served_last_keeps_the_other_one() {
-        let a = Execution {
-            ram: 1,
-            execution: 12,
-        };
+        let a = exec(12);
         assert!(a.begin(F, 4).is_ok());
         a.served(F, 4);
         assert!(matches!(a.begin(F, 4), Ok(None)), "nothing else to keep");
@@ -207,10 +203,7 @@ mod tests {
 
     #[test]
     fn a_page_this_thread_took_back_from_the_access_is_lost() {
-        let a = Execution {
-            ram: 1,
-            execution: 9,
-        };
+        let a = exec(9);
         assert!(a.begin(F, 0).is_ok());
         a.served(F, 0);
         a.served(F, 1);
@@ -227,10 +220,7 @@ mod tests {
 
     #[test]
     fn only_the_last_pages_are_remembered() {
-        let a = Execution {
-            ram: 1,
-            execution: 10,
-        };
+        let a = exec(10);
         assert!(a.begin(F, 0).is_ok());
         for blk in 0..6 {
             a.served(F, blk);

@@ -35,7 +35,7 @@ use bigfile_testkit::model::Rng;
 use bigfile_testkit::MemFile;
 use bigfile_virtmem::{Access, Error, FileH, Ram, Vma, WriteoutFlags};
 
-use crate::coredump::{expect_success, last_line};
+use crate::coredump::{exit_child, expect_success, last_line};
 use crate::python;
 use crate::words::{self, decode, pause, read_word, word, write_word};
 use crate::Scenario;
@@ -110,16 +110,7 @@ pub fn child(name: &str) {
         eprintln!("faults: no race {name:?}");
         return;
     };
-    match run(cfg) {
-        Ok(summary) => {
-            println!("races OK: {summary}");
-            std::process::exit(0);
-        }
-        Err(e) => {
-            eprintln!("race {name} failed: {e}");
-            std::process::exit(1);
-        }
-    }
+    exit_child(run(cfg), "races OK", &format!("race {name} failed"));
 }
 
 const WORDS_PER_BLOCK: usize = BLK / 8;
