@@ -11,11 +11,11 @@ use crate::budget::batch_size;
 use crate::callback::in_callback;
 use crate::failure::Failure;
 use crate::host::HostLease;
-use crate::keys::{FileKey, PageKey, RamPage};
+use crate::keys::{FileKey, RamPage};
 use crate::mapper::{Deferred, Mapper};
 use crate::shared::{Guard, Shared};
 use crate::state::{State, Unmap};
-use crate::streak;
+use crate::streak::Execution;
 
 /// What [`make_room`] found.
 pub(crate) enum Room {
@@ -42,19 +42,26 @@ pub(crate) enum Room {
 /// (their reclaimers wait for nothing). Otherwise, with no clean page left,
 /// the budget is exhausted. Before waiting for loads whose loader may take
 /// the host lock, `host` is released.
+///
+/// `access` is the faulting access (none for prefault) and `pin_block` the
+/// block it holds (`streak.rs`): its page, the pin, is looked up again after
+/// every wait, since meanwhile it may have been reclaimed and loaded again
+/// as another page.
 pub(crate) fn make_room<'a>(
     mut st: Guard<'a>,
     shared: &'a Shared,
     (fk, ramh): (FileKey, &Arc<RamHandle>),
-    (sequential, pin, host): (bool, Option<PageKey>, &mut HostLease),
+    (sequential, access, pin_block): (bool, Option<&Execution>, Option<(FileKey, u64)>),
+    host: &mut HostLease,
     deferred: &mut Deferred,
 ) -> (Guard<'a>, Result<Room, Failure>) {
     let rc = shared.counters();
-    let ram = shared as *const Shared as usize;
     let budget = shared.budget_pages();
+    let pin_of = |st: &State| pin_block.and_then(|(fk, blk)| st.find_page(fk, blk));
     let mut recycled = st.take_spare(fk, rc);
     let mut reclaimed = false;
     while st.budget().is_full(budget) {
+        let pin = pin_of(&st);
         if recycled.is_none() {
             // After a wait, spares of the handle may have become ready.
             recycled = st.take_spare(fk, rc);
@@ -79,7 +86,9 @@ pub(crate) fn make_room<'a>(
         match taken {
             Some(d) => {
                 reclaimed = true;
-                streak::reclaimed(ram, d.fileh, d.blk);
+                if let Some(a) = access {
+                    a.reclaimed(d.fileh, d.blk);
+                }
                 if let Some(rp) = d.ram_page {
                     if recycled.is_none() && d.fileh == fk {
                         // Reused by the load: saves a hole punch now and
@@ -125,6 +134,7 @@ pub(crate) fn make_room<'a>(
         }
     }
     if reclaimed && !sequential {
+        let pin = pin_of(&st);
         for _ in 1..batch_size(budget) {
             if pin.is_some() && st.lru().oldest() == pin {
                 break;

@@ -73,7 +73,7 @@ pub(crate) fn serve(
     let sequential = st.drop_behind(fh.key, req.vma, req.blk, req.drop_behind);
     loop {
         st = match st.lookup(fh.key, req.blk) {
-            None => load(fh, st, (req.blk, sequential), pin, host)?,
+            None => load(fh, st, (req.blk, sequential), (access.as_ref(), pin), host)?,
             Some(pk) => match st.pages().get(pk).state() {
                 PageState::Loading | PageState::LoadingInvalidated => {
                     wait_for_load(fh, st, (req.blk, pk), host)?
@@ -95,23 +95,23 @@ pub(crate) fn serve(
 /// EMPTY: make room within the budget, then load the block on this
 /// thread. Returns the lock retaken, for the next round to serve what is
 /// there now (the loaded page; nothing, if it was invalidated meanwhile).
-/// `pin` is the page the faulting access was served last, which it still
-/// needs (`streak.rs`).
+/// `access` is the faulting access (none for prefault), `pin` the block
+/// whose page it still needs (`streak.rs`).
 fn load<'a>(
     fh: &'a FileHInner,
     st: Guard<'a>,
     (blk, sequential): (u64, bool),
-    pin: Option<(FileKey, u64)>,
+    (access, pin): (Option<&Execution>, Option<(FileKey, u64)>),
     host: &mut HostLease,
 ) -> Result<Guard<'a>, Failure> {
     let shared = &*fh.shared;
     let mut deferred = Deferred::default();
-    let pin = pin.and_then(|(fk, blk)| st.find_page(fk, blk));
     let (mut st, room) = make_room(
         st,
         shared,
         (fh.key, &fh.ramh),
-        (sequential, pin, host),
+        (sequential, access, pin),
+        host,
         &mut deferred,
     );
     let recycled = match room {
@@ -791,6 +791,123 @@ mod tests {
         serve_now(&fh.inner, &of_access(&vma, 0, Access::Write, 21)).unwrap();
         serve_now(&fh.inner, &of_access(&vma, 1, Access::Write, 21)).unwrap();
         assert_eq!(fh.dirty_blocks(), [0, 1]);
+    }
+
+    /// Found by the soak (tests/faults, `soak/`): another thread reclaims
+    /// the page an access spanning two blocks was served last, before the
+    /// instruction runs again. Its next fault is on that page once more; the
+    /// page it must keep is then the other one, not the one it faults on.
+    #[test]
+    fn an_access_keeps_its_other_page_when_the_one_served_last_was_taken() {
+        let (file, fh, vma) = setup(2);
+        serve_now(&fh.inner, &of_access(&vma, 0, Access::Read, 41)).unwrap();
+        serve_now(&fh.inner, &of_access(&vma, 1, Access::Read, 41)).unwrap();
+        // Another thread takes block 1 and loads block 3: the budget is
+        // full, block 0 the oldest.
+        fh.invalidate_page(1).unwrap();
+        serve_now(&fh.inner, &request(&vma, 3, Access::Read)).unwrap();
+        // The instruction runs again and faults on block 1: block 3 goes.
+        serve_now(&fh.inner, &of_access(&vma, 1, Access::Read, 41)).unwrap();
+        assert_eq!(fh.page_state(0), Some(PageState::Loaded), "kept");
+        assert_eq!(fh.page_state(3), None);
+        serve_now(&fh.inner, &of_access(&vma, 0, Access::Read, 41)).unwrap();
+        assert_eq!(
+            file.take_calls(),
+            [Call::Load(0), Call::Load(1), Call::Load(3), Call::Load(1)]
+        );
+    }
+
+    /// Found by the soak: a prefault is no part of the access its thread
+    /// faulted last; what its reclaim takes is no loss of that access, which
+    /// may run again (the same instruction with the same registers: one
+    /// reading the same address in a loop) and must be served.
+    #[test]
+    fn a_prefault_taking_a_page_of_the_last_access_does_not_fail_it() {
+        let (_file, fh, vma) = setup(2);
+        serve_now(&fh.inner, &of_access(&vma, 0, Access::Read, 51)).unwrap();
+        serve_now(&fh.inner, &of_access(&vma, 1, Access::Read, 51)).unwrap();
+        // A prefault on this thread reclaims block 0, the oldest.
+        serve_now(&fh.inner, &request(&vma, 2, Access::Read)).unwrap();
+        assert_eq!(fh.page_state(0), None);
+        serve_now(&fh.inner, &of_access(&vma, 0, Access::Read, 51)).unwrap();
+        assert_eq!(fh.page_state(1), Some(PageState::Loaded), "kept");
+    }
+
+    /// Found by the soak: a fault that waits for room (other threads'
+    /// loads hold the budget) must keep the page its access holds as it is
+    /// when it wakes: meanwhile that page may have gone and come back as
+    /// another page of the table (the block reclaimed and loaded again).
+    /// The access's other page is block 0: taken by another thread and
+    /// loaded again while the fault on block 1 waits.
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn a_fault_that_waited_for_room_keeps_the_page_its_access_holds_now() {
+        use std::sync::mpsc::channel;
+        use std::sync::Mutex;
+
+        let _scenario = fail::FailScenario::setup();
+        let file = Arc::new(MemFile::new(BLK));
+        let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}"))
+            .unwrap()
+            .with_budget(2 * BLK as u64);
+        let fh = FileH::open(Arc::new(Kit(file.clone(), true)), Some(&ram)).unwrap();
+        let vma = fh.mmap(0, 4).unwrap();
+        // Block 2's load holds the budget until `go`.
+        let (loading, b_loads) = channel();
+        let (go, gone) = channel::<()>();
+        let hold = Mutex::new((loading, gone));
+        file.on_load(move |blk, _| {
+            if blk == 2 {
+                let hold = hold.lock().unwrap();
+                hold.0.send(()).unwrap();
+                let _ = hold.1.recv();
+            }
+            Ok(())
+        });
+        let (waiting, a_waits) = channel();
+        let waiting = Mutex::new(waiting);
+        fail::cfg_callback("virtmem::wait", move || {
+            if thread::current().name() == Some("pin-reloaded") {
+                let _ = waiting.lock().unwrap().send(());
+            }
+        })
+        .unwrap();
+        let (served, a_served) = channel();
+        let (proceed, a_proceeds) = channel::<()>();
+        let (fh, vma) = (&fh, &vma);
+        thread::scope(|s| {
+            serve_now(&fh.inner, &request(vma, 3, Access::Write)).unwrap();
+            let a = thread::Builder::new()
+                .name("pin-reloaded".into())
+                .spawn_scoped(s, move || {
+                    serve_now(&fh.inner, &of_access(vma, 0, Access::Read, 71)).unwrap();
+                    serve_now(&fh.inner, &of_access(vma, 1, Access::Read, 71)).unwrap();
+                    served.send(()).unwrap();
+                    a_proceeds.recv().unwrap();
+                    // Block 1 was taken: the fault waits for room.
+                    serve_now(&fh.inner, &of_access(vma, 1, Access::Read, 71)).unwrap();
+                    serve_now(&fh.inner, &of_access(vma, 0, Access::Read, 71))
+                })
+                .unwrap();
+            a_served.recv().unwrap();
+            fh.invalidate_page(1).unwrap();
+            ram.set_budget(3 * BLK as u64);
+            let b = s.spawn(|| serve_now(&fh.inner, &request(vma, 2, Access::Read)).unwrap());
+            b_loads.recv().unwrap();
+            ram.set_budget(2 * BLK as u64);
+            proceed.send(()).unwrap();
+            a_waits.recv().unwrap();
+            // Block 0 goes and comes back as another page (the dirty block
+            // 3 goes too, and its page is the one block 0 reuses).
+            fh.invalidate_page(0).unwrap();
+            fh.invalidate_page(3).unwrap();
+            serve_now(&fh.inner, &request(vma, 0, Access::Read)).unwrap();
+            let res = a.join().unwrap();
+            go.send(()).unwrap();
+            b.join().unwrap();
+            fail::remove("virtmem::wait");
+            assert!(res.is_ok(), "the access lost its page 0: {res:?}");
+        });
     }
 
     #[test]
