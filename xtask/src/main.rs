@@ -6,9 +6,9 @@
 //!   check and C tests among them; the Python tests on every CPython
 //!   3.9-3.14 found; a built wheel tested installed; the fault suite), or
 //!   one of those parts.
-//! - `faults [FILTER] [--minutes N]`: the fault suite (crash, inject, race
-//!   and ZODB stress scenarios whose names contain FILTER; long-running ones
-//!   for N minutes); see README.md.
+//! - `faults [FILTER] [--minutes N]`: the fault suite (crash, inject, race,
+//!   ZODB stress and soak scenarios whose names contain FILTER; long-running
+//!   ones for N minutes); see README.md.
 //! - `bench [--quick]`: benchmarks with their baselines, one table.
 //! - `demo [args]`: the main job, a file bigger than the RAM budget used as memory.
 //! - `capi`: the C API's part of `test` alone (header check, C and C++ programs).
@@ -56,7 +56,7 @@ fn usage() -> ! {
          \n\
          tasks:\n  \
            test [PART]   what CI runs: lint (fmt, clippy, module cycles), rust, python, wheel, faults;\n                or only PART\n  \
-           faults [FILTER] [--minutes N]\n                the fault suite (crash, inject, races, zodb-stress) or the scenarios\n                matching FILTER; long-running scenarios for N minutes\n  \
+           faults [FILTER] [--minutes N]\n                the fault suite (crash, inject, races, zodb-stress, soak) or the scenarios\n                matching FILTER; long-running scenarios for N minutes\n  \
            bench [--quick]  benchmarks with kernel baselines, printed as one table\n  \
            demo [--file PATH] [--size N] [--ram-budget N] [--blksize N]\n                the main job: a file bigger than the RAM budget used as memory\n  \
            capi          the C API's tests alone: header up to date, C programs (shared, static), C++\n  \

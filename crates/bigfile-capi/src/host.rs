@@ -50,11 +50,13 @@ impl HostLock for CHostLock {
 /// that touches a mapping while holding the lock could wait for another
 /// thread's load whose loader waits for the lock: a deadlock.
 ///
-/// bigfile calls `release(user)` before it takes its own lock or waits (in
-/// page faults and in the calls that may wait), and `retake(user, token)`
-/// with the non-NULL token it returned after, on the same thread. The
-/// callbacks run between the two, so a callback that needs the host lock
-/// takes it itself (and releases it before returning). Both hooks run on any
+/// bigfile calls `release(user)` in the calls that may wait, before it
+/// takes its own lock, and in a page fault before it calls a `loadblk`
+/// callback or waits for another thread's load or writeout (a fault that
+/// needs neither keeps the lock), and `retake(user, token)` with the
+/// non-NULL token it returned after, on the same thread. The callbacks run
+/// between the two, so a callback that needs the host lock takes it itself
+/// (and releases it before returning). Both hooks run on any
 /// thread, from inside page faults (in the SIGSEGV handler), so they must
 /// not touch bigfile mappings, and must return normally.
 ///

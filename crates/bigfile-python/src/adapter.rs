@@ -1,18 +1,21 @@
 //! The virtmem `BigFile` of a Python BigFile object: `loadblk` and
 //! `storeblk` call the object's Python methods, with the GIL taken from any
-//! thread, the thread's exception state kept, and the block's memory taken
-//! back from Python after the call (`blockbuf`).
+//! thread, the thread's exception state kept, the block's memory taken back
+//! from Python after the call (`blockbuf`), and a `loadblk` interrupted by
+//! Ctrl-C made again (`interrupt`).
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
 use bigfile_virtmem::BlockError;
+use pyo3::ffi;
 use pyo3::prelude::*;
 
 use crate::blockbuf::{memoryview, scrub, write_stderr, BlockBuffer};
 use crate::error::PyBlockError;
-use crate::gil::{with_python, ExcState};
+use crate::gil::{with_python, ExcState, SubinterpreterThread};
+use crate::interrupt::{self, Callback};
 
 /// The virtmem `BigFile` of a Python BigFile object.
 pub(crate) struct PyFileAdapter {
@@ -67,50 +70,95 @@ impl PyFileAdapter {
     /// Call `loadblk` or `storeblk` of the Python object. `buf` is the block
     /// (filled on success for a load).
     fn call(&self, op: Op, blk: u64, buf: *mut u8) -> Result<(), BlockError> {
-        let len = self.blksize;
+        // SAFETY: only reads the calling thread's bound thread state.
+        let foreign = unsafe { ffi::PyGILState_GetThisThreadState() }.is_null();
         let r = catch_unwind(AssertUnwindSafe(|| {
             with_python(|py| {
+                let callback = Callback::enter(foreign);
                 // SAFETY: we hold the GIL (with_python).
                 let saved = unsafe { ExcState::take() };
-                let r = self.call_in(py, op, blk, buf, len);
+                let r = self.call_until_done(py, op, blk, buf);
+                callback.leave(py);
                 // SAFETY: we hold the GIL; this thread took `saved`.
                 unsafe { saved.restore() };
                 r
             })
         }));
         match r {
-            Ok(r) => r,
+            Ok(Ok(r)) => r,
+            Ok(Err(SubinterpreterThread)) => Err(format!(
+                "{} of block {blk} of {} was needed on a thread started by a subinterpreter, \
+                 which cannot run the main interpreter's code before Python 3.12",
+                op.name(),
+                self.name
+            )
+            .into()),
             Err(_) => Err(format!("{} of block {blk} of {} panicked", op.name(), self.name).into()),
         }
     }
 
-    fn call_in(
+    /// The call, made again while a `loadblk` is interrupted (Ctrl-C,
+    /// `SystemExit`): the interrupt is held for later (`interrupt`).
+    fn call_until_done(
         &self,
         py: Python<'_>,
         op: Op,
         blk: u64,
         buf: *mut u8,
-        len: usize,
     ) -> Result<(), BlockError> {
+        let mut interrupted = 0;
+        loop {
+            match self.call_in(py, op, blk, buf) {
+                Ok(()) => return Ok(()),
+                Err(e) if op == Op::Load && interrupt::is_interrupt(py, &e) => {
+                    let ty = e
+                        .get_type(py)
+                        .name()
+                        .map_or_else(|_| "?".into(), |n| n.to_string());
+                    if interrupt::hold(py, e) {
+                        interrupted += 1;
+                        // A storage that hangs is interrupted each time: say
+                        // what ends the process, since nothing else can.
+                        let hint = if interrupted > 1 {
+                            " (the page is needed to go on; Ctrl-\\ (SIGQUIT) ends the process)"
+                        } else {
+                            ""
+                        };
+                        write_stderr(
+                            py,
+                            &format!(
+                                "bigfile: loadblk of block {blk} of {} was interrupted by {ty}; \
+                                 loading it again, then the {ty} is raised{hint}\n",
+                                self.name
+                            ),
+                        );
+                    }
+                }
+                Err(e) => return Err(self.fail(py, op, blk, e)),
+            }
+        }
+    }
+
+    fn call_in(&self, py: Python<'_>, op: Op, blk: u64, buf: *mut u8) -> PyResult<()> {
+        let len = self.blksize;
         let obj = {
             let guard = self.obj.lock().unwrap_or_else(|p| p.into_inner());
             guard.as_ref().map(|o| o.bind(py).clone())
         };
         let Some(obj) = obj else {
-            return Err(format!("{} was cleared by the garbage collector", self.name).into());
+            return Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
+                "{} was cleared by the garbage collector",
+                self.name
+            )));
         };
-        let block = Bound::new(py, BlockBuffer::new(len, op == Op::Store))
-            .map_err(|e| self.fail(py, op, blk, e))?;
+        let block = Bound::new(py, BlockBuffer::new(len, op == Op::Store))?;
         if op == Op::Store {
             // SAFETY: virtmem hands storeblk `len` readable bytes at `buf`.
             block
                 .get()
                 .fill_from(unsafe { std::slice::from_raw_parts(buf, len) });
         }
-        let mv = match memoryview(&block) {
-            Ok(mv) => mv,
-            Err(e) => return Err(self.fail(py, op, blk, e)),
-        };
+        let mv = memoryview(&block)?;
         let r = obj.call_method1(op.name(), (blk, &mv));
         if op == Op::Load && r.is_ok() {
             // SAFETY: virtmem hands loadblk `len` writable bytes at `buf`,
@@ -128,10 +176,7 @@ impl PyFileAdapter {
             &format!("{} of block {blk} of {}", op.name(), self.name),
         );
         drop(block);
-        match r {
-            Ok(_) => Ok(()),
-            Err(e) => Err(self.fail(py, op, blk, e)),
-        }
+        r.map(drop)
     }
 
     /// Turn the Python exception of a failed call into a virtmem error that

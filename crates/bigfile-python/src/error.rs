@@ -8,6 +8,7 @@
 //! to every thread that waited for that load.
 
 use std::fmt;
+use std::mem::ManuallyDrop;
 
 use bigfile_virtmem::{Error, FileBlockError, LoadError};
 use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyValueError};
@@ -51,9 +52,12 @@ impl PyBlockError {
 }
 
 impl Drop for PyBlockError {
+    /// Where the GIL cannot be taken (a thread of a subinterpreter before
+    /// 3.12), the exception is leaked instead.
     fn drop(&mut self) {
         if let Some(err) = self.err.take() {
-            with_python(|_py| drop(err));
+            let err = ManuallyDrop::new(err);
+            let _ = with_python(move |_py| drop(ManuallyDrop::into_inner(err)));
         }
     }
 }

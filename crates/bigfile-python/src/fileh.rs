@@ -19,6 +19,7 @@ use crate::blockbuf::export;
 use crate::error::to_py;
 use crate::faults::ensure_on_top;
 use crate::mapcache::{self, MapCache};
+use crate::mapping::{Addresses, Mapping};
 use crate::stats::{ram_stats_dict, stats_dict};
 
 /// A non-negative integer argument that fits in 64 bits.
@@ -121,7 +122,7 @@ impl PyBigFileH {
                 ensure_on_top()?;
                 let window = mapcache::window(pgoffset, pglen, ps);
                 let (start, len) = window.unwrap_or((pgoffset, pglen));
-                let vma = Arc::new(fileh.mmap(start, len).map_err(|e| to_py(py, e))?);
+                let vma = Mapping::new(fileh.mmap(start, len).map_err(|e| to_py(py, e))?);
                 if window.is_some() {
                     let evicted = lock(&this.cache).insert(vma.clone());
                     drop(evicted);
@@ -288,7 +289,11 @@ impl PyBigFileH {
 /// One mapping of a BigFileH: a writable buffer of `len(vma)` bytes.
 #[pyclass(module = "bigfile._bigfile", name = "VMA", weakref)]
 pub(crate) struct PyVMA {
-    vma: Mutex<Option<Arc<Vma>>>,
+    /// The mapping while this object holds it (until closed).
+    vma: Mutex<Option<Arc<Mapping>>>,
+    /// Its addresses, taken as long as this object lives (`mapping.rs`);
+    /// `None` only while dropped.
+    addresses: Option<Arc<Addresses>>,
     addr: usize,
     len: usize,
     pgoffset: u64,
@@ -300,23 +305,24 @@ pub(crate) struct PyVMA {
 
 impl PyVMA {
     fn new(vma: Vma, pagesize: usize, fileh: Py<PyBigFileH>) -> Self {
-        PyVMA::shared(Arc::new(vma), pagesize, fileh)
+        PyVMA::shared(Mapping::new(vma), pagesize, fileh)
     }
 
     /// A holder of a mapping others may hold too: it is unmapped when the last goes.
-    fn shared(vma: Arc<Vma>, pagesize: usize, fileh: Py<PyBigFileH>) -> Self {
+    fn shared(vma: Arc<Mapping>, pagesize: usize, fileh: Py<PyBigFileH>) -> Self {
         PyVMA {
             addr: vma.as_ptr() as usize,
             len: vma.len(),
             pgoffset: vma.pgoffset(),
             pagesize,
+            addresses: Some(vma.addresses()),
             vma: Mutex::new(Some(vma)),
             fileh: Some(fileh),
             exports: AtomicUsize::new(0),
         }
     }
 
-    pub(crate) fn get(&self) -> PyResult<Arc<Vma>> {
+    pub(crate) fn get(&self) -> PyResult<Arc<Mapping>> {
         lock(&self.vma)
             .clone()
             .ok_or_else(|| PyValueError::new_err("operation on an unmapped VMA"))
@@ -444,8 +450,13 @@ impl PyVMA {
         vma.prefault(start..stop, access).map_err(|e| to_py(py, e))
     }
 
-    /// Unmap now. Refused (BufferError) while buffers of it (memoryviews,
-    /// numpy arrays) are alive. Unmapping twice is fine.
+    /// Unmap now: the file leaves the mapping and the handle counts it gone.
+    /// Refused (BufferError) while buffers taken of it (memoryviews, and
+    /// numpy arrays over them) are alive. numpy arrays made over the VMA
+    /// itself (`np.ndarray(buffer=vma)`, `np.frombuffer(vma)`) hold no
+    /// buffer but this object: they then read zeros, and write into memory
+    /// dropped with them, until the last of them goes; the addresses are
+    /// never reused meanwhile. Unmapping twice is fine.
     fn close(&self) -> PyResult<()> {
         let n = self.exports.load(SeqCst);
         if n != 0 {
@@ -492,5 +503,14 @@ impl PyVMA {
 
     fn __clear__(&mut self) {
         self.fileh = None;
+    }
+}
+
+impl Drop for PyVMA {
+    fn drop(&mut self) {
+        // The addresses first: if no other object holds them, the mapping
+        // (if this was its last holder) is then simply unmapped.
+        drop(self.addresses.take());
+        drop(self.vma.get_mut().unwrap_or_else(|p| p.into_inner()).take());
     }
 }

@@ -1,28 +1,28 @@
 //! The GIL as virtmem's host lock, entering Python from any thread, and the
 //! thread's exception state saved around every Python call made from a fault.
+//!
+//! Whether a thread holds the GIL is read from the thread itself (the thread
+//! state attached on it), never from `PyGILState_Check`, which answers 1
+//! for every thread once any subinterpreter has been created.
 
 use std::ptr;
 
 use pyo3::ffi;
 use pyo3::Python;
 
-/// Virtmem releases the GIL through this before it takes its own lock or
-/// waits for another thread's load, and retakes it after.
+/// Virtmem releases the GIL through this before it waits for work that may
+/// need it (or calls a loader that takes it), and retakes it after.
 #[derive(Debug)]
 pub(crate) struct Gil;
 
 impl bigfile_virtmem::HostLock for Gil {
     fn release(&self) -> Option<usize> {
-        // SAFETY: the hooks are installed by the module's init, so the
-        // interpreter is initialized; PyGILState_Check only reads the calling
-        // thread's state, and PyEval_SaveThread is called only when this
-        // thread holds the GIL.
-        unsafe {
-            if ffi::PyGILState_Check() == 0 {
-                return None;
-            }
-            Some(ffi::PyEval_SaveThread() as usize)
+        if attached().is_null() {
+            return None;
         }
+        // SAFETY: this thread holds the GIL of the interpreter of its
+        // attached thread state, which PyEval_SaveThread detaches and returns.
+        Some(unsafe { ffi::PyEval_SaveThread() } as usize)
     }
 
     fn retake(&self, token: usize) {
@@ -32,17 +32,61 @@ impl bigfile_virtmem::HostLock for Gil {
     }
 }
 
-/// Run `f` holding the GIL, from any thread: one that holds it, one whose
-/// GIL virtmem released (its thread state is reused, so exception state is
-/// the faulting code's), or one Python never saw (a thread state is created
-/// and destroyed).
+/// The thread state attached on the calling thread (the thread holds its
+/// interpreter's GIL), or null.
+///
+/// 3.12+: the thread's own current thread state. Before 3.12 CPython keeps
+/// only the GIL holder's, process-wide: it is this thread's when it is the
+/// thread state bound to this thread (`PyGILState_GetThisThreadState`). A
+/// thread running a subinterpreter's code there holds the GIL through
+/// another thread state, which this cannot tell from another thread holding
+/// the GIL: it answers null (README: subinterpreters).
+pub(crate) fn attached() -> *mut ffi::PyThreadState {
+    // SAFETY: both only read the calling thread's (3.12+) or the runtime's
+    // current thread state, with no requirement on the GIL.
+    unsafe {
+        let current = ffi::compat::PyThreadState_GetUnchecked();
+        #[cfg(not(Py_3_12))]
+        if current != ffi::PyGILState_GetThisThreadState() {
+            return ptr::null_mut();
+        }
+        current
+    }
+}
+
+/// Whether `ts` belongs to the main interpreter.
+///
+/// # Safety
+/// `ts` is a live thread state.
+unsafe fn of_main_interpreter(ts: *mut ffi::PyThreadState) -> bool {
+    // SAFETY: `ts` is live (caller); both calls only read.
+    unsafe { ffi::PyThreadState_GetInterpreter(ts) == ffi::PyInterpreterState_Main() }
+}
+
+/// A Python call asked for, before 3.12, on a thread started by a
+/// subinterpreter: this module's objects live in the main interpreter, whose
+/// GIL such a thread cannot take (see [`with_python`]).
+#[derive(Debug)]
+pub(crate) struct SubinterpreterThread;
+
+/// Run `f` holding the GIL of the main interpreter, from any thread: one
+/// that holds it, one whose GIL virtmem released (its thread state is
+/// reused, so exception state is the faulting code's), one Python never saw
+/// (a thread state is created and destroyed), or one running a
+/// subinterpreter's code (its thread state there is detached meanwhile and
+/// put back after; the call gets a thread state of the main interpreter for
+/// its duration). Before 3.12 the PyGILState API, which pyo3 uses, knows
+/// one thread state per thread, the first: a thread started by a
+/// subinterpreter cannot run main-interpreter code (`Err`).
 ///
 /// The GIL is taken with a raw `PyGILState_Ensure` before pyo3 sees it: pyo3
 /// counts GIL acquisitions per thread and would assume the GIL held when a
 /// fault arrives inside pyo3 code whose GIL virtmem has released (a loadblk
 /// reading another mapping, a storeblk under `dirty_writeout`). Every pyo3
 /// object `f` creates is dropped before the GIL is released.
-pub(crate) fn with_python<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> R {
+pub(crate) fn with_python<R>(
+    f: impl for<'py> FnOnce(Python<'py>) -> R,
+) -> Result<R, SubinterpreterThread> {
     struct Ensured(ffi::PyGILState_STATE);
     impl Drop for Ensured {
         fn drop(&mut self) {
@@ -50,13 +94,80 @@ pub(crate) fn with_python<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> R {
             unsafe { ffi::PyGILState_Release(self.0) }
         }
     }
-    // On a userfaultfd worker, the thread in the system call it serves may
-    // hold the GIL: virtmem gives the fault up if this waits too long.
-    // SAFETY: the interpreter is initialized while our module is loaded.
-    let _ensured = Ensured(bigfile_virtmem::host_lock_wait(|| unsafe {
-        ffi::PyGILState_Ensure()
-    }));
-    Python::attach(f)
+    struct Detached(*mut ffi::PyThreadState);
+    impl Drop for Detached {
+        fn drop(&mut self) {
+            if !self.0.is_null() {
+                // SAFETY: the thread state detached below, on this thread,
+                // which holds no GIL again by now.
+                unsafe { ffi::PyEval_RestoreThread(self.0) }
+            }
+        }
+    }
+    // SAFETY: the interpreter is initialized while our module is loaded;
+    // `attached()` and the bound thread state are this thread's own, live.
+    unsafe {
+        let current = attached();
+        let _detached = Detached(if !current.is_null() && !of_main_interpreter(current) {
+            ffi::PyEval_SaveThread()
+        } else {
+            ptr::null_mut()
+        });
+        let bound = ffi::PyGILState_GetThisThreadState();
+        if bound.is_null() || of_main_interpreter(bound) {
+            // On a userfaultfd worker, the thread in the system call it
+            // serves may hold the GIL: virtmem gives the fault up if this
+            // waits too long.
+            let _ensured = Ensured(bigfile_virtmem::host_lock_wait(|| ffi::PyGILState_Ensure()));
+            return Ok(Python::attach(f));
+        }
+        in_temporary_thread_state(f)
+    }
+}
+
+/// Run `f` in a thread state of the main interpreter made for it, on a
+/// thread bound to a subinterpreter's and holding no GIL. From 3.12 the
+/// thread state last attached on a thread is the one the PyGILState API
+/// (and pyo3) uses, so `f` may use pyo3 as anywhere.
+///
+/// # Safety
+/// The thread holds no GIL.
+#[cfg(Py_3_12)]
+unsafe fn in_temporary_thread_state<R>(
+    f: impl for<'py> FnOnce(Python<'py>) -> R,
+) -> Result<R, SubinterpreterThread> {
+    struct Temporary;
+    impl Drop for Temporary {
+        fn drop(&mut self) {
+            // SAFETY: the thread state attached below is current on this
+            // thread; clearing it needs the GIL, which it holds.
+            unsafe {
+                ffi::PyThreadState_Clear(ffi::PyThreadState_Get());
+                ffi::PyThreadState_DeleteCurrent();
+            }
+        }
+    }
+    // SAFETY: a new thread state of the main interpreter, attached (taking
+    // its GIL) on this thread, which holds none (caller); deleted by
+    // `Temporary` with the GIL released.
+    unsafe {
+        let tstate = ffi::PyThreadState_New(ffi::PyInterpreterState_Main());
+        // As for PyGILState_Ensure above.
+        bigfile_virtmem::host_lock_wait(|| ffi::PyEval_RestoreThread(tstate));
+    }
+    let _temporary = Temporary;
+    Ok(Python::attach(f))
+}
+
+/// Before 3.12: see [`with_python`].
+///
+/// # Safety
+/// None needed; `unsafe` to match the 3.12+ version.
+#[cfg(not(Py_3_12))]
+unsafe fn in_temporary_thread_state<R>(
+    _f: impl for<'py> FnOnce(Python<'py>) -> R,
+) -> Result<R, SubinterpreterThread> {
+    Err(SubinterpreterThread)
 }
 
 /// The raised exception (an error being propagated) and the handled one (as

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use bigfile_virtmem::Vma;
+use crate::mapping::Mapping;
 
 /// Mappings kept.
 pub(crate) const CAPACITY: usize = 8;
@@ -23,12 +23,12 @@ pub(crate) const WINDOW: u64 = 8 << 20;
 #[derive(Default)]
 pub(crate) struct MapCache {
     /// Most recently used first.
-    vmas: Vec<Arc<Vma>>,
+    vmas: Vec<Arc<Mapping>>,
 }
 
 impl MapCache {
     /// A kept mapping covering pages `pgoffset .. pgoffset + pglen`, now the most recent.
-    pub(crate) fn lookup(&mut self, pgoffset: u64, pglen: u64) -> Option<Arc<Vma>> {
+    pub(crate) fn lookup(&mut self, pgoffset: u64, pglen: u64) -> Option<Arc<Mapping>> {
         let end = pgoffset.checked_add(pglen)?;
         let i = self
             .vmas
@@ -42,7 +42,7 @@ impl MapCache {
     /// Keep `vma` as the most recent; returns what no longer fits, for the
     /// caller to drop outside its lock (dropping may unmap, which waits for
     /// the virtmem lock with the GIL released).
-    pub(crate) fn insert(&mut self, vma: Arc<Vma>) -> Vec<Arc<Vma>> {
+    pub(crate) fn insert(&mut self, vma: Arc<Mapping>) -> Vec<Arc<Mapping>> {
         self.vmas.insert(0, vma);
         if self.vmas.len() > CAPACITY {
             self.vmas.split_off(CAPACITY)
@@ -52,7 +52,7 @@ impl MapCache {
     }
 
     /// Forget every kept mapping; returns them for the caller to drop.
-    pub(crate) fn take_all(&mut self) -> Vec<Arc<Vma>> {
+    pub(crate) fn take_all(&mut self) -> Vec<Arc<Mapping>> {
         std::mem::take(&mut self.vmas)
     }
 }

@@ -126,3 +126,31 @@ print(sys.exc_info()[0])
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "1", "2", "True", "None"]
     assert "ZeroDivisionError: raised in __del__" in r.stderr
+
+
+def test_retried_load_errors_are_freed_holding_the_gil():
+    # A load that failed and was retried leaves its exception to be freed
+    # inside virtmem, with the GIL released (prefault) or never held (a
+    # thread Python never saw): freeing it must take the GIL.
+    code = """
+import mmap, gc
+from bigfile import BigFile, _bigfile
+PS = mmap.PAGESIZE
+class Flaky(BigFile):
+    def loadblk(self, blk, buf):
+        self.n = getattr(self, "n", 0) + 1
+        if self.n % 2:
+            raise ValueError("flaky " + "x" * 1000)   # a fresh object to free
+        buf[:] = bytes([blk]) * len(buf)
+fh = Flaky(PS).fileh_open()
+fh.set_load_policy(2, 0.0)
+vma = fh.mmap(0, 64)
+for blk in range(0, 64, 2):
+    vma.prefault(blk * PS, blk * PS + 1)
+    assert _bigfile._read_in_new_thread(vma, (blk + 1) * PS) == blk + 1
+gc.collect()
+print("ok", fh.stats()["load_errors"])
+"""
+    r = run_py(code)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.split() == ["ok", "64"]

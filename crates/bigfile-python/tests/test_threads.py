@@ -5,7 +5,7 @@ import threading
 import time
 
 import numpy as np
-from conftest import PS, DataFile
+from conftest import PS, DataFile, run_py
 
 from bigfile import _bigfile
 
@@ -196,3 +196,76 @@ def test_waiters_of_a_failed_load_get_its_exception():
     assert raised["a"] is raised["b"]
     assert raised["a"].args == ("bad sector 0",)
     assert fh.page_state(0) is None
+
+
+BYTEARRAY_RACE = """
+import mmap, os, tempfile, threading
+from bigfile.file_file import BigFile_File
+PS = mmap.PAGESIZE
+N = 64
+fd, path = tempfile.mkstemp()
+os.write(fd, b"".join(bytes([b % 251 + 1]) * PS for b in range(N)))
+os.close(fd)
+fh = BigFile_File(path, PS).fileh_open(ram="memfd", budget=4 * PS)
+os.unlink(path)
+mv = memoryview(fh.mmap(0, N))
+holder = [bytearray()]
+stop = False
+def dropper():
+    while not stop:
+        holder[0].clear()
+        holder[0] = bytearray()
+def reader():
+    while not stop:
+        for k in range(0, N * PS, PS):
+            mv[k]
+ts = [threading.Thread(target=dropper), threading.Thread(target=reader)]
+for t in ts:
+    t.start()
+for i in range(20000):
+    off = (i * 7 % (N - 1)) * PS
+    b = holder[0]
+    # bytearray's += resizes, then copies from the mapping (faults): no other
+    # thread may run in between, or the buffer it copies into is freed.
+    b += mv[off:off + 2 * PS]
+stop = True
+for t in ts:
+    t.join()
+print("faults", fh.stats()["faults"])
+"""
+
+
+def test_c_code_faulting_with_the_gil_sees_no_other_thread_run():
+    r = run_py(BYTEARRAY_RACE)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert int(r.stdout.split()[1]) > 20000, "every copy faulted"
+
+
+def test_faults_holding_the_gil_wait_for_a_python_load_without_deadlock():
+    # Python loads need the GIL: a thread holding it that must wait for one
+    # (the same block, or room in a budget the loads hold) releases it.
+    r = run_py(
+        """
+        import mmap, threading, time
+        from bigfile import BigFile
+        PS = mmap.PAGESIZE
+        class Slow(BigFile):
+            def loadblk(self, blk, buf):
+                time.sleep(0.01)            # lets the other threads run
+                buf[:] = bytes([blk]) * len(buf)
+        for budget in (1, 2, 8):
+            m = memoryview(Slow(PS).fileh_open(ram="memfd", budget=budget * PS).mmap(0, 8))
+            out = {}
+            def reader(i):
+                out[i] = [m[((b + i) % 8) * PS] for b in range(16)]
+            ts = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            assert out == {i: [(b + i) % 8 for b in range(16)] for i in range(4)}, out
+        print("ok")
+        """,
+        timeout=300,
+    )
+    assert r.returncode == 0 and r.stdout.split() == ["ok"], (r.returncode, r.stderr)

@@ -100,6 +100,25 @@ pub fn read_u64_one_access(addr: usize) -> u64 {
     v
 }
 
+/// Write `v` as the 8 bytes at `addr`, aligned or not, with one
+/// instruction: across a page boundary, that one instruction needs both
+/// pages at once, writable.
+pub fn write_u64_one_access(addr: usize, v: u64) {
+    // SAFETY: callers pass 8 bytes of a live mapping whose faults are
+    // served, which no Rust reference covers.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::asm!("mov qword ptr [{a}], {v}", a = in(reg) addr, v = in(reg) v,
+            options(nostack, preserves_flags));
+    }
+    // SAFETY: as above.
+    #[cfg(target_arch = "aarch64")]
+    unsafe {
+        std::arch::asm!("str {v}, [{a}]", a = in(reg) addr, v = in(reg) v,
+            options(nostack, preserves_flags));
+    }
+}
+
 /// Copy 8 bytes from `src` to `dst` with one instruction (`movsq`): with
 /// `src` across a page boundary and `dst` on a third page, one instruction
 /// that needs three pages at once. (aarch64 has no instruction that reads
@@ -206,5 +225,15 @@ mod tests {
         write_byte(m.page(1) + 3, 9);
         assert_eq!(read_byte(m.page(1) + 3), 9);
         assert_eq!(prot_at(page_of(m.page(1) + 3)).as_deref(), Some("rw-p"));
+    }
+
+    #[test]
+    fn one_access_words_cross_page_boundaries() {
+        let m = Mapping::new(2, libc::PROT_READ | libc::PROT_WRITE);
+        let at = m.page(1) - 3;
+        write_u64_one_access(at, 0x0102_0304_0506_0708);
+        assert_eq!(read_u64_one_access(at), 0x0102_0304_0506_0708);
+        // Both architectures are little-endian: the low byte comes first.
+        assert_eq!((read_byte(at), read_byte(at + 7)), (0x08, 0x01));
     }
 }

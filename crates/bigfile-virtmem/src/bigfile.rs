@@ -26,4 +26,19 @@ pub trait BigFile: Send + Sync + 'static {
     fn name(&self) -> String {
         std::any::type_name::<Self>().to_owned()
     }
+
+    /// Whether `loadblk`/`storeblk` may take the host lock (the GIL, see
+    /// [`set_host_lock`](crate::set_host_lock)): a loader written in the
+    /// host's language. A page fault taken by a thread holding the host lock
+    /// keeps it while it serves the page, and releases it only before it
+    /// calls such a file's `loadblk` or waits for work that may need the
+    /// lock: such a file's load or writeout, or room in the budget held by
+    /// such loads. A file that answers `false` (its I/O is native, as
+    /// [`FileBigFile`](crate::FileBigFile)'s) lets faults of its pages
+    /// finish without ever giving the host lock away, so host code that
+    /// touches a mapping sees no other host thread run meanwhile. The
+    /// default, `true`, is always safe.
+    fn needs_host_lock(&self) -> bool {
+        true
+    }
 }

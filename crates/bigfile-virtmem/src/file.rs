@@ -145,4 +145,9 @@ impl BigFile for FileBigFile {
     fn name(&self) -> String {
         self.path.display().to_string()
     }
+
+    /// pread/pwrite: no host code.
+    fn needs_host_lock(&self) -> bool {
+        false
+    }
 }

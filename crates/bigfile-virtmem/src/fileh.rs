@@ -156,7 +156,7 @@ impl FileH {
                     (blk, rp.0)
                 })
                 .collect();
-            let ticket = Ticket::mine();
+            let ticket = Ticket::mine_for(fh.needs_host);
             st.begin_writeout(fh.key, ticket.clone());
             let forks = fork_generation::generation();
             drop(st);

@@ -48,6 +48,8 @@ pub(crate) struct FileHInner {
     pub(crate) ramh: Arc<RamHandle>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) name: String,
+    /// The file's `needs_host_lock`, asked once.
+    pub(crate) needs_host: bool,
     load_attempts: AtomicU32,
     load_backoff_us: AtomicU64,
 }
@@ -66,6 +68,7 @@ impl FileHInner {
         });
         let counters = Arc::new(Counters::default());
         let name = file.name();
+        let needs_host = file.needs_host_lock();
         let key = {
             let _host = HostUnlocked::new();
             shared.lock().open_handle(ramh.clone(), counters.clone())
@@ -79,6 +82,7 @@ impl FileHInner {
             ramh,
             counters,
             name,
+            needs_host,
             load_attempts: AtomicU32::new(policy.attempts),
             load_backoff_us: AtomicU64::new(policy.backoff.as_micros() as u64),
         })

@@ -1,10 +1,16 @@
 //! Hooks for a host runtime's lock (the Python GIL).
 //!
-//! A thread that faults while holding the host lock must not wait for the
-//! virtmem lock (or for another thread's load) while still holding it: the
-//! thread it waits for may need the host lock to finish. Virtmem therefore
-//! releases the host lock before it takes its own and retakes it after, in
-//! the fault path and in every call that may wait.
+//! A thread holding the host lock must not wait for work that may need it
+//! (another thread's load by a loader that takes it): that thread could
+//! never finish. The calls of the API release the host lock before they
+//! take virtmem's own lock and retake it after ([`HostUnlocked`]). A page
+//! fault instead keeps it as long as it can ([`HostLease`]): the host code
+//! that touched the memory (a C function that assumed it held the lock)
+//! then sees no other host thread run during the access, unless the fault
+//! has to wait for such work or call a loader that takes the lock (see
+//! [`BigFile::needs_host_lock`](crate::BigFile::needs_host_lock)). No thread
+//! ever waits for the host lock while holding virtmem's, so a thread may
+//! hold the host lock while it takes virtmem's.
 
 use std::sync::{Arc, OnceLock};
 
@@ -41,6 +47,31 @@ impl Drop for HostUnlocked {
     fn drop(&mut self) {
         if let (Some(token), Some(hooks)) = (self.token, HOST_LOCK.get()) {
             hooks.retake(token);
+        }
+    }
+}
+
+/// The host lock during one page fault: kept (if the thread holds it) until
+/// something needs it released, then released until the fault ends.
+#[derive(Default)]
+pub(crate) struct HostLease(Option<HostUnlocked>);
+
+impl HostLease {
+    /// Released from the start: for calls that wait as they please.
+    pub(crate) fn released() -> HostLease {
+        HostLease(Some(HostUnlocked::new()))
+    }
+
+    /// Whether the lock may still be held (not given away yet).
+    pub(crate) fn kept(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// Release the lock now if `needed` and not done yet. The caller holds
+    /// no lock of virtmem's.
+    pub(crate) fn release_if(&mut self, needed: bool) {
+        if needed && self.kept() {
+            self.0 = Some(HostUnlocked::new());
         }
     }
 }

@@ -67,4 +67,4 @@ pub use hostwait::host_lock_wait;
 pub use pages::PageState;
 pub use ram::{Ram, RamStats};
 pub use stats::Stats;
-pub use vma::Vma;
+pub use vma::{Placeholder, Vma};

@@ -105,6 +105,11 @@ impl Mapper {
         sys::reserve(len, self.page_size)
     }
 
+    /// Bytes of `pages` pages.
+    pub(crate) fn len_of(&self, pages: usize) -> usize {
+        pages * self.page_size
+    }
+
     /// Give back a mapping's whole range.
     ///
     /// # Safety
@@ -114,6 +119,25 @@ impl Mapper {
         // SAFETY: forwarded to the caller.
         let res = unsafe { sys::unmap(start, pages * self.page_size) };
         debug_assert!(res.is_ok(), "munmap: {res:?}");
+    }
+
+    /// Replace a whole mapping's range by zero-filled memory of its own
+    /// (the mapping's pages dropped), keeping the addresses taken: one
+    /// `mmap`, so no other mapping can take them meanwhile. When the kernel
+    /// refuses (ENOMEM), the range is made inaccessible instead; if that
+    /// fails too, abort rather than leave dropped pages readable (their RAM
+    /// may hold another block next).
+    ///
+    /// # Safety
+    /// `start` and `pages` are those of a reservation that nothing uses any
+    /// more (nothing registered for it, no slot being unmapped in it).
+    pub(crate) unsafe fn replace_with_zeros(&self, start: NonNull<u8>, pages: usize) {
+        let len = pages * self.page_size;
+        // SAFETY: forwarded to the caller.
+        let res = unsafe { sys::map_zeros(start, len) }
+            // SAFETY: as above.
+            .or_else(|_| unsafe { sys::mprotect(start, len, Prot::None.bits()) });
+        taken_away_or_abort(res, start, "the pages of a closed mapping");
     }
 
     /// Put the reservation back over a whole mapping's range, whatever
@@ -275,16 +299,7 @@ impl Mapper {
         let res = unsafe { sys::unmap_to_reserved(addr, len) }
             // SAFETY: as above.
             .or_else(|_| unsafe { sys::mprotect(addr, len, Prot::None.bits()) });
-        if let Err(e) = res {
-            // Left accessible, the slot would show whatever block its RAM
-            // page holds next (or a zero page taken behind the budget's
-            // back): no way to go on without handing out wrong data.
-            eprintln!(
-                "bigfile: cannot take a dropped page away from its mapping at {addr:p} ({e}); \
-                 aborting rather than let it show another block's data"
-            );
-            std::process::abort();
-        }
+        taken_away_or_abort(res, addr, "a dropped page");
     }
 
     /// Fill the page-table entries of the page at `addr` now, in one call,
@@ -300,6 +315,20 @@ impl Mapper {
         }
         // SAFETY: forwarded to the caller.
         unsafe { sys::populate(addr, self.page_size, write) }
+    }
+}
+
+/// Abort unless `res` says dropped pages at `addr` (`what`) were taken away
+/// from their mapping: left accessible, a slot would show whatever block
+/// its RAM page holds next (or a zero page taken behind the budget's back),
+/// and there is no way to go on without handing out wrong data.
+fn taken_away_or_abort(res: io::Result<()>, addr: NonNull<u8>, what: &str) {
+    if let Err(e) = res {
+        eprintln!(
+            "bigfile: cannot take {what} away from its mapping at {addr:p} ({e}); \
+             aborting rather than let it show another block's data"
+        );
+        std::process::abort();
     }
 }
 

@@ -106,6 +106,8 @@ pub(crate) struct PageTable {
     pages: Slab<Page>,
     /// Pages LOADING or LOADING_INVALIDATED.
     loading: usize,
+    /// Of those, the ones whose loader may take the host lock.
+    loading_needing_host: usize,
 }
 
 impl PageTable {
@@ -118,10 +120,27 @@ impl PageTable {
         self.loading > 0
     }
 
+    /// Whether some page is being loaded by a loader that may take the host lock.
+    pub(crate) fn any_loading_needing_host(&self) -> bool {
+        self.loading_needing_host > 0
+    }
+
+    /// A loading page starts (`+1`) or stops (`-1`) being counted.
+    fn count_loading(&mut self, ticket: Option<&Arc<Ticket>>, starts: bool) {
+        let host = usize::from(ticket.is_some_and(|t| t.needs_host()));
+        if starts {
+            self.loading += 1;
+            self.loading_needing_host += host;
+        } else {
+            self.loading -= 1;
+            self.loading_needing_host -= host;
+        }
+    }
+
     /// EMPTY → LOADING: a new page of block `blk` of `fileh`, loaded by the
     /// owner of `ticket`.
     pub(crate) fn begin_load(&mut self, fileh: FileKey, blk: u64, ticket: Arc<Ticket>) -> PageKey {
-        self.loading += 1;
+        self.count_loading(Some(&ticket), true);
         PageKey(self.pages.insert(Page {
             fileh,
             blk,
@@ -142,9 +161,9 @@ impl PageTable {
             // Still counted as loading until detached.
             PageState::LoadingInvalidated => LoadEnd::Invalidated,
             _ => {
-                self.loading -= 1;
                 p.state = PageState::Loaded;
-                p.ticket = None;
+                let ticket = p.ticket.take();
+                self.count_loading(ticket.as_ref(), false);
                 LoadEnd::Loaded
             }
         }
@@ -195,7 +214,7 @@ impl PageTable {
     pub(crate) fn detach(&mut self, pk: PageKey) -> Page {
         let p = self.pages.remove(pk.0);
         if p.is_loading() {
-            self.loading -= 1;
+            self.count_loading(p.ticket.as_ref(), false);
         }
         p
     }
@@ -232,6 +251,25 @@ mod tests {
         assert!(p.ticket().is_none());
         assert!(t.any_loading(), "block 1 still loads");
         t.detach(pks[1]);
+        assert!(!t.any_loading());
+    }
+
+    #[test]
+    fn loads_whose_loader_takes_the_host_lock_are_counted() {
+        let mut t = PageTable::default();
+        let native = t.begin_load(FileKey(0), 0, Ticket::mine_for(false));
+        assert!(t.any_loading() && !t.any_loading_needing_host());
+        let hosted = t.begin_load(FileKey(0), 1, Ticket::mine_for(true));
+        let hosted_too = t.begin_load(FileKey(0), 2, Ticket::mine_for(true));
+        assert!(t.any_loading_needing_host());
+        t.finish_load(hosted, RamPage(1));
+        assert!(t.any_loading_needing_host(), "block 2 still loads");
+        t.invalidate(hosted_too);
+        t.finish_load(hosted_too, RamPage(2));
+        assert!(t.any_loading_needing_host(), "counted until detached");
+        t.detach(hosted_too);
+        assert!(!t.any_loading_needing_host() && t.any_loading());
+        t.detach(native);
         assert!(!t.any_loading());
     }
 

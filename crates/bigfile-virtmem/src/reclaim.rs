@@ -10,11 +10,12 @@ use bigfile_ram::RamHandle;
 use crate::budget::batch_size;
 use crate::callback::in_callback;
 use crate::failure::Failure;
-use crate::keys::{FileKey, PageKey, RamPage};
+use crate::host::HostLease;
+use crate::keys::{FileKey, RamPage};
 use crate::mapper::{Deferred, Mapper};
 use crate::shared::{Guard, Shared};
 use crate::state::{State, Unmap};
-use crate::streak;
+use crate::streak::Execution;
 
 /// What [`make_room`] found.
 pub(crate) enum Room {
@@ -39,23 +40,31 @@ pub(crate) enum Room {
 /// thread it would wait for may be waiting for that load or writeout);
 /// spares other threads are still unmapping are waited for in any case
 /// (their reclaimers wait for nothing). Otherwise, with no clean page left,
-/// the budget is exhausted.
+/// the budget is exhausted. Before waiting for loads whose loader may take
+/// the host lock, `host` is released.
+///
+/// `access` is the faulting access (none for prefault) and `pin_block` the
+/// block it holds (`streak.rs`): its page, the pin, is looked up again after
+/// every wait, since meanwhile it may have been reclaimed and loaded again
+/// as another page.
 pub(crate) fn make_room<'a>(
     mut st: Guard<'a>,
     shared: &'a Shared,
     (fk, ramh): (FileKey, &Arc<RamHandle>),
-    (sequential, pin): (bool, Option<PageKey>),
+    (sequential, access, pin_block): (bool, Option<&Execution>, Option<(FileKey, u64)>),
+    host: &mut HostLease,
     deferred: &mut Deferred,
 ) -> (Guard<'a>, Result<Room, Failure>) {
     let rc = shared.counters();
-    let ram = shared as *const Shared as usize;
     let budget = shared.budget_pages();
     // Pages kept at their block's place (the userfaultfd backend) cannot
     // serve another block: no recycling, no spares.
     let recycle = !Mapper::of(shared).pages_in_place();
+    let pin_of = |st: &State| pin_block.and_then(|(fk, blk)| st.find_page(fk, blk));
     let mut recycled = if recycle { st.take_spare(fk, rc) } else { None };
     let mut reclaimed = false;
     while st.budget().is_full(budget) {
+        let pin = pin_of(&st);
         if recycled.is_none() && recycle {
             // After a wait, spares of the handle may have become ready.
             recycled = st.take_spare(fk, rc);
@@ -80,7 +89,9 @@ pub(crate) fn make_room<'a>(
         match taken {
             Some(d) => {
                 reclaimed = true;
-                streak::reclaimed(ram, d.fileh, d.blk);
+                if let Some(a) = access {
+                    a.reclaimed(d.fileh, d.blk);
+                }
                 if let Some(rp) = d.ram_page {
                     if recycle && recycled.is_none() && d.fileh == fk {
                         // Reused by the load: saves a hole punch now and
@@ -105,6 +116,15 @@ pub(crate) fn make_room<'a>(
                     if !deferred.is_empty() {
                         return (st, Ok(Room::Retry));
                     }
+                    if host.kept()
+                        && may_wait_for_loads(&st)
+                        && st.pages().any_loading_needing_host()
+                    {
+                        drop(st);
+                        host.release_if(true);
+                        st = shared.lock();
+                        continue;
+                    }
                     st = shared.wait(st);
                     continue;
                 }
@@ -117,6 +137,7 @@ pub(crate) fn make_room<'a>(
         }
     }
     if reclaimed && !sequential && recycle {
+        let pin = pin_of(&st);
         for _ in 1..batch_size(budget) {
             if pin.is_some() && st.lru().oldest() == pin {
                 break;

@@ -21,6 +21,7 @@ use crate::callback::InCallback;
 use crate::failure::{Failure, ALLOCATING, MAPPING, WINDOWING};
 use crate::fork_generation;
 use crate::handle::FileHInner;
+use crate::host::HostLease;
 use crate::keys::{FileKey, PageKey, RamPage, VmaId};
 use crate::mapper::{Deferred, MapError, Mapper};
 use crate::pages::{LoadEnd, PageState};
@@ -48,8 +49,14 @@ pub(crate) struct PageRequest {
 }
 
 /// Serve `req` for handle `fh`: when this returns `Ok`, the page is mapped
-/// in the request's mapping with the access it asked for.
-pub(crate) fn serve(fh: &FileHInner, req: &PageRequest) -> Result<(), Failure> {
+/// in the request's mapping with the access it asked for. `host` is the
+/// host lock, released only before a step that may need it: calling a
+/// loader that takes it, waiting for work that may take it.
+pub(crate) fn serve(
+    fh: &FileHInner,
+    req: &PageRequest,
+    host: &mut HostLease,
+) -> Result<(), Failure> {
     fh.counts().add(Counter::Faults, 1);
     let access = req.execution.map(|execution| Execution {
         ram: Arc::as_ptr(&fh.shared) as usize,
@@ -66,12 +73,12 @@ pub(crate) fn serve(fh: &FileHInner, req: &PageRequest) -> Result<(), Failure> {
     let sequential = st.drop_behind(fh.key, req.vma, req.blk, req.drop_behind);
     loop {
         st = match st.lookup(fh.key, req.blk) {
-            None => load(fh, st, (req.blk, sequential), pin)?,
+            None => load(fh, st, (req.blk, sequential), (access.as_ref(), pin), host)?,
             Some(pk) => match st.pages().get(pk).state() {
                 PageState::Loading | PageState::LoadingInvalidated => {
-                    wait_for_load(fh, st, req.blk, pk)?
+                    wait_for_load(fh, st, (req.blk, pk), host)?
                 }
-                PageState::Loaded | PageState::Dirty => match map_page(fh, st, req, pk)? {
+                PageState::Loaded | PageState::Dirty => match map_page(fh, st, (req, pk), host)? {
                     Some(st) => st,
                     None => {
                         if let Some(a) = &access {
@@ -88,22 +95,23 @@ pub(crate) fn serve(fh: &FileHInner, req: &PageRequest) -> Result<(), Failure> {
 /// EMPTY: make room within the budget, then load the block on this
 /// thread. Returns the lock retaken, for the next round to serve what is
 /// there now (the loaded page; nothing, if it was invalidated meanwhile).
-/// `pin` is the page the faulting access was served last, which it still
-/// needs (`streak.rs`).
+/// `access` is the faulting access (none for prefault), `pin` the block
+/// whose page it still needs (`streak.rs`).
 fn load<'a>(
     fh: &'a FileHInner,
     st: Guard<'a>,
     (blk, sequential): (u64, bool),
-    pin: Option<(FileKey, u64)>,
+    (access, pin): (Option<&Execution>, Option<(FileKey, u64)>),
+    host: &mut HostLease,
 ) -> Result<Guard<'a>, Failure> {
     let shared = &*fh.shared;
     let mut deferred = Deferred::default();
-    let pin = pin.and_then(|(fk, blk)| st.find_page(fk, blk));
     let (mut st, room) = make_room(
         st,
         shared,
         (fh.key, &fh.ramh),
-        (sequential, pin),
+        (sequential, access, pin),
+        host,
         &mut deferred,
     );
     let recycled = match room {
@@ -125,13 +133,16 @@ fn load<'a>(
         deferred.finish(shared);
         return Ok(shared.lock());
     }
-    let ticket = Ticket::mine();
+    let ticket = Ticket::mine_for(fh.needs_host);
     let pk = st.begin_load(fh.key, blk, ticket.clone());
     let forks = fork_generation::generation();
     drop(st);
     // Unmap what make_room reclaimed (the recycled RAM page among it)
     // before the load writes into it.
     deferred.finish(shared);
+    // A loader that takes the host lock may run on another thread's behalf
+    // too (nested faults): never call it holding the lock.
+    host.release_if(fh.needs_host);
     let loaded = fill_page(fh, blk, recycled);
     let st = shared.lock();
     if fork_generation::generation() != forks {
@@ -196,11 +207,13 @@ fn finish_load<'a>(
 /// LOADING by another thread: wait for its load, then look again. Fails
 /// with the loader's own failure, or when the wait would never end (this
 /// thread is the loader: it touched its own page; or a cycle of waits).
+/// A loader that may take the host lock gets it first: the lock is
+/// released, and the next round looks again.
 fn wait_for_load<'a>(
     fh: &'a FileHInner,
     st: Guard<'a>,
-    blk: u64,
-    pk: PageKey,
+    (blk, pk): (u64, PageKey),
+    host: &mut HostLease,
 ) -> Result<Guard<'a>, Failure> {
     let ticket = st
         .pages()
@@ -208,6 +221,11 @@ fn wait_for_load<'a>(
         .ticket()
         .expect("a loading page has a ticket")
         .clone();
+    if ticket.needs_host() && host.kept() {
+        drop(st);
+        host.release_if(true);
+        return Ok(fh.shared.lock());
+    }
     let st = fh.shared.wait_for(st, &ticket).map_err(|cycle| {
         Failure::Deadlock(if cycle.is_self() {
             format!(
@@ -237,8 +255,8 @@ fn wait_for_load<'a>(
 fn map_page<'a>(
     fh: &'a FileHInner,
     mut st: Guard<'a>,
-    req: &PageRequest,
-    pk: PageKey,
+    (req, pk): (&PageRequest, PageKey),
+    host: &mut HostLease,
 ) -> Result<Option<Guard<'a>>, Failure> {
     let shared = &*fh.shared;
     if st.slot_unmapping(fh.key, req.vma, req.blk) {
@@ -250,7 +268,7 @@ fn map_page<'a>(
         Access::Read => Prot::Read,
         Access::Write => {
             if let Some(writeout) = st.writeout(fh.key).cloned() {
-                return wait_out_writeout(fh, st, req.blk, &writeout).map(Some);
+                return wait_out_writeout(fh, st, (req.blk, &writeout), host).map(Some);
             }
             if st.block_unmapping(fh.key, req.blk) {
                 // A reclaimer is still unmapping an earlier page of this
@@ -301,13 +319,19 @@ fn map_page<'a>(
 
 /// A write during a writeout of the handle waits for it: storeblk must see
 /// the block as it was when the writeout began. (The next round checks
-/// again, should another writeout follow.)
+/// again, should another writeout follow; a storeblk that may take the host
+/// lock gets it first, as in [`wait_for_load`].)
 fn wait_out_writeout<'a>(
     fh: &'a FileHInner,
     st: Guard<'a>,
-    blk: u64,
-    writeout: &Arc<Ticket>,
+    (blk, writeout): (u64, &Arc<Ticket>),
+    host: &mut HostLease,
 ) -> Result<Guard<'a>, Failure> {
+    if writeout.needs_host() && host.kept() {
+        drop(st);
+        host.release_if(true);
+        return Ok(fh.shared.lock());
+    }
     fh.shared.wait_for(st, writeout).map_err(|cycle| {
         Failure::Deadlock(if cycle.is_self() {
             format!(
@@ -442,8 +466,9 @@ mod tests {
 
     const BLK: usize = 4096;
 
-    /// The test kit's memory file as this crate's BigFile.
-    struct Kit(Arc<MemFile>);
+    /// The test kit's memory file as this crate's BigFile; the flag is its
+    /// `needs_host_lock`.
+    struct Kit(Arc<MemFile>, bool);
 
     impl BigFile for Kit {
         fn blksize(&self) -> usize {
@@ -458,11 +483,24 @@ mod tests {
         fn name(&self) -> String {
             self.0.name().to_owned()
         }
+        fn needs_host_lock(&self) -> bool {
+            self.1
+        }
+    }
+
+    /// Serve as a thread that holds no host lock would.
+    fn serve_now(fh: &FileHInner, req: &PageRequest) -> Result<(), Failure> {
+        serve(fh, req, &mut HostLease::default())
     }
 
     /// A handle of a memory file on a RAM of `budget` pages, and a mapping
     /// of its first 4 blocks (no fault is taken: the tests call `serve`).
     fn setup(budget: u64) -> (Arc<MemFile>, FileH, Vma) {
+        setup_with(budget, true)
+    }
+
+    /// As [`setup`], with a file whose `needs_host_lock` is `host`.
+    fn setup_with(budget: u64, host: bool) -> (Arc<MemFile>, FileH, Vma) {
         let file = Arc::new(MemFile::new(BLK));
         // The signal backend: these tests check its page protections.
         let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}"))
@@ -470,7 +508,7 @@ mod tests {
             .with_fault_backend(crate::FaultBackend::Signals)
             .unwrap()
             .with_budget(budget * BLK as u64);
-        let fh = FileH::open(Arc::new(Kit(file.clone())), Some(&ram)).unwrap();
+        let fh = FileH::open(Arc::new(Kit(file.clone(), host)), Some(&ram)).unwrap();
         fh.set_load_policy(LoadPolicy {
             attempts: 2,
             backoff: std::time::Duration::ZERO,
@@ -505,11 +543,11 @@ mod tests {
     fn a_read_loads_once_and_maps_read_only() {
         let (file, fh, vma) = setup(4);
         let req = request(&vma, 2, Access::Read);
-        serve(&fh.inner, &req).unwrap();
+        serve_now(&fh.inner, &req).unwrap();
         assert_eq!(fh.page_state(2), Some(PageState::Loaded));
         assert_eq!(vma.mapped_pages(), [2]);
         assert_eq!(prot_of(&vma, 2), "r--s");
-        serve(&fh.inner, &req).unwrap();
+        serve_now(&fh.inner, &req).unwrap();
         assert_eq!(file.take_calls(), [Call::Load(2)]);
         let stats = fh.stats();
         assert_eq!((stats.faults, stats.loads, stats.resident_pages), (2, 1, 1));
@@ -521,8 +559,8 @@ mod tests {
     #[test]
     fn a_write_dirties_the_page_and_maps_it_read_write() {
         let (_file, fh, vma) = setup(4);
-        serve(&fh.inner, &request(&vma, 1, Access::Read)).unwrap();
-        serve(&fh.inner, &request(&vma, 1, Access::Write)).unwrap();
+        serve_now(&fh.inner, &request(&vma, 1, Access::Read)).unwrap();
+        serve_now(&fh.inner, &request(&vma, 1, Access::Write)).unwrap();
         assert_eq!(fh.page_state(1), Some(PageState::Dirty));
         assert_eq!(fh.dirty_blocks(), [1]);
         assert_eq!(prot_of(&vma, 1), "rw-s");
@@ -531,8 +569,8 @@ mod tests {
     #[test]
     fn a_budget_full_of_dirty_pages_fails_the_next_load() {
         let (file, fh, vma) = setup(1);
-        serve(&fh.inner, &request(&vma, 0, Access::Write)).unwrap();
-        let f = serve(&fh.inner, &request(&vma, 1, Access::Read)).unwrap_err();
+        serve_now(&fh.inner, &request(&vma, 0, Access::Write)).unwrap();
+        let f = serve_now(&fh.inner, &request(&vma, 1, Access::Read)).unwrap_err();
         assert!(
             matches!(f, Failure::Budget { budget, pinned: 1 } if budget == BLK as u64),
             "{f:?}"
@@ -545,7 +583,7 @@ mod tests {
     fn a_failing_load_is_retried_then_fails_with_the_loaders_error() {
         let (file, fh, vma) = setup(4);
         file.on_load(|blk, _| Err(format!("media error at {blk}").into()));
-        let f = serve(&fh.inner, &request(&vma, 3, Access::Read)).unwrap_err();
+        let f = serve_now(&fh.inner, &request(&vma, 3, Access::Read)).unwrap_err();
         let Failure::Load { attempts, source } = &f else {
             panic!("{f:?}");
         };
@@ -567,12 +605,12 @@ mod tests {
         {
             let (inner, fh) = (inner.clone(), fh.inner.clone());
             file.on_load(move |_, _| {
-                let nested = serve(&fh, &req);
+                let nested = serve_now(&fh, &req);
                 let _ = inner.set(nested.map_err(|f| f.message(0, "memfile")));
                 Ok(())
             });
         }
-        serve(&fh.inner, &req).unwrap();
+        serve_now(&fh.inner, &req).unwrap();
         file.clear_load_hook();
         let nested = inner.get().expect("the loader asked");
         assert!(
@@ -596,7 +634,7 @@ mod tests {
             }
             Ok(())
         });
-        serve(&fh.inner, &request(&vma, 1, Access::Read)).unwrap();
+        serve_now(&fh.inner, &request(&vma, 1, Access::Read)).unwrap();
         file.clear_load_hook();
         assert_eq!(file.take_calls(), [Call::Load(1), Call::Load(1)]);
         assert_eq!(fh.page_state(1), Some(PageState::Loaded));
@@ -604,16 +642,152 @@ mod tests {
         assert_eq!((stats.loads, stats.resident_pages), (2, 1));
     }
 
+    thread_local! {
+        /// How many times this thread released the test's host lock.
+        static RELEASES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    /// The threads holding the test's host lock (seen from other threads).
+    static HOLDERS: std::sync::Mutex<Vec<std::thread::ThreadId>> =
+        std::sync::Mutex::new(Vec::new());
+
+    fn holds_host(t: std::thread::ThreadId) -> bool {
+        HOLDERS.lock().unwrap().contains(&t)
+    }
+
+    fn set_holds_host(held: bool) {
+        let me = std::thread::current().id();
+        let mut h = HOLDERS.lock().unwrap();
+        h.retain(|&t| t != me);
+        if held {
+            h.push(me);
+        }
+    }
+
+    /// A host lock that only threads that said so hold.
+    struct TestHost;
+
+    impl crate::HostLock for TestHost {
+        fn release(&self) -> Option<usize> {
+            let held = holds_host(std::thread::current().id());
+            set_holds_host(false);
+            RELEASES.with(|r| r.set(r.get() + u32::from(held)));
+            held.then_some(0)
+        }
+        fn retake(&self, _token: usize) {
+            set_holds_host(true);
+        }
+    }
+
+    /// The calling thread holds the host lock from now on.
+    fn hold_host() {
+        static INSTALLED: OnceLock<()> = OnceLock::new();
+        INSTALLED.get_or_init(|| {
+            crate::set_host_lock(Arc::new(TestHost));
+        });
+        set_holds_host(true);
+        RELEASES.with(|r| r.set(0));
+    }
+
+    /// Serve block `blk` holding the host lock as a fault does; returns how
+    /// often the lock was released and whether the loader (on this thread)
+    /// ran with it held.
+    fn fault_holding_host(file: &MemFile, fh: &FileH, vma: &Vma, blk: u64) -> (u32, Option<bool>) {
+        hold_host();
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let seen2 = seen.clone();
+        file.on_load(move |_, _| {
+            *seen2.lock().unwrap() = Some(holds_host(std::thread::current().id()));
+            Ok(())
+        });
+        {
+            let mut host = HostLease::default();
+            serve(&fh.inner, &request(vma, blk, Access::Read), &mut host).unwrap();
+        }
+        file.clear_load_hook();
+        assert!(
+            holds_host(std::thread::current().id()),
+            "held again after the fault"
+        );
+        set_holds_host(false);
+        let seen = *seen.lock().unwrap();
+        (RELEASES.with(|r| r.get()), seen)
+    }
+
+    #[test]
+    fn a_fault_keeps_the_host_lock_for_a_native_loader() {
+        let (file, fh, vma) = setup_with(4, false);
+        assert_eq!(fault_holding_host(&file, &fh, &vma, 1), (0, Some(true)));
+    }
+
+    #[test]
+    fn a_fault_releases_the_host_lock_before_a_loader_that_takes_it() {
+        let (file, fh, vma) = setup_with(4, true);
+        assert_eq!(fault_holding_host(&file, &fh, &vma, 1), (1, Some(false)));
+    }
+
+    /// Block 2 is being loaded by another thread while this one, holding the
+    /// host lock, faults on block `blk` with a budget of `budget` pages:
+    /// whether this thread held the host lock while it waited.
+    fn waits_holding_host(host: bool, budget: u64, blk: u64) -> bool {
+        let (file, fh, vma) = setup_with(budget, host);
+        let (loading_tx, loading) = std::sync::mpsc::channel();
+        let (held_tx, held) = std::sync::mpsc::channel();
+        let shared = fh.inner.shared.clone();
+        let waiter = std::thread::current().id();
+        file.on_load(move |loading, _| {
+            if loading == 2 {
+                let _ = loading_tx.send(());
+                // Finish once the other thread waits for this load.
+                while shared.lock().waiters() == 0 {
+                    std::thread::yield_now();
+                }
+                let _ = held_tx.send(holds_host(waiter));
+            }
+            Ok(())
+        });
+        let loader = {
+            let fh = fh.inner.clone();
+            let req = request(&vma, 2, Access::Read);
+            std::thread::spawn(move || serve_now(&fh, &req).unwrap())
+        };
+        loading.recv().unwrap();
+        hold_host();
+        {
+            let mut lease = HostLease::default();
+            serve(&fh.inner, &request(&vma, blk, Access::Read), &mut lease).unwrap();
+        }
+        set_holds_host(false);
+        loader.join().unwrap();
+        file.clear_load_hook();
+        let calls = file.take_calls();
+        assert_eq!(calls[0], Call::Load(2));
+        assert_eq!(calls.len(), 1 + usize::from(blk != 2));
+        held.recv().unwrap()
+    }
+
+    #[test]
+    fn a_fault_waits_for_a_native_load_holding_the_host_lock() {
+        assert!(waits_holding_host(false, 4, 2), "for the page");
+        assert!(waits_holding_host(false, 1, 3), "for room in the budget");
+    }
+
+    #[test]
+    fn a_fault_releases_the_host_lock_to_wait_for_a_load_that_takes_it() {
+        assert!(!waits_holding_host(true, 4, 2), "for the page");
+        assert!(!waits_holding_host(true, 1, 3), "for room in the budget");
+    }
+
     #[test]
     fn an_access_spanning_two_pages_keeps_the_first_one_over_a_one_page_budget() {
         let (file, fh, vma) = setup(1);
-        serve(&fh.inner, &of_access(&vma, 2, Access::Read, 11)).unwrap();
-        serve(&fh.inner, &of_access(&vma, 3, Access::Read, 11)).unwrap();
+        serve_now(&fh.inner, &of_access(&vma, 2, Access::Read, 11)).unwrap();
+        serve_now(&fh.inner, &of_access(&vma, 3, Access::Read, 11)).unwrap();
         assert_eq!(fh.page_state(2), Some(PageState::Loaded), "kept");
         assert_eq!(fh.page_state(3), Some(PageState::Loaded));
         assert_eq!(fh.ram().stats().stats.resident_pages, 2, "budget + 1");
         // The next access's first fault brings it back within the budget.
-        serve(&fh.inner, &of_access(&vma, 0, Access::Read, 12)).unwrap();
+        serve_now(&fh.inner, &of_access(&vma, 0, Access::Read, 12)).unwrap();
         assert_eq!(fh.ram().stats().stats.resident_pages, 1);
         assert_eq!(
             file.take_calls(),
@@ -624,19 +798,136 @@ mod tests {
     #[test]
     fn a_write_spanning_two_pages_completes_when_the_first_is_dirty() {
         let (_file, fh, vma) = setup(1);
-        serve(&fh.inner, &of_access(&vma, 0, Access::Write, 21)).unwrap();
-        serve(&fh.inner, &of_access(&vma, 1, Access::Write, 21)).unwrap();
+        serve_now(&fh.inner, &of_access(&vma, 0, Access::Write, 21)).unwrap();
+        serve_now(&fh.inner, &of_access(&vma, 1, Access::Write, 21)).unwrap();
         assert_eq!(fh.dirty_blocks(), [0, 1]);
+    }
+
+    /// Found by the soak (tests/faults, `soak/`): another thread reclaims
+    /// the page an access spanning two blocks was served last, before the
+    /// instruction runs again. Its next fault is on that page once more; the
+    /// page it must keep is then the other one, not the one it faults on.
+    #[test]
+    fn an_access_keeps_its_other_page_when_the_one_served_last_was_taken() {
+        let (file, fh, vma) = setup(2);
+        serve_now(&fh.inner, &of_access(&vma, 0, Access::Read, 41)).unwrap();
+        serve_now(&fh.inner, &of_access(&vma, 1, Access::Read, 41)).unwrap();
+        // Another thread takes block 1 and loads block 3: the budget is
+        // full, block 0 the oldest.
+        fh.invalidate_page(1).unwrap();
+        serve_now(&fh.inner, &request(&vma, 3, Access::Read)).unwrap();
+        // The instruction runs again and faults on block 1: block 3 goes.
+        serve_now(&fh.inner, &of_access(&vma, 1, Access::Read, 41)).unwrap();
+        assert_eq!(fh.page_state(0), Some(PageState::Loaded), "kept");
+        assert_eq!(fh.page_state(3), None);
+        serve_now(&fh.inner, &of_access(&vma, 0, Access::Read, 41)).unwrap();
+        assert_eq!(
+            file.take_calls(),
+            [Call::Load(0), Call::Load(1), Call::Load(3), Call::Load(1)]
+        );
+    }
+
+    /// Found by the soak: a prefault is no part of the access its thread
+    /// faulted last; what its reclaim takes is no loss of that access, which
+    /// may run again (the same instruction with the same registers: one
+    /// reading the same address in a loop) and must be served.
+    #[test]
+    fn a_prefault_taking_a_page_of_the_last_access_does_not_fail_it() {
+        let (_file, fh, vma) = setup(2);
+        serve_now(&fh.inner, &of_access(&vma, 0, Access::Read, 51)).unwrap();
+        serve_now(&fh.inner, &of_access(&vma, 1, Access::Read, 51)).unwrap();
+        // A prefault on this thread reclaims block 0, the oldest.
+        serve_now(&fh.inner, &request(&vma, 2, Access::Read)).unwrap();
+        assert_eq!(fh.page_state(0), None);
+        serve_now(&fh.inner, &of_access(&vma, 0, Access::Read, 51)).unwrap();
+        assert_eq!(fh.page_state(1), Some(PageState::Loaded), "kept");
+    }
+
+    /// Found by the soak: a fault that waits for room (other threads'
+    /// loads hold the budget) must keep the page its access holds as it is
+    /// when it wakes: meanwhile that page may have gone and come back as
+    /// another page of the table (the block reclaimed and loaded again).
+    /// The access's other page is block 0: taken by another thread and
+    /// loaded again while the fault on block 1 waits.
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn a_fault_that_waited_for_room_keeps_the_page_its_access_holds_now() {
+        use std::sync::mpsc::channel;
+        use std::sync::Mutex;
+
+        let _scenario = fail::FailScenario::setup();
+        let file = Arc::new(MemFile::new(BLK));
+        let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}"))
+            .unwrap()
+            .with_budget(2 * BLK as u64);
+        let fh = FileH::open(Arc::new(Kit(file.clone(), true)), Some(&ram)).unwrap();
+        let vma = fh.mmap(0, 4).unwrap();
+        // Block 2's load holds the budget until `go`.
+        let (loading, b_loads) = channel();
+        let (go, gone) = channel::<()>();
+        let hold = Mutex::new((loading, gone));
+        file.on_load(move |blk, _| {
+            if blk == 2 {
+                let hold = hold.lock().unwrap();
+                hold.0.send(()).unwrap();
+                let _ = hold.1.recv();
+            }
+            Ok(())
+        });
+        let (waiting, a_waits) = channel();
+        let waiting = Mutex::new(waiting);
+        fail::cfg_callback("virtmem::wait", move || {
+            if thread::current().name() == Some("pin-reloaded") {
+                let _ = waiting.lock().unwrap().send(());
+            }
+        })
+        .unwrap();
+        let (served, a_served) = channel();
+        let (proceed, a_proceeds) = channel::<()>();
+        let (fh, vma) = (&fh, &vma);
+        thread::scope(|s| {
+            serve_now(&fh.inner, &request(vma, 3, Access::Write)).unwrap();
+            let a = thread::Builder::new()
+                .name("pin-reloaded".into())
+                .spawn_scoped(s, move || {
+                    serve_now(&fh.inner, &of_access(vma, 0, Access::Read, 71)).unwrap();
+                    serve_now(&fh.inner, &of_access(vma, 1, Access::Read, 71)).unwrap();
+                    served.send(()).unwrap();
+                    a_proceeds.recv().unwrap();
+                    // Block 1 was taken: the fault waits for room.
+                    serve_now(&fh.inner, &of_access(vma, 1, Access::Read, 71)).unwrap();
+                    serve_now(&fh.inner, &of_access(vma, 0, Access::Read, 71))
+                })
+                .unwrap();
+            a_served.recv().unwrap();
+            fh.invalidate_page(1).unwrap();
+            ram.set_budget(3 * BLK as u64);
+            let b = s.spawn(|| serve_now(&fh.inner, &request(vma, 2, Access::Read)).unwrap());
+            b_loads.recv().unwrap();
+            ram.set_budget(2 * BLK as u64);
+            proceed.send(()).unwrap();
+            a_waits.recv().unwrap();
+            // Block 0 goes and comes back as another page (the dirty block
+            // 3 goes too, and its page is the one block 0 reuses).
+            fh.invalidate_page(0).unwrap();
+            fh.invalidate_page(3).unwrap();
+            serve_now(&fh.inner, &request(vma, 0, Access::Read)).unwrap();
+            let res = a.join().unwrap();
+            go.send(()).unwrap();
+            b.join().unwrap();
+            fail::remove("virtmem::wait");
+            assert!(res.is_ok(), "the access lost its page 0: {res:?}");
+        });
     }
 
     #[test]
     fn an_access_wider_than_the_budget_plus_one_fails_instead_of_spinning() {
         let (_file, fh, vma) = setup(1);
         for blk in [0, 1, 2] {
-            serve(&fh.inner, &of_access(&vma, blk, Access::Read, 31)).unwrap();
+            serve_now(&fh.inner, &of_access(&vma, blk, Access::Read, 31)).unwrap();
         }
         // Loading block 2 took block 0 back from the same access.
-        let f = serve(&fh.inner, &of_access(&vma, 0, Access::Read, 31)).unwrap_err();
+        let f = serve_now(&fh.inner, &of_access(&vma, 0, Access::Read, 31)).unwrap_err();
         assert!(
             f.message(0, "memfile").contains(
                 "one instruction touches more pages than the RAM budget of 4096 bytes plus one page"
@@ -644,6 +935,6 @@ mod tests {
             "{f:?}"
         );
         // Another access (or the same instruction run again) is served.
-        serve(&fh.inner, &of_access(&vma, 0, Access::Read, 32)).unwrap();
+        serve_now(&fh.inner, &of_access(&vma, 0, Access::Read, 32)).unwrap();
     }
 }

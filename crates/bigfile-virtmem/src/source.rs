@@ -23,7 +23,7 @@ use bigfile_fault::{Fault, FaultHandler, FaultSignal, Outcome};
 use crate::error::Error;
 use crate::failure::Failure;
 use crate::handle::FileHInner;
-use crate::host::HostUnlocked;
+use crate::host::HostLease;
 use crate::keys::VmaId;
 use crate::poison;
 use crate::serve::{serve, PageRequest};
@@ -43,8 +43,14 @@ pub(crate) trait FaultSource {
 }
 
 /// Serve `req` of `fh` for `source`: the one way in for every source.
-pub(crate) fn take<S: FaultSource>(source: &S, fh: &FileHInner, req: &PageRequest) -> S::Finished {
-    source.finish(fh, req, serve(fh, req))
+/// `host` is the host lock as the requesting thread holds it.
+pub(crate) fn take<S: FaultSource>(
+    source: &S,
+    fh: &FileHInner,
+    req: &PageRequest,
+    host: &mut HostLease,
+) -> S::Finished {
+    source.finish(fh, req, serve(fh, req, host))
 }
 
 /// The signal handler's view of one mapping: a SIGSEGV on one of its slots
@@ -107,8 +113,10 @@ impl FaultHandler for SignalFaults {
             drop_behind: true,
             execution: Some(fault.execution),
         };
-        let _host = HostUnlocked::new();
-        take(self, &self.fileh, &req)
+        // Kept while it can be: the code that touched the memory may be host
+        // code that assumes no other host thread runs meanwhile.
+        let mut host = HostLease::default();
+        take(self, &self.fileh, &req, &mut host)
     }
 }
 

@@ -7,8 +7,8 @@
 //! Were that load to reclaim the first page (with a budget of one page, or
 //! a budget full of dirty pages), the instruction would fault on it again,
 //! and so on forever. So a fault does not reclaim the page its own access
-//! was served last (the *pin*), and, when nothing else can go, loads one
-//! page over the budget. An instruction touching still more pages than
+//! was served last, other than the one it faults on (the *pin*), and, when
+//! nothing else can go, loads one page over the budget. An instruction touching still more pages than
 //! that can hold would take its own pages back in turn: a fault on a page
 //! this thread's own reclaim took from the same access fails instead.
 //!
@@ -74,8 +74,11 @@ pub(crate) struct Lost;
 
 impl Execution {
     /// The fault of this access on block `blk` of `fileh` begins: the page
-    /// its previous fault was served (to keep), or `Lost` if this thread
-    /// reclaimed the block from this very access.
+    /// to keep (the last other page it was served), or `Lost` if this thread
+    /// reclaimed the block from this very access. The page served last may
+    /// be the one faulted on again, when another thread reclaimed it before
+    /// the instruction ran again: keeping it would keep nothing, and this
+    /// fault's reclaim could take the access's other page.
     pub(crate) fn begin(&self, fileh: FileKey, blk: u64) -> Result<Option<(FileKey, u64)>, Lost> {
         STREAK.with(|s| {
             let mut st = s.get();
@@ -96,7 +99,11 @@ impl Execution {
             {
                 return Err(Lost);
             }
-            Ok(served.last().map(|p| (p.fileh, p.blk)))
+            Ok(served
+                .iter()
+                .rev()
+                .find(|p| p.fileh != fileh || p.blk != blk)
+                .map(|p| (p.fileh, p.blk)))
         })
     }
 
@@ -134,25 +141,30 @@ impl Execution {
     }
 }
 
-/// This thread's reclaim (in RAM `ram`) took block `blk` of `fileh`: if its
-/// current access was served that page, the access lost it.
-pub(crate) fn reclaimed(ram: usize, fileh: FileKey, blk: u64) {
-    STREAK.with(|s| {
-        let mut st = s.get();
-        if st.ram != ram {
-            return;
-        }
-        let mut hit = false;
-        for p in &mut st.served[..st.len] {
-            if p.fileh == fileh && p.blk == blk {
-                p.lost = true;
-                hit = true;
+impl Execution {
+    /// This thread's reclaim, making room to serve this access, took block
+    /// `blk` of `fileh`: if the access was served that page, it lost it.
+    /// (A reclaim for anything else, a prefault, takes nothing from it: the
+    /// access is over, or an access of the same instruction and registers
+    /// later is another access that must be served.)
+    pub(crate) fn reclaimed(&self, fileh: FileKey, blk: u64) {
+        STREAK.with(|s| {
+            let mut st = s.get();
+            if st.ram != self.ram || st.execution != self.execution {
+                return;
             }
-        }
-        if hit {
-            s.set(st);
-        }
-    });
+            let mut hit = false;
+            for p in &mut st.served[..st.len] {
+                if p.fileh == fileh && p.blk == blk {
+                    p.lost = true;
+                    hit = true;
+                }
+            }
+            if hit {
+                s.set(st);
+            }
+        });
+    }
 }
 
 #[cfg(test)]
@@ -161,36 +173,45 @@ mod tests {
 
     const F: FileKey = FileKey(1);
 
+    /// Access `execution` in RAM 1.
+    fn exec(execution: u64) -> Execution {
+        Execution { ram: 1, execution }
+    }
+
     #[test]
     fn the_page_served_last_is_the_pin_of_the_same_execution_only() {
-        let a = Execution {
-            ram: 1,
-            execution: 7,
-        };
+        let a = exec(7);
         assert!(matches!(a.begin(F, 2), Ok(None)));
         a.served(F, 2);
         assert!(matches!(a.begin(F, 3), Ok(Some((F, 2)))));
         a.served(F, 3);
         assert!(matches!(a.begin(F, 2), Ok(Some((F, 3)))));
-        let b = Execution {
-            ram: 1,
-            execution: 8,
-        };
+        let b = exec(8);
         assert!(matches!(b.begin(F, 2), Ok(None)), "another execution");
     }
 
     #[test]
+    fn a_fault_on_the_page_served_last_keeps_the_other_one() {
+        let a = exec(12);
+        assert!(a.begin(F, 4).is_ok());
+        a.served(F, 4);
+        assert!(matches!(a.begin(F, 4), Ok(None)), "nothing else to keep");
+        a.served(F, 5);
+        // Another thread reclaimed block 5 before the instruction ran again.
+        assert!(matches!(a.begin(F, 5), Ok(Some((F, 4)))));
+    }
+
+    #[test]
     fn a_page_this_thread_took_back_from_the_access_is_lost() {
-        let a = Execution {
-            ram: 1,
-            execution: 9,
-        };
+        let a = exec(9);
         assert!(a.begin(F, 0).is_ok());
         a.served(F, 0);
         a.served(F, 1);
-        reclaimed(2, F, 0); // another RAM
+        Execution { ram: 2, ..a }.reclaimed(F, 0); // another RAM
         assert!(a.begin(F, 0).is_ok());
-        reclaimed(1, F, 0);
+        Execution { execution: 3, ..a }.reclaimed(F, 0); // for another access
+        assert!(a.begin(F, 0).is_ok());
+        a.reclaimed(F, 0);
         assert!(a.begin(F, 0).is_err());
         // Served again (another thread's reclaim is no loss of ours).
         a.served(F, 0);
@@ -199,18 +220,15 @@ mod tests {
 
     #[test]
     fn only_the_last_pages_are_remembered() {
-        let a = Execution {
-            ram: 1,
-            execution: 10,
-        };
+        let a = exec(10);
         assert!(a.begin(F, 0).is_ok());
         for blk in 0..6 {
             a.served(F, blk);
         }
-        reclaimed(1, F, 0);
-        reclaimed(1, F, 1);
+        a.reclaimed(F, 0);
+        a.reclaimed(F, 1);
         assert!(a.begin(F, 0).is_ok() && a.begin(F, 1).is_ok());
-        reclaimed(1, F, 2);
+        a.reclaimed(F, 2);
         assert!(a.begin(F, 2).is_err());
     }
 }

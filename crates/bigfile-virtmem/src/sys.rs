@@ -25,6 +25,25 @@ pub(crate) fn reserve(len: usize, align: usize) -> io::Result<NonNull<u8>> {
 /// The range must lie inside a reservation owned by the caller, and nothing may
 /// rely on the memory previously mapped there.
 pub(crate) unsafe fn unmap_to_reserved(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: forwarded to the caller.
+    unsafe { map_anonymous(addr, len, libc::PROT_NONE) }
+}
+
+/// Put anonymous, private, zero-filled read-write memory over
+/// `[addr, addr+len)` in one call, dropping whatever was mapped there.
+///
+/// # Safety
+/// As [`unmap_to_reserved`].
+pub(crate) unsafe fn map_zeros(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: forwarded to the caller.
+    unsafe { map_anonymous(addr, len, libc::PROT_READ | libc::PROT_WRITE) }
+}
+
+/// Map fresh anonymous private memory with `prot` over `[addr, addr+len)`.
+///
+/// # Safety
+/// As [`unmap_to_reserved`].
+unsafe fn map_anonymous(addr: NonNull<u8>, len: usize, prot: libc::c_int) -> io::Result<()> {
     #[cfg(feature = "failpoints")]
     crate::failpoint::check("virtmem::mmap")?;
     // SAFETY: per this function's contract the range is ours to replace.
@@ -32,7 +51,7 @@ pub(crate) unsafe fn unmap_to_reserved(addr: NonNull<u8>, len: usize) -> io::Res
         libc::mmap(
             addr.as_ptr().cast(),
             len,
-            libc::PROT_NONE,
+            prot,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
             -1,
             0,

@@ -33,6 +33,7 @@ use bigfile_uffd::{thread_mode, Event, FaultKind, ThreadMode, Uffd};
 use crate::backend::process_uffd;
 use crate::failure::Failure;
 use crate::handle::FileHInner;
+use crate::host::HostLease;
 use crate::hostwait::{self, Watch};
 use crate::keys::VmaId;
 use crate::poison::{self, POISON_TIME};
@@ -219,7 +220,10 @@ impl UffdService {
             let (req, page_addr) = range.request(e.addr, access);
             let ps = range.fileh.page_size();
             let watch = Arc::new(Watch::new(page_addr, ps, req.blk, range.fileh.name.clone()));
-            let served = hostwait::serving(&watch, || take(&KernelFault, &range.fileh, &req));
+            // A worker holds no host lock: its loads wait as they please.
+            let served = hostwait::serving(&watch, || {
+                take(&KernelFault, &range.fileh, &req, &mut HostLease::released())
+            });
             // Let go of the handle before the thread goes on: it may drop
             // the handle's last reference next.
             drop(range);

@@ -10,7 +10,7 @@ use bigfile_fault::{Access, Registration};
 use crate::advice::Advice;
 use crate::error::{Error, Result};
 use crate::handle::FileHInner;
-use crate::host::HostUnlocked;
+use crate::host::{HostLease, HostUnlocked};
 use crate::keys::{VmaId, VmaKey};
 use crate::mapper::Mapper;
 use crate::serve::PageRequest;
@@ -32,6 +32,11 @@ pub struct Vma {
     registration: Option<Registration>,
     /// On the userfaultfd backend: the mapping's faults reported there.
     uffd: Option<UffdRegistration>,
+    /// Unregistered and forgotten by its handle (`detach`).
+    detached: bool,
+    /// The address range is still the Vma's to give back (not handed to a
+    /// [`Placeholder`]).
+    owns_range: bool,
 }
 
 // SAFETY: the mapping is process-wide memory; all bookkeeping goes through the
@@ -113,6 +118,8 @@ impl Vma {
             pgoffset,
             registration: None,
             uffd: None,
+            detached: false,
+            owns_range: true,
         };
         // On error `vma` is dropped, which undoes the steps above. The fault
         // handler serves a signal backend's faults, and a userfaultfd
@@ -293,7 +300,7 @@ impl Vma {
             return Ok(());
         }
         let ps = self.fileh.page_size();
-        let _host = HostUnlocked::new();
+        let mut host = HostLease::released();
         let first = range.start / ps;
         for idx in first..=(range.end - 1) / ps {
             let req = PageRequest {
@@ -304,42 +311,171 @@ impl Vma {
                 drop_behind: idx == first,
                 execution: None,
             };
-            take(&Prefault, &self.fileh, &req)?;
+            take(&Prefault, &self.fileh, &req, &mut host)?;
         }
         Ok(())
     }
 
     /// Unmap now (the same as dropping).
     pub fn unmap(self) {}
-}
 
-impl Drop for Vma {
-    fn drop(&mut self) {
+    /// Unmap the file from this mapping now, as dropping does, but leave its
+    /// addresses taken by zero-filled memory of the returned [`Placeholder`]
+    /// until it is dropped: for code that may still hold the addresses (an
+    /// array that outlived the mapping, in the Python bindings). Such code
+    /// then reads zeros and writes into memory of the placeholder, dropped
+    /// with it, instead of faulting or reaching whatever would be mapped at
+    /// those addresses next. The file's pages are replaced in one `mmap`, so
+    /// no other mapping can take the addresses meanwhile; where the kernel
+    /// refuses that (ENOMEM), they are made inaccessible instead (still
+    /// taken: a touch then dies by SIGSEGV). The handle counts the mapping
+    /// as gone at once.
+    pub fn unmap_to_placeholder(mut self) -> Placeholder {
+        let _host = HostUnlocked::new();
+        self.detach();
+        let pages = self.len / self.fileh.page_size();
+        // SAFETY: the reservation is ours, no longer registered nor being
+        // unmapped (detach); it is handed to the placeholder, which gives
+        // it back.
+        unsafe { Mapper::of(&self.fileh.shared).replace_with_zeros(self.start, pages) };
+        // Zeros of its own now, not RAM memory: nothing a forked child
+        // must take away from it.
+        self.fileh.shared.lock().released(self.start);
+        self.owns_range = false;
+        Placeholder {
+            mapper: Mapper::of(&self.fileh.shared),
+            start: self.start,
+            pages,
+        }
+    }
+
+    /// Unregister the mapping and remove it from its handle, once.
+    fn detach(&mut self) {
+        if std::mem::replace(&mut self.detached, true) {
+            return;
+        }
         // Unregister first: this waits for handlers of this mapping running on
         // other threads, so none maps a page into it after this point. Not
         // under the RAM lock, which those handlers may be waiting for.
         let _host = HostUnlocked::new();
         drop(self.registration.take());
         let shared = &self.fileh.shared;
-        {
-            let mut st = shared.lock();
-            // A reclaimer may be unmapping pages of ours outside the lock:
-            // the range must stay ours until it is done.
-            while st.vma(self.fileh.key, self.key).any_unmapping() {
-                st = shared.wait(st);
-            }
-            st.remove_vma(self.fileh.key, self.key);
+        let mut st = shared.lock();
+        // A reclaimer may be unmapping pages of ours outside the lock:
+        // the range must stay ours until it is done.
+        while st.vma(self.fileh.key, self.key).any_unmapping() {
+            st = shared.wait(st);
         }
+        st.remove_vma(self.fileh.key, self.key);
+        drop(st);
         // No more userfaultfd events for this range (threads blocked in it
         // are woken and retry, into a mapping nobody may use any more). Only
         // now: until the mapping left the state, a writeout or a worker
         // could still protect or map pages of it, which the userfaultfd
         // refuses for a range no longer registered.
         drop(self.uffd.take());
-        // SAFETY: the reservation is ours and no longer registered, nor
-        // being unmapped; nobody may use it after the Vma is dropped
-        // (slices borrow the Vma).
-        unsafe { Mapper::of(shared).release_range(self.start, self.len / self.fileh.page_size()) };
-        shared.lock().released(self.start);
+    }
+}
+
+impl Drop for Vma {
+    fn drop(&mut self) {
+        let _host = HostUnlocked::new();
+        self.detach();
+        if self.owns_range {
+            // SAFETY: the reservation is ours and no longer registered, nor
+            // being unmapped; nobody may use it after the Vma is dropped
+            // (slices borrow the Vma).
+            unsafe {
+                Mapper::of(&self.fileh.shared)
+                    .release_range(self.start, self.len / self.fileh.page_size())
+            };
+            self.fileh.shared.lock().released(self.start);
+        }
+    }
+}
+
+/// The addresses of a mapping closed by [`Vma::unmap_to_placeholder`]: taken
+/// by zero-filled anonymous memory (readable and writable, private to the
+/// placeholder) until it is dropped, which gives them back.
+pub struct Placeholder {
+    mapper: Mapper,
+    start: NonNull<u8>,
+    pages: usize,
+}
+
+// SAFETY: the placeholder owns its address range and only gives it back.
+unsafe impl Send for Placeholder {}
+// SAFETY: as above; `&Placeholder` only reads its fields.
+unsafe impl Sync for Placeholder {}
+
+impl Placeholder {
+    /// The address range it holds.
+    pub fn addr_range(&self) -> Range<usize> {
+        let s = self.start.as_ptr() as usize;
+        s..s + self.mapper.len_of(self.pages)
+    }
+}
+
+impl fmt::Debug for Placeholder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Placeholder")
+            .field("range", &self.addr_range())
+            .finish()
+    }
+}
+
+impl Drop for Placeholder {
+    fn drop(&mut self) {
+        // SAFETY: the range was handed over by its Vma, which no longer
+        // uses it; whoever still reads it was told it goes with us.
+        unsafe { self.mapper.release_range(self.start, self.pages) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bigfile_testkit::memory::prot_at;
+
+    use crate::{FileBigFile, FileH, Ram};
+
+    const BLK: usize = 4096;
+
+    #[test]
+    fn a_placeholder_keeps_the_addresses_with_zeros_until_dropped() {
+        let path = std::env::temp_dir().join(format!("placeholder-{}.bin", std::process::id()));
+        std::fs::write(&path, [7u8; 4 * BLK]).unwrap();
+        let file = Arc::new(FileBigFile::open(&path, BLK).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
+        let fh = FileH::open(file, Some(&ram)).unwrap();
+        let vma = fh.mmap(0, 4).unwrap();
+        vma.write_at(BLK, b"dirty").unwrap();
+        let mut b = [0u8; 1];
+        vma.read_at(2 * BLK, &mut b).unwrap();
+        assert_eq!(b[0], 7);
+        let range = vma.addr_range();
+        let placeholder = vma.unmap_to_placeholder();
+        assert_eq!(placeholder.addr_range(), range);
+        assert_eq!(fh.mapping_count(), 0, "the handle no longer has it");
+        assert_eq!(fh.dirty_blocks(), [1], "the handle's pages stay");
+        for at in [range.start, range.start + BLK, range.end - 1] {
+            assert_eq!(prot_at(at).unwrap(), "rw-p");
+            // SAFETY: the placeholder's memory, alive until it is dropped.
+            assert_eq!(unsafe { std::ptr::read_volatile(at as *const u8) }, 0);
+        }
+        // SAFETY: as above; writes go to the placeholder's own memory.
+        unsafe { std::ptr::write_volatile((range.start + BLK) as *mut u8, 9) };
+        let again = fh.mmap(0, 4).unwrap();
+        let mut b = [0u8; 5];
+        again.read_at(BLK, &mut b).unwrap();
+        assert_eq!(
+            &b, b"dirty",
+            "the write went to the placeholder, not the file"
+        );
+        assert!(!again.addr_range().contains(&range.start));
+        drop(placeholder);
+        assert_eq!(prot_at(range.start), None, "given back");
     }
 }

@@ -15,16 +15,32 @@ use crate::failure::Failure;
 #[derive(Debug)]
 pub(crate) struct Ticket {
     owner: ThreadId,
+    /// Whether the work may take the host lock (a loader or storer that
+    /// does): a thread holding it releases it before waiting.
+    needs_host: bool,
     outcome: OnceLock<Result<(), Failure>>,
 }
 
 impl Ticket {
-    /// A ticket of the calling thread.
+    /// A ticket of the calling thread, for work that never takes the host lock.
+    #[cfg(test)]
     pub(crate) fn mine() -> Arc<Ticket> {
+        Ticket::mine_for(false)
+    }
+
+    /// A ticket of the calling thread, for work of a file whose
+    /// `needs_host_lock` is `needs_host`.
+    pub(crate) fn mine_for(needs_host: bool) -> Arc<Ticket> {
         Arc::new(Ticket {
             owner: std::thread::current().id(),
+            needs_host,
             outcome: OnceLock::new(),
         })
+    }
+
+    /// Whether finishing the work may take the host lock.
+    pub(crate) fn needs_host(&self) -> bool {
+        self.needs_host
     }
 
     /// The thread doing the work.
@@ -122,6 +138,7 @@ mod tests {
     fn ticket_of(owner: ThreadId) -> Arc<Ticket> {
         Arc::new(Ticket {
             owner,
+            needs_host: false,
             outcome: OnceLock::new(),
         })
     }

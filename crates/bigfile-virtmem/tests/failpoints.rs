@@ -3,6 +3,7 @@
 #![cfg(feature = "failpoints")]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bigfile_testkit::memory::prot_at;
 use bigfile_testkit::MemFile;
@@ -13,6 +14,16 @@ const BLK: usize = 4096;
 /// Permissions of the mapping holding `addr`.
 fn perms_at(addr: usize) -> String {
     prot_at(addr).unwrap_or_else(|| panic!("{addr:#x} is not mapped"))
+}
+
+/// The byte at `offset` of `vma`, read through the mapping (faulting its
+/// page in). Through `black_box`: a read whose result went unused could be
+/// optimized away in a release build (as these tests run), and with it the
+/// fault the test is about.
+fn read(vma: &Vma, offset: usize) -> u8 {
+    let mut b = [0u8];
+    vma.read_at(offset, &mut b).unwrap();
+    std::hint::black_box(b[0])
 }
 
 /// A handle of `file` on a RAM of its own, and a mapping of its first two
@@ -32,8 +43,7 @@ fn open(file: Arc<MemFile>) -> (Ram, FileH, Vma) {
 fn a_page_that_cannot_be_unmapped_is_made_inaccessible() {
     let _scenario = fail::FailScenario::setup();
     let (ram, fh, vma) = open(Arc::new(MemFile::new(BLK)));
-    let mut b = [0u8];
-    vma.read_at(0, &mut b).unwrap();
+    read(&vma, 0);
     assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
 
     fail::cfg("virtmem::mmap", &format!("1*return({})", libc::ENOMEM)).unwrap();
@@ -42,8 +52,11 @@ fn a_page_that_cannot_be_unmapped_is_made_inaccessible() {
 
     assert!(perms_at(vma.as_ptr() as usize).starts_with("---"));
     assert_eq!(ram.stats().stats.resident_pages, 0);
-    vma.read_at(0, &mut b).unwrap();
-    assert_eq!(b[0], 1, "block 0 reloaded, not a dropped page's zeros");
+    assert_eq!(
+        read(&vma, 0),
+        1,
+        "block 0 reloaded, not a dropped page's zeros"
+    );
     assert_eq!(fh.stats().loads, 2);
 }
 
@@ -85,7 +98,7 @@ fn writeout_that_cannot_protect_a_page_fails_and_keeps_it_dirty() {
 #[test]
 fn prefault_reports_a_mapping_failure_as_an_os_error() {
     let _scenario = fail::FailScenario::setup();
-    let (ram, fh, vma) = open(Arc::new(MemFile::new(BLK)));
+    let (_ram, _fh, vma) = open(Arc::new(MemFile::new(BLK)));
     fail::cfg("ram::map_page", &format!("1*return({})", libc::ENOMEM)).unwrap();
     let res = vma.prefault(0..BLK, bigfile_virtmem::Access::Read);
     fail::remove("ram::map_page");
@@ -119,9 +132,8 @@ fn a_write_waits_for_a_pending_unmap_of_its_block_in_another_mapping() {
         .with_budget(2 * BLK as u64);
     let fh = FileH::open(Arc::new(MemFile::new(BLK)), Some(&ram)).unwrap();
     let (first, second) = (fh.mmap(0, 3).unwrap(), fh.mmap(0, 3).unwrap());
-    let mut b = [0u8];
-    first.read_at(0, &mut b).unwrap();
-    first.read_at(2 * BLK, &mut b).unwrap();
+    read(&first, 0);
+    read(&first, 2 * BLK);
 
     let (reached, at_unmap) = channel();
     let (release, released) = channel::<()>();
@@ -138,23 +150,30 @@ fn a_write_waits_for_a_pending_unmap_of_its_block_in_another_mapping() {
         // unmapping it from `first`.
         let reclaimer = thread::Builder::new()
             .name("reclaimer".into())
-            .spawn_scoped(s, || {
-                let mut b = [0u8];
-                first.read_at(BLK, &mut b).unwrap();
-            })
+            .spawn_scoped(s, || read(&first, BLK))
             .unwrap();
-        at_unmap.recv().unwrap();
+        // Not forever: a reclaimer that ends without reaching the unmap
+        // (it reclaimed nothing, or failed) fails the test, saying how.
+        while at_unmap.recv_timeout(Duration::from_secs(1)).is_err() {
+            if reclaimer.is_finished() {
+                let how = reclaimer.join().map(|_| "returned").unwrap_or("panicked");
+                panic!(
+                    "the reclaimer {how} without a deferred unmap: pages {:?}, {:?}",
+                    [0, 1, 2].map(|b| fh.page_state(b)),
+                    fh.stats()
+                );
+            }
+        }
         fail::cfg_callback("virtmem::wait", move || {
             let _ = release.send(());
         })
         .unwrap();
         second.write_at(0, &[0x55]).unwrap();
-        let mut b = [0u8];
-        first.read_at(0, &mut b).unwrap();
+        let b = read(&first, 0);
         fail::remove("virtmem::wait");
         fail::remove("virtmem::deferred_unmap");
         assert_eq!(
-            b[0], 0x55,
+            b, 0x55,
             "the first mapping still shows block 0 as it was before the write"
         );
         reclaimer.join().unwrap();

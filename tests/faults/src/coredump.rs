@@ -124,6 +124,22 @@ pub fn expect_success(cmd: Command, timeout: Duration) -> Result<String, String>
     Ok(f.ended.stdout)
 }
 
+/// Ends a child that must succeed: prints `Ok`'s detail after `ok` (the
+/// line [`last_line`] looks for) and exits 0, or prints the error after
+/// `failed` on stderr and exits 1.
+pub fn exit_child(res: Result<String, String>, ok: &str, failed: &str) -> ! {
+    match res {
+        Ok(detail) => {
+            println!("{ok}: {detail}");
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("{failed}: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
 /// Runs `cmd` in a fresh directory with cores enabled, waits for it to die
 /// and checks everything `expect` says. `Ok` is the line printed for the
 /// scenario.

@@ -9,9 +9,12 @@
 //!   survive with nothing lost and nothing leaked.
 //! - `races`: threads doing everything at once, checked against a model.
 //! - `zodb-stress`: concurrent ZODB transactions through a real ZEO server.
+//! - `soak`: model-based randomized soaks of one handle (Rust, and the
+//!   Python bindings), for a time.
 //!
 //! Arguments: `[FILTER] [--minutes N]`; `--minutes` makes the long-running
-//! scenarios (`zodb-stress`) run for N minutes instead of their default.
+//! scenarios (`zodb-stress`, `soak/…`) run for N minutes instead of their
+//! default.
 
 mod coredump;
 mod crash;
@@ -20,7 +23,10 @@ mod leaks;
 mod model;
 mod python;
 mod races;
+mod soak;
+mod soak_python;
 mod tmpfs;
+mod words;
 mod zodb;
 
 use std::sync::OnceLock;
@@ -53,9 +59,12 @@ fn main() {
     if let [flag, name] = args.as_slice() {
         if flag == "--child" {
             // Child bodies crash or exit on their own; returning is a failure.
-            match name.strip_prefix("races/") {
-                Some(_) => races::child(name),
-                None => crash::child(name),
+            if name.starts_with("races/") {
+                races::child(name);
+            } else if name.starts_with("soak/") {
+                soak::child(name);
+            } else {
+                crash::child(name);
             }
             eprintln!("faults: child {name:?} returned instead of dying");
             std::process::exit(101);
@@ -74,6 +83,8 @@ fn main() {
     scenarios.extend(inject::scenarios());
     scenarios.extend(races::scenarios());
     scenarios.extend(zodb::scenarios());
+    scenarios.extend(soak::scenarios());
+    scenarios.extend(soak_python::scenarios());
 
     let (mut passed, mut failed) = (0, 0);
     let t0 = Instant::now();

@@ -345,7 +345,7 @@ def guarded(fn, *args):
 
 
 def main():
-    global A
+    global A, vma
     gc.set_threshold(30, 5, 5)
     # Switch threads often, so Python code of one thread runs inside
     # another's callbacks' windows.
@@ -407,6 +407,14 @@ def main():
         print("RAM accounting not back to zero: %r" % rs)
         sys.exit(1)
     fh.close()
+    # Closed, the mapping's addresses stay taken (by zeros, no file) while
+    # its VMA object lives; they go with it.
+    for line in maps():
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo < vma.addr_stop and hi > vma.addr_start and "bigfile-ram" in line:
+            print("a closed mapping still shows RAM pages: " + line)
+            sys.exit(1)
+    del vma
     gc.collect()
     for line in maps():
         lo, hi = (int(x, 16) for x in line.split()[0].split("-"))

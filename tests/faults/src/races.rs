@@ -5,11 +5,9 @@
 //! Each race runs in a child process (this binary with `--child races/NAME`):
 //! a crash or a hang in it is a failure of that scenario, not of the suite.
 //!
-//! The model. Every 8-byte word of the file holds `word(blk, w, version)`,
-//! so any value read anywhere says which block and word it belongs to and
-//! which version it is: a page mapped at the wrong place, data of another
-//! block, a torn load or garbage is caught by whoever reads it. Blocks are
-//! of two kinds:
+//! The model. Every 8-byte word of the file holds `word(blk, w, version)`
+//! (`words.rs`): whoever reads it knows which block, word and version it
+//! is. Blocks are of two kinds:
 //! - *owned*: each belongs to one owner thread, the only one to write it; the
 //!   owner knows exactly what its blocks hold in memory (its writes, or after
 //!   an invalidation or discard, what the file has), so its reads check exact
@@ -37,8 +35,9 @@ use bigfile_testkit::model::Rng;
 use bigfile_testkit::MemFile;
 use bigfile_virtmem::{Access, Error, FileH, Ram, Vma, WriteoutFlags};
 
-use crate::coredump::{expect_success, last_line};
+use crate::coredump::{exit_child, expect_success, last_line};
 use crate::python;
+use crate::words::{self, decode, pause, read_word, word, write_word};
 use crate::Scenario;
 
 /// One race configuration.
@@ -111,37 +110,12 @@ pub fn child(name: &str) {
         eprintln!("faults: no race {name:?}");
         return;
     };
-    match run(cfg) {
-        Ok(summary) => {
-            println!("races OK: {summary}");
-            std::process::exit(0);
-        }
-        Err(e) => {
-            eprintln!("race {name} failed: {e}");
-            std::process::exit(1);
-        }
-    }
+    exit_child(run(cfg), "races OK", &format!("race {name} failed"));
 }
 
 const WORDS_PER_BLOCK: usize = BLK / 8;
 /// The RAM's page size, the files' block size: the OS page.
 const BLK: usize = 4096;
-const MAGIC: u64 = 0xb1;
-
-/// The value of word `w` of block `blk` at `version` (0: as first loaded).
-fn word(blk: u64, w: usize, version: u32) -> u64 {
-    debug_assert!(blk < 1 << 16 && w < 1 << 12 && version < 1 << 28);
-    (MAGIC << 56) | (blk << 40) | ((w as u64) << 28) | version as u64
-}
-
-/// `(blk, w, version)` of a value, if it is one `word` makes.
-fn decode(v: u64) -> Option<(u64, usize, u32)> {
-    (v >> 56 == MAGIC).then_some((
-        (v >> 40) & 0xffff,
-        ((v >> 28) & 0xfff) as usize,
-        (v & 0x0fff_ffff) as u32,
-    ))
-}
 
 /// The race's file: the test kit's memory file, whose blocks start as
 /// version 0 of every word, and whose storeblk checks what it is given.
@@ -158,11 +132,7 @@ impl RaceFile {
         let mem = Arc::new(
             MemFile::new(BLK)
                 .named("race-file")
-                .with_initial(|blk, buf| {
-                    for (w, c) in buf.chunks_exact_mut(8).enumerate() {
-                        c.copy_from_slice(&word(blk, w, 0).to_ne_bytes());
-                    }
-                }),
+                .with_initial(|blk, buf| words::fill(blk, 0, buf)),
         );
         let violations = Arc::new(Mutex::new(Vec::new()));
         // Loads and stores take a little longer now and then, so that
@@ -186,22 +156,7 @@ impl RaceFile {
 
     /// The versions of block `blk`'s words in the file.
     fn versions(&self, blk: u64) -> Vec<u32> {
-        self.mem
-            .content(blk)
-            .chunks_exact(8)
-            .map(|c| decode(u64::from_ne_bytes(c.try_into().unwrap())).map_or(u32::MAX, |d| d.2))
-            .collect()
-    }
-}
-
-/// Yield now and then, sleep more rarely, by the `n`th call.
-fn pause(n: &AtomicU64) {
-    let n = n.fetch_add(1, SeqCst);
-    if n.is_multiple_of(7) {
-        thread::yield_now();
-    }
-    if n.is_multiple_of(97) {
-        thread::sleep(Duration::from_micros(200));
+        words::versions(blk, &self.mem.content(blk))
     }
 }
 
@@ -211,14 +166,7 @@ fn check_store(blk: u64, buf: &[u8], first_readonly: u64) -> Option<String> {
     if blk >= first_readonly {
         return Some(format!("storeblk of read-only block {blk}"));
     }
-    for (w, c) in buf.chunks_exact(8).enumerate() {
-        let v = u64::from_ne_bytes(c.try_into().unwrap());
-        match decode(v) {
-            Some((b, ww, _)) if b == blk && ww == w => {}
-            _ => return Some(format!("storeblk of block {blk}: word {w} is {v:#x}")),
-        }
-    }
-    None
+    words::misplaced(blk, buf).map(|m| format!("storeblk of {m}"))
 }
 
 /// What every thread shares.
@@ -280,23 +228,6 @@ impl Shared {
             )),
         }
     }
-}
-
-fn read_word(vma: &Vma, page: u64, w: usize) -> u64 {
-    let off = page as usize * BLK + w * 8;
-    assert!(off + 8 <= vma.len());
-    // SAFETY: an aligned word inside the live mapping; faults are served by
-    // the handler. A raw volatile read: no reference to memory that other
-    // threads write.
-    unsafe { std::ptr::read_volatile(vma.as_ptr().add(off).cast::<u64>()) }
-}
-
-fn write_word(vma: &Vma, page: u64, w: usize, v: u64) {
-    let off = page as usize * BLK + w * 8;
-    assert!(off + 8 <= vma.len());
-    // SAFETY: as in `read_word`; only this block's owner writes it, and one
-    // aligned 8-byte store is re-executed whole after a fault.
-    unsafe { std::ptr::write_volatile(vma.as_ptr().add(off).cast::<u64>(), v) }
 }
 
 fn run(cfg: &Config) -> Result<String, String> {
