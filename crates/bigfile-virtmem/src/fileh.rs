@@ -296,14 +296,14 @@ impl FileH {
 }
 
 /// Make `blocks` (block, page) of handle `fh` read-only in every mapping;
-/// stop at the first failure (mprotect's ENOMEM).
+/// stop at the first failure (mprotect's or UFFDIO_WRITEPROTECT's ENOMEM).
 fn read_only_everywhere(st: &State, fh: &FileHInner, blocks: &[(u64, PageKey)]) -> Result<()> {
     let mapper = Mapper::of(&fh.shared);
     for &(blk, _) in blocks {
         mapper
             .protect_everywhere(st, fh.key, blk, Prot::Read)
             .map_err(|source| Error::Os {
-                op: "mprotect",
+                op: mapper.protect_call(),
                 source,
             })?;
     }

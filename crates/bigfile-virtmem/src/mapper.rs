@@ -215,6 +215,14 @@ impl Mapper {
         Ok(Some(slot.addr))
     }
 
+    /// The system call [`Mapper::protect_everywhere`] makes, for its errors.
+    pub(crate) fn protect_call(&self) -> &'static str {
+        match self.uffd {
+            Some(_) => "UFFDIO_WRITEPROTECT",
+            None => "mprotect",
+        }
+    }
+
     /// Set the protection of block `blk` of handle `fk` in every mapping
     /// where it is mapped; stops at the first failure.
     pub(crate) fn protect_everywhere(

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bigfile_testkit::memory::prot_at;
+use bigfile_testkit::memory::{access_at, prot_at, PageAccess};
 use bigfile_testkit::MemFile;
-use bigfile_virtmem::{Error, FileH, PageState, Ram, Vma, WriteoutFlags};
+use bigfile_virtmem::{Error, FaultBackend, FileH, PageState, Ram, Vma, WriteoutFlags};
 
 const BLK: usize = 4096;
 
@@ -26,10 +26,18 @@ fn read(vma: &Vma, offset: usize) -> u8 {
     std::hint::black_box(b[0])
 }
 
-/// A handle of `file` on a RAM of its own, and a mapping of its first two
-/// blocks.
+/// A handle of `file` on a RAM of its own (on the default fault backend),
+/// and a mapping of its first two blocks.
 fn open(file: Arc<MemFile>) -> (Ram, FileH, Vma) {
-    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
+    open_on(file, None)
+}
+
+/// [`open`] on `backend` if given.
+fn open_on(file: Arc<MemFile>, backend: Option<FaultBackend>) -> (Ram, FileH, Vma) {
+    let mut ram = Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
+    if let Some(b) = backend {
+        ram = ram.with_fault_backend(b).unwrap();
+    }
     let fh = FileH::open(file, Some(&ram)).unwrap();
     let vma = fh.mmap(0, 2).unwrap();
     (ram, fh, vma)
@@ -38,11 +46,13 @@ fn open(file: Arc<MemFile>) -> (Ram, FileH, Vma) {
 /// When a dropped page cannot be replaced by the reservation (mmap fails,
 /// as with ENOMEM at the mapping-count limit), it must not stay readable:
 /// its RAM page is freed, so it would read zeros, or another block's data
-/// once the RAM page is reused. It is made inaccessible and reloads.
+/// once the RAM page is reused. It is made inaccessible and reloads. (The
+/// signal backend's: on the userfaultfd backend no reservation replaces a
+/// dropped page, whose page-table entry is zapped instead.)
 #[test]
 fn a_page_that_cannot_be_unmapped_is_made_inaccessible() {
     let _scenario = fail::FailScenario::setup();
-    let (ram, fh, vma) = open(Arc::new(MemFile::new(BLK)));
+    let (ram, fh, vma) = open_on(Arc::new(MemFile::new(BLK)), Some(FaultBackend::Signals));
     read(&vma, 0);
     assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
 
@@ -61,56 +71,65 @@ fn a_page_that_cannot_be_unmapped_is_made_inaccessible() {
 }
 
 /// Writeout makes dirty pages read-only before storing them and before
-/// marking them clean. If it cannot (mprotect fails), it must neither store
-/// (a write during storeblk would go unseen) nor mark clean (a clean page
-/// left writable takes writes without becoming dirty): it fails and the pages
+/// marking them clean. If it cannot (mprotect, or on the userfaultfd
+/// backend UFFDIO_WRITEPROTECT, fails), it must neither store (a write
+/// during storeblk would go unseen) nor mark clean (a clean page left
+/// writable takes writes without becoming dirty): it fails and the pages
 /// stay dirty, and a retry does the job.
 #[test]
 fn writeout_that_cannot_protect_a_page_fails_and_keeps_it_dirty() {
     let _scenario = fail::FailScenario::setup();
     let file = Arc::new(MemFile::new(BLK));
-    let (_ram, fh, vma) = open(file.clone());
+    let (ram, fh, vma) = open(file.clone());
+    let (point, call) = match ram.fault_backend() {
+        FaultBackend::Signals => ("virtmem::mprotect", "mprotect"),
+        FaultBackend::Userfaultfd => ("virtmem::uffd_writeprotect", "UFFDIO_WRITEPROTECT"),
+    };
+    let access = || access_at(vma.as_ptr() as usize);
     vma.write_at(0, b"x").unwrap();
-    assert_eq!(perms_at(vma.as_ptr() as usize), "rw-s");
+    assert_eq!(access(), PageAccess::Write);
     for flags in [WriteoutFlags::STORE, WriteoutFlags::MARKSTORED] {
-        fail::cfg("virtmem::mprotect", &format!("1*return({})", libc::ENOMEM)).unwrap();
+        fail::cfg(point, &format!("1*return({})", libc::ENOMEM)).unwrap();
         let res = fh.dirty_writeout(flags);
-        fail::remove("virtmem::mprotect");
+        fail::remove(point);
         assert!(
-            matches!(res, Err(Error::Os { op: "mprotect", .. })),
+            matches!(&res, Err(Error::Os { op, .. }) if *op == call),
             "{res:?}"
         );
         assert_eq!(file.stores(), 0);
         assert_eq!(fh.dirty_blocks(), [0]);
         assert_eq!(fh.page_state(0), Some(PageState::Dirty));
-        assert_eq!(perms_at(vma.as_ptr() as usize), "rw-s");
+        assert_eq!(access(), PageAccess::Write);
     }
     fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
         .unwrap();
     assert_eq!(file.stores(), 1);
     assert!(fh.dirty_blocks().is_empty());
-    assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
+    assert_eq!(access(), PageAccess::Read);
 }
 
-/// A prefault whose page cannot be mapped (mmap fails) reports an OS error
-/// naming the call, with its errno, not a loadblk failure; a retry maps the
-/// page.
+/// A prefault whose page cannot be mapped (mmap fails; on the userfaultfd
+/// backend, UFFDIO_CONTINUE) reports an OS error naming the call, with its
+/// errno, not a loadblk failure; a retry maps the page.
 #[test]
 fn prefault_reports_a_mapping_failure_as_an_os_error() {
     let _scenario = fail::FailScenario::setup();
-    let (_ram, _fh, vma) = open(Arc::new(MemFile::new(BLK)));
-    fail::cfg("ram::map_page", &format!("1*return({})", libc::ENOMEM)).unwrap();
+    let (ram, _fh, vma) = open(Arc::new(MemFile::new(BLK)));
+    let (point, call) = match ram.fault_backend() {
+        FaultBackend::Signals => ("ram::map_page", "map a RAM page"),
+        FaultBackend::Userfaultfd => ("virtmem::uffd_continue", "UFFDIO_CONTINUE"),
+    };
+    fail::cfg(point, &format!("1*return({})", libc::ENOMEM)).unwrap();
     let res = vma.prefault(0..BLK, bigfile_virtmem::Access::Read);
-    fail::remove("ram::map_page");
+    fail::remove(point);
     match res {
-        Err(Error::Os {
-            op: "map a RAM page",
-            source,
-        }) => assert_eq!(source.raw_os_error(), Some(libc::ENOMEM), "{source}"),
-        other => panic!("expected Error::Os, got {other:?}"),
+        Err(Error::Os { op, source }) if op == call => {
+            assert_eq!(source.raw_os_error(), Some(libc::ENOMEM), "{source}")
+        }
+        other => panic!("expected Error::Os of {call}, got {other:?}"),
     }
     vma.prefault(0..BLK, bigfile_virtmem::Access::Read).unwrap();
-    assert_eq!(perms_at(vma.as_ptr() as usize), "r--s");
+    assert_eq!(access_at(vma.as_ptr() as usize), PageAccess::Read);
 }
 
 /// A reclaimer unmaps what it took outside the lock; meanwhile the old page
