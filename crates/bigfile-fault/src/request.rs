@@ -214,19 +214,9 @@ fn chain_other(signo: c_int, info: *mut siginfo_t, ctx: *mut c_void, prev: &libc
         sys::raise_on_this_thread(signo);
         return;
     }
-    if prev.sa_flags & libc::SA_SIGINFO != 0 {
-        // SAFETY: with SA_SIGINFO the action holds a three-argument handler.
-        unsafe {
-            let f: extern "C" fn(c_int, *mut siginfo_t, *mut c_void) = std::mem::transmute(handler);
-            f(signo, info, ctx);
-        }
-    } else {
-        // SAFETY: without SA_SIGINFO the action holds a one-argument handler.
-        unsafe {
-            let f: extern "C" fn(c_int) = std::mem::transmute(handler);
-            f(signo);
-        }
-    }
+    // SAFETY: `prev` is the action installed before ours, neither SIG_IGN
+    // nor SIG_DFL; the arguments are the kernel's own.
+    unsafe { sys::call_action(prev, signo, info, ctx) };
 }
 
 #[cfg(test)]

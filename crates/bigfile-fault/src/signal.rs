@@ -402,20 +402,10 @@ unsafe fn chain(
             Chaining::Sent
         })
     });
-    if prev.sa_flags & libc::SA_SIGINFO != 0 {
-        // SAFETY: with SA_SIGINFO the action holds a three-argument handler;
-        // we pass it the kernel's own arguments.
-        unsafe {
-            let f: extern "C" fn(c_int, *mut siginfo_t, *mut c_void) = std::mem::transmute(handler);
-            f(signo, info, ctx);
-        }
-    } else {
-        // SAFETY: without SA_SIGINFO the action holds a one-argument handler.
-        unsafe {
-            let f: extern "C" fn(c_int) = std::mem::transmute(handler);
-            f(signo);
-        }
-    }
+    // SAFETY: `prev` is the action installed before ours, a handler (the
+    // caller checked for SIG_IGN and SIG_DFL); the arguments are the
+    // kernel's own.
+    unsafe { sys::call_action(&prev, signo, info, ctx) };
     if let Some(old) = old_mask {
         // A signal the handler raised while blocked arrives here, still chaining.
         let _ = sys::thread_sigmask(libc::SIG_SETMASK, &old);

@@ -114,3 +114,35 @@ pub(crate) fn write_stderr(mut bytes: &[u8]) {
         }
     }
 }
+
+/// Call the handler of signal action `action` with a signal's arguments,
+/// in the form its `SA_SIGINFO` flag says it takes.
+///
+/// # Safety
+/// `action.sa_sigaction` is a handler (not `SIG_IGN` or `SIG_DFL`) of the
+/// form its flags say, and the arguments are those of a signal delivered
+/// to this thread (or made up as the kernel would).
+pub(crate) unsafe fn call_action(
+    action: &libc::sigaction,
+    signo: libc::c_int,
+    info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) {
+    let handler = action.sa_sigaction;
+    if action.sa_flags & libc::SA_SIGINFO != 0 {
+        // SAFETY: with SA_SIGINFO the action holds a three-argument handler
+        // (caller).
+        unsafe {
+            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                std::mem::transmute(handler);
+            f(signo, info, ctx);
+        }
+    } else {
+        // SAFETY: without SA_SIGINFO the action holds a one-argument handler
+        // (caller).
+        unsafe {
+            let f: extern "C" fn(libc::c_int) = std::mem::transmute(handler);
+            f(signo);
+        }
+    }
+}
