@@ -485,3 +485,57 @@ fn two_threads_waiting_for_room_for_one_block_load_it_once() {
     assert_eq!(ram.stats().stats.resident_pages, resident_blocks);
     assert_eq!(ram.pages().stats().pages_allocated, resident_blocks);
 }
+
+/// The userfaultfd backend's own threads (its reader, its workers) block
+/// the signals meant for the process: Ctrl-C's SIGINT delivered to one of
+/// them would interrupt nothing of the application's (Python's main thread
+/// would sleep on, its KeyboardInterrupt late). They still take their own
+/// faults' signals.
+#[test]
+fn the_backends_own_threads_leave_process_signals_to_the_application() {
+    use std::io::Read;
+    let (_file, ram, fh, vma) = setup(16, 2);
+    // A kernel fault (read(2) into a page not loaded) starts a worker.
+    let path = std::env::temp_dir().join(format!("bigfile-it-deaf-{}", std::process::id()));
+    std::fs::write(&path, [5u8; 64]).unwrap();
+    let mut f = std::fs::File::open(&path).unwrap();
+    // SAFETY: nothing else accesses these bytes while the slice lives.
+    let dst = unsafe { &mut vma.as_mut_slice()[..64] };
+    let kernel_io = f.read(dst);
+    std::fs::remove_file(&path).unwrap();
+    let mut ours = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue; // the thread ended meanwhile
+        };
+        if !comm.starts_with("bigfile-uffd") {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let blocked = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+            .unwrap();
+        let is_blocked = |sig: i32| blocked & (1 << (sig - 1)) != 0;
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGCHLD, libc::SIGALRM] {
+            assert!(is_blocked(sig), "{} takes signal {sig}", comm.trim());
+        }
+        for sig in [libc::SIGSEGV, libc::SIGBUS] {
+            assert!(!is_blocked(sig), "{} blocks signal {sig}", comm.trim());
+        }
+        ours.push(comm.trim().to_owned());
+    }
+    match ram.fault_backend() {
+        bigfile::virtmem::FaultBackend::Userfaultfd => {
+            assert_eq!(kernel_io.unwrap(), 64);
+            assert_eq!(peek(vma.as_ptr()), 5);
+            assert!(ours.iter().any(|c| c == "bigfile-uffd"), "{ours:?}");
+            assert!(ours.len() >= 2, "a worker too: {ours:?}");
+        }
+        // (Other tests of this process may have RAMs on userfaultfd.)
+        bigfile::virtmem::FaultBackend::Signals => assert!(kernel_io.is_err()),
+    }
+    drop(fh);
+}
