@@ -106,6 +106,27 @@ fn an_access_spanning_two_blocks_completes_under_a_one_page_budget() {
 /// One instruction needing three pages under a budget of one page cannot
 /// complete: it fails with a diagnostic instead of spinning.
 #[cfg(target_arch = "x86_64")]
+/// A seccomp filter refusing userfaultfd (as container runtimes' default
+/// profiles do): a RAM made automatically falls back to the signal backend
+/// and says why; asked for explicitly, it is an error, not a crash; mapped
+/// memory works.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_seccomp_filter_refusing_userfaultfd_falls_back_to_signals() {
+    let mut cmd = child::test_child("crash::child", CHILD_ENV, "seccomp");
+    cmd.env_remove("BIGFILE_FAULTS");
+    let ended = child::run(cmd, child::TIMEOUT).unwrap();
+    assert!(ended.status.success(), "{}", ended.describe());
+    let out = ended.stdout;
+    assert!(out.contains("auto: signals"), "{out}");
+    assert!(
+        out.contains("Operation not permitted") && out.contains("seccomp"),
+        "the reason: {out}"
+    );
+    assert!(out.contains("asked for: error"), "{out}");
+    assert!(out.contains("read: ok"), "{out}");
+}
+
 #[test]
 fn an_access_wider_than_the_budget_plus_one_is_sigbus_with_diagnostic() {
     expect_signal(
@@ -293,6 +314,8 @@ fn child() {
         }
         "budget_scan" => budget_scan(),
         "span" => span(),
+        #[cfg(target_arch = "x86_64")]
+        "seccomp" => seccomp_denies_userfaultfd(),
         "default_budget_scan" => default_budget_scan(),
         #[cfg(target_arch = "x86_64")]
         "too_wide" => {
@@ -423,4 +446,80 @@ fn default_budget_scan() {
     drop(fh);
     let _ = std::fs::remove_file(&path);
     println!("default budget OK: budget {budget} bytes, peak {peak} bytes in a cgroup of {LIMIT}");
+}
+
+/// In a child: refuse userfaultfd(2) and `/dev/userfaultfd`'s ioctl with
+/// EPERM by a seccomp filter, then make RAMs.
+#[cfg(target_arch = "x86_64")]
+fn seccomp_denies_userfaultfd() {
+    use bigfile::virtmem::{FaultBackend, Ram};
+    // Classic BPF over `struct seccomp_data` (nr at 0, arch at 4, args at
+    // 16): the opcodes and offsets of linux/filter.h and linux/seccomp.h.
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    // USERFAULTFD_IOC_NEW: _IO(0xAA, 0x00).
+    const IOC_NEW: u32 = 0xaa00;
+    let stmt = |code, k| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k, jt, jf| libc::sock_filter {
+        code: JEQ_K,
+        jt,
+        jf,
+        k,
+    };
+    let deny = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    let filter = [
+        stmt(LD_W_ABS, 4),
+        jeq(AUDIT_ARCH_X86_64, 1, 0),
+        stmt(RET_K, libc::SECCOMP_RET_ALLOW),
+        stmt(LD_W_ABS, 0),
+        jeq(libc::SYS_userfaultfd as u32, 4, 0),
+        jeq(libc::SYS_ioctl as u32, 1, 0),
+        stmt(RET_K, libc::SECCOMP_RET_ALLOW),
+        stmt(LD_W_ABS, 24), // args[1] (the request), low half
+        jeq(IOC_NEW, 0, 1),
+        stmt(RET_K, deny),
+        stmt(RET_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    // The jump from the userfaultfd test lands on `deny`.
+    assert_eq!(filter[4 + 1 + 4].k, deny);
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: prctl with a filter program that outlives the call (the
+    // kernel copies it); it applies to this process from now on.
+    unsafe {
+        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        assert_eq!(
+            libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog),
+            0,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let spec = format!("memfd,pagesize={BLK}");
+    let auto = Ram::from_spec(&spec).unwrap();
+    println!(
+        "auto: {} ({})",
+        auto.fault_backend(),
+        auto.fault_backend_fallback().unwrap_or_default()
+    );
+    match Ram::from_spec(&spec)
+        .unwrap()
+        .with_fault_backend(FaultBackend::Userfaultfd)
+    {
+        Ok(_) => println!("asked for: userfaultfd"),
+        Err(e) => println!("asked for: error ({e})"),
+    }
+    let fh = open(&mem_file(BLK), &auto);
+    let vma = fh.mmap(0, 2).unwrap();
+    let ok = peek(vma.as_ptr().wrapping_add(BLK)) == MemFile::initial(1);
+    println!("read: {}", if ok { "ok" } else { "wrong data" });
 }

@@ -18,8 +18,9 @@ pub enum Unavailable {
     /// that sees kernel faults.
     #[error(
         "userfaultfd is not allowed for kernel faults: userfaultfd(2): {syscall}; /dev/userfaultfd: {device} \
-         (as root or with CAP_SYS_PTRACE it is; otherwise set the sysctl vm.unprivileged_userfaultfd=1, or give \
-         this user read-write access to /dev/userfaultfd)"
+         (root, CAP_SYS_PTRACE, the sysctl vm.unprivileged_userfaultfd=1 or read-write access to \
+         /dev/userfaultfd allow it, unless a seccomp filter or security module forbids it, as container \
+         runtimes' default profiles do)"
     )]
     Denied {
         syscall: io::Error,
