@@ -37,6 +37,7 @@ pub(crate) const CRATES: &[&str] = &[
     "bigfile-os",
     "bigfile-ram",
     "bigfile-fault",
+    "bigfile-uffd",
     "bigfile-virtmem",
     "bigfile-capi",
 ];

@@ -715,7 +715,7 @@ impl RamHandle {
     }
 
     /// A pointer to allocated `page` inside a persistent read-write shared mapping of the
-    /// handle file (made on first use, a [`WINDOW_SEGMENT`] at a time, `MAP_NORESERVE`), so a
+    /// handle file (made on first use, 1 GiB at a time, `MAP_NORESERVE`), so a
     /// loader fills pages without a mapping per page. Valid while the handle lives; writes
     /// through it are seen by every mapping of the page.
     pub fn window(&self, page: u64) -> Result<NonNull<u8>, RamError> {

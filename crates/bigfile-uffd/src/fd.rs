@@ -119,7 +119,7 @@ impl Uffd {
     }
 
     /// Whether this process opened it (not a forked child of the one that
-    /// did). Operations from a child fail with [`forked_child_error`].
+    /// did). Operations from a child fail with an error saying so (`forked_child_error`).
     pub fn is_own(&self) -> bool {
         // SAFETY: getpid has no preconditions.
         self.owner == unsafe { libc::getpid() }
@@ -289,7 +289,7 @@ impl Drop for Registration<'_> {
 
 /// The error of an operation on a userfaultfd inherited from the parent
 /// process: it would act on the parent's address space.
-pub fn forked_child_error() -> io::Error {
+pub(crate) fn forked_child_error() -> io::Error {
     io::Error::other(
         "the userfaultfd belongs to the parent process (this is a forked child): \
          it acts on the parent's address space",
