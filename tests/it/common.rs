@@ -19,9 +19,22 @@ pub fn mem_file(blksize: usize) -> Arc<MemFile> {
 /// A private RAM of `BLK`-sized pages with a budget of `pages` pages, on
 /// the default fault backend (`BIGFILE_FAULTS`, else the best available).
 pub fn ram(pages: u64) -> Ram {
-    Ram::from_spec(&format!("memfd,pagesize={}", BLK))
+    let ram = Ram::from_spec(&format!("memfd,pagesize={}", BLK))
         .unwrap()
-        .with_budget(pages * BLK as u64)
+        .with_budget(pages * BLK as u64);
+    // The userfaultfd pass of `cargo xtask test` must not run on signals
+    // unnoticed (BIGFILE_FAULTS falls back, with the reason).
+    if std::env::var_os("BIGFILE_REQUIRE_UFFD").is_some()
+        && std::env::var("BIGFILE_FAULTS").is_ok_and(|b| b == "userfaultfd")
+    {
+        assert_eq!(
+            ram.fault_backend(),
+            FaultBackend::Userfaultfd,
+            "{:?}",
+            ram.fault_backend_fallback()
+        );
+    }
+    ram
 }
 
 /// [`ram`] on fault backend `backend`.

@@ -77,6 +77,24 @@ fn panic_in_loadblk_aborts_with_diagnostic() {
     );
 }
 
+/// The same for a load a system call needs (`write(2)` from the mapping):
+/// on the userfaultfd backend a worker runs it and the process aborts as
+/// above, rather than the worker dying and the call blocking for good; on
+/// the signal backend the call fails with EFAULT, no load made.
+#[test]
+fn panic_in_a_system_calls_loadblk_aborts_or_is_efault() {
+    match ram(1).fault_backend() {
+        bigfile::virtmem::FaultBackend::Userfaultfd => expect_signal(
+            "panic_in_kernel_load",
+            libc::SIGABRT,
+            &["loader exploded", "panic while serving block 0"],
+        ),
+        bigfile::virtmem::FaultBackend::Signals => {
+            assert!(expect_ok("panic_in_kernel_load").contains("EFAULT"))
+        }
+    }
+}
+
 #[test]
 fn nested_fault_from_loadblk_is_served() {
     assert!(expect_ok("nested").contains("nested OK"));
@@ -103,9 +121,6 @@ fn an_access_spanning_two_blocks_completes_under_a_one_page_budget() {
     assert!(out.contains("span OK"), "{out}");
 }
 
-/// One instruction needing three pages under a budget of one page cannot
-/// complete: it fails with a diagnostic instead of spinning.
-#[cfg(target_arch = "x86_64")]
 /// A seccomp filter refusing userfaultfd (as container runtimes' default
 /// profiles do): a RAM made automatically falls back to the signal backend
 /// and says why; asked for explicitly, it is an error, not a crash; mapped
@@ -127,6 +142,9 @@ fn a_seccomp_filter_refusing_userfaultfd_falls_back_to_signals() {
     assert!(out.contains("read: ok"), "{out}");
 }
 
+/// One instruction needing three pages under a budget of one page cannot
+/// complete: it fails with a diagnostic instead of spinning.
+#[cfg(target_arch = "x86_64")]
 #[test]
 fn an_access_wider_than_the_budget_plus_one_is_sigbus_with_diagnostic() {
     expect_signal(
@@ -270,6 +288,25 @@ fn child() {
             let fh = open(&file, &ram);
             let vma = fh.mmap(0, 1).unwrap();
             peek(vma.as_ptr());
+        }
+        "panic_in_kernel_load" => {
+            use std::io::Write;
+            let file = mem_file(BLK);
+            file.on_load(|_, _| panic!("loader exploded"));
+            let ram = ram(8);
+            let fh = open(&file, &ram);
+            let vma = fh.mmap(0, 1).unwrap();
+            // SAFETY: the mapping's first 64 bytes, read by write(2) only.
+            let src = unsafe { std::slice::from_raw_parts(vma.as_ptr(), 64) };
+            // A file, not /dev/null, which never reads what it is given.
+            let path =
+                std::env::temp_dir().join(format!("bigfile-it-kload-{}", std::process::id()));
+            let mut sink = std::fs::File::create(&path).unwrap();
+            std::fs::remove_file(&path).unwrap();
+            match sink.write(src) {
+                Err(e) if e.raw_os_error() == Some(libc::EFAULT) => println!("EFAULT"),
+                other => println!("write: {other:?}"),
+            }
         }
         "nested" => {
             let inner = mem_file(BLK);

@@ -6,7 +6,6 @@
 //! skip. A caller's own `BIGFILE_FAULTS` limits the passes to that backend.
 
 use std::env;
-use std::os::unix::fs::MetadataExt;
 
 /// The variable naming the fault backend of the RAMs a process makes.
 const FAULTS: &str = "BIGFILE_FAULTS";
@@ -66,27 +65,7 @@ pub(crate) fn on<T>(backend: Backend, f: impl FnOnce() -> T) -> T {
 }
 
 /// Why this process may not use userfaultfd for faults of the kernel's own
-/// accesses, or `None` if it may: as root, with
-/// `vm.unprivileged_userfaultfd=1`, or with read-write access to
-/// `/dev/userfaultfd` (the library itself also accepts CAP_SYS_PTRACE,
-/// which this does not look for).
+/// accesses (the library's own test: opening one), or `None` if it may.
 fn uffd_unavailable() -> Option<String> {
-    // /proc/self belongs to the process's effective user.
-    if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
-        return None;
-    }
-    let sysctl = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd");
-    if sysctl.is_ok_and(|v| v.trim() == "1") {
-        return None;
-    }
-    let dev = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/userfaultfd");
-    match dev {
-        Ok(_) => None,
-        Err(e) => Some(format!(
-            "not root, vm.unprivileged_userfaultfd is not 1, /dev/userfaultfd: {e}"
-        )),
-    }
+    bigfile_uffd::Uffd::open().err().map(|e| e.to_string())
 }

@@ -48,6 +48,18 @@ class ExactMappings:
         self.mmap = fh.mmap
 
 
+def pytest_sessionstart(session):
+    """The userfaultfd pass of `cargo xtask test` (BIGFILE_FAULTS=userfaultfd,
+    BIGFILE_REQUIRE_UFFD=1) must not run on signals unnoticed: the variable
+    falls back, with the reason."""
+    if os.environ.get("BIGFILE_REQUIRE_UFFD") and os.environ.get("BIGFILE_FAULTS") == "userfaultfd":
+        from bigfile import RAM
+
+        ram = RAM()
+        if ram.fault_backend != "userfaultfd":
+            raise pytest.UsageError("BIGFILE_FAULTS=userfaultfd fell back: %s" % ram.fault_backend_fallback)
+
+
 @pytest.fixture
 def f():
     return DataFile()

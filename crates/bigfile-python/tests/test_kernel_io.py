@@ -291,6 +291,44 @@ def test_failing_load_then_system_call_again(tmp_path, capfd):
     capfd.readouterr()
 
 
+def test_a_failing_load_of_a_page_loaded_before_fails_the_system_call():
+    # A page loaded (mapped write-protected) and then dropped leaves a
+    # write-protect marker in the page table; the poison that fails the
+    # system call must still go in (it used to be refused: the call was
+    # retried forever, each retry loading and failing again). In a child,
+    # so that a regression fails by timeout rather than hanging the suite.
+    code = """
+        import errno, os, tempfile
+        from conftest import PS, DataFile
+        from bigfile import RAM
+        class FlakyFile(DataFile):
+            fail = False
+            def loadblk(self, blk, buf):
+                if self.fail:
+                    raise OSError(errno.EIO, "unreadable")
+                super().loadblk(blk, buf)
+        f = FlakyFile()
+        fh = f.fileh_open(ram=RAM(f"memfd,pagesize={PS}", fault_backend="userfaultfd"))
+        fh.set_load_policy(1)
+        m = memoryview(fh.mmap(0, 4))
+        print("loaded", m[2 * PS])
+        fh.invalidate_page(2)
+        f.fail = True
+        fd, path = tempfile.mkstemp()
+        try:
+            os.write(fd, m[2 * PS : 3 * PS])
+            print("written")
+        except OSError as e:
+            print("write", errno.errorcode[e.errno], "loads", f.loads.count(2))
+    """
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    if not os.environ.get("BIGFILE_REQUIRE_UFFD"):
+        uffd_ram()  # skips where userfaultfd is not available
+    r = run_py(code, env={"PYTHONPATH": tests_dir}, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:2] == ["loaded 2", "write EFAULT loads 1"], r.stdout + r.stderr[-2000:]
+
+
 def test_signal_backend_needs_prefault(tmp_path):
     f = DataFile()
     fh = f.fileh_open(ram=RAM(f"memfd,pagesize={PS}", fault_backend="signals"))

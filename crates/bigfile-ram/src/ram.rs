@@ -172,14 +172,25 @@ impl Ram {
                 page_size: self.page_size(),
             });
         }
-        self.open_handle_sized(max_pages)
+        self.open_handle_with(max_pages, true)
     }
 
     /// A new handle with `max_pages` page indices, whatever the RAM can hold
     /// (its file is sparse): for a caller that keeps each block of a file at
     /// the block's own index ([`RamHandle::alloc_page_at`]), so indices span
-    /// the file, not the memory.
+    /// the file, not the memory. Its pages are never collapsed into huge
+    /// pages (`thp=collapse`): such a caller maps the handle's file
+    /// linearly where its faults are reported by a userfaultfd, and a
+    /// collapse takes the file's small pages out of every mapping (a failed
+    /// one too, leaving holes): the caller's mapping would lose entries it
+    /// counts as mapped.
     pub fn open_handle_sized(&self, max_pages: u64) -> Result<RamHandle, RamError> {
+        self.open_handle_with(max_pages, false)
+    }
+
+    /// A new handle of `max_pages` page indices; `thp`: its pages collapsed
+    /// into huge pages as the spec says.
+    fn open_handle_with(&self, max_pages: u64, thp: bool) -> Result<RamHandle, RamError> {
         let page_size = self.page_size();
         if max_pages == 0 {
             return Err(RamError::TooSmall {
@@ -200,7 +211,9 @@ impl Ram {
                 pages: AtomicU64::new(0),
             },
             windows: Mutex::new(HashMap::new()),
-            thp: crate::thp::collapse_size(&self.inner.spec).map(Collapser::new),
+            thp: crate::thp::collapse_size(&self.inner.spec)
+                .filter(|_| thp)
+                .map(Collapser::new),
             stray: Mutex::new(Vec::new()),
             huge: Mutex::new(Bitmap::default()),
             orphaned: AtomicBool::new(false),

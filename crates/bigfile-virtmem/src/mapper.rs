@@ -185,6 +185,12 @@ impl Mapper {
             // thread in a system call after letting go of the handle, whose
             // last reference that thread may drop next).
             if slot.mapped {
+                // Mapped here by the state's account; the entry may still
+                // have gone (the page swapped out): map it again if so
+                // (EEXIST, the usual case, is no error), else the access
+                // would fault again forever.
+                uffd_continue(uffd, addr, self.page_size, wp)
+                    .map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
                 uffd_write_protect(uffd, addr, self.page_size, wp)
                     .map_err(|e| MapError::Uffd("UFFDIO_WRITEPROTECT", e))?;
             } else if poison::is_poisoned(addr) {
@@ -289,7 +295,7 @@ impl Mapper {
     /// dropped on purpose.
     unsafe fn revoke(&self, addr: NonNull<u8>, pages: usize) {
         let len = pages * self.page_size;
-        if self.uffd.is_some() {
+        if let Some(uffd) = self.uffd {
             // The linear mapping stays; its page-table entries go (the page
             // itself is dropped from the file by `release`, which takes it
             // from every mapping). The next access faults.
@@ -301,6 +307,12 @@ impl Mapper {
                 );
                 std::process::abort();
             }
+            // A write-protected entry leaves a write-protect marker when
+            // zapped; a poison (failing a system call's access: `poison.rs`)
+            // is refused over it, and the call would be retried forever.
+            // Nothing is mapped here now (the slot is not mapped again
+            // until its unmapping is over): unprotecting drops the marker.
+            let _ = uffd_write_protect(uffd, addr.as_ptr() as usize, len, false);
             return;
         }
         // SAFETY: forwarded to the caller.

@@ -106,9 +106,20 @@ pub(crate) fn is_poisoned(page_addr: usize) -> bool {
         .is_some_and(|p| !p.cleared)
 }
 
+/// Forget the note of `page_addr`, poisoned after all not: nothing to clear.
+pub(crate) fn unnote(page_addr: usize) {
+    if let Some(t) = table().as_mut() {
+        t.remove(&page_addr);
+    }
+}
+
 /// A mapping of `[start, start + len)` is going: forget its pages (its
 /// addresses may be reused by memory a late clearing would wipe).
 pub(crate) fn forget_range(start: usize, len: usize) {
+    if !uffd_is_ours() {
+        // A forked child: the table is the parent's (see `take`).
+        return;
+    }
     if let Some(t) = table().as_mut() {
         t.retain(|&a, _| !(start..start + len).contains(&a));
     }

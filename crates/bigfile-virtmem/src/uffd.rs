@@ -191,10 +191,18 @@ impl UffdService {
             jobs.workers += 1;
             let n = jobs.workers;
             drop(jobs);
-            std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("bigfile-uffd-{n}"))
-                .spawn(move || self.work())
-                .expect("spawning a userfaultfd worker");
+                .spawn(move || self.work());
+            if let Err(e) = spawned {
+                // Without a worker, no fault of any mapping on this backend
+                // would ever be answered: every access would hang.
+                eprintln!(
+                    "bigfile: cannot start a userfaultfd worker ({e}): faults on mapped memory \
+                     could not be served; aborting"
+                );
+                std::process::abort();
+            }
         } else {
             drop(jobs);
             self.job_ready.notify_one();
@@ -223,8 +231,19 @@ impl UffdService {
             let ps = range.fileh.page_size();
             let watch = Arc::new(Watch::new(page_addr, ps, req.blk, range.fileh.name.clone()));
             // A worker holds no host lock: its loads wait as they please.
+            // A panic (a loader's, re-raised by `serve`) ends the process,
+            // as on a faulting thread (bigfile-fault): unwound here, it
+            // would end the worker and leave the system call blocked.
             let served = hostwait::serving(&watch, || {
-                take(&KernelFault, &range.fileh, &req, &mut HostLease::released())
+                let serve = || take(&KernelFault, &range.fileh, &req, &mut HostLease::released());
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(serve)).unwrap_or_else(|_| {
+                    eprintln!(
+                        "bigfile: panic while serving block {} of {} for a system call \
+                         (userfaultfd worker): aborting",
+                        req.blk, range.fileh.name
+                    );
+                    std::process::abort()
+                })
             });
             // Let go of the handle before the thread goes on: it may drop
             // the handle's last reference next.
@@ -262,7 +281,9 @@ impl UffdService {
         if self.uffd.poison(page_addr, len).is_ok() {
             return true;
         }
-        poison::take(page_addr, len);
+        // Nothing was poisoned: only the note goes. (The refusal may mean an
+        // entry is there, a page just mapped: it must stay.)
+        poison::unnote(page_addr);
         let _ = self.uffd.wake(page_addr, len);
         false
     }
