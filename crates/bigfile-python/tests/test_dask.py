@@ -37,7 +37,10 @@ pytestmark = pytest.mark.filterwarnings(
 @pytest.fixture(scope="module")
 def client():
     with dask.config.set({"distributed.worker.daemon": False}):
-        cluster = LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None,
+        # A dashboard on a port of its own (None means dask's default 8787,
+        # taken by any other cluster running on the machine: a warning this
+        # suite turns into an error).
+        cluster = LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=":0",
                                memory_limit=None)
     c = Client(cluster)
     yield c
