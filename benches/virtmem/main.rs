@@ -9,6 +9,10 @@
 //! reclaims the least recently used page (as a scan of a file bigger than
 //! RAM does). Iteration = one fault, one scan, one random read, one
 //! write-and-writeout pass.
+//!
+//! The fault figures (1, 2, 3, 5's first write, 6) are measured on both
+//! fault backends in the same run, the userfaultfd ones under names ending
+//! in `_uffd` (`support::on`); the others on the signal backend.
 
 mod baseline;
 mod support;
@@ -20,7 +24,9 @@ use std::ptr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bigfile::virtmem::{Advice, BigFile, FileBigFile, FileH, Ram, Vma, WriteoutFlags};
+use bigfile::virtmem::{
+    Advice, BigFile, FaultBackend, FileBigFile, FileH, Ram, Vma, WriteoutFlags,
+};
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 
 use support::{Config, FillFile, NoopFile, Rng, KIB, MIB};
@@ -42,7 +48,7 @@ fn main() {
         fault_noop(&mut c, &figures);
     }
     if on("fault_fill") {
-        fault_fill(&mut c);
+        fault_fill(&mut c, &figures);
     }
     if on("scan") {
         scan(&mut c, &cfg, &figures);
@@ -51,7 +57,7 @@ fn main() {
         random_read(&mut c, &cfg, &figures);
     }
     if on("write") {
-        write(&mut c, &cfg);
+        write(&mut c, &cfg, &figures);
     }
     if on("threads") {
         threads(&mut c, &figures);
@@ -67,8 +73,8 @@ fn size_name(bs: usize) -> String {
     }
 }
 
-/// A mapping of `nblocks` blocks over a RAM with a budget of `budget`
-/// blocks, touched cyclically so that every touch faults.
+/// A mapping of `nblocks` blocks over a RAM on `backend` with a budget of
+/// `budget` blocks, touched cyclically so that every touch faults.
 struct Cycle {
     vma: Vma,
     fh: FileH,
@@ -78,10 +84,10 @@ struct Cycle {
 }
 
 impl Cycle {
-    fn new(file: Arc<dyn BigFile>, spec: &str, budget: u64, nblocks: u64) -> Cycle {
+    fn new(file: Arc<dyn BigFile>, backend: FaultBackend, budget: u64, nblocks: u64) -> Cycle {
         let bs = file.blksize();
-        let ram = Ram::from_spec(spec)
-            .expect("RAM spec")
+        let ram = support::ram(&size_name(bs), backend)
+            .expect("RAM")
             .with_budget(budget * bs as u64);
         let fh = FileH::open(file, Some(&ram)).expect("open the file handle");
         let vma = fh.mmap(0, nblocks).expect("mmap");
@@ -113,15 +119,25 @@ impl Cycle {
         blk
     }
 
-    /// Touch `n` blocks in `threads` threads, each cycling over its own
-    /// part of the mapping; returns the wall time.
-    fn touch_parallel(&self, threads: u64, n: u64) -> Duration {
+    /// Where `threads` threads touching the mapping start: each at the
+    /// first block of its own part.
+    fn starts(&self, threads: u64) -> Vec<u64> {
+        (0..threads).map(|k| k * (self.nblocks / threads)).collect()
+    }
+
+    /// Touch `n` blocks in as many threads as `next` has places, each
+    /// cycling over its own part of the mapping from its place in `next`
+    /// (see [`Cycle::starts`]), which is moved on; returns the wall time.
+    /// (Starting each call afresh would touch blocks left resident by the
+    /// call before: calls of a few touches would then fault on few.)
+    fn touch_parallel(&self, next: &mut [u64], n: u64) -> Duration {
+        let threads = next.len() as u64;
         let part = self.nblocks / threads;
         let t = Instant::now();
         std::thread::scope(|s| {
-            for k in 0..threads {
+            for (k, next) in (0..threads).zip(next.iter_mut()) {
                 s.spawn(move || {
-                    let mut blk = k * part;
+                    let mut blk = *next;
                     for _ in 0..n / threads {
                         // SAFETY: as in `touch`.
                         unsafe {
@@ -132,6 +148,7 @@ impl Cycle {
                             blk = k * part;
                         }
                     }
+                    *next = blk;
                 });
             }
         });
@@ -144,27 +161,29 @@ fn fault_noop(c: &mut Criterion, figures: &support::Figures) {
     let mut g = c.benchmark_group("fault_noop");
     for bs in [2 * MIB, 64 * KIB, 4 * KIB] {
         let name = size_name(bs);
-        let spec = support::ram_spec(&name);
-        let cycle = Cycle::new(Arc::new(NoopFile(bs)), &spec, 16, 256);
-        let mut next = 0;
-        let before = cycle.fh.stats();
-        let mut touches = 0;
-        g.bench_function(BenchmarkId::new("bigfile", &name), |b| {
-            b.iter_custom(|iters| {
-                let t = Instant::now();
-                next = cycle.touch(next, iters);
-                touches += iters;
-                t.elapsed()
-            })
-        });
-        let after = cycle.fh.stats();
-        figures.set(
-            &format!("fault_noop.{name}.faults_per_touch"),
-            format!(
-                "{:.3}",
-                (after.loads - before.loads) as f64 / touches as f64
-            ),
-        );
+        for backend in support::backends(&name, figures) {
+            let cycle = Cycle::new(Arc::new(NoopFile(bs)), backend, 16, 256);
+            let mut next = 0;
+            let before = cycle.fh.stats();
+            let mut touches = 0;
+            let id = support::on("bigfile", backend);
+            g.bench_function(BenchmarkId::new(&id, &name), |b| {
+                b.iter_custom(|iters| {
+                    let t = Instant::now();
+                    next = cycle.touch(next, iters);
+                    touches += iters;
+                    t.elapsed()
+                })
+            });
+            let after = cycle.fh.stats();
+            figures.set(
+                &format!("fault_noop.{id}.{name}.faults_per_touch"),
+                format!(
+                    "{:.3}",
+                    (after.loads - before.loads) as f64 / touches as f64
+                ),
+            );
+        }
         g.bench_function(BenchmarkId::new("sigsegv", &name), |b| {
             b.iter_custom(|iters| baseline::sigsegv_round_trips(bs, iters))
         });
@@ -172,43 +191,51 @@ fn fault_noop(c: &mut Criterion, figures: &support::Figures) {
     // A fault that takes a fresh RAM page (nothing to recycle): the budget
     // is never reached; pages are dropped (hole punched) outside the timing.
     let bs = 2 * MIB;
-    let ram = Ram::from_spec(&support::ram_spec("2M")).expect("RAM");
-    let fh = FileH::open(Arc::new(NoopFile(bs)), Some(&ram)).expect("open");
-    let vma = fh.mmap(0, 64).expect("mmap");
-    g.bench_function(BenchmarkId::new("bigfile_fresh_page", "2M"), |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for i in 0..iters {
-                let blk = (i % 64) as usize;
-                if blk == 0 {
-                    ram.reclaim();
+    for backend in support::backends("2M", figures) {
+        let ram = support::ram("2M", backend).expect("RAM");
+        let fh = FileH::open(Arc::new(NoopFile(bs)), Some(&ram)).expect("open");
+        let vma = fh.mmap(0, 64).expect("mmap");
+        let id = support::on("bigfile_fresh_page", backend);
+        g.bench_function(BenchmarkId::new(id, "2M"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for i in 0..iters {
+                    let blk = (i % 64) as usize;
+                    if blk == 0 {
+                        ram.reclaim();
+                    }
+                    let t = Instant::now();
+                    // SAFETY: inside the live mapping; served by the fault handler.
+                    unsafe { ptr::read_volatile(vma.as_ptr().add(blk * bs)) };
+                    total += t.elapsed();
                 }
-                let t = Instant::now();
-                // SAFETY: inside the live mapping; served by the fault handler.
-                unsafe { ptr::read_volatile(vma.as_ptr().add(blk * bs)) };
-                total += t.elapsed();
-            }
-            ram.reclaim();
-            total
-        })
-    });
+                ram.reclaim();
+                total
+            })
+        });
+    }
     g.finish();
 }
 
 /// (2) A fault whose loadblk writes the whole block, against the kernel
 /// allocating, zeroing and the same fill on first touch of a memfd mapping.
-fn fault_fill(c: &mut Criterion) {
+fn fault_fill(c: &mut Criterion, figures: &support::Figures) {
     let mut g = c.benchmark_group("fault_fill");
     let bs = 2 * MIB;
-    let cycle = Cycle::new(Arc::new(FillFile(bs)), &support::ram_spec("2M"), 16, 256);
-    let mut next = 0;
-    g.bench_function(BenchmarkId::new("bigfile", "2M"), |b| {
-        b.iter_custom(|iters| {
-            let t = Instant::now();
-            next = cycle.touch(next, iters);
-            t.elapsed()
-        })
-    });
+    for backend in support::backends("2M", figures) {
+        let cycle = Cycle::new(Arc::new(FillFile(bs)), backend, 16, 256);
+        let mut next = 0;
+        g.bench_function(
+            BenchmarkId::new(support::on("bigfile", backend), "2M"),
+            |b| {
+                b.iter_custom(|iters| {
+                    let t = Instant::now();
+                    next = cycle.touch(next, iters);
+                    t.elapsed()
+                })
+            },
+        );
+    }
     g.bench_function(BenchmarkId::new("kernel", "2M"), |b| {
         b.iter_custom(|iters| baseline::memfd_first_touch_fill(bs, iters))
     });
@@ -232,40 +259,40 @@ fn scan(c: &mut Criterion, cfg: &Config, figures: &support::Figures) {
         .sample_size(10)
         .throughput(Throughput::Bytes(cfg.scan_bytes as u64));
 
-    let file = Arc::new(FileBigFile::open_readonly(&path, bs).expect("open the scan file"));
-    let ram = Ram::from_spec(&support::ram_spec("2M"))
-        .expect("RAM")
-        .with_budget(64 * MIB as u64);
-    let fh = FileH::open(file, Some(&ram)).expect("open");
-    let vma = fh.mmap(0, nblocks).expect("mmap");
-    let mut expect = None;
-    g.bench_function("bigfile", |b| {
-        b.iter(|| {
-            // SAFETY: nothing writes the mapping while the slice lives.
-            let s = support::sum_words(unsafe { vma.as_slice() });
-            assert_eq!(*expect.get_or_insert(s), s);
-            s
-        })
-    });
-    let expect = expect.unwrap_or_default();
     figures.set("scan.bytes", cfg.scan_bytes);
-
-    // The same scan through a mapping that declares it (drop-behind: each
-    // fault recycles the page just scanned, still in the CPU caches, instead
-    // of the least recently used one).
-    let seq = fh.mmap(0, nblocks).expect("mmap");
-    seq.advise(Advice::Sequential);
-    g.bench_function("bigfile_sequential", |b| {
-        b.iter(|| {
-            // SAFETY: nothing writes the mapping while the slice lives.
-            let s = support::sum_words(unsafe { seq.as_slice() });
-            assert_eq!(s, expect);
-            s
-        })
-    });
-    drop(seq);
-
     let f = File::open(&path).expect("open the scan file");
+    let mut expect = None;
+    for backend in support::backends("2M", figures) {
+        let file = Arc::new(FileBigFile::open_readonly(&path, bs).expect("open the scan file"));
+        let ram = support::ram("2M", backend)
+            .expect("RAM")
+            .with_budget(64 * MIB as u64);
+        let fh = FileH::open(file, Some(&ram)).expect("open");
+        // Once with the default advice, once through a mapping that declares
+        // the scan (drop-behind: each fault recycles the page just scanned,
+        // still in the CPU caches, instead of the least recently used one).
+        for (name, advice) in [
+            ("bigfile", Advice::Normal),
+            ("bigfile_sequential", Advice::Sequential),
+        ] {
+            let vma = fh.mmap(0, nblocks).expect("mmap");
+            vma.advise(advice);
+            g.bench_function(support::on(name, backend), |b| {
+                b.iter(|| {
+                    // SAFETY: nothing writes the mapping while the slice lives.
+                    let s = support::sum_words(unsafe { vma.as_slice() });
+                    assert_eq!(*expect.get_or_insert(s), s);
+                    s
+                })
+            });
+        }
+    }
+    let expect = expect.unwrap_or_else(|| {
+        // SAFETY: the bench's own file, not modified while mapped.
+        let m = unsafe { memmap2::Mmap::map(&f) }.expect("mmap the scan file");
+        support::sum_words(&m)
+    });
+
     g.bench_function("mmap", |b| {
         b.iter(|| {
             // SAFETY: the bench's own file, not modified while mapped.
@@ -308,7 +335,7 @@ fn random_read(c: &mut Criterion, cfg: &Config, figures: &support::Figures) {
     for bs in [2 * MIB, 64 * KIB] {
         let name = size_name(bs);
         let file = Arc::new(FileBigFile::open_readonly(&path, bs).expect("open"));
-        let ram = Ram::from_spec(&support::ram_spec(&name))
+        let ram = support::ram(&name, FaultBackend::Signals)
             .expect("RAM")
             .with_budget(cfg.random_budget as u64);
         let fh = FileH::open(file, Some(&ram)).expect("open");
@@ -395,8 +422,9 @@ fn mapped_rss(addr: *const u8, len: usize) -> u64 {
 
 /// (5) One word written into every block of a loaded mapping, then
 /// `dirty_writeout` to an OS file, against pwrite of the same bytes; and the
-/// first write to a clean loaded page (the dirty-tracking fault).
-fn write(c: &mut Criterion, cfg: &Config) {
+/// first write to a clean loaded page (the dirty-tracking fault), on each
+/// fault backend.
+fn write(c: &mut Criterion, cfg: &Config, figures: &support::Figures) {
     let bs = 2 * MIB;
     let nblocks = (cfg.write_bytes / bs) as u64;
     let mut g = c.benchmark_group("write");
@@ -405,12 +433,7 @@ fn write(c: &mut Criterion, cfg: &Config) {
         .throughput(Throughput::Bytes(cfg.write_bytes as u64));
     let name = format!("write-{}M", cfg.write_bytes / MIB);
     let path = support::data_file(&format!("{name}.bin"), cfg.write_bytes);
-    let file = Arc::new(FileBigFile::open(&path, bs).expect("open the write file"));
-    let ram = Ram::from_spec(&support::ram_spec("2M")).expect("RAM");
-    let fh = FileH::open(file, Some(&ram)).expect("open");
-    let vma = fh.mmap(0, nblocks).expect("mmap");
-    vma.prefault(0..vma.len(), bigfile::virtmem::Access::Read)
-        .expect("prefault");
+    let (fh, vma) = loaded(&path, nblocks, FaultBackend::Signals);
     let mut round = 0u64;
     g.bench_function("bigfile_writeout", |b| {
         b.iter(|| {
@@ -447,28 +470,48 @@ fn write(c: &mut Criterion, cfg: &Config) {
     });
     g.finish();
 
+    drop((vma, fh));
+
     let mut g = c.benchmark_group("first_write");
-    g.bench_function(BenchmarkId::new("bigfile", "2M"), |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            let mut left = iters;
-            while left > 0 {
-                // Every page clean and read-only again, outside the timing.
-                fh.dirty_writeout(WriteoutFlags::MARKSTORED)
-                    .expect("markstored");
-                let n = left.min(nblocks);
-                let t = Instant::now();
-                for blk in 0..n as usize {
-                    // SAFETY: inside the live mapping; served by the fault handler.
-                    unsafe { ptr::write_volatile(vma.as_ptr().add(blk * bs), 1) };
-                }
-                total += t.elapsed();
-                left -= n;
-            }
-            total
-        })
-    });
+    for backend in support::backends("2M", figures) {
+        let (fh, vma) = loaded(&path, nblocks, backend);
+        g.bench_function(
+            BenchmarkId::new(support::on("bigfile", backend), "2M"),
+            |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    let mut left = iters;
+                    while left > 0 {
+                        // Every page clean and read-only again, outside the timing.
+                        fh.dirty_writeout(WriteoutFlags::MARKSTORED)
+                            .expect("markstored");
+                        let n = left.min(nblocks);
+                        let t = Instant::now();
+                        for blk in 0..n as usize {
+                            // SAFETY: inside the live mapping; served by the fault handler.
+                            unsafe { ptr::write_volatile(vma.as_ptr().add(blk * bs), 1) };
+                        }
+                        total += t.elapsed();
+                        left -= n;
+                    }
+                    total
+                })
+            },
+        );
+    }
     g.finish();
+}
+
+/// The first `nblocks` 2 MiB blocks of the OS file at `path` mapped on
+/// `backend`, every page loaded.
+fn loaded(path: &std::path::Path, nblocks: u64, backend: FaultBackend) -> (FileH, Vma) {
+    let file = Arc::new(FileBigFile::open(path, 2 * MIB).expect("open the write file"));
+    let ram = support::ram("2M", backend).expect("RAM");
+    let fh = FileH::open(file, Some(&ram)).expect("open");
+    let vma = fh.mmap(0, nblocks).expect("mmap");
+    vma.prefault(0..vma.len(), bigfile::virtmem::Access::Read)
+        .expect("prefault");
+    (fh, vma)
 }
 
 /// (6) Two threads faulting different blocks against one thread, with the
@@ -476,30 +519,48 @@ fn write(c: &mut Criterion, cfg: &Config) {
 fn threads(c: &mut Criterion, figures: &support::Figures) {
     let bs = 2 * MIB;
     let mut g = c.benchmark_group("threads");
-    for (kind, file, advice) in [
-        (
-            "fill",
-            Arc::new(FillFile(bs)) as Arc<dyn BigFile>,
-            Advice::Normal,
-        ),
-        ("noop", Arc::new(NoopFile(bs)), Advice::Normal),
-        (
-            "fill_sequential",
-            Arc::new(FillFile(bs)),
-            Advice::Sequential,
-        ),
-    ] {
-        let cycle = Cycle::new(file, &support::ram_spec("2M"), 32, 512);
-        cycle.vma.advise(advice);
-        for n in [1u64, 2] {
-            g.bench_function(BenchmarkId::new(kind, n), |b| {
-                b.iter_custom(|iters| cycle.touch_parallel(n, iters.max(n)))
-            });
+    for backend in support::backends("2M", figures) {
+        for (kind, file, advice) in [
+            (
+                "fill",
+                Arc::new(FillFile(bs)) as Arc<dyn BigFile>,
+                Advice::Normal,
+            ),
+            ("noop", Arc::new(NoopFile(bs)), Advice::Normal),
+            (
+                "fill_sequential",
+                Arc::new(FillFile(bs)),
+                Advice::Sequential,
+            ),
+        ] {
+            let cycle = Cycle::new(file, backend, 32, 512);
+            cycle.vma.advise(advice);
+            let id = support::on(kind, backend);
+            for n in [1u64, 2] {
+                let before = cycle.fh.stats();
+                let mut touches = 0;
+                let mut next = cycle.starts(n);
+                g.bench_function(BenchmarkId::new(&id, n), |b| {
+                    b.iter_custom(|iters| {
+                        let iters = iters.max(n);
+                        touches += iters / n * n;
+                        cycle.touch_parallel(&mut next, iters)
+                    })
+                });
+                let after = cycle.fh.stats();
+                figures.set(
+                    &format!("threads.{id}.{n}.faults_per_touch"),
+                    format!(
+                        "{:.3}",
+                        (after.loads - before.loads) as f64 / touches as f64
+                    ),
+                );
+            }
+            figures.set(
+                &format!("threads.{id}.ram_resident_max"),
+                cycle.ram.stats().resident_bytes,
+            );
         }
-        figures.set(
-            &format!("threads.{kind}.ram_resident_max"),
-            cycle.ram.stats().resident_bytes,
-        );
     }
     // The bound the machine puts on (6): the same fill into 32 blocks of
     // plain memory (the 32 pages of the budget), each thread cycling over

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bigfile::virtmem::{BigFile, BlockError};
+use bigfile::virtmem::{BigFile, BlockError, FaultBackend, Ram};
 
 pub const KIB: usize = 1 << 10;
 pub const MIB: usize = 1 << 20;
@@ -59,6 +59,47 @@ impl Config {
 pub fn ram_spec(pagesize: &str) -> String {
     let backend = std::env::var("BIGFILE_BENCH_RAM").unwrap_or_else(|_| "memfd".into());
     format!("{backend},pagesize={pagesize}")
+}
+
+/// A RAM of pages of `pagesize` (as [`ram_spec`]) on fault backend
+/// `backend`; the reason when the process cannot have that backend.
+pub fn ram(pagesize: &str, backend: FaultBackend) -> Result<Ram, String> {
+    Ram::from_spec(&ram_spec(pagesize))
+        .expect("RAM spec")
+        .with_fault_backend(backend)
+        .map_err(|e| e.to_string())
+}
+
+/// The fault backends to measure: signals first (the userfaultfd figures
+/// are read against it), then userfaultfd where this process can have it
+/// for `pagesize` (else it is left out, with the reason on stderr and in
+/// the figures file). `BIGFILE_BENCH_FAULTS=signals` or `=userfaultfd`
+/// measures only that one (for profiling).
+pub fn backends(pagesize: &str, figures: &Figures) -> Vec<FaultBackend> {
+    let only = std::env::var("BIGFILE_BENCH_FAULTS").ok();
+    let mut out = Vec::new();
+    for b in [FaultBackend::Signals, FaultBackend::Userfaultfd] {
+        if only.as_deref().is_some_and(|o| o != b.name()) {
+            continue;
+        }
+        match ram(pagesize, b) {
+            Ok(_) => out.push(b),
+            Err(why) => {
+                eprintln!("bench: no {b} figures: {why}");
+                figures.set(&format!("unavailable.{b}"), why);
+            }
+        }
+    }
+    out
+}
+
+/// A benchmark's name on `backend`: `name` on signals (the names the rows
+/// had before there were two backends), `name_uffd` on userfaultfd.
+pub fn on(name: &str, backend: FaultBackend) -> String {
+    match backend {
+        FaultBackend::Signals => name.to_owned(),
+        FaultBackend::Userfaultfd => format!("{name}_uffd"),
+    }
 }
 
 /// Where data files and the figures file go: `$CARGO_TARGET_DIR` (or
