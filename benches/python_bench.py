@@ -1,4 +1,4 @@
-"""Python side of `cargo xtask bench` (issue 7, item 7).
+"""Python side of `cargo xtask bench` (issue 7, item 7; issue 18).
 
 Prints one `name<TAB>value` line per figure on stdout (seconds per
 operation or per pass; `adler32_bytes` is the file size); the xtask merges
@@ -21,6 +21,21 @@ them into its table. Progress goes to stderr.
   blocks. Seconds per pass.
 - writeout_{native,pyio}: `dirty_writeout` of `writeout_bytes` of dirty
   2 MiB blocks (already in the page cache) through each. Seconds per writeout.
+- npsave_ram: `np.save` to a file of the data file's words held in RAM
+  (a plain numpy array of `npsave_bytes`). Seconds per save.
+- npsave_bigarray_uffd: `np.save` of the same words as a BigArray over a
+  fresh BigFile_File handle on the userfaultfd backend (nothing loaded: the
+  kernel's own accesses inside write(2) load every block), budget the whole
+  array; npsave_bigarray_budget64_uffd: the same with a 64 MiB budget
+  (blocks reclaimed during the save). On the signal backend the same save
+  fails with EFAULT (checked), so npsave_bigarray_prefault is the save
+  after `vma.prefault()` of the whole mapping (prefault timed with it).
+
+Every figure is measured on the signal backend (`fault_backend="signals"`
+on each handle); those of faults and of scans through a mapping
+(fault_*, adler32_bigfile*, adler32_file_native) also on userfaultfd,
+printed with `_uffd` appended to their names, unless the process cannot
+have userfaultfd (then they are left out, saying why on stderr).
 """
 
 import argparse
@@ -32,7 +47,7 @@ import zlib
 
 import numpy as np
 
-from bigfile import WRITEOUT_MARKSTORED, WRITEOUT_STORE, BigFile
+from bigfile import RAM, WRITEOUT_MARKSTORED, WRITEOUT_STORE, BigFile
 from bigfile.bigarray import BigArray
 from bigfile.file_file import BigFile_File, BigFile_File_PyIO
 
@@ -84,9 +99,10 @@ def log(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
-def fault_per_touch(f, touches, budget_blocks=16, nblocks=256):
-    """Seconds per fault: touch one byte of each block cyclically."""
-    with f.fileh_open(ram="memfd", budget=budget_blocks * BLK) as fh:
+def fault_per_touch(f, touches, faults, budget_blocks=16, nblocks=256):
+    """Seconds per fault on backend `faults`: touch one byte of each block
+    cyclically."""
+    with f.fileh_open(ram="memfd", budget=budget_blocks * BLK, fault_backend=faults) as fh:
         with fh.mmap(0, nblocks) as vma:
             m = memoryview(vma)
             for i in range(budget_blocks):
@@ -118,9 +134,9 @@ def data_file(data_dir, size):
     return path
 
 
-def adler_bigfile(path, size, advice="normal"):
+def adler_bigfile(path, size, faults, advice="normal"):
     f = OSFile(BLK, path)
-    with f.fileh_open(ram="memfd", budget=64 * MIB) as fh:
+    with f.fileh_open(ram="memfd", budget=64 * MIB, fault_backend=faults) as fh:
         with fh.mmap(0, size // BLK) as vma:
             vma.advise(advice)
             m = memoryview(vma)
@@ -157,9 +173,9 @@ def adler_readinto(path, size):
     return a
 
 
-def adler_file(cls, path, size, blk=BLK):
+def adler_file(cls, path, size, faults, blk=BLK):
     f = cls(path, blk)
-    with f.fileh_open(ram="memfd", budget=64 * MIB) as fh:
+    with f.fileh_open(ram="memfd", budget=64 * MIB, fault_backend=faults) as fh:
         with fh.mmap(0, size // blk) as vma:
             m = memoryview(vma)
             a = 1
@@ -169,8 +185,8 @@ def adler_file(cls, path, size, blk=BLK):
     return a
 
 
-def bigarray_sum(cls, path, size, blk=BLK):
-    with cls(path, blk).fileh_open(ram="memfd", budget=64 * MIB) as fh:
+def bigarray_sum(cls, path, size, faults, blk=BLK):
+    with cls(path, blk).fileh_open(ram="memfd", budget=64 * MIB, fault_backend=faults) as fh:
         a = BigArray((size // 8,), np.uint64, fh)
         chunk = 8 * MIB // 8
         total = 0
@@ -180,10 +196,10 @@ def bigarray_sum(cls, path, size, blk=BLK):
     return total % (1 << 64)
 
 
-def writeout_time(cls, path, size, passes):
+def writeout_time(cls, path, size, passes, faults):
     """Seconds per dirty_writeout of `size` bytes of dirty blocks."""
     times = []
-    with cls(path, BLK).fileh_open(ram="memfd", budget=size + BLK) as fh:
+    with cls(path, BLK).fileh_open(ram="memfd", budget=size + BLK, fault_backend=faults) as fh:
         with fh.mmap(0, size // BLK) as vma:
             arr = np.ndarray((size // 8,), np.uint64, buffer=memoryview(vma))
             for i in range(passes + 1):
@@ -214,6 +230,79 @@ def timed(fn, *args, passes, before=None):
     return sum(times) / len(times), result
 
 
+def npsave_ram(arr, out):
+    np.save(out, arr)
+    os.remove(out)
+
+
+def npsave_bigarray(path, size, out, budget, faults):
+    """np.save of the file as a BigArray over a fresh handle on backend
+    `faults`: no block loaded when write(2) reads the memory. The OSError
+    of the save, if it fails (the signal backend), else None."""
+    with BigFile_File(path, BLK).fileh_open(ram="memfd", budget=budget, fault_backend=faults) as fh:
+        a = BigArray((size // 8,), np.uint64, fh)
+        try:
+            np.save(out, a[:])
+            failed = None
+        except OSError as e:
+            # Not kept: its traceback holds the view, which must be gone
+            # before the handle closes.
+            failed = str(e)
+        del a
+    os.remove(out)
+    return failed
+
+
+def npsave_uffd(path, size, out, budget):
+    failed = npsave_bigarray(path, size, out, budget, "userfaultfd")
+    if failed is not None:
+        raise SystemExit(f"np.save of a BigArray on userfaultfd failed: {failed}")
+
+
+def npsave_prefault(path, size, out):
+    """np.save of the file through a fresh mapping prefaulted first
+    (signal backend)."""
+    with BigFile_File(path, BLK).fileh_open(ram="memfd", budget=size, fault_backend="signals") as fh:
+        with fh.mmap(0, size // BLK) as vma:
+            vma.prefault()
+            v = np.ndarray((size // 8,), np.uint64, buffer=vma)
+            np.save(out, v)
+            del v
+    os.remove(out)
+
+
+def check_saved(out, arr):
+    saved = np.load(out, mmap_mode="r")
+    same = saved.shape == arr.shape and bool(np.array_equal(saved, arr))
+    del saved
+    os.remove(out)
+    if not same:
+        raise SystemExit("np.save of a BigArray saved other data")
+
+
+def npsave(data_dir, path, size, passes, backends):
+    """The np.save figures (module docs); seconds per save."""
+    out = os.path.join(data_dir, "npsave-out.npy")
+    arr = np.fromfile(path, dtype=np.uint64)
+    res = {"npsave_bytes": size}
+    log("python bench: np.save of an array in RAM")
+    res["npsave_ram"], _ = timed(npsave_ram, arr, out, passes=passes)
+    failed = npsave_bigarray(path, size, out, size, "signals")
+    if failed is None:
+        raise SystemExit("np.save of a BigArray worked on the signal backend without prefault")
+    log(f"python bench: np.save of a BigArray on signals without prefault fails, as expected: {failed}")
+    log("python bench: np.save of a BigArray after vma.prefault (signals)")
+    res["npsave_bigarray_prefault"], _ = timed(npsave_prefault, path, size, out, passes=passes)
+    if "userfaultfd" in backends:
+        for name, budget in [("npsave_bigarray_uffd", size), ("npsave_bigarray_budget64_uffd", 64 * MIB)]:
+            log(f"python bench: np.save of a BigArray, budget {budget // MIB} MiB (userfaultfd)")
+            with BigFile_File(path, BLK).fileh_open(ram="memfd", budget=budget, fault_backend="userfaultfd") as fh:
+                np.save(out, BigArray((size // 8,), np.uint64, fh)[:])
+            check_saved(out, arr)
+            res[name], _ = timed(npsave_uffd, path, size, out, budget, passes=passes)
+    return res
+
+
 def bench_args():
     """The arguments xtask gives a bench script: --quick, --data-dir (made)."""
     ap = argparse.ArgumentParser()
@@ -224,47 +313,76 @@ def bench_args():
     return args
 
 
+# The fault backends measured and the suffix of their figures' names.
+FAULTS = {"signals": "", "userfaultfd": "_uffd"}
+
+
+def backends():
+    """The fault backends this process can have: signals, and userfaultfd
+    unless it cannot be had (then its figures are left out, saying why)."""
+    try:
+        RAM("memfd", fault_backend="userfaultfd")
+    except RuntimeError as e:
+        log(f"python bench: no userfaultfd figures: {e}")
+        return ["signals"]
+    return ["signals", "userfaultfd"]
+
+
 def main():
     args = bench_args()
     touches = 300 if args.quick else 2000
     size = (128 if args.quick else 512) * MIB
     passes = 3 if args.quick else 5
-
-    out = {}
-    log("python bench: no-op fault")
-    out["fault_noop"] = fault_per_touch(NoopFile(BLK), touches)
-    log("python bench: numpy zero-fill fault")
-    out["fault_zero_numpy"] = fault_per_touch(ZeroFile(BLK), touches)
-
+    on = backends()
     path = data_file(args.data_dir, size)
+
+    out = {"adler32_bytes": size}
     sums = {}
-    for name, fn in [("bigfile", adler_bigfile), ("mmap", adler_mmap), ("readinto", adler_readinto)]:
+    for faults in on:
+        sfx = FAULTS[faults]
+        log(f"python bench: no-op fault ({faults})")
+        out["fault_noop" + sfx] = fault_per_touch(NoopFile(BLK), touches, faults)
+        log(f"python bench: numpy zero-fill fault ({faults})")
+        out["fault_zero_numpy" + sfx] = fault_per_touch(ZeroFile(BLK), touches, faults)
+        log(f"python bench: adler32 via bigfile ({faults})")
+        out["adler32_bigfile" + sfx], sums["bigfile" + sfx] = timed(adler_bigfile, path, size, faults, passes=passes)
+        log(f"python bench: adler32 via bigfile, advise('sequential') ({faults})")
+        out["adler32_bigfile_sequential" + sfx], sums["sequential" + sfx] = timed(
+            adler_bigfile, path, size, faults, "sequential", passes=passes
+        )
+        log(f"python bench: adler32 via BigFile_File (native) ({faults})")
+        out["adler32_file_native" + sfx], sums["file_native" + sfx] = timed(
+            adler_file, BigFile_File, path, size, faults, passes=passes
+        )
+    for name, fn in [("mmap", adler_mmap), ("readinto", adler_readinto)]:
         log(f"python bench: adler32 via {name}")
         out[f"adler32_{name}"], sums[name] = timed(fn, path, size, passes=passes)
-    log("python bench: adler32 via bigfile, advise('sequential')")
-    out["adler32_bigfile_sequential"], sums["sequential"] = timed(
-        adler_bigfile, path, size, "sequential", passes=passes
+    log("python bench: adler32 via BigFile_File (pyio)")
+    out["adler32_file_pyio"], sums["file_pyio"] = timed(
+        adler_file, BigFile_File_PyIO, path, size, "signals", passes=passes
     )
     if len(set(sums.values())) != 1:
         raise SystemExit(f"adler32 differs between methods: {sums}")
-    out["adler32_bytes"] = size
+    out.update(npsave(args.data_dir, path, size, passes, on))
+
+    # The rest on the signal backend only.
     for name, cls in [("native", BigFile_File), ("pyio", BigFile_File_PyIO)]:
-        log(f"python bench: adler32 via BigFile_File ({name})")
-        out[f"adler32_file_{name}"], sums[f"file_{name}"] = timed(adler_file, cls, path, size, passes=passes)
         log(f"python bench: BigArray sum ({name})")
-        out[f"bigarray_sum_{name}"], sums[f"sum_{name}"] = timed(bigarray_sum, cls, path, size, passes=passes)
+        out[f"bigarray_sum_{name}"], sums[f"sum_{name}"] = timed(
+            bigarray_sum, cls, path, size, "signals", passes=passes
+        )
         log(f"python bench: BigArray sum, 64 KiB blocks ({name})")
         out[f"bigarray_sum_{name}_64K"], sums[f"sum64_{name}"] = timed(
-            bigarray_sum, cls, path, size, 64 << 10, passes=passes
+            bigarray_sum, cls, path, size, "signals", 64 << 10, passes=passes
         )
-    if len({sums["bigfile"], sums["file_native"], sums["file_pyio"]}) != 1 or len({sums[k] for k in sums if k.startswith("sum")}) != 1:
-        raise SystemExit(f"BigFile_File results differ: {sums}")
+    if len({sums[k] for k in sums if k.startswith("sum")}) != 1:
+        raise SystemExit(f"BigArray sums differ: {sums}")
     wsize = (32 if args.quick else 128) * MIB
     scratch = os.path.join(args.data_dir, "writeout.bin")
     for name, cls in [("native", BigFile_File), ("pyio", BigFile_File_PyIO)]:
         open(scratch, "wb").close()
         log(f"python bench: writeout via BigFile_File ({name})")
-        out[f"writeout_{name}"] = writeout_time(cls, scratch, wsize, passes)
+        out[f"writeout_{name}"] = writeout_time(cls, scratch, wsize, passes, "signals")
     os.remove(scratch)
     out["writeout_bytes"] = wsize
     for k, v in out.items():
