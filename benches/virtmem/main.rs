@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bigfile::virtmem::{
-    Advice, BigFile, FaultBackend, FileBigFile, FileH, Ram, Vma, WriteoutFlags,
+    Advice, BigFile, FaultBackend, FileBigFile, FileH, Ram, Stats, Vma, WriteoutFlags,
 };
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 
@@ -119,6 +119,22 @@ impl Cycle {
         blk
     }
 
+    /// Record `<prefix>.faults_per_touch`: the loads since `before` per
+    /// touch (1 when every touch faulted).
+    fn record_faults_per_touch(
+        &self,
+        figures: &support::Figures,
+        prefix: &str,
+        before: Stats,
+        touches: u64,
+    ) {
+        let loads = self.fh.stats().loads - before.loads;
+        figures.set(
+            &format!("{prefix}.faults_per_touch"),
+            format!("{:.3}", loads as f64 / touches as f64),
+        );
+    }
+
     /// Where `threads` threads touching the mapping start: each at the
     /// first block of its own part.
     fn starts(&self, threads: u64) -> Vec<u64> {
@@ -175,13 +191,11 @@ fn fault_noop(c: &mut Criterion, figures: &support::Figures) {
                     t.elapsed()
                 })
             });
-            let after = cycle.fh.stats();
-            figures.set(
-                &format!("fault_noop.{id}.{name}.faults_per_touch"),
-                format!(
-                    "{:.3}",
-                    (after.loads - before.loads) as f64 / touches as f64
-                ),
+            cycle.record_faults_per_touch(
+                figures,
+                &format!("fault_noop.{id}.{name}"),
+                before,
+                touches,
             );
         }
         g.bench_function(BenchmarkId::new("sigsegv", &name), |b| {
@@ -547,13 +561,11 @@ fn threads(c: &mut Criterion, figures: &support::Figures) {
                         cycle.touch_parallel(&mut next, iters)
                     })
                 });
-                let after = cycle.fh.stats();
-                figures.set(
-                    &format!("threads.{id}.{n}.faults_per_touch"),
-                    format!(
-                        "{:.3}",
-                        (after.loads - before.loads) as f64 / touches as f64
-                    ),
+                cycle.record_faults_per_touch(
+                    figures,
+                    &format!("threads.{id}.{n}"),
+                    before,
+                    touches,
                 );
             }
             figures.set(
