@@ -121,15 +121,32 @@ fn an_access_spanning_two_blocks_completes_under_a_one_page_budget() {
     assert!(out.contains("span OK"), "{out}");
 }
 
+/// With `BIGFILE_FAULTS` unset a RAM is on signals, and says why: the
+/// userfaultfd backend is opt-in for now.
+#[test]
+fn the_default_fault_backend_is_signals_and_says_userfaultfd_is_opt_in() {
+    let mut cmd = child::test_child("crash::child", CHILD_ENV, "default_backend");
+    cmd.env_remove("BIGFILE_FAULTS");
+    let ended = child::run(cmd, child::TIMEOUT).unwrap();
+    assert!(ended.status.success(), "{}", ended.describe());
+    assert!(
+        ended
+            .stdout
+            .contains("signals (the default (userfaultfd is opt-in"),
+        "{}",
+        ended.stdout
+    );
+}
+
 /// A seccomp filter refusing userfaultfd (as container runtimes' default
-/// profiles do): a RAM made automatically falls back to the signal backend
+/// profiles do): a RAM made with `BIGFILE_FAULTS=auto` falls back to signals
 /// and says why; asked for explicitly, it is an error, not a crash; mapped
 /// memory works.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn a_seccomp_filter_refusing_userfaultfd_falls_back_to_signals() {
     let mut cmd = child::test_child("crash::child", CHILD_ENV, "seccomp");
-    cmd.env_remove("BIGFILE_FAULTS");
+    cmd.env("BIGFILE_FAULTS", "auto");
     let ended = child::run(cmd, child::TIMEOUT).unwrap();
     assert!(ended.status.success(), "{}", ended.describe());
     let out = ended.stdout;
@@ -353,6 +370,14 @@ fn child() {
         "span" => span(),
         #[cfg(target_arch = "x86_64")]
         "seccomp" => seccomp_denies_userfaultfd(),
+        "default_backend" => {
+            let ram = ram(1);
+            println!(
+                "{} ({})",
+                ram.fault_backend(),
+                ram.fault_backend_fallback().unwrap_or_default()
+            );
+        }
         "default_budget_scan" => default_budget_scan(),
         #[cfg(target_arch = "x86_64")]
         "too_wide" => {

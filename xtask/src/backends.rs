@@ -1,5 +1,5 @@
-//! The fault backends `cargo xtask test` runs the tests on: userfaultfd,
-//! where this user may use it (the default there), then signals. A pass on
+//! The fault backends `cargo xtask test` runs the tests on: signals (the
+//! default), then userfaultfd where this user may use it. A pass on
 //! a backend sets `BIGFILE_FAULTS` for every process it starts (tests that
 //! choose a backend themselves still do); where userfaultfd is available,
 //! `BIGFILE_REQUIRE_UFFD=1` too, so that the tests of it fail rather than
@@ -34,7 +34,7 @@ pub(crate) fn to_test() -> Vec<Backend> {
         Ok("signals") => vec![Backend::Signals],
         Ok("userfaultfd" | "uffd") => vec![Backend::Userfaultfd],
         _ => match uffd_unavailable() {
-            None => vec![Backend::Userfaultfd, Backend::Signals],
+            None => vec![Backend::Signals, Backend::Userfaultfd],
             Some(why) => {
                 eprintln!(
                     "xtask: the tests run on the signal fault backend only: userfaultfd is not \

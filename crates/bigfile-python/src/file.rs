@@ -59,7 +59,7 @@ impl PyBigFile {
     ///
     /// `fault_backend`: "signals", "userfaultfd" or "auto" (see `RAM`), for
     /// a RAM of its own; by default the default RAM's, which follows the
-    /// environment variable BIGFILE_FAULTS (automatic when unset).
+    /// environment variable BIGFILE_FAULTS (signals when unset).
     #[pyo3(signature = (ram = None, budget = None, fault_backend = None))]
     fn fileh_open(
         slf: &Bound<'_, Self>,

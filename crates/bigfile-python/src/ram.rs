@@ -17,10 +17,11 @@ use crate::stats::ram_stats_dict;
 /// serves the kernel's own accesses too (file and socket I/O, numpy's
 /// `tofile`/`save`, `readinto` into a mapping work without `prefault`);
 /// "signals" (SIGSEGV) works everywhere, but a system call touching a page
-/// not loaded fails with EFAULT. None or "auto": the default, which the
-/// environment variable BIGFILE_FAULTS sets ("signals", "userfaultfd",
-/// "auto") and otherwise is userfaultfd where the process may use it,
-/// signals elsewhere (`fault_backend_fallback` says why). Asking for
+/// not loaded fails with EFAULT. None or "auto": the process's default,
+/// which the environment variable BIGFILE_FAULTS sets ("signals",
+/// "userfaultfd", or "auto": userfaultfd where the process may use it) and
+/// otherwise is signals, userfaultfd being opt-in for now
+/// (`fault_backend_fallback` says why not userfaultfd). Asking for
 /// userfaultfd where it cannot be had raises RuntimeError saying why.
 #[pyclass(module = "bigfile._bigfile", name = "RAM", frozen)]
 pub(crate) struct PyRam {

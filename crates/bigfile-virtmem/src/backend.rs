@@ -1,8 +1,9 @@
 //! How a RAM's mappings learn of their faults: the signal backend
 //! (SIGSEGV on inaccessible slots) or the userfaultfd backend (the kernel
 //! reports every fault of a registered mapping, its own accesses included).
-//! Chosen per RAM when it is made: automatically, by the environment
-//! variable `BIGFILE_FAULTS`, or by [`Ram::with_fault_backend`]. The
+//! Chosen per RAM when it is made: by the environment variable
+//! `BIGFILE_FAULTS` (signals when unset: userfaultfd is opt-in for now),
+//! or by [`Ram::with_fault_backend`]. The
 //! mechanisms are in ARCHITECTURE.md.
 //!
 //! [`Ram::with_fault_backend`]: crate::Ram::with_fault_backend
@@ -47,20 +48,31 @@ impl fmt::Display for FaultBackend {
     }
 }
 
-/// What a RAM asked for: one backend, or the best available.
+/// What a RAM asked for: nothing (the default), one backend, or the best
+/// available.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Wanted {
+    Default,
     Auto,
     Exactly(FaultBackend),
 }
 
+/// Why a RAM that asked for nothing is on signals. The userfaultfd backend
+/// is opt-in while it is slower than signals for faults of user code
+/// (benches/README.md).
+const DEFAULT_IS_SIGNALS: &str =
+    "the default (userfaultfd is opt-in for now: BIGFILE_FAULTS=auto or \
+     BIGFILE_FAULTS=userfaultfd, or a RAM's fault backend, asks for it)";
+
 impl Wanted {
-    /// `BIGFILE_FAULTS`: `auto` (or unset), `signals`, `userfaultfd`.
+    /// `BIGFILE_FAULTS`: unset (the default), `auto`, `signals`,
+    /// `userfaultfd`.
     pub(crate) fn from_env() -> Result<Wanted, String> {
         match std::env::var("BIGFILE_FAULTS") {
-            Err(_) => Ok(Wanted::Auto),
+            Err(_) => Ok(Wanted::Default),
             Ok(v) => match v.trim() {
-                "" | "auto" => Ok(Wanted::Auto),
+                "" => Ok(Wanted::Default),
+                "auto" => Ok(Wanted::Auto),
                 "signals" => Ok(Wanted::Exactly(FaultBackend::Signals)),
                 "userfaultfd" | "uffd" => Ok(Wanted::Exactly(FaultBackend::Userfaultfd)),
                 other => Err(format!(
@@ -92,14 +104,19 @@ impl fmt::Debug for Backend {
 
 impl Backend {
     /// The backend for a RAM of `ram`'s kind, as `wanted`: userfaultfd when
-    /// asked for or, automatically, when the process may use it and the RAM
+    /// asked for or, with `Auto`, when the process may use it and the RAM
     /// is shared memory it serves (memfd, shmfs; not hugetlbfs); else
     /// signals, with the reason. Asking for userfaultfd where it cannot be
     /// had is an error.
     pub(crate) fn choose(wanted: Wanted, ram: &bigfile_ram::Ram) -> Result<Backend, String> {
-        if wanted == Wanted::Exactly(FaultBackend::Signals) {
+        let signals = match wanted {
+            Wanted::Exactly(FaultBackend::Signals) => Some("signals asked for"),
+            Wanted::Default => Some(DEFAULT_IS_SIGNALS),
+            _ => None,
+        };
+        if let Some(why) = signals {
             return Ok(Backend::Signals {
-                why_not_uffd: "signals asked for".into(),
+                why_not_uffd: why.into(),
             });
         }
         let uffd = if matches!(ram.spec().backend, bigfile_ram::Backend::Hugetlbfs { .. }) {

@@ -72,8 +72,9 @@ impl Ram {
     }
 
     /// This RAM on fault backend `backend` (see [`FaultBackend`]; by
-    /// default the best available, or what the environment variable
-    /// `BIGFILE_FAULTS` names: `signals`, `userfaultfd` or `auto`). Only
+    /// default what the environment variable `BIGFILE_FAULTS` names:
+    /// `signals`, `userfaultfd` or `auto`, the best available; signals when
+    /// unset, userfaultfd being opt-in for now). Only
     /// before the RAM is used (no clone of it, no handle opened).
     ///
     /// # Errors

@@ -55,8 +55,8 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// A RAM on the backend `BIGFILE_FAULTS` asks for (automatic by
-    /// default). A backend asked for there that cannot be had, or a value
+    /// A RAM on the backend `BIGFILE_FAULTS` asks for (signals when it is
+    /// unset, `auto`: the best available). A backend asked for there that cannot be had, or a value
     /// that names none, falls back to signals, with that as the reason.
     pub(crate) fn new(ram: bigfile_ram::Ram) -> Shared {
         let backend = Wanted::from_env()

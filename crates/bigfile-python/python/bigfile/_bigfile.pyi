@@ -122,7 +122,8 @@ class VMA:
 class RAM:
     """Memory for pages: a spec ("memfd", "shmfs[:DIR]", "hugetlbfs[:DIR]",
     optionally ",pagesize=SIZE"), a budget of resident bytes, and the fault
-    backend of its mappings ("auto", "signals", "userfaultfd")."""
+    backend of its mappings ("auto" or None: the process's default, signals
+    unless BIGFILE_FAULTS says otherwise; "signals"; "userfaultfd")."""
 
     def __init__(
         self,
