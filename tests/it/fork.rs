@@ -7,7 +7,7 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use bigfile::virtmem::{FaultBackend, PageState, WriteoutFlags};
+use bigfile::virtmem::{FaultBackend, PageState, Ram, WriteoutFlags};
 use bigfile_testkit::child::{forked, TIMEOUT};
 
 use crate::common::{peek, poke, setup, MemFile, BLK};
@@ -47,9 +47,12 @@ fn a_forked_child_reads_writes_reclaims_and_exits_without_touching_the_parent() 
                             .fault_backend_fallback()
                             .is_some_and(|why| why.contains("forked child")));
                 if backend == FaultBackend::Userfaultfd {
-                    // Nor does a RAM the child makes use it.
-                    ok &= crate::common::ram(4).fault_backend() == FaultBackend::Signals
-                        && crate::common::ram(4)
+                    // Nor does a RAM the child makes use it (made here, not
+                    // by `common::ram`, which insists on the backend of the
+                    // test pass).
+                    let new_ram = || Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
+                    ok &= new_ram().fault_backend() == FaultBackend::Signals
+                        && new_ram()
                             .with_fault_backend(FaultBackend::Userfaultfd)
                             .is_err();
                 }
