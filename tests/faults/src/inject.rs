@@ -196,10 +196,8 @@ fn kind(e: &Error) -> &'static str {
 
 fn nth_call_fails(p: &Point) -> Result<String, String> {
     let _scenario = fail::FailScenario::setup();
-    // A first RAM opens what the process keeps open (its userfaultfd), a
-    // first run warms up what it sets up once (the signal handler,
-    // allocator arenas), so that the baseline is the steady state.
-    uffd_backend();
+    // A first run warms up what the process sets up once (the signal
+    // handler, allocator arenas) so that the baseline is the steady state.
     run_once(p, SEEDS[0], None, false)?;
     let mut surfaced: BTreeMap<&'static str, usize> = BTreeMap::new();
     let (mut total, mut absorbed) = (0, 0);

@@ -70,7 +70,17 @@ impl FaultHandler for Probe {
 }
 
 impl Baseline {
+    /// The process's descriptors and RAM mappings now, after a first RAM
+    /// has opened what the process keeps open for good (on the userfaultfd
+    /// backend, its userfaultfd): what a run must leave as it found.
     pub fn take() -> Result<Baseline, String> {
+        static FIRST_RAM: std::sync::Once = std::sync::Once::new();
+        FIRST_RAM.call_once(|| {
+            let ps = bigfile_ram::os_page_size();
+            drop(bigfile_virtmem::Ram::from_spec(&format!(
+                "memfd,pagesize={ps}"
+            )));
+        });
         Ok(Baseline {
             fds: fd_count()?,
             ram_maps: ram_mappings(&maps()?),
