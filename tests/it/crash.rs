@@ -95,6 +95,16 @@ fn panic_in_a_system_calls_loadblk_aborts_or_is_efault() {
     }
 }
 
+/// A user-mode fault whose request signal cannot be queued (the user's
+/// queued signals at `RLIMIT_SIGPENDING`: EAGAIN) is still served, by a
+/// worker, on the userfaultfd backend, instead of leaving the thread
+/// blocked in its fault for good; on signals nothing is queued at all.
+#[test]
+fn a_fault_served_when_no_signal_can_be_queued() {
+    let out = expect_ok("no_signal_queue");
+    assert!(out.contains("read: ok"), "{out}");
+}
+
 #[test]
 fn nested_fault_from_loadblk_is_served() {
     assert!(expect_ok("nested").contains("nested OK"));
@@ -263,6 +273,24 @@ fn child() {
             let fh = open(&file, &ram);
             let vma = fh.mmap(0, 4).unwrap();
             peek(vma.as_ptr().wrapping_add(3 * BLK));
+        }
+        "no_signal_queue" => {
+            let file = mem_file(BLK);
+            let ram = ram(8);
+            let fh = open(&file, &ram);
+            let vma = fh.mmap(0, 4).unwrap();
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: setrlimit with a valid struct; this child is ours.
+            assert_eq!(
+                unsafe { libc::setrlimit(libc::RLIMIT_SIGPENDING, &none) },
+                0
+            );
+            let ok = (0..4)
+                .all(|b| peek(vma.as_ptr().wrapping_add(b * BLK)) == MemFile::initial(b as u64));
+            println!("read: {}", if ok { "ok" } else { "wrong data" });
         }
         "self_touch" => {
             let file = mem_file(BLK);

@@ -176,9 +176,16 @@ impl UffdService {
             };
             if thread_mode(e.tid).is_ok_and(|m| m == ThreadMode::User) {
                 // Served by the thread itself, in the mapping's fault
-                // handler. (If the thread is gone, nothing waits.)
-                let _ = bigfile_fault::send_request(e.tid, e.addr, access);
-                return;
+                // handler.
+                match bigfile_fault::send_request(e.tid, e.addr, access) {
+                    Ok(()) => return,
+                    // The thread is gone: nothing waits.
+                    Err(err) if err.raw_os_error() == Some(libc::ESRCH) => return,
+                    // Not queued (EAGAIN: the user's queued signals are at
+                    // RLIMIT_SIGPENDING): nothing would ever wake the
+                    // thread, so a worker serves it as a kernel fault.
+                    Err(err) => unqueued_request(&err),
+                }
             }
             range.clone()
         };
@@ -412,4 +419,18 @@ fn spawn_deaf<F: FnOnce() + Send + 'static>(
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         spawned
     }
+}
+
+/// Say once per process that a user-mode fault could not be handed to its
+/// thread and goes to a worker instead: such a fault is served without the
+/// thread's host lock (a Python loader then waits for the GIL the faulting
+/// thread holds, until the watchdog gives up on it: `hostwait.rs`).
+fn unqueued_request(err: &io::Error) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        eprintln!(
+            "bigfile: the request signal could not be queued to a faulting thread ({err}); \
+             its faults are served by userfaultfd workers instead"
+        );
+    });
 }
