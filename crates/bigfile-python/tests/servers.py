@@ -197,6 +197,27 @@ class PostgresServer:
         kh = "true" if keep_history else "false"
         return f"postgres://{self.USER}@127.0.0.1:{self.port}/{dbname}?keep_history={kh}"
 
+    def activity(self):
+        """The server's sessions (state, what they wait for, their query)
+        and the locks not granted: for a test whose client waited too long."""
+        try:
+            conn = self._connect()
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT pid, datname, state, wait_event_type, wait_event, now() - xact_start, left(query, 200)"
+                    " FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND datname IS NOT NULL"
+                )
+                rows = [" | ".join(map(str, r)) for r in cur.fetchall()]
+                cur.execute(
+                    "SELECT pid, locktype, relation::regclass, mode, objid FROM pg_locks WHERE NOT granted"
+                )
+                rows += ["waiting for a lock: " + " | ".join(map(str, r)) for r in cur.fetchall()]
+            conn.close()
+            return "\n".join(rows) or "(no sessions)"
+        except Exception as e:  # a diagnostic must not hide the failure it explains
+            return f"(PostgreSQL activity unavailable: {e!r})"
+
     def stop(self):
         _stop(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)

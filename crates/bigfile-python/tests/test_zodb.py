@@ -6,8 +6,10 @@ import json
 import mmap
 import os
 import selectors
+import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import numpy as np
@@ -34,10 +36,15 @@ REPLY_TIMEOUT = 180
 
 class Store:
     """Where a test's database is: a URI (``bigfile.uri``) that this
-    process and worker processes open."""
+    process and worker processes open; `activity()` describes what its
+    server is doing (for a test that waited too long)."""
 
-    def __init__(self, kind, uri):
-        self.kind, self.uri = kind, uri
+    def __init__(self, kind, uri, server=None):
+        self.kind, self.uri, self.server = kind, uri, server
+
+    def activity(self):
+        describe = getattr(self.server, "activity", None)
+        return describe() if describe is not None else ""
 
     def db(self):
         return open_db(self.uri)
@@ -58,7 +65,7 @@ def make_store(request, kind, tmp_path):
         return Store(kind, f"file://{tmp_path}/data.fs")
     if kind == "zeo":
         return Store(kind, request.getfixturevalue("zeo_server").uri + "?wait_timeout=30")
-    return Store(kind, request.getfixturevalue("relstorage_uris")[kind])
+    return Store(kind, request.getfixturevalue("relstorage_uris")[kind], request.getfixturevalue("postgres_server"))
 
 
 @pytest.fixture(params=STORES)
@@ -133,6 +140,8 @@ class Worker:
     """A client process (tests/zodb_worker.py): call(op, **args) -> reply."""
 
     def __init__(self, store, tmp_path):
+        self.store = store
+        self.timed_out = False  # killed by call(), which reported why
         self.errpath = tmp_path / f"worker-{uuid.uuid4().hex[:8]}.err"
         self.err = open(self.errpath, "wb")
         self.p = subprocess.Popen(
@@ -146,16 +155,27 @@ class Worker:
         self.sel.register(self.p.stdout, selectors.EVENT_READ)
 
     def stderr(self):
-        self.err.flush()
-        return self.errpath.read_text(errors="replace")[-3000:]
+        if not self.err.closed:
+            self.err.flush()
+        return self.errpath.read_text(errors="replace")[-12000:]
 
     def call(self, op, **args):
         args["op"] = op
         self.p.stdin.write(json.dumps(args) + "\n")
         self.p.stdin.flush()
         if not self.sel.select(timeout=REPLY_TIMEOUT):
+            # what it was doing: its threads' stacks (faulthandler, on
+            # SIGUSR1) and what its storage server was doing
+            self.p.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            server = self.store.activity()
+            self.timed_out = True
             self.p.kill()
-            pytest.fail(f"worker gave no reply to {args} within {REPLY_TIMEOUT}s; stderr:\n{self.stderr()}")
+            self.p.wait(timeout=30)
+            pytest.fail(
+                f"worker gave no reply to {args} within {REPLY_TIMEOUT}s; stderr:\n{self.stderr()}\n"
+                f"server activity:\n{server}"
+            )
         line = self.p.stdout.readline()
         if not line:
             pytest.fail(f"worker died on {args} (status {self.p.wait(timeout=30)}); stderr:\n{self.stderr()}")
@@ -180,7 +200,7 @@ class Worker:
         self.p.stdout.close()
         self.err.close()
         self.sel.close()
-        assert self.p.returncode == 0, self.stderr()
+        assert self.timed_out or self.p.returncode == 0, self.stderr()
 
 
 @pytest.fixture

@@ -8,8 +8,10 @@ create, open, append, append_range, set, get, info, sum, carry, commit,
 abort, begin, exit. A failing command replies {"ok": false, "error": NAME}.
 """
 
+import faulthandler
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -113,4 +115,6 @@ def main():
 
 if __name__ == "__main__":
     sys.stdout = os.fdopen(sys.stdout.fileno(), "w", buffering=1)
+    # the test's harness asks for every thread's stack when a reply is late
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     main()
