@@ -105,6 +105,16 @@ fn a_fault_served_when_no_signal_can_be_queued() {
     assert!(out.contains("read: ok"), "{out}");
 }
 
+/// A user-mode fault of a thread that blocks the request signal (as some
+/// libraries' threads block every signal) is served by a worker once the
+/// reader finds the request held, on the userfaultfd backend, instead of
+/// hanging; on signals the request signal plays no part.
+#[test]
+fn a_fault_served_when_its_thread_blocks_the_request_signal() {
+    let out = expect_ok("request_signal_blocked");
+    assert!(out.contains("read: ok"), "{out}");
+}
+
 #[test]
 fn nested_fault_from_loadblk_is_served() {
     assert!(expect_ok("nested").contains("nested OK"));
@@ -288,6 +298,26 @@ fn child() {
                 unsafe { libc::setrlimit(libc::RLIMIT_SIGPENDING, &none) },
                 0
             );
+            let ok = (0..4)
+                .all(|b| peek(vma.as_ptr().wrapping_add(b * BLK)) == MemFile::initial(b as u64));
+            println!("read: {}", if ok { "ok" } else { "wrong data" });
+        }
+        "request_signal_blocked" => {
+            let file = mem_file(BLK);
+            let ram = ram(8);
+            let fh = open(&file, &ram);
+            let vma = fh.mmap(0, 4).unwrap();
+            let signo = bigfile::fault::request_signal().unwrap();
+            // SAFETY: a signal set we own, blocked for this thread only.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, signo);
+                assert_eq!(
+                    libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()),
+                    0
+                );
+            }
             let ok = (0..4)
                 .all(|b| peek(vma.as_ptr().wrapping_add(b * BLK)) == MemFile::initial(b as u64));
             println!("read: {}", if ok { "ok" } else { "wrong data" });

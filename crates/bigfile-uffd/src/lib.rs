@@ -28,4 +28,4 @@ mod thread;
 
 pub use event::{Event, FaultKind};
 pub use fd::{Features, Registration, Uffd, Unavailable};
-pub use thread::{thread_mode, ThreadMode};
+pub use thread::{signal_held, thread_mode, ThreadMode};

@@ -27,6 +27,27 @@ pub fn thread_mode(tid: libc::pid_t) -> io::Result<ThreadMode> {
     })
 }
 
+/// Whether signal `signo` is pending for thread `tid` of this process (sent
+/// to it alone) and blocked there: `SigPnd` and `SigBlk` of
+/// `/proc/self/task/TID/status`. A request signal so held never interrupts
+/// the thread's fault.
+pub fn signal_held(tid: libc::pid_t, signo: libc::c_int) -> io::Result<bool> {
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))?;
+    let mask = |field: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("/proc status has no {field}"),
+                )
+            })
+    };
+    let bit = 1u64 << (signo - 1);
+    Ok(mask("SigPnd:")? & bit != 0 && mask("SigBlk:")? & bit != 0)
+}
+
 fn parse(text: &str) -> Option<ThreadMode> {
     let first = text.split_whitespace().next()?;
     if first == "running" {
@@ -53,6 +74,39 @@ mod tests {
         assert_eq!(parse("running\n"), Some(ThreadMode::Running));
         assert_eq!(parse(""), None);
         assert_eq!(parse("x"), None);
+    }
+
+    #[test]
+    fn a_blocked_pending_signal_is_held() {
+        let signo = libc::SIGRTMIN() + 1;
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (tidtx, tidrx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            // SAFETY: a signal set we own, blocked for this thread only.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, signo);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            // SAFETY: gettid has no arguments and cannot fail.
+            tidtx
+                .send(unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t)
+                .unwrap();
+            rx.recv().unwrap();
+            // Exits with the signal still blocked: never delivered.
+        });
+        let tid = tidrx.recv().unwrap();
+        assert!(!signal_held(tid, signo).unwrap());
+        // SAFETY: a signal to our own thread, which blocks it.
+        assert_eq!(
+            unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, signo) },
+            0
+        );
+        assert!(signal_held(tid, signo).unwrap());
+        assert!(!signal_held(tid, signo + 1).unwrap());
+        tx.send(()).unwrap();
+        t.join().unwrap();
     }
 
     #[test]

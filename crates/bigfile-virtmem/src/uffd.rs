@@ -26,9 +26,10 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 use bigfile_fault::Access;
-use bigfile_uffd::{thread_mode, Event, FaultKind, ThreadMode, Uffd};
+use bigfile_uffd::{signal_held, thread_mode, Event, FaultKind, ThreadMode, Uffd};
 
 use crate::backend::process_uffd;
 use crate::failure::Failure;
@@ -84,6 +85,48 @@ struct Jobs {
     workers: usize,
 }
 
+/// Request signals the reader sent lately, looked at again after
+/// [`RECHECK`]: a thread that blocks the request signal (its own mask, or a
+/// library's threads that block every signal) would otherwise stay in its
+/// fault for good, its request pending. The reader's alone.
+#[derive(Default)]
+struct Requests {
+    queue: VecDeque<(Instant, Event)>,
+}
+
+/// How long a request signal may stay unanswered before the reader checks
+/// whether its thread holds it blocked (a served fault takes microseconds;
+/// the check reads `/proc`, so it is made only for requests this old).
+const RECHECK: Duration = Duration::from_secs(1);
+
+impl Requests {
+    fn note(&mut self, e: Event) {
+        self.queue.push_back((Instant::now(), e));
+    }
+
+    /// The requests sent at least [`RECHECK`] ago whose thread still holds
+    /// the request signal pending and blocked: their faults go to workers.
+    /// (A thread that blocked it after its fault was served is found too:
+    /// serving that page again and waking its address is harmless.)
+    fn held(&mut self) -> Vec<Event> {
+        let Ok(signo) = bigfile_fault::request_signal() else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let mut held = Vec::new();
+        while let Some(&(at, e)) = self.queue.front() {
+            if now.duration_since(at) < RECHECK {
+                break;
+            }
+            self.queue.pop_front();
+            if signal_held(e.tid, signo).unwrap_or(false) {
+                held.push(e);
+            }
+        }
+        held
+    }
+}
+
 static SERVICE: OnceLock<Result<UffdService, String>> = OnceLock::new();
 
 impl UffdService {
@@ -131,6 +174,7 @@ impl UffdService {
 
     fn read_loop(&'static self) {
         let mut events = Vec::new();
+        let mut sent = Requests::default();
         loop {
             let mut pfd = libc::pollfd {
                 fd: self.uffd.as_raw_fd(),
@@ -143,18 +187,24 @@ impl UffdService {
             for w in hostwait::overdue() {
                 self.give_up(&w);
             }
+            for e in sent.held() {
+                self.dispatch(e, None);
+            }
             events.clear();
             if let Err(e) = self.uffd.read_events(&mut events, 64) {
                 eprintln!("bigfile: reading the userfaultfd failed ({e}); faults of its mappings would hang: aborting");
                 std::process::abort();
             }
             for &e in &events {
-                self.dispatch(e);
+                self.dispatch(e, Some(&mut sent));
             }
         }
     }
 
-    fn dispatch(&'static self, e: Event) {
+    /// Hand event `e` on: to its thread (the request signal, noted in
+    /// `sent`) for a fault of user-mode code, else to a worker; always to a
+    /// worker when `sent` is `None` (a request its thread holds blocked).
+    fn dispatch(&'static self, e: Event, sent: Option<&mut Requests>) {
         let access = if e.write { Access::Write } else { Access::Read };
         let range = {
             // Looked up under the lock, kept only for a worker: a reference
@@ -174,11 +224,15 @@ impl UffdService {
                 let _ = self.uffd.wake(e.addr & !(ps - 1), ps);
                 return;
             };
-            if thread_mode(e.tid).is_ok_and(|m| m == ThreadMode::User) {
+            let user = thread_mode(e.tid).is_ok_and(|m| m == ThreadMode::User);
+            if let Some(sent) = sent.filter(|_| user) {
                 // Served by the thread itself, in the mapping's fault
                 // handler.
                 match bigfile_fault::send_request(e.tid, e.addr, access) {
-                    Ok(()) => return,
+                    Ok(()) => {
+                        sent.note(e);
+                        return;
+                    }
                     // The thread is gone: nothing waits.
                     Err(err) if err.raw_os_error() == Some(libc::ESRCH) => return,
                     // Not queued (EAGAIN: the user's queued signals are at
