@@ -99,10 +99,8 @@ mod tests {
         let tid = tidrx.recv().unwrap();
         assert!(!signal_held(tid, signo).unwrap());
         // SAFETY: a signal to our own thread, which blocks it.
-        assert_eq!(
-            unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, signo) },
-            0
-        );
+        let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, signo) };
+        assert_eq!(rc, 0);
         assert!(signal_held(tid, signo).unwrap());
         assert!(!signal_held(tid, signo + 1).unwrap());
         tx.send(()).unwrap();
