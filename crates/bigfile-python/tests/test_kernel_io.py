@@ -373,3 +373,32 @@ def test_a_system_call_holding_the_gil_fails_instead_of_hanging():
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:2] == ["write -1 EFAULT", f"then 1 {PS}"], r.stdout + r.stderr
     assert "host lock (Python's GIL)" in r.stderr and "block 1 of DataFile" in r.stderr
+
+
+def test_zbigarray_on_userfaultfd_is_saved_without_prefault(tmp_path):
+    """ZBigArray.fileh_open(fault_backend=) as BigFile.fileh_open: a ZODB
+    array on the userfaultfd backend goes to np.save with no page loaded."""
+    import transaction
+    import ZODB
+    import ZODB.FileStorage
+    from bigfile.bigarray.array_zodb import ZBigArray
+
+    uffd_ram()  # skipped (or failing, if required) where the backend is not had
+    db = ZODB.DB(ZODB.FileStorage.FileStorage(str(tmp_path / "data.fs")))
+    conn = db.open()
+    conn.root()["a"] = a = ZBigArray((3 * 512 * 1024,), np.uint64, blksize=2 << 20)
+    transaction.commit()
+    a[:] = np.arange(len(a), dtype=np.uint64)
+    transaction.commit()
+    first, conn = conn, db.open(transaction.TransactionManager())  # another connection: nothing loaded
+    first.close()
+    try:
+        a = conn.root()["a"]
+        fh = a.fileh_open(fault_backend="userfaultfd")
+        assert fh.ram_stats()["fault_backend"] == "userfaultfd"
+        np.save(tmp_path / "out.npy", a[:])
+        assert np.array_equal(np.load(tmp_path / "out.npy"), np.arange(len(a), dtype=np.uint64))
+    finally:
+        transaction.abort()
+        conn.close()
+        db.close()

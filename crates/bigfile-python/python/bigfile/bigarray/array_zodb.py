@@ -52,10 +52,12 @@ class ZBigArray(BigArray, Persistent):  # type: ignore[misc]  # persistent has n
     _p_deactivate = _never_ghost
     _p_invalidate = _invalidate_keeping_volatiles
 
-    def fileh_open(self, ram: Any = None, budget: Optional[int] = None) -> ZBigFileH:
-        """Open the handle this array's data is accessed through, with `ram`
-        and `budget` as for ``BigFile.fileh_open``; only before the first
-        access (which opens one with the defaults)."""
+    def fileh_open(
+        self, ram: Any = None, budget: Optional[int] = None, fault_backend: Optional[str] = None
+    ) -> ZBigFileH:
+        """Open the handle this array's data is accessed through, with `ram`,
+        `budget` and `fault_backend` as for ``BigFile.fileh_open``; only
+        before the first access (which opens one with the defaults)."""
         if self.__dict__.get("_v_fileh") is not None:
             raise ValueError("ZBigArray.fileh_open: the array's handle is already open")
         zfile = self.zfile
@@ -66,7 +68,7 @@ class ZBigArray(BigArray, Persistent):  # type: ignore[misc]  # persistent has n
                     "(conn.add(a), or store it under the root and commit)"
                 )
             self._p_jar.add(zfile)
-        fileh = self._v_fileh = zfile.fileh_open(ram=ram, budget=budget)
+        fileh = self._v_fileh = zfile.fileh_open(ram=ram, budget=budget, fault_backend=fault_backend)
         return fileh
 
     @property
