@@ -117,9 +117,7 @@ def test_a_zbigfile_refuses_to_load_in_a_forked_child(tmp_path):
         assert memoryview(vma)[0] == 0
 
         def child():
-            # One attempt: a Python loadblk error retried (and so dropped
-            # without the GIL) aborts the interpreter, fork or not (a bug of
-            # the bindings' retry path, reported apart).
+            # One attempt: the refusal is the answer, not worth retrying.
             fh._zfileh.set_load_policy(1)
             try:
                 vma.prefault(PS, 2 * PS)
