@@ -294,10 +294,8 @@ fn child() {
                 rlim_max: 0,
             };
             // SAFETY: setrlimit with a valid struct; this child is ours.
-            assert_eq!(
-                unsafe { libc::setrlimit(libc::RLIMIT_SIGPENDING, &none) },
-                0
-            );
+            let rc = unsafe { libc::setrlimit(libc::RLIMIT_SIGPENDING, &none) };
+            assert_eq!(rc, 0);
             let ok = (0..4)
                 .all(|b| peek(vma.as_ptr().wrapping_add(b * BLK)) == MemFile::initial(b as u64));
             println!("read: {}", if ok { "ok" } else { "wrong data" });
