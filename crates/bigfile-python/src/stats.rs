@@ -15,6 +15,7 @@ pub(crate) fn stats_dict(s: Stats) -> HashMap<&'static str, u64> {
         ("reclaims", s.reclaims),
         ("resident_pages", s.resident_pages),
         ("dirty_pages", s.dirty_pages),
+        ("streams", s.streams),
     ])
 }
 

@@ -48,6 +48,7 @@ mod source;
 mod state;
 mod stats;
 mod streak;
+mod stream;
 mod sys;
 mod uffd;
 mod vma;

@@ -38,7 +38,8 @@ pub(crate) struct PageRequest {
     pub(crate) vma: VmaId,
     pub(crate) blk: u64,
     pub(crate) access: Access,
-    /// In a mapping advised sequential, demote the block before
+    /// Note the request in its mapping's stream (sequential detection) and,
+    /// when the mapping is read sequentially, demote the block before
     /// (drop-behind): for a fault; for prefault only for the first block of
     /// its range, so it does not reclaim the pages it has just served.
     pub(crate) drop_behind: bool,
@@ -70,7 +71,13 @@ pub(crate) fn serve(
     };
     fh.shared.adapt_budget();
     let mut st = fh.shared.lock();
-    let sequential = st.drop_behind(fh.key, req.vma, req.blk, req.drop_behind);
+    let sequential = st.drop_behind(
+        fh.key,
+        req.vma,
+        req.blk,
+        req.drop_behind,
+        fh.shared.counters(),
+    );
     loop {
         st = match st.lookup(fh.key, req.blk) {
             None => load(fh, st, (req.blk, sequential), (access.as_ref(), pin), host)?,

@@ -15,11 +15,13 @@ use std::sync::Arc;
 use bigfile_ram::{PageMap, RamHandle};
 use slab::Slab;
 
+use crate::advice::Advice;
 use crate::budget::Budget;
 use crate::keys::{FileKey, PageKey, RamPage, Slot, VmaId, VmaKey};
 use crate::lru::Lru;
 use crate::pages::{Invalidation, LoadEnd, PageState, PageTable};
 use crate::stats::{CountPair, Counter, Counters};
+use crate::stream::Step;
 use crate::vmas::VmaState;
 use crate::waits::{Ticket, WaitGraph};
 
@@ -300,24 +302,49 @@ impl State {
             .collect()
     }
 
-    /// Drop-behind (ARCHITECTURE.md) for a mapping advised sequential: with
-    /// `demote`, a fault on block `blk` there makes the clean page of block
-    /// `blk - 1` (if resident) the first to be reclaimed. Returns whether the
-    /// mapping is advised sequential.
-    pub(crate) fn drop_behind(&mut self, fk: FileKey, vma: VmaId, blk: u64, demote: bool) -> bool {
-        let Some(v) = self.find_vma(fk, vma) else {
+    /// Drop-behind (ARCHITECTURE.md) for a fault on block `blk` in mapping
+    /// `vma`, when the mapping is read sequentially: advised so, or, under
+    /// `Advice::Normal`, its faults form a stream (sequential detection).
+    /// With `demote` (a fault, or prefault's first block) the fault is noted
+    /// in the mapping's stream (a stream that begins is counted), and the
+    /// clean page of block `blk - 1` (if resident) becomes the first to be
+    /// reclaimed. Returns whether the mapping is read sequentially.
+    pub(crate) fn drop_behind(
+        &mut self,
+        fk: FileKey,
+        vma: VmaId,
+        blk: u64,
+        demote: bool,
+        rc: &Counters,
+    ) -> bool {
+        let h = &mut self.handles[fk.0];
+        let Some(v) = h.vmas.get_mut(vma.key.0).filter(|v| v.start() == vma.start) else {
             return false;
         };
-        if v.advice() != crate::advice::Advice::Sequential {
-            return false;
-        }
-        if demote && blk > v.pgoffset() {
+        let sequential = match v.advice() {
+            Advice::Sequential => true,
+            Advice::Random => false,
+            Advice::Normal if demote => match v.stream_mut().note(blk) {
+                Step::Random => false,
+                Step::Began => {
+                    let counts = CountPair {
+                        fileh: &h.counters,
+                        ram: rc,
+                    };
+                    counts.add(Counter::Streams, 1);
+                    true
+                }
+                Step::Continues => true,
+            },
+            Advice::Normal => v.stream().is_sequential(),
+        };
+        if sequential && demote && blk > v.pgoffset() {
             if let Some(pk) = self.lookup(fk, blk - 1) {
                 // Only clean pages are on the LRU list: a dirty one stays put.
                 self.lru.demote(pk);
             }
         }
-        true
+        sequential
     }
 
     // --- the loading protocol ---
@@ -518,7 +545,6 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::advice::Advice;
 
     const PS: usize = 4096;
 
@@ -664,19 +690,48 @@ mod tests {
         let a = f.resident(10, 0);
         let b = f.resident(11, 1);
         let id = f.vma_id();
-        assert!(!f.st.drop_behind(f.fk, id, 12, true), "not advised");
+        assert!(!f.st.drop_behind(f.fk, id, 13, true, &f.rc), "not advised");
         assert_eq!(f.st.lru().oldest(), Some(a));
         f.st.vma_mut(f.fk, f.vk).set_advice(Advice::Sequential);
-        assert!(f.st.drop_behind(f.fk, id, 12, true));
+        assert!(f.st.drop_behind(f.fk, id, 12, true, &f.rc));
         assert_eq!(f.st.lru().oldest(), Some(b));
         let gone = VmaId {
             key: f.vk,
             start: 1,
         };
         assert!(
-            !f.st.drop_behind(f.fk, gone, 11, true),
+            !f.st.drop_behind(f.fk, gone, 11, true, &f.rc),
             "another mapping now"
         );
+        assert_eq!(f.fh.snapshot().streams, 0, "advised: no stream detected");
+    }
+
+    #[test]
+    fn a_stream_detected_under_normal_advice_drops_behind_until_it_stops() {
+        let mut f = fixture();
+        let a = f.resident(10, 0);
+        let b = f.resident(11, 1);
+        let id = f.vma_id();
+        assert!(
+            !f.st.drop_behind(f.fk, id, 13, true, &f.rc),
+            "a first fault"
+        );
+        assert!(!f.st.drop_behind(f.fk, id, 11, true, &f.rc), "backward");
+        assert_eq!(f.st.lru().oldest(), Some(a), "nothing demoted");
+        assert!(f.st.drop_behind(f.fk, id, 12, true, &f.rc), "right after");
+        assert_eq!(f.st.lru().oldest(), Some(b), "block 11 dropped behind");
+        assert!(f.st.drop_behind(f.fk, id, 12, false, &f.rc), "not noted");
+        assert!(f.st.drop_behind(f.fk, id, 13, true, &f.rc));
+        assert!(!f.st.drop_behind(f.fk, id, 10, true, &f.rc), "a jump");
+        assert_eq!((f.fh.snapshot().streams, f.rc.snapshot().streams), (1, 1));
+        // Random advice turns detection off.
+        f.st.vma_mut(f.fk, f.vk).set_advice(Advice::Random);
+        f.st.touch(a);
+        f.st.touch(b);
+        assert!(!f.st.drop_behind(f.fk, id, 11, true, &f.rc));
+        assert!(!f.st.drop_behind(f.fk, id, 12, true, &f.rc));
+        assert_eq!(f.st.lru().oldest(), Some(a), "nothing demoted");
+        assert_eq!(f.fh.snapshot().streams, 1);
     }
 
     #[test]

@@ -21,6 +21,11 @@ pub struct Stats {
     pub resident_pages: u64,
     /// Dirty pages now.
     pub dirty_pages: u64,
+    /// Sequential streams detected: how many times a mapping under
+    /// [`Advice::Normal`](crate::Advice::Normal) took a fault on the block
+    /// right after the one it faulted on before, after a fault that was not
+    /// so (sequential detection, see ARCHITECTURE.md).
+    pub streams: u64,
 }
 
 #[derive(Debug, Default)]
@@ -32,6 +37,7 @@ pub(crate) struct Counters {
     reclaims: AtomicU64,
     resident_pages: AtomicU64,
     dirty_pages: AtomicU64,
+    streams: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +49,7 @@ pub(crate) enum Counter {
     Reclaims,
     Resident,
     Dirty,
+    Streams,
 }
 
 impl Counters {
@@ -55,6 +62,7 @@ impl Counters {
             Counter::Reclaims => &self.reclaims,
             Counter::Resident => &self.resident_pages,
             Counter::Dirty => &self.dirty_pages,
+            Counter::Streams => &self.streams,
         }
     }
 
@@ -82,6 +90,7 @@ impl Counters {
             reclaims: self.reclaims.load(Relaxed),
             resident_pages: self.resident_pages.load(Relaxed),
             dirty_pages: self.dirty_pages.load(Relaxed),
+            streams: self.streams.load(Relaxed),
         }
     }
 }
