@@ -195,7 +195,8 @@ impl PyBigFileH {
     }
 
     /// This handle's counters: faults, loads, load_errors, stores,
-    /// reclaims, resident_pages, dirty_pages.
+    /// reclaims, resident_pages, dirty_pages, streams, readahead_loads,
+    /// readahead_hits, readahead_wasted.
     fn stats(&self) -> PyResult<HashMap<&'static str, u64>> {
         Ok(stats_dict(self.get()?.stats()))
     }

@@ -16,6 +16,9 @@ pub(crate) fn stats_dict(s: Stats) -> HashMap<&'static str, u64> {
         ("resident_pages", s.resident_pages),
         ("dirty_pages", s.dirty_pages),
         ("streams", s.streams),
+        ("readahead_loads", s.readahead_loads),
+        ("readahead_hits", s.readahead_hits),
+        ("readahead_wasted", s.readahead_wasted),
     ])
 }
 

@@ -41,6 +41,7 @@ mod memlimit;
 mod pages;
 mod poison;
 mod ram;
+mod readahead;
 mod reclaim;
 mod serve;
 mod shared;

@@ -25,6 +25,7 @@ use crate::host::HostLease;
 use crate::keys::{FileKey, PageKey, RamPage, VmaId};
 use crate::mapper::{Deferred, MapError, Mapper};
 use crate::pages::{LoadEnd, PageState};
+use crate::readahead;
 use crate::reclaim::{make_room, reclaim_one, Room};
 use crate::shared::Guard;
 use crate::state::Unmap;
@@ -78,6 +79,13 @@ pub(crate) fn serve(
         req.drop_behind,
         fh.shared.counters(),
     );
+    // Read-ahead runs native loaders only (see readahead.rs).
+    let ahead = (req.drop_behind && sequential && !fh.needs_host)
+        .then(|| {
+            let max = readahead::max_window(fh.shared.budget_pages());
+            st.read_ahead_range(fh.key, req.vma, req.blk, max)
+        })
+        .flatten();
     loop {
         st = match st.lookup(fh.key, req.blk) {
             None => load(fh, st, (req.blk, sequential), (access.as_ref(), pin), host)?,
@@ -90,6 +98,9 @@ pub(crate) fn serve(
                     None => {
                         if let Some(a) = &access {
                             a.served(fh.key, req.blk);
+                        }
+                        if let Some(blocks) = ahead {
+                            readahead::issue(fh, req.vma, req.blk, blocks);
                         }
                         return Ok(());
                     }
@@ -250,7 +261,10 @@ fn wait_for_load<'a>(
         })
     })?;
     match ticket.outcome() {
-        Some(Err(failure)) => Err(Failure::Waited(Box::new(failure.clone()))),
+        // A read-ahead's failure is no one's: the next round loads afresh.
+        Some(Err(failure)) if !ticket.is_read_ahead() => {
+            Err(Failure::Waited(Box::new(failure.clone())))
+        }
         _ => Ok(st),
     }
 }
@@ -308,6 +322,7 @@ fn map_page<'a>(
             MapError::Uffd(op, source) => Failure::Os { op, source },
         })?;
     st.touch(pk);
+    st.reached(pk, shared.counters());
     drop(st);
     if let Some(addr) = fresh.filter(|_| !fh.ramh.is_huge(ram_page.0)) {
         // Populated now rather than by a minor fault per OS page on the
@@ -356,7 +371,7 @@ fn wait_out_writeout<'a>(
 }
 
 /// Why [`fill_page`] failed.
-enum LoadFailure {
+pub(crate) enum LoadFailure {
     Failed(Failure),
     /// `loadblk` panicked: the caller cleans up, then resumes the unwinding.
     Panicked(Box<dyn Any + Send>),
@@ -366,7 +381,7 @@ enum LoadFailure {
 /// `blk`. Runs without the RAM lock. On failure (a panic included: a page
 /// left LOADING would hang its waiters) returns the RAM page, if one was
 /// had, for the caller to give back.
-fn fill_page(
+pub(crate) fn fill_page(
     fh: &FileHInner,
     blk: u64,
     recycled: Option<RamPage>,

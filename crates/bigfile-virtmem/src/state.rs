@@ -9,6 +9,7 @@
 //! `storeblk` never run while the mutex is held.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -21,7 +22,7 @@ use crate::keys::{FileKey, PageKey, RamPage, Slot, VmaId, VmaKey};
 use crate::lru::Lru;
 use crate::pages::{Invalidation, LoadEnd, PageState, PageTable};
 use crate::stats::{CountPair, Counter, Counters};
-use crate::stream::Step;
+use crate::stream::{Step, Stream};
 use crate::vmas::VmaState;
 use crate::waits::{Ticket, WaitGraph};
 
@@ -306,9 +307,11 @@ impl State {
     /// `vma`, when the mapping is read sequentially: advised so, or, under
     /// `Advice::Normal`, its faults form a stream (sequential detection).
     /// With `demote` (a fault, or prefault's first block) the fault is noted
-    /// in the mapping's stream (a stream that begins is counted), and the
-    /// clean page of block `blk - 1` (if resident) becomes the first to be
-    /// reclaimed. Returns whether the mapping is read sequentially.
+    /// in the mapping's stream (a stream that begins is counted; read-ahead
+    /// pages it passed are reached; those of a stream that stops are
+    /// demoted, to be reclaimed first), and the clean page of block
+    /// `blk - 1` (if resident) becomes the first to be reclaimed. Returns
+    /// whether the mapping is read sequentially.
     pub(crate) fn drop_behind(
         &mut self,
         fk: FileKey,
@@ -321,30 +324,107 @@ impl State {
         let Some(v) = h.vmas.get_mut(vma.key.0).filter(|v| v.start() == vma.start) else {
             return false;
         };
-        let sequential = match v.advice() {
-            Advice::Sequential => true,
-            Advice::Random => false,
-            Advice::Normal if demote => match v.stream_mut().note(blk) {
-                Step::Random => false,
-                Step::Began => {
-                    let counts = CountPair {
-                        fileh: &h.counters,
-                        ram: rc,
-                    };
-                    counts.add(Counter::Streams, 1);
-                    true
-                }
-                Step::Continues => true,
-            },
-            Advice::Normal => v.stream().is_sequential(),
+        let advice = v.advice();
+        if !demote || advice == Advice::Random {
+            return match advice {
+                Advice::Sequential => true,
+                Advice::Random => false,
+                Advice::Normal => v.stream().is_sequential(),
+            };
+        }
+        let (prev, pending) = (v.stream().last(), v.stream().pending());
+        let step = v.stream_mut().note(blk);
+        let pgoffset = v.pgoffset();
+        let counts = CountPair {
+            fileh: &h.counters,
+            ram: rc,
         };
-        if sequential && demote && blk > v.pgoffset() {
+        if step == Step::Began && advice == Advice::Normal {
+            counts.add(Counter::Streams, 1);
+        }
+        let sequential = advice == Advice::Sequential || step != Step::Random;
+        if step == Step::Random {
+            // The stream stopped: what it read ahead goes first.
+            for b in pending {
+                if let Some(pk) = self
+                    .lookup(fk, b)
+                    .filter(|&pk| self.pages.get(pk).is_ahead())
+                {
+                    self.lru.demote(pk);
+                }
+            }
+        } else if let Some(prev) = prev.filter(|&p| p < blk) {
+            // Passed without a fault: read ahead and mapped.
+            for b in prev + 1..blk {
+                if let Some(pk) = self.lookup(fk, b) {
+                    self.reached(pk, rc);
+                }
+            }
+        }
+        if sequential && blk > pgoffset {
             if let Some(pk) = self.lookup(fk, blk - 1) {
                 // Only clean pages are on the LRU list: a dirty one stays put.
                 self.lru.demote(pk);
             }
         }
         sequential
+    }
+
+    /// Page `pk` is reached (by a fault, or passed by its stream): if
+    /// read-ahead loaded it, that is a hit.
+    pub(crate) fn reached(&mut self, pk: PageKey, rc: &Counters) {
+        if self.pages.set_ahead(pk, false) {
+            let fk = self.pages.get(pk).fileh();
+            self.counts(fk, rc).add(Counter::ReadAheadHits, 1);
+        }
+    }
+
+    /// The blocks to read ahead of a fault on block `blk` in mapping `vma`
+    /// (read sequentially), at most `max` (inside the mapping; those already
+    /// read ahead are not asked again: the range may be empty). `None` for
+    /// no read-ahead: a mapping advised random, not (or no longer) read
+    /// sequentially, or a budget too small for a window.
+    pub(crate) fn read_ahead_range(
+        &mut self,
+        fk: FileKey,
+        vma: VmaId,
+        blk: u64,
+        max: u64,
+    ) -> Option<Range<u64>> {
+        let v = self.handles[fk.0]
+            .vmas
+            .get_mut(vma.key.0)
+            .filter(|v| v.start() == vma.start)?;
+        let advised = match v.advice() {
+            Advice::Sequential => true,
+            Advice::Random => return None,
+            Advice::Normal => false,
+        };
+        let window = v.stream().window(advised, max);
+        if window == 0 {
+            return None;
+        }
+        let end = v.pgoffset() + v.range().1 as u64;
+        let r = v.stream_mut().read_ahead(blk, window);
+        Some(r.start.min(end)..r.end.min(end))
+    }
+
+    /// The stream of mapping `vma` of `fk`, unless the mapping is gone.
+    pub(crate) fn stream(&self, fk: FileKey, vma: VmaId) -> Option<&Stream> {
+        self.find_vma(fk, vma).map(|v| v.stream())
+    }
+
+    /// The read-ahead load of `pk` ended LOADED: counted, marked not
+    /// reached yet.
+    pub(crate) fn loaded_ahead(&mut self, pk: PageKey, rc: &Counters) {
+        self.pages.set_ahead(pk, true);
+        let fk = self.pages.get(pk).fileh();
+        self.counts(fk, rc).add(Counter::ReadAheadLoads, 1);
+    }
+
+    /// Make clean page `pk` the first to be reclaimed.
+    pub(crate) fn demote(&mut self, pk: PageKey) {
+        self.lru.demote(pk);
     }
 
     // --- the loading protocol ---
@@ -437,6 +517,9 @@ impl State {
         }
         if page.ram_page().is_some() {
             counts.sub(Counter::Resident, 1);
+        }
+        if page.is_ahead() {
+            counts.add(Counter::ReadAheadWasted, 1);
         }
         let ps = h.ramh.page_size();
         for (vk, v) in h.vmas.iter_mut() {

@@ -1,14 +1,26 @@
 //! Sequential detection: whether a mapping's faults form a forward scan
-//! (a stream), as the kernel's read-ahead tells one for a file. The policy
-//! is described in ARCHITECTURE.md ("Sequential detection").
+//! (a stream), as the kernel's read-ahead tells one for a file, and the
+//! stream's read-ahead window. The policies are described in
+//! ARCHITECTURE.md ("Sequential detection", "Read-ahead").
 
-/// A mapping's faults seen as a stream: the block of its last fault and
-/// how many faults in a row came each on the block right after the one
-/// before.
+use std::ops::Range;
+
+/// The largest read-ahead window, in blocks (never more than a quarter of
+/// the budget).
+pub(crate) const MAX_WINDOW: u64 = 8;
+
+/// A mapping's faults seen as a stream: the block of its last fault, how
+/// many faults in a row continued it, and how far it was read ahead.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Stream {
     last: Option<u64>,
     run: u64,
+    /// Blocks below this were read ahead (issued).
+    ahead: u64,
+    /// The block where the stream's next fault is expected: read-ahead
+    /// pages below it are mapped when loaded (the stream's accesses to them
+    /// take no fault); the fault on it reads further ahead.
+    trigger: u64,
 }
 
 /// What a fault made of its mapping's stream.
@@ -24,7 +36,10 @@ pub(crate) enum Step {
 }
 
 impl Stream {
-    /// A fault on block `blk`: what it makes of the stream.
+    /// A fault on block `blk`: what it makes of the stream. It continues
+    /// the stream when it comes on the block right after the last fault, or
+    /// (the pages between mapped by read-ahead, so touched without a fault)
+    /// anywhere up to the trigger.
     pub(crate) fn note(&mut self, blk: u64) -> Step {
         let prev = self.last.replace(blk);
         if prev == Some(blk) {
@@ -34,21 +49,66 @@ impl Stream {
                 Step::Random
             };
         }
-        if prev.and_then(|p| p.checked_add(1)) == Some(blk) {
-            self.run += 1;
-            return if self.run == 1 {
-                Step::Began
-            } else {
-                Step::Continues
-            };
+        if let Some(next) = prev.and_then(|p| p.checked_add(1)) {
+            if blk >= next && blk <= next.max(self.trigger) {
+                self.run += 1;
+                return if self.run == 1 {
+                    Step::Began
+                } else {
+                    Step::Continues
+                };
+            }
         }
         self.run = 0;
+        self.ahead = 0;
+        self.trigger = 0;
         Step::Random
+    }
+
+    /// The block of the last fault noted.
+    pub(crate) fn last(&self) -> Option<u64> {
+        self.last
     }
 
     /// Whether the faults so far form a stream.
     pub(crate) fn is_sequential(&self) -> bool {
         self.run > 0
+    }
+
+    /// The blocks read ahead and not yet passed by a fault: after the last
+    /// fault, below the read-ahead end.
+    pub(crate) fn pending(&self) -> Range<u64> {
+        self.last.map_or(0, |l| l.saturating_add(1))..self.ahead
+    }
+
+    /// The read-ahead window after the stream's faults so far, at most
+    /// `max` blocks: 1, 2, 4 ... as it goes on; `max` at once with
+    /// `advised` (a mapping advised sequential).
+    pub(crate) fn window(&self, advised: bool, max: u64) -> u64 {
+        if advised {
+            return max;
+        }
+        match self.run {
+            0 => 0,
+            run => (1u64 << (run - 1).min(MAX_WINDOW.ilog2() as u64)).min(max),
+        }
+    }
+
+    /// Read `window` blocks ahead of a fault on `blk`: the blocks not read
+    /// ahead yet among them; the trigger moves half a window on (at least
+    /// one block).
+    pub(crate) fn read_ahead(&mut self, blk: u64, window: u64) -> Range<u64> {
+        let end = blk.saturating_add(window).saturating_add(1);
+        let start = blk.saturating_add(1).max(self.ahead).min(end);
+        self.ahead = self.ahead.max(end);
+        self.trigger = blk.saturating_add((window / 2).max(1));
+        start..end
+    }
+
+    /// Whether a read-ahead page of block `blk`, once loaded, is mapped in
+    /// the stream's mapping: below the trigger (and not passed yet).
+    pub(crate) fn maps_ahead(&self, blk: u64) -> bool {
+        self.is_sequential() && self.last.is_some_and(|l| blk > l) && blk < self.trigger
     }
 }
 
@@ -81,6 +141,35 @@ mod tests {
         assert_eq!(s.note(10), Random, "a jump ends it");
         assert!(!s.is_sequential());
         assert_eq!(s.note(11), Began, "and a new one may begin there");
+    }
+
+    #[test]
+    fn the_window_grows_to_its_maximum_and_opens_at_once_when_advised() {
+        let mut s = Stream::default();
+        let mut windows = Vec::new();
+        for blk in 0..7 {
+            s.note(blk);
+            windows.push(s.window(false, MAX_WINDOW));
+        }
+        assert_eq!(windows, [0, 1, 2, 4, 8, 8, 8]);
+        assert_eq!(s.window(false, 3), 3, "never more than the maximum given");
+        assert_eq!(Stream::default().window(true, 5), 5);
+    }
+
+    #[test]
+    fn read_ahead_tops_up_the_window_and_faults_up_to_the_trigger_continue() {
+        let mut s = Stream::default();
+        s.note(10);
+        s.note(11);
+        assert_eq!(s.read_ahead(11, 8), 12..20);
+        assert_eq!(s.pending(), 12..20);
+        assert!(s.maps_ahead(14) && !s.maps_ahead(15) && !s.maps_ahead(11));
+        // The stream's accesses to 12..15 took no fault: the next is on 15.
+        assert_eq!(s.note(15), Step::Continues);
+        assert_eq!(s.read_ahead(15, 8), 20..24, "only what is new");
+        assert_eq!(s.pending(), 16..24);
+        assert_eq!(s.note(30), Step::Random, "beyond the trigger: a jump");
+        assert!(s.pending().is_empty(), "nothing pending once stopped");
     }
 
     #[test]

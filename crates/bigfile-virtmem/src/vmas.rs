@@ -103,6 +103,7 @@ impl VmaState {
     pub(crate) fn forget_pages(&mut self) {
         self.mapped.fill(false);
         self.unmapping.fill(false);
+        self.stream = Stream::default();
     }
 
     /// The first address and the number of pages of the mapping.

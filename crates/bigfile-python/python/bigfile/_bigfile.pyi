@@ -11,7 +11,7 @@ _T = TypeVar("_T")
 WRITEOUT_STORE: Final[int]
 WRITEOUT_MARKSTORED: Final[int]
 
-_StatsKey = Literal["faults", "loads", "load_errors", "stores", "reclaims", "resident_pages", "dirty_pages", "streams"]
+_StatsKey = Literal["faults", "loads", "load_errors", "stores", "reclaims", "resident_pages", "dirty_pages", "streams", "readahead_loads", "readahead_hits", "readahead_wasted"]
 _FaultBackend = Literal["signals", "userfaultfd"]
 
 class _RamStats(TypedDict):
@@ -23,6 +23,9 @@ class _RamStats(TypedDict):
     resident_pages: int
     dirty_pages: int
     streams: int
+    readahead_loads: int
+    readahead_hits: int
+    readahead_wasted: int
     budget: int
     resident_bytes: int
     fault_backend: _FaultBackend
