@@ -6,37 +6,16 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bigfile::virtmem::{Advice, BigFile, BlockError, FileH, PageState, Vma, WriteoutFlags};
+use bigfile::virtmem::{Advice, FileH, PageState, Vma, WriteoutFlags};
 
 use crate::common::{ram, MemFile, BLK};
 
-/// The test kit's memory file as a native loader: read-ahead runs it on its
-/// workers.
-struct Native(Arc<MemFile>);
-
-impl BigFile for Native {
-    fn blksize(&self) -> usize {
-        self.0.blksize()
-    }
-    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        self.0.load(blk, buf)
-    }
-    fn storeblk(&self, blk: u64, buf: &[u8]) -> Result<(), BlockError> {
-        self.0.store(blk, buf)
-    }
-    fn name(&self) -> String {
-        self.0.name().to_owned()
-    }
-    fn needs_host_lock(&self) -> bool {
-        false
-    }
-}
-
-/// A memory file (native loader), a RAM of `budget` pages and a handle.
+/// A memory file (a native loader: read-ahead runs it on its workers), a
+/// RAM of `budget` pages and a handle.
 fn native(budget: u64) -> (Arc<MemFile>, bigfile::virtmem::Ram, FileH) {
-    let file = Arc::new(MemFile::new(BLK));
+    let file = Arc::new(MemFile::new(BLK).native());
     let ram = ram(budget);
-    let fh = FileH::open(Arc::new(Native(file.clone())), Some(&ram)).unwrap();
+    let fh = FileH::open(file.clone(), Some(&ram)).unwrap();
     (file, ram, fh)
 }
 
@@ -235,7 +214,7 @@ fn read_ahead_races_with_invalidate_discard_writeout_and_close() {
                 _ => fh.dirty_discard().unwrap(),
             }
             // A handle of its own, closed with its read-ahead in flight.
-            let other = FileH::open(Arc::new(Native(file.clone())), Some(&ram)).unwrap();
+            let other = FileH::open(file.clone(), Some(&ram)).unwrap();
             let vma = other.mmap(0, 16).unwrap();
             vma.advise(Advice::Sequential);
             read_block(&vma, 0, 0);

@@ -115,9 +115,6 @@ pub(crate) fn issue(fh: &FileHInner, vma: VmaId, blk: u64, blocks: Range<u64>) {
         return;
     };
     let shared = &*fh.shared;
-    let rc = shared.counters();
-    let budget = shared.budget_pages();
-    let recycle = !Mapper::of(shared).pages_in_place();
     let mut deferred = Deferred::default();
     let mut jobs = Vec::new();
     let mut st = shared.lock();
@@ -125,26 +122,11 @@ pub(crate) fn issue(fh: &FileHInner, vma: VmaId, blk: u64, blocks: Range<u64>) {
         if st.lookup(fh.key, b).is_some() {
             continue;
         }
-        if st.budget().is_full(budget) && !passed_oldest(&st, fh, vma, blk) {
-            // Never waits for room, never takes a page but the stream's own.
-            break;
-        }
-        let Some(worker) = pick_worker(&st) else {
+        let Some((worker, recycled)) = room_for(&mut st, fh, (vma, blk), &mut deferred) else {
+            // Asked again at the stream's next fault.
+            st.cut_read_ahead(fh.key, vma, b);
             break;
         };
-        let mut recycled = None;
-        if st.budget().is_full(budget) {
-            let Some(d) = st.reclaim_oldest(rc, Unmap::Deferred, deferred.slots()) else {
-                break;
-            };
-            if let Some(rp) = d.ram_page {
-                if recycle {
-                    recycled = Some(rp);
-                } else {
-                    release(shared, &mut deferred, fh.ramh.clone(), rp);
-                }
-            }
-        }
         let ticket = Ticket::read_ahead_by(worker.id);
         let pk = st.begin_load(fh.key, b, ticket.clone());
         let job = Job {
@@ -176,6 +158,38 @@ pub(crate) fn issue(fh: &FileHInner, vma: VmaId, blk: u64, blocks: Range<u64>) {
         }
     }
     drop(me);
+}
+
+/// Room for one read-ahead page and the worker to load it: free room in
+/// the budget, or the least recently used clean page if the stream of
+/// `vma` has passed it (reclaimed: its RAM page to reuse, or released,
+/// once `deferred` is finished). `None` when there is neither (read-ahead
+/// never waits for room), or no worker.
+fn room_for(
+    st: &mut Guard<'_>,
+    fh: &FileHInner,
+    (vma, blk): (VmaId, u64),
+    deferred: &mut Deferred,
+) -> Option<(Worker, Option<RamPage>)> {
+    let shared = &*fh.shared;
+    let full = st.budget().is_full(shared.budget_pages());
+    if full && !passed_oldest(st, fh, vma, blk) {
+        return None;
+    }
+    let worker = pick_worker(st)?;
+    if !full {
+        return Some((worker, None));
+    }
+    let d = st.reclaim_oldest(shared.counters(), Unmap::Deferred, deferred.slots())?;
+    let recycled = d.ram_page.and_then(|rp| {
+        if Mapper::of(shared).pages_in_place() {
+            release(shared, deferred, fh.ramh.clone(), rp);
+            None
+        } else {
+            Some(rp)
+        }
+    });
+    Some((worker, recycled))
 }
 
 /// Whether the least recently used clean page is one the stream of `vma`

@@ -409,6 +409,17 @@ impl State {
         Some(r.start.min(end)..r.end.min(end))
     }
 
+    /// Read-ahead in mapping `vma` stopped short of block `at`.
+    pub(crate) fn cut_read_ahead(&mut self, fk: FileKey, vma: VmaId, at: u64) {
+        if let Some(v) = self.handles[fk.0]
+            .vmas
+            .get_mut(vma.key.0)
+            .filter(|v| v.start() == vma.start)
+        {
+            v.stream_mut().cut_ahead(at);
+        }
+    }
+
     /// The stream of mapping `vma` of `fk`, unless the mapping is gone.
     pub(crate) fn stream(&self, fk: FileKey, vma: VmaId) -> Option<&Stream> {
         self.find_vma(fk, vma).map(|v| v.stream())

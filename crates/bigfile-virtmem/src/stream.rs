@@ -105,6 +105,12 @@ impl Stream {
         start..end
     }
 
+    /// Read-ahead stopped short of block `at` (no room, no worker): the
+    /// blocks from there on are asked again at the stream's next fault.
+    pub(crate) fn cut_ahead(&mut self, at: u64) {
+        self.ahead = self.ahead.min(at);
+    }
+
     /// Whether a read-ahead page of block `blk`, once loaded, is mapped in
     /// the stream's mapping: below the trigger (and not passed yet).
     pub(crate) fn maps_ahead(&self, blk: u64) -> bool {
@@ -168,6 +174,9 @@ mod tests {
         assert_eq!(s.note(15), Step::Continues);
         assert_eq!(s.read_ahead(15, 8), 20..24, "only what is new");
         assert_eq!(s.pending(), 16..24);
+        s.cut_ahead(22);
+        assert_eq!(s.pending(), 16..22, "22 and 23 not read ahead after all");
+        assert_eq!(s.read_ahead(15, 8), 22..24, "asked again");
         assert_eq!(s.note(30), Step::Random, "beyond the trigger: a jump");
         assert!(s.pending().is_empty(), "nothing pending once stopped");
     }
