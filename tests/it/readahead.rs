@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bigfile::virtmem::{Advice, FileH, PageState, Vma, WriteoutFlags};
+use bigfile::virtmem::{Advice, FileH, Vma, WriteoutFlags};
+
+use bigfile_testkit::loads::settle;
 
 use crate::common::{ram, MemFile, BLK};
 
@@ -28,24 +30,6 @@ fn read_block(vma: &Vma, idx: usize, blk: u64) {
         buf.iter().all(|&b| b == MemFile::initial(blk)),
         "block {blk} read wrong data"
     );
-}
-
-/// Wait until no block of `blocks` is loading (the workers are done).
-/// Bounded only so a bug shows as a failure rather than a hung run.
-fn settle(fh: &FileH, blocks: std::ops::Range<u64>) {
-    let start = Instant::now();
-    while blocks.clone().any(|b| {
-        matches!(
-            fh.page_state(b),
-            Some(PageState::Loading | PageState::LoadingInvalidated)
-        )
-    }) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "read-ahead hangs"
-        );
-        thread::sleep(Duration::from_millis(1));
-    }
 }
 
 fn resident(fh: &FileH, blocks: std::ops::Range<u64>) -> Vec<u64> {

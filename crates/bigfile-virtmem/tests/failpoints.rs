@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bigfile_testkit::loads::settle;
 use bigfile_testkit::memory::{access_at, prot_at, PageAccess};
 use bigfile_testkit::MemFile;
 use bigfile_virtmem::{Error, FaultBackend, FileH, PageState, Ram, Vma, WriteoutFlags};
@@ -255,23 +256,6 @@ fn read_ahead_failing_at_3(
     (file, ram, fh, vma)
 }
 
-/// Wait until no page of blocks 0..16 of `fh` is loading.
-fn settle(fh: &FileH) {
-    let start = std::time::Instant::now();
-    while (0..16).any(|b| {
-        matches!(
-            fh.page_state(b),
-            Some(PageState::Loading | PageState::LoadingInvalidated)
-        )
-    }) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "read-ahead hangs"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 /// A read-ahead load that fails is forgotten: the fault that waited for it
 /// loads the block again itself, and succeeds.
 #[test]
@@ -280,7 +264,7 @@ fn a_failing_read_ahead_is_forgotten_and_the_fault_loads_again() {
     let (file, _ram, fh, vma) =
         read_ahead_failing_at_3(|worker| worker.then_some("read-ahead failure"));
     assert_eq!(read(&vma, 3 * BLK), 4, "loaded again by the fault");
-    settle(&fh);
+    settle(&fh, 0..16);
     fail::remove("virtmem::wait");
     let loads_of_3 = file
         .take_calls()
@@ -311,7 +295,7 @@ fn a_fault_after_a_failed_read_ahead_reports_its_own_failure() {
     let err = vma
         .prefault(3 * BLK..4 * BLK, bigfile_virtmem::Access::Read)
         .unwrap_err();
-    settle(&fh);
+    settle(&fh, 0..16);
     fail::remove("virtmem::wait");
     let Error::Load { blk: 3, source, .. } = &err else {
         panic!("{err:?}");
