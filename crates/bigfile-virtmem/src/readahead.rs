@@ -18,13 +18,13 @@ use std::thread::{self, ThreadId};
 
 use bigfile_os::Prot;
 
+use crate::failure::Failure;
 use crate::fork_generation;
 use crate::handle::FileHInner;
 use crate::keys::{PageKey, RamPage, VmaId};
 use crate::mapper::{Deferred, Mapper};
 use crate::pages::{LoadEnd, PageState};
 use crate::reclaim::release;
-use crate::serve::{fill_page, LoadFailure};
 use crate::shared::Guard;
 use crate::state::Unmap;
 use crate::stream::MAX_WINDOW;
@@ -33,11 +33,11 @@ use crate::waits::Ticket;
 /// At most this many workers, however many cores.
 const MAX_WORKERS: usize = 4;
 
-/// The read-ahead window's largest size under a budget of `budget_pages`:
-/// [`MAX_WINDOW`], never more than a quarter of the budget.
-pub(crate) fn max_window(budget_pages: u64) -> u64 {
-    MAX_WINDOW.min(budget_pages / 4)
-}
+/// How a worker fills a page (`serve.rs`'s `fill_page`, handed in by the
+/// fault path): the RAM page filled, or the failure with the RAM page (if
+/// one was had) to give back.
+pub(crate) type Fill =
+    fn(&FileHInner, u64, Option<RamPage>) -> Result<RamPage, (Option<RamPage>, Failure)>;
 
 /// One block to load ahead: its page is LOADING under `ticket`, charged
 /// to the budget; `recycled` is the RAM page reclaimed for it, if any.
@@ -48,6 +48,7 @@ struct Job {
     pk: PageKey,
     ticket: Arc<Ticket>,
     recycled: Option<RamPage>,
+    fill: Fill,
 }
 
 #[derive(Clone)]
@@ -109,8 +110,9 @@ fn work(inbox: Receiver<Job>) {
 /// loading `blocks` (those not resident), as far as the budget has room
 /// or a page the stream has passed can be reclaimed; map the read-ahead
 /// pages loaded meanwhile that the stream's accesses reach before its next
-/// fault. Called after the fault was served, without the RAM lock.
-pub(crate) fn issue(fh: &FileHInner, vma: VmaId, blk: u64, blocks: Range<u64>) {
+/// fault. The workers fill pages with `fill`. Called after the fault was
+/// served, without the RAM lock.
+pub(crate) fn issue(fh: &FileHInner, (vma, blk): (VmaId, u64), blocks: Range<u64>, fill: Fill) {
     let Some(me) = fh.me.get().and_then(|w| w.upgrade()) else {
         return;
     };
@@ -136,6 +138,7 @@ pub(crate) fn issue(fh: &FileHInner, vma: VmaId, blk: u64, blocks: Range<u64>) {
             pk,
             ticket,
             recycled,
+            fill,
         };
         jobs.push((worker, job));
     }
@@ -240,7 +243,7 @@ fn run(job: Job) {
     let loaded = if dropped {
         Err((job.recycled, None))
     } else {
-        fill_page(fh, job.blk, job.recycled).map_err(|(rp, f)| (rp, Some(f)))
+        (job.fill)(fh, job.blk, job.recycled).map_err(|(rp, f)| (rp, Some(f)))
     };
     let mut st = shared.lock();
     if fork_generation::generation() != forks {
@@ -273,11 +276,7 @@ fn run(job: Job) {
             if let Some(rp) = rp {
                 mapper.release(&fh.ramh, rp);
             }
-            job.ticket.finish(match failure {
-                None => Ok(()),
-                Some(LoadFailure::Failed(f)) => Err(f),
-                Some(LoadFailure::Panicked(_)) => Err(crate::failure::Failure::Panicked),
-            });
+            job.ticket.finish(failure.map_or(Ok(()), Err));
         }
     }
     shared.notify(&st);

@@ -31,6 +31,7 @@ use crate::shared::Guard;
 use crate::state::Unmap;
 use crate::stats::Counter;
 use crate::streak::{Execution, Lost};
+use crate::stream::max_window;
 use crate::waits::Ticket;
 
 /// One page to serve: a block of a mapping, for an access.
@@ -82,7 +83,7 @@ pub(crate) fn serve(
     // Read-ahead runs native loaders only (see readahead.rs).
     let ahead = (req.drop_behind && sequential && !fh.needs_host)
         .then(|| {
-            let max = readahead::max_window(fh.shared.budget_pages());
+            let max = max_window(fh.shared.budget_pages());
             st.read_ahead_range(fh.key, req.vma, req.blk, max)
         })
         .flatten();
@@ -100,7 +101,7 @@ pub(crate) fn serve(
                             a.served(fh.key, req.blk);
                         }
                         if let Some(blocks) = ahead {
-                            readahead::issue(fh, req.vma, req.blk, blocks);
+                            readahead::issue(fh, (req.vma, req.blk), blocks, fill_ahead);
                         }
                         return Ok(());
                     }
@@ -371,7 +372,7 @@ fn wait_out_writeout<'a>(
 }
 
 /// Why [`fill_page`] failed.
-pub(crate) enum LoadFailure {
+enum LoadFailure {
     Failed(Failure),
     /// `loadblk` panicked: the caller cleans up, then resumes the unwinding.
     Panicked(Box<dyn Any + Send>),
@@ -381,7 +382,7 @@ pub(crate) enum LoadFailure {
 /// `blk`. Runs without the RAM lock. On failure (a panic included: a page
 /// left LOADING would hang its waiters) returns the RAM page, if one was
 /// had, for the caller to give back.
-pub(crate) fn fill_page(
+fn fill_page(
     fh: &FileHInner,
     blk: u64,
     recycled: Option<RamPage>,
@@ -401,6 +402,19 @@ pub(crate) fn fill_page(
         Ok(Err(f)) => Err((Some(ram_page), LoadFailure::Failed(f))),
         Err(panic) => Err((Some(ram_page), LoadFailure::Panicked(panic))),
     }
+}
+
+/// [`fill_page`] for a read-ahead worker, which reports nothing: a panic
+/// of `loadblk` (reported by the panic hook) fails the load like an error.
+fn fill_ahead(
+    fh: &FileHInner,
+    blk: u64,
+    recycled: Option<RamPage>,
+) -> Result<RamPage, (Option<RamPage>, Failure)> {
+    fill_page(fh, blk, recycled).map_err(|(rp, failure)| match failure {
+        LoadFailure::Failed(f) => (rp, f),
+        LoadFailure::Panicked(_) => (rp, Failure::Panicked),
+    })
 }
 
 /// Allocate a RAM page for block `blk`, reclaiming clean pages while the OS

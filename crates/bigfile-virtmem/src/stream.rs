@@ -9,6 +9,12 @@ use std::ops::Range;
 /// the budget).
 pub(crate) const MAX_WINDOW: u64 = 8;
 
+/// The read-ahead window's largest size under a budget of `budget_pages`:
+/// [`MAX_WINDOW`], never more than a quarter of the budget.
+pub(crate) fn max_window(budget_pages: u64) -> u64 {
+    MAX_WINDOW.min(budget_pages / 4)
+}
+
 /// A mapping's faults seen as a stream: the block of its last fault, how
 /// many faults in a row continued it, and how far it was read ahead.
 #[derive(Debug, Default, Clone, Copy)]
