@@ -132,6 +132,27 @@ fn sequential_advice_reads_ahead_at_once_and_default_advice_grows() {
     );
 }
 
+/// Two mappings of one handle: read-ahead pages another mapping's stream
+/// loaded past this mapping's end are left alone by this one's stream.
+#[test]
+fn a_stream_near_its_mapping_s_end_leaves_other_mappings_read_ahead_alone() {
+    let (_file, _ram, fh) = native(32);
+    let short = fh.mmap(0, 8).unwrap();
+    let long = fh.mmap(0, 64).unwrap();
+    for blk in 0..12 {
+        read_block(&long, blk as usize, blk);
+    }
+    settle(&fh, 0..64);
+    assert!(fh.stats().readahead_loads > 4);
+    // Blocks 6 and 7 make a stream in the short mapping, at its end.
+    read_block(&short, 6, 6);
+    read_block(&short, 7, 7);
+    settle(&fh, 0..64);
+    for blk in 8..16 {
+        read_block(&long, blk as usize, blk);
+    }
+}
+
 /// A stream that stops (a jump elsewhere) leaves its read-ahead pages to
 /// be reclaimed first: untouched, they are counted wasted when they go.
 #[test]

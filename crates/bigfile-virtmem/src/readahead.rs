@@ -219,11 +219,18 @@ fn map_ahead(fh: &FileHInner, st: &mut Guard<'_>, vma: VmaId, (blk, pk): (u64, P
     else {
         return;
     };
-    let wanted = st.stream(fh.key, vma).is_some_and(|s| s.maps_ahead(blk));
+    // (Read ahead by another mapping of the handle, it may be a block
+    // this one does not cover.)
+    let wanted = st
+        .find_vma(fh.key, vma)
+        .is_some_and(|v| v.index_of(blk).is_some() && v.stream().maps_ahead(blk));
+    if !wanted || st.slot_unmapping(fh.key, vma, blk) {
+        return;
+    }
     let free = st
         .slot(fh.key, vma, blk, fh.page_size())
         .is_some_and(|slot| !slot.mapped);
-    if wanted && free && !st.slot_unmapping(fh.key, vma, blk) {
+    if free {
         let _ = Mapper::of(&fh.shared).map(st, fh.key, vma, blk, rp, Prot::Read);
     }
 }
