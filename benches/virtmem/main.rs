@@ -282,9 +282,11 @@ fn scan(c: &mut Criterion, cfg: &Config, figures: &support::Figures) {
             .expect("RAM")
             .with_budget(64 * MIB as u64);
         let fh = FileH::open(file, Some(&ram)).expect("open");
-        // Once with the default advice, once through a mapping that declares
-        // the scan (drop-behind: each fault recycles the page just scanned,
-        // still in the CPU caches, instead of the least recently used one).
+        // Once with the default advice (the scan detected as a stream: drop-
+        // behind and read-ahead), once through a mapping that declares the
+        // scan (drop-behind: each fault recycles the page just scanned, still
+        // in the CPU caches, instead of the least recently used one; the
+        // whole read-ahead window from the first fault).
         for (name, advice) in [
             ("bigfile", Advice::Normal),
             ("bigfile_sequential", Advice::Sequential),

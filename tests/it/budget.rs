@@ -42,20 +42,32 @@ fn read_block(vma: &bigfile::virtmem::Vma, idx: usize, blk: u64) {
 }
 
 /// A scan through a mapping advised `Sequential` reuses the page it just
-/// left and leaves the other cached pages alone; under `Normal` the same
-/// scan flushes them (LRU).
+/// left and leaves the other cached pages alone; so does one under `Normal`,
+/// detected as a stream; under `Random` the same scan flushes them (LRU).
 #[test]
 fn sequential_advice_drops_behind_and_keeps_other_pages_cached() {
+    scan_drops_behind(bigfile::virtmem::Advice::Sequential);
+}
+
+#[test]
+fn a_scan_under_normal_advice_is_detected_and_drops_behind() {
+    scan_drops_behind(bigfile::virtmem::Advice::Normal);
+}
+
+fn scan_drops_behind(advice: bigfile::virtmem::Advice) {
     use bigfile::virtmem::Advice;
     let (_file, ram, fh) = handle(6);
     let other = fh.mmap(20, 4).unwrap();
     for i in 0..4 {
         read_block(&other, i, 20 + i as u64);
     }
+    // (The other mapping's four blocks were a stream of their own.)
+    let before = fh.stats().streams;
+    assert_eq!(before, 1);
     let scan = fh.mmap(0, 16).unwrap();
     assert_eq!(scan.advice(), Advice::Normal);
-    scan.advise(Advice::Sequential);
-    assert_eq!(scan.advice(), Advice::Sequential);
+    scan.advise(advice);
+    assert_eq!(scan.advice(), advice);
     assert_eq!(other.advice(), Advice::Normal, "advice is per mapping");
     // The first pass keeps the block it began with (loaded while the budget
     // had room) and the block it ended on; the second finds both cached,
@@ -70,6 +82,11 @@ fn sequential_advice_drops_behind_and_keeps_other_pages_cached() {
         assert_eq!(resident(&fh, 0..24), want, "pass {pass}");
     }
     assert_eq!(fh.stats().loads, 4 + 16 + 14);
+    // Detected (each pass began a stream) only where not advised.
+    let streams = fh.stats().streams;
+    let detected = if advice == Advice::Normal { 2 } else { 0 };
+    assert_eq!(streams, before + detected);
+    assert_eq!(ram.stats().stats.streams, streams);
 
     // A dirty page behind the scan is not dropped (nor written out).
     scan.write_at(3 * BLK, &[0xAA]).unwrap();
@@ -79,27 +96,47 @@ fn sequential_advice_drops_behind_and_keeps_other_pages_cached() {
     assert!(fh.page_state(3) == Some(bigfile::virtmem::PageState::Dirty));
     fh.dirty_discard().unwrap();
 
-    // Back to Normal: the scan pushes the least recently used pages out,
-    // the other mapping's among them.
-    scan.advise(Advice::Normal);
+    // Random: no detection, the scan pushes the least recently used pages
+    // out, the other mapping's among them.
+    let streams = fh.stats().streams;
+    scan.advise(Advice::Random);
     for blk in 0..16 {
         read_block(&scan, blk as usize, blk);
     }
     assert_eq!(resident(&fh, 0..24), (10..16).collect::<Vec<_>>());
+    assert_eq!(fh.stats().streams, streams, "none detected under Random");
 }
 
-/// Drop-behind follows the mapping, not the file: a fault in a mapping not
-/// advised sequential demotes nothing, even for blocks another mapping of
-/// the same handle scans sequentially.
+/// Faults that never come on the block right after the one before (a
+/// stride, backwards) are no stream: no drop-behind, the least recently
+/// used pages go.
+#[test]
+fn random_access_under_normal_advice_is_no_stream() {
+    let (_file, _ram, fh) = handle(4);
+    let other = fh.mmap(20, 2).unwrap();
+    read_block(&other, 1, 21);
+    read_block(&other, 0, 20);
+    let vma = fh.mmap(0, 16).unwrap();
+    for blk in [0, 2, 4, 6, 15, 13, 11, 9] {
+        read_block(&vma, blk as usize, blk);
+    }
+    assert_eq!(resident(&fh, 0..24), [9, 11, 13, 15]);
+    assert_eq!(fh.stats().streams, 0);
+}
+
+/// Drop-behind follows the mapping, not the file: a fault in a mapping
+/// advised random demotes nothing, even for blocks another mapping of the
+/// same handle scans sequentially.
 #[test]
 fn sequential_advice_applies_to_faults_in_its_own_mapping_only() {
     use bigfile::virtmem::Advice;
     let (_file, _ram, fh) = handle(4);
     let seq = fh.mmap(0, 8).unwrap();
     seq.advise(Advice::Sequential);
-    let normal = fh.mmap(0, 8).unwrap();
+    let random = fh.mmap(0, 8).unwrap();
+    random.advise(Advice::Random);
     for blk in 0..8 {
-        read_block(&normal, blk as usize, blk);
+        read_block(&random, blk as usize, blk);
     }
     assert_eq!(resident(&fh, 0..8), [4, 5, 6, 7]);
     // Block 6 is resident: the fault in `seq` maps it and demotes block 5,
@@ -123,6 +160,8 @@ fn batched_reclaim_keeps_spares_within_the_budget() {
     let ram = ram_on(FaultBackend::Signals, 16);
     let fh = open(&file, &ram);
     let vma = fh.mmap(0, 64).unwrap();
+    // A scan that is no stream (a detected one drops behind instead).
+    vma.advise(bigfile::virtmem::Advice::Random);
     for blk in 0..64 {
         read_block(&vma, blk as usize, blk);
         assert!(ram.stats().resident_bytes <= ram.budget(), "block {blk}");

@@ -8,4 +8,5 @@ mod file;
 mod fork;
 mod lifecycle;
 mod misuse;
+mod readahead;
 mod threads;

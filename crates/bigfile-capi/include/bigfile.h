@@ -105,7 +105,9 @@
 
 /**
  * `bigfile_vma_advise`: no expectation; least recently used clean pages
- * are reclaimed first.
+ * are reclaimed first, and faults on consecutive blocks are detected as a
+ * forward scan, which then gets drop-behind as under
+ * `BIGFILE_ADVICE_SEQUENTIAL`.
  */
 #define BIGFILE_ADVICE_NORMAL 0
 
@@ -114,6 +116,12 @@
  * page of block b - 1 the first to be reclaimed (as `MADV_SEQUENTIAL`).
  */
 #define BIGFILE_ADVICE_SEQUENTIAL 1
+
+/**
+ * `bigfile_vma_advise`: no order to expect; no sequential detection (as
+ * `MADV_RANDOM`).
+ */
+#define BIGFILE_ADVICE_RANDOM 2
 
 /**
  * A file of blocks whose storage is C code (opaque).
@@ -556,8 +564,9 @@ int bigfile_vma_prefault(const struct bigfile_vma *vma,
                          unsigned int access);
 
 /**
- * Declare how the mapping will be accessed: `BIGFILE_ADVICE_NORMAL` or
- * `BIGFILE_ADVICE_SEQUENTIAL`; the last advice holds. It only changes which
+ * Declare how the mapping will be accessed: `BIGFILE_ADVICE_NORMAL`,
+ * `BIGFILE_ADVICE_SEQUENTIAL` or `BIGFILE_ADVICE_RANDOM`; the last advice
+ * holds. It only changes which
  * clean page is reclaimed first, never what a read sees. Returns 0, or -1
  * for a bad `advice` or a dead handle.
  *

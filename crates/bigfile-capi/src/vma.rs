@@ -20,11 +20,16 @@ pub const BIGFILE_ACCESS_READ: c_uint = 0;
 pub const BIGFILE_ACCESS_WRITE: c_uint = 1;
 
 /// `bigfile_vma_advise`: no expectation; least recently used clean pages
-/// are reclaimed first.
+/// are reclaimed first, and faults on consecutive blocks are detected as a
+/// forward scan, which then gets drop-behind as under
+/// `BIGFILE_ADVICE_SEQUENTIAL`.
 pub const BIGFILE_ADVICE_NORMAL: c_uint = 0;
 /// `bigfile_vma_advise`: a forward scan; a fault on block b makes the clean
 /// page of block b - 1 the first to be reclaimed (as `MADV_SEQUENTIAL`).
 pub const BIGFILE_ADVICE_SEQUENTIAL: c_uint = 1;
+/// `bigfile_vma_advise`: no order to expect; no sequential detection (as
+/// `MADV_RANDOM`).
+pub const BIGFILE_ADVICE_RANDOM: c_uint = 2;
 
 pub(crate) static VMAS: Registry<VmaObj> = Registry::new("bigfile_vma");
 
@@ -122,8 +127,9 @@ pub extern "C" fn bigfile_vma_prefault(
     })
 }
 
-/// Declare how the mapping will be accessed: `BIGFILE_ADVICE_NORMAL` or
-/// `BIGFILE_ADVICE_SEQUENTIAL`; the last advice holds. It only changes which
+/// Declare how the mapping will be accessed: `BIGFILE_ADVICE_NORMAL`,
+/// `BIGFILE_ADVICE_SEQUENTIAL` or `BIGFILE_ADVICE_RANDOM`; the last advice
+/// holds. It only changes which
 /// clean page is reclaimed first, never what a read sees. Returns 0, or -1
 /// for a bad `advice` or a dead handle.
 ///
@@ -144,6 +150,11 @@ pub extern "C" fn bigfile_vma_advise(vma: *mut bigfile_vma, advice: c_uint) -> c
                     BIGFILE_ADVICE_SEQUENTIAL,
                     "BIGFILE_ADVICE_SEQUENTIAL",
                     Advice::Sequential,
+                ),
+                (
+                    BIGFILE_ADVICE_RANDOM,
+                    "BIGFILE_ADVICE_RANDOM",
+                    Advice::Random,
                 ),
             ],
         )?;

@@ -195,7 +195,8 @@ impl PyBigFileH {
     }
 
     /// This handle's counters: faults, loads, load_errors, stores,
-    /// reclaims, resident_pages, dirty_pages.
+    /// reclaims, resident_pages, dirty_pages, streams, readahead_loads,
+    /// readahead_hits, readahead_wasted.
     fn stats(&self) -> PyResult<HashMap<&'static str, u64>> {
         Ok(stats_dict(self.get()?.stats()))
     }
@@ -404,18 +405,22 @@ impl PyVMA {
     }
 
     /// Declare how the mapping will be accessed: "normal" (the default:
-    /// clean pages are reclaimed least recently used first) or "sequential"
-    /// (ascending, each page once: a fault on a block makes the clean page
-    /// of the block before the first to be reclaimed, so a scan bigger than
-    /// the RAM budget reuses the page it just left and leaves other cached
-    /// pages alone). Only which page is reclaimed changes, never the data.
+    /// clean pages are reclaimed least recently used first, and faults on
+    /// consecutive blocks are detected as a forward scan, which then gets
+    /// drop-behind as under "sequential"), "sequential" (ascending, each
+    /// page once: a fault on a block makes the clean page of the block before
+    /// the first to be reclaimed, so a scan bigger than the RAM budget reuses
+    /// the page it just left and leaves other cached pages alone) or
+    /// "random" (no order: no sequential detection). Only which page is
+    /// reclaimed changes, never the data.
     fn advise(&self, advice: &str) -> PyResult<()> {
         let advice = match advice {
             "normal" => Advice::Normal,
             "sequential" => Advice::Sequential,
+            "random" => Advice::Random,
             other => {
                 return Err(PyValueError::new_err(format!(
-                    "unknown advice '{other}': expected 'normal' or 'sequential'"
+                    "unknown advice '{other}': expected 'normal', 'sequential' or 'random'"
                 )))
             }
         };
@@ -423,12 +428,14 @@ impl PyVMA {
         Ok(())
     }
 
-    /// The advice in effect: "normal" or "sequential" (see advise()).
+    /// The advice in effect: "normal", "sequential" or "random" (see
+    /// advise()).
     #[getter]
     fn advice(&self) -> PyResult<&'static str> {
         Ok(match self.get()?.advice() {
             Advice::Normal => "normal",
             Advice::Sequential => "sequential",
+            Advice::Random => "random",
         })
     }
 

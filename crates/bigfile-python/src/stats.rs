@@ -15,6 +15,10 @@ pub(crate) fn stats_dict(s: Stats) -> HashMap<&'static str, u64> {
         ("reclaims", s.reclaims),
         ("resident_pages", s.resident_pages),
         ("dirty_pages", s.dirty_pages),
+        ("streams", s.streams),
+        ("readahead_loads", s.readahead_loads),
+        ("readahead_hits", s.readahead_hits),
+        ("readahead_wasted", s.readahead_wasted),
     ])
 }
 

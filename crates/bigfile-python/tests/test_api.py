@@ -221,26 +221,36 @@ def test_prefault(f):
     assert fh.dirty_blocks() == [3]
 
 
-def test_advise_sequential_drops_behind(f):
+@pytest.mark.parametrize("advice", ["sequential", "normal"])
+def test_a_scan_drops_behind_advised_or_detected(f, advice):
     fh = f.fileh_open(ram="memfd", budget=4 * PS)
     other = fh.mmap(10, 2)
     assert bytes(memoryview(other)[::PS]) == b"\x0a\x0b"
+    before = fh.stats()["streams"]  # the other mapping's two blocks: one
+    assert before == 1
     vma = fh.mmap(0, 8)
     assert vma.advice == "normal"
-    vma.advise("sequential")
-    assert vma.advice == "sequential" and other.advice == "normal"
+    vma.advise(advice)
+    assert vma.advice == advice and other.advice == "normal"
     m = memoryview(vma)
     for blk in range(8):
         assert m[blk * PS + 5] == blk
     # The scan kept its first block and the one it ended on; the other
-    # mapping's blocks stayed cached (with "normal" they would be gone).
+    # mapping's blocks stayed cached (with "random" they would be gone).
     assert [b for b in range(12) if fh.page_state(b)] == [0, 7, 10, 11]
-    vma.advise("normal")
+    # Under "normal" the scan was detected as a stream (sequential advice
+    # needs no detection).
+    streams = before + (advice == "normal")
+    assert fh.stats()["streams"] == streams
+    assert fh.ram_stats()["streams"] == streams
+    vma.advise("random")
+    assert vma.advice == "random"
     for blk in range(8):
         assert m[blk * PS + 5] == blk
     assert [b for b in range(12) if fh.page_state(b)] == [4, 5, 6, 7]
-    with pytest.raises(ValueError, match="unknown advice 'random'"):
-        vma.advise("random")
+    assert fh.stats()["streams"] == streams, "random: none detected"
+    with pytest.raises(ValueError, match="unknown advice 'backwards'"):
+        vma.advise("backwards")
     del m
     vma.close()
     with pytest.raises(ValueError):

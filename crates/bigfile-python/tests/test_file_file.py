@@ -231,3 +231,28 @@ def test_dispatch_is_decided_at_open(datafile):
     assert calls == [1]
     native.close()
     python.close()
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_a_scan_is_detected_and_read_ahead_for_native_reads(cls, tmp_path):
+    """A forward scan under the default advice is detected (a stream) and,
+    for blocks read in Rust, read ahead on worker threads; a Python loadblk
+    is not read ahead. advise("random") turns both off."""
+    path = tmp_path / "scan.bin"
+    data = pattern(64 * BLK, 1)
+    path.write_bytes(data)
+    f = cls(str(path), BLK)
+    for advice in ["normal", "random"]:
+        with f.fileh_open(ram="memfd", budget=32 * BLK) as fh, fh.mmap(0, 64) as vma:
+            vma.advise(advice)
+            m = memoryview(vma)
+            for blk in range(64):
+                assert bytes(m[blk * BLK : (blk + 1) * BLK]) == data[blk * BLK : (blk + 1) * BLK]
+            m.release()
+            st = fh.stats()
+            assert st["streams"] == (advice == "normal")
+            if advice == "normal" and cls is BigFile_File:
+                assert st["readahead_loads"] > 0 and st["readahead_hits"] > 0, st
+            else:
+                assert st["readahead_loads"] == 0, st
+            assert st["readahead_wasted"] <= st["readahead_loads"]

@@ -17,6 +17,8 @@
 
 pub mod child;
 pub mod handler;
+#[cfg(feature = "virtmem")]
+pub mod loads;
 pub mod memfile;
 pub mod memory;
 pub mod model;

@@ -33,6 +33,8 @@ pub struct MemFile {
     store_hook: Mutex<Option<StoreHook>>,
     loads: AtomicUsize,
     stores: AtomicUsize,
+    /// Its `needs_host_lock` answer: a native loader's (`false`) or not.
+    native: bool,
 }
 
 impl std::fmt::Debug for MemFile {
@@ -62,6 +64,7 @@ impl MemFile {
             store_hook: Mutex::new(None),
             loads: AtomicUsize::new(0),
             stores: AtomicUsize::new(0),
+            native: false,
         }
     }
 
@@ -73,6 +76,14 @@ impl MemFile {
     /// This file, named `name` in diagnostics.
     pub fn named(mut self, name: &str) -> MemFile {
         self.name = name.into();
+        self
+    }
+
+    /// This file as a native loader: `needs_host_lock()` is false (as a
+    /// `FileBigFile`'s), so faults never give the host lock away for it and
+    /// read-ahead runs it on its workers.
+    pub fn native(mut self) -> MemFile {
+        self.native = true;
         self
     }
 
@@ -204,6 +215,10 @@ impl bigfile_virtmem::BigFile for MemFile {
 
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn needs_host_lock(&self) -> bool {
+        !self.native
     }
 }
 

@@ -97,9 +97,9 @@ impl FileH {
             }
             None => Ram::default_for(blksize)?,
         };
-        Ok(FileH {
-            inner: Arc::new(FileHInner::open(file, ram)?),
-        })
+        let inner = Arc::new(FileHInner::open(file, ram)?);
+        let _ = inner.me.set(Arc::downgrade(&inner));
+        Ok(FileH { inner })
     }
 
     /// The file's block size (= the page size).

@@ -2,7 +2,7 @@
 //! (the public [`FileH`](crate::FileH) wraps it).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use bigfile_ram::RamHandle;
@@ -52,6 +52,9 @@ pub(crate) struct FileHInner {
     pub(crate) needs_host: bool,
     load_attempts: AtomicU32,
     load_backoff_us: AtomicU64,
+    /// The handle itself, for read-ahead loads to hold (set once it is in
+    /// its `Arc`).
+    pub(crate) me: OnceLock<Weak<FileHInner>>,
 }
 
 impl FileHInner {
@@ -85,6 +88,7 @@ impl FileHInner {
             needs_host,
             load_attempts: AtomicU32::new(policy.attempts),
             load_backoff_us: AtomicU64::new(policy.backoff.as_micros() as u64),
+            me: OnceLock::new(),
         })
     }
 

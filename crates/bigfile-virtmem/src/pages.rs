@@ -48,6 +48,8 @@ pub(crate) struct Page {
     ram_page: Option<RamPage>,
     /// While loading: the loader's ticket, which waiters wait for.
     ticket: Option<Arc<Ticket>>,
+    /// Loaded by read-ahead and not yet reached by a fault or by its stream.
+    ahead: bool,
 }
 
 impl Page {
@@ -73,6 +75,11 @@ impl Page {
 
     pub(crate) fn stored(&self) -> Stored {
         self.stored
+    }
+
+    /// Loaded by read-ahead and not reached yet.
+    pub(crate) fn is_ahead(&self) -> bool {
+        self.ahead
     }
 
     fn is_loading(&self) -> bool {
@@ -148,6 +155,7 @@ impl PageTable {
             stored: Stored::Not,
             ram_page: None,
             ticket: Some(ticket),
+            ahead: false,
         }))
     }
 
@@ -167,6 +175,12 @@ impl PageTable {
                 LoadEnd::Loaded
             }
         }
+    }
+
+    /// The loaded page `pk` came from read-ahead (`true`), or has been
+    /// reached since (`false`). Returns what it was.
+    pub(crate) fn set_ahead(&mut self, pk: PageKey, ahead: bool) -> bool {
+        std::mem::replace(&mut self.pages[pk.0].ahead, ahead)
     }
 
     /// LOADED → DIRTY, for a write; false when it is dirty already (a

@@ -157,7 +157,7 @@ pub(crate) fn make_room<'a>(
 /// that block may come before the deferred work is finished, and must find
 /// the place free (dropping the page from the file takes it away from
 /// every mapping at once).
-fn release(shared: &Shared, deferred: &mut Deferred, ramh: Arc<RamHandle>, rp: RamPage) {
+pub(crate) fn release(shared: &Shared, deferred: &mut Deferred, ramh: Arc<RamHandle>, rp: RamPage) {
     let mapper = Mapper::of(shared);
     if mapper.pages_in_place() {
         mapper.release(&ramh, rp);

@@ -25,11 +25,13 @@ use crate::host::HostLease;
 use crate::keys::{FileKey, PageKey, RamPage, VmaId};
 use crate::mapper::{Deferred, MapError, Mapper};
 use crate::pages::{LoadEnd, PageState};
+use crate::readahead;
 use crate::reclaim::{make_room, reclaim_one, Room};
 use crate::shared::Guard;
 use crate::state::Unmap;
 use crate::stats::Counter;
 use crate::streak::{Execution, Lost};
+use crate::stream::max_window;
 use crate::waits::Ticket;
 
 /// One page to serve: a block of a mapping, for an access.
@@ -38,7 +40,8 @@ pub(crate) struct PageRequest {
     pub(crate) vma: VmaId,
     pub(crate) blk: u64,
     pub(crate) access: Access,
-    /// In a mapping advised sequential, demote the block before
+    /// Note the request in its mapping's stream (sequential detection) and,
+    /// when the mapping is read sequentially, demote the block before
     /// (drop-behind): for a fault; for prefault only for the first block of
     /// its range, so it does not reclaim the pages it has just served.
     pub(crate) drop_behind: bool,
@@ -70,7 +73,20 @@ pub(crate) fn serve(
     };
     fh.shared.adapt_budget();
     let mut st = fh.shared.lock();
-    let sequential = st.drop_behind(fh.key, req.vma, req.blk, req.drop_behind);
+    let sequential = st.drop_behind(
+        fh.key,
+        req.vma,
+        req.blk,
+        req.drop_behind,
+        fh.shared.counters(),
+    );
+    // Read-ahead runs native loaders only (see readahead.rs).
+    let ahead = (req.drop_behind && sequential && !fh.needs_host)
+        .then(|| {
+            let max = max_window(fh.shared.budget_pages());
+            st.read_ahead_range(fh.key, req.vma, req.blk, max)
+        })
+        .flatten();
     loop {
         st = match st.lookup(fh.key, req.blk) {
             None => load(fh, st, (req.blk, sequential), (access.as_ref(), pin), host)?,
@@ -83,6 +99,9 @@ pub(crate) fn serve(
                     None => {
                         if let Some(a) = &access {
                             a.served(fh.key, req.blk);
+                        }
+                        if let Some(blocks) = ahead {
+                            readahead::issue(fh, (req.vma, req.blk), blocks, fill_ahead);
                         }
                         return Ok(());
                     }
@@ -243,7 +262,10 @@ fn wait_for_load<'a>(
         })
     })?;
     match ticket.outcome() {
-        Some(Err(failure)) => Err(Failure::Waited(Box::new(failure.clone()))),
+        // A read-ahead's failure is no one's: the next round loads afresh.
+        Some(Err(failure)) if !ticket.is_read_ahead() => {
+            Err(Failure::Waited(Box::new(failure.clone())))
+        }
         _ => Ok(st),
     }
 }
@@ -301,6 +323,7 @@ fn map_page<'a>(
             MapError::Uffd(op, source) => Failure::Os { op, source },
         })?;
     st.touch(pk);
+    st.reached(pk, shared.counters());
     drop(st);
     if let Some(addr) = fresh.filter(|_| !fh.ramh.is_huge(ram_page.0)) {
         // Populated now rather than by a minor fault per OS page on the
@@ -379,6 +402,19 @@ fn fill_page(
         Ok(Err(f)) => Err((Some(ram_page), LoadFailure::Failed(f))),
         Err(panic) => Err((Some(ram_page), LoadFailure::Panicked(panic))),
     }
+}
+
+/// [`fill_page`] for a read-ahead worker, which reports nothing: a panic
+/// of `loadblk` (reported by the panic hook) fails the load like an error.
+fn fill_ahead(
+    fh: &FileHInner,
+    blk: u64,
+    recycled: Option<RamPage>,
+) -> Result<RamPage, (Option<RamPage>, Failure)> {
+    fill_page(fh, blk, recycled).map_err(|(rp, failure)| match failure {
+        LoadFailure::Failed(f) => (rp, f),
+        LoadFailure::Panicked(_) => (rp, Failure::Panicked),
+    })
 }
 
 /// Allocate a RAM page for block `blk`, reclaiming clean pages while the OS

@@ -9,17 +9,20 @@
 //! `storeblk` never run while the mutex is held.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
 use bigfile_ram::{PageMap, RamHandle};
 use slab::Slab;
 
+use crate::advice::Advice;
 use crate::budget::Budget;
 use crate::keys::{FileKey, PageKey, RamPage, Slot, VmaId, VmaKey};
 use crate::lru::Lru;
 use crate::pages::{Invalidation, LoadEnd, PageState, PageTable};
 use crate::stats::{CountPair, Counter, Counters};
+use crate::stream::{Step, Stream};
 use crate::vmas::VmaState;
 use crate::waits::{Ticket, WaitGraph};
 
@@ -300,24 +303,139 @@ impl State {
             .collect()
     }
 
-    /// Drop-behind (ARCHITECTURE.md) for a mapping advised sequential: with
-    /// `demote`, a fault on block `blk` there makes the clean page of block
-    /// `blk - 1` (if resident) the first to be reclaimed. Returns whether the
-    /// mapping is advised sequential.
-    pub(crate) fn drop_behind(&mut self, fk: FileKey, vma: VmaId, blk: u64, demote: bool) -> bool {
-        let Some(v) = self.find_vma(fk, vma) else {
+    /// Drop-behind (ARCHITECTURE.md) for a fault on block `blk` in mapping
+    /// `vma`, when the mapping is read sequentially: advised so, or, under
+    /// `Advice::Normal`, its faults form a stream (sequential detection).
+    /// With `demote` (a fault, or prefault's first block) the fault is noted
+    /// in the mapping's stream (a stream that begins is counted; read-ahead
+    /// pages it passed are reached; those of a stream that stops are
+    /// demoted, to be reclaimed first), and the clean page of block
+    /// `blk - 1` (if resident) becomes the first to be reclaimed. Returns
+    /// whether the mapping is read sequentially.
+    pub(crate) fn drop_behind(
+        &mut self,
+        fk: FileKey,
+        vma: VmaId,
+        blk: u64,
+        demote: bool,
+        rc: &Counters,
+    ) -> bool {
+        let h = &mut self.handles[fk.0];
+        let Some(v) = h.vmas.get_mut(vma.key.0).filter(|v| v.start() == vma.start) else {
             return false;
         };
-        if v.advice() != crate::advice::Advice::Sequential {
-            return false;
+        let advice = v.advice();
+        if !demote || advice == Advice::Random {
+            return match advice {
+                Advice::Sequential => true,
+                Advice::Random => false,
+                Advice::Normal => v.stream().is_sequential(),
+            };
         }
-        if demote && blk > v.pgoffset() {
+        let (prev, pending) = (v.stream().last(), v.stream().pending());
+        let step = v.stream_mut().note(blk);
+        let pgoffset = v.pgoffset();
+        let counts = CountPair {
+            fileh: &h.counters,
+            ram: rc,
+        };
+        if step == Step::Began && advice == Advice::Normal {
+            counts.add(Counter::Streams, 1);
+        }
+        let sequential = advice == Advice::Sequential || step != Step::Random;
+        if step == Step::Random {
+            // The stream stopped: what it read ahead goes first.
+            for b in pending {
+                if let Some(pk) = self
+                    .lookup(fk, b)
+                    .filter(|&pk| self.pages.get(pk).is_ahead())
+                {
+                    self.lru.demote(pk);
+                }
+            }
+        } else if let Some(prev) = prev.filter(|&p| p < blk) {
+            // Passed without a fault: read ahead and mapped.
+            for b in prev + 1..blk {
+                if let Some(pk) = self.lookup(fk, b) {
+                    self.reached(pk, rc);
+                }
+            }
+        }
+        if sequential && blk > pgoffset {
             if let Some(pk) = self.lookup(fk, blk - 1) {
                 // Only clean pages are on the LRU list: a dirty one stays put.
                 self.lru.demote(pk);
             }
         }
-        true
+        sequential
+    }
+
+    /// Page `pk` is reached (by a fault, or passed by its stream): if
+    /// read-ahead loaded it, that is a hit.
+    pub(crate) fn reached(&mut self, pk: PageKey, rc: &Counters) {
+        if self.pages.set_ahead(pk, false) {
+            let fk = self.pages.get(pk).fileh();
+            self.counts(fk, rc).add(Counter::ReadAheadHits, 1);
+        }
+    }
+
+    /// The blocks to read ahead of a fault on block `blk` in mapping `vma`
+    /// (read sequentially), at most `max` (inside the mapping; those already
+    /// read ahead are not asked again: the range may be empty). `None` for
+    /// no read-ahead: a mapping advised random, not (or no longer) read
+    /// sequentially, or a budget too small for a window.
+    pub(crate) fn read_ahead_range(
+        &mut self,
+        fk: FileKey,
+        vma: VmaId,
+        blk: u64,
+        max: u64,
+    ) -> Option<Range<u64>> {
+        let v = self.handles[fk.0]
+            .vmas
+            .get_mut(vma.key.0)
+            .filter(|v| v.start() == vma.start)?;
+        let advised = match v.advice() {
+            Advice::Sequential => true,
+            Advice::Random => return None,
+            Advice::Normal => false,
+        };
+        let window = v.stream().window(advised, max);
+        if window == 0 {
+            return None;
+        }
+        let end = v.pgoffset() + v.range().1 as u64;
+        let r = v.stream_mut().read_ahead(blk, window);
+        Some(r.start.min(end)..r.end.min(end))
+    }
+
+    /// Read-ahead in mapping `vma` stopped short of block `at`.
+    pub(crate) fn cut_read_ahead(&mut self, fk: FileKey, vma: VmaId, at: u64) {
+        if let Some(v) = self.handles[fk.0]
+            .vmas
+            .get_mut(vma.key.0)
+            .filter(|v| v.start() == vma.start)
+        {
+            v.stream_mut().cut_ahead(at);
+        }
+    }
+
+    /// The stream of mapping `vma` of `fk`, unless the mapping is gone.
+    pub(crate) fn stream(&self, fk: FileKey, vma: VmaId) -> Option<&Stream> {
+        self.find_vma(fk, vma).map(|v| v.stream())
+    }
+
+    /// The read-ahead load of `pk` ended LOADED: counted, marked not
+    /// reached yet.
+    pub(crate) fn loaded_ahead(&mut self, pk: PageKey, rc: &Counters) {
+        self.pages.set_ahead(pk, true);
+        let fk = self.pages.get(pk).fileh();
+        self.counts(fk, rc).add(Counter::ReadAheadLoads, 1);
+    }
+
+    /// Make clean page `pk` the first to be reclaimed.
+    pub(crate) fn demote(&mut self, pk: PageKey) {
+        self.lru.demote(pk);
     }
 
     // --- the loading protocol ---
@@ -410,6 +528,9 @@ impl State {
         }
         if page.ram_page().is_some() {
             counts.sub(Counter::Resident, 1);
+        }
+        if page.is_ahead() {
+            counts.add(Counter::ReadAheadWasted, 1);
         }
         let ps = h.ramh.page_size();
         for (vk, v) in h.vmas.iter_mut() {
@@ -518,7 +639,6 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::advice::Advice;
 
     const PS: usize = 4096;
 
@@ -664,19 +784,48 @@ mod tests {
         let a = f.resident(10, 0);
         let b = f.resident(11, 1);
         let id = f.vma_id();
-        assert!(!f.st.drop_behind(f.fk, id, 12, true), "not advised");
+        assert!(!f.st.drop_behind(f.fk, id, 13, true, &f.rc), "not advised");
         assert_eq!(f.st.lru().oldest(), Some(a));
         f.st.vma_mut(f.fk, f.vk).set_advice(Advice::Sequential);
-        assert!(f.st.drop_behind(f.fk, id, 12, true));
+        assert!(f.st.drop_behind(f.fk, id, 12, true, &f.rc));
         assert_eq!(f.st.lru().oldest(), Some(b));
         let gone = VmaId {
             key: f.vk,
             start: 1,
         };
         assert!(
-            !f.st.drop_behind(f.fk, gone, 11, true),
+            !f.st.drop_behind(f.fk, gone, 11, true, &f.rc),
             "another mapping now"
         );
+        assert_eq!(f.fh.snapshot().streams, 0, "advised: no stream detected");
+    }
+
+    #[test]
+    fn a_stream_detected_under_normal_advice_drops_behind_until_it_stops() {
+        let mut f = fixture();
+        let a = f.resident(10, 0);
+        let b = f.resident(11, 1);
+        let id = f.vma_id();
+        assert!(
+            !f.st.drop_behind(f.fk, id, 13, true, &f.rc),
+            "a first fault"
+        );
+        assert!(!f.st.drop_behind(f.fk, id, 11, true, &f.rc), "backward");
+        assert_eq!(f.st.lru().oldest(), Some(a), "nothing demoted");
+        assert!(f.st.drop_behind(f.fk, id, 12, true, &f.rc), "right after");
+        assert_eq!(f.st.lru().oldest(), Some(b), "block 11 dropped behind");
+        assert!(f.st.drop_behind(f.fk, id, 12, false, &f.rc), "not noted");
+        assert!(f.st.drop_behind(f.fk, id, 13, true, &f.rc));
+        assert!(!f.st.drop_behind(f.fk, id, 10, true, &f.rc), "a jump");
+        assert_eq!((f.fh.snapshot().streams, f.rc.snapshot().streams), (1, 1));
+        // Random advice turns detection off.
+        f.st.vma_mut(f.fk, f.vk).set_advice(Advice::Random);
+        f.st.touch(a);
+        f.st.touch(b);
+        assert!(!f.st.drop_behind(f.fk, id, 11, true, &f.rc));
+        assert!(!f.st.drop_behind(f.fk, id, 12, true, &f.rc));
+        assert_eq!(f.st.lru().oldest(), Some(a), "nothing demoted");
+        assert_eq!(f.fh.snapshot().streams, 1);
     }
 
     #[test]

@@ -21,6 +21,21 @@ pub struct Stats {
     pub resident_pages: u64,
     /// Dirty pages now.
     pub dirty_pages: u64,
+    /// Sequential streams detected: how many times a mapping under
+    /// [`Advice::Normal`](crate::Advice::Normal) took a fault on the block
+    /// right after the one it faulted on before, after a fault that was not
+    /// so (sequential detection, see ARCHITECTURE.md).
+    pub streams: u64,
+    /// Blocks loaded by read-ahead (counted in `loads` too): loaded by a
+    /// worker thread ahead of a stream's faults (see ARCHITECTURE.md,
+    /// "Read-ahead").
+    pub readahead_loads: u64,
+    /// Pages read-ahead loaded that were reached before they were dropped:
+    /// faulted on, or passed by their stream's faults.
+    pub readahead_hits: u64,
+    /// Pages read-ahead loaded that were dropped (reclaimed, invalidated,
+    /// closed) before anything reached them.
+    pub readahead_wasted: u64,
 }
 
 #[derive(Debug, Default)]
@@ -32,6 +47,10 @@ pub(crate) struct Counters {
     reclaims: AtomicU64,
     resident_pages: AtomicU64,
     dirty_pages: AtomicU64,
+    streams: AtomicU64,
+    readahead_loads: AtomicU64,
+    readahead_hits: AtomicU64,
+    readahead_wasted: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +62,10 @@ pub(crate) enum Counter {
     Reclaims,
     Resident,
     Dirty,
+    Streams,
+    ReadAheadLoads,
+    ReadAheadHits,
+    ReadAheadWasted,
 }
 
 impl Counters {
@@ -55,6 +78,10 @@ impl Counters {
             Counter::Reclaims => &self.reclaims,
             Counter::Resident => &self.resident_pages,
             Counter::Dirty => &self.dirty_pages,
+            Counter::Streams => &self.streams,
+            Counter::ReadAheadLoads => &self.readahead_loads,
+            Counter::ReadAheadHits => &self.readahead_hits,
+            Counter::ReadAheadWasted => &self.readahead_wasted,
         }
     }
 
@@ -82,6 +109,10 @@ impl Counters {
             reclaims: self.reclaims.load(Relaxed),
             resident_pages: self.resident_pages.load(Relaxed),
             dirty_pages: self.dirty_pages.load(Relaxed),
+            streams: self.streams.load(Relaxed),
+            readahead_loads: self.readahead_loads.load(Relaxed),
+            readahead_hits: self.readahead_hits.load(Relaxed),
+            readahead_wasted: self.readahead_wasted.load(Relaxed),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::ptr::NonNull;
 use bitvec::vec::BitVec;
 
 use crate::advice::Advice;
+use crate::stream::Stream;
 
 #[derive(Debug)]
 pub(crate) struct VmaState {
@@ -19,6 +20,9 @@ pub(crate) struct VmaState {
     /// may not go away, until the mark is cleared.
     unmapping: BitVec,
     advice: Advice,
+    /// Its faults seen as a stream (sequential detection, under
+    /// `Advice::Normal`).
+    stream: Stream,
 }
 
 // SAFETY: `start` is only the address of a reservation owned by the Vma; it
@@ -36,6 +40,7 @@ impl VmaState {
             mapped: BitVec::repeat(false, pglen),
             unmapping: BitVec::repeat(false, pglen),
             advice: Advice::Normal,
+            stream: Stream::default(),
         }
     }
 
@@ -98,6 +103,7 @@ impl VmaState {
     pub(crate) fn forget_pages(&mut self) {
         self.mapped.fill(false);
         self.unmapping.fill(false);
+        self.stream = Stream::default();
     }
 
     /// The first address and the number of pages of the mapping.
@@ -111,6 +117,14 @@ impl VmaState {
 
     pub(crate) fn set_advice(&mut self, advice: Advice) {
         self.advice = advice;
+    }
+
+    pub(crate) fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    pub(crate) fn stream_mut(&mut self) -> &mut Stream {
+        &mut self.stream
     }
 }
 

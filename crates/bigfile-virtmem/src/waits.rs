@@ -18,6 +18,9 @@ pub(crate) struct Ticket {
     /// Whether the work may take the host lock (a loader or storer that
     /// does): a thread holding it releases it before waiting.
     needs_host: bool,
+    /// A read-ahead load (`readahead.rs`): its failure is no one's, and a
+    /// thread that waited for it loads the block again itself.
+    readahead: bool,
     outcome: OnceLock<Result<(), Failure>>,
 }
 
@@ -34,8 +37,26 @@ impl Ticket {
         Arc::new(Ticket {
             owner: std::thread::current().id(),
             needs_host,
+            readahead: false,
             outcome: OnceLock::new(),
         })
+    }
+
+    /// A ticket of read-ahead worker `owner`, for a load that never takes
+    /// the host lock.
+    pub(crate) fn read_ahead_by(owner: ThreadId) -> Arc<Ticket> {
+        Arc::new(Ticket {
+            owner,
+            needs_host: false,
+            readahead: true,
+            outcome: OnceLock::new(),
+        })
+    }
+
+    /// Whether this is a read-ahead load's: its failure is not reported to
+    /// those who waited for it (they load the block again).
+    pub(crate) fn is_read_ahead(&self) -> bool {
+        self.readahead
     }
 
     /// Whether finishing the work may take the host lock.
@@ -136,11 +157,7 @@ mod tests {
     }
 
     fn ticket_of(owner: ThreadId) -> Arc<Ticket> {
-        Arc::new(Ticket {
-            owner,
-            needs_host: false,
-            outcome: OnceLock::new(),
-        })
+        Ticket::read_ahead_by(owner)
     }
 
     #[test]

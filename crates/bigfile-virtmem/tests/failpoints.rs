@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bigfile_testkit::loads::settle;
 use bigfile_testkit::memory::{access_at, prot_at, PageAccess};
 use bigfile_testkit::MemFile;
 use bigfile_virtmem::{Error, FaultBackend, FileH, PageState, Ram, Vma, WriteoutFlags};
@@ -197,4 +198,113 @@ fn a_write_waits_for_a_pending_unmap_of_its_block_in_another_mapping() {
         );
         reclaimer.join().unwrap();
     });
+}
+
+/// Whether this thread is a read-ahead worker.
+fn on_read_ahead_worker() -> bool {
+    std::thread::current()
+        .name()
+        .is_some_and(|n| n.starts_with("bigfile-readahead"))
+}
+
+/// A native memory file (read ahead on the workers) whose loads of block 3
+/// fail with `fail(on_worker)` (`None`: succeed); a worker's load of it
+/// first waits until a fault waits for it (failure point `virtmem::wait`).
+/// A fault on block 0 of a mapping advised sequential (16 blocks, budget
+/// 32) has read blocks 1..=8 ahead; returns the file, RAM, handle and
+/// mapping.
+fn read_ahead_failing_at_3(
+    fail: impl Fn(bool) -> Option<&'static str> + Send + Sync + 'static,
+) -> (Arc<MemFile>, Ram, FileH, Vma) {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let waiting = Arc::new(AtomicBool::new(false));
+    {
+        let waiting = waiting.clone();
+        fail::cfg_callback("virtmem::wait", move || {
+            if !on_read_ahead_worker() {
+                waiting.store(true, SeqCst);
+            }
+        })
+        .unwrap();
+    }
+    let file = Arc::new(MemFile::new(BLK).native());
+    file.on_load(move |blk, _| {
+        if blk != 3 {
+            return Ok(());
+        }
+        let worker = on_read_ahead_worker();
+        if worker {
+            // Bounded only so a bug fails the test instead of hanging it.
+            let start = std::time::Instant::now();
+            while !waiting.load(SeqCst) && start.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        fail(worker).map_or(Ok(()), |m| Err(m.into()))
+    });
+    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}"))
+        .unwrap()
+        .with_budget(32 * BLK as u64);
+    let fh = FileH::open(file.clone(), Some(&ram)).unwrap();
+    fh.set_load_policy(bigfile_virtmem::LoadPolicy {
+        attempts: 1,
+        backoff: Duration::ZERO,
+    });
+    let vma = fh.mmap(0, 16).unwrap();
+    vma.advise(bigfile_virtmem::Advice::Sequential);
+    assert_eq!(read(&vma, 0), 1);
+    (file, ram, fh, vma)
+}
+
+/// A read-ahead load that fails is forgotten: the fault that waited for it
+/// loads the block again itself, and succeeds.
+#[test]
+fn a_failing_read_ahead_is_forgotten_and_the_fault_loads_again() {
+    let _scenario = fail::FailScenario::setup();
+    let (file, _ram, fh, vma) =
+        read_ahead_failing_at_3(|worker| worker.then_some("read-ahead failure"));
+    assert_eq!(read(&vma, 3 * BLK), 4, "loaded again by the fault");
+    settle(&fh, 0..16);
+    fail::remove("virtmem::wait");
+    let loads_of_3 = file
+        .take_calls()
+        .iter()
+        .filter(|c| **c == bigfile_testkit::Call::Load(3))
+        .count();
+    assert_eq!(loads_of_3, 2);
+    let s = fh.stats();
+    assert_eq!(s.load_errors, 1);
+    // Every load but the faults' own (blocks 0 and 3) was read ahead.
+    assert_eq!(s.readahead_loads, s.loads - 2, "{s:?}");
+    assert!(s.readahead_loads >= 7, "blocks 1..=8 but 3 at least: {s:?}");
+    assert_eq!(fh.page_state(3), Some(PageState::Loaded));
+}
+
+/// When the fault's own load fails too, the error reported is the fault's
+/// own, not the read-ahead's.
+#[test]
+fn a_fault_after_a_failed_read_ahead_reports_its_own_failure() {
+    let _scenario = fail::FailScenario::setup();
+    let (_file, _ram, fh, vma) = read_ahead_failing_at_3(|worker| {
+        Some(if worker {
+            "read-ahead failure"
+        } else {
+            "the fault's failure"
+        })
+    });
+    let err = vma
+        .prefault(3 * BLK..4 * BLK, bigfile_virtmem::Access::Read)
+        .unwrap_err();
+    settle(&fh, 0..16);
+    fail::remove("virtmem::wait");
+    let Error::Load { blk: 3, source, .. } = &err else {
+        panic!("{err:?}");
+    };
+    let message = source.to_string();
+    assert!(
+        message.contains("the fault's failure") && !message.contains("read-ahead"),
+        "{message}"
+    );
+    assert_eq!(fh.stats().load_errors, 2);
+    assert_eq!(fh.page_state(3), None);
 }

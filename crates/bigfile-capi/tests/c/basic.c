@@ -65,6 +65,7 @@ int main(void) {
 
     /* Advice and load policy. */
     CHECK(bigfile_vma_advise(vma, BIGFILE_ADVICE_SEQUENTIAL) == 0);
+    CHECK(bigfile_vma_advise(vma, BIGFILE_ADVICE_RANDOM) == 0);
     CHECK(bigfile_vma_advise(vma, BIGFILE_ADVICE_NORMAL) == 0);
     unsigned attempts = 0;
     uint64_t backoff = 0;

@@ -11,7 +11,7 @@ _T = TypeVar("_T")
 WRITEOUT_STORE: Final[int]
 WRITEOUT_MARKSTORED: Final[int]
 
-_StatsKey = Literal["faults", "loads", "load_errors", "stores", "reclaims", "resident_pages", "dirty_pages"]
+_StatsKey = Literal["faults", "loads", "load_errors", "stores", "reclaims", "resident_pages", "dirty_pages", "streams", "readahead_loads", "readahead_hits", "readahead_wasted"]
 _FaultBackend = Literal["signals", "userfaultfd"]
 
 class _RamStats(TypedDict):
@@ -22,6 +22,10 @@ class _RamStats(TypedDict):
     reclaims: int
     resident_pages: int
     dirty_pages: int
+    streams: int
+    readahead_loads: int
+    readahead_hits: int
+    readahead_wasted: int
     budget: int
     resident_bytes: int
     fault_backend: _FaultBackend
@@ -105,9 +109,9 @@ class VMA:
     @property
     def closed(self) -> bool: ...
     def mapped_pages(self) -> list[int]: ...
-    def advise(self, advice: Literal["normal", "sequential"]) -> None: ...
+    def advise(self, advice: Literal["normal", "sequential", "random"]) -> None: ...
     @property
-    def advice(self) -> Literal["normal", "sequential"]: ...
+    def advice(self) -> Literal["normal", "sequential", "random"]: ...
     def prefault(self, start: int = 0, stop: Optional[int] = None, write: bool = False) -> None: ...
     def close(self) -> None: ...
     def unmap(self) -> None: ...

@@ -1,0 +1,293 @@
+//! Asynchronous read-ahead: the blocks ahead of a stream (`stream.rs`) are
+//! loaded by worker threads (`bigfile-readahead-N`, started on first use,
+//! one per core at most) into pages counted in the budget, and mapped into
+//! the stream's mapping when loaded, so the stream's next accesses take no
+//! fault. The policy (what room read-ahead may take, when its pages go) is
+//! described in ARCHITECTURE.md ("Read-ahead").
+//!
+//! A read-ahead page is LOADING under a ticket of its worker, so a fault
+//! on it waits as for any load; the worker waits for nothing but the RAM
+//! lock. A read-ahead load that fails is forgotten: the page is dropped,
+//! and a fault that waited for it loads the block again itself (its
+//! failure, if any, is the one reported).
+
+use std::ops::Range;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, ThreadId};
+
+use bigfile_os::Prot;
+
+use crate::failure::Failure;
+use crate::fork_generation;
+use crate::handle::FileHInner;
+use crate::keys::{PageKey, RamPage, VmaId};
+use crate::mapper::{Deferred, Mapper};
+use crate::pages::{LoadEnd, PageState};
+use crate::reclaim::release;
+use crate::shared::Guard;
+use crate::state::Unmap;
+use crate::stream::MAX_WINDOW;
+use crate::waits::Ticket;
+
+/// At most this many workers, however many cores.
+const MAX_WORKERS: usize = 4;
+
+/// How a worker fills a page (`serve.rs`'s `fill_page`, handed in by the
+/// fault path): the RAM page filled, or the failure with the RAM page (if
+/// one was had) to give back.
+pub(crate) type Fill =
+    fn(&FileHInner, u64, Option<RamPage>) -> Result<RamPage, (Option<RamPage>, Failure)>;
+
+/// One block to load ahead: its page is LOADING under `ticket`, charged
+/// to the budget; `recycled` is the RAM page reclaimed for it, if any.
+struct Job {
+    fh: Arc<FileHInner>,
+    vma: VmaId,
+    blk: u64,
+    pk: PageKey,
+    ticket: Arc<Ticket>,
+    recycled: Option<RamPage>,
+    fill: Fill,
+}
+
+#[derive(Clone)]
+struct Worker {
+    id: ThreadId,
+    jobs: Sender<Job>,
+}
+
+/// The workers of this process (of this fork generation: a forked child
+/// has none of its parent's threads, and starts its own).
+struct Pool {
+    generation: u64,
+    workers: Vec<Worker>,
+    next: usize,
+}
+
+/// The pool. Taken only under a RAM's lock (lock order: inside 5), so
+/// never held across a fork: the forking thread holds every RAM's lock.
+static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+
+/// The worker to give the next load to, started if need be; `None` when no
+/// thread starts. The caller holds a RAM's lock.
+fn pick_worker(_locked: &Guard<'_>) -> Option<Worker> {
+    let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    let generation = fork_generation::generation();
+    if pool.as_ref().is_none_or(|p| p.generation != generation) {
+        *pool = Some(Pool {
+            generation,
+            workers: Vec::new(),
+            next: 0,
+        });
+    }
+    let pool = pool.as_mut()?;
+    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    let most = cores.clamp(1, MAX_WORKERS);
+    if pool.next == pool.workers.len() && pool.workers.len() < most {
+        let (jobs, inbox) = channel();
+        let handle = thread::Builder::new()
+            .name(format!("bigfile-readahead-{}", pool.workers.len()))
+            .spawn(move || work(inbox))
+            .ok()?;
+        pool.workers.push(Worker {
+            id: handle.thread().id(),
+            jobs,
+        });
+    }
+    let w = pool.workers.get(pool.next)?.clone();
+    pool.next = (pool.next + 1) % most;
+    Some(w)
+}
+
+fn work(inbox: Receiver<Job>) {
+    for job in inbox {
+        run(job);
+    }
+}
+
+/// Read ahead of a fault on block `blk` in mapping `vma` of `fh`: start
+/// loading `blocks` (those not resident), as far as the budget has room
+/// or a page the stream has passed can be reclaimed; map the read-ahead
+/// pages loaded meanwhile that the stream's accesses reach before its next
+/// fault. The workers fill pages with `fill`. Called after the fault was
+/// served, without the RAM lock.
+pub(crate) fn issue(fh: &FileHInner, (vma, blk): (VmaId, u64), blocks: Range<u64>, fill: Fill) {
+    let Some(me) = fh.me.get().and_then(|w| w.upgrade()) else {
+        return;
+    };
+    let shared = &*fh.shared;
+    let mut deferred = Deferred::default();
+    let mut jobs = Vec::new();
+    let mut st = shared.lock();
+    for b in blocks {
+        if st.lookup(fh.key, b).is_some() {
+            continue;
+        }
+        let Some((worker, recycled)) = room_for(&mut st, fh, (vma, blk), &mut deferred) else {
+            // Asked again at the stream's next fault.
+            st.cut_read_ahead(fh.key, vma, b);
+            break;
+        };
+        let ticket = Ticket::read_ahead_by(worker.id);
+        let pk = st.begin_load(fh.key, b, ticket.clone());
+        let job = Job {
+            fh: me.clone(),
+            vma,
+            blk: b,
+            pk,
+            ticket,
+            recycled,
+            fill,
+        };
+        jobs.push((worker, job));
+    }
+    // Pages read ahead earlier, now below the trigger: mapped as the
+    // workers would have, had the trigger been there when they finished.
+    let trigger_range = blk.saturating_add(1)..blk.saturating_add(MAX_WINDOW);
+    for b in trigger_range {
+        if let Some(pk) = st.lookup(fh.key, b) {
+            map_ahead(fh, &mut st, vma, (b, pk));
+        }
+    }
+    drop(st);
+    // The reclaimed pages are unmapped before a worker writes into them.
+    deferred.finish(shared);
+    for (worker, job) in jobs {
+        if let Err(back) = worker.jobs.send(job) {
+            // The worker is gone (it cannot be, short of a bug): load here,
+            // rather than leave the page loading for ever.
+            run(back.0);
+        }
+    }
+    drop(me);
+}
+
+/// Room for one read-ahead page and the worker to load it: free room in
+/// the budget, or the least recently used clean page if the stream of
+/// `vma` has passed it (reclaimed: its RAM page to reuse, or released,
+/// once `deferred` is finished). `None` when there is neither (read-ahead
+/// never waits for room), or no worker.
+fn room_for(
+    st: &mut Guard<'_>,
+    fh: &FileHInner,
+    (vma, blk): (VmaId, u64),
+    deferred: &mut Deferred,
+) -> Option<(Worker, Option<RamPage>)> {
+    let shared = &*fh.shared;
+    let full = st.budget().is_full(shared.budget_pages());
+    if full && !passed_oldest(st, fh, vma, blk) {
+        return None;
+    }
+    let worker = pick_worker(st)?;
+    if !full {
+        return Some((worker, None));
+    }
+    let d = st.reclaim_oldest(shared.counters(), Unmap::Deferred, deferred.slots())?;
+    let recycled = d.ram_page.and_then(|rp| {
+        if Mapper::of(shared).pages_in_place() {
+            release(shared, deferred, fh.ramh.clone(), rp);
+            None
+        } else {
+            Some(rp)
+        }
+    });
+    Some((worker, recycled))
+}
+
+/// Whether the least recently used clean page is one the stream of `vma`
+/// has passed: a block of the mapping below the fault's block `blk`.
+fn passed_oldest(st: &Guard<'_>, fh: &FileHInner, vma: VmaId, blk: u64) -> bool {
+    let Some(pk) = st.lru().oldest() else {
+        return false;
+    };
+    let p = st.pages().get(pk);
+    p.fileh() == fh.key
+        && p.blk() < blk
+        && st
+            .find_vma(fh.key, vma)
+            .is_some_and(|v| v.index_of(p.blk()).is_some())
+}
+
+/// Map read-ahead page `pk` (block `blk`, loaded, not reached) read-only
+/// into the stream's mapping `vma`, if the stream's accesses reach it
+/// before its next fault and the slot is free (nothing mapped, no
+/// reclaimer unmapping it). A failure to map leaves it to the fault.
+fn map_ahead(fh: &FileHInner, st: &mut Guard<'_>, vma: VmaId, (blk, pk): (u64, PageKey)) {
+    let page = st.pages().get(pk);
+    let (Some(rp), true, PageState::Loaded) = (page.ram_page(), page.is_ahead(), page.state())
+    else {
+        return;
+    };
+    // (Read ahead by another mapping of the handle, it may be a block
+    // this one does not cover.)
+    let wanted = st
+        .find_vma(fh.key, vma)
+        .is_some_and(|v| v.index_of(blk).is_some() && v.stream().maps_ahead(blk));
+    if !wanted || st.slot_unmapping(fh.key, vma, blk) {
+        return;
+    }
+    let free = st
+        .slot(fh.key, vma, blk, fh.page_size())
+        .is_some_and(|slot| !slot.mapped);
+    if free {
+        let _ = Mapper::of(&fh.shared).map(st, fh.key, vma, blk, rp, Prot::Read);
+    }
+}
+
+/// A worker's load of one block ahead.
+fn run(job: Job) {
+    let fh = &*job.fh;
+    let shared = &*fh.shared;
+    let forks = fork_generation::generation();
+    let dropped = {
+        let st = shared.lock();
+        // Dropped before it began: the stream's mapping is gone, or the
+        // block was invalidated.
+        st.stream(fh.key, job.vma).is_none()
+            || st.pages().get(job.pk).state() == PageState::LoadingInvalidated
+    };
+    let loaded = if dropped {
+        Err((job.recycled, None))
+    } else {
+        (job.fill)(fh, job.blk, job.recycled).map_err(|(rp, f)| (rp, Some(f)))
+    };
+    let mut st = shared.lock();
+    if fork_generation::generation() != forks {
+        // loadblk forked and this is the child, whose state forgot the page.
+        return;
+    }
+    let rc = shared.counters();
+    let mapper = Mapper::of(shared);
+    match loaded {
+        Ok(rp) => {
+            if st.finish_load(job.pk, rp, rc) == LoadEnd::Invalidated {
+                mapper.forget(&mut st, job.pk, rc);
+            } else {
+                st.loaded_ahead(job.pk, rc);
+                let pending = st
+                    .stream(fh.key, job.vma)
+                    .is_some_and(|s| s.pending().contains(&job.blk));
+                if pending {
+                    map_ahead(fh, &mut st, job.vma, (job.blk, job.pk));
+                } else {
+                    // The stream stopped meanwhile: this page goes first.
+                    st.demote(job.pk);
+                }
+            }
+            job.ticket.finish(Ok(()));
+        }
+        Err((rp, failure)) => {
+            // Forgotten: a fault that waited loads the block itself.
+            mapper.forget(&mut st, job.pk, rc);
+            if let Some(rp) = rp {
+                mapper.release(&fh.ramh, rp);
+            }
+            job.ticket.finish(failure.map_or(Ok(()), Err));
+        }
+    }
+    shared.notify(&st);
+    drop(st);
+    // The job may hold the handle's last reference: dropped without the lock.
+    drop(job);
+}

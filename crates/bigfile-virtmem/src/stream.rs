@@ -1,0 +1,196 @@
+//! Sequential detection: whether a mapping's faults form a forward scan
+//! (a stream), as the kernel's read-ahead tells one for a file, and the
+//! stream's read-ahead window. The policies are described in
+//! ARCHITECTURE.md ("Sequential detection", "Read-ahead").
+
+use std::ops::Range;
+
+/// The largest read-ahead window, in blocks (never more than a quarter of
+/// the budget).
+pub(crate) const MAX_WINDOW: u64 = 8;
+
+/// The read-ahead window's largest size under a budget of `budget_pages`:
+/// [`MAX_WINDOW`], never more than a quarter of the budget.
+pub(crate) fn max_window(budget_pages: u64) -> u64 {
+    MAX_WINDOW.min(budget_pages / 4)
+}
+
+/// A mapping's faults seen as a stream: the block of its last fault, how
+/// many faults in a row continued it, and how far it was read ahead.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Stream {
+    last: Option<u64>,
+    run: u64,
+    /// Blocks below this were read ahead (issued).
+    ahead: u64,
+    /// The block where the stream's next fault is expected: read-ahead
+    /// pages below it are mapped when loaded (the stream's accesses to them
+    /// take no fault); the fault on it reads further ahead.
+    trigger: u64,
+}
+
+/// What a fault made of its mapping's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Not right after the fault before: no stream (or not any more).
+    Random,
+    /// Right after a fault that was not itself sequential: a stream begins.
+    Began,
+    /// A stream goes on (or the same block faulted again within it: a
+    /// write after a read, an access spanning two blocks).
+    Continues,
+}
+
+impl Stream {
+    /// A fault on block `blk`: what it makes of the stream. It continues
+    /// the stream when it comes on the block right after the last fault, or
+    /// (the pages between mapped by read-ahead, so touched without a fault)
+    /// anywhere up to the trigger.
+    pub(crate) fn note(&mut self, blk: u64) -> Step {
+        let prev = self.last.replace(blk);
+        if prev == Some(blk) {
+            return if self.run > 0 {
+                Step::Continues
+            } else {
+                Step::Random
+            };
+        }
+        if let Some(next) = prev.and_then(|p| p.checked_add(1)) {
+            if blk >= next && blk <= next.max(self.trigger) {
+                self.run += 1;
+                return if self.run == 1 {
+                    Step::Began
+                } else {
+                    Step::Continues
+                };
+            }
+        }
+        self.run = 0;
+        self.ahead = 0;
+        self.trigger = 0;
+        Step::Random
+    }
+
+    /// The block of the last fault noted.
+    pub(crate) fn last(&self) -> Option<u64> {
+        self.last
+    }
+
+    /// Whether the faults so far form a stream.
+    pub(crate) fn is_sequential(&self) -> bool {
+        self.run > 0
+    }
+
+    /// The blocks read ahead and not yet passed by a fault: after the last
+    /// fault, below the read-ahead end.
+    pub(crate) fn pending(&self) -> Range<u64> {
+        self.last.map_or(0, |l| l.saturating_add(1))..self.ahead
+    }
+
+    /// The read-ahead window after the stream's faults so far, at most
+    /// `max` blocks: 1, 2, 4 ... as it goes on; `max` at once with
+    /// `advised` (a mapping advised sequential).
+    pub(crate) fn window(&self, advised: bool, max: u64) -> u64 {
+        if advised {
+            return max;
+        }
+        match self.run {
+            0 => 0,
+            run => (1u64 << (run - 1).min(MAX_WINDOW.ilog2() as u64)).min(max),
+        }
+    }
+
+    /// Read `window` blocks ahead of a fault on `blk`: the blocks not read
+    /// ahead yet among them; the trigger moves half a window on (at least
+    /// one block).
+    pub(crate) fn read_ahead(&mut self, blk: u64, window: u64) -> Range<u64> {
+        let end = blk.saturating_add(window).saturating_add(1);
+        let start = blk.saturating_add(1).max(self.ahead).min(end);
+        self.ahead = self.ahead.max(end);
+        self.trigger = blk.saturating_add((window / 2).max(1));
+        start..end
+    }
+
+    /// Read-ahead stopped short of block `at` (no room, no worker): the
+    /// blocks from there on are asked again at the stream's next fault.
+    pub(crate) fn cut_ahead(&mut self, at: u64) {
+        self.ahead = self.ahead.min(at);
+    }
+
+    /// Whether a read-ahead page of block `blk`, once loaded, is mapped in
+    /// the stream's mapping: below the trigger (and not passed yet).
+    pub(crate) fn maps_ahead(&self, blk: u64) -> bool {
+        self.is_sequential() && self.last.is_some_and(|l| blk > l) && blk < self.trigger
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn steps(blocks: &[u64]) -> Vec<Step> {
+        let mut s = Stream::default();
+        blocks.iter().map(|&b| s.note(b)).collect()
+    }
+
+    #[test]
+    fn a_fault_right_after_the_one_before_begins_a_stream() {
+        use Step::*;
+        assert_eq!(
+            steps(&[5, 6, 7, 7, 8]),
+            [Random, Began, Continues, Continues, Continues]
+        );
+    }
+
+    #[test]
+    fn random_and_backward_faults_keep_it_shut() {
+        use Step::*;
+        assert_eq!(steps(&[9, 3, 3, 8, 7, 1]), [Random; 6]);
+        let mut s = Stream::default();
+        s.note(1);
+        s.note(2);
+        assert!(s.is_sequential());
+        assert_eq!(s.note(10), Random, "a jump ends it");
+        assert!(!s.is_sequential());
+        assert_eq!(s.note(11), Began, "and a new one may begin there");
+    }
+
+    #[test]
+    fn the_window_grows_to_its_maximum_and_opens_at_once_when_advised() {
+        let mut s = Stream::default();
+        let mut windows = Vec::new();
+        for blk in 0..7 {
+            s.note(blk);
+            windows.push(s.window(false, MAX_WINDOW));
+        }
+        assert_eq!(windows, [0, 1, 2, 4, 8, 8, 8]);
+        assert_eq!(s.window(false, 3), 3, "never more than the maximum given");
+        assert_eq!(Stream::default().window(true, 5), 5);
+    }
+
+    #[test]
+    fn read_ahead_tops_up_the_window_and_faults_up_to_the_trigger_continue() {
+        let mut s = Stream::default();
+        s.note(10);
+        s.note(11);
+        assert_eq!(s.read_ahead(11, 8), 12..20);
+        assert_eq!(s.pending(), 12..20);
+        assert!(s.maps_ahead(14) && !s.maps_ahead(15) && !s.maps_ahead(11));
+        // The stream's accesses to 12..15 took no fault: the next is on 15.
+        assert_eq!(s.note(15), Step::Continues);
+        assert_eq!(s.read_ahead(15, 8), 20..24, "only what is new");
+        assert_eq!(s.pending(), 16..24);
+        s.cut_ahead(22);
+        assert_eq!(s.pending(), 16..22, "22 and 23 not read ahead after all");
+        assert_eq!(s.read_ahead(15, 8), 22..24, "asked again");
+        assert_eq!(s.note(30), Step::Random, "beyond the trigger: a jump");
+        assert!(s.pending().is_empty(), "nothing pending once stopped");
+    }
+
+    #[test]
+    fn the_last_block_ends_nothing() {
+        let mut s = Stream::default();
+        s.note(u64::MAX);
+        assert_eq!(s.note(0), Step::Random, "no wrap around");
+    }
+}
