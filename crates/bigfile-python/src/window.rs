@@ -13,8 +13,8 @@
 //!   no longer reaches the page; the range is unmapped when the last of
 //!   them goes.
 //!
-//! An idle range keeps the RAM file it maps open; [`detach_idle`] puts
-//! inaccessible memory there instead, for when a handle is closed.
+//! An idle range keeps the RAM file it maps open; [`detach_idle`] unmaps
+//! the idle ranges when a handle is closed.
 //!
 //! The pool is shared by all threads (a load may run on any thread) and
 //! only ever tried, never waited for: a thread that finds it locked (or a
@@ -157,15 +157,14 @@ fn take_idle(len: usize) -> Option<Range> {
     Some(idle.swap_remove(i))
 }
 
-/// Put inaccessible memory in every idle range, so none keeps a RAM file
-/// open (a closed handle's file goes at once). A range whose mapping cannot
-/// be replaced is unmapped.
+/// Unmap every idle range, so none keeps a RAM file open (a closed
+/// handle's file goes at once). The next call reserves a fresh range.
 pub(crate) fn detach_idle() {
     // Tried, not waited for (see the module docs), but a thread taking or
     // giving back a range holds the lock for a moment only.
     for _ in 0..1000 {
         if let Ok(mut idle) = IDLE.try_lock() {
-            idle.retain(|r| r.map_anonymous(libc::PROT_NONE).is_ok());
+            idle.clear();
             return;
         }
         std::thread::yield_now();
