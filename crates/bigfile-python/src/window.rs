@@ -93,8 +93,7 @@ pub(crate) struct PageWindow(Range);
 
 impl PageWindow {
     /// Map `page` (read-write for a load, read-only for a store) at an idle
-    /// range of its size, or at a new one.
-    /// The error says what failed.
+    /// range of its size, or at a new one; the error says what failed.
     pub(crate) fn map(page: &BlockPage<'_>) -> Result<PageWindow, String> {
         let range = match take_idle(page.len()) {
             Some(r) => r,
