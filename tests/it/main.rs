@@ -1,6 +1,7 @@
 //! Whole-stack tests: a BigFile mapped through virtmem, served by the fault
 //! layer, with pages from the RAM layer. One binary, a module per scenario.
 
+mod block_page;
 mod budget;
 mod common;
 mod crash;

@@ -329,12 +329,20 @@ const ROWS: &[Row] = {
             AtMost(None),
         ),
         (
-            "7",
+            "19",
             "Python no-op loadblk fault, 2 MiB",
             PyTime("fault_noop"),
             "Rust no-op fault, 2 MiB",
             Time("fault_noop/bigfile/2M"),
-            AtMost(None),
+            AtMost(Some(3.0)),
+        ),
+        (
+            "19",
+            "Python numpy zero-fill fault, 2 MiB",
+            PyTime("fault_zero_numpy"),
+            "Rust full-block fault, 2 MiB",
+            Time("fault_fill/bigfile/2M"),
+            AtMost(Some(1.2)),
         ),
         (
             "7",

@@ -1,14 +1,14 @@
 //! The virtmem `BigFile` of a Python BigFile object: `loadblk` and
 //! `storeblk` call the object's Python methods, with the GIL taken from any
-//! thread, the thread's exception state kept, the block's memory taken back
-//! from Python after the call (`blockbuf`), and a `loadblk` interrupted by
-//! Ctrl-C made again (`interrupt`).
+//! thread, the thread's exception state kept, the block's RAM page handed
+//! to Python for the call and taken back after it (`window`, `blockbuf`),
+//! and a `loadblk` interrupted by Ctrl-C made again (`interrupt`).
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
-use bigfile_virtmem::BlockError;
+use bigfile_virtmem::{BlockError, BlockPage};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
@@ -16,6 +16,7 @@ use crate::blockbuf::{memoryview, scrub, write_stderr, BlockBuffer};
 use crate::error::PyBlockError;
 use crate::gil::{with_python, ExcState, SubinterpreterThread};
 use crate::interrupt::{self, Callback};
+use crate::window::PageWindow;
 
 /// The virtmem `BigFile` of a Python BigFile object.
 pub(crate) struct PyFileAdapter {
@@ -67,9 +68,9 @@ impl PyFileAdapter {
         self.obj.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    /// Call `loadblk` or `storeblk` of the Python object. `buf` is the block
-    /// (filled on success for a load).
-    fn call(&self, op: Op, blk: u64, buf: *mut u8) -> Result<(), BlockError> {
+    /// Call `loadblk` or `storeblk` of the Python object on `page`, the
+    /// block's RAM page (filled on success for a load).
+    fn call(&self, op: Op, blk: u64, page: &BlockPage<'_>) -> Result<(), BlockError> {
         // SAFETY: only reads the calling thread's bound thread state.
         let foreign = unsafe { ffi::PyGILState_GetThisThreadState() }.is_null();
         let r = catch_unwind(AssertUnwindSafe(|| {
@@ -77,7 +78,7 @@ impl PyFileAdapter {
                 let callback = Callback::enter(foreign);
                 // SAFETY: we hold the GIL (with_python).
                 let saved = unsafe { ExcState::take() };
-                let r = self.call_until_done(py, op, blk, buf);
+                let r = self.call_until_done(py, op, blk, page);
                 callback.leave(py);
                 // SAFETY: we hold the GIL; this thread took `saved`.
                 unsafe { saved.restore() };
@@ -104,11 +105,11 @@ impl PyFileAdapter {
         py: Python<'_>,
         op: Op,
         blk: u64,
-        buf: *mut u8,
+        page: &BlockPage<'_>,
     ) -> Result<(), BlockError> {
         let mut interrupted = 0;
         loop {
-            match self.call_in(py, op, blk, buf) {
+            match self.call_in(py, op, blk, page) {
                 Ok(()) => return Ok(()),
                 Err(e) if op == Op::Load && interrupt::is_interrupt(py, &e) => {
                     let ty = e
@@ -139,8 +140,7 @@ impl PyFileAdapter {
         }
     }
 
-    fn call_in(&self, py: Python<'_>, op: Op, blk: u64, buf: *mut u8) -> PyResult<()> {
-        let len = self.blksize;
+    fn call_in(&self, py: Python<'_>, op: Op, blk: u64, page: &BlockPage<'_>) -> PyResult<()> {
         let obj = {
             let guard = self.obj.lock().unwrap_or_else(|p| p.into_inner());
             guard.as_ref().map(|o| o.bind(py).clone())
@@ -151,22 +151,16 @@ impl PyFileAdapter {
                 self.name
             )));
         };
-        let block = Bound::new(py, BlockBuffer::new(len, op == Op::Store))?;
-        if op == Op::Store {
-            // SAFETY: virtmem hands storeblk `len` readable bytes at `buf`.
-            block
-                .get()
-                .fill_from(unsafe { std::slice::from_raw_parts(buf, len) });
-        }
+        let window = PageWindow::map(page).map_err(|e| {
+            pyo3::exceptions::PyOSError::new_err(format!(
+                "{} of block {blk} of {}: {e}",
+                op.name(),
+                self.name
+            ))
+        })?;
+        let block = Bound::new(py, BlockBuffer::new(window, op == Op::Store))?;
         let mv = memoryview(&block)?;
         let r = obj.call_method1(op.name(), (blk, &mv));
-        if op == Op::Load && r.is_ok() {
-            // SAFETY: virtmem hands loadblk `len` writable bytes at `buf`,
-            // ours alone for the duration of the call.
-            block
-                .get()
-                .copy_to(unsafe { std::slice::from_raw_parts_mut(buf, len) });
-        }
         // While the exception (with frames holding the buffer) is alive, so
         // those frames get the stub.
         scrub(
@@ -215,13 +209,32 @@ impl bigfile_virtmem::BigFile for PyFileAdapter {
         self.blksize
     }
 
-    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        self.call(Op::Load, blk, buf.as_mut_ptr())
+    /// Python loads through [`loadblk_page`](Self::loadblk_page): its
+    /// views of the memory may outlive the call, and only a page mapped at
+    /// an address of ours can be taken away from them.
+    fn loadblk(&self, blk: u64, _buf: &mut [u8]) -> Result<(), BlockError> {
+        Err(format!(
+            "loadblk of block {blk} of {}: a Python file loads into a RAM page only",
+            self.name
+        )
+        .into())
     }
 
-    fn storeblk(&self, blk: u64, buf: &[u8]) -> Result<(), BlockError> {
-        // A store only reads: `call` copies from `buf` and never writes it.
-        self.call(Op::Store, blk, buf.as_ptr().cast_mut())
+    /// As `loadblk`: Python stores through `storeblk_page`.
+    fn storeblk(&self, blk: u64, _buf: &[u8]) -> Result<(), BlockError> {
+        Err(format!(
+            "storeblk of block {blk} of {}: a Python file stores from a RAM page only",
+            self.name
+        )
+        .into())
+    }
+
+    fn loadblk_page(&self, blk: u64, page: &mut BlockPage<'_>) -> Result<(), BlockError> {
+        self.call(Op::Load, blk, page)
+    }
+
+    fn storeblk_page(&self, blk: u64, page: &BlockPage<'_>) -> Result<(), BlockError> {
+        self.call(Op::Store, blk, page)
     }
 
     fn name(&self) -> String {

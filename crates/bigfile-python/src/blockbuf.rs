@@ -1,19 +1,20 @@
 //! The memory a Python `loadblk`/`storeblk` sees, and taking it back after.
 //!
-//! Python code gets a memoryview of a [`BlockBuffer`]: memory of our own,
-//! copied to the RAM page after `loadblk` (from it before `storeblk`). The
+//! Python code gets a memoryview of a [`BlockBuffer`]: the block's RAM page
+//! itself, mapped at an address of ours for the call (`window`), writable
+//! for `loadblk` and read-only for `storeblk`; nothing is copied. The
 //! buffer counts the buffer-protocol exports it has handed out, so every
-//! view derived from the memoryview (slices, numpy arrays) is seen. After the
-//! call the buffer refuses new exports, and [`scrub`] takes the memory back
-//! from Python: reference cycles are collected, finished frames that hold
-//! the memoryview get the stub `"<pybuf>"` instead, the memoryview is
+//! view derived from the memoryview (slices, numpy arrays) is seen. After
+//! the call the buffer refuses new exports, and [`scrub`] takes the memory
+//! back from Python: reference cycles are collected, finished frames that
+//! hold the memoryview get the stub `"<pybuf>"` instead, the memoryview is
 //! released (any remaining reference raises on use), and views that survive
-//! all that see zeros in memory that is no longer the block's: the page is
-//! never reachable from Python after the call.
+//! all that see zeros at the same addresses, which are no longer the page:
+//! the page is never reachable from Python after the call.
 
-use std::alloc::{self, Layout};
 use std::ffi::c_int;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::Mutex;
 
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
@@ -21,59 +22,49 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyMemoryView, PyString};
 
 use crate::gil::ExcState;
+use crate::window::{PageWindow, Zeros};
 
-/// Memory handed to Python for one block.
+/// The memory handed to Python for one block.
 #[pyclass(module = "bigfile._bigfile", name = "_BlockBuffer", frozen)]
 pub(crate) struct BlockBuffer {
-    mem: Mem,
+    /// Where the memory is: the same for the buffer's whole life, so a view
+    /// that outlives the call keeps a valid address.
+    ptr: *mut u8,
+    len: usize,
     readonly: bool,
+    mem: Mutex<Mem>,
     /// Buffer-protocol exports alive.
     exports: AtomicUsize,
     /// Set once the call is over: no new exports.
     revoked: AtomicBool,
 }
 
-/// A zeroed allocation owned by its `BlockBuffer` (16-byte aligned, so it
-/// comes from calloc: large blocks are fresh zero pages, not a memset).
-struct Mem {
-    ptr: *mut u8,
-    len: usize,
-}
+// SAFETY: `ptr` is the address of the memory `mem` owns, only dereferenced
+// through Python buffer exports (under the GIL, or by the thread running
+// the call, as any Python buffer is).
+unsafe impl Send for BlockBuffer {}
+// SAFETY: as above; the state is behind a mutex and atomics.
+unsafe impl Sync for BlockBuffer {}
 
-// SAFETY: `Mem` owns its allocation; the pointer is only dereferenced under
-// the GIL or by the thread running the call, as any Python buffer is.
-unsafe impl Send for Mem {}
-// SAFETY: as above; no `&Mem` method mutates through the pointer.
-unsafe impl Sync for Mem {}
-
-impl Mem {
-    fn layout(len: usize) -> Layout {
-        Layout::from_size_align(len, 16).expect("blksize is below isize::MAX")
-    }
-
-    fn zeroed(len: usize) -> Mem {
-        // SAFETY: `len` is non-zero (a blksize).
-        let ptr = unsafe { alloc::alloc_zeroed(Mem::layout(len)) };
-        if ptr.is_null() {
-            alloc::handle_alloc_error(Mem::layout(len));
-        }
-        Mem { ptr, len }
-    }
-}
-
-impl Drop for Mem {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this layout; the owning
-        // BlockBuffer is being dropped, so no export points here any more.
-        unsafe { alloc::dealloc(self.ptr, Mem::layout(self.len)) }
-    }
+/// What is at the buffer's addresses.
+enum Mem {
+    /// The block's RAM page, during the call.
+    Page(PageWindow),
+    /// Zeros, after a call that views outlived.
+    Zeros { _zeros: Zeros },
+    /// Nothing of ours: the range went back to the pool (no view was left,
+    /// and none can be made).
+    Returned,
 }
 
 impl BlockBuffer {
-    pub(crate) fn new(len: usize, readonly: bool) -> BlockBuffer {
+    /// The buffer of a call, over `window` (read-only for a store).
+    pub(crate) fn new(window: PageWindow, readonly: bool) -> BlockBuffer {
         BlockBuffer {
-            mem: Mem::zeroed(len),
+            ptr: window.ptr(),
+            len: window.len(),
             readonly,
+            mem: Mutex::new(Mem::Page(window)),
             exports: AtomicUsize::new(0),
             revoked: AtomicBool::new(false),
         }
@@ -83,26 +74,20 @@ impl BlockBuffer {
         self.exports.load(SeqCst)
     }
 
-    /// Copy `src` in (before the call).
-    pub(crate) fn fill_from(&self, src: &[u8]) {
-        assert_eq!(src.len(), self.mem.len);
-        // SAFETY: `mem` is `len` bytes we own; no export exists yet.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.mem.ptr, src.len()) };
-    }
-
-    /// Copy out to `dst` (after the call, before any other Python code runs).
-    pub(crate) fn copy_to(&self, dst: &mut [u8]) {
-        assert_eq!(dst.len(), self.mem.len);
-        // SAFETY: `mem` is `len` bytes we own; exports may exist but run no
-        // code while we hold the GIL, so the bytes do not change under us.
-        unsafe { std::ptr::copy_nonoverlapping(self.mem.ptr, dst.as_mut_ptr(), dst.len()) };
-    }
-
-    /// Zero the memory: what views that outlived the call see from now on.
-    fn zero(&self) {
-        // SAFETY: as in `copy_to`; zeroing bytes views may hold is defined
-        // for byte buffers.
-        unsafe { std::ptr::write_bytes(self.mem.ptr, 0, self.mem.len) };
+    /// After the call, once exports are refused: take the page away. With
+    /// no view left the range goes back to the pool; views that are left
+    /// see zeros from now on.
+    fn take_back(&self) {
+        let mut mem = self.mem.lock().unwrap_or_else(|p| p.into_inner());
+        if let Mem::Page(window) = std::mem::replace(&mut *mem, Mem::Returned) {
+            if self.exports() == 0 {
+                window.put_back();
+            } else {
+                *mem = Mem::Zeros {
+                    _zeros: window.into_zeros(!self.readonly),
+                };
+            }
+        }
     }
 }
 
@@ -120,13 +105,14 @@ impl BlockBuffer {
             ));
         }
         // SAFETY: `view` is the consumer's Py_buffer (protocol contract); the
-        // memory stays allocated until the last export is released, as
-        // every export holds a reference to this object.
+        // memory stays mapped (the page, then zeros) until the last export
+        // is released, as every export holds a reference to this object
+        // and `take_back` gives the range up only with no export left.
         unsafe {
             export(
                 slf.as_any(),
                 view,
-                (this.mem.ptr, this.mem.len),
+                (this.ptr, this.len),
                 this.readonly,
                 flags,
                 &this.exports,
@@ -211,8 +197,8 @@ pub(crate) fn scrub(
         gc_collect(py);
     }
     let left = buf.get().exports();
+    buf.get().take_back();
     if left != 0 {
-        buf.get().zero();
         let msg = format!(
             "bigfile: {what}: {left} view(s) of the block buffer outlived the call; \
              they now see zeros, not the block\n"

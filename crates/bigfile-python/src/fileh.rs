@@ -21,6 +21,7 @@ use crate::faults::ensure_on_top;
 use crate::mapcache::{self, MapCache};
 use crate::mapping::{Addresses, Mapping};
 use crate::stats::{ram_stats_dict, stats_dict};
+use crate::window;
 
 /// A non-negative integer argument that fits in 64 bits.
 fn u64_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
@@ -258,7 +259,11 @@ impl PyBigFileH {
                 ),
             };
         match fileh.close() {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // An idle block window may map a page of its RAM file.
+                window::detach_idle();
+                Ok(())
+            }
             Err((e, f)) => give_back(Arc::new(f), to_py(py, e)),
         }
     }
@@ -284,6 +289,14 @@ impl PyBigFileH {
         if let Some(a) = &self.adapter {
             drop(a.clear());
         }
+    }
+}
+
+impl Drop for PyBigFileH {
+    fn drop(&mut self) {
+        // Dropped without `close`: as there, no idle block window keeps the
+        // handle's RAM file open.
+        window::detach_idle();
     }
 }
 

@@ -22,6 +22,7 @@ mod mapping;
 mod native_file;
 mod ram;
 mod stats;
+mod window;
 
 use std::sync::Arc;
 

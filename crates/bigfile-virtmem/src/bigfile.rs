@@ -1,5 +1,7 @@
 //! The `BigFile` trait: what a storage backend implements.
 
+use crate::BlockPage;
+
 /// The error a `loadblk` or `storeblk` returns: anything the backend likes.
 pub type BlockError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -21,6 +23,25 @@ pub trait BigFile: Send + Sync + 'static {
 
     /// Store block `blk` from `buf` (exactly `blksize` bytes).
     fn storeblk(&self, blk: u64, buf: &[u8]) -> Result<(), BlockError>;
+
+    /// Fill `page`, the RAM page that will hold block `blk`: what virtmem
+    /// calls for every load, on the thread doing it (the faulting thread or
+    /// any other). The default calls [`loadblk`](Self::loadblk) with the
+    /// page's memory; a loader that must hand the memory to code that may
+    /// keep references to it past the call (the Python bindings) maps the
+    /// page at an address of its own instead ([`BlockPage::map_at`]), to
+    /// take it away after.
+    fn loadblk_page(&self, blk: u64, page: &mut BlockPage<'_>) -> Result<(), BlockError> {
+        self.loadblk(blk, page.as_mut_slice())
+    }
+
+    /// Store block `blk` from `page`, a RAM page mapped read-only
+    /// everywhere for the call: what virtmem calls for every store, as
+    /// [`loadblk_page`](Self::loadblk_page) is for loads. The default calls
+    /// [`storeblk`](Self::storeblk) with the page's memory.
+    fn storeblk_page(&self, blk: u64, page: &BlockPage<'_>) -> Result<(), BlockError> {
+        self.storeblk(blk, page.as_slice())
+    }
 
     /// A short human-readable name for diagnostics (a path, a database oid).
     fn name(&self) -> String {

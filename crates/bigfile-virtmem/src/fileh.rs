@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bigfile_os::Prot;
 
 use crate::bigfile::BigFile;
+use crate::blockpage::BlockPage;
 use crate::callback::InCallback;
 use crate::error::{Error, Result};
 use crate::fork_generation;
@@ -332,13 +333,15 @@ fn store_one(fh: &FileHInner, blk: u64, ram_page: u64) -> Result<()> {
     // cannot be dropped (discard/invalidate are refused, reclaim takes
     // clean pages only) and every mapping of it is read-only, so its
     // memory stays valid and unchanged while we read it.
-    let buf = unsafe { std::slice::from_raw_parts(window.as_ptr().cast_const(), fh.page_size()) };
+    let page = unsafe { BlockPage::new(&fh.ramh, ram_page, window, false) };
     let _inside = InCallback::enter();
-    fh.file.storeblk(blk, buf).map_err(|source| Error::Store {
-        file: fh.name.clone(),
-        blk,
-        source,
-    })?;
+    fh.file
+        .storeblk_page(blk, &page)
+        .map_err(|source| Error::Store {
+            file: fh.name.clone(),
+            blk,
+            source,
+        })?;
     fh.counts().add(Counter::Stores, 1);
     Ok(())
 }

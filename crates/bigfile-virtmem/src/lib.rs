@@ -21,6 +21,7 @@
 mod advice;
 mod backend;
 mod bigfile;
+mod blockpage;
 mod budget;
 mod callback;
 mod error;
@@ -60,6 +61,7 @@ pub use advice::Advice;
 pub use backend::FaultBackend;
 pub use bigfile::{BigFile, BlockError};
 pub use bigfile_fault::Access;
+pub use blockpage::BlockPage;
 pub use error::{Error, LoadError, Result, SharedBlockError};
 pub use file::{FileBigFile, FileBlockError};
 pub use fileh::{FileH, WriteoutFlags};

@@ -17,6 +17,7 @@ use std::thread;
 use bigfile_fault::Access;
 use bigfile_os::Prot;
 
+use crate::blockpage::BlockPage;
 use crate::callback::InCallback;
 use crate::failure::{Failure, ALLOCATING, MAPPING, WINDOWING};
 use crate::fork_generation;
@@ -448,7 +449,6 @@ fn alloc(fh: &FileHInner, blk: u64) -> Result<RamPage, Failure> {
 /// Fill `ram_page` with block `blk` through the handle's window, retrying
 /// per the handle's load policy.
 fn fill(fh: &FileHInner, blk: u64, ram_page: RamPage, recycled: bool) -> Result<(), Failure> {
-    let ps = fh.page_size();
     let window = fh.ramh.window(ram_page.0).map_err(|source| Failure::Ram {
         doing: WINDOWING,
         source,
@@ -463,17 +463,17 @@ fn fill(fh: &FileHInner, blk: u64, ram_page: RamPage, recycled: bool) -> Result<
         unsafe { Mapper::of(&fh.shared).populate(window, true) };
     }
     // SAFETY: `ram_page` was just allocated (or recycled) to this page
-    // alone; it is mapped in no mapping yet (the page is LOADING), so this
-    // is the only reference to its memory until the load finishes; the
-    // window stays valid while the handle's RamHandle (held by `fh`) lives.
-    let buf = unsafe { std::slice::from_raw_parts_mut(window.as_ptr(), ps) };
+    // alone; it is mapped in no mapping yet (the page is LOADING), so the
+    // load is the only user of its memory until it finishes; the window
+    // stays valid while the handle's RamHandle (held by `fh`) lives.
+    let mut page = unsafe { BlockPage::new(&fh.ramh, ram_page.0, window, true) };
     let policy = fh.load_policy();
     let mut attempt = 0;
     loop {
         attempt += 1;
         let res = {
             let _inside = InCallback::enter();
-            fh.file.loadblk(blk, buf)
+            fh.file.loadblk_page(blk, &mut page)
         };
         let Err(e) = res else {
             return Ok(());
