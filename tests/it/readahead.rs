@@ -245,3 +245,43 @@ fn read_ahead_races_with_invalidate_discard_writeout_and_close() {
     }
     assert_eq!(ram.pages().stats().pages_allocated, 0);
 }
+
+/// Read-ahead workers take no signal meant for the application: started
+/// from a faulting thread, whose signal mask they would inherit, they
+/// block SIGINT, SIGTERM and the like (else Ctrl-C could land on one of
+/// them, and a Python main thread sleeping would not see it in time).
+#[test]
+fn read_ahead_workers_block_the_applications_signals() {
+    let (_file, _ram, fh) = native(32);
+    let vma = fh.mmap(0, 16).unwrap();
+    for blk in 0..16 {
+        read_block(&vma, blk as usize, blk);
+    }
+    settle(&fh, 0..16);
+    assert!(fh.stats().readahead_loads > 0, "{:?}", fh.stats());
+    let mut workers = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        // (comm holds the first 15 bytes of the thread's name)
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("bigfile-readahe") {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let blocked = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .unwrap();
+        let mask = u64::from_str_radix(blocked.trim(), 16).unwrap();
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGCHLD, libc::SIGALRM] {
+            assert!(
+                mask & (1 << (sig - 1)) != 0,
+                "{}: signal {sig} not blocked (SigBlk {})",
+                comm.trim(),
+                blocked.trim()
+            );
+        }
+        workers += 1;
+    }
+    assert!(workers > 0, "no read-ahead worker found");
+}

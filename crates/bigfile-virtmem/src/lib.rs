@@ -24,6 +24,7 @@ mod bigfile;
 mod blockpage;
 mod budget;
 mod callback;
+mod deaf;
 mod error;
 #[cfg(feature = "failpoints")]
 mod failpoint;

@@ -6,8 +6,9 @@
 //! described in ARCHITECTURE.md ("Read-ahead").
 //!
 //! A read-ahead page is LOADING under a ticket of its worker, so a fault
-//! on it waits as for any load; the worker waits for nothing but the RAM
-//! lock. A read-ahead load that fails is forgotten: the page is dropped,
+//! on it waits as for any load; the worker waits only for the RAM lock
+//! (and for what its loader waits for: ARCHITECTURE.md, "Read-ahead",
+//! names the limit this sets). A read-ahead load that fails is forgotten: the page is dropped,
 //! and a fault that waited for it loads the block again itself (its
 //! failure, if any, is the one reported).
 
@@ -18,6 +19,7 @@ use std::thread::{self, ThreadId};
 
 use bigfile_os::Prot;
 
+use crate::deaf::spawn_deaf;
 use crate::failure::Failure;
 use crate::fork_generation;
 use crate::handle::FileHInner;
@@ -75,6 +77,10 @@ fn pick_worker(_locked: &Guard<'_>) -> Option<Worker> {
     let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
     let generation = fork_generation::generation();
     if pool.as_ref().is_none_or(|p| p.generation != generation) {
+        // A forked child's pool is its parent's: its workers are not here,
+        // and their channels may be locked by a thread the child lacks.
+        // Forgotten, not dropped (what its queued jobs hold stays, unused).
+        std::mem::forget(pool.take());
         *pool = Some(Pool {
             generation,
             workers: Vec::new(),
@@ -86,10 +92,14 @@ fn pick_worker(_locked: &Guard<'_>) -> Option<Worker> {
     let most = cores.clamp(1, MAX_WORKERS);
     if pool.next == pool.workers.len() && pool.workers.len() < most {
         let (jobs, inbox) = channel();
-        let handle = thread::Builder::new()
-            .name(format!("bigfile-readahead-{}", pool.workers.len()))
-            .spawn(move || work(inbox))
-            .ok()?;
+        // Deaf: a worker started from a fault inherits the faulting
+        // thread's signal mask, and would otherwise take the application's
+        // signals (Ctrl-C) away from the threads waiting for them.
+        let handle = spawn_deaf(
+            thread::Builder::new().name(format!("bigfile-readahead-{}", pool.workers.len())),
+            move || work(inbox),
+        )
+        .ok()?;
         pool.workers.push(Worker {
             id: handle.thread().id(),
             jobs,
