@@ -281,7 +281,8 @@ impl FileH {
     /// Number of live mappings of this handle.
     pub fn mapping_count(&self) -> usize {
         let _host = HostUnlocked::new();
-        self.inner.shared.lock().vma_count(self.inner.key)
+        let st = self.inner.shared.lock();
+        st.vma_count(self.inner.key)
     }
 
     /// Close the handle, dropping changes not written out. Refused while

@@ -74,7 +74,11 @@ impl FileHInner {
         let needs_host = file.needs_host_lock();
         let key = {
             let _host = HostUnlocked::new();
-            shared.lock().open_handle(ramh.clone(), counters.clone())
+            // The guard in a statement of its own: a temporary of the
+            // block's tail expression would outlive `_host`, retaking the
+            // host lock with the RAM lock held.
+            let mut st = shared.lock();
+            st.open_handle(ramh.clone(), counters.clone())
         };
         let policy = LoadPolicy::default();
         Ok(FileHInner {

@@ -45,6 +45,14 @@ impl HostUnlocked {
 
 impl Drop for HostUnlocked {
     fn drop(&mut self) {
+        // Lock order: no thread waits for the host lock holding one of
+        // virtmem's (another thread holding the host lock may be waiting
+        // for it). A lock guard made in a tail expression outlives the
+        // locals of its block: the kind of slip this catches in tests.
+        debug_assert!(
+            !bigfile_os::holds_lock(),
+            "the host lock retaken while this thread holds a lock of bigfile's"
+        );
         if let (Some(token), Some(hooks)) = (self.token, HOST_LOCK.get()) {
             hooks.retake(token);
         }

@@ -187,10 +187,8 @@ impl Vma {
     /// Which file pages are mapped in (have memory behind them) in this mapping.
     pub fn mapped_pages(&self) -> Vec<u64> {
         let _host = HostUnlocked::new();
-        self.fileh
-            .shared
-            .lock()
-            .mapped_blocks(self.fileh.key, self.key)
+        let st = self.fileh.shared.lock();
+        st.mapped_blocks(self.fileh.key, self.key)
     }
 
     /// Declare how this mapping will be accessed (see [`Advice`]); the last
