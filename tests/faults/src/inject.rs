@@ -29,7 +29,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bigfile_testkit::memory::{access_in, PageAccess};
-use bigfile_virtmem::{Access, Error, FaultBackend, FileH, PageState, Ram, Vma, WriteoutFlags};
+use bigfile_virtmem::{
+    Access, Advice, Error, FaultBackend, FileH, PageState, Ram, Vma, WriteoutFlags,
+};
 
 use crate::leaks::{self, Baseline};
 use bigfile_testkit::child::{self, Death};
@@ -905,6 +907,10 @@ fn fault_path_transient_load() -> Result<String, String> {
             .with_budget(BUDGET_PAGES * ps as u64);
         let fh = FileH::open(inject_file(ps), Some(&ram)).map_err(|e| e.to_string())?;
         let vma = fh.mmap(0, NBLK).map_err(|e| e.to_string())?;
+        // Every read of both passes a load: no sequential detection (its
+        // drop-behind would keep the first pass's first blocks for the
+        // second, its read-ahead would load on other threads).
+        vma.advise(Advice::Random);
         if let Some(n) = armed_at {
             let a = if n == 1 {
                 "1*return".to_owned()
