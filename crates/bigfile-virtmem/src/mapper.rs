@@ -322,15 +322,16 @@ impl Mapper {
         taken_away_or_abort(res, addr, "a dropped page");
     }
 
-    /// Fill the page-table entries of the page at `addr` now, in one call,
+    /// Fill the page-table entries of the slot at `addr` now, in one call,
     /// rather than one minor fault per OS page on the accesses to come.
     ///
     /// # Safety
-    /// As [`sys::populate`]: `addr` is a page of our own memory (a slot of a
-    /// live mapping, whatever is mapped there by now, or a RAM window).
+    /// As [`sys::populate`]: `addr` is a slot of a live mapping (whatever is
+    /// mapped there by now).
     pub(crate) unsafe fn populate(&self, addr: NonNull<u8>, write: bool) {
         if self.uffd.is_some() {
-            // UFFDIO_CONTINUE made the page present.
+            // UFFDIO_CONTINUE made the page present (and populating a
+            // registered range would fault into the userfaultfd).
             return;
         }
         // SAFETY: forwarded to the caller.

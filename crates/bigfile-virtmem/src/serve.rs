@@ -33,6 +33,7 @@ use crate::state::Unmap;
 use crate::stats::Counter;
 use crate::streak::{Execution, Lost};
 use crate::stream::max_window;
+use crate::sys;
 use crate::waits::Ticket;
 
 /// One page to serve: a block of a mapping, for an access.
@@ -456,11 +457,14 @@ fn fill(fh: &FileHInner, blk: u64, ram_page: RamPage, recycled: bool) -> Result<
     // The window keeps its page-table entries between loads (nothing drops
     // them but punching the RAM page out), so a recycled RAM page is written
     // at full speed with no fault. A fresh one is populated in one call
-    // instead of one write fault per OS page.
+    // instead of one write fault per OS page, on either backend (the window
+    // is never registered with the userfaultfd: on that backend every load
+    // is into a fresh page, and the loader's 512 minor faults per 2 MiB
+    // cost several times its copy).
     if !recycled {
         // SAFETY: the window maps the RAM file shared and read-write; the
         // page is ours alone while LOADING.
-        unsafe { Mapper::of(&fh.shared).populate(window, true) };
+        unsafe { sys::populate(window, fh.page_size(), true) };
     }
     // SAFETY: `ram_page` was just allocated (or recycled) to this page
     // alone; it is mapped in no mapping yet (the page is LOADING), so the
