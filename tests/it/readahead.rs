@@ -285,3 +285,40 @@ fn read_ahead_workers_block_the_applications_signals() {
     }
     assert!(workers > 0, "no read-ahead worker found");
 }
+
+/// A layered file: a native loader that reads another bigfile mapping from
+/// `loadblk` (5 blocks of a lower file per block, through a mapping of
+/// its own advised sequential), both scans read ahead. Read-ahead queues
+/// jobs on workers that may be running such a loader: a fault on a job
+/// not begun takes it over instead of waiting (found in review: the loader
+/// on a worker waited for itself and died by SIGSEGV).
+#[test]
+fn a_native_loader_reading_another_mapping_is_read_ahead_without_waiting_on_itself() {
+    const PER: u64 = 5;
+    let (_lower_file, _lower_ram, lower) = native(64);
+    let lower = Arc::new(lower);
+    let (upper_file, _upper_ram, upper) = native(32);
+    {
+        let lower = lower.clone();
+        upper_file.on_load(move |blk, _| {
+            let vma = lower.mmap(blk * PER, PER).unwrap();
+            vma.advise(Advice::Sequential);
+            for i in 0..PER {
+                read_block(&vma, i as usize, blk * PER + i);
+            }
+            Ok(())
+        });
+    }
+    let vma = upper.mmap(0, 48).unwrap();
+    vma.advise(Advice::Sequential);
+    for blk in 0..48 {
+        read_block(&vma, blk as usize, blk);
+    }
+    settle(&upper, 0..48);
+    upper_file.clear_load_hook();
+    let (u, l) = (upper.stats(), lower.stats());
+    assert!(
+        u.readahead_loads > 0 && l.readahead_loads > 0,
+        "{u:?} {l:?}"
+    );
+}
