@@ -250,16 +250,15 @@ thread_local! {
 }
 
 unsafe extern "C" fn prepare() {
-    let held = live();
-    HELD.with(|h| *h.borrow_mut() = Some(held));
+    HELD.set(Some(live()));
 }
 
 unsafe extern "C" fn parent() {
-    HELD.with(|h| drop(h.borrow_mut().take()));
+    HELD.take();
 }
 
 unsafe extern "C" fn child() {
-    let Some(held) = HELD.with(|h| h.borrow_mut().take()) else {
+    let Some(held) = HELD.take() else {
         return;
     };
     for w in held.iter() {
