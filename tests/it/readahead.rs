@@ -260,8 +260,9 @@ fn read_ahead_workers_block_the_applications_signals() {
     let vma = fh.mmap(0, 16).unwrap();
     for blk in 0..16 {
         read_block(&vma, blk as usize, blk);
+        // (The workers' loads, not the scan's take-overs of jobs not begun.)
+        settle(&fh, 0..16);
     }
-    settle(&fh, 0..16);
     assert!(fh.stats().readahead_loads > 0, "{:?}", fh.stats());
     let mut workers = 0;
     for task in std::fs::read_dir("/proc/self/task").unwrap() {
