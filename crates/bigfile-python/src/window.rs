@@ -19,10 +19,21 @@
 //! The pool is shared by all threads (a load may run on any thread) and
 //! only ever tried, never waited for: a thread that finds it locked (or a
 //! forked child whose parent was inside it) makes a range of its own.
+//!
+//! A window is a shared mapping of the RAM file, which a forked child
+//! shares with its parent: a process forking inside a `loadblk` would
+//! leave the child's `buf` on the parent's page, and the child's writes
+//! there in the parent's block. So the windows mapped for calls in progress
+//! are tracked ([`LIVE`]), and before fork returns in the child each is
+//! replaced by a private copy of what it shows: the child keeps the data,
+//! and the parent's page is its own. (Idle ranges still map RAM pages in
+//! the child too, but no Python object reaches them, and the next call
+//! maps its own page over them.)
 
+use std::cell::RefCell;
 use std::io;
 use std::ptr::NonNull;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, Once};
 
 use bigfile_virtmem::BlockPage;
 
@@ -30,6 +41,27 @@ use bigfile_virtmem::BlockPage;
 const MAX_IDLE: usize = 8;
 
 static IDLE: Mutex<Vec<Range>> = Mutex::new(Vec::new());
+
+/// A window mapped onto a RAM page for a call in progress.
+struct Live {
+    addr: usize,
+    len: usize,
+    writable: bool,
+}
+
+/// The windows of the calls in progress. A leaf lock, held over one
+/// `mmap` at most, and across fork(2) (its handlers cut the child's
+/// windows from the parent's pages).
+static LIVE: Mutex<Vec<Live>> = Mutex::new(Vec::new());
+
+fn live() -> MutexGuard<'static, Vec<Live>> {
+    LIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The window at `addr` no longer maps a page for a call.
+fn forget_live(live: &mut Vec<Live>, addr: NonNull<u8>) {
+    live.retain(|w| w.addr != addr.as_ptr() as usize);
+}
 
 /// An address range of ours, whatever is mapped there; unmapped when
 /// dropped.
@@ -88,13 +120,15 @@ impl Drop for Range {
     }
 }
 
-/// A range mapped onto the call's RAM page.
-pub(crate) struct PageWindow(Range);
+/// A range mapped onto the call's RAM page (tracked in [`LIVE`] while it
+/// is; the range is `None` only once given up).
+pub(crate) struct PageWindow(Option<Range>);
 
 impl PageWindow {
     /// Map `page` (read-write for a load, read-only for a store) at an idle
     /// range of its size, or at a new one; the error says what failed.
     pub(crate) fn map(page: &BlockPage<'_>) -> Result<PageWindow, String> {
+        install_fork_handlers();
         let range = match take_idle(page.len()) {
             Some(r) => r,
             None => Range::reserve(page).map_err(|e| format!("reserve a block window: {e}"))?,
@@ -102,20 +136,34 @@ impl PageWindow {
         // SAFETY: the range is ours alone (taken from the pool or just
         // reserved) and no Rust reference points into it.
         unsafe { page.map_at(range.ptr) }.map_err(|e| e.to_string())?;
-        Ok(PageWindow(range))
+        // (A fork before this line leaves the child a window no Python
+        // object reaches: the call's buffer is made after.)
+        live().push(Live {
+            addr: range.ptr.as_ptr() as usize,
+            len: range.len,
+            writable: page.is_writable(),
+        });
+        Ok(PageWindow(Some(range)))
+    }
+
+    fn range(&self) -> &Range {
+        self.0
+            .as_ref()
+            .expect("a window has its range until given up")
     }
 
     pub(crate) fn ptr(&self) -> *mut u8 {
-        self.0.ptr.as_ptr()
+        self.range().ptr.as_ptr()
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.0.len
+        self.range().len
     }
 
     /// No view of the range is left: keep it for the next call.
-    pub(crate) fn put_back(self) {
-        let range = self.0;
+    pub(crate) fn put_back(mut self) {
+        let range = self.0.take().expect("a window has its range");
+        forget_live(&mut live(), range.ptr);
         if let Ok(mut idle) = IDLE.try_lock() {
             if idle.len() < MAX_IDLE {
                 idle.push(range);
@@ -127,20 +175,35 @@ impl PageWindow {
     /// (writable only if the call's were), owned by the returned value. If
     /// the kernel refuses, abort: the views would reach a page that holds
     /// another block next.
-    pub(crate) fn into_zeros(self, writable: bool) -> Zeros {
+    pub(crate) fn into_zeros(mut self, writable: bool) -> Zeros {
+        let range = self.0.take().expect("a window has its range");
         let prot = if writable {
             libc::PROT_READ | libc::PROT_WRITE
         } else {
             libc::PROT_READ
         };
-        if let Err(e) = self.0.map_anonymous(prot) {
+        // Zeros, then no longer live, under one hold of the lock: a fork
+        // between would leave the child's views on the page, untracked.
+        let mut live = live();
+        if let Err(e) = range.map_anonymous(prot) {
             eprintln!(
                 "bigfile: cannot take a block's page away from the views of it left by \
                  loadblk/storeblk ({e}); aborting rather than let them reach other data"
             );
             std::process::abort();
         }
-        Zeros { _range: self.0 }
+        forget_live(&mut live, range.ptr);
+        Zeros { _range: range }
+    }
+}
+
+impl Drop for PageWindow {
+    /// A window given up otherwise (the call's buffer was never made): no
+    /// view of it exists; unmapped.
+    fn drop(&mut self) {
+        if let Some(range) = &self.0 {
+            forget_live(&mut live(), range.ptr);
+        }
     }
 }
 
@@ -168,4 +231,89 @@ pub(crate) fn detach_idle() {
         }
         std::thread::yield_now();
     }
+}
+
+/// Register the fork handlers that cut a child's windows from its
+/// parent's pages, once.
+fn install_fork_handlers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Without them a child could write its parent's pages: no way on.
+        bigfile_os::at_fork(prepare, parent, child).expect("pthread_atfork");
+    });
+}
+
+thread_local! {
+    /// The table of live windows, held by the forking thread between
+    /// `prepare` and `parent`/`child` (the same thread runs all three).
+    static HELD: RefCell<Option<MutexGuard<'static, Vec<Live>>>> = const { RefCell::new(None) };
+}
+
+unsafe extern "C" fn prepare() {
+    HELD.set(Some(live()));
+}
+
+unsafe extern "C" fn parent() {
+    HELD.take();
+}
+
+unsafe extern "C" fn child() {
+    let Some(held) = HELD.take() else {
+        return;
+    };
+    for w in held.iter() {
+        // SAFETY: a live window is a range of ours mapped onto a RAM page
+        // for a call in progress (tracked until given up); no Rust
+        // reference points into it.
+        if let Err(e) = unsafe { copy_private(w) } {
+            eprintln!(
+                "bigfile: cannot cut a forked child's loadblk/storeblk buffer from its \
+                 parent's page ({e}); aborting rather than let the child write there"
+            );
+            std::process::abort();
+        }
+    }
+}
+
+/// Replace window `w` by a private anonymous copy of what it shows, with
+/// the same protection, at the same address (the views of it stay valid).
+///
+/// # Safety
+/// `w` is a range of ours, mapped and readable; no Rust reference points
+/// into it.
+unsafe fn copy_private(w: &Live) -> io::Result<()> {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    // SAFETY: a fresh mapping anywhere.
+    let copy = unsafe { libc::mmap(std::ptr::null_mut(), w.len, rw, flags, -1, 0) };
+    if copy == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both ranges are `w.len` bytes, mapped readable (the copy
+    // writable), and distinct.
+    unsafe { std::ptr::copy_nonoverlapping(w.addr as *const u8, copy.cast::<u8>(), w.len) };
+    // SAFETY: the copy is ours.
+    let mut done = w.writable || unsafe { libc::mprotect(copy, w.len, libc::PROT_READ) } == 0;
+    if done {
+        // SAFETY: the copy replaces the window at its address
+        // (MREMAP_FIXED unmaps what was there: the shared mapping of the
+        // parent's page); the window's address is ours.
+        let at = unsafe {
+            libc::mremap(
+                copy,
+                w.len,
+                w.len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                w.addr as *mut libc::c_void,
+            )
+        };
+        done = at != libc::MAP_FAILED;
+    }
+    if !done {
+        let e = io::Error::last_os_error();
+        // SAFETY: the copy is ours, and still where it was made.
+        unsafe { libc::munmap(copy, w.len) };
+        return Err(e);
+    }
+    Ok(())
 }

@@ -72,6 +72,55 @@ def test_a_child_changes_nothing_of_the_parent(how):
     assert f.data[0][7] == 0xAA and f.stores == [0]
 
 
+@pytest.mark.parametrize("writeout", [False, True])
+def test_a_child_forked_inside_loadblk_or_storeblk_cannot_reach_the_parents_page(writeout):
+    """Found in review: the buffer of loadblk/storeblk is the RAM page
+    itself, a shared mapping; a child forked inside the call wrote through
+    it into its parent's page. The child's buffer is a private copy: it
+    keeps what it showed, the child's writes stay the child's."""
+    statuses = []
+
+    def fork_and_scribble(buf):
+        seen = bytes(buf[:4])
+        status = in_child(lambda: bytes(buf[:4]) == seen and scribble(buf))
+        statuses.append(status)
+
+    def scribble(buf):
+        if buf.readonly:
+            # storeblk's buffer stays read-only in the child.
+            try:
+                buf[0] = 0xEE
+            except TypeError:
+                return True
+            return False
+        buf[:] = b"\xee" * len(buf)
+        return buf[0] == 0xEE
+
+    class F(DataFile):
+        def loadblk(self, blk, buf):
+            super().loadblk(blk, buf)
+            buf[1:3] = b"\x5a\x5a"
+            if not writeout:
+                fork_and_scribble(buf)
+
+        def storeblk(self, blk, buf):
+            fork_and_scribble(buf)
+            super().storeblk(blk, buf)
+
+    f = F()
+    fh = f.fileh_open()
+    m = memoryview(fh.mmap(0, 2))
+    assert m[PS] == 1 and m[PS + 1] == 0x5A
+    if writeout:
+        m[PS + 3] = 0x33
+        fh.dirty_writeout(WRITEOUT_STORE | WRITEOUT_MARKSTORED)
+        assert f.data[1][:4] == b"\x01\x5a\x5a\x33"
+    [status] = statuses
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert bytes(m[PS:PS + 4]) == (b"\x01\x5a\x5a\x33" if writeout else b"\x01\x5a\x5a\x01")
+    assert m[2 * PS - 1] == 1
+
+
 # The pool's workers: the mapping they inherit.
 _INHERITED = {}
 

@@ -135,15 +135,24 @@ impl FileHInner {
 
 impl Drop for FileHInner {
     fn drop(&mut self) {
-        // No mapping is alive (each holds an Arc to us), so no page is
-        // loading: every page is clean or dirty, and all are dropped. Dirty
-        // pages not written out are lost, as on close in the reference.
+        // No mapping is alive (each holds an Arc to us), nor a read-ahead
+        // job running (it holds one too), so the only pages loading are
+        // those of read-ahead jobs not begun: claimed here (their workers
+        // skip them), their RAM pages given back. Every other page is clean
+        // or dirty, and all are dropped. Dirty pages not written out are
+        // lost, as on close in the reference.
         let _host = HostUnlocked::new();
         let shared = self.shared.clone();
         let mapper = Mapper::of(&shared);
         let rc = shared.counters();
         let mut st = shared.lock();
         for pk in st.pages_of(self.key) {
+            if let Some(ticket) = st.pages().get(pk).ticket().cloned() {
+                if let Some(Some(rp)) = ticket.claim_job() {
+                    mapper.release(&self.ramh, rp);
+                }
+                ticket.finish(Ok(()));
+            }
             mapper.forget(&mut st, pk, rc);
         }
         for rp in st.take_spares_of(self.key, rc) {

@@ -159,6 +159,15 @@ impl PageTable {
         }))
     }
 
+    /// The loading page `pk` is loaded by the owner of `ticket` from now on
+    /// (a thread took a queued read-ahead job over).
+    pub(crate) fn hand_over(&mut self, pk: PageKey, ticket: Arc<Ticket>) {
+        debug_assert!(self.pages[pk.0].is_loading(), "hand_over of a loaded page");
+        let old = self.pages[pk.0].ticket.replace(ticket.clone());
+        self.count_loading(old.as_ref(), false);
+        self.count_loading(Some(&ticket), true);
+    }
+
     /// The load filled `ram_page`: LOADING → LOADED, or, if invalidated
     /// meanwhile, the page keeps its memory for the caller to drop.
     pub(crate) fn finish_load(&mut self, pk: PageKey, ram_page: RamPage) -> LoadEnd {

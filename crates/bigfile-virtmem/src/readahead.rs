@@ -5,16 +5,18 @@
 //! fault. The policy (what room read-ahead may take, when its pages go) is
 //! described in ARCHITECTURE.md ("Read-ahead").
 //!
-//! A read-ahead page is LOADING under a ticket of its worker, so a fault
-//! on it waits as for any load; the worker waits only for the RAM lock
-//! (and for what its loader waits for: ARCHITECTURE.md, "Read-ahead",
-//! names the limit this sets). A read-ahead load that fails is forgotten: the page is dropped,
-//! and a fault that waited for it loads the block again itself (its
-//! failure, if any, is the one reported).
+//! A read-ahead page is LOADING under a ticket of its worker from the
+//! moment it is asked. A fault on it waits for the load once the worker
+//! has begun it; a job not begun yet (queued behind others, maybe behind
+//! the very load that faulted, on this worker) the faulting thread takes
+//! over and loads itself (`serve.rs`), and the worker skips it. The worker
+//! waits only for the RAM lock (and for what its loader waits for). A
+//! read-ahead load that fails is forgotten: the page is dropped, and a
+//! fault that waited for it loads the block again itself (its failure, if
+//! any, is the one reported).
 
-use std::ops::Range;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::{self, ThreadId};
 
 use bigfile_os::Prot;
@@ -23,13 +25,13 @@ use crate::deaf::spawn_deaf;
 use crate::failure::Failure;
 use crate::fork_generation;
 use crate::handle::FileHInner;
-use crate::keys::{PageKey, RamPage, VmaId};
+use crate::keys::{FileKey, PageKey, RamPage, VmaId};
 use crate::mapper::{Deferred, Mapper};
 use crate::pages::{LoadEnd, PageState};
 use crate::reclaim::release;
 use crate::shared::Guard;
 use crate::state::Unmap;
-use crate::stream::MAX_WINDOW;
+use crate::stream::{max_window, MAX_WINDOW};
 use crate::waits::Ticket;
 
 /// At most this many workers, however many cores.
@@ -42,14 +44,16 @@ pub(crate) type Fill =
     fn(&FileHInner, u64, Option<RamPage>) -> Result<RamPage, (Option<RamPage>, Failure)>;
 
 /// One block to load ahead: its page is LOADING under `ticket`, charged
-/// to the budget; `recycled` is the RAM page reclaimed for it, if any.
+/// to the budget; the ticket holds the RAM page reclaimed for it, if any,
+/// until the job is claimed. The handle is held only while the job runs:
+/// a handle closed with jobs queued goes at once (its drop drops their
+/// pages), and its jobs are skipped.
 struct Job {
-    fh: Arc<FileHInner>,
+    fh: Weak<FileHInner>,
     vma: VmaId,
     blk: u64,
     pk: PageKey,
     ticket: Arc<Ticket>,
-    recycled: Option<RamPage>,
     fill: Fill,
 }
 
@@ -71,9 +75,20 @@ struct Pool {
 /// never held across a fork: the forking thread holds every RAM's lock.
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
 
+/// How many workers to have: one per core, at most [`MAX_WORKERS`] (the
+/// cores asked once: not under the RAM lock for every block read ahead).
+fn most_workers() -> usize {
+    static MOST: OnceLock<usize> = OnceLock::new();
+    *MOST.get_or_init(|| {
+        let cores = thread::available_parallelism().map_or(1, |n| n.get());
+        cores.clamp(1, MAX_WORKERS)
+    })
+}
+
 /// The worker to give the next load to, started if need be; `None` when no
 /// thread starts. The caller holds a RAM's lock.
 fn pick_worker(_locked: &Guard<'_>) -> Option<Worker> {
+    let most = most_workers();
     let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
     let generation = fork_generation::generation();
     if pool.as_ref().is_none_or(|p| p.generation != generation) {
@@ -88,8 +103,6 @@ fn pick_worker(_locked: &Guard<'_>) -> Option<Worker> {
         });
     }
     let pool = pool.as_mut()?;
-    let cores = thread::available_parallelism().map_or(1, |n| n.get());
-    let most = cores.clamp(1, MAX_WORKERS);
     if pool.next == pool.workers.len() && pool.workers.len() < most {
         let (jobs, inbox) = channel();
         // Deaf: a worker started from a fault inherits the faulting
@@ -116,40 +129,39 @@ fn work(inbox: Receiver<Job>) {
     }
 }
 
-/// Read ahead of a fault on block `blk` in mapping `vma` of `fh`: start
-/// loading `blocks` (those not resident), as far as the budget has room
-/// or a page the stream has passed can be reclaimed; map the read-ahead
-/// pages loaded meanwhile that the stream's accesses reach before its next
-/// fault. The workers fill pages with `fill`. Called after the fault was
-/// served, without the RAM lock.
-pub(crate) fn issue(fh: &FileHInner, (vma, blk): (VmaId, u64), blocks: Range<u64>, fill: Fill) {
-    let Some(me) = fh.me.get().and_then(|w| w.upgrade()) else {
+/// Read ahead of a fault on block `blk` in mapping `vma` of `fh`, just
+/// served (its access holding the page of block `pin`, if any): start
+/// loading the blocks of the stream's window not resident
+/// (`State::read_ahead_range`), as far as the budget has room or a page
+/// the stream has passed (never the pin) can be reclaimed; map the
+/// read-ahead pages loaded meanwhile that the stream's accesses reach
+/// before its next fault. The workers fill pages with `fill`. Called
+/// without the RAM lock.
+pub(crate) fn issue(
+    fh: &FileHInner,
+    (vma, blk): (VmaId, u64),
+    pin: Option<(FileKey, u64)>,
+    fill: Fill,
+) {
+    let Some(me) = fh.me.get().cloned() else {
         return;
     };
     let shared = &*fh.shared;
+    let max = max_window(shared.budget_pages());
     let mut deferred = Deferred::default();
     let mut jobs = Vec::new();
     let mut st = shared.lock();
+    let blocks = st.read_ahead_range(fh.key, vma, blk, max).unwrap_or(0..0);
     for b in blocks {
         if st.lookup(fh.key, b).is_some() {
             continue;
         }
-        let Some((worker, recycled)) = room_for(&mut st, fh, (vma, blk), &mut deferred) else {
+        let Some((worker, recycled)) = room_for(&mut st, fh, (vma, blk), pin, &mut deferred) else {
             // Asked again at the stream's next fault.
             st.cut_read_ahead(fh.key, vma, b);
             break;
         };
-        let ticket = Ticket::read_ahead_by(worker.id);
-        let pk = st.begin_load(fh.key, b, ticket.clone());
-        let job = Job {
-            fh: me.clone(),
-            vma,
-            blk: b,
-            pk,
-            ticket,
-            recycled,
-            fill,
-        };
+        let job = ask(&mut st, (fh, &me), (vma, b), (&worker, recycled), fill);
         jobs.push((worker, job));
     }
     // Pages read ahead earlier, now below the trigger: mapped as the
@@ -170,23 +182,51 @@ pub(crate) fn issue(fh: &FileHInner, (vma, blk): (VmaId, u64), blocks: Range<u64
             run(back.0);
         }
     }
-    drop(me);
+}
+
+/// Block `b` of `fh` (`me`, the same handle) for mapping `vma`'s stream:
+/// LOADING under a ticket of `worker`, with `recycled` for it; the job to
+/// give that worker.
+fn ask(
+    st: &mut Guard<'_>,
+    (fh, me): (&FileHInner, &Weak<FileHInner>),
+    (vma, b): (VmaId, u64),
+    (worker, recycled): (&Worker, Option<RamPage>),
+    fill: Fill,
+) -> Job {
+    let ticket = Ticket::read_ahead_by(worker.id, recycled);
+    let pk = st.begin_load(fh.key, b, ticket.clone());
+    Job {
+        fh: me.clone(),
+        vma,
+        blk: b,
+        pk,
+        ticket,
+        fill,
+    }
 }
 
 /// Room for one read-ahead page and the worker to load it: free room in
 /// the budget, or the least recently used clean page if the stream of
-/// `vma` has passed it (reclaimed: its RAM page to reuse, or released,
-/// once `deferred` is finished). `None` when there is neither (read-ahead
-/// never waits for room), or no worker.
+/// `vma` has passed it and the fault's access does not hold it (`pin`:
+/// the other page of an access spanning two blocks, which drop-behind
+/// made the oldest) (reclaimed: its RAM page to reuse, or released, once
+/// `deferred` is finished). `None` when there is neither (read-ahead never
+/// waits for room), or no worker.
 fn room_for(
     st: &mut Guard<'_>,
     fh: &FileHInner,
     (vma, blk): (VmaId, u64),
+    pin: Option<(FileKey, u64)>,
     deferred: &mut Deferred,
 ) -> Option<(Worker, Option<RamPage>)> {
     let shared = &*fh.shared;
     let full = st.budget().is_full(shared.budget_pages());
-    if full && !passed_oldest(st, fh, vma, blk) {
+    let pinned = || {
+        pin.and_then(|(fk, b)| st.find_page(fk, b))
+            .is_some_and(|p| st.lru().oldest() == Some(p))
+    };
+    if full && (pinned() || !passed_oldest(st, fh, vma, blk)) {
         return None;
     }
     let worker = pick_worker(st)?;
@@ -245,22 +285,33 @@ fn map_ahead(fh: &FileHInner, st: &mut Guard<'_>, vma: VmaId, (blk, pk): (u64, P
     }
 }
 
-/// A worker's load of one block ahead.
+/// A worker's load of one block ahead, unless it was taken over (by a
+/// thread that faulted on it) or its handle is gone (its drop dropped the
+/// page): then nothing of it is touched.
 fn run(job: Job) {
-    let fh = &*job.fh;
+    let Some(fh) = job.fh.upgrade() else {
+        return;
+    };
     let shared = &*fh.shared;
     let forks = fork_generation::generation();
-    let dropped = {
+    let (recycled, dropped) = {
         let st = shared.lock();
+        let Some(recycled) = job.ticket.claim_job() else {
+            drop(st);
+            // The handle may be held here last: dropped without the lock.
+            drop(fh);
+            return;
+        };
         // Dropped before it began: the stream's mapping is gone, or the
         // block was invalidated.
-        st.stream(fh.key, job.vma).is_none()
-            || st.pages().get(job.pk).state() == PageState::LoadingInvalidated
+        let dropped = st.stream(fh.key, job.vma).is_none()
+            || st.pages().get(job.pk).state() == PageState::LoadingInvalidated;
+        (recycled, dropped)
     };
     let loaded = if dropped {
-        Err((job.recycled, None))
+        Err((recycled, None))
     } else {
-        (job.fill)(fh, job.blk, job.recycled).map_err(|(rp, f)| (rp, Some(f)))
+        (job.fill)(&fh, job.blk, recycled).map_err(|(rp, f)| (rp, Some(f)))
     };
     let mut st = shared.lock();
     if fork_generation::generation() != forks {
@@ -279,7 +330,7 @@ fn run(job: Job) {
                     .stream(fh.key, job.vma)
                     .is_some_and(|s| s.pending().contains(&job.blk));
                 if pending {
-                    map_ahead(fh, &mut st, job.vma, (job.blk, job.pk));
+                    map_ahead(&fh, &mut st, job.vma, (job.blk, job.pk));
                 } else {
                     // The stream stopped meanwhile: this page goes first.
                     st.demote(job.pk);
@@ -298,6 +349,37 @@ fn run(job: Job) {
     }
     shared.notify(&st);
     drop(st);
-    // The job may hold the handle's last reference: dropped without the lock.
-    drop(job);
+    // The handle may be held here last: dropped without the lock.
+    drop(fh);
+}
+
+/// Jobs queued on a worker that never runs them unless told: the calling
+/// test's thread (as a worker busy with a load).
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A read-ahead job asked and not begun.
+    pub(crate) struct Queued(Job);
+
+    /// Ask block `blk` of `fh` for the stream of `vma`, queued on the
+    /// calling thread as its worker: the page is LOADING under this
+    /// thread's read-ahead ticket until [`Queued::run`].
+    pub(crate) fn queue_here(fh: &FileHInner, vma: VmaId, blk: u64, fill: Fill) -> Queued {
+        let (jobs, _inbox) = channel();
+        let worker = Worker {
+            id: thread::current().id(),
+            jobs,
+        };
+        let me = fh.me.get().cloned().expect("a handle in its Arc");
+        let mut st = fh.shared.lock();
+        Queued(ask(&mut st, (fh, &me), (vma, blk), (&worker, None), fill))
+    }
+
+    impl Queued {
+        /// Its worker gets to it.
+        pub(crate) fn run(self) {
+            run(self.0)
+        }
+    }
 }

@@ -32,7 +32,6 @@ use crate::shared::Guard;
 use crate::state::Unmap;
 use crate::stats::Counter;
 use crate::streak::{Execution, Lost};
-use crate::stream::max_window;
 use crate::sys;
 use crate::waits::Ticket;
 
@@ -82,13 +81,9 @@ pub(crate) fn serve(
         req.drop_behind,
         fh.shared.counters(),
     );
-    // Read-ahead runs native loaders only (see readahead.rs).
-    let ahead = (req.drop_behind && sequential && !fh.needs_host)
-        .then(|| {
-            let max = max_window(fh.shared.budget_pages());
-            st.read_ahead_range(fh.key, req.vma, req.blk, max)
-        })
-        .flatten();
+    // Read-ahead runs native loaders only (see readahead.rs), once the
+    // fault is served: a failed one reads nothing ahead.
+    let ahead = req.drop_behind && sequential && !fh.needs_host;
     loop {
         st = match st.lookup(fh.key, req.blk) {
             None => load(fh, st, (req.blk, sequential), (access.as_ref(), pin), host)?,
@@ -102,8 +97,8 @@ pub(crate) fn serve(
                         if let Some(a) = &access {
                             a.served(fh.key, req.blk);
                         }
-                        if let Some(blocks) = ahead {
-                            readahead::issue(fh, (req.vma, req.blk), blocks, fill_ahead);
+                        if ahead {
+                            readahead::issue(fh, (req.vma, req.blk), pin, fill_ahead);
                         }
                         return Ok(());
                     }
@@ -156,6 +151,20 @@ fn load<'a>(
     }
     let ticket = Ticket::mine_for(fh.needs_host);
     let pk = st.begin_load(fh.key, blk, ticket.clone());
+    load_here(fh, st, (pk, blk), (&ticket, recycled), (deferred, host))
+}
+
+/// Load page `pk` (block `blk`, LOADING under `ticket`, this thread's) on
+/// this thread into `recycled` (or a new RAM page), once `deferred` is
+/// finished without the lock; the lock retaken.
+fn load_here<'a>(
+    fh: &'a FileHInner,
+    st: Guard<'a>,
+    (pk, blk): (PageKey, u64),
+    (ticket, recycled): (&Arc<Ticket>, Option<RamPage>),
+    (deferred, host): (Deferred, &mut HostLease),
+) -> Result<Guard<'a>, Failure> {
+    let shared = &*fh.shared;
     let forks = fork_generation::generation();
     drop(st);
     // Unmap what make_room reclaimed (the recycled RAM page among it)
@@ -175,7 +184,7 @@ fn load<'a>(
         }
         return Ok(st);
     }
-    finish_load(fh, st, (pk, blk), &ticket, loaded)
+    finish_load(fh, st, (pk, blk), ticket, loaded)
 }
 
 /// After the load of `pk` (block `blk`): make the page LOADED, or drop it
@@ -242,6 +251,9 @@ fn wait_for_load<'a>(
         .ticket()
         .expect("a loading page has a ticket")
         .clone();
+    if let Some(recycled) = ticket.claim_job() {
+        return take_over(fh, st, (blk, pk), (&ticket, recycled), host);
+    }
     if ticket.needs_host() && host.kept() {
         drop(st);
         host.release_if(true);
@@ -270,6 +282,33 @@ fn wait_for_load<'a>(
         }
         _ => Ok(st),
     }
+}
+
+/// LOADING by a read-ahead job that its worker has not begun (`ticket`'s,
+/// just claimed with the RAM page `recycled` reclaimed for it): load it on
+/// this thread instead, under a ticket of its own. Never wait for a job
+/// that has not begun: it may be queued behind the very load that faulted
+/// (a loader reading another mapping, on that worker), and otherwise waits
+/// for the loads before it. The worker skips it; those who waited for the
+/// worker's ticket wait for this thread's.
+fn take_over<'a>(
+    fh: &'a FileHInner,
+    mut st: Guard<'a>,
+    (blk, pk): (u64, PageKey),
+    (queued, recycled): (&Ticket, Option<RamPage>),
+    host: &mut HostLease,
+) -> Result<Guard<'a>, Failure> {
+    let ticket = Ticket::mine_for(fh.needs_host);
+    st.take_over_load(pk, ticket.clone());
+    queued.finish(Ok(()));
+    fh.shared.notify(&st);
+    load_here(
+        fh,
+        st,
+        (pk, blk),
+        (&ticket, recycled),
+        (Deferred::default(), host),
+    )
 }
 
 /// LOADED or DIRTY: map the page into the request's mapping, read-only for
@@ -660,6 +699,106 @@ mod tests {
                 .contains("loadblk of block 0 of memfile touched the page it is loading"),
             "{nested:?}"
         );
+    }
+
+    /// A request of a fault (noted in its mapping's stream), of the access
+    /// `execution`.
+    fn fault(vma: &Vma, blk: u64, execution: u64) -> PageRequest {
+        PageRequest {
+            drop_behind: true,
+            ..of_access(vma, blk, Access::Read, execution)
+        }
+    }
+
+    /// Wait until the read-ahead workers are done with `fh`'s blocks.
+    fn settle(fh: &FileH, blocks: std::ops::Range<u64>) {
+        let start = std::time::Instant::now();
+        while blocks.clone().any(|b| {
+            matches!(
+                fh.page_state(b),
+                Some(PageState::Loading | PageState::LoadingInvalidated)
+            )
+        }) {
+            assert!(start.elapsed().as_secs() < 60, "loads never finish");
+            thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Found in review: a read-ahead job is given to a worker when asked,
+    /// and a worker runs its jobs one by one. A native loader reading
+    /// another mapping from `loadblk` on a worker could fault on a block
+    /// queued behind its own load on that worker, and die of waiting for
+    /// itself. A job not begun is taken over by the thread that faults on
+    /// it; its worker skips it.
+    #[test]
+    fn a_fault_on_a_read_ahead_job_not_begun_loads_it_itself() {
+        let (file, fh, vma) = setup_with(4, false);
+        // Queued on this thread, as on a worker busy with the load that
+        // faults.
+        let job = readahead::testing::queue_here(&fh.inner, vma.id(), 2, fill_ahead);
+        assert_eq!(fh.page_state(2), Some(PageState::Loading));
+        serve_now(&fh.inner, &request(&vma, 2, Access::Read)).unwrap();
+        assert_eq!(fh.page_state(2), Some(PageState::Loaded));
+        job.run();
+        assert_eq!(file.take_calls(), [Call::Load(2)], "skipped by the worker");
+        let s = fh.stats();
+        assert_eq!((s.loads, s.readahead_loads, s.resident_pages), (1, 0, 1));
+        assert_eq!(fh.ram().stats().stats.resident_pages, 1);
+    }
+
+    /// Found in review: a queued job held its handle until a worker got to
+    /// it. A handle closed with read-ahead queued goes at once.
+    #[test]
+    fn a_handle_closed_with_read_ahead_queued_goes_at_once() {
+        let (file, fh, vma) = setup_with(4, false);
+        let job = readahead::testing::queue_here(&fh.inner, vma.id(), 1, fill_ahead);
+        let ram = fh.ram().clone();
+        drop(vma);
+        fh.close().map_err(|(e, _)| e).unwrap();
+        assert_eq!(Arc::strong_count(&file), 1, "the handle's file went");
+        assert_eq!(ram.stats().stats.resident_pages, 0);
+        job.run();
+        assert!(file.take_calls().is_empty(), "skipped by the worker");
+    }
+
+    /// Found in review: read-ahead reclaimed the page the faulting access
+    /// holds (the other block of an access spanning two, which
+    /// drop-behind made the oldest), so the access faulted on it again and
+    /// restarted the stream.
+    #[test]
+    fn read_ahead_never_reclaims_the_page_the_access_holds() {
+        let (file, fh, _) = setup_with(4, false);
+        let vma = fh.mmap(0, 16).unwrap();
+        vma.advise(crate::Advice::Sequential);
+        // A window of one block (a quarter of the budget).
+        for blk in 0..4 {
+            serve_now(&fh.inner, &fault(&vma, blk, 100 + blk)).unwrap();
+            settle(&fh, 0..16);
+        }
+        assert_eq!(fh.ram().stats().stats.resident_pages, 4, "full");
+        assert_eq!(fh.page_state(4), Some(PageState::Loaded), "read ahead");
+        // An access spanning blocks 3 and 4: block 4 is resident, and its
+        // read-ahead of block 5 may take only what the stream passed.
+        serve_now(&fh.inner, &fault(&vma, 3, 200)).unwrap();
+        serve_now(&fh.inner, &fault(&vma, 4, 200)).unwrap();
+        settle(&fh, 0..16);
+        assert_eq!(fh.page_state(3), Some(PageState::Loaded), "kept");
+        assert_eq!(file.take_calls().len(), 5, "blocks 0 to 4 loaded once");
+    }
+
+    /// Found in review: the stream was moved on before the fault was
+    /// served, so a failed fault's blocks were never read ahead.
+    #[test]
+    fn a_failed_fault_reads_nothing_ahead_and_the_next_one_does() {
+        let (file, fh, vma) = setup_with(16, false);
+        vma.advise(crate::Advice::Sequential);
+        file.on_load(|blk, _| Err(format!("media error at {blk}").into()));
+        serve_now(&fh.inner, &fault(&vma, 0, 1)).unwrap_err();
+        file.clear_load_hook();
+        serve_now(&fh.inner, &fault(&vma, 0, 2)).unwrap();
+        settle(&fh, 0..4);
+        let read_ahead: Vec<_> = (1..4).filter(|&b| fh.page_state(b).is_some()).collect();
+        assert_eq!(read_ahead, [1, 2, 3]);
     }
 
     #[test]

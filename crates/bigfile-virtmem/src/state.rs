@@ -381,9 +381,12 @@ impl State {
 
     /// The blocks to read ahead of a fault on block `blk` in mapping `vma`
     /// (read sequentially), at most `max` (inside the mapping; those already
-    /// read ahead are not asked again: the range may be empty). `None` for
-    /// no read-ahead: a mapping advised random, not (or no longer) read
-    /// sequentially, or a budget too small for a window.
+    /// read ahead are not asked again: the range may be empty), the
+    /// stream moved on past them. Asked once the fault is served (a failed
+    /// one moves nothing). `None` for no read-ahead: a mapping advised
+    /// random, not (or no longer) read sequentially, a budget too small for
+    /// a window, or a stream whose last fault is another block by now
+    /// (another thread's, which reads ahead of its own).
     pub(crate) fn read_ahead_range(
         &mut self,
         fk: FileKey,
@@ -401,7 +404,7 @@ impl State {
             Advice::Normal => false,
         };
         let window = v.stream().window(advised, max);
-        if window == 0 {
+        if window == 0 || v.stream().last() != Some(blk) {
             return None;
         }
         let end = v.pgoffset() + v.range().1 as u64;
@@ -447,6 +450,12 @@ impl State {
         self.handles[fk.0].index.insert(blk, pk);
         self.budget.charge();
         pk
+    }
+
+    /// A read-ahead job of loading page `pk` was taken over: loaded by the
+    /// owner of `ticket` instead.
+    pub(crate) fn take_over_load(&mut self, pk: PageKey, ticket: Arc<Ticket>) {
+        self.pages.hand_over(pk, ticket);
     }
 
     /// The load of `pk` filled `ram_page`: LOADED and on the LRU list, or

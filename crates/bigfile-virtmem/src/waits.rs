@@ -5,10 +5,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::ThreadId;
 
 use crate::failure::Failure;
+use crate::keys::RamPage;
 
 /// A thread's promise to finish something (a page's load, a handle's
 /// writeout) that other threads may wait for. Finished once, by its owner.
@@ -21,6 +22,10 @@ pub(crate) struct Ticket {
     /// A read-ahead load (`readahead.rs`): its failure is no one's, and a
     /// thread that waited for it loads the block again itself.
     readahead: bool,
+    /// A read-ahead job not begun yet: the RAM page reclaimed for it, if
+    /// any, until its worker begins it or a faulting thread takes it over
+    /// ([`Ticket::claim_job`]); `None` once claimed (and for other work).
+    job: Mutex<Option<Option<RamPage>>>,
     outcome: OnceLock<Result<(), Failure>>,
 }
 
@@ -38,19 +43,30 @@ impl Ticket {
             owner: std::thread::current().id(),
             needs_host,
             readahead: false,
+            job: Mutex::new(None),
             outcome: OnceLock::new(),
         })
     }
 
     /// A ticket of read-ahead worker `owner`, for a load that never takes
-    /// the host lock.
-    pub(crate) fn read_ahead_by(owner: ThreadId) -> Arc<Ticket> {
+    /// the host lock, queued with the RAM page `recycled` for it (if any).
+    pub(crate) fn read_ahead_by(owner: ThreadId, recycled: Option<RamPage>) -> Arc<Ticket> {
         Arc::new(Ticket {
             owner,
             needs_host: false,
             readahead: true,
+            job: Mutex::new(Some(recycled)),
             outcome: OnceLock::new(),
         })
+    }
+
+    /// Claim a read-ahead job that nobody has begun: its worker, to run it,
+    /// or a thread that faults on its block, to load it itself instead of
+    /// waiting for a job queued behind others (maybe behind the very load
+    /// that faulted, on the same worker). The first to claim gets the RAM
+    /// page reclaimed for it (`Some(recycled)`); any later claim `None`.
+    pub(crate) fn claim_job(&self) -> Option<Option<RamPage>> {
+        self.job.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Whether this is a read-ahead load's: its failure is not reported to
@@ -157,7 +173,7 @@ mod tests {
     }
 
     fn ticket_of(owner: ThreadId) -> Arc<Ticket> {
-        Ticket::read_ahead_by(owner)
+        Ticket::read_ahead_by(owner, None)
     }
 
     #[test]
@@ -203,6 +219,14 @@ mod tests {
         g.start(b, ticket_of(c));
         g.start(c, ticket_of(b));
         assert_eq!(g.cycle(a, &ticket_of(b)), None);
+    }
+
+    #[test]
+    fn a_read_ahead_job_is_claimed_once() {
+        let t = Ticket::read_ahead_by(thread::current().id(), Some(RamPage(7)));
+        assert_eq!(t.claim_job(), Some(Some(RamPage(7))));
+        assert_eq!(t.claim_job(), None, "begun or taken over already");
+        assert_eq!(Ticket::mine().claim_job(), None, "no job");
     }
 
     #[test]

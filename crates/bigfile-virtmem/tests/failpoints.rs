@@ -211,13 +211,16 @@ fn on_read_ahead_worker() -> bool {
 /// fail with `fail(on_worker)` (`None`: succeed); a worker's load of it
 /// first waits until a fault waits for it (failure point `virtmem::wait`).
 /// A fault on block 0 of a mapping advised sequential (16 blocks, budget
-/// 32) has read blocks 1..=8 ahead; returns the file, RAM, handle and
-/// mapping.
+/// 32) has read blocks 1..=8 ahead, and a worker has begun block 3 (a
+/// fault on a job not begun would load the block itself); returns the
+/// file, RAM, handle and mapping.
 fn read_ahead_failing_at_3(
     fail: impl Fn(bool) -> Option<&'static str> + Send + Sync + 'static,
 ) -> (Arc<MemFile>, Ram, FileH, Vma) {
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     let waiting = Arc::new(AtomicBool::new(false));
+    let begun = Arc::new(AtomicBool::new(false));
+    let begun_here = begun.clone();
     {
         let waiting = waiting.clone();
         fail::cfg_callback("virtmem::wait", move || {
@@ -234,6 +237,7 @@ fn read_ahead_failing_at_3(
         }
         let worker = on_read_ahead_worker();
         if worker {
+            begun_here.store(true, SeqCst);
             // Bounded only so a bug fails the test instead of hanging it.
             let start = std::time::Instant::now();
             while !waiting.load(SeqCst) && start.elapsed() < Duration::from_secs(60) {
@@ -253,6 +257,11 @@ fn read_ahead_failing_at_3(
     let vma = fh.mmap(0, 16).unwrap();
     vma.advise(bigfile_virtmem::Advice::Sequential);
     assert_eq!(read(&vma, 0), 1);
+    let start = std::time::Instant::now();
+    while !begun.load(SeqCst) {
+        assert!(start.elapsed() < Duration::from_secs(60), "never begun");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     (file, ram, fh, vma)
 }
 
