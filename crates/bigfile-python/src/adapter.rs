@@ -24,16 +24,25 @@ pub(crate) struct PyFileAdapter {
     obj: Mutex<Option<Py<PyAny>>>,
     blksize: usize,
     name: String,
+    /// Whether read-ahead workers may call `loadblk` (the class's
+    /// `readahead`).
+    reads_ahead: bool,
 }
 
 impl PyFileAdapter {
     /// The adapter of `obj`, a file of `blksize`-byte blocks called `name`
     /// in diagnostics.
-    pub(crate) fn new(obj: Py<PyAny>, blksize: usize, name: String) -> PyFileAdapter {
+    pub(crate) fn new(
+        obj: Py<PyAny>,
+        blksize: usize,
+        name: String,
+        reads_ahead: bool,
+    ) -> PyFileAdapter {
         PyFileAdapter {
             obj: Mutex::new(Some(obj)),
             blksize,
             name,
+            reads_ahead,
         }
     }
 }
@@ -239,5 +248,9 @@ impl bigfile_virtmem::BigFile for PyFileAdapter {
 
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn reads_ahead(&self) -> bool {
+        self.reads_ahead
     }
 }

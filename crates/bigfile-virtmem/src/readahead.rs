@@ -139,7 +139,7 @@ pub(crate) fn issue(fh: &FileHInner, (vma, blk): (VmaId, u64), blocks: Range<u64
             st.cut_read_ahead(fh.key, vma, b);
             break;
         };
-        let ticket = Ticket::read_ahead_by(worker.id);
+        let ticket = Ticket::read_ahead_by(worker.id, fh.needs_host);
         let pk = st.begin_load(fh.key, b, ticket.clone());
         let job = Job {
             fh: me.clone(),

@@ -81,8 +81,8 @@ pub(crate) fn serve(
         req.drop_behind,
         fh.shared.counters(),
     );
-    // Read-ahead runs native loaders only (see readahead.rs).
-    let ahead = (req.drop_behind && sequential && !fh.needs_host)
+    // Read-ahead runs the loaders that allow it (`BigFile::reads_ahead`).
+    let ahead = (req.drop_behind && sequential && fh.reads_ahead)
         .then(|| {
             let max = max_window(fh.shared.budget_pages());
             st.read_ahead_range(fh.key, req.vma, req.blk, max)

@@ -42,12 +42,13 @@ impl Ticket {
         })
     }
 
-    /// A ticket of read-ahead worker `owner`, for a load that never takes
-    /// the host lock.
-    pub(crate) fn read_ahead_by(owner: ThreadId) -> Arc<Ticket> {
+    /// A ticket of read-ahead worker `owner`, for a load of a file whose
+    /// `needs_host_lock` is `needs_host` (a thread holding the host lock
+    /// releases it before waiting for the worker).
+    pub(crate) fn read_ahead_by(owner: ThreadId, needs_host: bool) -> Arc<Ticket> {
         Arc::new(Ticket {
             owner,
-            needs_host: false,
+            needs_host,
             readahead: true,
             outcome: OnceLock::new(),
         })
@@ -157,7 +158,7 @@ mod tests {
     }
 
     fn ticket_of(owner: ThreadId) -> Arc<Ticket> {
-        Ticket::read_ahead_by(owner)
+        Ticket::read_ahead_by(owner, false)
     }
 
     #[test]
