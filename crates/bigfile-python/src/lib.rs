@@ -12,6 +12,7 @@
 mod adapter;
 mod blockbuf;
 mod error;
+mod exiting;
 mod faults;
 mod file;
 mod fileh;
@@ -94,6 +95,7 @@ fn _keep_heap_top(bytes: usize) -> bool {
 fn _bigfile(m: &Bound<'_, PyModule>) -> PyResult<()> {
     bigfile_virtmem::set_host_lock(Arc::new(gil::Gil));
     faults::ensure_on_top()?;
+    exiting::register(m)?;
     m.add_class::<file::PyBigFile>()?;
     m.add_class::<native_file::PyFileBigFile>()?;
     m.add_class::<fileh::PyBigFileH>()?;

@@ -170,3 +170,40 @@ def test_a_forked_child_reads_ahead_with_workers_of_its_own():
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["0", "True"], (r.stdout, r.stderr[-2000:])
+
+
+def test_the_interpreter_exits_while_loads_are_read_ahead():
+    """A worker whose loadblk released the GIL (a sleep) would be ended by
+    Python's finalization when it takes the GIL again, aborting the process:
+    exiting waits for the loads in progress and refuses further ones. Also
+    in a forked child, whose parent's loads in progress are not its own."""
+    r = run_py(
+        """
+        import os, sys, time
+        import numpy as np
+        from bigfile import BigFile
+        BLK, NBLK = 65536, 256
+        class Slow(BigFile):
+            readahead = True
+            def loadblk(self, blk, buf):
+                time.sleep(0.005)
+                np.ndarray((BLK // 8,), np.uint64, buffer=buf).fill(blk + 1)
+        fh = Slow(BLK).fileh_open(ram="memfd", budget=64 * BLK)
+        vma = fh.mmap(0, NBLK)
+        words = np.ndarray((NBLK * BLK // 8,), np.uint64, buffer=vma)
+        assert all(words[b * BLK // 8] == b + 1 for b in range(10))
+        if os.fork() == 0:
+            # Exits with loads of its own read ahead in progress.
+            assert all(words[b * BLK // 8] == b + 1 for b in range(10, 20))
+            sys.exit(0)
+        _, status = os.wait()
+        assert all(words[b * BLK // 8] == b + 1 for b in range(20, 30))
+        print("child", os.waitstatus_to_exitcode(status), fh.stats()["readahead_loads"] > 0, flush=True)
+        # Exits with loads read ahead in progress.
+        """,
+        "-W",
+        "ignore::DeprecationWarning",
+        timeout=60,
+    )
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.split() == ["child", "0", "True"], (r.stdout, r.stderr[-2000:])

@@ -12,6 +12,7 @@
 //! and a fault that waited for it loads the block again itself (its
 //! failure, if any, is the one reported).
 
+use std::cell::Cell;
 use std::ops::Range;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -110,7 +111,20 @@ fn pick_worker(_locked: &Guard<'_>) -> Option<Worker> {
     Some(w)
 }
 
+thread_local! {
+    /// Whether this thread is a read-ahead worker.
+    static WORKER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the calling thread is a read-ahead worker: a loader that takes
+/// the host lock may refuse a load there (its failure is forgotten), e.g.
+/// while its host shuts down.
+pub fn on_worker() -> bool {
+    WORKER.with(Cell::get)
+}
+
 fn work(inbox: Receiver<Job>) {
+    WORKER.with(|w| w.set(true));
     for job in inbox {
         run(job);
     }
