@@ -56,8 +56,12 @@ def scan(f, attempts=3):
         return fh.stats()
 
 
-def test_the_base_class_does_not_read_ahead():
+def test_the_base_class_and_zbigfile_do_not_read_ahead():
     assert BigFile.readahead is False and Scanned.readahead is True
+    # A ZBigFile's loads use its ZODB connection, which the application's
+    # thread uses meanwhile.
+    file_zodb = pytest.importorskip("bigfile.file_zodb")
+    assert file_zodb._ZBigFile.readahead is False
 
 
 def test_an_opted_in_loader_is_read_ahead_on_a_worker():
