@@ -11,6 +11,12 @@
 //! a 5 ms fault in a fresh process (benches/README.md). Allocations below
 //! `bytes` served from the heap, and `bytes` kept at its top when trimmed,
 //! keep that memory in the process from one load to the next.
+//!
+//! The cost: setting either parameter stops glibc's own raising of its mmap
+//! threshold, so allocations above `bytes` (numpy temporaries of more than
+//! three blocks, say) stay fresh `mmap`s, where glibc would have served
+//! them from the heap once it had freed one; and up to `bytes` more stays
+//! resident after the heap shrinks.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
