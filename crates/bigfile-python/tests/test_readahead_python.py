@@ -6,6 +6,7 @@ read-ahead); a thread holding the GIL that touches a page being read ahead
 does not deadlock with the worker; a forked child reads ahead with workers
 of its own. A loader that does not opt in is never read ahead."""
 
+import textwrap
 import threading
 import time
 
@@ -39,6 +40,30 @@ class Scanned(BigFile):
         if blk in self.fail and not (self.only_ahead and on_main):
             raise ZeroDivisionError(f"no block {blk}")
         np.ndarray((BLK // 8,), np.uint64, buffer=buf).fill(blk + 1)
+
+
+# What the child processes below start with: a file whose block b holds
+# the u64 b + 1 everywhere and whose loads take DELAY seconds (the GIL
+# released meanwhile, as a storage's read would), and a scan of blocks.
+CHILD = """
+import os, sys, threading, time
+import numpy as np
+from bigfile import BigFile
+BLK = 65536
+class Slow(BigFile):
+    readahead = True
+    def loadblk(self, blk, buf):
+        time.sleep(DELAY)
+        np.ndarray((BLK // 8,), np.uint64, buffer=buf).fill(blk + 1)
+def scanned(words, blocks):
+    return all(words[b * BLK // 8] == b + 1 for b in blocks)
+"""
+
+
+def run_child(body, timeout=60):
+    """Run CHILD then `body` in a fresh interpreter (fork's warning about
+    threads ignored: the point is what bigfile does)."""
+    return run_py(CHILD + textwrap.dedent(body), "-W", "ignore::DeprecationWarning", timeout=timeout)
 
 
 class NotAhead(Scanned):
@@ -119,17 +144,9 @@ def test_a_thread_holding_the_gil_waits_for_a_read_ahead_without_deadlock():
     when it touches a page still loading ahead (loads are slow here), and
     another thread keeps asking for it: the wait releases it. In a child,
     which a deadlock would leave hanging until the timeout."""
-    r = run_py(
+    r = run_child(
         """
-        import threading, time
-        import numpy as np
-        from bigfile import BigFile
-        BLK, NBLK = 65536, 64
-        class Slow(BigFile):
-            readahead = True
-            def loadblk(self, blk, buf):
-                time.sleep(0.002)
-                np.ndarray((BLK // 8,), np.uint64, buffer=buf).fill(blk + 1)
+        DELAY = 0.002
         stop = False
         def spin():
             n = 0
@@ -137,36 +154,28 @@ def test_a_thread_holding_the_gil_waits_for_a_read_ahead_without_deadlock():
                 n += 1
         t = threading.Thread(target=spin)
         t.start()
-        with Slow(BLK).fileh_open(ram="memfd", budget=32 * BLK) as fh, fh.mmap(0, NBLK) as vma:
-            words = np.ndarray((NBLK * BLK // 8,), np.uint64, buffer=vma)
-            ok = all(words[b * BLK // 8] == b + 1 for b in range(NBLK))
+        with Slow(BLK).fileh_open(ram="memfd", budget=32 * BLK) as fh, fh.mmap(0, 64) as vma:
+            words = np.ndarray((64 * BLK // 8,), np.uint64, buffer=vma)
+            ok = scanned(words, range(64))
             del words
             st = fh.stats()
         stop = True
         t.join()
         print(ok, st["readahead_loads"] > 0, st["readahead_hits"] > 0)
-        """,
-        timeout=60,
+        """
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["True", "True", "True"], (r.stdout, r.stderr[-2000:])
 
 
 def test_a_forked_child_reads_ahead_with_workers_of_its_own():
-    r = run_py(
+    r = run_child(
         """
-        import os, threading
-        import numpy as np
-        from bigfile import BigFile
-        BLK, NBLK = 65536, 64
-        class F(BigFile):
-            readahead = True
-            def loadblk(self, blk, buf):
-                np.ndarray((BLK // 8,), np.uint64, buffer=buf).fill(blk + 1)
+        DELAY = 0
         def scan():
-            with F(BLK).fileh_open(ram="memfd", budget=32 * BLK) as fh, fh.mmap(0, NBLK) as vma:
-                words = np.ndarray((NBLK * BLK // 8,), np.uint64, buffer=vma)
-                ok = all(words[b * BLK // 8] == b + 1 for b in range(NBLK))
+            with Slow(BLK).fileh_open(ram="memfd", budget=32 * BLK) as fh, fh.mmap(0, 64) as vma:
+                words = np.ndarray((64 * BLK // 8,), np.uint64, buffer=vma)
+                ok = scanned(words, range(64))
                 del words
                 return ok and fh.stats()["readahead_loads"] > 0
         assert scan()  # the parent's workers started
@@ -175,10 +184,7 @@ def test_a_forked_child_reads_ahead_with_workers_of_its_own():
             os._exit(0 if scan() else 1)
         _, status = os.waitpid(pid, 0)
         print(os.waitstatus_to_exitcode(status), scan())
-        """,
-        "-W",
-        "ignore::DeprecationWarning",
-        timeout=60,
+        """
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["0", "True"], (r.stdout, r.stderr[-2000:])
@@ -189,33 +195,22 @@ def test_the_interpreter_exits_while_loads_are_read_ahead():
     Python's finalization when it takes the GIL again, aborting the process:
     exiting waits for the loads in progress and refuses further ones. Also
     in a forked child, whose parent's loads in progress are not its own."""
-    r = run_py(
+    r = run_child(
         """
-        import os, sys, time
-        import numpy as np
-        from bigfile import BigFile
-        BLK, NBLK = 65536, 256
-        class Slow(BigFile):
-            readahead = True
-            def loadblk(self, blk, buf):
-                time.sleep(0.005)
-                np.ndarray((BLK // 8,), np.uint64, buffer=buf).fill(blk + 1)
+        DELAY = 0.005
         fh = Slow(BLK).fileh_open(ram="memfd", budget=64 * BLK)
-        vma = fh.mmap(0, NBLK)
-        words = np.ndarray((NBLK * BLK // 8,), np.uint64, buffer=vma)
-        assert all(words[b * BLK // 8] == b + 1 for b in range(10))
+        vma = fh.mmap(0, 256)
+        words = np.ndarray((256 * BLK // 8,), np.uint64, buffer=vma)
+        assert scanned(words, range(10))
         if os.fork() == 0:
             # Exits with loads of its own read ahead in progress.
-            assert all(words[b * BLK // 8] == b + 1 for b in range(10, 20))
+            assert scanned(words, range(10, 20))
             sys.exit(0)
         _, status = os.wait()
-        assert all(words[b * BLK // 8] == b + 1 for b in range(20, 30))
+        assert scanned(words, range(20, 30))
         print("child", os.waitstatus_to_exitcode(status), fh.stats()["readahead_loads"] > 0, flush=True)
         # Exits with loads read ahead in progress.
-        """,
-        "-W",
-        "ignore::DeprecationWarning",
-        timeout=60,
+        """
     )
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert r.stdout.split() == ["child", "0", "True"], (r.stdout, r.stderr[-2000:])
