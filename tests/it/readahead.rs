@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bigfile::virtmem::{Advice, FileH, Vma, WriteoutFlags};
+use bigfile::virtmem::{Advice, BigFile, BlockError, FileH, Vma, WriteoutFlags};
 
 use bigfile_testkit::loads::settle;
 
@@ -325,4 +325,48 @@ fn a_native_loader_reading_another_mapping_is_read_ahead_without_waiting_on_itse
     // took its job over) and read right.
     assert!(upper.stats().loads >= 48, "{:?}", upper.stats());
     assert!(lower.stats().loads >= 48 * PER, "{:?}", lower.stats());
+}
+
+/// A loader that takes the host lock (a memory file that is not native)
+/// and says whether read-ahead may run it (`BigFile::reads_ahead`).
+struct HostLoader {
+    mem: MemFile,
+    reads_ahead: bool,
+}
+
+impl BigFile for HostLoader {
+    fn blksize(&self) -> usize {
+        self.mem.blksize()
+    }
+    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.mem.loadblk(blk, buf)
+    }
+    fn storeblk(&self, blk: u64, buf: &[u8]) -> Result<(), BlockError> {
+        self.mem.storeblk(blk, buf)
+    }
+    fn reads_ahead(&self) -> bool {
+        self.reads_ahead
+    }
+}
+
+/// A loader that takes the host lock is read ahead only if it opts in.
+#[test]
+fn a_loader_taking_the_host_lock_is_read_ahead_only_if_it_opts_in() {
+    for reads_ahead in [false, true] {
+        let mem = MemFile::new(BLK);
+        assert!(mem.needs_host_lock());
+        let file = Arc::new(HostLoader { mem, reads_ahead });
+        let ram = ram(32);
+        let fh = FileH::open(file, Some(&ram)).unwrap();
+        let vma = fh.mmap(0, 64).unwrap();
+        for blk in 0..64 {
+            read_block(&vma, blk as usize, blk);
+            // (The workers' loads, not the scan's take-overs of jobs not
+            // begun.)
+            settle(&fh, 0..64);
+        }
+        let s = fh.stats();
+        assert_eq!(s.streams, 1);
+        assert_eq!(s.readahead_loads > 0, reads_ahead, "{s:?}");
+    }
 }

@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 
 use crate::blockbuf::{memoryview, scrub, write_stderr, BlockBuffer};
 use crate::error::PyBlockError;
+use crate::exiting;
 use crate::gil::{with_python, ExcState, SubinterpreterThread};
 use crate::interrupt::{self, Callback};
 use crate::window::PageWindow;
@@ -24,16 +25,25 @@ pub(crate) struct PyFileAdapter {
     obj: Mutex<Option<Py<PyAny>>>,
     blksize: usize,
     name: String,
+    /// Whether read-ahead workers may call `loadblk` (the class's
+    /// `readahead`).
+    reads_ahead: bool,
 }
 
 impl PyFileAdapter {
     /// The adapter of `obj`, a file of `blksize`-byte blocks called `name`
     /// in diagnostics.
-    pub(crate) fn new(obj: Py<PyAny>, blksize: usize, name: String) -> PyFileAdapter {
+    pub(crate) fn new(
+        obj: Py<PyAny>,
+        blksize: usize,
+        name: String,
+        reads_ahead: bool,
+    ) -> PyFileAdapter {
         PyFileAdapter {
             obj: Mutex::new(Some(obj)),
             blksize,
             name,
+            reads_ahead,
         }
     }
 }
@@ -71,6 +81,18 @@ impl PyFileAdapter {
     /// Call `loadblk` or `storeblk` of the Python object on `page`, the
     /// block's RAM page (filled on success for a load).
     fn call(&self, op: Op, blk: u64, page: &BlockPage<'_>) -> Result<(), BlockError> {
+        // On a read-ahead worker (a file that opted in), only while the
+        // interpreter does not exit (`exiting`); counted until the GIL is
+        // given back.
+        let ahead = bigfile_virtmem::on_read_ahead_worker();
+        let _admitted = match ahead.then(exiting::admit) {
+            Some(None) => {
+                return Err(
+                    format!("read-ahead of block {blk} of {}: Python exits", self.name).into(),
+                )
+            }
+            admitted => admitted.flatten(),
+        };
         // SAFETY: only reads the calling thread's bound thread state.
         let foreign = unsafe { ffi::PyGILState_GetThisThreadState() }.is_null();
         let r = catch_unwind(AssertUnwindSafe(|| {
@@ -190,6 +212,11 @@ impl PyFileAdapter {
             }
             // SAFETY: we hold the GIL.
             unsafe { ExcState::clear() };
+            if bigfile_virtmem::on_read_ahead_worker() {
+                // Forgotten by virtmem: no exception object to free later
+                // (with the GIL, which may be gone by then: `exiting`).
+                return format!("loadblk of block {blk} of {} raised {e}", self.name).into();
+            }
         }
         Box::new(PyBlockError::new(e))
     }
@@ -239,5 +266,9 @@ impl bigfile_virtmem::BigFile for PyFileAdapter {
 
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn reads_ahead(&self) -> bool {
+        self.reads_ahead
     }
 }

@@ -38,6 +38,18 @@ impl PyBigFile {
         PyBigFile::with_blksize(blksize)
     }
 
+    /// Whether read-ahead may call `loadblk` on a worker thread of its own
+    /// (default False; a subclass sets `readahead = True` to allow it).
+    /// Read-ahead loads the blocks ahead of a sequential scan while the
+    /// scan goes on: `loadblk` then runs on another thread (holding the
+    /// GIL), and an exception it raises there is forgotten (the block is
+    /// loaded again when touched, raising as usual). Read when a handle is
+    /// opened.
+    #[classattr]
+    fn readahead() -> bool {
+        false
+    }
+
     /// Block size in bytes (read-only).
     #[getter]
     pub(crate) fn blksize(&self) -> usize {
@@ -106,7 +118,13 @@ pub(crate) fn open_python(
     ensure_on_top()?;
     let ram = choice.resolve(py, blksize)?;
     let name = format!("{}", ty.qualname()?);
-    let adapter = Arc::new(PyFileAdapter::new(slf.clone().unbind(), blksize, name));
+    let reads_ahead = ty.getattr("readahead")?.is_truthy()?;
+    let adapter = Arc::new(PyFileAdapter::new(
+        slf.clone().unbind(),
+        blksize,
+        name,
+        reads_ahead,
+    ));
     let fileh = FileH::open(adapter.clone(), ram.as_ref()).map_err(|e| to_py(py, e))?;
     Py::new(py, PyBigFileH::new(fileh, Some(adapter)))
 }

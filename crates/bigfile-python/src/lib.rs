@@ -12,10 +12,12 @@
 mod adapter;
 mod blockbuf;
 mod error;
+mod exiting;
 mod faults;
 mod file;
 mod fileh;
 mod gil;
+mod heap;
 mod interrupt;
 mod mapcache;
 mod mapping;
@@ -79,10 +81,21 @@ fn _read_in_new_thread(
     .map_err(|e| error::to_py(py, e))
 }
 
+/// Serve allocations below `bytes` from the C heap and keep `bytes` free
+/// at its top between loads (glibc's `M_MMAP_THRESHOLD`, `M_TOP_PAD`; see
+/// heap.rs): for Python loaders that allocate block-sized objects per load
+/// (`bigfile.file_zodb`). Returns whether it is set; False where malloc is
+/// not glibc's or the environment tunes it.
+#[pyfunction]
+fn _keep_heap_top(bytes: usize) -> bool {
+    heap::keep_top(bytes)
+}
+
 #[pymodule]
 fn _bigfile(m: &Bound<'_, PyModule>) -> PyResult<()> {
     bigfile_virtmem::set_host_lock(Arc::new(gil::Gil));
     faults::ensure_on_top()?;
+    exiting::register(m)?;
     m.add_class::<file::PyBigFile>()?;
     m.add_class::<native_file::PyFileBigFile>()?;
     m.add_class::<fileh::PyBigFileH>()?;
@@ -94,5 +107,6 @@ fn _bigfile(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_ensure_fault_handler_on_top, m)?)?;
     m.add_function(wrap_pyfunction!(_read_nogil, m)?)?;
     m.add_function(wrap_pyfunction!(_read_in_new_thread, m)?)?;
+    m.add_function(wrap_pyfunction!(_keep_heap_top, m)?)?;
     Ok(())
 }

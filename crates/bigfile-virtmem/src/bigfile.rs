@@ -62,4 +62,15 @@ pub trait BigFile: Send + Sync + 'static {
     fn needs_host_lock(&self) -> bool {
         true
     }
+
+    /// Whether asynchronous read-ahead may call `loadblk_page` on one of
+    /// its worker threads, ahead of a detected stream. By default, a file
+    /// whose loader takes no host lock. A loader that does (Python's) runs
+    /// there only if it says so: it then runs on a thread other than the
+    /// faulting one (its thread-local state, connections), takes the host
+    /// lock there, and its failures are forgotten (the block is loaded
+    /// again when touched).
+    fn reads_ahead(&self) -> bool {
+        !self.needs_host_lock()
+    }
 }

@@ -50,6 +50,8 @@ pub(crate) struct FileHInner {
     pub(crate) name: String,
     /// The file's `needs_host_lock`, asked once.
     pub(crate) needs_host: bool,
+    /// The file's `reads_ahead`, asked once.
+    pub(crate) reads_ahead: bool,
     load_attempts: AtomicU32,
     load_backoff_us: AtomicU64,
     /// The handle itself, for read-ahead loads to hold (set once it is in
@@ -72,6 +74,7 @@ impl FileHInner {
         let counters = Arc::new(Counters::default());
         let name = file.name();
         let needs_host = file.needs_host_lock();
+        let reads_ahead = file.reads_ahead();
         let key = {
             let _host = HostUnlocked::new();
             // The guard in a statement of its own: a temporary of the
@@ -90,6 +93,7 @@ impl FileHInner {
             counters,
             name,
             needs_host,
+            reads_ahead,
             load_attempts: AtomicU32::new(policy.attempts),
             load_backoff_us: AtomicU64::new(policy.backoff.as_micros() as u64),
             me: OnceLock::new(),

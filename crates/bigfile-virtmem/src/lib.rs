@@ -71,5 +71,6 @@ pub use host::{set_host_lock, HostLock};
 pub use hostwait::host_lock_wait;
 pub use pages::PageState;
 pub use ram::{Ram, RamStats};
+pub use readahead::on_worker as on_read_ahead_worker;
 pub use stats::Stats;
 pub use vma::{Placeholder, Vma};

@@ -15,6 +15,7 @@
 //! fault that waited for it loads the block again itself (its failure, if
 //! any, is the one reported).
 
+use std::cell::Cell;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::{self, ThreadId};
@@ -123,7 +124,20 @@ fn pick_worker(_locked: &Guard<'_>) -> Option<Worker> {
     Some(w)
 }
 
+thread_local! {
+    /// Whether this thread is a read-ahead worker.
+    static WORKER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the calling thread is a read-ahead worker: a loader that takes
+/// the host lock may refuse a load there (its failure is forgotten), e.g.
+/// while its host shuts down.
+pub fn on_worker() -> bool {
+    WORKER.with(Cell::get)
+}
+
 fn work(inbox: Receiver<Job>) {
+    WORKER.with(|w| w.set(true));
     for job in inbox {
         run(job);
     }
@@ -194,7 +208,7 @@ fn ask(
     (worker, recycled): (&Worker, Option<RamPage>),
     fill: Fill,
 ) -> Job {
-    let ticket = Ticket::read_ahead_by(worker.id, recycled);
+    let ticket = Ticket::read_ahead_by(worker.id, fh.needs_host, recycled);
     let pk = st.begin_load(fh.key, b, ticket.clone());
     Job {
         fh: me.clone(),

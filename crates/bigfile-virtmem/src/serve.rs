@@ -81,9 +81,9 @@ pub(crate) fn serve(
         req.drop_behind,
         fh.shared.counters(),
     );
-    // Read-ahead runs native loaders only (see readahead.rs), once the
-    // fault is served: a failed one reads nothing ahead.
-    let ahead = req.drop_behind && sequential && !fh.needs_host;
+    // Read-ahead runs the loaders that allow it (`BigFile::reads_ahead`),
+    // once the fault is served: a failed one reads nothing ahead.
+    let ahead = req.drop_behind && sequential && fh.reads_ahead;
     loop {
         st = match st.lookup(fh.key, req.blk) {
             None => load(fh, st, (req.blk, sequential), (access.as_ref(), pin), host)?,

@@ -48,12 +48,18 @@ impl Ticket {
         })
     }
 
-    /// A ticket of read-ahead worker `owner`, for a load that never takes
-    /// the host lock, queued with the RAM page `recycled` for it (if any).
-    pub(crate) fn read_ahead_by(owner: ThreadId, recycled: Option<RamPage>) -> Arc<Ticket> {
+    /// A ticket of read-ahead worker `owner`, for a load of a file whose
+    /// `needs_host_lock` is `needs_host` (a thread holding the host lock
+    /// releases it before waiting for the worker), queued with the RAM page
+    /// `recycled` for it (if any).
+    pub(crate) fn read_ahead_by(
+        owner: ThreadId,
+        needs_host: bool,
+        recycled: Option<RamPage>,
+    ) -> Arc<Ticket> {
         Arc::new(Ticket {
             owner,
-            needs_host: false,
+            needs_host,
             readahead: true,
             job: Mutex::new(Some(recycled)),
             outcome: OnceLock::new(),
@@ -173,7 +179,7 @@ mod tests {
     }
 
     fn ticket_of(owner: ThreadId) -> Arc<Ticket> {
-        Ticket::read_ahead_by(owner, None)
+        Ticket::read_ahead_by(owner, false, None)
     }
 
     #[test]
@@ -223,7 +229,7 @@ mod tests {
 
     #[test]
     fn a_read_ahead_job_is_claimed_once() {
-        let t = Ticket::read_ahead_by(thread::current().id(), Some(RamPage(7)));
+        let t = Ticket::read_ahead_by(thread::current().id(), false, Some(RamPage(7)));
         assert_eq!(t.claim_job(), Some(Some(RamPage(7))));
         assert_eq!(t.claim_job(), None, "begun or taken over already");
         assert_eq!(Ticket::mine().claim_job(), None, "no job");

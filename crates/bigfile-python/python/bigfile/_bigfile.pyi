@@ -2,7 +2,7 @@
 
 import os
 from types import TracebackType
-from typing import Final, Literal, Optional, Tuple, Type, TypedDict, TypeVar, Union
+from typing import ClassVar, Final, Literal, Optional, Tuple, Type, TypedDict, TypeVar, Union
 
 from _typeshed import ReadableBuffer, WriteableBuffer
 
@@ -35,8 +35,11 @@ class BigFile:
     """A file of `blksize`-byte blocks; subclass it and implement
     ``loadblk(self, blk: int, buf: memoryview) -> None`` (fill the writable
     `buf`) and, for writeout, ``storeblk(self, blk: int, buf: memoryview) -> None``
-    (`buf` is read-only). `buf` is valid only during the call."""
+    (`buf` is read-only). `buf` is valid only during the call.
+    ``readahead = True`` in a subclass lets read-ahead call `loadblk` on a
+    worker thread ahead of a sequential scan (off by default)."""
 
+    readahead: ClassVar[bool]
     def __new__(cls: Type[_T], blksize: int, *args: object, **kwargs: object) -> _T: ...
     @property
     def blksize(self) -> int: ...
@@ -152,3 +155,4 @@ def ram_reclaim() -> int: ...
 def _ensure_fault_handler_on_top() -> bool: ...
 def _read_nogil(vma: VMA, offset: int) -> int: ...
 def _read_in_new_thread(vma: VMA, offset: int) -> int: ...
+def _keep_heap_top(bytes: int) -> bool: ...

@@ -79,7 +79,7 @@ from transaction.interfaces import IDataManager, ISynchronizer
 from ZODB.POSException import ConflictError
 from zope.interface import implementer
 
-from bigfile._bigfile import WRITEOUT_MARKSTORED, WRITEOUT_STORE, BigFile
+from bigfile._bigfile import WRITEOUT_MARKSTORED, WRITEOUT_STORE, BigFile, _keep_heap_top
 
 __all__ = ["ZBigFile", "ZBigFileH", "ZBlk0", "ZBlk1", "ZData", "ZBlk_fmt_write", "ZBlk_fmt_registry"]
 
@@ -652,6 +652,11 @@ class ZBigFileH:
         # children may not (`_refuse_in_forked_child`).
         conn.__dict__.setdefault("_bigfile_pid", os.getpid())
         self._zfileh = zfile._runtime().fileh_open(ram=ram, budget=budget, fault_backend=fault_backend)
+        # A load allocates three block-sized objects at once (the record
+        # and the unpickled state among them), then frees them: without this the
+        # C heap gave that memory back to the kernel after every load, and
+        # the next touched fresh pages (heap.rs).
+        _keep_heap_top(3 * zfile.blksize + (1 << 20))
         self._joined: Any = None  # the transaction we joined
         self._committing: Any = None  # the transaction in two-phase commit
         self._failed: Any = None  # the transaction whose commit failed, not yet aborted

@@ -1,0 +1,71 @@
+//! Python loads on read-ahead workers stopped before the interpreter
+//! finalizes. A worker is a thread Python did not start: past the start of
+//! finalization, a `loadblk` there that released the GIL (a sleep, a read)
+//! and takes it again is ended by Python with `pthread_exit`, which cannot
+//! unwind through our frames and aborts the process. So an `atexit`
+//! callback (run before finalization) refuses further read-ahead loads of
+//! Python files and waits for those in progress; a refused load fails, and
+//! a failed read-ahead is forgotten. (The module imported into a
+//! subinterpreter registers there too: that interpreter's exit turns the
+//! read-ahead of Python files off for the rest of the process; faults
+//! still load every block.)
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+
+use pyo3::prelude::*;
+
+/// Set once the interpreter exits: no read-ahead load of a Python file
+/// starts any more.
+static EXITING: AtomicBool = AtomicBool::new(false);
+/// Read-ahead loads of Python files in progress.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// A read-ahead load of a Python file let in: counted until dropped (after
+/// the GIL is given back).
+pub(crate) struct Admitted(());
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, SeqCst);
+    }
+}
+
+/// Let a read-ahead load of a Python file in, unless the interpreter
+/// exits. Counted first, then checked: `stop` sets the flag first, then
+/// waits for the count, so one of the two sees the other.
+pub(crate) fn admit() -> Option<Admitted> {
+    IN_FLIGHT.fetch_add(1, SeqCst);
+    let admitted = Admitted(());
+    (!EXITING.load(SeqCst)).then_some(admitted)
+}
+
+/// The `atexit` callback: refuse further read-ahead loads of Python files,
+/// wait (without the GIL, which they need) for those in progress.
+#[pyfunction]
+fn _stop_read_ahead(py: Python<'_>) {
+    EXITING.store(true, SeqCst);
+    py.detach(|| {
+        while IN_FLIGHT.load(SeqCst) > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+}
+
+/// A forked child has none of its parent's workers: their loads in
+/// progress are not its own.
+extern "C" fn forget_in_flight() {
+    IN_FLIGHT.store(0, SeqCst);
+}
+
+/// Register the `atexit` callback and the fork handler (at module init).
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let stop = wrap_pyfunction!(_stop_read_ahead, m)?;
+    m.py().import("atexit")?.call_method1("register", (stop,))?;
+    // SAFETY: registers a handler that only stores to an atomic.
+    let rc = unsafe { libc::pthread_atfork(None, None, Some(forget_in_flight)) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc).into());
+    }
+    Ok(())
+}
