@@ -179,6 +179,33 @@ fn a_seccomp_filter_refusing_userfaultfd_falls_back_to_signals() {
     assert!(out.contains("read: ok"), "{out}");
 }
 
+/// A kernel without `UFFDIO_POISON` (before Linux 6.6; here the feature
+/// the kernel granted is hidden) could not fail a system call whose page
+/// does not load, only retry it, forever if the loader keeps failing: a RAM
+/// made with `BIGFILE_FAULTS=auto` is on signals and says why; asked for
+/// explicitly, userfaultfd is an error.
+#[test]
+fn a_userfaultfd_without_poison_is_not_used() {
+    let mut cmd = child::test_child("crash::child", CHILD_ENV, "report_backends");
+    cmd.env("BIGFILE_FAULTS", "auto")
+        .env("BIGFILE_UFFD_HIDE_FEATURES", "poison");
+    let ended = child::run(cmd, child::TIMEOUT).unwrap();
+    assert!(ended.status.success(), "{}", ended.describe());
+    let out = ended.stdout;
+    assert!(out.contains("auto: signals"), "{out}");
+    assert!(out.contains("asked for: error"), "{out}");
+    assert!(out.contains("read: ok"), "{out}");
+    // Where this process may have userfaultfd, the child was refused it
+    // for the missing feature only.
+    let spec = format!("memfd,pagesize={BLK}");
+    let here = bigfile::virtmem::Ram::from_spec(&spec)
+        .unwrap()
+        .with_fault_backend(bigfile::virtmem::FaultBackend::Userfaultfd);
+    if here.is_ok() || std::env::var_os("BIGFILE_REQUIRE_UFFD").is_some() {
+        assert_eq!(out.matches("UFFDIO_POISON").count(), 2, "{out}");
+    }
+}
+
 /// One instruction needing three pages under a budget of one page cannot
 /// complete: it fails with a diagnostic instead of spinning.
 #[cfg(target_arch = "x86_64")]
@@ -426,6 +453,7 @@ fn child() {
         "span" => span(),
         #[cfg(target_arch = "x86_64")]
         "seccomp" => seccomp_denies_userfaultfd(),
+        "report_backends" => report_backends(),
         "default_backend" => {
             let ram = ram(1);
             println!(
@@ -570,7 +598,6 @@ fn default_budget_scan() {
 /// EPERM by a seccomp filter, then make RAMs.
 #[cfg(target_arch = "x86_64")]
 fn seccomp_denies_userfaultfd() {
-    use bigfile::virtmem::{FaultBackend, Ram};
     // Classic BPF over `struct seccomp_data` (nr at 0, arch at 4, args at
     // 16): the opcodes and offsets of linux/filter.h and linux/seccomp.h.
     const LD_W_ABS: u16 = 0x20;
@@ -622,6 +649,14 @@ fn seccomp_denies_userfaultfd() {
             std::io::Error::last_os_error()
         );
     }
+    report_backends();
+}
+
+/// In a child: make a RAM as `BIGFILE_FAULTS` says and one asking for
+/// userfaultfd, print which backends they got and why, and read through a
+/// mapping of the first.
+fn report_backends() {
+    use bigfile::virtmem::{FaultBackend, Ram};
     let spec = format!("memfd,pagesize={BLK}");
     let auto = Ram::from_spec(&spec).unwrap();
     println!(
