@@ -335,12 +335,12 @@ impl UffdService {
 
     /// Fail the system call waiting for `[page_addr, page_addr + len)`:
     /// poison the page and wake the thread. False if that could not be done
-    /// (the kernel has no `UFFDIO_POISON`, before Linux 6.6; or the page
-    /// was just mapped there): then the thread is only woken, to fault
-    /// again or find the page (better than hanging it).
+    /// (the page was just mapped there, or the poison table is full of live
+    /// poisons: `poison::note`): then the thread is only woken, to fault
+    /// again or find the page (better than hanging it). (A kernel without
+    /// `UFFDIO_POISON` is not used: `backend::process_uffd`.)
     fn fail(&self, page_addr: usize, len: usize) -> bool {
-        poison::note(page_addr);
-        if self.uffd.poison(page_addr, len).is_ok() {
+        if poison::note(page_addr) && self.uffd.poison(page_addr, len).is_ok() {
             return true;
         }
         // Nothing was poisoned: only the note goes. (The refusal may mean an
