@@ -13,9 +13,9 @@
 //! failure, if any, is the one reported).
 
 use std::ops::Range;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, ThreadId};
+use std::thread;
 
 use bigfile_os::Prot;
 
@@ -30,7 +30,7 @@ use crate::reclaim::release;
 use crate::shared::Guard;
 use crate::state::Unmap;
 use crate::stream::MAX_WINDOW;
-use crate::waits::Ticket;
+use crate::waits::{Ticket, Tid};
 
 /// At most this many workers, however many cores.
 const MAX_WORKERS: usize = 4;
@@ -55,7 +55,7 @@ struct Job {
 
 #[derive(Clone)]
 struct Worker {
-    id: ThreadId,
+    id: Tid,
     jobs: Sender<Job>,
 }
 
@@ -92,16 +92,22 @@ fn pick_worker(_locked: &Guard<'_>) -> Option<Worker> {
     let most = cores.clamp(1, MAX_WORKERS);
     if pool.next == pool.workers.len() && pool.workers.len() < most {
         let (jobs, inbox) = channel();
+        let (tid_tx, tid) = sync_channel(1);
         // Deaf: a worker started from a fault inherits the faulting
         // thread's signal mask, and would otherwise take the application's
         // signals (Ctrl-C) away from the threads waiting for them.
-        let handle = spawn_deaf(
+        spawn_deaf(
             thread::Builder::new().name(format!("bigfile-readahead-{}", pool.workers.len())),
-            move || work(inbox),
+            move || {
+                // Its loads' tickets name it by its kernel thread id (the
+                // wait graph's), which only it can learn.
+                let _ = tid_tx.send(Tid::current());
+                work(inbox)
+            },
         )
         .ok()?;
         pool.workers.push(Worker {
-            id: handle.thread().id(),
+            id: tid.recv().ok()?,
             jobs,
         });
     }
