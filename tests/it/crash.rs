@@ -448,10 +448,7 @@ fn child() {
             println!("peek 1: {}", if ok { "ok" } else { "wrong data" });
         }
         "workers_retire" => {
-            let file = mem_file(BLK);
-            let ram = ram(8);
-            let fh = open(&file, &ram);
-            let vma = fh.mmap(0, 2).unwrap();
+            let (_file, ram, _fh, vma) = setup(8, 2);
             let read_into = |blk: usize| {
                 let mut f = std::fs::File::open("/dev/zero").unwrap();
                 // SAFETY: nothing else accesses these bytes meanwhile.
