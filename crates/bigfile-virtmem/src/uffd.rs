@@ -459,7 +459,11 @@ impl<'a> InSystemCall<'a> {
 impl Drop for InSystemCall<'_> {
     fn drop(&mut self) {
         self.ticket.finish(Ok(()));
-        self.fileh.shared.lock().waits_mut().end(self.tid);
+        self.fileh
+            .shared
+            .lock()
+            .waits_mut()
+            .end_in_system_call(self.tid, &self.ticket);
     }
 }
 

@@ -193,6 +193,20 @@ impl WaitGraph {
     pub(crate) fn end(&mut self, me: Tid) {
         self.waiting.remove(&me);
     }
+
+    /// The worker whose `ticket` served thread `tid`'s kernel-mode fault is
+    /// done: the edge goes, unless `tid` waits for something else by now
+    /// (given up by the watchdog, its system call failed meanwhile and it
+    /// went on).
+    pub(crate) fn end_in_system_call(&mut self, tid: Tid, ticket: &Arc<Ticket>) {
+        if self
+            .waiting
+            .get(&tid)
+            .is_some_and(|(t, _)| Arc::ptr_eq(t, ticket))
+        {
+            self.waiting.remove(&tid);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -276,8 +290,13 @@ mod tests {
         let cycle = g.cycle(w, &ticket_of(m)).expect("a cycle");
         assert!(!cycle.is_own_load_in_system_call());
         assert_eq!(cycle.0.len(), 4);
-        // The fault served: no edge.
+        // The fault served: no edge; but only its own.
+        g.start(l, ticket_of(w));
+        g.end_in_system_call(l, &tw);
+        assert!(g.cycle(w, &tl).is_some(), "l's later wait stays");
         g.end(l);
+        g.start_in_system_call(l, tw.clone());
+        g.end_in_system_call(l, &tw);
         assert_eq!(g.cycle(w, &tl), None);
     }
 
