@@ -308,14 +308,14 @@ impl UffdService {
             let (req, page_addr) = range.request(e.addr, access);
             let ps = range.fileh.page_size();
             let watch = Arc::new(Watch::new(page_addr, ps, req.blk, range.fileh.name.clone()));
+            // The faulting thread waits for this worker: a wait of the
+            // worker's that comes back to that thread (its own load, or a
+            // load waiting for it) is a cycle, failed instead of hung.
+            let edge = InSystemCall::start(&range.fileh, Tid(e.tid));
             // A worker holds no host lock: its loads wait as they please.
             // A panic (a loader's, re-raised by `serve`) ends the process,
             // as on a faulting thread (bigfile-fault): unwound here, it
             // would end the worker and leave the system call blocked.
-            // The faulting thread waits for this worker: a wait of the
-            // worker's that comes back to that thread (its own load, or a
-            // load waiting for it) is a cycle, failed instead of hung.
-            let _edge = InSystemCall::start(&range.fileh, Tid(e.tid));
             let served = hostwait::serving(&watch, || {
                 let serve = || take(&KernelFault, &range.fileh, &req, &mut HostLease::released());
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(serve)).unwrap_or_else(|_| {
@@ -329,7 +329,7 @@ impl UffdService {
             });
             // Let go of the handle before the thread goes on: it may drop
             // the handle's last reference next.
-            drop(_edge);
+            drop(edge);
             drop(range);
             if !watch.answer() {
                 // Given up while the loader waited for the host lock: the
