@@ -95,6 +95,57 @@ fn panic_in_a_system_calls_loadblk_aborts_or_is_efault() {
     }
 }
 
+/// A loader whose system call (here `read(2)`) writes into the page it is
+/// loading would wait for itself. On signals the call fails with EFAULT
+/// (the kernel's access raises no signal); on userfaultfd, where the worker
+/// serving the call's fault would wait for the loader, which waits in the
+/// call for the worker, the wait graph sees the cycle and the call fails
+/// with EFAULT and a diagnostic, instead of hanging: whether the loader
+/// runs on the faulting thread (a user-mode fault) or on a worker (a
+/// system call's fault). The page loads, for the next access.
+#[test]
+fn a_loaders_system_call_on_its_own_page_fails_with_efault() {
+    let ended = run_child("syscall_on_own_page");
+    assert!(ended.status.success(), "{}", ended.describe());
+    let out = ended.stdout;
+    for line in [
+        "inner 0: EFAULT",
+        "peek 0: ok",
+        "outer 1: EFAULT",
+        "inner 1: EFAULT",
+        "peek 1: ok",
+    ] {
+        assert!(out.contains(line), "{line}: {out}");
+    }
+    if ram(1).fault_backend() == bigfile::virtmem::FaultBackend::Userfaultfd {
+        let err = ended.stderr;
+        // Each loader's call is reported (a fault the kernel reported twice
+        // before the poison landed is reported twice).
+        for blk in 0..2 {
+            let said =
+                format!("block {blk} of memfile made a system call on the page it is loading");
+            assert!(err.contains(&said), "{said}: {err}");
+        }
+        assert!(
+            err.contains("(in a system call: it fails with EFAULT)"),
+            "{err}"
+        );
+    }
+}
+
+/// Userfaultfd workers end after idling a while (a burst of system calls'
+/// faults does not leave its workers behind for good); the next system
+/// call's fault starts another.
+#[test]
+fn idle_userfaultfd_workers_retire() {
+    let out = expect_ok("workers_retire");
+    if ram(1).fault_backend() == bigfile::virtmem::FaultBackend::Userfaultfd {
+        assert!(out.contains("workers: some"), "{out}");
+        assert!(out.contains("retired"), "{out}");
+        assert!(out.contains("served after: true"), "{out}");
+    }
+}
+
 /// A user-mode fault whose request signal cannot be queued (the user's
 /// queued signals at `RLIMIT_SIGPENDING`: EAGAIN) is still served, by a
 /// worker, on the userfaultfd backend, instead of leaving the thread
@@ -177,6 +228,33 @@ fn a_seccomp_filter_refusing_userfaultfd_falls_back_to_signals() {
     );
     assert!(out.contains("asked for: error"), "{out}");
     assert!(out.contains("read: ok"), "{out}");
+}
+
+/// A kernel without `UFFDIO_POISON` (before Linux 6.6; here the feature
+/// the kernel granted is hidden) could not fail a system call whose page
+/// does not load, only retry it, forever if the loader keeps failing: a RAM
+/// made with `BIGFILE_FAULTS=auto` is on signals and says why; asked for
+/// explicitly, userfaultfd is an error.
+#[test]
+fn a_userfaultfd_without_poison_is_not_used() {
+    let mut cmd = child::test_child("crash::child", CHILD_ENV, "report_backends");
+    cmd.env("BIGFILE_FAULTS", "auto")
+        .env("BIGFILE_UFFD_HIDE_FEATURES", "poison");
+    let ended = child::run(cmd, child::TIMEOUT).unwrap();
+    assert!(ended.status.success(), "{}", ended.describe());
+    let out = ended.stdout;
+    assert!(out.contains("auto: signals"), "{out}");
+    assert!(out.contains("asked for: error"), "{out}");
+    assert!(out.contains("read: ok"), "{out}");
+    // Where this process may have userfaultfd, the child was refused it
+    // for the missing feature only.
+    let spec = format!("memfd,pagesize={BLK}");
+    let here = bigfile::virtmem::Ram::from_spec(&spec)
+        .unwrap()
+        .with_fault_backend(bigfile::virtmem::FaultBackend::Userfaultfd);
+    if here.is_ok() || std::env::var_os("BIGFILE_REQUIRE_UFFD").is_some() {
+        assert_eq!(out.matches("UFFDIO_POISON").count(), 2, "{out}");
+    }
 }
 
 /// One instruction needing three pages under a budget of one page cannot
@@ -332,6 +410,69 @@ fn child() {
             });
             peek(vma.as_ptr());
         }
+        "syscall_on_own_page" => {
+            let file = Arc::new(MemFile::new(BLK).native());
+            let ram = ram(8);
+            let fh = open(&file, &ram);
+            let vma = fh.mmap(0, 2).unwrap();
+            let p = vma.as_ptr() as usize;
+            // SAFETY: opening a path we name, read-only.
+            let zero = unsafe { libc::open(c"/dev/zero".as_ptr(), libc::O_RDONLY) };
+            assert!(zero >= 0);
+            // read(2) of /dev/zero into `at`: its outcome, as text.
+            let read_into = move |at: usize| {
+                // SAFETY: `at` is in the mapping, alive for the whole
+                // scenario; the kernel writes 100 bytes there or fails.
+                let n = unsafe { libc::read(zero, at as *mut libc::c_void, 100) };
+                match n {
+                    100 => "ok".to_owned(),
+                    _ => match std::io::Error::last_os_error().raw_os_error() {
+                        Some(libc::EFAULT) => "EFAULT".to_owned(),
+                        _ => format!("{n}: {}", std::io::Error::last_os_error()),
+                    },
+                }
+            };
+            file.on_load(move |blk, _| {
+                // The loader's own system call on the page it is loading.
+                println!("inner {blk}: {}", read_into(p + blk as usize * BLK));
+                Ok(())
+            });
+            // Loaded on this thread (a user-mode fault)...
+            let ok = peek(vma.as_ptr()) == MemFile::initial(0);
+            println!("peek 0: {}", if ok { "ok" } else { "wrong data" });
+            // ...and on a worker (a system call's fault; it fails too: the
+            // poison that fails the loader's call fails every call blocked
+            // on that page).
+            println!("outer 1: {}", read_into(p + BLK));
+            let ok = peek(vma.as_ptr().wrapping_add(BLK)) == MemFile::initial(1);
+            println!("peek 1: {}", if ok { "ok" } else { "wrong data" });
+        }
+        "workers_retire" => {
+            let (_file, ram, _fh, vma) = setup(8, 2);
+            let read_into = |blk: usize| {
+                let mut f = std::fs::File::open("/dev/zero").unwrap();
+                // SAFETY: nothing else accesses these bytes meanwhile.
+                let dst = unsafe { &mut vma.as_mut_slice()[blk * BLK..][..100] };
+                std::io::Read::read(&mut f, dst).is_ok()
+            };
+            if ram.fault_backend() != bigfile::virtmem::FaultBackend::Userfaultfd {
+                return;
+            }
+            // A system call's fault starts a worker...
+            assert!(read_into(0));
+            println!(
+                "workers: {}",
+                if uffd_workers() > 0 { "some" } else { "none" }
+            );
+            // ...which ends once idle long enough (the parent's timeout
+            // says if it never does).
+            while uffd_workers() > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            println!("retired");
+            // The next one starts another.
+            println!("served after: {}", read_into(1));
+        }
         "store_writes_own" => {
             let file = mem_file(BLK);
             let ram = ram(8);
@@ -426,6 +567,7 @@ fn child() {
         "span" => span(),
         #[cfg(target_arch = "x86_64")]
         "seccomp" => seccomp_denies_userfaultfd(),
+        "report_backends" => report_backends(),
         "default_backend" => {
             let ram = ram(1);
             println!(
@@ -566,11 +708,19 @@ fn default_budget_scan() {
     println!("default budget OK: budget {budget} bytes, peak {peak} bytes in a cgroup of {LIMIT}");
 }
 
+/// How many userfaultfd workers (`bigfile-uffd-N`) this process has.
+fn uffd_workers() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.starts_with("bigfile-uffd-"))
+        .count()
+}
+
 /// In a child: refuse userfaultfd(2) and `/dev/userfaultfd`'s ioctl with
 /// EPERM by a seccomp filter, then make RAMs.
 #[cfg(target_arch = "x86_64")]
 fn seccomp_denies_userfaultfd() {
-    use bigfile::virtmem::{FaultBackend, Ram};
     // Classic BPF over `struct seccomp_data` (nr at 0, arch at 4, args at
     // 16): the opcodes and offsets of linux/filter.h and linux/seccomp.h.
     const LD_W_ABS: u16 = 0x20;
@@ -622,6 +772,14 @@ fn seccomp_denies_userfaultfd() {
             std::io::Error::last_os_error()
         );
     }
+    report_backends();
+}
+
+/// In a child: make a RAM as `BIGFILE_FAULTS` says and one asking for
+/// userfaultfd, print which backends they got and why, and read through a
+/// mapping of the first.
+fn report_backends() {
+    use bigfile::virtmem::{FaultBackend, Ram};
     let spec = format!("memfd,pagesize={BLK}");
     let auto = Ram::from_spec(&spec).unwrap();
     println!(

@@ -65,7 +65,14 @@ pub(crate) fn on<T>(backend: Backend, f: impl FnOnce() -> T) -> T {
 }
 
 /// Why this process may not use userfaultfd for faults of the kernel's own
-/// accesses (the library's own test: opening one), or `None` if it may.
+/// accesses (the library's own test: opening one, with `UFFDIO_POISON`,
+/// which bigfile-virtmem requires), or `None` if it may.
 fn uffd_unavailable() -> Option<String> {
-    bigfile_uffd::Uffd::open().err().map(|e| e.to_string())
+    match bigfile_uffd::Uffd::open() {
+        Err(e) => Some(e.to_string()),
+        Ok(u) if !u.features().poison => {
+            Some("userfaultfd lacks UFFDIO_POISON (Linux 6.6+), which bigfile requires".into())
+        }
+        Ok(_) => None,
+    }
 }

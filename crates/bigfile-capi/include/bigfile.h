@@ -94,6 +94,27 @@
 #define BIGFILE_WRITEOUT_MARKSTORED 2
 
 /**
+ * `bigfile_ram_new_on`: the process's default fault backend (the
+ * environment variable `BIGFILE_FAULTS`: `signals`, `userfaultfd`, `auto`;
+ * signals when unset).
+ */
+#define BIGFILE_FAULTS_DEFAULT 0
+
+/**
+ * Page faults by SIGSEGV: works everywhere; a system call touching a page
+ * not loaded fails with EFAULT (prefault first).
+ */
+#define BIGFILE_FAULTS_SIGNALS 1
+
+/**
+ * Page faults by userfaultfd(2): system calls on mapped memory load the
+ * pages they touch. Needs root, CAP_SYS_PTRACE,
+ * `vm.unprivileged_userfaultfd=1` or access to `/dev/userfaultfd`, and
+ * Linux 6.6+.
+ */
+#define BIGFILE_FAULTS_USERFAULTFD 2
+
+/**
  * `bigfile_vma_prefault`: load the pages.
  */
 #define BIGFILE_ACCESS_READ 0
@@ -186,6 +207,11 @@ typedef void *(*bigfile_host_release_fn)(void *user);
  * returned `token`, on the same thread.
  */
 typedef void (*bigfile_host_retake_fn)(void *user, void *token);
+
+/**
+ * Take the host lock, waiting for it (`bigfile_host_lock_wait`).
+ */
+typedef void (*bigfile_host_acquire_fn)(void *user);
 
 /**
  * A RAM's counters with its budget.
@@ -444,6 +470,29 @@ int bigfile_set_host_lock(bigfile_host_release_fn release,
                           void *user);
 
 /**
+ * Take the host lock by calling `acquire(user)` (which waits for it),
+ * telling bigfile that this thread waits for the lock: for `loadblk` and
+ * `storeblk` callbacks that take the host lock. On the userfaultfd fault
+ * backend a callback may run on a bigfile worker for a system call on
+ * mapped memory (`read(2)` into a mapping); when the thread in that system
+ * call holds the host lock (a runtime calling it without releasing its
+ * lock), the callback would wait for the lock forever and the thread for
+ * the callback. Taken through this function, the wait is watched: after 5
+ * seconds the system call fails with EFAULT and a diagnostic on stderr
+ * (the callback still gets the lock once it is free, and loads the page
+ * for the next access). Elsewhere it just calls `acquire(user)`.
+ *
+ * Returns 0 once `acquire` returned, or -1 (`BIGFILE_ERROR_INVALID`) for
+ * a NULL `acquire`.
+ *
+ * # Safety
+ * `acquire` is safe to call with `user`, and returns normally.
+ *
+ * Thread safety: any thread; meant for callbacks.
+ */
+int bigfile_host_lock_wait(bigfile_host_acquire_fn acquire, void *user);
+
+/**
  * A RAM from `spec` (NULL: `$BIGFILE_RAM`, else memfd with 2 MiB pages),
  * in the grammar `backend *("," option)`: backend `memfd`, `shmfs[:DIR]`
  * or `hugetlbfs[:DIR]`; options `pagesize=SIZE` (e.g. `64K`, `2M`),
@@ -462,6 +511,48 @@ int bigfile_set_host_lock(bigfile_host_release_fn release,
  * Thread safety: any thread.
  */
 struct bigfile_ram *bigfile_ram_new(const char *spec, uint64_t budget);
+
+/**
+ * `bigfile_ram_new` on fault backend `fault_backend`: one of
+ * `BIGFILE_FAULTS_DEFAULT` (as `bigfile_ram_new`), `BIGFILE_FAULTS_SIGNALS`,
+ * `BIGFILE_FAULTS_USERFAULTFD`. `bigfile_ram_fault_backend` tells which it
+ * got, `bigfile_ram_fault_backend_fallback` why not userfaultfd.
+ *
+ * Returns the handle, or NULL (last error set) as `bigfile_ram_new` does,
+ * or for another `fault_backend` (`BIGFILE_ERROR_INVALID`), or userfaultfd
+ * asked for where the process cannot have it (`BIGFILE_ERROR_OS`, the
+ * message says why).
+ *
+ * # Safety
+ * `spec` is NULL or a NUL-terminated string.
+ *
+ * Thread safety: any thread.
+ */
+struct bigfile_ram *bigfile_ram_new_on(const char *spec, uint64_t budget, int fault_backend);
+
+/**
+ * The fault backend the RAM's mappings use: `BIGFILE_FAULTS_SIGNALS` or
+ * `BIGFILE_FAULTS_USERFAULTFD`; -1 for a dead handle.
+ *
+ * Thread safety: any thread.
+ */
+int bigfile_ram_fault_backend(const struct bigfile_ram *ram);
+
+/**
+ * Why the RAM does not use userfaultfd (signals asked for, the default,
+ * the process may not use it, the kernel lacks a feature, ...), copied
+ * into `buf` (`len` bytes; NUL-terminated, cut short if need be, as
+ * `snprintf` does; `buf` may be NULL when `len` is 0). Returns the
+ * reason's length in bytes without the NUL (0 when the RAM uses
+ * userfaultfd: `buf` then holds ""), or -1 for a dead handle or a NULL
+ * `buf` with a nonzero `len`.
+ *
+ * # Safety
+ * `buf` is NULL or points to `len` writable bytes.
+ *
+ * Thread safety: any thread.
+ */
+int64_t bigfile_ram_fault_backend_fallback(const struct bigfile_ram *ram, char *buf, size_t len);
 
 /**
  * Give up this handle of the RAM. File handles opened on it keep using it;

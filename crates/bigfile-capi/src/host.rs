@@ -18,6 +18,9 @@ pub type bigfile_host_release_fn = Option<unsafe extern "C" fn(user: *mut c_void
 pub type bigfile_host_retake_fn =
     Option<unsafe extern "C" fn(user: *mut c_void, token: *mut c_void)>;
 
+/// Take the host lock, waiting for it (`bigfile_host_lock_wait`).
+pub type bigfile_host_acquire_fn = Option<unsafe extern "C" fn(user: *mut c_void)>;
+
 struct CHostLock {
     release: unsafe extern "C" fn(*mut c_void) -> *mut c_void,
     retake: unsafe extern "C" fn(*mut c_void, *mut c_void),
@@ -89,6 +92,40 @@ pub extern "C" fn bigfile_set_host_lock(
                 "host-lock hooks are already installed in this process",
             ));
         }
+        Ok(0)
+    })
+}
+
+/// Take the host lock by calling `acquire(user)` (which waits for it),
+/// telling bigfile that this thread waits for the lock: for `loadblk` and
+/// `storeblk` callbacks that take the host lock. On the userfaultfd fault
+/// backend a callback may run on a bigfile worker for a system call on
+/// mapped memory (`read(2)` into a mapping); when the thread in that system
+/// call holds the host lock (a runtime calling it without releasing its
+/// lock), the callback would wait for the lock forever and the thread for
+/// the callback. Taken through this function, the wait is watched: after 5
+/// seconds the system call fails with EFAULT and a diagnostic on stderr
+/// (the callback still gets the lock once it is free, and loads the page
+/// for the next access). Elsewhere it just calls `acquire(user)`.
+///
+/// Returns 0 once `acquire` returned, or -1 (`BIGFILE_ERROR_INVALID`) for
+/// a NULL `acquire`.
+///
+/// # Safety
+/// `acquire` is safe to call with `user`, and returns normally.
+///
+/// Thread safety: any thread; meant for callbacks.
+#[no_mangle]
+pub unsafe extern "C" fn bigfile_host_lock_wait(
+    acquire: bigfile_host_acquire_fn,
+    user: *mut c_void,
+) -> c_int {
+    guard("bigfile_host_lock_wait", || {
+        let Some(acquire) = acquire else {
+            return Err(CError::invalid("acquire is NULL"));
+        };
+        // SAFETY: the caller's contract.
+        bigfile_virtmem::host_lock_wait(|| unsafe { acquire(user) });
         Ok(0)
     })
 }

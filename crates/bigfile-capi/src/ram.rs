@@ -2,9 +2,9 @@
 
 use std::ffi::{c_char, c_int};
 
-use bigfile_virtmem::Ram;
+use bigfile_virtmem::{FaultBackend, Ram};
 
-use crate::error::guard;
+use crate::error::{guard, CError};
 use crate::file::c_str;
 use crate::handles::Registry;
 use crate::stats::bigfile_ram_usage;
@@ -16,6 +16,19 @@ pub struct bigfile_ram {
 }
 
 pub(crate) static RAMS: Registry<Ram> = Registry::new("bigfile_ram");
+
+/// `bigfile_ram_new_on`: the process's default fault backend (the
+/// environment variable `BIGFILE_FAULTS`: `signals`, `userfaultfd`, `auto`;
+/// signals when unset).
+pub const BIGFILE_FAULTS_DEFAULT: c_int = 0;
+/// Page faults by SIGSEGV: works everywhere; a system call touching a page
+/// not loaded fails with EFAULT (prefault first).
+pub const BIGFILE_FAULTS_SIGNALS: c_int = 1;
+/// Page faults by userfaultfd(2): system calls on mapped memory load the
+/// pages they touch. Needs root, CAP_SYS_PTRACE,
+/// `vm.unprivileged_userfaultfd=1` or access to `/dev/userfaultfd`, and
+/// Linux 6.6+.
+pub const BIGFILE_FAULTS_USERFAULTFD: c_int = 2;
 
 /// A RAM from `spec` (NULL: `$BIGFILE_RAM`, else memfd with 2 MiB pages),
 /// in the grammar `backend *("," option)`: backend `memfd`, `shmfs[:DIR]`
@@ -35,16 +48,117 @@ pub(crate) static RAMS: Registry<Ram> = Registry::new("bigfile_ram");
 /// Thread safety: any thread.
 #[no_mangle]
 pub unsafe extern "C" fn bigfile_ram_new(spec: *const c_char, budget: u64) -> *mut bigfile_ram {
-    guard("bigfile_ram_new", || {
-        // SAFETY: NULL or NUL-terminated (caller).
-        let ram = match unsafe { c_str("spec", spec) }? {
-            Some(spec) => Ram::from_spec(spec)?,
-            None => Ram::new(::bigfile_ram::Ram::new(::bigfile_ram::RamSpec::from_env()?)?),
-        };
-        if budget != 0 {
-            ram.set_budget(budget);
+    // SAFETY: forwarded to the caller.
+    guard("bigfile_ram_new", || unsafe {
+        new_ram(spec, budget, BIGFILE_FAULTS_DEFAULT)
+    })
+}
+
+/// `bigfile_ram_new` on fault backend `fault_backend`: one of
+/// `BIGFILE_FAULTS_DEFAULT` (as `bigfile_ram_new`), `BIGFILE_FAULTS_SIGNALS`,
+/// `BIGFILE_FAULTS_USERFAULTFD`. `bigfile_ram_fault_backend` tells which it
+/// got, `bigfile_ram_fault_backend_fallback` why not userfaultfd.
+///
+/// Returns the handle, or NULL (last error set) as `bigfile_ram_new` does,
+/// or for another `fault_backend` (`BIGFILE_ERROR_INVALID`), or userfaultfd
+/// asked for where the process cannot have it (`BIGFILE_ERROR_OS`, the
+/// message says why).
+///
+/// # Safety
+/// `spec` is NULL or a NUL-terminated string.
+///
+/// Thread safety: any thread.
+#[no_mangle]
+pub unsafe extern "C" fn bigfile_ram_new_on(
+    spec: *const c_char,
+    budget: u64,
+    fault_backend: c_int,
+) -> *mut bigfile_ram {
+    // SAFETY: forwarded to the caller.
+    guard("bigfile_ram_new_on", || unsafe {
+        new_ram(spec, budget, fault_backend)
+    })
+}
+
+/// The RAM of `bigfile_ram_new_on`.
+///
+/// # Safety
+/// `spec` is NULL or a NUL-terminated string.
+unsafe fn new_ram(
+    spec: *const c_char,
+    budget: u64,
+    fault_backend: c_int,
+) -> Result<*mut bigfile_ram, CError> {
+    let backend = match fault_backend {
+        BIGFILE_FAULTS_DEFAULT => None,
+        BIGFILE_FAULTS_SIGNALS => Some(FaultBackend::Signals),
+        BIGFILE_FAULTS_USERFAULTFD => Some(FaultBackend::Userfaultfd),
+        other => {
+            return Err(CError::invalid(format!(
+                "fault_backend {other}: expected BIGFILE_FAULTS_DEFAULT, _SIGNALS or _USERFAULTFD"
+            )))
         }
-        RAMS.insert(ram)
+    };
+    // SAFETY: NULL or NUL-terminated (caller).
+    let mut ram = match unsafe { c_str("spec", spec) }? {
+        Some(spec) => Ram::from_spec(spec)?,
+        None => Ram::new(::bigfile_ram::Ram::new(::bigfile_ram::RamSpec::from_env()?)?),
+    };
+    if let Some(backend) = backend {
+        ram = ram.with_fault_backend(backend)?;
+    }
+    if budget != 0 {
+        ram.set_budget(budget);
+    }
+    RAMS.insert(ram)
+}
+
+/// The fault backend the RAM's mappings use: `BIGFILE_FAULTS_SIGNALS` or
+/// `BIGFILE_FAULTS_USERFAULTFD`; -1 for a dead handle.
+///
+/// Thread safety: any thread.
+#[no_mangle]
+pub extern "C" fn bigfile_ram_fault_backend(ram: *const bigfile_ram) -> c_int {
+    guard("bigfile_ram_fault_backend", || {
+        Ok(match RAMS.get(ram)?.fault_backend() {
+            FaultBackend::Signals => BIGFILE_FAULTS_SIGNALS,
+            FaultBackend::Userfaultfd => BIGFILE_FAULTS_USERFAULTFD,
+        })
+    })
+}
+
+/// Why the RAM does not use userfaultfd (signals asked for, the default,
+/// the process may not use it, the kernel lacks a feature, ...), copied
+/// into `buf` (`len` bytes; NUL-terminated, cut short if need be, as
+/// `snprintf` does; `buf` may be NULL when `len` is 0). Returns the
+/// reason's length in bytes without the NUL (0 when the RAM uses
+/// userfaultfd: `buf` then holds ""), or -1 for a dead handle or a NULL
+/// `buf` with a nonzero `len`.
+///
+/// # Safety
+/// `buf` is NULL or points to `len` writable bytes.
+///
+/// Thread safety: any thread.
+#[no_mangle]
+pub unsafe extern "C" fn bigfile_ram_fault_backend_fallback(
+    ram: *const bigfile_ram,
+    buf: *mut c_char,
+    len: usize,
+) -> i64 {
+    guard("bigfile_ram_fault_backend_fallback", || {
+        let why = RAMS.get(ram)?.fault_backend_fallback().unwrap_or_default();
+        if len > 0 {
+            if buf.is_null() {
+                return Err(CError::invalid("buf is NULL"));
+            }
+            let n = why.len().min(len - 1);
+            // SAFETY: `buf` has `len` writable bytes (caller), n + 1 <= len.
+            unsafe {
+                std::ptr::copy_nonoverlapping(why.as_ptr(), buf.cast::<u8>(), n);
+                *buf.add(n) = 0;
+            }
+        }
+        Ok(i64::try_from(why.len()).unwrap_or(i64::MAX))
     })
 }
 

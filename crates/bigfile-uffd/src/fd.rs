@@ -106,6 +106,7 @@ impl Uffd {
     }
 
     fn new(fd: OwnedFd, granted: u64, via_device: bool) -> Uffd {
+        let granted = granted & !hidden_features();
         Uffd {
             fd,
             features: Features {
@@ -244,6 +245,9 @@ impl Uffd {
     /// unmapped or its pages dropped: SIGBUS for user-mode code, EFAULT for
     /// the kernel's; wakes the waiting threads. Needs `features().poison`.
     pub fn poison(&self, addr: usize, len: usize) -> io::Result<()> {
+        if !self.features.poison {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
         let mut p = abi::uffdio_poison {
             range: range(addr, len),
             mode: 0,
@@ -349,6 +353,26 @@ fn negotiate(fd: &OwnedFd, features: u64) -> io::Result<u64> {
         )
     })?;
     Ok(api.features)
+}
+
+/// The environment variable that hides optional features the kernel
+/// granted, for tests of what a user of an older kernel meets: a
+/// comma-separated list of `poison`, `wp_unpopulated`.
+pub const HIDE_FEATURES_ENV: &str = "BIGFILE_UFFD_HIDE_FEATURES";
+
+/// The optional features [`HIDE_FEATURES_ENV`] hides.
+fn hidden_features() -> u64 {
+    let Ok(names) = std::env::var(HIDE_FEATURES_ENV) else {
+        return 0;
+    };
+    names
+        .split(',')
+        .map(|n| match n.trim() {
+            "poison" => abi::UFFD_FEATURE_POISON,
+            "wp_unpopulated" => abi::UFFD_FEATURE_WP_UNPOPULATED,
+            _ => 0,
+        })
+        .fold(0, |a, b| a | b)
 }
 
 /// The first required feature the kernel lacks (asked on a new descriptor

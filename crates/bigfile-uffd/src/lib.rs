@@ -27,5 +27,5 @@ mod fd;
 mod thread;
 
 pub use event::{Event, FaultKind};
-pub use fd::{Features, Registration, Uffd, Unavailable};
+pub use fd::{Features, Registration, Uffd, Unavailable, HIDE_FEATURES_ENV};
 pub use thread::{signal_held, thread_mode, ThreadMode};

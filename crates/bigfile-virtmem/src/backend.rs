@@ -172,6 +172,9 @@ pub(crate) fn process_uffd() -> Result<&'static Uffd, String> {
         // a child forked later counts one more.
         UFFD_GENERATION.store(fork_generation::generation(), Relaxed);
         let uffd = Uffd::open().map_err(|e| e.to_string())?;
+        if !uffd.features().poison {
+            return Err(NO_POISON.into());
+        }
         bigfile_fault::request_signal().map_err(|e| format!("the request signal: {e}"))?;
         bigfile_fault::install().map_err(|e| e.to_string())?;
         Ok(uffd)
@@ -182,6 +185,13 @@ pub(crate) fn process_uffd() -> Result<&'static Uffd, String> {
         Err(why) => Err(why.clone()),
     }
 }
+
+/// Why a kernel without `UFFDIO_POISON` (before Linux 6.6) is not used: a
+/// system call whose page fails to load could not be failed, only retried
+/// (`uffd.rs`), forever if the loader keeps failing.
+const NO_POISON: &str = "userfaultfd lacks UFFDIO_POISON (Linux 6.6+): a system call whose \
+                         page fails to load could only be retried, forever if the loader \
+                         keeps failing, never failed with EFAULT";
 
 /// Why a forked child of the process that opened the userfaultfd does not
 /// use it.

@@ -12,13 +12,25 @@
 //! a poison marker (the slot stays unmapped until an access after the
 //! poison is gone maps it).
 //!
+//! The table is a fixed array of atomic words, each a page address with its
+//! state in the low bits, because [`take`] runs in the SIGBUS handler: it
+//! takes no lock (a thread interrupted while holding one would wait for
+//! itself) and allocates nothing. The other operations run on ordinary
+//! threads and are serialised by a mutex of their own ([`WRITERS`]), which
+//! [`take`] never touches; a slot changes between states by
+//! compare-and-swap, so that of a clearing by [`expire`] and one by
+//! [`take`], exactly one drops the marker.
+//!
 //! Clearing drops the page-table entry (`MADV_DONTNEED`; the page, if any,
 //! stays in the handle's file), so it must only ever hit a live mapping of
-//! ours: a mapping forgets its pages here before it goes, under the same
-//! lock the clearing takes.
+//! ours: a mapping forgets its pages here ([`forget_range`]) before it goes,
+//! under the mutex [`expire`] clears under; [`take`] clears only the page
+//! its own thread is accessing, in a live mapping.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{
+    AtomicU64, AtomicUsize, Ordering::AcqRel, Ordering::Acquire, Ordering::Release,
+};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::backend::uffd_is_ours;
@@ -30,86 +42,140 @@ pub(crate) const POISON_TIME: Duration = Duration::from_millis(100);
 /// met it just before it was cleared and reaches [`take`] just after.
 const REMEMBERED: Duration = Duration::from_secs(10);
 
-struct Poison {
-    since: Instant,
-    cleared: bool,
+/// How many pages can be poisoned (or remembered as cleared) at once: a
+/// poison lives [`POISON_TIME`], one per failed system call. With every
+/// slot taken by live poisons a failed call is not poisoned: its thread
+/// faults again (`UffdService::fail`).
+const CAPACITY: usize = 64;
+
+/// A slot's state, in the low bits of its word (page addresses are
+/// page-aligned): 0 is an empty slot.
+const STATE: usize = 0b11;
+/// The marker is in place.
+const POISONED: usize = 1;
+/// The marker was dropped by [`expire`]; remembered for [`take`].
+const CLEARED: usize = 2;
+
+/// The poisoned pages: `address | state`, 0 when empty.
+static SLOTS: [AtomicUsize; CAPACITY] = [const { AtomicUsize::new(0) }; CAPACITY];
+/// When each slot's poison was cleared ([`now_ms`]), for forgetting it
+/// after [`REMEMBERED`].
+static CLEARED_AT: [AtomicU64; CAPACITY] = [const { AtomicU64::new(0) }; CAPACITY];
+
+/// Serialises every change but [`take`]'s: claiming a slot, clearing by
+/// [`expire`] and forgetting by [`forget_range`] (so that no clearing
+/// reaches a mapping that is going).
+static WRITERS: Mutex<()> = Mutex::new(());
+
+fn writers() -> MutexGuard<'static, ()> {
+    WRITERS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Poisoned pages by address.
-static POISONED: Mutex<Option<HashMap<usize, Poison>>> = Mutex::new(None);
+/// Milliseconds since the first call.
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
 
-fn table() -> MutexGuard<'static, Option<HashMap<usize, Poison>>> {
-    POISONED.lock().unwrap_or_else(|p| p.into_inner())
+/// The slot holding `page_addr` in a state of `states` (bits): its index
+/// and word.
+fn find(page_addr: usize, states: usize) -> Option<(usize, usize)> {
+    SLOTS.iter().enumerate().find_map(|(i, s)| {
+        let v = s.load(Acquire);
+        (v & !STATE == page_addr && v & states != 0).then_some((i, v))
+    })
 }
 
 /// Note `page_addr` as poisoned now, before it is (so that an access that
-/// meets the poison finds it noted).
-pub(crate) fn note(page_addr: usize) {
-    let mut t = table();
-    let t = t.get_or_insert_with(HashMap::new);
-    let now = Instant::now();
-    t.retain(|_, p| !p.cleared || now.duration_since(p.since) < REMEMBERED);
-    t.insert(
-        page_addr,
-        Poison {
-            since: now,
-            cleared: false,
-        },
-    );
+/// meets the poison finds it noted). False when the table is full of live
+/// poisons: then the page must not be poisoned.
+pub(crate) fn note(page_addr: usize) -> bool {
+    debug_assert_eq!(page_addr & STATE, 0, "a page address");
+    let _w = writers();
+    let remembered = REMEMBERED.as_millis() as u64;
+    loop {
+        let now = now_ms();
+        // Its own slot if it has one, else an empty one, else the oldest
+        // cleared one (forgotten first: it is remembered only in case).
+        let free = SLOTS
+            .iter()
+            .zip(&CLEARED_AT)
+            .map(|(s, at)| (s, s.load(Acquire), at.load(Acquire)))
+            .filter(|&(_, v, _)| v == 0 || v & !STATE == page_addr || v & STATE == CLEARED)
+            .min_by_key(|&(_, v, at)| match v {
+                _ if v & !STATE == page_addr => (0, 0),
+                0 => (1, 0),
+                _ if now.saturating_sub(at) >= remembered => (2, 0),
+                _ => (3, at),
+            });
+        let Some((slot, v, _)) = free else {
+            return false;
+        };
+        // Only `take` changes a slot meanwhile (to empty): look again then.
+        if slot
+            .compare_exchange(v, page_addr | POISONED, AcqRel, Acquire)
+            .is_ok()
+        {
+            return true;
+        }
+    }
 }
 
 /// Clear the poison of `[page_addr, page_addr + len)` if it is still there
 /// (not cleared by an access, its mapping not gone): [`POISON_TIME`] after
 /// it was set, when the system call that met it has returned.
 pub(crate) fn expire(page_addr: usize, len: usize) {
-    let mut t = table();
-    if let Some(p) = t.as_mut().and_then(|t| t.get_mut(&page_addr)) {
-        if !p.cleared {
-            // SAFETY: noted and not forgotten: a page of a live mapping
-            // (its owner forgets it under this lock before unmapping).
-            unsafe { zap(page_addr, len) };
-            p.cleared = true;
-        }
+    let _w = writers();
+    let Some((i, v)) = find(page_addr, POISONED) else {
+        return;
+    };
+    CLEARED_AT[i].store(now_ms(), Release);
+    if SLOTS[i]
+        .compare_exchange(v, page_addr | CLEARED, AcqRel, Acquire)
+        .is_ok()
+    {
+        // SAFETY: noted and not forgotten: a page of a live mapping (its
+        // owner forgets it under `WRITERS`, held here, before unmapping).
+        unsafe { zap(page_addr, len) };
     }
 }
 
 /// A SIGBUS at `[page_addr, page_addr + len)` in a live mapping: whether it
 /// was our poison, cleared now (if it was not already) and forgotten. The
-/// access then loads the page as any other.
+/// access then loads the page as any other. Async-signal-safe: no lock, no
+/// allocation.
 pub(crate) fn take(page_addr: usize, len: usize) -> bool {
     if !uffd_is_ours() {
         // A forked child: its mappings are on the signal backend, and the
-        // table (whose lock a worker of the parent may have held at the
-        // fork) is the parent's.
+        // table is the parent's.
         return false;
     }
-    let mut t = table();
-    match t.as_mut().and_then(|t| t.remove(&page_addr)) {
-        Some(p) => {
-            if !p.cleared {
-                // SAFETY: the caller's live mapping.
+    while let Some((i, v)) = find(page_addr, POISONED | CLEARED) {
+        if SLOTS[i].compare_exchange(v, 0, AcqRel, Acquire).is_ok() {
+            if v & STATE == POISONED {
+                // SAFETY: the caller's live mapping, whose page its own
+                // thread is accessing.
                 unsafe { zap(page_addr, len) };
             }
-            true
+            return true;
         }
-        None => false,
+        // Cleared by `expire` or forgotten meanwhile: look again.
     }
+    false
 }
 
 /// Whether the page at `page_addr` holds a poison marker now: mapping the
 /// page there would fail (`UFFDIO_CONTINUE` finds the slot taken), so it
 /// is left unmapped, to be mapped by the access after the poison is gone.
 pub(crate) fn is_poisoned(page_addr: usize) -> bool {
-    table()
-        .as_ref()
-        .and_then(|t| t.get(&page_addr))
-        .is_some_and(|p| !p.cleared)
+    find(page_addr, POISONED).is_some()
 }
 
 /// Forget the note of `page_addr`, poisoned after all not: nothing to clear.
 pub(crate) fn unnote(page_addr: usize) {
-    if let Some(t) = table().as_mut() {
-        t.remove(&page_addr);
+    let _w = writers();
+    if let Some((i, v)) = find(page_addr, POISONED) {
+        let _ = SLOTS[i].compare_exchange(v, 0, AcqRel, Acquire);
     }
 }
 
@@ -120,8 +186,13 @@ pub(crate) fn forget_range(start: usize, len: usize) {
         // A forked child: the table is the parent's (see `take`).
         return;
     }
-    if let Some(t) = table().as_mut() {
-        t.retain(|&a, _| !(start..start + len).contains(&a));
+    let _w = writers();
+    for slot in &SLOTS {
+        let v = slot.load(Acquire);
+        if v != 0 && (start..start + len).contains(&(v & !STATE)) {
+            // Only `take` changes it meanwhile, to empty as well.
+            let _ = slot.compare_exchange(v, 0, AcqRel, Acquire);
+        }
     }
 }
 
@@ -135,4 +206,78 @@ unsafe fn zap(addr: usize, len: usize) {
     // SAFETY: forwarded to the caller.
     let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
     debug_assert_eq!(rc, 0, "MADV_DONTNEED on a mapping of ours");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A private anonymous page holding `byte`: MADV_DONTNEED makes it
+    /// read zeros, which shows a clearing.
+    fn page(byte: u8) -> (usize, usize) {
+        let ps = bigfile_os::os_page_size();
+        // SAFETY: a new private anonymous mapping; written while we own it.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                ps,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            p.cast::<u8>().write_volatile(byte);
+            (p as usize, ps)
+        }
+    }
+
+    fn first_byte(addr: usize) -> u8 {
+        // SAFETY: a page of `page`'s, never unmapped by these tests.
+        unsafe { (addr as *const u8).read_volatile() }
+    }
+
+    /// The SIGBUS handler's `take` may interrupt a thread inside another
+    /// operation of the table: it must not wait for that thread (here:
+    /// itself, as a handler would).
+    #[test]
+    fn take_answers_while_its_own_thread_holds_the_table() {
+        let (addr, ps) = page(7);
+        assert!(note(addr));
+        assert!(is_poisoned(addr));
+        let held = writers();
+        assert!(take(addr, ps), "our poison");
+        drop(held);
+        assert_eq!(first_byte(addr), 0, "the marker (here: the page) dropped");
+        assert!(!is_poisoned(addr));
+        assert!(!take(addr, ps), "forgotten");
+    }
+
+    /// Cleared by `expire` first, the poison is still recognised by a late
+    /// `take`, which drops nothing more.
+    #[test]
+    fn expire_clears_once_and_take_still_knows_it() {
+        let (addr, ps) = page(9);
+        assert!(note(addr));
+        expire(addr, ps);
+        assert!(!is_poisoned(addr));
+        assert_eq!(first_byte(addr), 0, "cleared");
+        // SAFETY: our page.
+        unsafe { (addr as *mut u8).write_volatile(5) };
+        assert!(take(addr, ps));
+        assert_eq!(first_byte(addr), 5, "not cleared twice");
+        assert!(!take(addr, ps));
+    }
+
+    #[test]
+    fn unnote_and_forget_range_forget() {
+        let (addr, ps) = page(1);
+        assert!(note(addr));
+        unnote(addr);
+        assert!(!is_poisoned(addr));
+        assert!(note(addr));
+        forget_range(addr, ps);
+        assert!(!take(addr, ps));
+        assert_eq!(first_byte(addr), 1, "nothing cleared");
+    }
 }

@@ -16,9 +16,9 @@
 //! any, is the one reported).
 
 use std::cell::Cell;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::thread::{self, ThreadId};
+use std::thread;
 
 use bigfile_os::Prot;
 
@@ -33,7 +33,7 @@ use crate::reclaim::release;
 use crate::shared::Guard;
 use crate::state::Unmap;
 use crate::stream::{max_window, MAX_WINDOW};
-use crate::waits::Ticket;
+use crate::waits::{Ticket, Tid};
 
 /// At most this many workers, however many cores.
 const MAX_WORKERS: usize = 4;
@@ -60,7 +60,7 @@ struct Job {
 
 #[derive(Clone)]
 struct Worker {
-    id: ThreadId,
+    id: Tid,
     jobs: Sender<Job>,
 }
 
@@ -106,16 +106,22 @@ fn pick_worker(_locked: &Guard<'_>) -> Option<Worker> {
     let pool = pool.as_mut()?;
     if pool.next == pool.workers.len() && pool.workers.len() < most {
         let (jobs, inbox) = channel();
+        let (tid_tx, tid) = sync_channel(1);
         // Deaf: a worker started from a fault inherits the faulting
         // thread's signal mask, and would otherwise take the application's
         // signals (Ctrl-C) away from the threads waiting for them.
-        let handle = spawn_deaf(
+        spawn_deaf(
             thread::Builder::new().name(format!("bigfile-readahead-{}", pool.workers.len())),
-            move || work(inbox),
+            move || {
+                // Its loads' tickets name it by its kernel thread id (the
+                // wait graph's), which only it can learn.
+                let _ = tid_tx.send(Tid::current());
+                work(inbox)
+            },
         )
         .ok()?;
         pool.workers.push(Worker {
-            id: handle.thread().id(),
+            id: tid.recv().ok()?,
             jobs,
         });
     }
@@ -382,7 +388,7 @@ pub(crate) mod testing {
     pub(crate) fn queue_here(fh: &FileHInner, vma: VmaId, blk: u64, fill: Fill) -> Queued {
         let (jobs, _inbox) = channel();
         let worker = Worker {
-            id: thread::current().id(),
+            id: Tid::current(),
             jobs,
         };
         let me = fh.me.get().cloned().expect("a handle in its Arc");

@@ -266,6 +266,12 @@ fn wait_for_load<'a>(
                  a loader must not access its own page through a mapping",
                 fh.name
             )
+        } else if cycle.is_own_load_in_system_call() {
+            format!(
+                "loadblk of block {blk} of {} made a system call on the page it is \
+                 loading ({cycle}); a loader must not access its own page through a mapping",
+                fh.name
+            )
         } else {
             format!(
                 "waiting for block {blk} of {}, which another thread is loading, \

@@ -4,7 +4,6 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::thread;
 
 use bigfile_os::HeldLock;
 
@@ -12,7 +11,7 @@ use crate::backend::{Backend, Wanted};
 use crate::memlimit::{Memory, Policy};
 use crate::state::State;
 use crate::stats::Counters;
-use crate::waits::{Cycle, Ticket};
+use crate::waits::{Cycle, Ticket, Tid};
 
 /// A RAM's lock, held: the state behind it, and this thread counted as
 /// holding one of bigfile's locks (a fault it takes meanwhile, from a
@@ -176,7 +175,7 @@ impl Shared {
         mut st: Guard<'a>,
         ticket: &Arc<Ticket>,
     ) -> Result<Guard<'a>, Cycle> {
-        let me = thread::current().id();
+        let me = Tid::current();
         if let Some(cycle) = st.waits().cycle(me, ticket) {
             return Err(cycle);
         }
@@ -193,6 +192,7 @@ impl Shared {
 mod tests {
     use super::*;
     use crate::failure::Failure;
+    use std::thread;
 
     fn shared() -> Arc<Shared> {
         let ram = bigfile_ram::Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap();

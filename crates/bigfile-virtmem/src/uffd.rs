@@ -41,6 +41,7 @@ use crate::keys::VmaId;
 use crate::poison::{self, POISON_TIME};
 use crate::serve::PageRequest;
 use crate::source::{take, FaultSource};
+use crate::waits::{Ticket, Tid};
 
 /// A registered mapping: what a fault in it is a request for.
 pub(crate) struct UffdRange {
@@ -83,7 +84,8 @@ pub(crate) struct UffdService {
 struct Jobs {
     queue: VecDeque<(Arc<UffdRange>, Event)>,
     idle: usize,
-    workers: usize,
+    /// Workers ever started (their names' numbers).
+    started: usize,
 }
 
 /// Request signals the reader sent lately, looked at again after
@@ -127,6 +129,11 @@ impl Requests {
         held
     }
 }
+
+/// How long a worker waits for a job before it ends: a burst of kernel
+/// faults (a big `write(2)` from pages not loaded) starts workers that a
+/// process would otherwise keep for good.
+const RETIRE_AFTER: Duration = Duration::from_secs(2);
 
 static SERVICE: OnceLock<Result<UffdService, String>> = OnceLock::new();
 
@@ -250,8 +257,8 @@ impl UffdService {
             // Every worker is busy (or blocked in a nested fault, or in a
             // loader waiting for a lock): one more, so that no fault waits
             // behind a worker waiting for it.
-            jobs.workers += 1;
-            let n = jobs.workers;
+            jobs.started += 1;
+            let n = jobs.started;
             drop(jobs);
             let spawned = std::thread::Builder::new()
                 .name(format!("bigfile-uffd-{n}"))
@@ -280,8 +287,17 @@ impl UffdService {
                         break job;
                     }
                     jobs.idle += 1;
-                    jobs = self.job_ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+                    let (held, waited) = self
+                        .job_ready
+                        .wait_timeout(jobs, RETIRE_AFTER)
+                        .unwrap_or_else(|p| p.into_inner());
+                    jobs = held;
                     jobs.idle -= 1;
+                    if waited.timed_out() && jobs.queue.is_empty() {
+                        // Idle that long: retired (`dispatch` starts
+                        // another when no worker is idle).
+                        return;
+                    }
                 }
             };
             let access = if e.write || e.kind == FaultKind::WriteProtect {
@@ -292,6 +308,10 @@ impl UffdService {
             let (req, page_addr) = range.request(e.addr, access);
             let ps = range.fileh.page_size();
             let watch = Arc::new(Watch::new(page_addr, ps, req.blk, range.fileh.name.clone()));
+            // The faulting thread waits for this worker: a wait of the
+            // worker's that comes back to that thread (its own load, or a
+            // load waiting for it) is a cycle, failed instead of hung.
+            let edge = InSystemCall::start(&range.fileh, Tid(e.tid));
             // A worker holds no host lock: its loads wait as they please.
             // A panic (a loader's, re-raised by `serve`) ends the process,
             // as on a faulting thread (bigfile-fault): unwound here, it
@@ -309,6 +329,7 @@ impl UffdService {
             });
             // Let go of the handle before the thread goes on: it may drop
             // the handle's last reference next.
+            drop(edge);
             drop(range);
             if !watch.answer() {
                 // Given up while the loader waited for the host lock: the
@@ -335,12 +356,12 @@ impl UffdService {
 
     /// Fail the system call waiting for `[page_addr, page_addr + len)`:
     /// poison the page and wake the thread. False if that could not be done
-    /// (the kernel has no `UFFDIO_POISON`, before Linux 6.6; or the page
-    /// was just mapped there): then the thread is only woken, to fault
-    /// again or find the page (better than hanging it).
+    /// (the page was just mapped there, or the poison table is full of live
+    /// poisons: `poison::note`): then the thread is only woken, to fault
+    /// again or find the page (better than hanging it). (A kernel without
+    /// `UFFDIO_POISON` is not used: `backend::process_uffd`.)
     fn fail(&self, page_addr: usize, len: usize) -> bool {
-        poison::note(page_addr);
-        if self.uffd.poison(page_addr, len).is_ok() {
+        if poison::note(page_addr) && self.uffd.poison(page_addr, len).is_ok() {
             return true;
         }
         // Nothing was poisoned: only the note goes. (The refusal may mean an
@@ -412,6 +433,37 @@ impl FaultSource for KernelFault {
                 f.message(req.blk, &fh.name)
             );
         })
+    }
+}
+
+/// The wait graph's edge from a thread blocked in a kernel-mode fault to
+/// the worker serving it, for as long as this lives.
+struct InSystemCall<'a> {
+    fileh: &'a FileHInner,
+    tid: Tid,
+    ticket: Arc<Ticket>,
+}
+
+impl<'a> InSystemCall<'a> {
+    fn start(fileh: &'a FileHInner, tid: Tid) -> InSystemCall<'a> {
+        let ticket = Ticket::mine_for(false);
+        fileh
+            .shared
+            .lock()
+            .waits_mut()
+            .start_in_system_call(tid, ticket.clone());
+        InSystemCall { fileh, tid, ticket }
+    }
+}
+
+impl Drop for InSystemCall<'_> {
+    fn drop(&mut self) {
+        self.ticket.finish(Ok(()));
+        self.fileh
+            .shared
+            .lock()
+            .waits_mut()
+            .end_in_system_call(self.tid, &self.ticket);
     }
 }
 

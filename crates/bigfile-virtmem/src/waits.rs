@@ -2,20 +2,43 @@
 //! a writeout), and the graph of waits that lets a wait which would never
 //! end (a cycle: two loaders each touching the other's page) fail at once
 //! instead of hanging.
+//!
+//! Threads are named by their kernel thread id ([`Tid`]), which is what a
+//! userfaultfd event names: a thread blocked in a kernel-mode fault waits
+//! for the worker serving it (`uffd.rs` adds that edge), so a cycle through
+//! a system call on mapped memory is found as any other.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::ThreadId;
 
 use crate::failure::Failure;
 use crate::keys::RamPage;
+
+/// A thread, by its kernel thread id (gettid(2)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Tid(pub(crate) libc::pid_t);
+
+impl Tid {
+    /// The calling thread. (Asked of the kernel each time: a forked child's
+    /// thread has a new id, which a cache would miss.)
+    pub(crate) fn current() -> Tid {
+        // SAFETY: gettid has no arguments and cannot fail.
+        Tid(unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t)
+    }
+}
+
+impl fmt::Display for Tid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "thread {}", self.0)
+    }
+}
 
 /// A thread's promise to finish something (a page's load, a handle's
 /// writeout) that other threads may wait for. Finished once, by its owner.
 #[derive(Debug)]
 pub(crate) struct Ticket {
-    owner: ThreadId,
+    owner: Tid,
     /// Whether the work may take the host lock (a loader or storer that
     /// does): a thread holding it releases it before waiting.
     needs_host: bool,
@@ -40,7 +63,7 @@ impl Ticket {
     /// `needs_host_lock` is `needs_host`.
     pub(crate) fn mine_for(needs_host: bool) -> Arc<Ticket> {
         Arc::new(Ticket {
-            owner: std::thread::current().id(),
+            owner: Tid::current(),
             needs_host,
             readahead: false,
             job: Mutex::new(None),
@@ -53,7 +76,7 @@ impl Ticket {
     /// releases it before waiting for the worker), queued with the RAM page
     /// `recycled` for it (if any).
     pub(crate) fn read_ahead_by(
-        owner: ThreadId,
+        owner: Tid,
         needs_host: bool,
         recycled: Option<RamPage>,
     ) -> Arc<Ticket> {
@@ -87,7 +110,7 @@ impl Ticket {
     }
 
     /// The thread doing the work.
-    pub(crate) fn owner(&self) -> ThreadId {
+    pub(crate) fn owner(&self) -> Tid {
         self.owner
     }
 
@@ -108,24 +131,44 @@ impl Ticket {
 }
 
 /// A cycle of waits that a new wait would close, from the thread that would
-/// wait, each waiting for the next, back to it.
+/// wait, each waiting for the next, back to it; with each thread, whether it
+/// waits from inside a system call (a kernel-mode fault a worker serves).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Cycle(Vec<ThreadId>);
+pub(crate) struct Cycle(Vec<(Tid, Waits)>);
+
+/// How a thread of a [`Cycle`] waits for the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Waits {
+    /// For a ticket, as a fault or an API call does.
+    Ticket,
+    /// Blocked in a kernel-mode fault, for the worker serving it.
+    InSystemCall,
+}
 
 impl Cycle {
     /// The thread would wait for itself (it owns the ticket).
     pub(crate) fn is_self(&self) -> bool {
         self.0.len() == 2
     }
+
+    /// A worker serving a system call's fault would wait for the load of
+    /// that very thread: a loader's system call touched the page it is
+    /// loading.
+    pub(crate) fn is_own_load_in_system_call(&self) -> bool {
+        self.0.len() == 3 && self.0[1].1 == Waits::InSystemCall
+    }
 }
 
 impl fmt::Display for Cycle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, t) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(" waits for ")?;
+        for (i, (t, how)) in self.0.iter().enumerate() {
+            write!(f, "{t}")?;
+            if i + 1 < self.0.len() {
+                f.write_str(match how {
+                    Waits::Ticket => " waits for ",
+                    Waits::InSystemCall => " (in a system call on mapped memory) waits for ",
+                })?;
             }
-            write!(f, "{t:?}")?;
         }
         Ok(())
     }
@@ -136,49 +179,68 @@ impl fmt::Display for Cycle {
 /// entry its waiter has not yet woken to remove.
 #[derive(Debug, Default)]
 pub(crate) struct WaitGraph {
-    waiting: HashMap<ThreadId, Arc<Ticket>>,
+    waiting: HashMap<Tid, (Arc<Ticket>, Waits)>,
 }
 
 impl WaitGraph {
     /// The cycle that `me` waiting for `ticket` would close, if any.
-    pub(crate) fn cycle(&self, me: ThreadId, ticket: &Ticket) -> Option<Cycle> {
-        let mut chain = vec![me, ticket.owner()];
+    pub(crate) fn cycle(&self, me: Tid, ticket: &Ticket) -> Option<Cycle> {
+        let mut chain = vec![(me, Waits::Ticket), (ticket.owner(), Waits::Ticket)];
         let mut cur = ticket.owner();
         while cur != me {
-            cur = self.waiting.get(&cur).filter(|t| !t.is_finished())?.owner();
+            let (t, how) = self.waiting.get(&cur).filter(|(t, _)| !t.is_finished())?;
+            chain.last_mut().expect("the chain starts with me").1 = *how;
+            cur = t.owner();
             if chain.len() > self.waiting.len() + 2 {
                 // Not through `me`: a cycle of others, which is theirs to find.
                 return None;
             }
-            chain.push(cur);
+            chain.push((cur, Waits::Ticket));
         }
         Some(Cycle(chain))
     }
 
     /// `me` starts waiting for `ticket`.
-    pub(crate) fn start(&mut self, me: ThreadId, ticket: Arc<Ticket>) {
-        self.waiting.insert(me, ticket);
+    pub(crate) fn start(&mut self, me: Tid, ticket: Arc<Ticket>) {
+        self.waiting.insert(me, (ticket, Waits::Ticket));
+    }
+
+    /// Thread `tid`, blocked in a kernel-mode fault, waits for the worker
+    /// whose `ticket` serves it, until [`end`](Self::end).
+    pub(crate) fn start_in_system_call(&mut self, tid: Tid, ticket: Arc<Ticket>) {
+        self.waiting.insert(tid, (ticket, Waits::InSystemCall));
     }
 
     /// `me` stopped waiting.
-    pub(crate) fn end(&mut self, me: ThreadId) {
+    pub(crate) fn end(&mut self, me: Tid) {
         self.waiting.remove(&me);
+    }
+
+    /// The worker whose `ticket` served thread `tid`'s kernel-mode fault is
+    /// done: the edge goes, unless `tid` waits for something else by now
+    /// (given up by the watchdog, its system call failed meanwhile and it
+    /// went on).
+    pub(crate) fn end_in_system_call(&mut self, tid: Tid, ticket: &Arc<Ticket>) {
+        if self
+            .waiting
+            .get(&tid)
+            .is_some_and(|(t, _)| Arc::ptr_eq(t, ticket))
+        {
+            self.waiting.remove(&tid);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::thread;
 
-    /// Distinct thread ids (of threads that have ended: only ids are used).
-    fn ids(n: usize) -> Vec<ThreadId> {
-        (0..n)
-            .map(|_| thread::spawn(|| thread::current().id()).join().unwrap())
-            .collect()
+    /// Distinct thread ids (only ids are used).
+    fn ids(n: usize) -> Vec<Tid> {
+        (0..n).map(|i| Tid(1_000_000 + i as libc::pid_t)).collect()
     }
 
-    fn ticket_of(owner: ThreadId) -> Arc<Ticket> {
+    fn ticket_of(owner: Tid) -> Arc<Ticket> {
         Ticket::read_ahead_by(owner, false, None)
     }
 
@@ -186,7 +248,7 @@ mod tests {
     fn waiting_for_ones_own_ticket_is_a_cycle_of_one() {
         let g = WaitGraph::default();
         let t = Ticket::mine();
-        let c = g.cycle(thread::current().id(), &t).unwrap();
+        let c = g.cycle(Tid::current(), &t).unwrap();
         assert!(c.is_self());
     }
 
@@ -202,10 +264,11 @@ mod tests {
         g.start(c, ta.clone());
         let cycle = g.cycle(a, &tb).expect("a cycle");
         assert!(!cycle.is_self());
-        assert_eq!(cycle.0, [a, b, c, a]);
+        let w = Waits::Ticket;
+        assert_eq!(cycle.0, [(a, w), (b, w), (c, w), (a, w)]);
         assert_eq!(
             cycle.to_string(),
-            format!("{a:?} waits for {b:?} waits for {c:?} waits for {a:?}")
+            format!("{a} waits for {b} waits for {c} waits for {a}")
         );
         // c's wait is over (its ticket finished): no cycle any more.
         ta.finish(Ok(()));
@@ -227,9 +290,41 @@ mod tests {
         assert_eq!(g.cycle(a, &ticket_of(b)), None);
     }
 
+    /// A loader (l) whose system call faults on its own page: the worker
+    /// (w) serving that fault would wait for l's load, and l waits for w.
+    #[test]
+    fn a_wait_through_a_system_call_closes_a_cycle() {
+        let [w, l, m] = ids(3)[..] else {
+            unreachable!()
+        };
+        let mut g = WaitGraph::default();
+        let (tw, tl) = (ticket_of(w), ticket_of(l));
+        g.start_in_system_call(l, tw.clone());
+        let cycle = g.cycle(w, &tl).expect("a cycle");
+        assert!(cycle.is_own_load_in_system_call());
+        assert_eq!(
+            cycle.to_string(),
+            format!("{w} waits for {l} (in a system call on mapped memory) waits for {w}")
+        );
+        // Through a third thread: l's system call faults on the block m
+        // loads, and m's loader waits for l's load.
+        g.start(m, tl.clone());
+        let cycle = g.cycle(w, &ticket_of(m)).expect("a cycle");
+        assert!(!cycle.is_own_load_in_system_call());
+        assert_eq!(cycle.0.len(), 4);
+        // The fault served: no edge; but only its own.
+        g.start(l, ticket_of(w));
+        g.end_in_system_call(l, &tw);
+        assert!(g.cycle(w, &tl).is_some(), "l's later wait stays");
+        g.end(l);
+        g.start_in_system_call(l, tw.clone());
+        g.end_in_system_call(l, &tw);
+        assert_eq!(g.cycle(w, &tl), None);
+    }
+
     #[test]
     fn a_read_ahead_job_is_claimed_once() {
-        let t = Ticket::read_ahead_by(thread::current().id(), false, Some(RamPage(7)));
+        let t = Ticket::read_ahead_by(Tid::current(), false, Some(RamPage(7)));
         assert_eq!(t.claim_job(), Some(Some(RamPage(7))));
         assert_eq!(t.claim_job(), None, "begun or taken over already");
         assert_eq!(Ticket::mine().claim_job(), None, "no job");

@@ -43,16 +43,25 @@ static void retake_hook(void *user, void *token) {
     atomic_fetch_add(&retakes, 1);
 }
 
-/* Callbacks that run runtime code, as a Python loadblk would. */
-static int runtime_loadblk(void *user, uint64_t blk, void *buf, size_t len) {
+/* bigfile_host_acquire_fn */
+static void runtime_acquire(void *user) {
+    (void)user;
     runtime_lock();
+}
+
+/* Callbacks that run runtime code, as a Python loadblk would. They take the
+ * lock through bigfile_host_lock_wait: on the userfaultfd backend a system
+ * call's fault is served on a worker, and a thread in a system call that
+ * holds the lock would otherwise wait for the callback for good. */
+static int runtime_loadblk(void *user, uint64_t blk, void *buf, size_t len) {
+    CHECK(bigfile_host_lock_wait(runtime_acquire, NULL) == 0);
     int rc = memfile_loadblk(user, blk, buf, len);
     runtime_unlock();
     return rc;
 }
 
 static int runtime_storeblk(void *user, uint64_t blk, const void *buf, size_t len) {
-    runtime_lock();
+    CHECK(bigfile_host_lock_wait(runtime_acquire, NULL) == 0);
     int rc = memfile_storeblk(user, blk, buf, len);
     runtime_unlock();
     return rc;
