@@ -163,5 +163,9 @@ impl Drop for FileHInner {
             mapper.release(&self.ramh, rp);
         }
         st.close_handle(self.key);
+        // Room made, and loads ended that other handles' threads may be
+        // waiting for (`make_room` waits for loads to end when the budget
+        // holds nothing else to reclaim): no worker will notify for these.
+        shared.notify(&st);
     }
 }

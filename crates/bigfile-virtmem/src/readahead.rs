@@ -170,6 +170,8 @@ pub(crate) fn issue(
     let max = max_window(shared.budget_pages());
     let mut deferred = Deferred::default();
     let mut jobs = Vec::new();
+    // Whether a job has a reclaimed page, held until its old mappings go.
+    let mut held = false;
     let mut st = shared.lock();
     let blocks = st.read_ahead_range(fh.key, vma, blk, max).unwrap_or(0..0);
     for b in blocks {
@@ -181,6 +183,7 @@ pub(crate) fn issue(
             st.cut_read_ahead(fh.key, vma, b);
             break;
         };
+        held |= recycled.is_some();
         let job = ask(&mut st, (fh, &me), (vma, b), (&worker, recycled), fill);
         jobs.push((worker, job));
     }
@@ -193,8 +196,17 @@ pub(crate) fn issue(
         }
     }
     drop(st);
-    // The reclaimed pages are unmapped before a worker writes into them.
+    // The reclaimed pages are unmapped before a worker writes into them, or
+    // a fault that takes a job over (`Ticket::open_job`; until then a fault
+    // on its block waits).
     deferred.finish(shared);
+    if held {
+        let st = shared.lock();
+        for (_, job) in &jobs {
+            job.ticket.open_job();
+        }
+        shared.notify(&st);
+    }
     for (worker, job) in jobs {
         if let Err(back) = worker.jobs.send(job) {
             // The worker is gone (it cannot be, short of a bug): load here,
@@ -394,6 +406,43 @@ pub(crate) mod testing {
         let me = fh.me.get().cloned().expect("a handle in its Arc");
         let mut st = fh.shared.lock();
         Queued(ask(&mut st, (fh, &me), (vma, blk), (&worker, None), fill))
+    }
+
+    /// [`queue_here`], into the RAM page of the least recently used page,
+    /// reclaimed for it as `issue` does, its old mappings not taken away
+    /// yet: until [`Held::open`], as `issue` is between its lock and its
+    /// deferred work's end.
+    pub(crate) fn queue_here_recycling(fh: &FileHInner, vma: VmaId, blk: u64, fill: Fill) -> Held {
+        let (jobs, _inbox) = channel();
+        let worker = Worker {
+            id: Tid::current(),
+            jobs,
+        };
+        let me = fh.me.get().cloned().expect("a handle in its Arc");
+        let shared = &*fh.shared;
+        let mut deferred = Deferred::default();
+        let mut st = shared.lock();
+        let reclaimed = st
+            .reclaim_oldest(shared.counters(), Unmap::Deferred, deferred.slots())
+            .expect("a page to reclaim");
+        let rp = reclaimed.ram_page.expect("a RAM page");
+        let job = ask(&mut st, (fh, &me), (vma, blk), (&worker, Some(rp)), fill);
+        Held(Queued(job), deferred)
+    }
+
+    /// A read-ahead job whose page still shows its old block.
+    pub(crate) struct Held(Queued, Deferred);
+
+    impl Held {
+        /// Its old mappings taken away, claimable by faults (and notified).
+        pub(crate) fn open(self, fh: &FileHInner) -> Queued {
+            let Held(queued, deferred) = self;
+            deferred.finish(&fh.shared);
+            let st = fh.shared.lock();
+            queued.0.ticket.open_job();
+            fh.shared.notify(&st);
+            queued
+        }
     }
 
     impl Queued {

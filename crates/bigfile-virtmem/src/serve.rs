@@ -33,7 +33,7 @@ use crate::state::Unmap;
 use crate::stats::Counter;
 use crate::streak::{Execution, Lost};
 use crate::sys;
-use crate::waits::Ticket;
+use crate::waits::{TakeOver, Ticket};
 
 /// One page to serve: a block of a mapping, for an access.
 #[derive(Debug, Clone, Copy)]
@@ -251,8 +251,15 @@ fn wait_for_load<'a>(
         .ticket()
         .expect("a loading page has a ticket")
         .clone();
-    if let Some(recycled) = ticket.claim_job() {
-        return take_over(fh, st, (blk, pk), (&ticket, recycled), host);
+    match ticket.take_over() {
+        TakeOver::Taken(recycled) => {
+            return take_over(fh, st, (blk, pk), (&ticket, recycled), host)
+        }
+        // Claimable once the thread asking it has unmapped its page
+        // (`readahead::issue`, which holds no lock of ours meanwhile, nor
+        // waits for any), and notifies.
+        TakeOver::NotYet => return Ok(fh.shared.wait(st)),
+        TakeOver::No => {}
     }
     if ticket.needs_host() && host.kept() {
         drop(st);
@@ -765,6 +772,84 @@ mod tests {
         assert_eq!(ram.stats().stats.resident_pages, 0);
         job.run();
         assert!(file.take_calls().is_empty(), "skipped by the worker");
+    }
+
+    /// Found in review: a fault could take over a read-ahead job whose RAM
+    /// page, reclaimed from a block the stream had passed, was still mapped
+    /// where that block was (`issue` takes the old mappings away after its
+    /// lock), and fill it there: a reader of the old block saw the new one.
+    /// The fault waits until the job is opened.
+    #[test]
+    fn a_fault_waits_to_take_over_a_job_whose_page_is_still_mapped() {
+        let (_file, fh, vma) = setup_with(1, false);
+        serve_now(&fh.inner, &request(&vma, 0, Access::Read)).unwrap();
+        let old = vma.as_ptr();
+        // SAFETY: slot 0 maps block 0 (all bytes 1) read-only.
+        let at_old = || unsafe { std::ptr::read_volatile(old) };
+        assert_eq!(at_old(), 1);
+        let held = readahead::testing::queue_here_recycling(&fh.inner, vma.id(), 2, fill_ahead);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let faulting = {
+            let inner = fh.inner.clone();
+            let req = request(&vma, 2, Access::Read);
+            thread::spawn(move || done_tx.send(serve_now(&inner, &req)).unwrap())
+        };
+        let start = std::time::Instant::now();
+        while fh.inner.shared.lock().waiters() == 0 {
+            if let Ok(served) = done.try_recv() {
+                panic!("the fault took the job over at once ({served:?})");
+            }
+            // (Without the wait, the fault took the job over and never
+            // ended: the test failed here.)
+            assert!(start.elapsed().as_secs() < 30, "the fault never waited");
+            thread::yield_now();
+        }
+        assert_eq!(at_old(), 1, "block 0's slot still shows block 0");
+        let job = held.open(&fh.inner);
+        assert!(matches!(done.recv(), Ok(Ok(()))));
+        faulting.join().unwrap();
+        assert_eq!(fh.page_state(2), Some(PageState::Loaded));
+        assert_eq!(fh.page_state(0), None, "reclaimed");
+        job.run();
+        assert_eq!(fh.stats().loads, 2, "the job skipped by its worker");
+    }
+
+    /// Found in review: a handle dropped with read-ahead queued gave its
+    /// loading pages' room back without a notification, so a thread of
+    /// another handle waiting in `make_room` for those loads to end (the
+    /// budget holding nothing else to reclaim) slept on (no worker would
+    /// notify for a job it skips).
+    #[test]
+    fn a_handle_dropped_with_read_ahead_queued_wakes_a_thread_waiting_for_room() {
+        let (_file, fh, vma) = setup_with(2, false);
+        let ram = fh.ram().clone();
+        let other = FileH::open(
+            Arc::new(Kit(Arc::new(MemFile::new(BLK)), false)),
+            Some(&ram),
+        )
+        .unwrap();
+        let other_vma = other.mmap(0, 4).unwrap();
+        serve_now(&other.inner, &request(&other_vma, 0, Access::Write)).unwrap();
+        let job = readahead::testing::queue_here(&fh.inner, vma.id(), 1, fill_ahead);
+        // The budget: one dirty page and one loading.
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let waiter = {
+            let inner = other.inner.clone();
+            let req = request(&other_vma, 1, Access::Read);
+            thread::spawn(move || done_tx.send(serve_now(&inner, &req)).unwrap())
+        };
+        while fh.inner.shared.lock().waiters() == 0 {
+            thread::yield_now();
+        }
+        drop(vma);
+        drop(fh);
+        let served = done.recv_timeout(std::time::Duration::from_secs(30));
+        job.run();
+        assert!(
+            matches!(served, Ok(Ok(()))),
+            "the waiter slept on: {served:?}"
+        );
+        waiter.join().unwrap();
     }
 
     /// Found in review: read-ahead reclaimed the page the faulting access

@@ -45,11 +45,35 @@ pub(crate) struct Ticket {
     /// A read-ahead load (`readahead.rs`): its failure is no one's, and a
     /// thread that waited for it loads the block again itself.
     readahead: bool,
-    /// A read-ahead job not begun yet: the RAM page reclaimed for it, if
-    /// any, until its worker begins it or a faulting thread takes it over
-    /// ([`Ticket::claim_job`]); `None` once claimed (and for other work).
-    job: Mutex<Option<Option<RamPage>>>,
+    /// A read-ahead job not begun yet, until its worker begins it or a
+    /// faulting thread takes it over ([`Ticket::claim_job`]).
+    job: Mutex<Job>,
     outcome: OnceLock<Result<(), Failure>>,
+}
+
+/// A read-ahead ticket's job, as far as claiming it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Job {
+    /// None: claimed already, or not a read-ahead job.
+    Gone,
+    /// Asked, with the RAM page reclaimed for it, whose old mappings are
+    /// still being taken away (`readahead::issue`'s deferred work): only
+    /// its worker's or its handle's claim may have it yet; a fault waits.
+    Held(RamPage),
+    /// Claimable by anyone, with the RAM page reclaimed for it, if any.
+    Open(Option<RamPage>),
+}
+
+/// What a faulting thread's [`Ticket::take_over`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TakeOver {
+    /// The job, with the RAM page reclaimed for it, if any: to load here.
+    Taken(Option<RamPage>),
+    /// A job whose page is not free of its old mappings yet: wait for the
+    /// RAM's next notification, then look again.
+    NotYet,
+    /// No job to take: begun by its worker (wait for it), or not one.
+    No,
 }
 
 impl Ticket {
@@ -66,7 +90,7 @@ impl Ticket {
             owner: Tid::current(),
             needs_host,
             readahead: false,
-            job: Mutex::new(None),
+            job: Mutex::new(Job::Gone),
             outcome: OnceLock::new(),
         })
     }
@@ -74,28 +98,66 @@ impl Ticket {
     /// A ticket of read-ahead worker `owner`, for a load of a file whose
     /// `needs_host_lock` is `needs_host` (a thread holding the host lock
     /// releases it before waiting for the worker), queued with the RAM page
-    /// `recycled` for it (if any).
+    /// `recycled` for it (if any). A recycled page's job is held from
+    /// faulting threads until [`Ticket::open_job`]: the page may still be
+    /// mapped where its old block was, and a fault taking the job over would
+    /// fill it under those mappings.
     pub(crate) fn read_ahead_by(
         owner: Tid,
         needs_host: bool,
         recycled: Option<RamPage>,
     ) -> Arc<Ticket> {
+        let job = match recycled {
+            Some(rp) => Job::Held(rp),
+            None => Job::Open(None),
+        };
         Arc::new(Ticket {
             owner,
             needs_host,
             readahead: true,
-            job: Mutex::new(Some(recycled)),
+            job: Mutex::new(job),
             outcome: OnceLock::new(),
         })
     }
 
-    /// Claim a read-ahead job that nobody has begun: its worker, to run it,
-    /// or a thread that faults on its block, to load it itself instead of
-    /// waiting for a job queued behind others (maybe behind the very load
-    /// that faulted, on the same worker). The first to claim gets the RAM
-    /// page reclaimed for it (`Some(recycled)`); any later claim `None`.
+    fn job(&self) -> std::sync::MutexGuard<'_, Job> {
+        self.job.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The job's RAM page is free of its old mappings: faulting threads may
+    /// take the job over from now on.
+    pub(crate) fn open_job(&self) {
+        let mut job = self.job();
+        if let Job::Held(rp) = *job {
+            *job = Job::Open(Some(rp));
+        }
+    }
+
+    /// Claim a read-ahead job that nobody has begun, held or open: its
+    /// worker, to run it (it gets it after it was opened), or its handle,
+    /// going, to give its page back. The first claim gets the RAM page
+    /// reclaimed for it (`Some(recycled)`); any later claim `None`.
     pub(crate) fn claim_job(&self) -> Option<Option<RamPage>> {
-        self.job.lock().unwrap_or_else(|p| p.into_inner()).take()
+        match std::mem::replace(&mut *self.job(), Job::Gone) {
+            Job::Gone => None,
+            Job::Held(rp) => Some(Some(rp)),
+            Job::Open(rp) => Some(rp),
+        }
+    }
+
+    /// A faulting thread's claim of a job nobody has begun, to load the
+    /// block itself instead of waiting for a job queued behind others
+    /// (maybe behind the very load that faulted, on the same worker).
+    pub(crate) fn take_over(&self) -> TakeOver {
+        let mut job = self.job();
+        match *job {
+            Job::Gone => TakeOver::No,
+            Job::Held(_) => TakeOver::NotYet,
+            Job::Open(rp) => {
+                *job = Job::Gone;
+                TakeOver::Taken(rp)
+            }
+        }
     }
 
     /// Whether this is a read-ahead load's: its failure is not reported to
@@ -325,9 +387,16 @@ mod tests {
     #[test]
     fn a_read_ahead_job_is_claimed_once() {
         let t = Ticket::read_ahead_by(Tid::current(), false, Some(RamPage(7)));
-        assert_eq!(t.claim_job(), Some(Some(RamPage(7))));
+        assert_eq!(t.take_over(), TakeOver::NotYet, "its page still mapped");
+        t.open_job();
+        assert_eq!(t.take_over(), TakeOver::Taken(Some(RamPage(7))));
         assert_eq!(t.claim_job(), None, "begun or taken over already");
+        assert_eq!(t.take_over(), TakeOver::No);
         assert_eq!(Ticket::mine().claim_job(), None, "no job");
+        let held = Ticket::read_ahead_by(Tid::current(), false, Some(RamPage(8)));
+        assert_eq!(held.claim_job(), Some(Some(RamPage(8))), "its worker's");
+        let fresh = Ticket::read_ahead_by(Tid::current(), false, None);
+        assert_eq!(fresh.take_over(), TakeOver::Taken(None), "open at once");
     }
 
     #[test]
