@@ -173,8 +173,8 @@ pub(crate) fn issue(fh: &FileHInner, (vma, blk): (VmaId, u64), blocks: Range<u64
     drop(me);
 }
 
-/// Room for one read-ahead page and the worker to load it: free room in
-/// the budget, or the least recently used clean page if the stream of
+/// Room for one read-ahead page and the worker to load it: a fresh page
+/// of the handle, free room in the budget, or the least recently used clean page if the stream of
 /// `vma` has passed it (reclaimed: its RAM page to reuse, or released,
 /// once `deferred` is finished). `None` when there is neither (read-ahead
 /// never waits for room), or no worker.
@@ -185,13 +185,15 @@ fn room_for(
     deferred: &mut Deferred,
 ) -> Option<(Worker, Option<RamPage>)> {
     let shared = &*fh.shared;
-    let full = st.budget().is_full(shared.budget_pages());
+    // A fresh page of the handle (`fresh.rs`) is room already counted.
+    let fresh = st.budget().has_fresh(fh.key);
+    let full = !fresh && st.budget().is_full(shared.budget_pages());
     if full && !passed_oldest(st, fh, vma, blk) {
         return None;
     }
     let worker = pick_worker(st)?;
     if !full {
-        return Some((worker, None));
+        return Some((worker, st.take_fresh(fh.key)));
     }
     let d = st.reclaim_oldest(shared.counters(), Unmap::Deferred, deferred.slots())?;
     let recycled = d.ram_page.and_then(|rp| {

@@ -27,6 +27,7 @@ use crate::keys::{FileKey, PageKey, RamPage, VmaId};
 use crate::mapper::{Deferred, MapError, Mapper};
 use crate::pages::{LoadEnd, PageState};
 use crate::readahead;
+use crate::fresh;
 use crate::reclaim::{make_room, reclaim_one, Room};
 use crate::shared::Guard;
 use crate::state::Unmap;
@@ -155,6 +156,10 @@ fn load<'a>(
     }
     let ticket = Ticket::mine_for(fh.needs_host);
     let pk = st.begin_load(fh.key, blk, ticket.clone());
+    if fresh::enabled(shared) {
+        // The next load's page, made while this one loads.
+        fresh::ask(&fh.shared, &mut st, fh.key);
+    }
     let forks = fork_generation::generation();
     drop(st);
     // Unmap what make_room reclaimed (the recycled RAM page among it)
