@@ -224,7 +224,11 @@ impl Budget {
     /// Take handle `fileh`'s fresh pages (it is closing, and waited until
     /// none is being made for it), to give their memory back.
     pub(crate) fn take_fresh_of(&mut self, fileh: FileKey) -> Vec<RamPage> {
-        debug_assert_ne!(self.making, Some(fileh), "a closing handle's page is being made");
+        debug_assert_ne!(
+            self.making,
+            Some(fileh),
+            "a closing handle's page is being made"
+        );
         let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fresh)
             .into_iter()
             .partition(|&(f, _)| f == fileh);
@@ -311,12 +315,22 @@ mod tests {
         assert!(b.spares_pending(), "a fault waits for it rather than fail");
         b.end_fresh(Some(RamPage(7)));
         assert_eq!((b.resident(), b.fresh_pages(), b.spares_ready()), (2, 1, 1));
-        assert_eq!(b.begin_fresh(9, 1), None, "the reserve is made: the worker stops");
-        assert!(b.ask_fresh(FileKey(2), 9, 2), "woken again, for another handle");
+        assert_eq!(
+            b.begin_fresh(9, 1),
+            None,
+            "the reserve is made: the worker stops"
+        );
+        assert!(
+            b.ask_fresh(FileKey(2), 9, 2),
+            "woken again, for another handle"
+        );
         assert_eq!(b.begin_fresh(9, 2), Some(FileKey(2)));
         b.end_fresh(None);
         assert_eq!(b.resident(), 2, "a failed one leaves the count");
-        assert!(b.ask_fresh(FileKey(2), 9, 2), "the worker stopped on failure");
+        assert!(
+            b.ask_fresh(FileKey(2), 9, 2),
+            "the worker stopped on failure"
+        );
         b.forget_asker(FileKey(2));
         assert_eq!(b.begin_fresh(9, 2), None, "the asker is closing");
         assert_eq!(b.take_fresh(FileKey(2)), None, "another handle's");
