@@ -52,8 +52,9 @@ use crate::shared::{Guard, Shared};
 /// scan's faults on 2 MiB pages (benches/README.md, "Cold start").
 const MOST: u64 = 4;
 /// One fresh page per this many pages of budget (a budget of fewer keeps
-/// none), so a small budget is left to the pages holding blocks.
-const PER_BUDGET: u64 = 16;
+/// none, 64 MiB of 2 MiB pages), so a small budget is left to the pages
+/// holding blocks.
+const PER_BUDGET: u64 = 32;
 /// Smallest page made ahead: a transparent huge page's size.
 const MIN_PAGE_SIZE: usize = 2 << 20;
 
@@ -167,9 +168,19 @@ fn make(shared: &Shared, ramh: &RamHandle) -> Option<RamPage> {
     Some(RamPage(page))
 }
 
-/// Wait until the worker makes no fresh page for handle `fk` (closing).
-pub(crate) fn wait_idle<'a>(shared: &'a Shared, mut st: Guard<'a>, fk: FileKey) -> Guard<'a> {
-    while st.budget().making_fresh() == Some(fk) {
+/// Wait until the worker makes no fresh page for handle `fk` (closing), or
+/// none at all (`None`: reclaim, to give back every fresh page). The worker
+/// waits for nothing but the lock, so neither does this for long.
+pub(crate) fn wait_idle<'a>(
+    shared: &'a Shared,
+    mut st: Guard<'a>,
+    fk: Option<FileKey>,
+) -> Guard<'a> {
+    while st
+        .budget()
+        .making_fresh()
+        .is_some_and(|m| fk.is_none_or(|fk| fk == m))
+    {
         st = shared.wait(st);
     }
     st
@@ -257,9 +268,9 @@ mod tests {
     }
 
     #[test]
-    fn the_reserve_is_a_sixteenth_of_the_budget_at_most_4_pages() {
-        assert_eq!(super::reserve(15), 0);
-        assert_eq!(super::reserve(32), 2);
+    fn the_reserve_is_a_32nd_of_the_budget_at_most_4_pages() {
+        assert_eq!(super::reserve(31), 0);
+        assert_eq!(super::reserve(64), 2);
         assert_eq!(super::reserve(1 << 30), 4);
         let on = |spec: &str| super::enabled(ram(spec, 64).shared());
         assert!(on(&format!("memfd,pagesize={BLK}")));
@@ -271,7 +282,7 @@ mod tests {
     /// at its own hint), and the worker makes the next.
     #[test]
     fn a_load_takes_a_fresh_page_made_ahead() {
-        let ram = ram(&format!("memfd,pagesize={BLK}"), 32);
+        let ram = ram(&format!("memfd,pagesize={BLK}"), 64);
         let fh = open(&ram);
         assert!(wait_fresh(&ram, 2), "made when the handle opened");
         assert_eq!(allocated(&fh), 2 * BLK as u64, "counted in the memory file");
@@ -298,7 +309,7 @@ mod tests {
     /// are made for the handle that last asked, up to one reserve for all.
     #[test]
     fn many_handles_keep_fresh_pages_within_the_budget() {
-        const BUDGET: u64 = 32;
+        const BUDGET: u64 = 64;
         let ram = ram(&format!("memfd,pagesize={BLK}"), BUDGET);
         let handles: Vec<FileH> = (0..8).map(|_| open(&ram)).collect();
         let vmas: Vec<_> = handles.iter().map(|fh| fh.mmap(0, 64).unwrap()).collect();
@@ -320,8 +331,10 @@ mod tests {
                 }
             }
         }
-        // The budget is full of blocks: nothing is made into it any more.
-        assert!(wait_fresh(&ram, 0));
+        // The worker idle, the budget is full (of blocks, spares and fresh
+        // pages not yet taken or dropped).
+        drop(super::wait_idle(ram.shared(), ram.shared().lock(), None));
+        assert!(ram.shared().lock().budget().is_full(BUDGET));
         check("after");
         // Room again: made for the last handle that asked.
         ram.reclaim();
@@ -336,28 +349,37 @@ mod tests {
     /// full of blocks and fresh pages makes room from the fresh pages.
     #[test]
     fn reclaim_drops_fresh_pages_before_blocks() {
-        let ram = ram(&format!("memfd,pagesize={BLK}"), 16);
+        const BUDGET: u64 = 32;
+        let ram = ram(&format!("memfd,pagesize={BLK}"), BUDGET);
         let a = open(&ram);
         let b = open(&ram);
-        let (va, vb) = (a.mmap(0, 16).unwrap(), b.mmap(0, 16).unwrap());
-        for blk in 0..14 {
+        let (va, vb) = (a.mmap(0, 64).unwrap(), b.mmap(0, 64).unwrap());
+        for blk in 0..BUDGET - 2 {
             read(&vb, blk);
         }
         read(&va, 0);
-        assert!(wait_fresh(&ram, 1), "the reserve, for `a`");
-        assert_eq!(ram.shared().lock().budget().resident(), 16, "full");
-        // `b` needs a page: `a`'s fresh page goes, no block.
-        read(&vb, 14);
-        assert_eq!(b.stats().resident_pages + a.stats().resident_pages, 16);
+        assert!(wait_fresh(&ram, 1), "the reserve");
+        assert!(ram.shared().lock().budget().is_full(BUDGET));
+        // `b` needs a page: the fresh page goes (or is taken, if `b`'s),
+        // no block.
+        read(&vb, BUDGET);
+        assert_eq!(b.stats().resident_pages + a.stats().resident_pages, BUDGET);
         assert_eq!(fresh_pages(&ram), 0);
-        assert_eq!(ram.reclaimable_pages(), 16);
+        assert_eq!(b.stats().reclaims + a.stats().reclaims, 0);
+        // `Ram::reclaim` gives fresh pages back too, and counts them.
+        ram.reclaim();
+        assert!(wait_fresh(&ram, 0));
+        read(&va, 1);
+        assert!(wait_fresh(&ram, 1), "made again");
+        assert_eq!(ram.reclaim(), 2, "a block and the fresh page");
+        assert_eq!(ram.shared().ram().stats().pages_allocated, 0);
     }
 
     /// A forked child holds no fresh page (its files are its own) and makes
     /// its own with a worker of its own; the parent's stay.
     #[test]
     fn a_forked_child_makes_its_own_fresh_pages() {
-        let ram = ram(&format!("memfd,pagesize={BLK}"), 64);
+        let ram = ram(&format!("memfd,pagesize={BLK}"), 128);
         let fh = open(&ram);
         assert!(wait_fresh(&ram, 4));
         let vma = fh.mmap(0, 4).unwrap();
@@ -398,7 +420,7 @@ mod tests {
             let fh = open(&ram);
             let fd = fh.inner.ramh.fd().as_raw_fd();
             let inode = inode_at(fd);
-            // Until the worker is at its second page (of 4).
+            // Until the worker is at its second page (of 2).
             let start = Instant::now();
             while fresh_pages(&ram) == 0 && start.elapsed() < TIMEOUT {
                 std::thread::yield_now();

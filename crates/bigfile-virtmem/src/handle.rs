@@ -150,7 +150,7 @@ impl Drop for FileHInner {
         let rc = shared.counters();
         // The worker may be making a fresh page in our file: waited for,
         // so that the file is closed here, not later by the worker.
-        let mut st = fresh::wait_idle(&shared, shared.lock(), self.key);
+        let mut st = fresh::wait_idle(&shared, shared.lock(), Some(self.key));
         for pk in st.pages_of(self.key) {
             mapper.forget(&mut st, pk, rc);
         }
