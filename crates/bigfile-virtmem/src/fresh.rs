@@ -3,9 +3,9 @@
 //!
 //! The first use of a RAM page is its dearest: the kernel allocates and
 //! zeroes its memory and, under `thp=collapse`, `MADV_COLLAPSE` makes it
-//! huge (0.3–7.6 ms per 2 MiB page on this project's 2-core machines, the
+//! huge (0.2–7.6 ms per 2 MiB page on this project's 2-core machines, the
 //! collapse waiting for per-CPU work on the other core: benches/README.md,
-//! "Cold start"), more than a load of the block from the page cache. A
+//! "Issue 19, item 4"), more than a load of the block from the page cache. A
 //! worker thread (`bigfile-fresh`, one per process, started on first use)
 //! makes pages ahead while the faulting thread loads: allocated (made huge)
 //! and populated in their handle's window, for the handle's next load to
@@ -17,10 +17,11 @@
 //! handles it has. A load takes its handle's fresh page (after a spare of
 //! the handle) before it allocates or reclaims, a read-ahead load too;
 //! reclaim drops fresh pages (after spares) before any page holding a
-//! block. A RAM's fresh pages are made for the handle that last asked (one
-//! opening, or one whose load allocated or took a fresh page). They hold no
-//! block: `resident_pages` does not count them; the budget, the RAM's
-//! memory file and `bigfile-ram`'s statistics do.
+//! block (`Ram::reclaim` first waits for the one being made). A RAM's
+//! fresh pages are made for the handle that last asked (one opening, or
+//! loading a block). They hold no block: `resident_pages` does not count
+//! them; the budget, the RAM's memory files and `bigfile-ram`'s statistics
+//! do.
 //!
 //! Closing a handle waits until the worker no longer makes a page for it
 //! (the worker holds its RAM handle meanwhile), then gives back its fresh
@@ -34,7 +35,8 @@
 //! own index), on hugetlbfs (no collapse to save, and a page of the fixed
 //! pool another RAM may need), under `alloc=touch` (nothing to do before
 //! the first touch) or for pages smaller than 2 MiB (not made huge; zeroing
-//! them costs less than a worker's wake-up).
+//! them costs less than a worker's wake-up), nor for a budget under 32
+//! pages ([`reserve`]).
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, Weak};
