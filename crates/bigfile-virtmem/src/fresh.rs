@@ -197,6 +197,7 @@ mod tests {
     use bigfile_testkit::child::forked;
 
     use crate::bigfile::{BigFile, BlockError};
+    use crate::keys::RamPage;
     use crate::{FaultBackend, FileH, Ram};
 
     const BLK: usize = 2 << 20;
@@ -375,6 +376,64 @@ mod tests {
         assert!(wait_fresh(&ram, 1), "made again");
         assert_eq!(ram.reclaim(), 2, "a block and the fresh page");
         assert_eq!(ram.shared().ram().stats().pages_allocated, 0);
+    }
+
+    /// A load that finds the budget full while a fresh page is being made
+    /// into its last room waits for that page (and takes it) rather than
+    /// reclaim a page holding a block: a budget the size of the data keeps
+    /// it all (np.save after `prefault` once lost a block so).
+    #[test]
+    fn a_load_waits_for_the_fresh_page_being_made_rather_than_reclaim_a_block() {
+        const BUDGET: u64 = 32;
+        let ram = ram(&format!("memfd,pagesize={BLK}"), BUDGET);
+        let fh = open(&ram);
+        let vma = fh.mmap(0, BUDGET).unwrap();
+        vma.advise(crate::Advice::Random);
+        for blk in 0..BUDGET - 1 {
+            read(&vma, blk);
+        }
+        drop(super::wait_idle(ram.shared(), ram.shared().lock(), None));
+        // The worker's part played here: its page taken back and "being
+        // made" until the load waits.
+        let key = fh.inner.key;
+        let rp = {
+            let mut st = ram.shared().lock();
+            let rp = match st.take_fresh(key) {
+                Some(rp) => rp,
+                None => RamPage(fh.inner.ramh.alloc_page(0).unwrap()),
+            };
+            // (Asked for `key`; the worker is not woken: it is us.)
+            let _ = st.ask_fresh(key, BUDGET, 1);
+            assert!(st.begin_fresh(BUDGET, 1).is_some());
+            assert!(st.budget().is_full(BUDGET));
+            rp
+        };
+        let waited = std::thread::scope(|s| {
+            let load = s.spawn(|| read(&vma, BUDGET - 1));
+            let start = Instant::now();
+            let waited = loop {
+                if ram.shared().lock().waiters() > 0 {
+                    break true;
+                }
+                if load.is_finished() || start.elapsed() > TIMEOUT {
+                    break false;
+                }
+                std::thread::yield_now();
+            };
+            // Made, in any case (closing the handle waits for that).
+            let mut st = ram.shared().lock();
+            st.end_fresh(Some(rp));
+            ram.shared().notify(&st);
+            drop(st);
+            load.join().unwrap();
+            waited
+        });
+        assert!(waited, "the load did not wait for the fresh page");
+        assert_eq!(fh.stats().reclaims, 0, "no block reclaimed");
+        assert_eq!(fh.stats().resident_pages, BUDGET);
+        let st = ram.shared().lock();
+        let pk = st.find_page(key, BUDGET - 1).unwrap();
+        assert_eq!(st.pages().get(pk).ram_page(), Some(rp), "the fresh page");
     }
 
     /// A forked child holds no fresh page (its files are its own) and makes

@@ -188,7 +188,8 @@ fn room_for(
     // A fresh page of the handle (`fresh.rs`) is room already counted.
     let fresh = st.budget().has_fresh(fh.key);
     let full = !fresh && st.budget().is_full(shared.budget_pages());
-    if full && !passed_oldest(st, fh, vma, blk) {
+    // (Nor while a fresh page is being made into the last room.)
+    if full && (st.budget().making_fresh().is_some() || !passed_oldest(st, fh, vma, blk)) {
         return None;
     }
     let worker = pick_worker(st)?;
