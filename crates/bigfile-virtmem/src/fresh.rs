@@ -31,7 +31,8 @@
 //! worker of its own, of its fork generation: the parent's worker, absent
 //! in the child, only ever acts on the parent's files.
 //!
-//! Nothing is made on the userfaultfd backend (each block's page is at its
+//! Nothing is made for a file whose loads are read ahead (a native
+//! loader's: [`wanted`]), on the userfaultfd backend (each block's page is at its
 //! own index), on hugetlbfs (no collapse to save, and a page of the fixed
 //! pool another RAM may need), under `alloc=touch` (nothing to do before
 //! the first touch) or for pages smaller than 2 MiB (not made huge; zeroing
@@ -65,8 +66,19 @@ pub(crate) fn reserve(budget_pages: u64) -> u64 {
     (budget_pages / PER_BUDGET).min(MOST)
 }
 
+/// Whether pages are made ahead for a handle of `shared` whose file's
+/// `needs_host_lock` is `needs_host`: only for files whose loads are not
+/// read ahead (read-ahead runs native loaders only, `readahead.rs`). A
+/// native loader's scan is read ahead, and the read-ahead workers pay for
+/// fresh pages off the fault path already; a worker making them as well
+/// only took the two cores from them (measured: benches/README.md, "Issue
+/// 19, item 4").
+pub(crate) fn wanted(shared: &Shared, needs_host: bool) -> bool {
+    needs_host && enabled(shared)
+}
+
 /// Whether pages of `shared` are made ahead at all.
-pub(crate) fn enabled(shared: &Shared) -> bool {
+fn enabled(shared: &Shared) -> bool {
     let ram = shared.ram();
     !Mapper::of(shared).pages_in_place()
         && ram.huge_page_size().is_none()
@@ -203,7 +215,8 @@ mod tests {
     const BLK: usize = 2 << 20;
     const TIMEOUT: Duration = Duration::from_secs(20);
 
-    /// A file of zeros (its loads write nothing: RAM pages come zeroed).
+    /// A file of zeros (its loads write nothing: RAM pages come zeroed),
+    /// needing the host lock as Python loaders do (so not read ahead).
     struct Zeros;
 
     impl BigFile for Zeros {
@@ -271,12 +284,14 @@ mod tests {
     }
 
     #[test]
-    fn the_reserve_is_a_32nd_of_the_budget_at_most_4_pages() {
+    fn the_reserve_is_a_32nd_of_the_budget_at_most_4_pages_for_files_not_read_ahead() {
         assert_eq!(super::reserve(31), 0);
         assert_eq!(super::reserve(64), 2);
         assert_eq!(super::reserve(1 << 30), 4);
-        let on = |spec: &str| super::enabled(ram(spec, 64).shared());
+        let on = |spec: &str| super::wanted(ram(spec, 64).shared(), true);
         assert!(on(&format!("memfd,pagesize={BLK}")));
+        let native = ram(&format!("memfd,pagesize={BLK}"), 64);
+        assert!(!super::wanted(native.shared(), false), "read ahead instead");
         assert!(!on(&format!("memfd,pagesize={BLK},alloc=touch")));
         assert!(!on("memfd,pagesize=64K"), "small pages");
     }

@@ -80,7 +80,7 @@ impl FileHInner {
             // host lock with the RAM lock held.
             let mut st = shared.lock();
             let key = st.open_handle(ramh.clone(), counters.clone());
-            if fresh::enabled(&shared) {
+            if fresh::wanted(&shared, needs_host) {
                 // Its first loads' pages, made before it faults.
                 fresh::ask(&shared, &mut st, key);
             }

@@ -156,7 +156,7 @@ fn load<'a>(
     }
     let ticket = Ticket::mine_for(fh.needs_host);
     let pk = st.begin_load(fh.key, blk, ticket.clone());
-    if fresh::enabled(shared) {
+    if fresh::wanted(shared, fh.needs_host) {
         // The next load's page, made while this one loads.
         fresh::ask(&fh.shared, &mut st, fh.key);
     }
