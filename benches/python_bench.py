@@ -19,6 +19,11 @@ them into its table. Progress goes to stderr.
 - bigarray_sum_{native,pyio}[_64K]: numpy sum of the file as a BigArray of
   uint64, in 8 MiB slices, through each of the two, with 2 MiB (64 KiB)
   blocks. Seconds per pass.
+- adler32_file_native_first_pass: the adler32 through BigFile_File in a
+  fresh process (this script run again by `--first-pass`), with a budget
+  of the whole file: every block takes a fresh RAM page, as in a
+  process's first scan. Seconds for the pass, from opening the handle;
+  compared with adler32_file_native (steady state: RAM pages recycled).
 - writeout_{native,pyio}: `dirty_writeout` of `writeout_bytes` of dirty
   2 MiB blocks (already in the page cache) through each. Seconds per writeout.
 - npsave_ram: `np.save` to a file of the data file's words held in RAM
@@ -41,6 +46,7 @@ have userfaultfd (then they are left out, saying why on stderr).
 import argparse
 import mmap
 import os
+import subprocess
 import sys
 import time
 import zlib
@@ -185,6 +191,32 @@ def adler_file(cls, path, size, faults, blk=BLK):
     return a
 
 
+def adler_file_fresh(path, size, faults):
+    """The adler32 of `path` through BigFile_File in a fresh process, budget
+    the whole file (every RAM page fresh): seconds and the checksum."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--data-dir", os.path.dirname(path), "--first-pass", path, str(size), faults],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return float(out[0]), int(out[1])
+
+
+def first_pass_child(path, size, faults):
+    """In the fresh process: one timed pass, printed as `seconds checksum`."""
+    t = time.perf_counter()
+    with BigFile_File(path, BLK).fileh_open(ram="memfd", budget=size + BLK, fault_backend=faults) as fh:
+        with fh.mmap(0, size // BLK) as vma:
+            m = memoryview(vma)
+            a = 1
+            for off in range(0, size, BLK):
+                a = zlib.adler32(m[off : off + BLK], a)
+            dt = time.perf_counter() - t
+            m.release()
+    print(dt, a)
+
+
 def bigarray_sum(cls, path, size, faults, blk=BLK):
     with cls(path, blk).fileh_open(ram="memfd", budget=64 * MIB, fault_backend=faults) as fh:
         a = BigArray((size // 8,), np.uint64, fh)
@@ -308,6 +340,7 @@ def bench_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--data-dir", default="target/bench-data")
+    ap.add_argument("--first-pass", nargs=3, metavar=("PATH", "SIZE", "FAULTS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.makedirs(args.data_dir, exist_ok=True)
     return args
@@ -330,6 +363,10 @@ def backends():
 
 def main():
     args = bench_args()
+    if args.first_pass:
+        path, size, faults = args.first_pass
+        first_pass_child(path, int(size), faults)
+        return
     touches = 300 if args.quick else 2000
     size = (128 if args.quick else 512) * MIB
     passes = 3 if args.quick else 5
@@ -354,6 +391,12 @@ def main():
         out["adler32_file_native" + sfx], sums["file_native" + sfx] = timed(
             adler_file, BigFile_File, path, size, faults, passes=passes
         )
+        log(f"python bench: adler32 via BigFile_File (native), first pass of a fresh process ({faults})")
+        passes_fresh = [adler_file_fresh(path, size, faults) for _ in range(passes)]
+        out["adler32_file_native_first_pass" + sfx] = sum(t for t, _ in passes_fresh) / passes
+        sums["file_native_first_pass" + sfx] = passes_fresh[0][1]
+        if len({a for _, a in passes_fresh}) != 1:
+            raise SystemExit(f"first passes disagree: {passes_fresh}")
     for name, fn in [("mmap", adler_mmap), ("readinto", adler_readinto)]:
         log(f"python bench: adler32 via {name}")
         out[f"adler32_{name}"], sums[name] = timed(fn, path, size, passes=passes)

@@ -303,6 +303,31 @@ fn scan(c: &mut Criterion, cfg: &Config, figures: &support::Figures) {
             });
         }
     }
+    // The first pass of a fresh process: a new RAM (budget: all it can
+    // hold, as the default RAMs' is in practice) whose every block takes a
+    // fresh RAM page. Timed from the RAM's creation to the end of the pass;
+    // closing it is not timed.
+    for backend in support::backends("2M", figures) {
+        let file: Arc<dyn BigFile> =
+            Arc::new(FileBigFile::open_readonly(&path, bs).expect("open the scan file"));
+        g.bench_function(support::on("bigfile_first_pass", backend), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    let ram = support::ram("2M", backend).expect("RAM");
+                    let fh = FileH::open(file.clone(), Some(&ram)).expect("open");
+                    let vma = fh.mmap(0, nblocks).expect("mmap");
+                    // SAFETY: nothing writes the mapping while the slice lives.
+                    let s = support::sum_words(unsafe { vma.as_slice() });
+                    total += t.elapsed();
+                    assert_eq!(*expect.get_or_insert(s), s);
+                    drop((vma, fh, ram));
+                }
+                total
+            })
+        });
+    }
     let expect = expect.unwrap_or_else(|| {
         // SAFETY: the bench's own file, not modified while mapped.
         let m = unsafe { memmap2::Mmap::map(&f) }.expect("mmap the scan file");

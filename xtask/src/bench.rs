@@ -90,6 +90,7 @@ fn python_bench(quick: bool) -> Result<Results> {
         .env_remove("CONDA_PREFIX"))?;
     let mut python = py_script(&venv, "benches/python_bench.py", quick)?;
     python.extend(py_script(&venv, "benches/dask_bench.py", quick)?);
+    python.extend(py_script(&venv, "benches/zodb_bench.py", quick)?);
     python.insert("python".into(), version);
     Ok(Results {
         python,
@@ -149,6 +150,8 @@ enum Fig {
     PyTime(&'static str),
     /// Seconds per pass over `python[bytes key]` bytes, from the Python bench.
     PyRate(&'static str, &'static str),
+    /// A fixed speed in GB/s (10^9 bytes) over `python[bytes key]` bytes: an absolute target.
+    PySpeed(f64, &'static str),
 }
 
 /// How the ratio reads and what the issue asks of it.
@@ -634,6 +637,64 @@ const ROWS: &[Row] = {
             PyRate("dask_sum_direct", "dask_sum_bytes"),
             AtLeast(None),
         ),
+        (
+            "19",
+            "scan sum(u64), first pass of a fresh RAM (every page fresh)",
+            Rate("scan/bigfile_first_pass", "scan.bytes"),
+            "the same scan in steady state",
+            Rate("scan/bigfile", "scan.bytes"),
+            AtLeast(Some(0.8)),
+        ),
+        (
+            "19",
+            "scan sum(u64), first pass of a fresh RAM, userfaultfd",
+            Rate("scan/bigfile_first_pass_uffd", "scan.bytes"),
+            "the same scan in steady state, userfaultfd",
+            Rate("scan/bigfile_uffd", "scan.bytes"),
+            AtLeast(None),
+        ),
+        (
+            "19",
+            "Python adler32, BigFile_File, first pass of a fresh process",
+            PyRate("adler32_file_native_first_pass", "adler32_bytes"),
+            "the same in steady state",
+            PyRate("adler32_file_native", "adler32_bytes"),
+            AtLeast(Some(0.8)),
+        ),
+        (
+            "19",
+            "Python adler32, BigFile_File, first pass of a fresh process, userfaultfd",
+            PyRate("adler32_file_native_first_pass_uffd", "adler32_bytes"),
+            "the same in steady state, userfaultfd",
+            PyRate("adler32_file_native_uffd", "adler32_bytes"),
+            AtLeast(None),
+        ),
+        // Read-ahead rows (issue 19, item 2) go beside these two:
+        // zsum_filestorage_ra_{on,off} from benches/zodb_bench.py.
+        (
+            "19",
+            "sum of a 256 MiB ZBigArray, FileStorage, fresh process",
+            PyRate("zsum_filestorage", "zsum_bytes"),
+            "the issue's target",
+            PySpeed(2.0, "zsum_bytes"),
+            AtLeast(Some(1.0)),
+        ),
+        (
+            "19",
+            "sum of a 256 MiB ZBigArray, FileStorage, fresh process",
+            PyRate("zsum_filestorage", "zsum_bytes"),
+            "numpy sum of the same values in RAM",
+            PyRate("zsum_numpy", "zsum_bytes"),
+            AtLeast(None),
+        ),
+        (
+            "19",
+            "sum of a 256 MiB ZBigArray through ZEO, fresh process",
+            PyRate("zsum_zeo", "zsum_bytes"),
+            "the same over FileStorage",
+            PyRate("zsum_filestorage", "zsum_bytes"),
+            AtLeast(None),
+        ),
     ]
 };
 
@@ -667,6 +728,10 @@ fn value(res: &Results, fig: Fig) -> Option<(f64, String)> {
                 None => fmt_time(ns),
             };
             Some((ns, shown))
+        }
+        Fig::PySpeed(gbps, bytes) => {
+            let ns = pnum(bytes)? / gbps;
+            Some((ns, format!("{gbps} GB/s")))
         }
     }
 }
@@ -793,5 +858,23 @@ mod tests {
         let t = table(&res, true);
         assert!(t.contains("| 1 | no-op fault, 2 MiB | — |"));
         assert!(t.contains("not measured"));
+    }
+
+    #[test]
+    fn a_fixed_speed_target_reads_as_a_throughput_ratio() {
+        let python = [("zsum_bytes", "1000000000"), ("zsum_filestorage", "0.25")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into();
+        let res = Results {
+            criterion: PathBuf::from("/nonexistent"),
+            python,
+            ..Results::default()
+        };
+        let t = table(&res, true);
+        let row = t
+            .lines()
+            .find(|l| l.contains("ZBigArray, FileStorage") && l.contains("2 GB/s"))
+            .expect("the row");
+        assert!(row.contains("| 2.00x | ≥ 1x | yes |"), "{row}");
     }
 }

@@ -1,7 +1,8 @@
 //! The RAM budget's accounting: pages holding (or about to hold) memory,
 //! and the spares of batched reclaim ("Batched reclaim" in ARCHITECTURE.md).
 //! A spare is usable only once its reclaimer has unmapped it (`ready`):
-//! before that its old slot still shows its old data.
+//! before that its old slot still shows its old data. Fresh pages made
+//! ahead of need (`fresh.rs`) count here too, as spares that are always ready.
 
 use crate::keys::{FileKey, RamPage};
 
@@ -29,9 +30,17 @@ pub(crate) struct Spare {
 
 #[derive(Debug, Default)]
 pub(crate) struct Budget {
-    /// Pages holding or about to hold memory (spares included).
+    /// Pages holding or about to hold memory (spares and fresh pages included).
     resident: u64,
     spares: Vec<Spare>,
+    /// Fresh pages made ahead of need (`fresh.rs`), each of a handle.
+    fresh: Vec<(FileKey, RamPage)>,
+    /// The handle whose fresh page the worker is making now (counted).
+    making: Option<FileKey>,
+    /// The handle fresh pages are made for: the last that asked.
+    asked: Option<FileKey>,
+    /// The worker is asked to make fresh pages (and has not stopped).
+    queued: bool,
 }
 
 impl Budget {
@@ -66,11 +75,100 @@ impl Budget {
         Some(self.spares.swap_remove(i).ram_page)
     }
 
+    /// Take a fresh page of handle `fileh` for a load (as
+    /// [`take_spare`](Budget::take_spare)).
+    pub(crate) fn take_fresh(&mut self, fileh: FileKey) -> Option<RamPage> {
+        let i = self.fresh.iter().position(|&(f, _)| f == fileh)?;
+        self.resident -= 1;
+        Some(self.fresh.swap_remove(i).1)
+    }
+
     /// Take any ready spare, to give its memory back.
     pub(crate) fn pop_ready_spare(&mut self) -> Option<Spare> {
         let i = self.spares.iter().position(|s| s.ready)?;
         self.resident -= 1;
         Some(self.spares.swap_remove(i))
+    }
+
+    /// Take any fresh page, to give its memory back.
+    pub(crate) fn pop_fresh(&mut self) -> Option<(FileKey, RamPage)> {
+        let taken = self.fresh.pop()?;
+        self.resident -= 1;
+        Some(taken)
+    }
+
+    /// Whether the worker may make a fresh page: none is being made, fewer
+    /// than `reserve` are made, and the budget of `limit` pages has room.
+    pub(crate) fn may_make_fresh(&self, limit: u64, reserve: u64) -> bool {
+        self.making.is_none() && (self.fresh.len() as u64) < reserve && self.resident < limit
+    }
+
+    /// Handle `fileh` asks for fresh pages: they are made for it from now
+    /// on. Whether the worker is to be woken (there is room for one, and
+    /// it is not at work already).
+    pub(crate) fn ask_fresh(&mut self, fileh: FileKey, limit: u64, reserve: u64) -> bool {
+        self.asked = Some(fileh);
+        if self.queued || !self.may_make_fresh(limit, reserve) {
+            return false;
+        }
+        self.queued = true;
+        true
+    }
+
+    /// The handle to make a fresh page for, if it may be made now: counted
+    /// from now on. Otherwise the worker stops (the next ask wakes it).
+    pub(crate) fn begin_fresh(&mut self, limit: u64, reserve: u64) -> Option<FileKey> {
+        let fileh = self.asked.filter(|_| self.may_make_fresh(limit, reserve));
+        match fileh {
+            Some(f) => {
+                self.resident += 1;
+                self.making = Some(f);
+            }
+            None => self.queued = false,
+        }
+        fileh
+    }
+
+    /// The worker stops (it failed to make a page, or never started).
+    pub(crate) fn stop_fresh(&mut self) {
+        self.queued = false;
+    }
+
+    /// The fresh page being made is `ram_page` (made), or none (failed:
+    /// the worker stops).
+    pub(crate) fn end_fresh(&mut self, ram_page: Option<RamPage>) {
+        let Some(fileh) = self.making.take() else {
+            return;
+        };
+        match ram_page {
+            Some(rp) => self.fresh.push((fileh, rp)),
+            None => {
+                self.resident -= 1;
+                self.queued = false;
+            }
+        }
+    }
+
+    /// Handle `fileh` is closing: fresh pages are no longer made for it.
+    pub(crate) fn forget_asker(&mut self, fileh: FileKey) {
+        if self.asked == Some(fileh) {
+            self.asked = None;
+        }
+    }
+
+    /// The handle whose fresh page is being made, if any.
+    pub(crate) fn making_fresh(&self) -> Option<FileKey> {
+        self.making
+    }
+
+    /// Whether handle `fileh` has a fresh page.
+    pub(crate) fn has_fresh(&self, fileh: FileKey) -> bool {
+        self.fresh.iter().any(|&(f, _)| f == fileh)
+    }
+
+    /// Fresh pages made and not taken.
+    pub(crate) fn fresh_pages(&self) -> u64 {
+        self.fresh.len() as u64
     }
 
     /// Keep `ram_page` of `fileh` as a spare, not ready until
@@ -97,13 +195,14 @@ impl Budget {
 
     /// Whether some spare is still being unmapped by its reclaimer (it will
     /// be ready, or at least droppable, as soon as that thread finishes).
+    /// A fresh page being made counts too: its worker waits for nothing.
     pub(crate) fn spares_pending(&self) -> bool {
-        self.spares.iter().any(|s| !s.ready)
+        self.making.is_some() || self.spares.iter().any(|s| !s.ready)
     }
 
-    /// Ready spares: memory that reclaim can give back at once.
+    /// Ready spares and fresh pages: memory that reclaim can give back at once.
     pub(crate) fn spares_ready(&self) -> u64 {
-        self.spares.iter().filter(|s| s.ready).count() as u64
+        self.spares.iter().filter(|s| s.ready).count() as u64 + self.fresh_pages()
     }
 
     /// Take handle `fileh`'s spares (it is closing: none can be pending,
@@ -120,6 +219,22 @@ impl Budget {
                 s.ram_page
             })
             .collect()
+    }
+
+    /// Take handle `fileh`'s fresh pages (it is closing, and waited until
+    /// none is being made for it), to give their memory back.
+    pub(crate) fn take_fresh_of(&mut self, fileh: FileKey) -> Vec<RamPage> {
+        debug_assert_ne!(
+            self.making,
+            Some(fileh),
+            "a closing handle's page is being made"
+        );
+        let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fresh)
+            .into_iter()
+            .partition(|&(f, _)| f == fileh);
+        self.fresh = others;
+        self.resident -= mine.len() as u64;
+        mine.into_iter().map(|(_, rp)| rp).collect()
     }
 }
 
@@ -183,5 +298,55 @@ mod tests {
         mine.sort();
         assert_eq!(mine, [RamPage(1), RamPage(3)]);
         assert_eq!((b.resident(), b.spares_ready()), (1, 1));
+    }
+
+    #[test]
+    fn fresh_pages_are_counted_made_only_into_room_and_taken_like_spares() {
+        let mut b = Budget::default();
+        b.charge();
+        assert!(!b.ask_fresh(FileKey(1), 1, 2), "no room in the budget");
+        assert!(!b.ask_fresh(FileKey(1), 3, 0), "no reserve");
+        assert!(b.ask_fresh(FileKey(1), 3, 2), "the worker is woken");
+        assert!(!b.ask_fresh(FileKey(1), 3, 2), "once");
+        assert_eq!(b.begin_fresh(3, 2), Some(FileKey(1)));
+        assert_eq!(b.resident(), 2, "counted while made");
+        assert_eq!(b.making_fresh(), Some(FileKey(1)));
+        assert!(!b.may_make_fresh(9, 9), "one at a time");
+        assert!(b.spares_pending(), "a fault waits for it rather than fail");
+        b.end_fresh(Some(RamPage(7)));
+        assert_eq!((b.resident(), b.fresh_pages(), b.spares_ready()), (2, 1, 1));
+        assert_eq!(
+            b.begin_fresh(9, 1),
+            None,
+            "the reserve is made: the worker stops"
+        );
+        assert!(
+            b.ask_fresh(FileKey(2), 9, 2),
+            "woken again, for another handle"
+        );
+        assert_eq!(b.begin_fresh(9, 2), Some(FileKey(2)));
+        b.end_fresh(None);
+        assert_eq!(b.resident(), 2, "a failed one leaves the count");
+        assert!(
+            b.ask_fresh(FileKey(2), 9, 2),
+            "the worker stopped on failure"
+        );
+        b.forget_asker(FileKey(2));
+        assert_eq!(b.begin_fresh(9, 2), None, "the asker is closing");
+        assert_eq!(b.take_fresh(FileKey(2)), None, "another handle's");
+        assert_eq!(b.take_fresh(FileKey(1)), Some(RamPage(7)));
+        assert_eq!(b.resident(), 1);
+        let make = |b: &mut Budget, f: usize, rp: u64| {
+            assert!(b.ask_fresh(FileKey(f), 9, 9));
+            assert_eq!(b.begin_fresh(9, 9), Some(FileKey(f)));
+            b.end_fresh(Some(RamPage(rp)));
+            assert_eq!(b.begin_fresh(0, 9), None);
+        };
+        make(&mut b, 1, 8);
+        assert_eq!(b.pop_fresh(), Some((FileKey(1), RamPage(8))));
+        make(&mut b, 1, 9);
+        make(&mut b, 2, 1);
+        assert_eq!(b.take_fresh_of(FileKey(1)), [RamPage(9)]);
+        assert_eq!((b.resident(), b.fresh_pages()), (2, 1));
     }
 }

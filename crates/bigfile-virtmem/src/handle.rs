@@ -9,6 +9,7 @@ use bigfile_ram::RamHandle;
 
 use crate::bigfile::BigFile;
 use crate::error::{Error, Result};
+use crate::fresh;
 use crate::host::HostUnlocked;
 use crate::keys::FileKey;
 use crate::mapper::Mapper;
@@ -81,7 +82,12 @@ impl FileHInner {
             // block's tail expression would outlive `_host`, retaking the
             // host lock with the RAM lock held.
             let mut st = shared.lock();
-            st.open_handle(ramh.clone(), counters.clone())
+            let key = st.open_handle(ramh.clone(), counters.clone());
+            if fresh::wanted(&shared, reads_ahead) {
+                // Its first loads' pages, made before it faults.
+                fresh::ask(&shared, &mut st, key);
+            }
+            key
         };
         let policy = LoadPolicy::default();
         Ok(FileHInner {
@@ -149,7 +155,9 @@ impl Drop for FileHInner {
         let shared = self.shared.clone();
         let mapper = Mapper::of(&shared);
         let rc = shared.counters();
-        let mut st = shared.lock();
+        // The worker may be making a fresh page in our file: waited for,
+        // so that the file is closed here, not later by the worker.
+        let mut st = fresh::wait_idle(&shared, shared.lock(), Some(self.key));
         for pk in st.pages_of(self.key) {
             if let Some(ticket) = st.pages().get(pk).ticket().cloned() {
                 if let Some(Some(rp)) = ticket.claim_job() {

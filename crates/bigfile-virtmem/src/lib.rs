@@ -33,6 +33,7 @@ mod file;
 mod fileh;
 mod fork;
 mod fork_generation;
+mod fresh;
 mod handle;
 mod host;
 mod hostwait;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::{Backend, FaultBackend, Wanted};
 use crate::error::{Error, Result};
+use crate::fresh;
 use crate::host::HostUnlocked;
 use crate::reclaim::reclaim_one;
 use crate::shared::Shared;
@@ -186,19 +187,21 @@ impl Ram {
             .set_budget_pages(bytes / self.page_size() as u64);
     }
 
-    /// Drop every clean page (the LRU list, and RAM pages reclaimed ahead of
-    /// need, see [`Ram::set_budget`]); returns how many were freed. (Pages
+    /// Drop every clean page (the LRU list, RAM pages reclaimed ahead of
+    /// need, see [`Ram::set_budget`], and fresh pages made ahead); returns
+    /// how many were freed. (Pages
     /// another thread is reclaiming at this moment are freed by it or reused
     /// by the next load.)
     pub fn reclaim(&self) -> usize {
         self.reclaim_up_to(usize::MAX)
     }
 
-    /// Drop up to `n` clean pages: those reclaimed ahead of need first, then
-    /// least recently used first.
+    /// Drop up to `n` clean pages: those reclaimed ahead of need first, and
+    /// fresh pages made ahead (after the one being made, if any: "Fresh
+    /// pages" in ARCHITECTURE.md), then least recently used first.
     pub fn reclaim_up_to(&self, n: usize) -> usize {
         let _host = HostUnlocked::new();
-        let mut st = self.shared.lock();
+        let mut st = fresh::wait_idle(&self.shared, self.shared.lock(), None);
         let mut freed = 0;
         while freed < n && reclaim_one(&mut st, &self.shared) {
             freed += 1;

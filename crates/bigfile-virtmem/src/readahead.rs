@@ -238,13 +238,13 @@ fn ask(
     }
 }
 
-/// Room for one read-ahead page and the worker to load it: free room in
-/// the budget, or the least recently used clean page if the stream of
-/// `vma` has passed it and the fault's access does not hold it (`pin`:
-/// the other page of an access spanning two blocks, which drop-behind
-/// made the oldest) (reclaimed: its RAM page to reuse, or released, once
-/// `deferred` is finished). `None` when there is neither (read-ahead never
-/// waits for room), or no worker.
+/// Room for one read-ahead page and the worker to load it: a fresh page
+/// of the handle (`fresh.rs`), free room in the budget, or the least
+/// recently used clean page if the stream of `vma` has passed it and the
+/// fault's access does not hold it (`pin`: the other page of an access
+/// spanning two blocks, which drop-behind made the oldest) (reclaimed: its
+/// RAM page to reuse, or released, once `deferred` is finished). `None`
+/// when there is neither (read-ahead never waits for room), or no worker.
 fn room_for(
     st: &mut Guard<'_>,
     fh: &FileHInner,
@@ -253,17 +253,22 @@ fn room_for(
     deferred: &mut Deferred,
 ) -> Option<(Worker, Option<RamPage>)> {
     let shared = &*fh.shared;
-    let full = st.budget().is_full(shared.budget_pages());
+    // A fresh page of the handle (`fresh.rs`) is room already counted.
+    let fresh = st.budget().has_fresh(fh.key);
+    let full = !fresh && st.budget().is_full(shared.budget_pages());
     let pinned = || {
         pin.and_then(|(fk, b)| st.find_page(fk, b))
             .is_some_and(|p| st.lru().oldest() == Some(p))
     };
-    if full && (pinned() || !passed_oldest(st, fh, vma, blk)) {
+    // (Nor while a fresh page is being made into the last room.)
+    if full
+        && (st.budget().making_fresh().is_some() || pinned() || !passed_oldest(st, fh, vma, blk))
+    {
         return None;
     }
     let worker = pick_worker(st)?;
     if !full {
-        return Some((worker, None));
+        return Some((worker, st.take_fresh(fh.key)));
     }
     let d = st.reclaim_oldest(shared.counters(), Unmap::Deferred, deferred.slots())?;
     let recycled = d.ram_page.and_then(|rp| {

@@ -28,8 +28,9 @@ pub(crate) enum Room {
 }
 
 /// Reserve room for one more page of handle `fk` within the budget: take a
-/// spare of the handle if there is one, else reclaim (spares of other
-/// handles, then LRU pages, their unmapping left to `deferred`). A reclaim
+/// spare or fresh page of the handle if there is one, else reclaim (spares
+/// and fresh pages of other handles, then, once no fresh page is being
+/// made, LRU pages, their unmapping left to `deferred`). A reclaim
 /// takes a batch of the handle's oldest pages, the extra ones kept as
 /// spares, except in a mapping advised `sequential`, where drop-behind
 /// already hands over the page just left.
@@ -74,6 +75,19 @@ pub(crate) fn make_room<'a>(
         }
         if let Some((owner, rp)) = st.drop_spare(rc) {
             release(shared, deferred, owner, rp);
+            continue;
+        }
+        if st.budget().making_fresh().is_some() {
+            // A fresh page is being made into the last room (`fresh.rs`):
+            // taken, or given back, once made, rather than a page holding
+            // a block reclaimed beside it. Its worker waits for nothing.
+            if !deferred.is_empty() {
+                if let Some(rp) = recycled.take() {
+                    deferred.release(ramh.clone(), rp);
+                }
+                return (st, Ok(Room::Retry));
+            }
+            st = shared.wait(st);
             continue;
         }
         if let Some(p) = pin.filter(|&p| st.lru().oldest() == Some(p)) {

@@ -21,6 +21,7 @@ use crate::blockpage::BlockPage;
 use crate::callback::InCallback;
 use crate::failure::{Failure, ALLOCATING, MAPPING, WINDOWING};
 use crate::fork_generation;
+use crate::fresh;
 use crate::handle::FileHInner;
 use crate::host::HostLease;
 use crate::keys::{FileKey, PageKey, RamPage, VmaId};
@@ -151,6 +152,10 @@ fn load<'a>(
     }
     let ticket = Ticket::mine_for(fh.needs_host);
     let pk = st.begin_load(fh.key, blk, ticket.clone());
+    if fresh::wanted(&fh.shared, fh.reads_ahead) {
+        // The next load's page, made while this one loads.
+        fresh::ask(&fh.shared, &mut st, fh.key);
+    }
     load_here(fh, st, (pk, blk), (&ticket, recycled), (deferred, host))
 }
 

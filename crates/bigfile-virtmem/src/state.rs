@@ -148,6 +148,7 @@ impl State {
 
     /// Forget handle `fk`; its pages must be gone.
     pub(crate) fn close_handle(&mut self, fk: FileKey) {
+        self.budget.forget_asker(fk);
         let h = self.handles.remove(fk.0);
         debug_assert!(h.index.is_empty(), "a closed handle still has pages");
     }
@@ -593,15 +594,23 @@ impl State {
 
     /// Take a ready spare of handle `fk` for a load (it leaves the resident
     /// count; the load counts it again).
+    /// Else a fresh page of the handle (`fresh.rs`), taken before any
+    /// reclaim (not in the resident count: it leaves only the budget's).
     pub(crate) fn take_spare(&mut self, fk: FileKey, rc: &Counters) -> Option<RamPage> {
-        let rp = self.budget.take_spare(fk)?;
+        let Some(rp) = self.budget.take_spare(fk) else {
+            return self.take_fresh(fk);
+        };
         self.counts(fk, rc).sub(Counter::Resident, 1);
         Some(rp)
     }
 
-    /// Take any ready spare to give its memory back.
+    /// Take any ready spare, else any fresh page, to give its memory back:
+    /// both go before any page holding a block.
     pub(crate) fn drop_spare(&mut self, rc: &Counters) -> Option<(Arc<RamHandle>, RamPage)> {
-        let s = self.budget.pop_ready_spare()?;
+        let Some(s) = self.budget.pop_ready_spare() else {
+            let (fk, rp) = self.budget.pop_fresh()?;
+            return Some((self.handles[fk.0].ramh.clone(), rp));
+        };
         self.counts(s.fileh, rc).sub(Counter::Resident, 1);
         Some((self.handles[s.fileh.0].ramh.clone(), s.ram_page))
     }
@@ -632,11 +641,45 @@ impl State {
     }
 
     /// Take handle `fk`'s spares (it is closing), to give their memory back.
+    /// Its fresh pages too.
     pub(crate) fn take_spares_of(&mut self, fk: FileKey, rc: &Counters) -> Vec<RamPage> {
-        let spares = self.budget.take_spares_of(fk);
+        let mut spares = self.budget.take_spares_of(fk);
         self.counts(fk, rc)
             .sub(Counter::Resident, spares.len() as u64);
+        spares.extend(self.budget.take_fresh_of(fk));
         spares
+    }
+
+    // --- fresh pages (`fresh.rs`) ---
+
+    /// Take a fresh page of handle `fk` for a load (it leaves the count;
+    /// the load charges it again).
+    pub(crate) fn take_fresh(&mut self, fk: FileKey) -> Option<RamPage> {
+        self.budget.take_fresh(fk)
+    }
+
+    /// Handle `fk` asks for fresh pages: whether to wake the worker
+    /// (`Budget::ask_fresh`).
+    pub(crate) fn ask_fresh(&mut self, fk: FileKey, limit: u64, reserve: u64) -> bool {
+        self.budget.ask_fresh(fk, limit, reserve)
+    }
+
+    /// The worker did not start.
+    pub(crate) fn stop_fresh(&mut self) {
+        self.budget.stop_fresh();
+    }
+
+    /// If the budget of `limit` pages has room for a fresh page and fewer
+    /// than `reserve` are made: count one as being made for the handle
+    /// that asked last, and return its RAM handle to make it in.
+    pub(crate) fn begin_fresh(&mut self, limit: u64, reserve: u64) -> Option<Arc<RamHandle>> {
+        let fk = self.budget.begin_fresh(limit, reserve)?;
+        Some(self.handles[fk.0].ramh.clone())
+    }
+
+    /// The fresh page being made is `ram_page`, or none (its making failed).
+    pub(crate) fn end_fresh(&mut self, ram_page: Option<RamPage>) {
+        self.budget.end_fresh(ram_page);
     }
 
     /// Handle `fk`'s mapped blocks in mapping `vk`.
