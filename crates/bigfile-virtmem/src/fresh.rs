@@ -287,10 +287,13 @@ mod tests {
         assert_eq!(super::reserve(31), 0);
         assert_eq!(super::reserve(64), 2);
         assert_eq!(super::reserve(1 << 30), 4);
-        let on = |spec: &str| super::wanted(ram(spec, 64).shared(), true);
+        let on = |spec: &str| super::wanted(ram(spec, 64).shared(), false);
         assert!(on(&format!("memfd,pagesize={BLK}")));
-        let native = ram(&format!("memfd,pagesize={BLK}"), 64);
-        assert!(!super::wanted(native.shared(), false), "read ahead instead");
+        let read_ahead = ram(&format!("memfd,pagesize={BLK}"), 64);
+        assert!(
+            !super::wanted(read_ahead.shared(), true),
+            "read ahead instead"
+        );
         assert!(!on(&format!("memfd,pagesize={BLK},alloc=touch")));
         assert!(!on("memfd,pagesize=64K"), "small pages");
     }
