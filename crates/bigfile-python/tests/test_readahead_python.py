@@ -55,8 +55,17 @@ class Slow(BigFile):
     def loadblk(self, blk, buf):
         time.sleep(DELAY)
         np.ndarray((BLK // 8,), np.uint64, buffer=buf).fill(blk + 1)
-def scanned(words, blocks):
-    return all(words[b * BLK // 8] == b + 1 for b in blocks)
+def scanned(words, blocks, fh=None):
+    ok = True
+    for i, b in enumerate(blocks):
+        ok &= bool(words[b * BLK // 8] == b + 1)
+        if fh is not None and i == 3:
+            # A touch takes over the jobs no worker has begun: let a worker
+            # load (the test is about the workers' loads).
+            deadline = time.monotonic() + 30
+            while fh.stats()["readahead_loads"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.001)
+    return ok
 """
 
 
@@ -78,6 +87,13 @@ def scan(f, attempts=3):
         words = np.ndarray((NBLK * BLK // 8,), np.uint64, buffer=vma)
         for b in range(NBLK):
             assert words[b * BLK // 8] == b + 1
+            if b == 3 and f.readahead:
+                # A touch takes over the jobs no worker has begun: let a
+                # worker begin one (the tests are about the workers' loads).
+                deadline = time.monotonic() + 30
+                while all(on_main for _, on_main in f.loads):
+                    assert time.monotonic() < deadline, f.loads
+                    time.sleep(0.001)
         del words
         return fh.stats()
 
@@ -156,7 +172,7 @@ def test_a_thread_holding_the_gil_waits_for_a_read_ahead_without_deadlock():
         t.start()
         with Slow(BLK).fileh_open(ram="memfd", budget=32 * BLK) as fh, fh.mmap(0, 64) as vma:
             words = np.ndarray((64 * BLK // 8,), np.uint64, buffer=vma)
-            ok = scanned(words, range(64))
+            ok = scanned(words, range(64), fh)
             del words
             st = fh.stats()
         stop = True
@@ -175,7 +191,7 @@ def test_a_forked_child_reads_ahead_with_workers_of_its_own():
         def scan():
             with Slow(BLK).fileh_open(ram="memfd", budget=32 * BLK) as fh, fh.mmap(0, 64) as vma:
                 words = np.ndarray((64 * BLK // 8,), np.uint64, buffer=vma)
-                ok = scanned(words, range(64))
+                ok = scanned(words, range(64), fh)
                 del words
                 return ok and fh.stats()["readahead_loads"] > 0
         assert scan()  # the parent's workers started
