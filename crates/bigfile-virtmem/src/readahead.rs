@@ -403,14 +403,20 @@ pub(crate) mod testing {
     /// calling thread as its worker: the page is LOADING under this
     /// thread's read-ahead ticket until [`Queued::run`].
     pub(crate) fn queue_here(fh: &FileHInner, vma: VmaId, blk: u64, fill: Fill) -> Queued {
+        let (worker, me) = here(fh);
+        let mut st = fh.shared.lock();
+        Queued(ask(&mut st, (fh, &me), (vma, blk), (&worker, None), fill))
+    }
+
+    /// The calling thread as a worker (its inbox dropped: it runs its jobs
+    /// by hand), and `fh`'s own reference.
+    fn here(fh: &FileHInner) -> (Worker, Weak<FileHInner>) {
         let (jobs, _inbox) = channel();
         let worker = Worker {
             id: Tid::current(),
             jobs,
         };
-        let me = fh.me.get().cloned().expect("a handle in its Arc");
-        let mut st = fh.shared.lock();
-        Queued(ask(&mut st, (fh, &me), (vma, blk), (&worker, None), fill))
+        (worker, fh.me.get().cloned().expect("a handle in its Arc"))
     }
 
     /// [`queue_here`], into the RAM page of the least recently used page,
@@ -418,12 +424,7 @@ pub(crate) mod testing {
     /// yet: until [`Held::open`], as `issue` is between its lock and its
     /// deferred work's end.
     pub(crate) fn queue_here_recycling(fh: &FileHInner, vma: VmaId, blk: u64, fill: Fill) -> Held {
-        let (jobs, _inbox) = channel();
-        let worker = Worker {
-            id: Tid::current(),
-            jobs,
-        };
-        let me = fh.me.get().cloned().expect("a handle in its Arc");
+        let (worker, me) = here(fh);
         let shared = &*fh.shared;
         let mut deferred = Deferred::default();
         let mut st = shared.lock();
