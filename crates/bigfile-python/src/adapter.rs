@@ -81,17 +81,27 @@ impl PyFileAdapter {
     /// Call `loadblk` or `storeblk` of the Python object on `page`, the
     /// block's RAM page (filled on success for a load).
     fn call(&self, op: Op, blk: u64, page: &BlockPage<'_>) -> Result<(), BlockError> {
-        // On a read-ahead worker (a file that opted in), only while the
+        // On one of bigfile's workers (read-ahead of a file that opted in,
+        // or a system call's fault on userfaultfd), only while the
         // interpreter does not exit (`exiting`); counted until the GIL is
         // given back.
-        let ahead = bigfile_virtmem::on_read_ahead_worker();
-        let _admitted = match ahead.then(exiting::admit) {
-            Some(None) => {
-                return Err(
-                    format!("read-ahead of block {blk} of {}: Python exits", self.name).into(),
+        let worker = if bigfile_virtmem::on_read_ahead_worker() {
+            Some("read-ahead")
+        } else if bigfile_virtmem::on_userfaultfd_worker() {
+            Some("a system call's fault")
+        } else {
+            None
+        };
+        let _admitted = match worker.map(|w| (w, exiting::admit())) {
+            Some((w, None)) => {
+                return Err(format!(
+                    "{} of block {blk} of {} for {w}: Python exits",
+                    op.name(),
+                    self.name
                 )
+                .into())
             }
-            admitted => admitted.flatten(),
+            admitted => admitted.and_then(|(_, a)| a),
         };
         // SAFETY: only reads the calling thread's bound thread state.
         let foreign = unsafe { ffi::PyGILState_GetThisThreadState() }.is_null();

@@ -1,33 +1,32 @@
-//! Python loads on read-ahead workers stopped before the interpreter
-//! finalizes. A worker is a thread Python did not start: past the start of
-//! finalization, a `loadblk` there that released the GIL (a sleep, a read)
-//! and takes it again is ended by Python with `pthread_exit`, which cannot
-//! unwind through our frames and aborts the process. So an `atexit`
-//! callback (run before finalization) refuses further read-ahead loads of
-//! Python files and waits for those in progress; a refused load fails, and
-//! a failed read-ahead is forgotten. (The module imported into a
-//! subinterpreter registers there too: that interpreter's exit turns the
-//! read-ahead of Python files off for the rest of the process; faults
-//! still load every block.) Not covered: the userfaultfd backend's workers,
-//! which run a Python `loadblk` for a system call's fault on a Python
-//! file's page; such a system call made during finalization has the same
-//! hazard.
+//! Python loads on bigfile's worker threads (read-ahead of a file that
+//! opted in; a system call's fault on the userfaultfd backend) stopped
+//! before the interpreter finalizes. A worker is a thread Python did not
+//! start: past the start of finalization, a `loadblk` there that released
+//! the GIL (a sleep, a read) and takes it again is ended by Python with
+//! `pthread_exit`, which cannot unwind through our frames and aborts the
+//! process. So an `atexit` callback (run before finalization) refuses
+//! further worker loads of Python files and waits for those in progress; a
+//! refused load fails (a failed read-ahead is forgotten; a system call's
+//! fails with EFAULT). (The module imported into a subinterpreter
+//! registers there too: that interpreter's exit turns worker loads of
+//! Python files off for the rest of the process; user-mode faults still
+//! load every block.)
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
 use pyo3::prelude::*;
 
-/// Set once the interpreter exits: no read-ahead load of a Python file
-/// starts any more.
+/// Set once the interpreter exits: no worker load of a Python file starts
+/// any more.
 static EXITING: AtomicBool = AtomicBool::new(false);
-/// Read-ahead loads of Python files in progress.
+/// Worker loads of Python files in progress.
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 /// How many forks this process descends from (since the module was
 /// loaded): a load let in before a fork is not counted in the child.
 static GENERATION: AtomicUsize = AtomicUsize::new(0);
 
-/// A read-ahead load of a Python file let in (in fork generation `.0`):
+/// A worker load of a Python file let in (in fork generation `.0`):
 /// counted until dropped (after the GIL is given back).
 pub(crate) struct Admitted(usize);
 
@@ -41,7 +40,7 @@ impl Drop for Admitted {
     }
 }
 
-/// Let a read-ahead load of a Python file in, unless the interpreter
+/// Let a worker load of a Python file in, unless the interpreter
 /// exits. Counted first, then checked: `stop` sets the flag first, then
 /// waits for the count, so one of the two sees the other.
 pub(crate) fn admit() -> Option<Admitted> {
@@ -50,7 +49,7 @@ pub(crate) fn admit() -> Option<Admitted> {
     (!EXITING.load(SeqCst)).then_some(admitted)
 }
 
-/// The `atexit` callback: refuse further read-ahead loads of Python files,
+/// The `atexit` callback: refuse further worker loads of Python files,
 /// wait (without the GIL, which they need) for those in progress.
 #[pyfunction]
 fn _stop_read_ahead(py: Python<'_>) {

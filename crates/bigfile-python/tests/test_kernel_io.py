@@ -402,3 +402,40 @@ def test_zbigarray_on_userfaultfd_is_saved_without_prefault(tmp_path):
         transaction.abort()
         conn.close()
         db.close()
+
+
+def test_the_interpreter_exits_while_a_worker_loads_for_a_system_call(tmp_path):
+    """A userfaultfd worker runs a Python loadblk for a thread blocked in
+    write(2); the interpreter exits meanwhile. The worker, a thread Python
+    did not start, taking the GIL back after finalization began would be
+    ended by Python and abort the process: exiting waits for the load in
+    progress and refuses further ones (that system call fails with
+    EFAULT). In a child, whose exit status is the point."""
+    uffd_ram()  # skipped where userfaultfd is not available
+    r = run_py(
+        f"""
+        import os, sys, threading, time
+        from bigfile import BigFile
+        PS = {PS}
+        class Slow(BigFile):
+            def loadblk(self, blk, buf):
+                time.sleep(0.005)  # the GIL released, as a storage's read
+                buf[:] = bytes([blk]) * len(buf)
+        fh = Slow(PS).fileh_open(ram="memfd,pagesize={PS}", fault_backend="userfaultfd")
+        vma = fh.mmap(0, 1024)
+        out = os.open({str(tmp_path / "out.bin")!r}, os.O_WRONLY | os.O_CREAT)
+        def writer():
+            try:
+                os.write(out, memoryview(vma))
+            except OSError:
+                pass
+        threading.Thread(target=writer, daemon=True).start()
+        time.sleep(0.1)  # the worker loads block after block
+        print("exiting", flush=True)
+        """,
+        "-W",
+        "ignore::DeprecationWarning",
+        timeout=60,
+    )
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert r.stdout.split() == ["exiting"], (r.stdout, r.stderr[-2000:])

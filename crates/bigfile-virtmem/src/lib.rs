@@ -74,4 +74,5 @@ pub use pages::PageState;
 pub use ram::{Ram, RamStats};
 pub use readahead::on_worker as on_read_ahead_worker;
 pub use stats::Stats;
+pub use uffd::on_worker as on_userfaultfd_worker;
 pub use vma::{Placeholder, Vma};

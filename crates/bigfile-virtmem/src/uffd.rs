@@ -21,7 +21,7 @@
 //!
 //! Costs and limits are in ARCHITECTURE.md.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -279,6 +279,7 @@ impl UffdService {
     }
 
     fn work(&'static self) {
+        WORKER.with(|w| w.set(true));
         loop {
             let (range, e) = {
                 let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
@@ -394,6 +395,19 @@ impl UffdService {
 // fork, so that the child never finds it held by a thread it does not have.
 // (Their unregistration is refused in the child: the descriptor would act
 // on the parent.)
+
+thread_local! {
+    /// Whether this thread is a userfaultfd worker.
+    static WORKER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the calling thread is a userfaultfd worker, serving a system
+/// call's fault: a loader that takes the host lock may refuse a load there
+/// (the system call then fails with EFAULT), e.g. while its host shuts
+/// down.
+pub fn on_worker() -> bool {
+    WORKER.with(Cell::get)
+}
 
 thread_local! {
     /// The table's lock, held by the forking thread across the fork.
