@@ -10,7 +10,11 @@
 //! fails with EFAULT). (The module imported into a subinterpreter
 //! registers there too: that interpreter's exit turns worker loads of
 //! Python files off for the rest of the process; user-mode faults still
-//! load every block.)
+//! load every block.) The callback is registered when the module is
+//! imported, and atexit runs callbacks last registered first: those
+//! registered before (and daemon threads, still running then) find worker
+//! loads of Python files refused already, a system call of theirs on a
+//! page not loaded failing with EFAULT.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;

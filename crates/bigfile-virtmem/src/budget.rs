@@ -162,6 +162,7 @@ impl Budget {
     }
 
     /// Whether handle `fileh` has a fresh page.
+    #[cfg(test)]
     pub(crate) fn has_fresh(&self, fileh: FileKey) -> bool {
         self.fresh.iter().any(|&(f, _)| f == fileh)
     }

@@ -15,7 +15,8 @@
 //! worker starts making it: it is made only into free room (never by
 //! reclaiming), one at a time, at most [`reserve`] per RAM however many
 //! handles it has. A load takes its handle's fresh page (after a spare of
-//! the handle) before it allocates or reclaims, a read-ahead load too;
+//! the handle) before it allocates or reclaims (read-ahead has none to
+//! take: pages are made only for files not read ahead, [`wanted`]);
 //! reclaim drops fresh pages (after spares) before any page holding a
 //! block (`Ram::reclaim` first waits for the one being made). A RAM's
 //! fresh pages are made for the handle that last asked (one opening, or
@@ -208,7 +209,6 @@ mod tests {
     use bigfile_testkit::child::forked;
 
     use crate::bigfile::{BigFile, BlockError};
-    use crate::keys::RamPage;
     use crate::{FaultBackend, FileH, Ram};
 
     const BLK: usize = 2 << 20;
@@ -409,16 +409,15 @@ mod tests {
         for blk in 0..BUDGET - 1 {
             read(&vma, blk);
         }
-        drop(super::wait_idle(ram.shared(), ram.shared().lock(), None));
+        // The reserve (one page) made into the last room, the worker idle:
+        // it stops once the budget is full.
+        assert!(wait_fresh(&ram, 1), "the reserve made");
         // The worker's part played here: its page taken back and "being
         // made" until the load waits.
         let key = fh.inner.key;
         let rp = {
             let mut st = ram.shared().lock();
-            let rp = match st.take_fresh(key) {
-                Some(rp) => rp,
-                None => RamPage(fh.inner.ramh.alloc_page(0).unwrap()),
-            };
+            let rp = st.take_fresh(key).expect("the reserve's page");
             // (Asked for `key`; the worker is not woken: it is us.)
             let _ = st.ask_fresh(key, BUDGET, 1);
             assert!(st.begin_fresh(BUDGET, 1).is_some());

@@ -42,6 +42,12 @@ pub(crate) const POISON_TIME: Duration = Duration::from_millis(100);
 /// met it just before it was cleared and reaches [`take`] just after.
 const REMEMBERED: Duration = Duration::from_secs(10);
 
+/// A cleared poison's slot is not taken for a new one sooner than this (a
+/// late `take` comes within microseconds; a system call that met the
+/// poison never comes, and a table full of those must not keep failed
+/// system calls from being failed for long).
+const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
+
 /// How many pages can be poisoned (or remembered as cleared) at once: a
 /// poison lives [`POISON_TIME`], one per failed system call. With every
 /// slot taken by live poisons a failed call is not poisoned: its thread
@@ -88,17 +94,20 @@ fn find(page_addr: usize, states: usize) -> Option<(usize, usize)> {
 
 /// Note `page_addr` as poisoned now, before it is (so that an access that
 /// meets the poison finds it noted). False when the table is full of live
-/// poisons and recently cleared ones: then the page must not be poisoned.
+/// poisons and ones cleared less than `EVICTABLE_AFTER` ago: then the page
+/// must not be poisoned (its thread faults again).
 pub(crate) fn note(page_addr: usize) -> bool {
     debug_assert_eq!(page_addr & STATE, 0, "a page address");
     let _w = writers();
     let remembered = REMEMBERED.as_millis() as u64;
+    let evictable = EVICTABLE_AFTER.as_millis() as u64;
     loop {
         let now = now_ms();
-        // Its own slot if it has one, else an empty one, else one cleared
-        // longer ago than it is remembered. Not one cleared more recently:
-        // a thread that met that poison may still be on its way to `take`,
-        // and would die of a SIGBUS no longer known as ours.
+        // Its own slot if it has one, else an empty one, else the oldest
+        // one cleared at least `EVICTABLE_AFTER` ago (forgotten first: it is
+        // remembered only in case). Not one cleared more recently: a thread
+        // that met that poison may still be on its way to `take`, and would
+        // die of a SIGBUS no longer known as ours.
         let free = SLOTS
             .iter()
             .zip(&CLEARED_AT)
@@ -106,12 +115,13 @@ pub(crate) fn note(page_addr: usize) -> bool {
             .filter(|&(_, v, at)| {
                 v == 0
                     || v & !STATE == page_addr
-                    || (v & STATE == CLEARED && now.saturating_sub(at) >= remembered)
+                    || (v & STATE == CLEARED && now.saturating_sub(at) >= evictable)
             })
-            .min_by_key(|&(_, v, _)| match v {
-                _ if v & !STATE == page_addr => 0,
-                0 => 1,
-                _ => 2,
+            .min_by_key(|&(_, v, at)| match v {
+                _ if v & !STATE == page_addr => (0, 0),
+                0 => (1, 0),
+                _ if now.saturating_sub(at) >= remembered => (2, 0),
+                _ => (3, at),
             });
         let Some((slot, v, _)) = free else {
             return false;

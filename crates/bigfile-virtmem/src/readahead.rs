@@ -238,8 +238,8 @@ fn ask(
     }
 }
 
-/// Room for one read-ahead page and the worker to load it: a fresh page
-/// of the handle (`fresh.rs`), free room in the budget, or the least
+/// Room for one read-ahead page and the worker to load it: free room in
+/// the budget, or the least
 /// recently used clean page if the stream of `vma` has passed it and the
 /// fault's access does not hold it (`pin`: the other page of an access
 /// spanning two blocks, which drop-behind made the oldest) (reclaimed: its
@@ -253,14 +253,15 @@ fn room_for(
     deferred: &mut Deferred,
 ) -> Option<(Worker, Option<RamPage>)> {
     let shared = &*fh.shared;
-    // A fresh page of the handle (`fresh.rs`) is room already counted.
-    let fresh = st.budget().has_fresh(fh.key);
-    let full = !fresh && st.budget().is_full(shared.budget_pages());
+    // (No fresh page of the handle to take: `fresh.rs` makes them only for
+    // files not read ahead.)
+    let full = st.budget().is_full(shared.budget_pages());
     let pinned = || {
         pin.and_then(|(fk, b)| st.find_page(fk, b))
             .is_some_and(|p| st.lru().oldest() == Some(p))
     };
-    // (Nor while a fresh page is being made into the last room.)
+    // (Nor while a fresh page, another handle's, is being made into the
+    // last room.)
     if full
         && (st.budget().making_fresh().is_some() || pinned() || !passed_oldest(st, fh, vma, blk))
     {
@@ -268,7 +269,7 @@ fn room_for(
     }
     let worker = pick_worker(st)?;
     if !full {
-        return Some((worker, st.take_fresh(fh.key)));
+        return Some((worker, None));
     }
     let d = st.reclaim_oldest(shared.counters(), Unmap::Deferred, deferred.slots())?;
     let recycled = d.ram_page.and_then(|rp| {

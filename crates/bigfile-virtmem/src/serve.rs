@@ -489,7 +489,10 @@ fn alloc(fh: &FileHInner, blk: u64) -> Result<RamPage, Failure> {
         match got {
             Ok(p) => return Ok(RamPage(p)),
             Err(e) if e.is_exhausted() => {
-                let mut st = fh.shared.lock();
+                // A fresh page being made (its memory maybe the last) is
+                // given back by reclaim once made, before any block: wait
+                // for it rather than reclaim a block or fail.
+                let mut st = fresh::wait_idle(&fh.shared, fh.shared.lock(), None);
                 if !reclaim_one(&mut st, &fh.shared) {
                     return Err(Failure::RamExhausted(e));
                 }
