@@ -70,3 +70,30 @@ pub fn setup(budget: u64, pages: u64) -> (Arc<MemFile>, Ram, FileH, Vma) {
     let vma = fh.mmap(0, pages).unwrap();
     (file, ram, fh, vma)
 }
+
+/// The threads of this process whose name starts with `prefix`, each with
+/// the signals it blocks (`SigBlk` of /proc/self/task/TID/status) as a mask
+/// (bit `sig - 1`). A thread that ends meanwhile is left out.
+pub fn blocked_signals_of_threads(prefix: &str) -> Vec<(String, u64)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        // (comm holds the first 15 bytes of the thread's name)
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(dir.join("status")) else {
+            continue;
+        };
+        let blocked = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+            .unwrap();
+        found.push((comm.trim().to_owned(), blocked));
+    }
+    found
+}

@@ -10,7 +10,7 @@ use bigfile::virtmem::{Advice, BigFile, BlockError, FileH, Vma, WriteoutFlags};
 
 use bigfile_testkit::loads::settle;
 
-use crate::common::{ram, MemFile, BLK};
+use crate::common::{blocked_signals_of_threads, ram, MemFile, BLK};
 
 /// A memory file (a native loader: read-ahead runs it on its workers), a
 /// RAM of `budget` pages and a handle.
@@ -264,31 +264,16 @@ fn read_ahead_workers_block_the_applications_signals() {
         settle(&fh, 0..16);
     }
     assert!(fh.stats().readahead_loads > 0, "{:?}", fh.stats());
-    let mut workers = 0;
-    for task in std::fs::read_dir("/proc/self/task").unwrap() {
-        let dir = task.unwrap().path();
-        // (comm holds the first 15 bytes of the thread's name)
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !comm.starts_with("bigfile-readahe") {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap();
-        let blocked = status
-            .lines()
-            .find_map(|l| l.strip_prefix("SigBlk:"))
-            .unwrap();
-        let mask = u64::from_str_radix(blocked.trim(), 16).unwrap();
+    let workers = blocked_signals_of_threads("bigfile-readahe");
+    for (comm, blocked) in &workers {
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGCHLD, libc::SIGALRM] {
             assert!(
-                mask & (1 << (sig - 1)) != 0,
-                "{}: signal {sig} not blocked (SigBlk {})",
-                comm.trim(),
-                blocked.trim()
+                blocked & (1 << (sig - 1)) != 0,
+                "{comm}: signal {sig} not blocked (SigBlk {blocked:x})"
             );
         }
-        workers += 1;
     }
-    assert!(workers > 0, "no read-ahead worker found");
+    assert!(!workers.is_empty(), "no read-ahead worker found");
 }
 
 /// A layered file: a native loader that reads another bigfile mapping from

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bigfile::virtmem::{Advice, Error, LoadError, WriteoutFlags};
 
-use crate::common::{handle, mem_file, open, peek, ram, setup, Call, MemFile, BLK};
+use crate::common::{
+    blocked_signals_of_threads, handle, mem_file, open, peek, ram, setup, Call, MemFile, BLK,
+};
 
 #[test]
 fn two_threads_one_block_one_load() {
@@ -504,28 +506,15 @@ fn the_backends_own_threads_leave_process_signals_to_the_application() {
     let kernel_io = f.read(dst);
     std::fs::remove_file(&path).unwrap();
     let mut ours = Vec::new();
-    for task in std::fs::read_dir("/proc/self/task").unwrap() {
-        let dir = task.unwrap().path();
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
-            continue; // the thread ended meanwhile
-        };
-        if !comm.starts_with("bigfile-uffd") {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap();
-        let blocked = status
-            .lines()
-            .find_map(|l| l.strip_prefix("SigBlk:"))
-            .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
-            .unwrap();
+    for (comm, blocked) in blocked_signals_of_threads("bigfile-uffd") {
         let is_blocked = |sig: i32| blocked & (1 << (sig - 1)) != 0;
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGCHLD, libc::SIGALRM] {
-            assert!(is_blocked(sig), "{} takes signal {sig}", comm.trim());
+            assert!(is_blocked(sig), "{comm} takes signal {sig}");
         }
         for sig in [libc::SIGSEGV, libc::SIGBUS] {
-            assert!(!is_blocked(sig), "{} blocks signal {sig}", comm.trim());
+            assert!(!is_blocked(sig), "{comm} blocks signal {sig}");
         }
-        ours.push(comm.trim().to_owned());
+        ours.push(comm);
     }
     match ram.fault_backend() {
         bigfile::virtmem::FaultBackend::Userfaultfd => {

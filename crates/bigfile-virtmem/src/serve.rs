@@ -593,6 +593,21 @@ mod tests {
         serve(fh, req, &mut HostLease::default())
     }
 
+    /// Serve `req` of `fh` on a thread of its own; its result comes on the
+    /// receiver.
+    fn serve_on_thread(
+        fh: &FileH,
+        req: PageRequest,
+    ) -> (
+        thread::JoinHandle<()>,
+        std::sync::mpsc::Receiver<Result<(), Failure>>,
+    ) {
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let inner = fh.inner.clone();
+        let t = thread::spawn(move || done_tx.send(serve_now(&inner, &req)).unwrap());
+        (t, done)
+    }
+
     /// A handle of a memory file on a RAM of `budget` pages, and a mapping
     /// of its first 4 blocks (no fault is taken: the tests call `serve`).
     fn setup(budget: u64) -> (Arc<MemFile>, FileH, Vma) {
@@ -796,12 +811,7 @@ mod tests {
         let at_old = || unsafe { std::ptr::read_volatile(old) };
         assert_eq!(at_old(), 1);
         let held = readahead::testing::queue_here_recycling(&fh.inner, vma.id(), 2, fill_ahead);
-        let (done_tx, done) = std::sync::mpsc::channel();
-        let faulting = {
-            let inner = fh.inner.clone();
-            let req = request(&vma, 2, Access::Read);
-            thread::spawn(move || done_tx.send(serve_now(&inner, &req)).unwrap())
-        };
+        let (faulting, done) = serve_on_thread(&fh, request(&vma, 2, Access::Read));
         let start = std::time::Instant::now();
         while fh.inner.shared.lock().waiters() == 0 {
             if let Ok(served) = done.try_recv() {
@@ -840,12 +850,7 @@ mod tests {
         serve_now(&other.inner, &request(&other_vma, 0, Access::Write)).unwrap();
         let job = readahead::testing::queue_here(&fh.inner, vma.id(), 1, fill_ahead);
         // The budget: one dirty page and one loading.
-        let (done_tx, done) = std::sync::mpsc::channel();
-        let waiter = {
-            let inner = other.inner.clone();
-            let req = request(&other_vma, 1, Access::Read);
-            thread::spawn(move || done_tx.send(serve_now(&inner, &req)).unwrap())
-        };
+        let (waiter, done) = serve_on_thread(&other, request(&other_vma, 1, Access::Read));
         while fh.inner.shared.lock().waiters() == 0 {
             thread::yield_now();
         }
