@@ -257,6 +257,34 @@ fn a_userfaultfd_without_poison_is_not_used() {
     }
 }
 
+/// A process that cannot read `/proc/self/task/TID/syscall` (here: its own
+/// mount namespace with an empty tmpfs over /proc) is not given the
+/// userfaultfd backend: without that file the reader would serve every
+/// fault, user-mode ones included, as a system call's, away from the thread
+/// holding the host lock. Needs root (mount); else the child says so.
+#[test]
+fn a_process_without_proc_is_not_given_userfaultfd() {
+    let mut cmd = child::test_child("crash::child", CHILD_ENV, "without_proc");
+    cmd.env("BIGFILE_FAULTS", "auto");
+    let ended = child::run(cmd, child::TIMEOUT).unwrap();
+    assert!(ended.status.success(), "{}", ended.describe());
+    let out = ended.stdout;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(out.contains("not root"), "{out}");
+        return;
+    }
+    assert!(out.contains("auto: signals"), "{out}");
+    assert!(out.contains("asked for: error"), "{out}");
+    assert!(out.contains("read: ok"), "{out}");
+    assert_eq!(
+        out.matches("/proc/self/task/TID/syscall cannot be read")
+            .count(),
+        2,
+        "{out}"
+    );
+}
+
 /// One instruction needing three pages under a budget of one page cannot
 /// complete: it fails with a diagnostic instead of spinning.
 #[cfg(target_arch = "x86_64")]
@@ -568,6 +596,11 @@ fn child() {
         #[cfg(target_arch = "x86_64")]
         "seccomp" => seccomp_denies_userfaultfd(),
         "report_backends" => report_backends(),
+        "without_proc" => {
+            if hide_proc() {
+                report_backends();
+            }
+        }
         "default_backend" => {
             let ram = ram(1);
             println!(
@@ -778,6 +811,45 @@ fn seccomp_denies_userfaultfd() {
 /// In a child: make a RAM as `BIGFILE_FAULTS` says and one asking for
 /// userfaultfd, print which backends they got and why, and read through a
 /// mapping of the first.
+/// Put an empty tmpfs over /proc for this thread (and the threads it starts),
+/// in a mount namespace of its own; false, saying why, where that is not
+/// allowed.
+fn hide_proc() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("not root: /proc cannot be hidden");
+        return false;
+    }
+    // SAFETY: unshare and mount with valid C strings; the namespace is this
+    // thread's (the child is a test process of its own).
+    unsafe {
+        assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0, "unshare");
+        assert_eq!(
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null()
+            ),
+            0,
+            "mount --make-rprivate /"
+        );
+        assert_eq!(
+            libc::mount(
+                c"none".as_ptr(),
+                c"/proc".as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null()
+            ),
+            0,
+            "mount tmpfs /proc"
+        );
+    }
+    true
+}
+
 fn report_backends() {
     use bigfile::virtmem::{FaultBackend, Ram};
     let spec = format!("memfd,pagesize={BLK}");

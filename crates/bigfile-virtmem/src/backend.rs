@@ -175,6 +175,14 @@ pub(crate) fn process_uffd() -> Result<&'static Uffd, String> {
         if !uffd.features().poison {
             return Err(NO_POISON.into());
         }
+        // The reader tells a user-mode fault from a system call's by
+        // /proc (`uffd.rs`); without it every fault would be served as a
+        // system call's, away from the thread holding the host lock.
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        if let Err(e) = bigfile_uffd::thread_mode(tid) {
+            return Err(format!("{NO_PROC} ({e})"));
+        }
         bigfile_fault::request_signal().map_err(|e| format!("the request signal: {e}"))?;
         bigfile_fault::install().map_err(|e| e.to_string())?;
         Ok(uffd)
@@ -192,6 +200,12 @@ pub(crate) fn process_uffd() -> Result<&'static Uffd, String> {
 const NO_POISON: &str = "userfaultfd lacks UFFDIO_POISON (Linux 6.6+): a system call whose \
                          page fails to load could only be retried, forever if the loader \
                          keeps failing, never failed with EFAULT";
+
+/// Why a process that cannot read its threads' `/proc` entries does not use
+/// userfaultfd.
+const NO_PROC: &str = "/proc/self/task/TID/syscall cannot be read (/proc not mounted, or \
+                       mounted without this process's entries): the userfaultfd backend \
+                       tells a user-mode fault from a system call's by it";
 
 /// Why a forked child of the process that opened the userfaultfd does not
 /// use it.
