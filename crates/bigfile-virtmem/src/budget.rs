@@ -41,6 +41,10 @@ pub(crate) struct Budget {
     asked: Option<FileKey>,
     /// The worker is asked to make fresh pages (and has not stopped).
     queued: bool,
+    /// Reclaims (`Ram::reclaim`) under way: no fresh page is begun
+    /// meanwhile, so that one waiting for the page being made is not kept
+    /// waiting by the next, and what it gives back is not made again.
+    reclaims: u32,
 }
 
 impl Budget {
@@ -100,7 +104,20 @@ impl Budget {
     /// Whether the worker may make a fresh page: none is being made, fewer
     /// than `reserve` are made, and the budget of `limit` pages has room.
     pub(crate) fn may_make_fresh(&self, limit: u64, reserve: u64) -> bool {
-        self.making.is_none() && (self.fresh.len() as u64) < reserve && self.resident < limit
+        self.making.is_none()
+            && self.reclaims == 0
+            && (self.fresh.len() as u64) < reserve
+            && self.resident < limit
+    }
+
+    /// A reclaim begins (`true`) or ends: fresh pages are not begun while
+    /// one is under way.
+    pub(crate) fn hold_fresh(&mut self, reclaiming: bool) {
+        if reclaiming {
+            self.reclaims += 1;
+        } else {
+            self.reclaims -= 1;
+        }
     }
 
     /// Handle `fileh` asks for fresh pages: they are made for it from now
@@ -349,5 +366,23 @@ mod tests {
         make(&mut b, 2, 1);
         assert_eq!(b.take_fresh_of(FileKey(1)), [RamPage(9)]);
         assert_eq!((b.resident(), b.fresh_pages()), (2, 1));
+    }
+
+    /// A reclaim waiting for the page being made is not kept waiting by
+    /// the next one (the worker retakes the lock first), nor sees what it
+    /// gives back made again.
+    #[test]
+    fn no_fresh_page_is_begun_while_a_reclaim_is_under_way() {
+        let mut b = Budget::default();
+        assert!(b.ask_fresh(FileKey(1), 9, 9));
+        b.hold_fresh(true);
+        b.hold_fresh(true);
+        assert_eq!(b.begin_fresh(9, 9), None, "two reclaims");
+        b.hold_fresh(false);
+        assert!(!b.ask_fresh(FileKey(1), 9, 9), "one reclaim: not woken");
+        assert_eq!(b.begin_fresh(9, 9), None, "one reclaim");
+        b.hold_fresh(false);
+        assert!(b.ask_fresh(FileKey(1), 9, 9));
+        assert_eq!(b.begin_fresh(9, 9), Some(FileKey(1)), "none");
     }
 }

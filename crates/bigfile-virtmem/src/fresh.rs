@@ -138,7 +138,9 @@ fn worker(_locked: &Guard<'_>) -> Option<Sender<Weak<Shared>>> {
 fn work(inbox: Receiver<Weak<Shared>>) {
     for shared in inbox {
         if let Some(shared) = shared.upgrade() {
-            refill(&shared);
+            // A panic making a page (a bug) ends that page (`Making`), not
+            // the worker: a dead one would never be woken again.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| refill(&shared)));
         }
     }
 }
@@ -155,16 +157,37 @@ fn refill(shared: &Shared) {
                 None => return,
             }
         };
-        let made = make(shared, &ramh);
-        // Let go of the RAM handle before saying so: a closing handle
-        // waits for that, and closes its file itself.
-        drop(ramh);
-        let mut st = shared.lock();
-        st.end_fresh(made);
-        shared.notify(&st);
+        let mut making = Making {
+            shared,
+            ramh: Some(ramh),
+            made: None,
+        };
+        making.made = making.ramh.as_deref().and_then(|r| make(shared, r));
+        let made = making.made;
+        drop(making);
         if made.is_none() {
             return;
         }
+    }
+}
+
+/// A fresh page being made: counted (`begin_fresh`) until this is dropped,
+/// which ends it as `made` (none: failed), also when making it panicked
+/// (else every load finding the budget full would wait for it forever).
+struct Making<'a> {
+    shared: &'a Shared,
+    ramh: Option<Arc<RamHandle>>,
+    made: Option<RamPage>,
+}
+
+impl Drop for Making<'_> {
+    fn drop(&mut self) {
+        // Let go of the RAM handle before saying so: a closing handle
+        // waits for that, and closes its file itself.
+        drop(self.ramh.take());
+        let mut st = self.shared.lock();
+        st.end_fresh(self.made);
+        self.shared.notify(&st);
     }
 }
 
@@ -172,6 +195,8 @@ fn refill(shared: &Shared) {
 /// its window, so the load filling it takes no fault. Out of memory, or
 /// any other failure: none (loads meet it themselves).
 fn make(shared: &Shared, ramh: &RamHandle) -> Option<RamPage> {
+    #[cfg(feature = "failpoints")]
+    crate::failpoint::hook("virtmem::fresh_make");
     let page = ramh.alloc_page(0).ok()?;
     if let Ok(window) = ramh.window(page) {
         // SAFETY: the window maps the RAM file shared and read-write; the
@@ -507,5 +532,40 @@ mod tests {
             assert_ne!(inode_at(fd), inode, "the handle's file is closed");
             assert_eq!(ram.shared().lock().budget().resident(), 0);
         }
+    }
+
+    /// A fresh page whose making panics (the worker thread dies) is no
+    /// longer counted as being made: a reclaim, which waits for it, ends;
+    /// the worker goes on making pages.
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn a_panic_making_a_fresh_page_leaves_nothing_waiting_for_it() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let _scenario = fail::FailScenario::setup();
+        static HIT: AtomicBool = AtomicBool::new(false);
+        fail::cfg_callback("virtmem::fresh_make", || {
+            if !HIT.swap(true, Ordering::SeqCst) {
+                panic!("made to fail");
+            }
+        })
+        .unwrap();
+        let ram = ram(&format!("memfd,pagesize={BLK}"), 64);
+        let fh = open(&ram);
+        let start = Instant::now();
+        while !HIT.load(Ordering::SeqCst) {
+            assert!(start.elapsed() < TIMEOUT, "the worker never made a page");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (done, reclaimed) = std::sync::mpsc::channel();
+        let r = ram.clone();
+        std::thread::spawn(move || done.send(r.reclaim()).unwrap());
+        assert!(
+            reclaimed.recv_timeout(TIMEOUT).is_ok(),
+            "the reclaim waits for the page the dead worker was making"
+        );
+        let vma = fh.mmap(0, 4).unwrap();
+        read(&vma, 3);
+        assert!(wait_fresh(&ram, 2), "made again");
+        fail::remove("virtmem::fresh_make");
     }
 }

@@ -201,11 +201,14 @@ impl Ram {
     /// pages" in ARCHITECTURE.md), then least recently used first.
     pub fn reclaim_up_to(&self, n: usize) -> usize {
         let _host = HostUnlocked::new();
-        let mut st = fresh::wait_idle(&self.shared, self.shared.lock(), None);
+        let mut st = self.shared.lock();
+        st.hold_fresh(true);
+        let mut st = fresh::wait_idle(&self.shared, st, None);
         let mut freed = 0;
         while freed < n && reclaim_one(&mut st, &self.shared) {
             freed += 1;
         }
+        st.hold_fresh(false);
         freed
     }
 

@@ -677,6 +677,11 @@ impl State {
         Some(self.handles[fk.0].ramh.clone())
     }
 
+    /// A reclaim begins (`true`) or ends (`Budget::hold_fresh`).
+    pub(crate) fn hold_fresh(&mut self, reclaiming: bool) {
+        self.budget.hold_fresh(reclaiming);
+    }
+
     /// The fresh page being made is `ram_page`, or none (its making failed).
     pub(crate) fn end_fresh(&mut self, ram_page: Option<RamPage>) {
         self.budget.end_fresh(ram_page);
