@@ -20,7 +20,7 @@ type StoreHook = Arc<dyn Fn(u64, &[u8]) -> Result<(), BlockError> + Send + Sync>
 type Initial = Box<dyn Fn(u64, &mut [u8]) + Send + Sync>;
 
 /// A file of blocks kept in a map. A block never stored holds its initial
-/// content: by default every byte `blk as u8 + 1` (never a zero page);
+/// content: by default every byte `blk % 255 + 1` (never a zero page);
 /// see [`MemFile::with_initial`]. Every call is recorded; hooks run before
 /// a call does its work and may fail it.
 pub struct MemFile {
@@ -70,7 +70,7 @@ impl MemFile {
 
     /// The default initial byte of block `blk`.
     pub fn initial(blk: u64) -> u8 {
-        blk as u8 + 1
+        (blk % 255) as u8 + 1
     }
 
     /// This file, named `name` in diagnostics.
@@ -240,6 +240,18 @@ mod tests {
             [Call::Load(2), Call::Store(2), Call::Load(2)]
         );
         assert_eq!((f.loads(), f.stores()), (2, 1));
+    }
+
+    /// Past block 254 too: never zero (a zero page would pass for data
+    /// never loaded), and no overflow (it panicked at block 255).
+    #[test]
+    fn every_block_starts_nonzero() {
+        assert_eq!(MemFile::initial(254), 255);
+        assert_eq!(MemFile::initial(255), 1);
+        assert!((0..1 << 12).all(|blk| MemFile::initial(blk) != 0));
+        let mut buf = [0; 2];
+        MemFile::new(2).load(300, &mut buf).unwrap();
+        assert_eq!(buf, [MemFile::initial(300); 2]);
     }
 
     #[test]
