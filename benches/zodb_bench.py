@@ -17,9 +17,9 @@ python_bench.py; progress goes to stderr.
 wendelin.core (not required, not installed here) would need a storage of
 its own: its records name its own classes.
 
-Read-ahead (issue 19, item 2) will add rows here with it on and off:
-`zsum_filestorage_ra_{on,off}`, by running the child once with each
-setting (see `child_env`).
+There are no rows with read-ahead on and off: `ZBigFile` is never read
+ahead (its loads use the application thread's ZODB connection;
+ARCHITECTURE.md, "Read-ahead").
 
     python benches/zodb_bench.py [--quick] [--data-dir DIR]
 """
@@ -90,11 +90,6 @@ def warm(path):
             pass
 
 
-def child_env():
-    """The environment of a child run (read-ahead settings go here)."""
-    return dict(os.environ)
-
-
 def fresh_sum(kind, where):
     """Seconds and sum of a child summing the array: `kind` filestorage
     (`where` the path) or zeo (`where` host:port)."""
@@ -103,7 +98,6 @@ def fresh_sum(kind, where):
         check=True,
         capture_output=True,
         text=True,
-        env=child_env(),
     ).stdout.split()
     return float(out[0]), int(out[1])
 
