@@ -54,6 +54,14 @@ fn loader_touching_its_own_page_is_sigsegv_with_diagnostic() {
     );
 }
 
+/// Two loaders of files on two RAMs, each touching the page the other is
+/// loading: the wait graph is the process's, so the cycle through both
+/// RAMs is found (it hung with a graph per RAM).
+#[test]
+fn a_wait_cycle_through_two_rams_is_sigsegv_with_diagnostic() {
+    expect_signal("cross_ram_cycle", libc::SIGSEGV, &["would never end"]);
+}
+
 #[test]
 fn storeblk_writing_its_own_handle_is_sigsegv_with_diagnostic() {
     expect_signal("store_writes_own", libc::SIGSEGV, &["during its writeout"]);
@@ -425,6 +433,30 @@ fn child() {
             let ok = (0..4)
                 .all(|b| peek(vma.as_ptr().wrapping_add(b * BLK)) == MemFile::initial(b as u64));
             println!("read: {}", if ok { "ok" } else { "wrong data" });
+        }
+        "cross_ram_cycle" => {
+            let (a, b) = (mem_file(BLK), mem_file(BLK));
+            let (ram_a, ram_b) = (ram(8), ram(8));
+            let (fh_a, fh_b) = (open(&a, &ram_a), open(&b, &ram_b));
+            let (vma_a, vma_b) = (fh_a.mmap(0, 1).unwrap(), fh_b.mmap(0, 1).unwrap());
+            let (pa, pb) = (vma_a.as_ptr() as usize, vma_b.as_ptr() as usize);
+            // Both loads begin before either touches the other's page.
+            let both = Arc::new(std::sync::Barrier::new(2));
+            let b2 = both.clone();
+            a.on_load(move |_, _| {
+                both.wait();
+                peek(pb as *const u8);
+                Ok(())
+            });
+            b.on_load(move |_, _| {
+                b2.wait();
+                peek(pa as *const u8);
+                Ok(())
+            });
+            let other = std::thread::spawn(move || peek(pb as *const u8));
+            peek(pa as *const u8);
+            other.join().unwrap();
+            println!("no cycle found");
         }
         "self_touch" => {
             let file = mem_file(BLK);

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock, Weak};
 use crate::fork_generation;
 use crate::mapper::Mapper;
 use crate::shared::{Guard, Shared};
+use crate::waits::{self, WaitGraph};
 
 /// Locks the default RAMs' table (`ram.rs`, which tracks RAMs here): the
 /// lock taken first.
@@ -66,6 +67,8 @@ struct HeldRam {
 
 /// Locks outer first; dropped in the reverse order of taking.
 struct Held {
+    /// The process's wait graph (`waits.rs`), taken last.
+    graph: MutexGuard<'static, WaitGraph>,
     rams: Vec<HeldRam>,
     _registry: MutexGuard<'static, Vec<Weak<Shared>>>,
     _outer: Option<Box<dyn Any>>,
@@ -78,7 +81,8 @@ thread_local! {
 }
 
 unsafe extern "C" fn prepare() {
-    // The lock order: the default RAMs' table, the table of RAMs, each RAM.
+    // The lock order: the default RAMs' table, the table of RAMs, each RAM,
+    // the wait graph.
     let outer = LOCK_OUTER.get().map(|lock| lock());
     let registry = RAMS.lock().unwrap_or_else(|p| p.into_inner());
     let rams = registry
@@ -95,8 +99,10 @@ unsafe extern "C" fn prepare() {
             }
         })
         .collect();
+    let graph = waits::graph();
     HELD.with(|h| {
         *h.borrow_mut() = Some(Held {
+            graph,
             rams,
             _registry: registry,
             _outer: outer,
@@ -113,6 +119,8 @@ unsafe extern "C" fn child() {
         return;
     };
     fork_generation::advance();
+    // The waits of threads the child does not have.
+    *held.graph = WaitGraph::default();
     for r in &mut held.rams {
         let mapper = Mapper::of(&r.shared);
         for (start, pages) in r.state.forget_in_child(r.shared.counters()) {

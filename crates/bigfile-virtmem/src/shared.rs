@@ -176,14 +176,19 @@ impl Shared {
         ticket: &Arc<Ticket>,
     ) -> Result<Guard<'a>, Cycle> {
         let me = Tid::current();
-        if let Some(cycle) = st.waits().cycle(me, ticket) {
-            return Err(cycle);
+        {
+            // Looked for and joined at once: another RAM's thread may be
+            // closing the same cycle.
+            let mut graph = st.waits();
+            if let Some(cycle) = graph.cycle(me, ticket) {
+                return Err(cycle);
+            }
+            graph.start(me, ticket.clone());
         }
-        st.waits_mut().start(me, ticket.clone());
         while !ticket.is_finished() {
             st = self.wait(st);
         }
-        st.waits_mut().end(me);
+        st.waits().end(me);
         Ok(st)
     }
 }

@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
 use bigfile_ram::{PageMap, RamHandle};
 use slab::Slab;
@@ -24,7 +24,7 @@ use crate::pages::{Invalidation, LoadEnd, PageState, PageTable};
 use crate::stats::{CountPair, Counter, Counters};
 use crate::stream::{Step, Stream};
 use crate::vmas::VmaState;
-use crate::waits::{Ticket, WaitGraph};
+use crate::waits::{self, Ticket, WaitGraph};
 
 /// One file handle's part of the state.
 pub(crate) struct HandleState {
@@ -74,7 +74,6 @@ pub(crate) struct SlotView {
 pub(crate) struct State {
     pages: PageTable,
     lru: Lru,
-    waits: WaitGraph,
     budget: Budget,
     handles: Slab<HandleState>,
     /// Threads waiting on the RAM's condition variable: notifications are
@@ -103,12 +102,10 @@ impl State {
         &self.budget
     }
 
-    pub(crate) fn waits(&self) -> &WaitGraph {
-        &self.waits
-    }
-
-    pub(crate) fn waits_mut(&mut self) -> &mut WaitGraph {
-        &mut self.waits
+    /// The process's wait graph (`waits::graph`: one for all RAMs), locked;
+    /// taken under this RAM's lock, as the lock order requires.
+    pub(crate) fn waits(&self) -> MutexGuard<'static, WaitGraph> {
+        waits::graph()
     }
 
     pub(crate) fn waiters(&self) -> u32 {
@@ -216,15 +213,15 @@ impl State {
     }
 
     /// In a forked child: forget every page (the parent's memory, which
-    /// the child must neither use nor drop), every load, writeout and wait
-    /// (of threads the child does not have) and every spare; handles and
+    /// the child must neither use nor drop), every load and writeout (of
+    /// threads the child does not have: `fork.rs` empties the wait graph)
+    /// and every spare; handles and
     /// mappings stay, with nothing mapped. Returns the ranges of every
     /// mapping, live or being released, for the caller to put the
     /// reservation back over.
     pub(crate) fn forget_in_child(&mut self, rc: &Counters) -> Vec<(NonNull<u8>, usize)> {
         self.pages = PageTable::default();
         self.lru = Lru::default();
-        self.waits = WaitGraph::default();
         self.budget = Budget::default();
         self.waiters = 0;
         rc.forget_pages();

@@ -464,7 +464,7 @@ impl<'a> InSystemCall<'a> {
         fileh
             .shared
             .lock()
-            .waits_mut()
+            .waits()
             .start_in_system_call(tid, ticket.clone());
         InSystemCall { fileh, tid, ticket }
     }
@@ -476,7 +476,7 @@ impl Drop for InSystemCall<'_> {
         self.fileh
             .shared
             .lock()
-            .waits_mut()
+            .waits()
             .end_in_system_call(self.tid, &self.ticket);
     }
 }

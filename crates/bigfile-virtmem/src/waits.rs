@@ -6,11 +6,14 @@
 //! Threads are named by their kernel thread id ([`Tid`]), which is what a
 //! userfaultfd event names: a thread blocked in a kernel-mode fault waits
 //! for the worker serving it (`uffd.rs` adds that edge), so a cycle through
-//! a system call on mapped memory is found as any other.
+//! a system call on mapped memory is found as any other. There is one graph
+//! for the process ([`graph`]): a cycle may go through several RAMs (a
+//! loader of a file on one RAM reading a mapping on another, whose loader
+//! reads back).
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
 
 use crate::failure::Failure;
 use crate::keys::RamPage;
@@ -234,6 +237,16 @@ impl fmt::Display for Cycle {
         }
         Ok(())
     }
+}
+
+/// The process's wait graph. A leaf of the lock order, taken only under a
+/// RAM's lock (through `State::waits`), so a fork, which holds every RAM's
+/// lock and then this one (`fork.rs`), finds it free.
+static GRAPH: LazyLock<Mutex<WaitGraph>> = LazyLock::new(Default::default);
+
+/// The process's wait graph, locked. The caller holds a RAM's lock.
+pub(crate) fn graph() -> MutexGuard<'static, WaitGraph> {
+    GRAPH.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The threads waiting, each for one ticket. An edge is followed only
