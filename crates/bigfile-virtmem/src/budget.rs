@@ -111,10 +111,13 @@ impl Budget {
     }
 
     /// A reclaim begins (`true`) or ends: fresh pages are not begun while
-    /// one is under way.
+    /// one is under way, and an ask from before it is void (a worker woken
+    /// by it may reach the lock only after the reclaim, and would make again
+    /// what the reclaim gave back): pages are made again when asked again.
     pub(crate) fn hold_fresh(&mut self, reclaiming: bool) {
         if reclaiming {
             self.reclaims += 1;
+            self.asked = None;
         } else {
             self.reclaims -= 1;
         }
@@ -384,5 +387,21 @@ mod tests {
         b.hold_fresh(false);
         assert!(b.ask_fresh(FileKey(1), 9, 9));
         assert_eq!(b.begin_fresh(9, 9), Some(FileKey(1)), "none");
+    }
+
+    /// A worker woken before a reclaim, which gets to the lock only after
+    /// it, makes nothing for a handle that asked before the reclaim: what
+    /// the reclaim gave back is made again only when asked for again (the
+    /// fresh-page test of many handles found pages made for the last asker
+    /// before `Ram::reclaim`, none for the handle loading after it).
+    #[test]
+    fn an_ask_before_a_reclaim_makes_nothing_after_it() {
+        let mut b = Budget::default();
+        assert!(b.ask_fresh(FileKey(7), 9, 9), "woken, not yet at the lock");
+        b.hold_fresh(true);
+        b.hold_fresh(false);
+        assert_eq!(b.begin_fresh(9, 9), None, "made again for the old asker");
+        assert!(b.ask_fresh(FileKey(3), 9, 9));
+        assert_eq!(b.begin_fresh(9, 9), Some(FileKey(3)));
     }
 }
