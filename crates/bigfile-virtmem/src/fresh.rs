@@ -543,13 +543,18 @@ mod tests {
         use std::sync::atomic::{AtomicBool, Ordering};
         let _scenario = fail::FailScenario::setup();
         static HIT: AtomicBool = AtomicBool::new(false);
-        fail::cfg_callback("virtmem::fresh_make", || {
-            if !HIT.swap(true, Ordering::SeqCst) {
+        let ram = ram(&format!("memfd,pagesize={BLK}"), 64);
+        let mine = ram.clone();
+        fail::cfg_callback("virtmem::fresh_make", move || {
+            // The process's one worker makes the pages of every test's
+            // RAMs, one at a time: only a page of this one fails (another
+            // test's would never be made, and that test fail).
+            let ours = mine.shared().lock().budget().making_fresh().is_some();
+            if ours && !HIT.swap(true, Ordering::SeqCst) {
                 panic!("made to fail");
             }
         })
         .unwrap();
-        let ram = ram(&format!("memfd,pagesize={BLK}"), 64);
         let fh = open(&ram);
         let start = Instant::now();
         while !HIT.load(Ordering::SeqCst) {
