@@ -162,7 +162,7 @@ fn refill(shared: &Shared) {
             ramh: Some(ramh),
             made: None,
         };
-        making.made = making.ramh.as_deref().and_then(|r| make(shared, r));
+        make(&mut making);
         let made = making.made;
         drop(making);
         if made.is_none() {
@@ -191,20 +191,26 @@ impl Drop for Making<'_> {
     }
 }
 
-/// Allocate a page of `ramh` (made huge where the RAM does) and populate
-/// its window, so the load filling it takes no fault. Out of memory, or
-/// any other failure: none (loads meet it themselves).
-fn make(shared: &Shared, ramh: &RamHandle) -> Option<RamPage> {
+/// Allocate a page of `making`'s handle (made huge where the RAM does) and
+/// populate its window, so the load filling it takes no fault. Out of
+/// memory, or any other failure: none made (loads meet it themselves).
+fn make(making: &mut Making<'_>) {
     #[cfg(feature = "failpoints")]
     crate::failpoint::hook("virtmem::fresh_make");
-    let page = ramh.alloc_page(0).ok()?;
+    let Some(ramh) = making.ramh.as_deref() else {
+        return;
+    };
+    let Ok(page) = ramh.alloc_page(0) else {
+        return;
+    };
+    // Made from now on, whatever happens next: the page is the handle's.
+    making.made = Some(RamPage(page));
     if let Ok(window) = ramh.window(page) {
         // SAFETY: the window maps the RAM file shared and read-write; the
         // page is allocated to no block yet (counted as being made), so no
         // one else uses its memory; populating changes no data.
-        unsafe { Mapper::of(shared).populate(window, true) };
+        unsafe { Mapper::of(making.shared).populate(window, true) };
     }
-    Some(RamPage(page))
 }
 
 /// Wait until the worker makes no fresh page for handle `fk` (closing), or

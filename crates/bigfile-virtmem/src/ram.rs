@@ -204,11 +204,12 @@ impl Ram {
         let mut st = self.shared.lock();
         st.hold_fresh(true);
         let mut st = fresh::wait_idle(&self.shared, st, None);
+        // The lock is held from here to the end: no page is begun meanwhile.
+        st.hold_fresh(false);
         let mut freed = 0;
         while freed < n && reclaim_one(&mut st, &self.shared) {
             freed += 1;
         }
-        st.hold_fresh(false);
         freed
     }
 

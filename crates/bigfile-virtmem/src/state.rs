@@ -671,7 +671,12 @@ impl State {
     /// that asked last, and return its RAM handle to make it in.
     pub(crate) fn begin_fresh(&mut self, limit: u64, reserve: u64) -> Option<Arc<RamHandle>> {
         let fk = self.budget.begin_fresh(limit, reserve)?;
-        Some(self.handles[fk.0].ramh.clone())
+        let ramh = self.handles.get(fk.0).map(|h| h.ramh.clone());
+        if ramh.is_none() {
+            // Not a live handle (a bug): nothing is being made after all.
+            self.budget.end_fresh(None);
+        }
+        ramh
     }
 
     /// A reclaim begins (`true`) or ends (`Budget::hold_fresh`).
