@@ -288,9 +288,9 @@ fn room_for(
 /// Whether the least recently used clean page was used less recently than
 /// the stream of `vma`'s own pages: one the stream has passed (a block of
 /// the mapping below the fault's block `blk`, which drop-behind made the
-/// oldest), or one last used before the stream's first fault (a block left
-/// by an earlier scan of the mapping, as the block after the end of a
-/// scan that starts again: the stream passed none of them yet).
+/// oldest), or one last used before the stream's first fault (as the
+/// blocks an earlier pass of a scan left, above the block where the next
+/// pass starts: the stream has passed none of them yet).
 fn oldest_is_stale(st: &Guard<'_>, fh: &FileHInner, vma: VmaId, blk: u64) -> bool {
     let Some(pk) = st.lru().oldest() else {
         return false;

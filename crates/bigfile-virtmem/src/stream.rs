@@ -15,8 +15,8 @@ pub(crate) const MAX_WINDOW: u64 = 8;
 /// worker filled it; with the window and the source read from the page
 /// cache in the CPU caches (32 MiB of L3 here) both find it there. Measured
 /// with 2 MiB blocks (benches/README.md, "Issue 19: the read-ahead window"):
-/// a window of 3 blocks scanned at 1.11-1.13x of `pread`, 4 at 0.94-0.97x,
-/// 8 at 0.92-1.05x.
+/// a window of 3 blocks scanned at 1.11-1.18x of `pread`, 4 at 0.96-1.07x,
+/// 8 at 0.84-1.02x.
 pub(crate) const WINDOW_BYTES: u64 = 6 << 20;
 
 /// The read-ahead window's largest size under a budget of `budget_pages`
