@@ -3,7 +3,9 @@
 //! Only LOADED pages are on it (a DIRTY page is never reclaimed, a LOADING
 //! one has nothing to give back yet). A doubly linked list threaded through
 //! a table indexed by page key: every operation is O(1) and allocates only
-//! when the page table grows.
+//! when the page table grows. Each page also carries when it was last used
+//! (a count of uses, not a time), which a demotion keeps: read-ahead's room
+//! policy asks whether a page was used before a stream began.
 
 use crate::keys::PageKey;
 
@@ -12,6 +14,8 @@ struct Link {
     prev: Option<PageKey>,
     next: Option<PageKey>,
     linked: bool,
+    /// The list's clock when the page was last used.
+    used: u64,
 }
 
 #[derive(Debug, Default)]
@@ -20,6 +24,8 @@ pub(crate) struct Lru {
     head: Option<PageKey>,
     tail: Option<PageKey>,
     len: u64,
+    /// Uses so far: moved on by every `push_back` and `touch`.
+    clock: u64,
 }
 
 impl Lru {
@@ -49,14 +55,29 @@ impl Lru {
         self.head
     }
 
+    /// The clock now: a page whose [`used`](Lru::used) is below it was
+    /// last used before this moment.
+    pub(crate) fn clock(&self) -> u64 {
+        self.clock
+    }
+
+    /// When `pk` was last used (put on the list or touched), by the list's
+    /// clock; `None` when it is not on the list. A demotion keeps it.
+    pub(crate) fn used(&self, pk: PageKey) -> Option<u64> {
+        let link = self.get(pk);
+        link.linked.then_some(link.used)
+    }
+
     /// Put `pk` (not on the list) at the most recently used end.
     pub(crate) fn push_back(&mut self, pk: PageKey) {
         debug_assert!(!self.contains(pk), "{pk:?} is on the LRU list already");
-        self.insert(pk, false);
+        self.clock += 1;
+        self.insert(pk, false, self.clock);
     }
 
-    /// Link `pk` (not on the list) in at the oldest end, or the newest.
-    fn insert(&mut self, pk: PageKey, oldest: bool) {
+    /// Link `pk` (not on the list) in at the oldest end, or the newest, as
+    /// used at `used`.
+    fn insert(&mut self, pk: PageKey, oldest: bool, used: u64) {
         let (prev, next) = if oldest {
             (None, self.head)
         } else {
@@ -66,6 +87,7 @@ impl Lru {
             prev,
             next,
             linked: true,
+            used,
         };
         match prev {
             Some(p) => self.link(p).next = Some(pk),
@@ -80,7 +102,9 @@ impl Lru {
 
     /// Take `pk` off the list; nothing when it is not on it.
     pub(crate) fn remove(&mut self, pk: PageKey) {
-        let Link { prev, next, linked } = self.get(pk);
+        let Link {
+            prev, next, linked, ..
+        } = self.get(pk);
         if !linked {
             return;
         }
@@ -98,7 +122,14 @@ impl Lru {
 
     /// Mark `pk` most recently used, if it is on the list.
     pub(crate) fn touch(&mut self, pk: PageKey) {
-        if self.contains(pk) && self.tail != Some(pk) {
+        if !self.contains(pk) {
+            return;
+        }
+        if self.tail == Some(pk) {
+            self.clock += 1;
+            let clock = self.clock;
+            self.link(pk).used = clock;
+        } else {
             self.remove(pk);
             self.push_back(pk);
         }
@@ -109,8 +140,9 @@ impl Lru {
         if !self.contains(pk) || self.head == Some(pk) {
             return;
         }
+        let used = self.get(pk).used;
         self.remove(pk);
-        self.insert(pk, true);
+        self.insert(pk, true, used);
     }
 }
 
@@ -184,6 +216,21 @@ mod tests {
         lru.demote(PageKey(1));
         assert_eq!(order(&lru), [1]);
         assert_eq!(lru.tail, Some(PageKey(1)));
+    }
+
+    #[test]
+    fn a_page_keeps_when_it_was_used_through_a_demotion() {
+        let mut lru = filled(3);
+        let before = lru.clock();
+        assert_eq!(lru.used(PageKey(2)), Some(before), "the last one put on");
+        lru.touch(PageKey(0));
+        assert!(lru.used(PageKey(0)) > Some(before), "touched after");
+        lru.demote(PageKey(2));
+        assert_eq!(lru.oldest(), Some(PageKey(2)));
+        assert_eq!(lru.used(PageKey(2)), Some(before), "demoted, not used");
+        assert!(lru.used(PageKey(1)) < lru.used(PageKey(2)));
+        lru.remove(PageKey(1));
+        assert_eq!(lru.used(PageKey(1)), None, "not on the list");
     }
 
     #[test]

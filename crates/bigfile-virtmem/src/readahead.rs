@@ -167,7 +167,7 @@ pub(crate) fn issue(
         return;
     };
     let shared = &*fh.shared;
-    let max = max_window(shared.budget_pages());
+    let max = max_window(shared.budget_pages(), fh.page_size());
     let mut deferred = Deferred::default();
     let mut jobs = Vec::new();
     // Whether a job has a reclaimed page, held until its old mappings go.
@@ -239,12 +239,12 @@ fn ask(
 }
 
 /// Room for one read-ahead page and the worker to load it: free room in
-/// the budget, or the least
-/// recently used clean page if the stream of `vma` has passed it and the
-/// fault's access does not hold it (`pin`: the other page of an access
-/// spanning two blocks, which drop-behind made the oldest) (reclaimed: its
-/// RAM page to reuse, or released, once `deferred` is finished). `None`
-/// when there is neither (read-ahead never waits for room), or no worker.
+/// the budget, or the least recently used clean page if it was used less
+/// recently than the stream's own (`oldest_is_stale`) and the fault's
+/// access does not hold it (`pin`: the other page of an access spanning two
+/// blocks, which drop-behind made the oldest) (reclaimed: its RAM page to
+/// reuse, or released, once `deferred` is finished). `None` when there is
+/// neither (read-ahead never waits for room), or no worker.
 fn room_for(
     st: &mut Guard<'_>,
     fh: &FileHInner,
@@ -263,7 +263,7 @@ fn room_for(
     // (Nor while a fresh page, another handle's, is being made into the
     // last room.)
     if full
-        && (st.budget().making_fresh().is_some() || pinned() || !passed_oldest(st, fh, vma, blk))
+        && (st.budget().making_fresh().is_some() || pinned() || !oldest_is_stale(st, fh, vma, blk))
     {
         return None;
     }
@@ -273,28 +273,34 @@ fn room_for(
     }
     let d = st.reclaim_oldest(shared.counters(), Unmap::Deferred, deferred.slots())?;
     let recycled = d.ram_page.and_then(|rp| {
-        if Mapper::of(shared).pages_in_place() {
-            release(shared, deferred, fh.ramh.clone(), rp);
-            None
-        } else {
+        if d.fileh == fh.key && !Mapper::of(shared).pages_in_place() {
             Some(rp)
+        } else {
+            // Another handle's (a page used before the stream began may
+            // be): a page of its own memory file, given back there.
+            release(shared, deferred, st.ramh(d.fileh).clone(), rp);
+            None
         }
     });
     Some((worker, recycled))
 }
 
-/// Whether the least recently used clean page is one the stream of `vma`
-/// has passed: a block of the mapping below the fault's block `blk`.
-fn passed_oldest(st: &Guard<'_>, fh: &FileHInner, vma: VmaId, blk: u64) -> bool {
+/// Whether the least recently used clean page was used less recently than
+/// the stream of `vma`'s own pages: one the stream has passed (a block of
+/// the mapping below the fault's block `blk`, which drop-behind made the
+/// oldest), or one last used before the stream's first fault (as the
+/// blocks an earlier pass of a scan left, above the block where the next
+/// pass starts: the stream has passed none of them yet).
+fn oldest_is_stale(st: &Guard<'_>, fh: &FileHInner, vma: VmaId, blk: u64) -> bool {
     let Some(pk) = st.lru().oldest() else {
         return false;
     };
+    let Some(v) = st.find_vma(fh.key, vma) else {
+        return false;
+    };
     let p = st.pages().get(pk);
-    p.fileh() == fh.key
-        && p.blk() < blk
-        && st
-            .find_vma(fh.key, vma)
-            .is_some_and(|v| v.index_of(p.blk()).is_some())
+    let passed = p.fileh() == fh.key && p.blk() < blk && v.index_of(p.blk()).is_some();
+    passed || st.lru().used(pk) < Some(v.stream().since())
 }
 
 /// Map read-ahead page `pk` (block `blk`, loaded, not reached) read-only

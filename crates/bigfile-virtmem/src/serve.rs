@@ -890,6 +890,69 @@ mod tests {
         assert_eq!(file.take_calls().len(), 5, "blocks 0 to 4 loaded once");
     }
 
+    /// A scan that starts again (a bench's next pass) found the budget
+    /// full of the last pass's blocks, above the blocks it faulted on:
+    /// read-ahead took only pages the stream had passed, so it read nothing
+    /// ahead until the scan passed those blocks, and the scan loaded its
+    /// blocks itself. Pages used before the stream's first fault are used
+    /// less recently than any of the stream's: read-ahead may take them.
+    #[test]
+    fn a_stream_reads_ahead_into_pages_used_before_it_began() {
+        let (file, fh, _) = setup_with(8, false);
+        let vma = fh.mmap(0, 16).unwrap();
+        // Backwards: no stream. The budget is full of blocks 8 to 15.
+        for (i, blk) in (8..16).rev().enumerate() {
+            serve_now(&fh.inner, &fault(&vma, blk, i as u64)).unwrap();
+        }
+        settle(&fh, 0..16);
+        assert_eq!((fh.stats().streams, fh.stats().readahead_loads), (0, 0));
+        assert_eq!(fh.ram().stats().stats.resident_pages, 8, "full");
+        // A scan from block 0: a stream from its second fault, whose window
+        // (one block) may take the oldest page, block 14's.
+        serve_now(&fh.inner, &fault(&vma, 0, 100)).unwrap();
+        serve_now(&fh.inner, &fault(&vma, 1, 101)).unwrap();
+        settle(&fh, 0..16);
+        let s = fh.stats();
+        assert_eq!((s.streams, s.readahead_loads), (1, 1), "block 2 read ahead");
+        assert_eq!(fh.page_state(2), Some(PageState::Loaded));
+        assert_eq!(fh.page_state(14), None, "the oldest page went");
+        assert_eq!(file.take_calls().len(), 11, "16 blocks down to 8, 0, 1, 2");
+    }
+
+    /// Found by the race test of tests/it (a page of a handle closed
+    /// since, not allocated in this one): a page used before the stream
+    /// began may be another handle's, whose RAM page is one of that
+    /// handle's memory file. Read-ahead gives it back there and loads into
+    /// a page of its own.
+    #[test]
+    fn read_ahead_taking_another_handles_page_loads_into_its_own() {
+        let (_, other, other_vma) = setup_with(8, false);
+        let file = Arc::new(MemFile::new(BLK));
+        let fh = FileH::open(Arc::new(Kit(file.clone(), false)), Some(other.ram())).unwrap();
+        let vma = fh.mmap(0, 16).unwrap();
+        for blk in (0..4).rev() {
+            serve_now(&other.inner, &fault(&other_vma, blk, blk)).unwrap();
+        }
+        for blk in (8..12).rev() {
+            serve_now(&fh.inner, &fault(&vma, blk, 10 + blk)).unwrap();
+        }
+        settle(&fh, 0..16);
+        assert_eq!(fh.ram().stats().stats.resident_pages, 8, "full");
+        serve_now(&fh.inner, &fault(&vma, 0, 100)).unwrap();
+        serve_now(&fh.inner, &fault(&vma, 1, 101)).unwrap();
+        settle(&fh, 0..16);
+        assert_eq!(fh.stats().readahead_loads, 1, "block 2 read ahead");
+        // Of its 4 pages, the first went to the fault on block 0, the
+        // second to the read-ahead.
+        assert_eq!(other.stats().resident_pages, 2);
+        let mut b = [0];
+        vma.read_at(2 * BLK, &mut b).unwrap();
+        assert_eq!(b[0], MemFile::initial(2));
+        drop(other_vma);
+        other.close().map_err(|(e, _)| e).unwrap();
+        assert_eq!(fh.page_state(2), Some(PageState::Loaded));
+    }
+
     /// Found in review: the stream was moved on before the fault was
     /// served, so a failed fault's blocks were never read ahead.
     #[test]

@@ -331,7 +331,7 @@ impl State {
             };
         }
         let (prev, pending) = (v.stream().last(), v.stream().pending());
-        let step = v.stream_mut().note(blk);
+        let step = v.stream_mut().note(blk, self.lru.clock());
         let pgoffset = v.pgoffset();
         let counts = CountPair {
             fileh: &h.counters,
