@@ -178,8 +178,9 @@ pub(crate) fn process_uffd() -> Result<&'static Uffd, String> {
         // The reader tells a user-mode fault from a system call's by
         // /proc (`uffd.rs`); without it every fault would be served as a
         // system call's, away from the thread holding the host lock.
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
+        // SAFETY: gettid has no arguments and cannot fail (called through
+        // syscall(2): glibc's wrapper is newer than the wheels' glibc).
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
         if let Err(e) = bigfile_uffd::thread_mode(tid) {
             return Err(format!("{NO_PROC} ({e})"));
         }
