@@ -140,20 +140,76 @@ impl Uffd {
     /// block their thread until resolved; the registration ends with the
     /// returned value (or the mapping).
     pub fn register(&self, addr: usize, len: usize) -> io::Result<Registration<'_>> {
-        let mut reg = abi::uffdio_register {
-            range: range(addr, len),
-            mode: abi::UFFDIO_REGISTER_MODE_MISSING
+        self.register_part(addr, len)?;
+        Ok(Registration {
+            uffd: self,
+            addr,
+            len,
+        })
+    }
+
+    /// Register `[addr, addr + len)` (page-aligned, anonymous memory: a
+    /// reservation nothing is mapped in yet) for missing faults: every
+    /// access there, the kernel's included, blocks its thread until woken.
+    /// The registration ends with the returned value (or the mapping); parts
+    /// of the range mapped anew later are registered with
+    /// [`Uffd::register_part`], and end with it too.
+    pub fn register_missing(&self, addr: usize, len: usize) -> io::Result<Registration<'_>> {
+        self.register_missing_part(addr, len)?;
+        Ok(Registration {
+            uffd: self,
+            addr,
+            len,
+        })
+    }
+
+    /// As [`Uffd::register_missing`], for anonymous memory mapped anew over
+    /// part of a range registered before, with no value of its own: the
+    /// registration of the range around it ends it.
+    pub fn register_missing_part(&self, addr: usize, len: usize) -> io::Result<()> {
+        self.register_mode(
+            addr,
+            len,
+            abi::UFFDIO_REGISTER_MODE_MISSING,
+            &[(0x02, "UFFDIO_WAKE")],
+        )
+    }
+
+    /// Register `[addr, addr + len)` (page-aligned, a shared-memory mapping
+    /// just made over part of a range registered before) for missing, minor
+    /// and write-protect faults, with no value of its own: the registration
+    /// of the range around it ends it.
+    pub fn register_part(&self, addr: usize, len: usize) -> io::Result<()> {
+        self.register_mode(
+            addr,
+            len,
+            abi::UFFDIO_REGISTER_MODE_MISSING
                 | abi::UFFDIO_REGISTER_MODE_MINOR
                 | abi::UFFDIO_REGISTER_MODE_WP,
+            &[
+                (0x07, "UFFDIO_CONTINUE"),
+                (0x06, "UFFDIO_WRITEPROTECT"),
+                (0x02, "UFFDIO_WAKE"),
+            ],
+        )
+    }
+
+    /// `UFFDIO_REGISTER` with `mode`, checking the range supports `needed`
+    /// (ioctls as bits numbered like the requests, with their names).
+    fn register_mode(
+        &self,
+        addr: usize,
+        len: usize,
+        mode: u64,
+        needed: &[(u32, &str)],
+    ) -> io::Result<()> {
+        let mut reg = abi::uffdio_register {
+            range: range(addr, len),
+            mode,
             ioctls: 0,
         };
         self.ioctl(abi::UFFDIO_REGISTER, &mut reg)?;
-        // The ioctls the range supports, as bits numbered like the requests.
-        for (nr, name) in [
-            (0x07, "UFFDIO_CONTINUE"),
-            (0x06, "UFFDIO_WRITEPROTECT"),
-            (0x02, "UFFDIO_WAKE"),
-        ] {
+        for &(nr, name) in needed {
             if reg.ioctls & (1 << nr) == 0 {
                 let _ = self.ioctl(abi::UFFDIO_UNREGISTER, &mut range(addr, len));
                 return Err(io::Error::other(format!(
@@ -161,11 +217,7 @@ impl Uffd {
                 )));
             }
         }
-        Ok(Registration {
-            uffd: self,
-            addr,
-            len,
-        })
+        Ok(())
     }
 
     /// The page-fault events waiting, at most `out.len()`; 0 if none.
@@ -207,6 +259,28 @@ impl Uffd {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) && wake => self.wake(addr, len),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
             r => r,
+        }
+    }
+
+    /// Map the file's pages over `[addr, addr + len)`, none of which may be
+    /// mapped there yet, write-protected if `wp`, waking nobody: `Ok(true)`.
+    /// `Ok(false)` if a page was found mapped already (EEXIST: an access
+    /// reached the range before it was registered); the pages before it are
+    /// mapped, the rest not.
+    pub fn resolve_new(&self, addr: usize, len: usize, wp: bool) -> io::Result<bool> {
+        let mut mode = abi::UFFDIO_CONTINUE_MODE_DONTWAKE;
+        if wp {
+            mode |= abi::UFFDIO_CONTINUE_MODE_WP;
+        }
+        let mut c = abi::uffdio_continue {
+            range: range(addr, len),
+            mode,
+            mapped: 0,
+        };
+        match self.ioctl(abi::UFFDIO_CONTINUE, &mut c) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 

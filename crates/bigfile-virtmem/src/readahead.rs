@@ -29,7 +29,6 @@ use crate::handle::FileHInner;
 use crate::keys::{FileKey, PageKey, RamPage, VmaId};
 use crate::mapper::{Deferred, Mapper};
 use crate::pages::{LoadEnd, PageState};
-use crate::reclaim::release;
 use crate::shared::Guard;
 use crate::state::Unmap;
 use crate::stream::{max_window, MAX_WINDOW};
@@ -272,15 +271,7 @@ fn room_for(
         return Some((worker, None));
     }
     let d = st.reclaim_oldest(shared.counters(), Unmap::Deferred, deferred.slots())?;
-    let recycled = d.ram_page.and_then(|rp| {
-        if Mapper::of(shared).pages_in_place() {
-            release(shared, deferred, fh.ramh.clone(), rp);
-            None
-        } else {
-            Some(rp)
-        }
-    });
-    Some((worker, recycled))
+    Some((worker, d.ram_page))
 }
 
 /// Whether the least recently used clean page is one the stream of `vma`
@@ -319,7 +310,8 @@ fn map_ahead(fh: &FileHInner, st: &mut Guard<'_>, vma: VmaId, (blk, pk): (u64, P
         .slot(fh.key, vma, blk, fh.page_size())
         .is_some_and(|slot| !slot.mapped);
     if free {
-        let _ = Mapper::of(&fh.shared).map(st, fh.key, vma, blk, rp, Prot::Read);
+        let rc = fh.shared.counters();
+        let _ = Mapper::of(&fh.shared).map(st, fh.key, vma, blk, rp, Prot::Read, rc);
     }
 }
 

@@ -317,3 +317,44 @@ fn a_fault_after_a_failed_read_ahead_reports_its_own_failure() {
     assert_eq!(fh.stats().load_errors, 2);
     assert_eq!(fh.page_state(3), None);
 }
+
+/// On the userfaultfd backend a page mapped over a slot is registered just
+/// after the `mmap`: an access in between reaches it unreported. A write
+/// there must not be lost: the mapping sees the page was touched (its entry
+/// there already) and takes it for dirty. The write is made at that step
+/// (`virtmem::uffd_before_register`) while a read maps the page.
+#[test]
+fn a_write_before_a_mapped_page_is_registered_dirties_it() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    if Ram::from_spec(&format!("memfd,pagesize={BLK}"))
+        .unwrap()
+        .with_fault_backend(FaultBackend::Userfaultfd)
+        .is_err()
+        && std::env::var_os("BIGFILE_REQUIRE_UFFD").is_none()
+    {
+        eprintln!("skipped: userfaultfd not available");
+        return;
+    }
+    let _scenario = fail::FailScenario::setup();
+    let (_ram, fh, vma) = open_on(Arc::new(MemFile::new(BLK)), Some(FaultBackend::Userfaultfd));
+    let at = Arc::new(AtomicUsize::new(vma.as_ptr() as usize));
+    let done = Arc::new(AtomicBool::new(false));
+    {
+        let (at, done) = (at.clone(), done.clone());
+        fail::cfg_callback("virtmem::uffd_before_register", move || {
+            if !done.swap(true, Ordering::SeqCst) {
+                // SAFETY: the slot of block 0, its RAM page mapped there
+                // read-write and not registered yet: the write lands.
+                unsafe { (at.load(Ordering::SeqCst) as *mut u8).write_volatile(0xaa) };
+            }
+        })
+        .unwrap();
+    }
+    assert_eq!(read(&vma, 0), 0xaa, "the write landed in the page");
+    fail::remove("virtmem::uffd_before_register");
+    assert!(done.load(Ordering::SeqCst));
+    assert_eq!(fh.dirty_blocks(), [0], "taken for dirty");
+    assert_eq!(access_at(vma.as_ptr() as usize), PageAccess::Write);
+    assert_eq!(read(&vma, BLK), 2, "block 1 is clean");
+    assert_eq!(fh.dirty_blocks(), [0]);
+}
