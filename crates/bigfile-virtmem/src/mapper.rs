@@ -155,7 +155,8 @@ impl Mapper {
     }
 
     /// Make block `blk`'s RAM page `ram_page` visible in mapping `vma` of
-    /// handle `fk` with `prot`: replace the slot's reservation by the page,
+    /// handle `fk` with `prot` (`rc`: the RAM's counters, for a page that
+    /// becomes dirty): replace the slot's reservation by the page,
     /// or, where it is mapped already, change its protection.
     ///
     /// If the mapping is gone (a loader dropped it while this fault was being
@@ -169,8 +170,7 @@ impl Mapper {
         st: &mut State,
         fk: FileKey,
         vma: VmaId,
-        blk: u64,
-        ram_page: RamPage,
+        (blk, ram_page): (u64, RamPage),
         prot: Prot,
         rc: &Counters,
     ) -> Result<Option<NonNull<u8>>, MapError> {
@@ -646,7 +646,7 @@ mod tests {
             let pk = st.begin_load(fk, blk, Ticket::mine());
             st.finish_load(pk, rp, shared.counters());
             let fresh = mapper
-                .map(&mut st, fk, id, blk, rp, Prot::Read, shared.counters())
+                .map(&mut st, fk, id, (blk, rp), Prot::Read, shared.counters())
                 .unwrap();
             assert!(fresh.is_some(), "newly mapped");
             pks.push(pk);
@@ -655,7 +655,7 @@ mod tests {
         // Mapped already: only the protection changes.
         let rp = st.pages().get(pks[1]).ram_page().unwrap();
         assert!(mapper
-            .map(&mut st, fk, id, 1, rp, Prot::ReadWrite, shared.counters())
+            .map(&mut st, fk, id, (1, rp), Prot::ReadWrite, shared.counters())
             .unwrap()
             .is_none());
         assert_eq!(at(1), "rw-s");

@@ -373,8 +373,7 @@ fn map_page<'a>(
             &mut st,
             fh.key,
             req.vma,
-            req.blk,
-            ram_page,
+            (req.blk, ram_page),
             prot,
             shared.counters(),
         )
