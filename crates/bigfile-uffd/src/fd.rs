@@ -246,20 +246,10 @@ impl Uffd {
     /// with `wake`, wake the threads waiting there. A page already mapped
     /// (another thread resolved it) is not an error.
     pub fn resolve(&self, addr: usize, len: usize, wp: bool, wake: bool) -> io::Result<()> {
-        let mut mode = if wp { abi::UFFDIO_CONTINUE_MODE_WP } else { 0 };
-        if !wake {
-            mode |= abi::UFFDIO_CONTINUE_MODE_DONTWAKE;
+        if !self.continue_range(addr, len, wp, wake)? && wake {
+            self.wake(addr, len)?;
         }
-        let mut c = abi::uffdio_continue {
-            range: range(addr, len),
-            mode,
-            mapped: 0,
-        };
-        match self.ioctl(abi::UFFDIO_CONTINUE, &mut c) {
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && wake => self.wake(addr, len),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-            r => r,
-        }
+        Ok(())
     }
 
     /// Map the file's pages over `[addr, addr + len)`, none of which may be
@@ -268,9 +258,14 @@ impl Uffd {
     /// reached the range before it was registered); the pages before it are
     /// mapped, the rest not.
     pub fn resolve_new(&self, addr: usize, len: usize, wp: bool) -> io::Result<bool> {
-        let mut mode = abi::UFFDIO_CONTINUE_MODE_DONTWAKE;
-        if wp {
-            mode |= abi::UFFDIO_CONTINUE_MODE_WP;
+        self.continue_range(addr, len, wp, false)
+    }
+
+    /// `UFFDIO_CONTINUE`: false if it stopped at a page mapped already.
+    fn continue_range(&self, addr: usize, len: usize, wp: bool, wake: bool) -> io::Result<bool> {
+        let mut mode = if wp { abi::UFFDIO_CONTINUE_MODE_WP } else { 0 };
+        if !wake {
+            mode |= abi::UFFDIO_CONTINUE_MODE_DONTWAKE;
         }
         let mut c = abi::uffdio_continue {
             range: range(addr, len),
