@@ -165,23 +165,27 @@ impl Ram {
 
     /// A new handle: one new kernel file, sized to hold [`Ram::max_size`] bytes of pages.
     pub fn open_handle(&self) -> Result<RamHandle, RamError> {
-        let max_pages = self.max_size() / self.page_size() as u64;
+        self.open_handle_with(true)
+    }
+
+    /// As [`Ram::open_handle`], but its pages are never collapsed into huge
+    /// pages (`thp=collapse`): for a caller that maps them only by small
+    /// entries, where a collapse would gain nothing, and fails (EBUSY, after
+    /// up to milliseconds) while a mapping registered with a userfaultfd for
+    /// missing faults covers the page's range, as mappings of pages taken
+    /// away on bigfile-virtmem's userfaultfd backend do.
+    pub fn open_handle_small(&self) -> Result<RamHandle, RamError> {
+        self.open_handle_with(false)
+    }
+
+    /// A new handle; `thp`: its pages collapsed into huge pages as the spec
+    /// says.
+    fn open_handle_with(&self, thp: bool) -> Result<RamHandle, RamError> {
+        let page_size = self.page_size();
+        let max_pages = self.max_size() / page_size as u64;
         if max_pages == 0 {
             return Err(RamError::TooSmall {
                 max_size: self.max_size(),
-                page_size: self.page_size(),
-            });
-        }
-        self.open_handle_with(max_pages)
-    }
-
-    /// A new handle of `max_pages` page indices, its pages collapsed into
-    /// huge pages as the spec says.
-    fn open_handle_with(&self, max_pages: u64) -> Result<RamHandle, RamError> {
-        let page_size = self.page_size();
-        if max_pages == 0 {
-            return Err(RamError::TooSmall {
-                max_size: 0,
                 page_size,
             });
         }
@@ -198,7 +202,9 @@ impl Ram {
                 pages: AtomicU64::new(0),
             },
             windows: Mutex::new(HashMap::new()),
-            thp: crate::thp::collapse_size(&self.inner.spec).map(Collapser::new),
+            thp: crate::thp::collapse_size(&self.inner.spec)
+                .filter(|_| thp)
+                .map(Collapser::new),
             stray: Mutex::new(Vec::new()),
             huge: Mutex::new(Bitmap::default()),
             orphaned: AtomicBool::new(false),

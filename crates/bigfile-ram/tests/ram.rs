@@ -660,6 +660,23 @@ fn two_mib_pages_are_transparent_huge_pages_unless_off() {
     }
 }
 
+/// A handle opened with `open_handle_small` is never collapsed into huge
+/// pages, whatever the spec (bigfile-virtmem's userfaultfd backend maps its
+/// pages by small entries, and a collapse would fail there).
+#[test]
+fn small_page_handles_are_not_collapsed() {
+    let _s = serial();
+    let ram = new_ram("memfd,pagesize=2M");
+    let h = ram.open_handle_small().unwrap();
+    let page = h.alloc_page(0).unwrap();
+    let w = h.window(page).unwrap();
+    // SAFETY: the window maps the allocated page read-write; nothing else uses it.
+    unsafe { w.as_ptr().write_volatile(7) };
+    assert!(!h.is_huge(page));
+    assert_eq!(shmem_pmd_mapped_kib(w), 0, "small pages");
+    h.drop_page(page).unwrap();
+}
+
 /// A forked child gets every handle renewed: no page allocated, the page
 /// indices free, its writes and hole punches in memory of its own. The
 /// parent's pages are as they were.

@@ -59,7 +59,13 @@ impl FileHInner {
     /// A handle of `file` on `ram` (whose page size is the file's blksize).
     pub(crate) fn open(file: Arc<dyn BigFile>, ram: Ram) -> Result<FileHInner> {
         let shared = ram.shared().clone();
-        let ramh = Arc::new(shared.ram().open_handle()?);
+        // On the userfaultfd backend pages are mapped by small entries
+        // (`Mapper::map`), and pages taken away keep mappings registered
+        // for missing faults, under which a collapse fails: no huge pages.
+        let ramh = Arc::new(match shared.backend().uffd() {
+            Some(_) => shared.ram().open_handle_small()?,
+            None => shared.ram().open_handle()?,
+        });
         let counters = Arc::new(Counters::default());
         let name = file.name();
         let needs_host = file.needs_host_lock();
