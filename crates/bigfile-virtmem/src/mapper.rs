@@ -155,8 +155,7 @@ impl Mapper {
     }
 
     /// Make block `blk`'s RAM page `ram_page` visible in mapping `vma` of
-    /// handle `fk` with `prot` (`rc`: the RAM's counters, for a page that
-    /// becomes dirty): replace the slot's reservation by the page,
+    /// handle `fk` with `prot`: replace the slot's reservation by the page,
     /// or, where it is mapped already, change its protection.
     ///
     /// If the mapping is gone (a loader dropped it while this fault was being
@@ -172,7 +171,6 @@ impl Mapper {
         vma: VmaId,
         (blk, ram_page): (u64, RamPage),
         prot: Prot,
-        rc: &Counters,
     ) -> Result<Option<NonNull<u8>>, MapError> {
         let Some(slot) = st.slot(fk, vma, blk, self.page_size) else {
             return Ok(None);
@@ -204,15 +202,13 @@ impl Mapper {
             // SAFETY: `addr` is a slot of this mapping's own reservation
             // with no page of ours in it (its old piece, if any, was taken
             // away); replacing it is what the reservation is for.
-            unsafe {
-                st.ramh(fk)
-                    .map_page_fixed(ram_page.0, slot.addr, Prot::ReadWrite)
-            }
-            .map_err(MapError::Map)?;
+            // Read-only for a read (see `register_and_continue`).
+            unsafe { st.ramh(fk).map_page_fixed(ram_page.0, slot.addr, prot) }
+                .map_err(MapError::Map)?;
             #[cfg(feature = "failpoints")]
             crate::failpoint::hook("virtmem::uffd_before_register");
-            let untracked = match register_and_continue(uffd, addr, self.page_size, wp) {
-                Ok(untracked) => untracked,
+            match register_and_continue(uffd, slot.addr, self.page_size, wp) {
+                Ok(()) => {}
                 Err(e) => {
                     // SAFETY: the slot just mapped, not counted mapped: its
                     // page stays the block's, and nothing was written in it
@@ -220,18 +216,9 @@ impl Mapper {
                     unsafe { self.put_reservation_back(uffd, slot.addr) };
                     return Err(e);
                 }
-            };
+            }
             st.set_mapped(fk, vma.key, slot.index);
             st.add_piece(fk, vma.key, slot.index);
-            if untracked {
-                // An access reached the page between the mmap and the
-                // registration (the new mapping is not registered until
-                // then): a write may have landed there unseen. Taken for
-                // written: dirty, and mapped writable.
-                if let Some(pk) = st.find_page(fk, blk) {
-                    st.mark_dirty(pk, rc);
-                }
-            }
             // Present already: nothing to populate.
             return Ok(None);
         }
@@ -574,38 +561,45 @@ fn uffd_write_protect(uffd: &Uffd, addr: usize, len: usize, wp: bool) -> io::Res
 }
 
 /// Register the piece at `addr` (a RAM page just mapped over a slot of a
-/// registered reservation) for missing, minor and write-protect faults and
-/// make its entries present, write-protected if `wp`. Returns whether an
-/// access reached the page before it was registered (its entry was there
-/// already: `UFFDIO_CONTINUE` says EEXIST), which may have written it
-/// unseen: the page is then mapped whole and writable, for the caller to
-/// take as dirty. Registering at once, before making it present, is what
-/// closes the window: a page mapped read-only first would fail a kernel
-/// write in it with EFAULT (benches/README.md).
-fn register_and_continue(uffd: &Uffd, addr: usize, len: usize, wp: bool) -> Result<bool, MapError> {
-    uffd.register_part(addr, len)
+/// registered reservation, read-only if `wp`, else read-write) for missing,
+/// minor and write-protect faults, make its entries present,
+/// write-protected if `wp`, and then make it read-write.
+///
+/// Until the registration the new kernel mapping reports nothing: an access
+/// there maps the page itself. Mapped read-only for a read, no write lands
+/// unseen in that window: a user write takes a SIGSEGV, served as on the
+/// signal backend once this fault lets go of the lock; a kernel write fails
+/// with EFAULT (the price: mapped read-write, a write there could not be
+/// told from a read, and the page would have to be taken for dirty whenever
+/// another thread read it meanwhile; benches/README.md). An entry made in
+/// the window (`UFFDIO_CONTINUE` says EEXIST) is write-protected here, and
+/// the rest mapped: none has the write-protect bit that would make a later
+/// write fault.
+fn register_and_continue(
+    uffd: &Uffd,
+    addr: NonNull<u8>,
+    len: usize,
+    wp: bool,
+) -> Result<(), MapError> {
+    let at = addr.as_ptr() as usize;
+    uffd.register_part(at, len)
         .map_err(|e| MapError::Uffd("UFFDIO_REGISTER", e))?;
     let whole =
-        uffd_continue_new(uffd, addr, len, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
-    if whole {
-        return Ok(false);
+        uffd_continue_new(uffd, at, len, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
+    if !whole {
+        let os = bigfile_os::os_page_size();
+        for page in (at..at + len).step_by(os) {
+            uffd_continue(uffd, page, os, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
+        }
+        if wp {
+            uffd_write_protect(uffd, at, len, true)
+                .map_err(|e| MapError::Uffd("UFFDIO_WRITEPROTECT", e))?;
+        }
     }
-    // An access came first: the rest mapped writable, what was mapped
-    // protected unprotected. (A page mapped for a write is dirty already.)
-    map_rest(uffd, addr, len)?;
     if wp {
-        uffd_write_protect(uffd, addr, len, false)
-            .map_err(|e| MapError::Uffd("UFFDIO_WRITEPROTECT", e))?;
-    }
-    Ok(wp)
-}
-
-/// Make present every OS page of `[addr, addr + len)` not mapped yet,
-/// writable, one at a time (some are mapped already).
-fn map_rest(uffd: &Uffd, addr: usize, len: usize) -> Result<(), MapError> {
-    let os = bigfile_os::os_page_size();
-    for at in (addr..addr + len).step_by(os) {
-        uffd_continue(uffd, at, os, false).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
+        // SAFETY: the piece just mapped over the slot; its writes are
+        // tracked from here on.
+        unsafe { sys::mprotect(addr, len, Prot::ReadWrite.bits()) }.map_err(MapError::Protect)?;
     }
     Ok(())
 }
@@ -645,9 +639,7 @@ mod tests {
             let rp = RamPage(ramh.alloc_page(blk).unwrap());
             let pk = st.begin_load(fk, blk, Ticket::mine());
             st.finish_load(pk, rp, shared.counters());
-            let fresh = mapper
-                .map(&mut st, fk, id, (blk, rp), Prot::Read, shared.counters())
-                .unwrap();
+            let fresh = mapper.map(&mut st, fk, id, (blk, rp), Prot::Read).unwrap();
             assert!(fresh.is_some(), "newly mapped");
             pks.push(pk);
         }
@@ -655,7 +647,7 @@ mod tests {
         // Mapped already: only the protection changes.
         let rp = st.pages().get(pks[1]).ram_page().unwrap();
         assert!(mapper
-            .map(&mut st, fk, id, (1, rp), Prot::ReadWrite, shared.counters())
+            .map(&mut st, fk, id, (1, rp), Prot::ReadWrite)
             .unwrap()
             .is_none());
         assert_eq!(at(1), "rw-s");

@@ -310,8 +310,7 @@ fn map_ahead(fh: &FileHInner, st: &mut Guard<'_>, vma: VmaId, (blk, pk): (u64, P
         .slot(fh.key, vma, blk, fh.page_size())
         .is_some_and(|slot| !slot.mapped);
     if free {
-        let rc = fh.shared.counters();
-        let _ = Mapper::of(&fh.shared).map(st, fh.key, vma, (blk, rp), Prot::Read, rc);
+        let _ = Mapper::of(&fh.shared).map(st, fh.key, vma, (blk, rp), Prot::Read);
     }
 }
 

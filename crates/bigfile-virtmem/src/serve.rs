@@ -369,14 +369,7 @@ fn map_page<'a>(
         .expect("a resident page has RAM");
     let mapper = Mapper::of(shared);
     let fresh = mapper
-        .map(
-            &mut st,
-            fh.key,
-            req.vma,
-            (req.blk, ram_page),
-            prot,
-            shared.counters(),
-        )
+        .map(&mut st, fh.key, req.vma, (req.blk, ram_page), prot)
         .map_err(|e| match e {
             MapError::Map(source) => Failure::Ram {
                 doing: MAPPING,

@@ -319,13 +319,15 @@ fn a_fault_after_a_failed_read_ahead_reports_its_own_failure() {
 }
 
 /// On the userfaultfd backend a page mapped over a slot is registered just
-/// after the `mmap`: an access in between reaches it unreported. A write
-/// there must not be lost: the mapping sees the page was touched (its entry
-/// there already) and takes it for dirty. The write is made at that step
-/// (`virtmem::uffd_before_register`) while a read maps the page.
+/// after the `mmap`: an access in between reaches it unreported, and makes
+/// its page-table entry without the write-protect bit. Such a read must
+/// neither dirty the page (read-only blocks are never stored) nor leave it
+/// writable unseen: the next write must still fault and dirty it. The read
+/// is made at that step (`virtmem::uffd_before_register`) while another
+/// read maps the page.
 #[test]
-fn a_write_before_a_mapped_page_is_registered_dirties_it() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+fn a_read_before_a_mapped_page_is_registered_leaves_it_clean_and_tracked() {
+    use std::sync::atomic::{AtomicBool, Ordering};
     if Ram::from_spec(&format!("memfd,pagesize={BLK}"))
         .unwrap()
         .with_fault_backend(FaultBackend::Userfaultfd)
@@ -337,24 +339,26 @@ fn a_write_before_a_mapped_page_is_registered_dirties_it() {
     }
     let _scenario = fail::FailScenario::setup();
     let (_ram, fh, vma) = open_on(Arc::new(MemFile::new(BLK)), Some(FaultBackend::Userfaultfd));
-    let at = Arc::new(AtomicUsize::new(vma.as_ptr() as usize));
+    let at = vma.as_ptr() as usize;
     let done = Arc::new(AtomicBool::new(false));
     {
-        let (at, done) = (at.clone(), done.clone());
+        let done = done.clone();
         fail::cfg_callback("virtmem::uffd_before_register", move || {
             if !done.swap(true, Ordering::SeqCst) {
-                // SAFETY: the slot of block 0, its RAM page mapped there
-                // read-write and not registered yet: the write lands.
-                unsafe { (at.load(Ordering::SeqCst) as *mut u8).write_volatile(0xaa) };
+                // SAFETY: the slot of block 0, its RAM page mapped there and
+                // not registered yet: the read maps the page itself.
+                let b = unsafe { (at as *const u8).read_volatile() };
+                assert_eq!(b, 1);
             }
         })
         .unwrap();
     }
-    assert_eq!(read(&vma, 0), 0xaa, "the write landed in the page");
+    assert_eq!(read(&vma, 0), 1);
     fail::remove("virtmem::uffd_before_register");
     assert!(done.load(Ordering::SeqCst));
-    assert_eq!(fh.dirty_blocks(), [0], "taken for dirty");
-    assert_eq!(access_at(vma.as_ptr() as usize), PageAccess::Write);
-    assert_eq!(read(&vma, BLK), 2, "block 1 is clean");
-    assert_eq!(fh.dirty_blocks(), [0]);
+    assert!(fh.dirty_blocks().is_empty(), "a read dirties nothing");
+    assert_eq!(access_at(at), PageAccess::Read, "write-protected");
+    vma.write_at(0, &[9]).unwrap();
+    assert_eq!(fh.dirty_blocks(), [0], "the write was seen");
+    assert_eq!(read(&vma, 0), 9);
 }
