@@ -262,21 +262,33 @@ impl Uffd {
     }
 
     /// `UFFDIO_CONTINUE`: false if it stopped at a page mapped already.
+    /// EAGAIN (the kernel found the page table changing under it, e.g.
+    /// freed by a concurrent zap of its range) is retried from where it
+    /// stopped.
     fn continue_range(&self, addr: usize, len: usize, wp: bool, wake: bool) -> io::Result<bool> {
         let mut mode = if wp { abi::UFFDIO_CONTINUE_MODE_WP } else { 0 };
         if !wake {
             mode |= abi::UFFDIO_CONTINUE_MODE_DONTWAKE;
         }
-        let mut c = abi::uffdio_continue {
-            range: range(addr, len),
-            mode,
-            mapped: 0,
-        };
-        match self.ioctl(abi::UFFDIO_CONTINUE, &mut c) {
-            Ok(()) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
-            Err(e) => Err(e),
+        let (mut addr, mut len) = (addr, len);
+        for _ in 0..EAGAIN_RETRIES {
+            let mut c = abi::uffdio_continue {
+                range: range(addr, len),
+                mode,
+                mapped: 0,
+            };
+            match self.ioctl(abi::UFFDIO_CONTINUE, &mut c) {
+                Ok(()) => return Ok(true),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok(false),
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    let done = usize::try_from(c.mapped).unwrap_or(0).min(len);
+                    (addr, len) = (addr + done, len - done);
+                    std::thread::yield_now();
+                }
+                Err(e) => return Err(e),
+            }
         }
+        Err(io::Error::from_raw_os_error(libc::EAGAIN))
     }
 
     /// Write-protect (`protect`) or unprotect `[addr, addr + len)`; with
@@ -301,7 +313,14 @@ impl Uffd {
             range: range(addr, len),
             mode,
         };
-        self.ioctl(abi::UFFDIO_WRITEPROTECT, &mut wp)
+        // EAGAIN: retried, as for `UFFDIO_CONTINUE`.
+        for _ in 0..EAGAIN_RETRIES {
+            match self.ioctl(abi::UFFDIO_WRITEPROTECT, &mut wp) {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
+                r => return r,
+            }
+        }
+        Err(io::Error::from_raw_os_error(libc::EAGAIN))
     }
 
     /// Wake the threads waiting on faults in `[addr, addr + len)` (after
@@ -341,6 +360,10 @@ impl AsRawFd for Uffd {
         self.fd.as_raw_fd()
     }
 }
+
+/// How many times an operation the kernel answers EAGAIN ("retry") is
+/// made before the error is returned.
+const EAGAIN_RETRIES: usize = 1000;
 
 /// A registered range; unregistered on drop (faults there then go to the
 /// mapping's own rules again).
