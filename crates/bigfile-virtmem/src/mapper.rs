@@ -19,6 +19,12 @@ use crate::state::{State, Unmap};
 use crate::stats::Counters;
 use crate::sys;
 
+/// Pieces (the userfaultfd backend's kernel mappings of RAM pages over
+/// slots, [`Mapper::map`]) a RAM's mappings keep once taken away, before
+/// they are turned back into the reservation ([`Mapper::coalesce`]): an
+/// eighth of Linux's default `vm.max_map_count` (65530).
+pub(crate) const PIECES_KEPT: usize = 8192;
+
 /// The OS side of one RAM's mappings. A mapping is a reservation with each
 /// loaded page mapped over its slot (its RAM page, wherever in the handle's
 /// memory file, so pages are recycled from block to block). On the signal
@@ -32,12 +38,6 @@ use crate::sys;
 /// a minor or missing fault, never reaching whatever the RAM page holds
 /// next). benches/README.md, "Why the userfaultfd figures are what they
 /// are", has the measurements behind this order of calls.
-/// Pieces (the userfaultfd backend's kernel mappings of RAM pages over
-/// slots, [`Mapper::map`]) a RAM's mappings keep once taken away, before
-/// they are turned back into the reservation ([`Mapper::coalesce`]): an
-/// eighth of Linux's default `vm.max_map_count` (65530).
-pub(crate) const PIECES_KEPT: usize = 8192;
-
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Mapper {
     page_size: usize,
