@@ -112,14 +112,6 @@ pub enum RamError {
         max_pages: u64,
     },
 
-    /// [`RamHandle::alloc_page_at`](crate::RamHandle::alloc_page_at): the
-    /// page asked for is allocated already.
-    #[error("RAM page {page} is allocated already")]
-    PageTaken {
-        /// The page asked for.
-        page: u64,
-    },
-
     /// The handle was inherited by a forked child, which could not give it
     /// a file of its own: its file is the parent's memory, not to be used.
     #[error(
@@ -197,7 +189,6 @@ impl Clone for RamError {
                 source: clone_io_error(source),
             },
             &RamError::HandleFull { max_pages } => RamError::HandleFull { max_pages },
-            &RamError::PageTaken { page } => RamError::PageTaken { page },
             RamError::Forked => RamError::Forked,
             RamError::Io { what, source } => RamError::Io {
                 what: what.clone(),

@@ -165,36 +165,27 @@ impl Ram {
 
     /// A new handle: one new kernel file, sized to hold [`Ram::max_size`] bytes of pages.
     pub fn open_handle(&self) -> Result<RamHandle, RamError> {
-        let max_pages = self.max_size() / self.page_size() as u64;
+        self.open_handle_with(true)
+    }
+
+    /// As [`Ram::open_handle`], but its pages are never collapsed into huge
+    /// pages (`thp=collapse`): for a caller that maps them only by small
+    /// entries, where a collapse would gain nothing, and fails (EBUSY, after
+    /// up to milliseconds) while a mapping registered with a userfaultfd for
+    /// missing faults covers the page's range, as mappings of pages taken
+    /// away on bigfile-virtmem's userfaultfd backend do.
+    pub fn open_handle_small(&self) -> Result<RamHandle, RamError> {
+        self.open_handle_with(false)
+    }
+
+    /// A new handle; `thp`: its pages collapsed into huge pages as the spec
+    /// says.
+    fn open_handle_with(&self, thp: bool) -> Result<RamHandle, RamError> {
+        let page_size = self.page_size();
+        let max_pages = self.max_size() / page_size as u64;
         if max_pages == 0 {
             return Err(RamError::TooSmall {
                 max_size: self.max_size(),
-                page_size: self.page_size(),
-            });
-        }
-        self.open_handle_with(max_pages, true)
-    }
-
-    /// A new handle with `max_pages` page indices, whatever the RAM can hold
-    /// (its file is sparse): for a caller that keeps each block of a file at
-    /// the block's own index ([`RamHandle::alloc_page_at`]), so indices span
-    /// the file, not the memory. Its pages are never collapsed into huge
-    /// pages (`thp=collapse`): such a caller maps the handle's file
-    /// linearly where its faults are reported by a userfaultfd, and a
-    /// collapse takes the file's small pages out of every mapping (a failed
-    /// one too, leaving holes): the caller's mapping would lose entries it
-    /// counts as mapped.
-    pub fn open_handle_sized(&self, max_pages: u64) -> Result<RamHandle, RamError> {
-        self.open_handle_with(max_pages, false)
-    }
-
-    /// A new handle of `max_pages` page indices; `thp`: its pages collapsed
-    /// into huge pages as the spec says.
-    fn open_handle_with(&self, max_pages: u64, thp: bool) -> Result<RamHandle, RamError> {
-        let page_size = self.page_size();
-        if max_pages == 0 {
-            return Err(RamError::TooSmall {
-                max_size: 0,
                 page_size,
             });
         }
@@ -467,9 +458,7 @@ pub(crate) struct Core {
     pub(crate) used: Mutex<Bitmap>,
     pub(crate) account: Account,
     /// The handle file mapped for filling pages, in segments of
-    /// [`WINDOW_SEGMENT`] bytes made on first use (by segment index): a
-    /// handle sized for a whole file's offsets (`open_handle_sized`) would
-    /// not fit in the address space as one mapping.
+    /// [`WINDOW_SEGMENT`] bytes made on first use (by segment index).
     pub(crate) windows: Mutex<HashMap<u64, Window>>,
     /// Makes new pages transparent huge pages ([`crate::ThpPolicy`]), when eligible.
     pub(crate) thp: Option<Collapser>,
@@ -588,38 +577,6 @@ impl RamHandle {
             used.set(page, true);
             page
         };
-        self.reserve_claimed(page)?;
-        self.core.account.add();
-        Ok(page)
-    }
-
-    /// Allocates exactly `page` (for a caller that keeps each block at its
-    /// own index), as [`RamHandle::alloc_page`] otherwise does; fails with
-    /// [`RamError::PageTaken`] if it is allocated already. A page whose
-    /// drop failed (still holding its memory) is taken back when it is
-    /// this one.
-    pub fn alloc_page_at(&self, page: u64) -> Result<u64, RamError> {
-        self.check_own_file()?;
-        if page >= self.core.max_pages {
-            return Err(RamError::OutOfRange {
-                page,
-                max_pages: self.core.max_pages,
-            });
-        }
-        {
-            let mut stray = lock(&self.core.stray);
-            if let Some(i) = stray.iter().position(|&p| p == page) {
-                stray.swap_remove(i);
-                return Ok(page);
-            }
-        }
-        {
-            let mut used = self.used();
-            if used.get(page) {
-                return Err(RamError::PageTaken { page });
-            }
-            used.set(page, true);
-        }
         self.reserve_claimed(page)?;
         self.core.account.add();
         Ok(page)

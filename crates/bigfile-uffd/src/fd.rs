@@ -140,20 +140,76 @@ impl Uffd {
     /// block their thread until resolved; the registration ends with the
     /// returned value (or the mapping).
     pub fn register(&self, addr: usize, len: usize) -> io::Result<Registration<'_>> {
-        let mut reg = abi::uffdio_register {
-            range: range(addr, len),
-            mode: abi::UFFDIO_REGISTER_MODE_MISSING
+        self.register_part(addr, len)?;
+        Ok(Registration {
+            uffd: self,
+            addr,
+            len,
+        })
+    }
+
+    /// Register `[addr, addr + len)` (page-aligned, anonymous memory: a
+    /// reservation nothing is mapped in yet) for missing faults: every
+    /// access there, the kernel's included, blocks its thread until woken.
+    /// The registration ends with the returned value (or the mapping); parts
+    /// of the range mapped anew later are registered with
+    /// [`Uffd::register_part`], and end with it too.
+    pub fn register_missing(&self, addr: usize, len: usize) -> io::Result<Registration<'_>> {
+        self.register_missing_part(addr, len)?;
+        Ok(Registration {
+            uffd: self,
+            addr,
+            len,
+        })
+    }
+
+    /// As [`Uffd::register_missing`], for anonymous memory mapped anew over
+    /// part of a range registered before, with no value of its own: the
+    /// registration of the range around it ends it.
+    pub fn register_missing_part(&self, addr: usize, len: usize) -> io::Result<()> {
+        self.register_mode(
+            addr,
+            len,
+            abi::UFFDIO_REGISTER_MODE_MISSING,
+            &[(0x02, "UFFDIO_WAKE")],
+        )
+    }
+
+    /// Register `[addr, addr + len)` (page-aligned, a shared-memory mapping
+    /// just made over part of a range registered before) for missing, minor
+    /// and write-protect faults, with no value of its own: the registration
+    /// of the range around it ends it.
+    pub fn register_part(&self, addr: usize, len: usize) -> io::Result<()> {
+        self.register_mode(
+            addr,
+            len,
+            abi::UFFDIO_REGISTER_MODE_MISSING
                 | abi::UFFDIO_REGISTER_MODE_MINOR
                 | abi::UFFDIO_REGISTER_MODE_WP,
+            &[
+                (0x07, "UFFDIO_CONTINUE"),
+                (0x06, "UFFDIO_WRITEPROTECT"),
+                (0x02, "UFFDIO_WAKE"),
+            ],
+        )
+    }
+
+    /// `UFFDIO_REGISTER` with `mode`, checking the range supports `needed`
+    /// (ioctls as bits numbered like the requests, with their names).
+    fn register_mode(
+        &self,
+        addr: usize,
+        len: usize,
+        mode: u64,
+        needed: &[(u32, &str)],
+    ) -> io::Result<()> {
+        let mut reg = abi::uffdio_register {
+            range: range(addr, len),
+            mode,
             ioctls: 0,
         };
         self.ioctl(abi::UFFDIO_REGISTER, &mut reg)?;
-        // The ioctls the range supports, as bits numbered like the requests.
-        for (nr, name) in [
-            (0x07, "UFFDIO_CONTINUE"),
-            (0x06, "UFFDIO_WRITEPROTECT"),
-            (0x02, "UFFDIO_WAKE"),
-        ] {
+        for &(nr, name) in needed {
             if reg.ioctls & (1 << nr) == 0 {
                 let _ = self.ioctl(abi::UFFDIO_UNREGISTER, &mut range(addr, len));
                 return Err(io::Error::other(format!(
@@ -161,11 +217,7 @@ impl Uffd {
                 )));
             }
         }
-        Ok(Registration {
-            uffd: self,
-            addr,
-            len,
-        })
+        Ok(())
     }
 
     /// The page-fault events waiting, at most `out.len()`; 0 if none.
@@ -194,20 +246,49 @@ impl Uffd {
     /// with `wake`, wake the threads waiting there. A page already mapped
     /// (another thread resolved it) is not an error.
     pub fn resolve(&self, addr: usize, len: usize, wp: bool, wake: bool) -> io::Result<()> {
+        if !self.continue_range(addr, len, wp, wake)? && wake {
+            self.wake(addr, len)?;
+        }
+        Ok(())
+    }
+
+    /// Map the file's pages over `[addr, addr + len)`, none of which may be
+    /// mapped there yet, write-protected if `wp`, waking nobody: `Ok(true)`.
+    /// `Ok(false)` if a page was found mapped already (EEXIST: an access
+    /// reached the range before it was registered); the pages before it are
+    /// mapped, the rest not.
+    pub fn resolve_new(&self, addr: usize, len: usize, wp: bool) -> io::Result<bool> {
+        self.continue_range(addr, len, wp, false)
+    }
+
+    /// `UFFDIO_CONTINUE`: false if it stopped at a page mapped already.
+    /// EAGAIN (the kernel found the page table changing under it, e.g.
+    /// freed by a concurrent zap of its range) is retried from where it
+    /// stopped.
+    fn continue_range(&self, addr: usize, len: usize, wp: bool, wake: bool) -> io::Result<bool> {
         let mut mode = if wp { abi::UFFDIO_CONTINUE_MODE_WP } else { 0 };
         if !wake {
             mode |= abi::UFFDIO_CONTINUE_MODE_DONTWAKE;
         }
-        let mut c = abi::uffdio_continue {
-            range: range(addr, len),
-            mode,
-            mapped: 0,
-        };
-        match self.ioctl(abi::UFFDIO_CONTINUE, &mut c) {
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && wake => self.wake(addr, len),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-            r => r,
+        let (mut addr, mut len) = (addr, len);
+        for _ in 0..EAGAIN_RETRIES {
+            let mut c = abi::uffdio_continue {
+                range: range(addr, len),
+                mode,
+                mapped: 0,
+            };
+            match self.ioctl(abi::UFFDIO_CONTINUE, &mut c) {
+                Ok(()) => return Ok(true),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok(false),
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    let done = usize::try_from(c.mapped).unwrap_or(0).min(len);
+                    (addr, len) = (addr + done, len - done);
+                    std::thread::yield_now();
+                }
+                Err(e) => return Err(e),
+            }
         }
+        Err(io::Error::from_raw_os_error(libc::EAGAIN))
     }
 
     /// Write-protect (`protect`) or unprotect `[addr, addr + len)`; with
@@ -232,7 +313,14 @@ impl Uffd {
             range: range(addr, len),
             mode,
         };
-        self.ioctl(abi::UFFDIO_WRITEPROTECT, &mut wp)
+        // EAGAIN: retried, as for `UFFDIO_CONTINUE`.
+        for _ in 0..EAGAIN_RETRIES {
+            match self.ioctl(abi::UFFDIO_WRITEPROTECT, &mut wp) {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
+                r => return r,
+            }
+        }
+        Err(io::Error::from_raw_os_error(libc::EAGAIN))
     }
 
     /// Wake the threads waiting on faults in `[addr, addr + len)` (after
@@ -272,6 +360,10 @@ impl AsRawFd for Uffd {
         self.fd.as_raw_fd()
     }
 }
+
+/// How many times an operation the kernel answers EAGAIN ("retry") is
+/// made before the error is returned.
+const EAGAIN_RETRIES: usize = 1000;
 
 /// A registered range; unregistered on drop (faults there then go to the
 /// mapping's own rules again).

@@ -366,3 +366,85 @@ fn a_forked_child_cannot_touch_its_parents_registrations() {
     uffd.poison(shm.addr(1), PS).unwrap();
     drop(reg);
 }
+
+/// A RAM page mapped over a slot of an anonymous reservation registered for
+/// missing faults (how virtmem maps a recycled page): a thread blocked in
+/// the slot's fault retries into the page once woken; an access that
+/// reached the page before the piece was registered is seen, as EEXIST of
+/// `resolve_new`.
+#[test]
+fn a_page_mapped_over_a_registered_reservation() {
+    let Some(uffd) = uffd_or_skip() else {
+        return;
+    };
+    let shm = Shm::new();
+    shm.fill(0, b'x');
+    shm.fill(1, b'y');
+    // SAFETY: a new anonymous mapping of two pages, ours alone.
+    let res = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            2 * PS,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(res, libc::MAP_FAILED);
+    let slot = res as usize;
+    let reg = uffd.register_missing(slot, 2 * PS).unwrap();
+    let map_over = |at: usize, page: usize| {
+        // SAFETY: a slot of the reservation above, replaced by a page of
+        // our own memfd.
+        let p = unsafe {
+            libc::mmap(
+                at as *mut libc::c_void,
+                PS,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                shm.fd.as_raw_fd(),
+                (page * PS) as i64,
+            )
+        };
+        assert_eq!(p as usize, at);
+    };
+    // SAFETY: reading a byte of the registered reservation: blocks until
+    // woken.
+    let reader = thread::spawn(move || unsafe { (slot as *const u8).read_volatile() });
+    let mut events = Vec::new();
+    for _ in 0..1000 {
+        uffd.read_events(&mut events, 4).unwrap();
+        if !events.is_empty() {
+            break;
+        }
+        thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (events[0].addr & !(PS - 1), events[0].kind),
+        (slot, FaultKind::Missing)
+    );
+    map_over(slot, 0);
+    uffd.register_part(slot, PS).unwrap();
+    assert!(
+        uffd.resolve_new(slot, PS, true).unwrap(),
+        "nothing mapped yet"
+    );
+    uffd.wake(slot, PS).unwrap();
+    assert_eq!(
+        reader.join().unwrap(),
+        b'x',
+        "the woken thread reads the page"
+    );
+
+    // An access between the mmap and the registration: seen.
+    map_over(slot + PS, 1);
+    // SAFETY: the page just mapped, not registered yet: the write lands.
+    unsafe { ((slot + PS) as *mut u8).write_volatile(b'z') };
+    uffd.register_part(slot + PS, PS).unwrap();
+    assert!(!uffd.resolve_new(slot + PS, PS, true).unwrap(), "EEXIST");
+    drop(reg);
+    // SAFETY: our mapping, unused from here on.
+    assert_eq!(unsafe { libc::munmap(res, 2 * PS) }, 0);
+}

@@ -80,8 +80,7 @@ pub(crate) fn wanted(shared: &Shared, reads_ahead: bool) -> bool {
 /// Whether pages of `shared` are made ahead at all.
 fn enabled(shared: &Shared) -> bool {
     let ram = shared.ram();
-    !Mapper::of(shared).pages_in_place()
-        && ram.huge_page_size().is_none()
+    ram.huge_page_size().is_none()
         && ram.spec().alloc == AllocPolicy::Reserve
         && ram.page_size() >= MIN_PAGE_SIZE
 }

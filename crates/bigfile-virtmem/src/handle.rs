@@ -36,11 +36,6 @@ impl Default for LoadPolicy {
     }
 }
 
-/// Bytes of a file a handle on the userfaultfd backend can map: its memory
-/// file is this big (sparse: only loaded blocks take memory, and only the
-/// 1 GiB window segments around them address space), block `b` at page `b`.
-const IN_PLACE_SPAN: u64 = 1 << 62;
-
 pub(crate) struct FileHInner {
     pub(crate) shared: Arc<Shared>,
     pub(crate) ram: Ram,
@@ -64,12 +59,11 @@ impl FileHInner {
     /// A handle of `file` on `ram` (whose page size is the file's blksize).
     pub(crate) fn open(file: Arc<dyn BigFile>, ram: Ram) -> Result<FileHInner> {
         let shared = ram.shared().clone();
+        // On the userfaultfd backend pages are mapped by small entries
+        // (`Mapper::map`), and pages taken away keep mappings registered
+        // for missing faults, under which a collapse fails: no huge pages.
         let ramh = Arc::new(match shared.backend().uffd() {
-            // Each block at its own page of the handle's file: indices span
-            // the file's blocks (up to 4 EiB of offsets), not the memory.
-            Some(_) => shared
-                .ram()
-                .open_handle_sized(IN_PLACE_SPAN / shared.page_size() as u64)?,
+            Some(_) => shared.ram().open_handle_small()?,
             None => shared.ram().open_handle()?,
         });
         let counters = Arc::new(Counters::default());

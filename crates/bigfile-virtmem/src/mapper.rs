@@ -5,7 +5,6 @@
 //! The bookkeeping (`state.rs` and its parts) decides; the mapper does.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -20,14 +19,25 @@ use crate::state::{State, Unmap};
 use crate::stats::Counters;
 use crate::sys;
 
-/// The OS side of one RAM's mappings. On the signal backend a mapping is a
-/// reservation with each loaded page mapped over its slot (its RAM page,
-/// wherever in the handle's memory file), read-only until written; on the
-/// userfaultfd backend a mapping maps the handle's memory file linearly
-/// (block `b` is file page `b`) and is registered with the userfaultfd, a
-/// page is made present in a slot by `UFFDIO_CONTINUE` and kept clean by
-/// write-protection, and dropping it from the file takes it away from every
-/// mapping at once.
+/// Pieces (the userfaultfd backend's kernel mappings of RAM pages over
+/// slots, [`Mapper::map`]) a RAM's mappings keep once taken away, before
+/// they are turned back into the reservation ([`Mapper::coalesce`]): an
+/// eighth of Linux's default `vm.max_map_count` (65530).
+pub(crate) const PIECES_KEPT: usize = 8192;
+
+/// The OS side of one RAM's mappings. A mapping is a reservation with each
+/// loaded page mapped over its slot (its RAM page, wherever in the handle's
+/// memory file, so pages are recycled from block to block). On the signal
+/// backend the reservation is inaccessible and a page is mapped read-only
+/// until written. On the userfaultfd backend the reservation is read-write
+/// anonymous memory registered for missing faults (every access to it, the
+/// kernel's included, is reported); a page mapped over a slot is registered
+/// for missing, minor and write-protect faults at once, made present by
+/// `UFFDIO_CONTINUE` and kept clean by write-protection; taking it away
+/// zaps its entries and leaves that piece registered (a later access raises
+/// a minor or missing fault, never reaching whatever the RAM page holds
+/// next). benches/README.md, "Why the userfaultfd figures are what they
+/// are", has the measurements behind this order of calls.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Mapper {
     page_size: usize,
@@ -54,55 +64,27 @@ impl Mapper {
         }
     }
 
-    /// Whether pages are at their block's place in the handle's memory file
-    /// (the userfaultfd backend): a RAM page cannot be reused for another
-    /// block, and each block's page is allocated at its own index.
-    pub(crate) fn pages_in_place(&self) -> bool {
-        self.uffd.is_some()
+    /// The process's userfaultfd, on that backend.
+    pub(crate) fn uffd(&self) -> Option<&'static Uffd> {
+        self.uffd
     }
 
-    /// On the userfaultfd backend, map `pages` pages of `ramh`'s memory file
-    /// from page `pgoffset` over the reservation at `start`, read-write
-    /// (faults are the userfaultfd's to report); nothing on the signal
-    /// backend.
-    ///
-    /// # Safety
-    /// `start` and `pages` are those of a reservation made by
-    /// [`Mapper::reserve`] that nothing uses yet.
-    pub(crate) unsafe fn map_file(
-        &self,
-        start: NonNull<u8>,
-        pages: usize,
-        ramh: &RamHandle,
-        pgoffset: u64,
-    ) -> io::Result<()> {
-        if self.uffd.is_none() {
-            return Ok(());
-        }
-        if pgoffset
-            .checked_add(pages as u64)
-            .is_none_or(|end| end > ramh.max_pages())
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "pages {pgoffset}..+{pages} are beyond the RAM handle's capacity of {} pages",
-                    ramh.max_pages()
-                ),
-            ));
-        }
-        let offset = pgoffset * self.page_size as u64;
-        // SAFETY: forwarded to the caller; the memory file is the handle's.
-        unsafe {
-            sys::map_shared_fixed(start, pages * self.page_size, ramh.fd().as_raw_fd(), offset)
-        }
-    }
-
-    /// Reserve the address range of a mapping of `pages` pages:
-    /// inaccessible, backed by nothing, aligned to the page size.
+    /// Reserve the address range of a mapping of `pages` pages, backed by
+    /// nothing, aligned to the page size: inaccessible on the signal
+    /// backend; read-write on the userfaultfd backend, whose registration
+    /// (for missing faults, made by the mapping next) reports every access.
     pub(crate) fn reserve(&self, pages: usize) -> io::Result<NonNull<u8>> {
         let len = pages * self.page_size;
-        sys::reserve(len, self.page_size)
+        let start = sys::reserve(len, self.page_size)?;
+        if self.uffd.is_some() {
+            // SAFETY: the reservation just made, used by nobody yet.
+            if let Err(e) = unsafe { sys::mprotect(start, len, Prot::ReadWrite.bits()) } {
+                // SAFETY: as above.
+                let _ = unsafe { sys::unmap(start, len) };
+                return Err(e);
+            }
+        }
+        Ok(start)
     }
 
     /// Bytes of `pages` pages.
@@ -153,6 +135,25 @@ impl Mapper {
         unsafe { self.revoke(start, pages) };
     }
 
+    /// Put the inaccessible reservation over a whole mapping's range, on
+    /// either backend: on the userfaultfd backend, before the range is
+    /// unregistered (its pieces would show whatever their RAM pages hold by
+    /// then). If the kernel refuses, abort.
+    ///
+    /// # Safety
+    /// `start` and `pages` are a mapping's range, out of the state, whose
+    /// pages are dropped on purpose.
+    pub(crate) unsafe fn close(&self, start: NonNull<u8>, pages: usize) {
+        // SAFETY: forwarded to the caller.
+        unsafe {
+            reserve_over(
+                start,
+                pages * self.page_size,
+                "the pages of a closed mapping",
+            )
+        };
+    }
+
     /// Make block `blk`'s RAM page `ram_page` visible in mapping `vma` of
     /// handle `fk` with `prot`: replace the slot's reservation by the page,
     /// or, where it is mapped already, change its protection.
@@ -168,15 +169,13 @@ impl Mapper {
         st: &mut State,
         fk: FileKey,
         vma: VmaId,
-        blk: u64,
-        ram_page: RamPage,
+        (blk, ram_page): (u64, RamPage),
         prot: Prot,
     ) -> Result<Option<NonNull<u8>>, MapError> {
         let Some(slot) = st.slot(fk, vma, blk, self.page_size) else {
             return Ok(None);
         };
         if let Some(uffd) = self.uffd {
-            debug_assert_eq!(ram_page.0, blk, "pages in place");
             let addr = slot.addr.as_ptr() as usize;
             let wp = prot == Prot::Read;
             // Not waking the threads blocked there: each is woken by the
@@ -193,16 +192,33 @@ impl Mapper {
                     .map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
                 uffd_write_protect(uffd, addr, self.page_size, wp)
                     .map_err(|e| MapError::Uffd("UFFDIO_WRITEPROTECT", e))?;
-            } else if poison::is_poisoned(addr) {
+                return Ok(None);
+            }
+            if poison::is_poisoned(addr) {
                 // A system call was failed here (its load was given up):
                 // the slot is mapped by the access after the poison goes.
                 return Ok(None);
-            } else {
-                // Present in the file: map it here.
-                uffd_continue(uffd, addr, self.page_size, wp)
-                    .map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
+            }
+            // SAFETY: `addr` is a slot of this mapping's own reservation
+            // with no page of ours in it (its old piece, if any, was taken
+            // away); replacing it is what the reservation is for.
+            // Read-only for a read (see `register_and_continue`).
+            unsafe { st.ramh(fk).map_page_fixed(ram_page.0, slot.addr, prot) }
+                .map_err(MapError::Map)?;
+            #[cfg(feature = "failpoints")]
+            crate::failpoint::hook("virtmem::uffd_before_register");
+            match register_and_continue(uffd, slot.addr, self.page_size, wp) {
+                Ok(()) => {}
+                Err(e) => {
+                    // SAFETY: the slot just mapped, not counted mapped: its
+                    // page stays the block's, and nothing was written in it
+                    // that is not in the page.
+                    unsafe { self.put_reservation_back(uffd, slot.addr) };
+                    return Err(e);
+                }
             }
             st.set_mapped(fk, vma.key, slot.index);
+            st.add_piece(fk, vma.key, slot.index);
             // Present already: nothing to populate.
             return Ok(None);
         }
@@ -260,20 +276,65 @@ impl Mapper {
     pub(crate) fn forget(&self, st: &mut State, pk: PageKey, rc: &Counters) {
         let mut slots = Vec::new();
         let d = st.detach(pk, rc, Unmap::Now, &mut slots);
-        self.revoke_slots(&slots);
+        self.revoke_slots(st, &slots);
         if let Some(rp) = d.ram_page {
             self.release(st.ramh(d.fileh), rp);
         }
     }
 
     /// Take detached pages away from their slots now.
-    pub(crate) fn revoke_slots(&self, slots: &[Slot]) {
+    pub(crate) fn revoke_slots(&self, st: &mut State, slots: &[Slot]) {
+        let coalesce = self.coalescing(st);
         for s in slots {
             // SAFETY: the slot lies inside its mapping's own reservation; the
             // data in it is dropped on purpose (reclaim, discard,
             // invalidate): later accesses fault and reload.
             unsafe { self.revoke(s.addr, 1) };
+            // SAFETY: as above; the slot was just taken away.
+            if coalesce && unsafe { self.coalesce(s.addr, 1) } {
+                st.remove_piece(s);
+            }
         }
+    }
+
+    /// Whether pieces taken away are turned back into the reservation now
+    /// (the userfaultfd backend, past [`PIECES_KEPT`]).
+    fn coalescing(&self, st: &State) -> bool {
+        self.uffd.is_some() && st.pieces() > PIECES_KEPT
+    }
+
+    /// On the userfaultfd backend, turn the taken-away pieces at `addr`
+    /// back into the registered reservation, so that the process's kernel
+    /// mappings do not grow with every slot ever mapped (each piece is one;
+    /// the reservation around merges into one): `PROT_NONE` anonymous
+    /// memory first, registered for missing faults, then made read-write.
+    /// The window between them is the price (benches/README.md): a user
+    /// access there takes a SIGSEGV, served as on the signal backend, but a
+    /// kernel access fails with EFAULT; so it is paid only past
+    /// [`PIECES_KEPT`]. Whether the slots are the reservation again (else
+    /// they stay pieces, registered, with nothing mapped).
+    ///
+    /// # Safety
+    /// The range is slots of a live mapping whose pages were taken away.
+    unsafe fn coalesce(&self, addr: NonNull<u8>, pages: usize) -> bool {
+        let Some(uffd) = self.uffd else {
+            return false;
+        };
+        let len = pages * self.page_size;
+        // SAFETY: forwarded to the caller.
+        if unsafe { sys::unmap_to_reserved(addr, len) }.is_err() {
+            return false;
+        }
+        // A slot left inaccessible (either call refused) still serves a
+        // user access by SIGSEGV, and is mapped over as any other.
+        if uffd
+            .register_missing_part(addr.as_ptr() as usize, len)
+            .is_ok()
+        {
+            // SAFETY: forwarded to the caller.
+            let _ = unsafe { sys::mprotect(addr, len, Prot::ReadWrite.bits()) };
+        }
+        true
     }
 
     /// Give RAM page `rp` of `ramh` back to the OS. A failed hole punch
@@ -296,9 +357,11 @@ impl Mapper {
     unsafe fn revoke(&self, addr: NonNull<u8>, pages: usize) {
         let len = pages * self.page_size;
         if let Some(uffd) = self.uffd {
-            // The linear mapping stays; its page-table entries go (the page
-            // itself is dropped from the file by `release`, which takes it
-            // from every mapping). The next access faults.
+            // The piece stays, registered for minor faults; its page-table
+            // entries go. The next access faults (minor: the RAM page holds
+            // another block by then, or none yet; missing: it was freed),
+            // and never reaches the page: no window, unlike putting the
+            // reservation back (`coalesce`).
             // SAFETY: forwarded to the caller.
             if let Err(e) = unsafe { sys::zap(addr, len) } {
                 eprintln!(
@@ -316,10 +379,23 @@ impl Mapper {
             return;
         }
         // SAFETY: forwarded to the caller.
-        let res = unsafe { sys::unmap_to_reserved(addr, len) }
-            // SAFETY: as above.
-            .or_else(|_| unsafe { sys::mprotect(addr, len, Prot::None.bits()) });
-        taken_away_or_abort(res, addr, "a dropped page");
+        unsafe { reserve_over(addr, len, "a dropped page") };
+    }
+
+    /// On the userfaultfd backend, put the registered reservation back over
+    /// the slot at `addr` (a page mapped there could not be registered or
+    /// made present): read-write anonymous memory registered for missing
+    /// faults. A slot left unregistered would let a kernel write land
+    /// untracked, or a read see zeros: if the kernel refuses, abort.
+    ///
+    /// # Safety
+    /// `addr` is a slot of a live mapping whose piece holds nothing of its
+    /// own.
+    unsafe fn put_reservation_back(&self, uffd: &Uffd, addr: NonNull<u8>) {
+        // SAFETY: forwarded to the caller.
+        let res = unsafe { sys::map_zeros(addr, self.page_size) }
+            .and_then(|()| uffd.register_missing_part(addr.as_ptr() as usize, self.page_size));
+        taken_away_or_abort(res, addr, "a page that could not be registered");
     }
 
     /// Fill the page-table entries of the slot at `addr` now, in one call,
@@ -337,6 +413,21 @@ impl Mapper {
         // SAFETY: forwarded to the caller.
         unsafe { sys::populate(addr, self.page_size, write) }
     }
+}
+
+/// Put the inaccessible reservation over `[addr, addr + len)` or, when the
+/// kernel cannot (ENOMEM), make it inaccessible; abort if both fail
+/// ([`taken_away_or_abort`]).
+///
+/// # Safety
+/// The range is part of a live mapping's reservation whose pages (`what`)
+/// are dropped on purpose.
+unsafe fn reserve_over(addr: NonNull<u8>, len: usize, what: &str) {
+    // SAFETY: forwarded to the caller.
+    let res = unsafe { sys::unmap_to_reserved(addr, len) }
+        // SAFETY: as above.
+        .or_else(|_| unsafe { sys::mprotect(addr, len, Prot::None.bits()) });
+    taken_away_or_abort(res, addr, what);
 }
 
 /// Abort unless `res` says dropped pages at `addr` (`what`) were taken away
@@ -401,6 +492,8 @@ impl Deferred {
             crate::failpoint::hook("virtmem::deferred_unmap");
         }
         let mapper = Mapper::of(shared);
+        let coalesce = !self.unmaps.is_empty() && mapper.coalescing(&shared.lock());
+        let mut coalesced = Vec::new();
         // Adjacent slots of one mapping (a batch of a scan's oldest blocks)
         // are unmapped by one call: one mmap_lock hold, one TLB shootdown.
         self.unmaps
@@ -414,6 +507,10 @@ impl Deferred {
             // they are marked unmapping, and the pages' data is dropped on
             // purpose (they are clean: reclaim takes clean pages only).
             unsafe { mapper.revoke(run[0].addr, run.len()) };
+            // SAFETY: as above.
+            if coalesce && unsafe { mapper.coalesce(run[0].addr, run.len()) } {
+                coalesced.extend_from_slice(run);
+            }
         }
         for (ramh, rp) in &self.drops {
             mapper.release(ramh, *rp);
@@ -422,6 +519,9 @@ impl Deferred {
             let mut st = shared.lock();
             for slot in &self.unmaps {
                 st.slot_unmapped(slot);
+            }
+            for slot in &coalesced {
+                st.remove_piece(slot);
             }
             for &(fk, rp) in &self.spares {
                 st.spare_unmapped(fk, rp);
@@ -444,12 +544,64 @@ fn uffd_continue(uffd: &Uffd, addr: usize, len: usize, wp: bool) -> io::Result<(
     uffd.resolve(addr, len, wp, false)
 }
 
+/// Map the memory file's pages at `addr`, none mapped yet, write-protected
+/// if `wp`: false if one was mapped already (`Uffd::resolve_new`).
+fn uffd_continue_new(uffd: &Uffd, addr: usize, len: usize, wp: bool) -> io::Result<bool> {
+    #[cfg(feature = "failpoints")]
+    crate::failpoint::check("virtmem::uffd_continue")?;
+    uffd.resolve_new(addr, len, wp)
+}
+
 /// Write-protect (`wp`) or unprotect the pages at `addr`
 /// (`UFFDIO_WRITEPROTECT`).
 fn uffd_write_protect(uffd: &Uffd, addr: usize, len: usize, wp: bool) -> io::Result<()> {
     #[cfg(feature = "failpoints")]
     crate::failpoint::check("virtmem::uffd_writeprotect")?;
     uffd.write_protect(addr, len, wp, false)
+}
+
+/// Register the piece at `addr` (a RAM page just mapped over a slot of a
+/// registered reservation, read-only if `wp`, else read-write) for missing,
+/// minor and write-protect faults, make its entries present,
+/// write-protected if `wp`, and then make it read-write.
+///
+/// Until the registration the new kernel mapping reports nothing: an access
+/// there maps the page itself. Mapped read-only for a read, no write lands
+/// unseen in that window: a user write takes a SIGSEGV, served as on the
+/// signal backend once this fault lets go of the lock; a kernel write fails
+/// with EFAULT (the price: mapped read-write, a write there could not be
+/// told from a read, and the page would have to be taken for dirty whenever
+/// another thread read it meanwhile; benches/README.md). An entry made in
+/// the window (`UFFDIO_CONTINUE` says EEXIST) is write-protected here, and
+/// the rest mapped: none has the write-protect bit that would make a later
+/// write fault.
+fn register_and_continue(
+    uffd: &Uffd,
+    addr: NonNull<u8>,
+    len: usize,
+    wp: bool,
+) -> Result<(), MapError> {
+    let at = addr.as_ptr() as usize;
+    uffd.register_part(at, len)
+        .map_err(|e| MapError::Uffd("UFFDIO_REGISTER", e))?;
+    let whole =
+        uffd_continue_new(uffd, at, len, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
+    if !whole {
+        let os = bigfile_os::os_page_size();
+        for page in (at..at + len).step_by(os) {
+            uffd_continue(uffd, page, os, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
+        }
+        if wp {
+            uffd_write_protect(uffd, at, len, true)
+                .map_err(|e| MapError::Uffd("UFFDIO_WRITEPROTECT", e))?;
+        }
+    }
+    if wp {
+        // SAFETY: the piece just mapped over the slot; its writes are
+        // tracked from here on.
+        unsafe { sys::mprotect(addr, len, Prot::ReadWrite.bits()) }.map_err(MapError::Protect)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -487,7 +639,7 @@ mod tests {
             let rp = RamPage(ramh.alloc_page(blk).unwrap());
             let pk = st.begin_load(fk, blk, Ticket::mine());
             st.finish_load(pk, rp, shared.counters());
-            let fresh = mapper.map(&mut st, fk, id, blk, rp, Prot::Read).unwrap();
+            let fresh = mapper.map(&mut st, fk, id, (blk, rp), Prot::Read).unwrap();
             assert!(fresh.is_some(), "newly mapped");
             pks.push(pk);
         }
@@ -495,7 +647,7 @@ mod tests {
         // Mapped already: only the protection changes.
         let rp = st.pages().get(pks[1]).ram_page().unwrap();
         assert!(mapper
-            .map(&mut st, fk, id, 1, rp, Prot::ReadWrite)
+            .map(&mut st, fk, id, (1, rp), Prot::ReadWrite)
             .unwrap()
             .is_none());
         assert_eq!(at(1), "rw-s");

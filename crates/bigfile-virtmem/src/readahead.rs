@@ -29,7 +29,6 @@ use crate::handle::FileHInner;
 use crate::keys::{FileKey, PageKey, RamPage, VmaId};
 use crate::mapper::{Deferred, Mapper};
 use crate::pages::{LoadEnd, PageState};
-use crate::reclaim::release;
 use crate::shared::Guard;
 use crate::state::Unmap;
 use crate::stream::{max_window, MAX_WINDOW};
@@ -273,12 +272,13 @@ fn room_for(
     }
     let d = st.reclaim_oldest(shared.counters(), Unmap::Deferred, deferred.slots())?;
     let recycled = d.ram_page.and_then(|rp| {
-        if d.fileh == fh.key && !Mapper::of(shared).pages_in_place() {
+        if d.fileh == fh.key {
             Some(rp)
         } else {
             // Another handle's (a page used before the stream began may
-            // be): a page of its own memory file, given back there.
-            release(shared, deferred, st.ramh(d.fileh).clone(), rp);
+            // be): a page of its own memory file, given back there once
+            // unmapped.
+            deferred.release(st.ramh(d.fileh).clone(), rp);
             None
         }
     });
@@ -325,7 +325,7 @@ fn map_ahead(fh: &FileHInner, st: &mut Guard<'_>, vma: VmaId, (blk, pk): (u64, P
         .slot(fh.key, vma, blk, fh.page_size())
         .is_some_and(|slot| !slot.mapped);
     if free {
-        let _ = Mapper::of(&fh.shared).map(st, fh.key, vma, blk, rp, Prot::Read);
+        let _ = Mapper::of(&fh.shared).map(st, fh.key, vma, (blk, rp), Prot::Read);
     }
 }
 

@@ -58,15 +58,12 @@ pub(crate) fn make_room<'a>(
 ) -> (Guard<'a>, Result<Room, Failure>) {
     let rc = shared.counters();
     let budget = shared.budget_pages();
-    // Pages kept at their block's place (the userfaultfd backend) cannot
-    // serve another block: no recycling, no spares.
-    let recycle = !Mapper::of(shared).pages_in_place();
     let pin_of = |st: &State| pin_block.and_then(|(fk, blk)| st.find_page(fk, blk));
-    let mut recycled = if recycle { st.take_spare(fk, rc) } else { None };
+    let mut recycled = st.take_spare(fk, rc);
     let mut reclaimed = false;
     while st.budget().is_full(budget) {
         let pin = pin_of(&st);
-        if recycled.is_none() && recycle {
+        if recycled.is_none() {
             // After a wait, spares of the handle may have become ready.
             recycled = st.take_spare(fk, rc);
             if recycled.is_some() {
@@ -74,7 +71,7 @@ pub(crate) fn make_room<'a>(
             }
         }
         if let Some((owner, rp)) = st.drop_spare(rc) {
-            release(shared, deferred, owner, rp);
+            deferred.release(owner, rp);
             continue;
         }
         if st.budget().making_fresh().is_some() {
@@ -107,12 +104,12 @@ pub(crate) fn make_room<'a>(
                     a.reclaimed(d.fileh, d.blk);
                 }
                 if let Some(rp) = d.ram_page {
-                    if recycle && recycled.is_none() && d.fileh == fk {
+                    if recycled.is_none() && d.fileh == fk {
                         // Reused by the load: saves a hole punch now and
                         // an allocation and zeroing then.
                         recycled = Some(rp);
                     } else {
-                        release(shared, deferred, st.ramh(d.fileh).clone(), rp);
+                        deferred.release(st.ramh(d.fileh).clone(), rp);
                     }
                 }
             }
@@ -150,7 +147,7 @@ pub(crate) fn make_room<'a>(
             }
         }
     }
-    if reclaimed && !sequential && recycle {
+    if reclaimed && !sequential {
         let pin = pin_of(&st);
         for _ in 1..batch_size(budget) {
             if pin.is_some() && st.lru().oldest() == pin {
@@ -163,21 +160,6 @@ pub(crate) fn make_room<'a>(
         }
     }
     (st, Ok(Room::Ready(recycled)))
-}
-
-/// Give a reclaimed RAM page back: once its slots are unmapped (after the
-/// lock is dropped) on the signal backend; now on the userfaultfd backend,
-/// where the page is its block's place in the handle's file: a load of
-/// that block may come before the deferred work is finished, and must find
-/// the place free (dropping the page from the file takes it away from
-/// every mapping at once).
-pub(crate) fn release(shared: &Shared, deferred: &mut Deferred, ramh: Arc<RamHandle>, rp: RamPage) {
-    let mapper = Mapper::of(shared);
-    if mapper.pages_in_place() {
-        mapper.release(&ramh, rp);
-    } else {
-        deferred.release(ramh, rp);
-    }
 }
 
 /// Whether a thread finding the budget full may wait for loads in progress
@@ -200,7 +182,7 @@ pub(crate) fn reclaim_one(st: &mut State, shared: &Shared) -> bool {
     let Some(d) = st.reclaim_oldest(rc, Unmap::Now, &mut slots) else {
         return false;
     };
-    mapper.revoke_slots(&slots);
+    mapper.revoke_slots(st, &slots);
     if let Some(rp) = d.ram_page {
         mapper.release(st.ramh(d.fileh), rp);
     }

@@ -369,7 +369,7 @@ fn map_page<'a>(
         .expect("a resident page has RAM");
     let mapper = Mapper::of(shared);
     let fresh = mapper
-        .map(&mut st, fh.key, req.vma, req.blk, ram_page, prot)
+        .map(&mut st, fh.key, req.vma, (req.blk, ram_page), prot)
         .map_err(|e| match e {
             MapError::Map(source) => Failure::Ram {
                 doing: MAPPING,
@@ -479,14 +479,8 @@ fn fill_ahead(
 /// Allocate a RAM page for block `blk`, reclaiming clean pages while the OS
 /// (or the RAM's filesystem) is out of memory.
 fn alloc(fh: &FileHInner, blk: u64) -> Result<RamPage, Failure> {
-    let in_place = Mapper::of(&fh.shared).pages_in_place();
     loop {
-        let got = if in_place {
-            fh.ramh.alloc_page_at(blk)
-        } else {
-            fh.ramh.alloc_page(blk)
-        };
-        match got {
+        match fh.ramh.alloc_page(blk) {
             Ok(p) => return Ok(RamPage(p)),
             Err(e) if e.is_exhausted() => {
                 // A fresh page being made (its memory maybe the last) is

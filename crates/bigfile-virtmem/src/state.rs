@@ -83,6 +83,11 @@ pub(crate) struct State {
     /// to the OS (by `Vma`'s drop, outside the lock): a forked child puts
     /// the reservation back over them too.
     releasing: Vec<(NonNull<u8>, usize)>,
+    /// Slots of this RAM's mappings holding a piece (the userfaultfd
+    /// backend's kernel mappings of RAM pages, `VmaState`): past
+    /// `mapper::PIECES_KEPT`, taken-away pieces are turned back into the
+    /// reservation.
+    pieces: usize,
 }
 
 // SAFETY: `releasing` holds addresses of reservations owned by dropping
@@ -204,6 +209,7 @@ impl State {
     /// the OS next, and then calls [`State::released`].
     pub(crate) fn remove_vma(&mut self, fk: FileKey, vk: VmaKey) {
         let v = self.handles[fk.0].vmas.remove(vk.0);
+        self.pieces -= v.piece_count();
         self.releasing.push(v.range());
     }
 
@@ -224,6 +230,7 @@ impl State {
         self.lru = Lru::default();
         self.budget = Budget::default();
         self.waiters = 0;
+        self.pieces = 0;
         rc.forget_pages();
         let mut ranges = std::mem::take(&mut self.releasing);
         for (_, h) in self.handles.iter_mut() {
@@ -508,6 +515,29 @@ impl State {
     /// Mark slot `index` of mapping `vk` of `fk` as having its page mapped.
     pub(crate) fn set_mapped(&mut self, fk: FileKey, vk: VmaKey, index: usize) {
         self.handles[fk.0].vmas[vk.0].set_mapped(index, true);
+    }
+
+    /// Slot `index` of mapping `vk` holds a piece (`VmaState::add_piece`).
+    pub(crate) fn add_piece(&mut self, fk: FileKey, vk: VmaKey, index: usize) {
+        if self.handles[fk.0].vmas[vk.0].add_piece(index) {
+            self.pieces += 1;
+        }
+    }
+
+    /// `slot` is the reservation again, if its mapping is still there.
+    pub(crate) fn remove_piece(&mut self, slot: &Slot) {
+        let removed = self.handles[slot.fileh.0]
+            .vmas
+            .get_mut(slot.vma.0)
+            .is_some_and(|v| v.remove_piece(slot.index));
+        if removed {
+            self.pieces -= 1;
+        }
+    }
+
+    /// Slots of this RAM's mappings holding a piece.
+    pub(crate) fn pieces(&self) -> usize {
+        self.pieces
     }
 
     /// Forget page `pk` in any state: off every list, out of the budget,

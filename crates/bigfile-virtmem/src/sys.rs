@@ -63,39 +63,6 @@ unsafe fn map_anonymous(addr: NonNull<u8>, len: usize, prot: libc::c_int) -> io:
     Ok(())
 }
 
-/// Map `[addr, addr+len)` over file `fd` from `offset`, shared, read-write
-/// (the userfaultfd backend's linear mapping of a handle's memory file).
-///
-/// # Safety
-/// The range must lie inside a reservation owned by the caller, and nothing
-/// may rely on what was mapped there.
-pub(crate) unsafe fn map_shared_fixed(
-    addr: NonNull<u8>,
-    len: usize,
-    fd: libc::c_int,
-    offset: u64,
-) -> io::Result<()> {
-    #[cfg(feature = "failpoints")]
-    crate::failpoint::check("virtmem::mmap")?;
-    let offset =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-    // SAFETY: per this function's contract the range is ours to replace.
-    let res = unsafe {
-        libc::mmap(
-            addr.as_ptr().cast(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_FIXED,
-            fd,
-            offset,
-        )
-    };
-    if res == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Drop the page-table entries of `[addr, addr+len)` in a shared mapping
 /// (MADV_DONTNEED): the file keeps its pages; the next access faults.
 ///

@@ -1,10 +1,10 @@
 //! The userfaultfd backend's fault source: one userfaultfd for the process,
 //! a reader thread, and worker threads.
 //!
-//! A mapping of a RAM on this backend maps its handle's memory file
-//! linearly (block `b` at file page `b`) and is registered with the
-//! userfaultfd; a fault there (a page not loaded, or not mapped here yet,
-//! or the first write to a clean page) blocks the faulting thread and
+//! A mapping of a RAM on this backend is registered with the userfaultfd
+//! (`Mapper` says how: a reservation of anonymous memory, RAM pages mapped
+//! over its slots); a fault there (a page not loaded, or not mapped here
+//! yet, or the first write to a clean page) blocks the faulting thread and
 //! queues an event with its thread id. The reader looks where the thread is
 //! (`/proc/self/task/TID/syscall`):
 //!
@@ -165,10 +165,12 @@ impl UffdService {
         Ok(svc)
     }
 
-    /// Register `range` (mapped linearly over its handle's memory file):
-    /// its faults come here until the returned value is dropped.
+    /// Register `range` (a mapping's reservation, read-write anonymous
+    /// memory; the pages mapped over its slots are registered as they are
+    /// mapped, `Mapper::map`): its faults come here until the returned
+    /// value is dropped.
     pub(crate) fn register(&'static self, range: Arc<UffdRange>) -> io::Result<UffdRegistration> {
-        let reg = self.uffd.register(range.start, range.len)?;
+        let reg = self.uffd.register_missing(range.start, range.len)?;
         self.ranges
             .write()
             .unwrap_or_else(|p| p.into_inner())

@@ -79,27 +79,14 @@ impl Vma {
             })?;
         let pages = len / ps;
         let mapper = Mapper::of(&fileh.shared);
-        let service = match mapper.pages_in_place() {
-            true => Some(UffdService::get().map_err(Error::Backend)?),
-            false => None,
+        let service = match mapper.uffd() {
+            Some(_) => Some(UffdService::get().map_err(Error::Backend)?),
+            None => None,
         };
         let start = mapper.reserve(pages).map_err(|source| Error::Os {
             op: "reserve address space",
             source,
         })?;
-        // SAFETY: the reservation was just made and nothing uses it.
-        if let Err(source) = unsafe { mapper.map_file(start, pages, &fileh.ramh, pgoffset) } {
-            // SAFETY: as above.
-            unsafe { mapper.release_range(start, pages) };
-            return Err(if source.kind() == std::io::ErrorKind::InvalidInput {
-                Error::InvalidRange(source.to_string())
-            } else {
-                Error::Os {
-                    op: "map the handle's memory file (userfaultfd backend)",
-                    source,
-                }
-            });
-        }
         let key = {
             let _host = HostUnlocked::new();
             let mut st = fileh.shared.lock();
@@ -366,6 +353,15 @@ impl Vma {
         }
         st.remove_vma(self.fileh.key, self.key);
         drop(st);
+        if self.uffd.is_some() {
+            // Unregistered, a piece taken away would show whatever its RAM
+            // page holds by then (another block): the inaccessible
+            // reservation goes over the whole range first.
+            let pages = self.len / self.fileh.page_size();
+            // SAFETY: the range is ours, out of the state: nothing maps
+            // into it any more, and its pages are the handle's, not ours.
+            unsafe { Mapper::of(&self.fileh.shared).close(self.start, pages) };
+        }
         // No more userfaultfd events for this range (threads blocked in it
         // are woken and retry, into a mapping nobody may use any more). Only
         // now: until the mapping left the state, a writeout or a worker

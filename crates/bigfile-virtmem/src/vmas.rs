@@ -19,6 +19,11 @@ pub(crate) struct VmaState {
     /// the lock (a `Deferred`): nothing may be mapped there, and the mapping
     /// may not go away, until the mark is cleared.
     unmapping: BitVec,
+    /// On the userfaultfd backend: slots holding a piece, the mapping of a
+    /// RAM page made over the reservation (mapped, or taken away and left
+    /// registered: `Mapper::map`, `Mapper::revoke`), one kernel mapping
+    /// each.
+    pieces: BitVec,
     advice: Advice,
     /// Its faults seen as a stream (sequential detection, under
     /// `Advice::Normal`).
@@ -39,6 +44,7 @@ impl VmaState {
             pglen: pglen as u64,
             mapped: BitVec::repeat(false, pglen),
             unmapping: BitVec::repeat(false, pglen),
+            pieces: BitVec::repeat(false, pglen),
             advice: Advice::Normal,
             stream: Stream::default(),
         }
@@ -93,6 +99,21 @@ impl VmaState {
         self.unmapping.set(idx, unmapping);
     }
 
+    /// Slot `idx` holds a piece now: whether it did not before.
+    pub(crate) fn add_piece(&mut self, idx: usize) -> bool {
+        !self.pieces.replace(idx, true)
+    }
+
+    /// Slot `idx` is the reservation again: whether it held a piece.
+    pub(crate) fn remove_piece(&mut self, idx: usize) -> bool {
+        self.pieces.replace(idx, false)
+    }
+
+    /// How many slots hold a piece.
+    pub(crate) fn piece_count(&self) -> usize {
+        self.pieces.count_ones()
+    }
+
     /// Whether any slot is still being unmapped.
     pub(crate) fn any_unmapping(&self) -> bool {
         self.unmapping.any()
@@ -103,6 +124,7 @@ impl VmaState {
     pub(crate) fn forget_pages(&mut self) {
         self.mapped.fill(false);
         self.unmapping.fill(false);
+        self.pieces.fill(false);
         self.stream = Stream::default();
     }
 

@@ -317,3 +317,48 @@ fn a_fault_after_a_failed_read_ahead_reports_its_own_failure() {
     assert_eq!(fh.stats().load_errors, 2);
     assert_eq!(fh.page_state(3), None);
 }
+
+/// On the userfaultfd backend a page mapped over a slot is registered just
+/// after the `mmap`: an access in between reaches it unreported, and makes
+/// its page-table entry without the write-protect bit. Such a read must
+/// neither dirty the page (read-only blocks are never stored) nor leave it
+/// writable unseen: the next write must still fault and dirty it. The read
+/// is made at that step (`virtmem::uffd_before_register`) while another
+/// read maps the page.
+#[test]
+fn a_read_before_a_mapped_page_is_registered_leaves_it_clean_and_tracked() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if Ram::from_spec(&format!("memfd,pagesize={BLK}"))
+        .unwrap()
+        .with_fault_backend(FaultBackend::Userfaultfd)
+        .is_err()
+        && std::env::var_os("BIGFILE_REQUIRE_UFFD").is_none()
+    {
+        eprintln!("skipped: userfaultfd not available");
+        return;
+    }
+    let _scenario = fail::FailScenario::setup();
+    let (_ram, fh, vma) = open_on(Arc::new(MemFile::new(BLK)), Some(FaultBackend::Userfaultfd));
+    let at = vma.as_ptr() as usize;
+    let done = Arc::new(AtomicBool::new(false));
+    {
+        let done = done.clone();
+        fail::cfg_callback("virtmem::uffd_before_register", move || {
+            if !done.swap(true, Ordering::SeqCst) {
+                // SAFETY: the slot of block 0, its RAM page mapped there and
+                // not registered yet: the read maps the page itself.
+                let b = unsafe { (at as *const u8).read_volatile() };
+                assert_eq!(b, 1);
+            }
+        })
+        .unwrap();
+    }
+    assert_eq!(read(&vma, 0), 1);
+    fail::remove("virtmem::uffd_before_register");
+    assert!(done.load(Ordering::SeqCst));
+    assert!(fh.dirty_blocks().is_empty(), "a read dirties nothing");
+    assert_eq!(access_at(at), PageAccess::Read, "write-protected");
+    vma.write_at(0, &[9]).unwrap();
+    assert_eq!(fh.dirty_blocks(), [0], "the write was seen");
+    assert_eq!(read(&vma, 0), 9);
+}
