@@ -259,20 +259,14 @@ fn prefault_in_a_sequential_mapping_keeps_its_whole_range() {
 /// `PIECES_KEPT` (8192) pieces in all, two kernel mappings each.
 #[test]
 fn kernel_mappings_stay_bounded_across_rams_when_scattered_slots_are_touched() {
-    const PS: usize = 4096;
     const SLOTS: usize = 20_000;
-    let byte = |blk: usize| (blk % 251) as u8 + 1;
-    let file =
-        Arc::new(MemFile::new(PS).with_initial(move |blk, buf| buf.fill((blk % 251) as u8 + 1)));
     let mut kept = Vec::new();
     for _ in 0..2 {
-        let ram = bigfile::virtmem::Ram::from_spec(&format!("memfd,pagesize={PS}"))
-            .unwrap()
-            .with_budget(16 * PS as u64);
+        let (file, ram) = small_blocks();
         let fh = open(&file, &ram);
         let vma = fh.mmap(0, SLOTS as u64).unwrap();
         for i in (0..SLOTS).step_by(2) {
-            assert_eq!(peek(vma.as_ptr().wrapping_add(i * PS)), byte(i));
+            assert_eq!(peek(vma.as_ptr().wrapping_add(i * SMALL)), small_byte(i));
         }
         kept.push((vma, fh, ram));
     }
@@ -284,6 +278,27 @@ fn kernel_mappings_stay_bounded_across_rams_when_scattered_slots_are_touched() {
         inside <= 2 * 8192 + 64,
         "{inside} kernel mappings in 2 mappings of {SLOTS} slots"
     );
+}
+
+/// The block size of [`small_blocks`].
+const SMALL: usize = 4096;
+
+/// The bytes block `blk` of [`small_blocks`] holds (the default content
+/// overflows at block 255).
+fn small_byte(blk: usize) -> u8 {
+    (blk % 251) as u8 + 1
+}
+
+/// A file of blocks of [`SMALL`] bytes, block `b` holding [`small_byte`]`(b)`,
+/// and a RAM of pages that size with a budget of 16 pages: mappings of many
+/// slots, few of them resident.
+fn small_blocks() -> (Arc<MemFile>, bigfile::virtmem::Ram) {
+    let file =
+        Arc::new(MemFile::new(SMALL).with_initial(|blk, buf| buf.fill(small_byte(blk as usize))));
+    let ram = bigfile::virtmem::Ram::from_spec(&format!("memfd,pagesize={SMALL}"))
+        .unwrap()
+        .with_budget(16 * SMALL as u64);
+    (file, ram)
 }
 
 /// How many kernel mappings (/proc/self/maps) overlap `range`.
@@ -305,26 +320,18 @@ fn kernel_mappings_in(range: std::ops::Range<usize>) -> usize {
 /// A mapping touched at more slots than the kernel keeps mappings for does
 /// not run out of them: on the signal backend a page taken away goes back to
 /// the reservation; on the userfaultfd backend a RAM page's mapping over a
-/// slot (a piece) stays once taken away, until a RAM holds more than
+/// slot (a piece) stays once taken away, until the process holds more than
 /// `PIECES_KEPT` (8192) of them, then pieces taken away are turned back into
 /// the reservation. Here 12,000 slots of 4 KiB with a budget of 16 pages:
 /// without that, 12,000 kernel mappings.
 #[test]
 fn kernel_mappings_stay_bounded_however_many_slots_are_touched() {
-    const PS: usize = 4096;
     const SLOTS: usize = 12_000;
-    // (Block `b` holds bytes `b % 251 + 1`: the default content overflows
-    // at block 255.)
-    let byte = |blk: usize| (blk % 251) as u8 + 1;
-    let file =
-        Arc::new(MemFile::new(PS).with_initial(move |blk, buf| buf.fill((blk % 251) as u8 + 1)));
-    let ram = bigfile::virtmem::Ram::from_spec(&format!("memfd,pagesize={PS}"))
-        .unwrap()
-        .with_budget(16 * PS as u64);
+    let (file, ram) = small_blocks();
     let fh = open(&file, &ram);
     let vma = fh.mmap(0, SLOTS as u64).unwrap();
     for i in 0..SLOTS {
-        assert_eq!(peek(vma.as_ptr().wrapping_add(i * PS)), byte(i));
+        assert_eq!(peek(vma.as_ptr().wrapping_add(i * SMALL)), small_byte(i));
     }
     let inside = kernel_mappings_in(vma.addr_range());
     assert!(
@@ -333,6 +340,6 @@ fn kernel_mappings_stay_bounded_however_many_slots_are_touched() {
     );
     // Every slot still reads its block.
     for i in (0..SLOTS).step_by(997) {
-        assert_eq!(peek(vma.as_ptr().wrapping_add(i * PS)), byte(i));
+        assert_eq!(peek(vma.as_ptr().wrapping_add(i * SMALL)), small_byte(i));
     }
 }

@@ -15,14 +15,16 @@ use bigfile_uffd::Uffd;
 use crate::keys::{FileKey, PageKey, RamPage, Slot, VmaId};
 use crate::poison;
 use crate::shared::Shared;
-use crate::state::{State, Unmap};
+use crate::state::{self, State, Unmap};
 use crate::stats::Counters;
 use crate::sys;
 
 /// Pieces (the userfaultfd backend's kernel mappings of RAM pages over
-/// slots, [`Mapper::map`]) a RAM's mappings keep once taken away, before
-/// they are turned back into the reservation ([`Mapper::coalesce`]): an
-/// eighth of Linux's default `vm.max_map_count` (65530).
+/// slots, [`Mapper::map`]) the process's mappings, every RAM's, keep once
+/// taken away, before they are turned back into the reservation
+/// ([`Mapper::coalesce`]). A piece between two parts of the reservation
+/// splits it: two kernel mappings each, a quarter of Linux's default
+/// `vm.max_map_count` (65530), which is the process's.
 pub(crate) const PIECES_KEPT: usize = 8192;
 
 /// The OS side of one RAM's mappings. A mapping is a reservation with each
@@ -284,7 +286,7 @@ impl Mapper {
 
     /// Take detached pages away from their slots now.
     pub(crate) fn revoke_slots(&self, st: &mut State, slots: &[Slot]) {
-        let coalesce = self.coalescing(st);
+        let coalesce = self.coalescing();
         for s in slots {
             // SAFETY: the slot lies inside its mapping's own reservation; the
             // data in it is dropped on purpose (reclaim, discard,
@@ -299,8 +301,8 @@ impl Mapper {
 
     /// Whether pieces taken away are turned back into the reservation now
     /// (the userfaultfd backend, past [`PIECES_KEPT`]).
-    fn coalescing(&self, st: &State) -> bool {
-        self.uffd.is_some() && st.pieces() > PIECES_KEPT
+    fn coalescing(&self) -> bool {
+        self.uffd.is_some() && state::pieces_in_process() > PIECES_KEPT
     }
 
     /// On the userfaultfd backend, turn the taken-away pieces at `addr`
@@ -492,7 +494,7 @@ impl Deferred {
             crate::failpoint::hook("virtmem::deferred_unmap");
         }
         let mapper = Mapper::of(shared);
-        let coalesce = !self.unmaps.is_empty() && mapper.coalescing(&shared.lock());
+        let coalesce = !self.unmaps.is_empty() && mapper.coalescing();
         let mut coalesced = Vec::new();
         // Adjacent slots of one mapping (a batch of a scan's oldest blocks)
         // are unmapped by one call: one mmap_lock hold, one TLB shootdown.

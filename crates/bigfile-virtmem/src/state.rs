@@ -11,6 +11,7 @@
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, MutexGuard};
 
 use bigfile_ram::{PageMap, RamHandle};
@@ -84,10 +85,20 @@ pub(crate) struct State {
     /// the reservation back over them too.
     releasing: Vec<(NonNull<u8>, usize)>,
     /// Slots of this RAM's mappings holding a piece (the userfaultfd
-    /// backend's kernel mappings of RAM pages, `VmaState`): past
-    /// `mapper::PIECES_KEPT`, taken-away pieces are turned back into the
-    /// reservation.
+    /// backend's kernel mappings of RAM pages, `VmaState`), counted in
+    /// [`pieces_in_process`] too.
     pieces: usize,
+}
+
+/// Slots of every RAM's mappings holding a piece: past
+/// `mapper::PIECES_KEPT`, taken-away pieces are turned back into the
+/// reservation. The process's, not a RAM's: so is the kernel's limit on
+/// mappings (`vm.max_map_count`).
+static PIECES_IN_PROCESS: AtomicUsize = AtomicUsize::new(0);
+
+/// Slots of the process's mappings (every RAM's) holding a piece.
+pub(crate) fn pieces_in_process() -> usize {
+    PIECES_IN_PROCESS.load(Relaxed)
 }
 
 // SAFETY: `releasing` holds addresses of reservations owned by dropping
@@ -209,7 +220,9 @@ impl State {
     /// the OS next, and then calls [`State::released`].
     pub(crate) fn remove_vma(&mut self, fk: FileKey, vk: VmaKey) {
         let v = self.handles[fk.0].vmas.remove(vk.0);
-        self.pieces -= v.piece_count();
+        let pieces = v.piece_count();
+        self.pieces -= pieces;
+        PIECES_IN_PROCESS.fetch_sub(pieces, Relaxed);
         self.releasing.push(v.range());
     }
 
@@ -230,7 +243,7 @@ impl State {
         self.lru = Lru::default();
         self.budget = Budget::default();
         self.waiters = 0;
-        self.pieces = 0;
+        PIECES_IN_PROCESS.fetch_sub(std::mem::take(&mut self.pieces), Relaxed);
         rc.forget_pages();
         let mut ranges = std::mem::take(&mut self.releasing);
         for (_, h) in self.handles.iter_mut() {
@@ -521,6 +534,7 @@ impl State {
     pub(crate) fn add_piece(&mut self, fk: FileKey, vk: VmaKey, index: usize) {
         if self.handles[fk.0].vmas[vk.0].add_piece(index) {
             self.pieces += 1;
+            PIECES_IN_PROCESS.fetch_add(1, Relaxed);
         }
     }
 
@@ -532,12 +546,8 @@ impl State {
             .is_some_and(|v| v.remove_piece(slot.index));
         if removed {
             self.pieces -= 1;
+            PIECES_IN_PROCESS.fetch_sub(1, Relaxed);
         }
-    }
-
-    /// Slots of this RAM's mappings holding a piece.
-    pub(crate) fn pieces(&self) -> usize {
-        self.pieces
     }
 
     /// Forget page `pk` in any state: off every list, out of the budget,
