@@ -528,3 +528,40 @@ fn the_backends_own_threads_leave_process_signals_to_the_application() {
     }
     drop(fh);
 }
+
+/// Found in review: on the userfaultfd backend a page mapped in a slot whose
+/// entries the kernel took away in part (reclaiming the RAM's shared memory
+/// to swap unmaps it an OS page at a time; `MADV_DONTNEED` stands for it
+/// here) was faulted on forever: `UFFDIO_CONTINUE` over the whole slot
+/// stopped at its first entry, present (EEXIST), and the missing one was
+/// never made present again. (On signals the kernel maps it back itself.)
+#[test]
+fn a_slot_whose_entries_went_in_part_is_made_whole_again() {
+    let (_file, _ram, fh, vma) = setup(4, 2);
+    // SAFETY: sysconf has no preconditions.
+    let os = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    assert!(BLK >= 2 * os);
+    let base = vma.as_ptr() as usize;
+    assert_eq!(peek(base as *const u8), MemFile::initial(0));
+    // SAFETY: the second OS page of a slot of a shared mapping: its entries
+    // go, its data stays in the RAM.
+    assert_eq!(
+        unsafe { libc::madvise((base + os) as *mut _, os, libc::MADV_DONTNEED) },
+        0
+    );
+    let faults = fh.stats().faults;
+    let reader = thread::spawn(move || peek((base + os) as *const u8));
+    // Each fault is counted: a thousand for one access is a loop.
+    while !reader.is_finished() && fh.stats().faults < faults + 1000 {
+        thread::yield_now();
+    }
+    let looping = !reader.is_finished();
+    if looping {
+        // Let it out: with all of the slot's entries gone, the next fault
+        // makes them all present.
+        // SAFETY: as above, the whole slot.
+        unsafe { libc::madvise(base as *mut _, BLK, libc::MADV_DONTNEED) };
+    }
+    assert_eq!(reader.join().unwrap(), MemFile::initial(0));
+    assert!(!looping, "one access faulted over 1000 times");
+}
