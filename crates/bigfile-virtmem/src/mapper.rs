@@ -186,12 +186,11 @@ impl Mapper {
             // thread in a system call after letting go of the handle, whose
             // last reference that thread may drop next).
             if slot.mapped {
-                // Mapped here by the state's account; the entry may still
-                // have gone (the page swapped out): map it again if so
-                // (EEXIST, the usual case, is no error), else the access
-                // would fault again forever.
-                uffd_continue(uffd, addr, self.page_size, wp)
-                    .map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
+                // Mapped here by the state's account; entries may still
+                // have gone, some or all (the kernel reclaims the RAM's
+                // shared memory an OS page at a time): make each present
+                // again, else an access there would fault again forever.
+                continue_all(uffd, addr, self.page_size, wp)?;
                 uffd_write_protect(uffd, addr, self.page_size, wp)
                     .map_err(|e| MapError::Uffd("UFFDIO_WRITEPROTECT", e))?;
                 return Ok(None);
@@ -562,6 +561,28 @@ fn uffd_write_protect(uffd: &Uffd, addr: usize, len: usize, wp: bool) -> io::Res
     uffd.write_protect(addr, len, wp, false)
 }
 
+/// Make every entry of the piece at `at` present (`UFFDIO_CONTINUE`),
+/// write-protected if `wp`, whichever are present already: one call when
+/// none is; else one per OS page (a call stops at the first entry present,
+/// EEXIST), and then the whole piece write-protected if `wp` (an entry
+/// present already may lack the bit).
+fn continue_all(uffd: &Uffd, at: usize, len: usize, wp: bool) -> Result<(), MapError> {
+    let whole =
+        uffd_continue_new(uffd, at, len, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
+    if whole {
+        return Ok(());
+    }
+    let os = bigfile_os::os_page_size();
+    for page in (at..at + len).step_by(os) {
+        uffd_continue(uffd, page, os, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
+    }
+    if wp {
+        uffd_write_protect(uffd, at, len, true)
+            .map_err(|e| MapError::Uffd("UFFDIO_WRITEPROTECT", e))?;
+    }
+    Ok(())
+}
+
 /// Register the piece at `addr` (a RAM page just mapped over a slot of a
 /// registered reservation, read-only if `wp`, else read-write) for missing,
 /// minor and write-protect faults, make its entries present,
@@ -586,18 +607,7 @@ fn register_and_continue(
     let at = addr.as_ptr() as usize;
     uffd.register_part(at, len)
         .map_err(|e| MapError::Uffd("UFFDIO_REGISTER", e))?;
-    let whole =
-        uffd_continue_new(uffd, at, len, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
-    if !whole {
-        let os = bigfile_os::os_page_size();
-        for page in (at..at + len).step_by(os) {
-            uffd_continue(uffd, page, os, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
-        }
-        if wp {
-            uffd_write_protect(uffd, at, len, true)
-                .map_err(|e| MapError::Uffd("UFFDIO_WRITEPROTECT", e))?;
-        }
-    }
+    continue_all(uffd, at, len, wp)?;
     if wp {
         // SAFETY: the piece just mapped over the slot; its writes are
         // tracked from here on.
