@@ -545,10 +545,8 @@ fn a_slot_whose_entries_went_in_part_is_made_whole_again() {
     assert_eq!(peek(base as *const u8), MemFile::initial(0));
     // SAFETY: the second OS page of a slot of a shared mapping: its entries
     // go, its data stays in the RAM.
-    assert_eq!(
-        unsafe { libc::madvise((base + os) as *mut _, os, libc::MADV_DONTNEED) },
-        0
-    );
+    let zapped = unsafe { libc::madvise((base + os) as *mut _, os, libc::MADV_DONTNEED) };
+    assert_eq!(zapped, 0);
     let faults = fh.stats().faults;
     let reader = thread::spawn(move || peek((base + os) as *const u8));
     // Each fault is counted: a thousand for one access is a loop.
