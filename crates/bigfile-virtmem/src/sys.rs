@@ -74,6 +74,53 @@ pub(crate) unsafe fn zap(addr: NonNull<u8>, len: usize) -> io::Result<()> {
     syscall!(unsafe { libc::madvise(addr.as_ptr().cast(), len, libc::MADV_DONTNEED) }).map(drop)
 }
 
+/// Call `absent` with the address of each OS page of `[addr, addr+len)`
+/// whose page-table entry is not present (bit 63 of its entry in
+/// `/proc/self/pagemap` clear), stopping at its first error; an error too
+/// if the file cannot be read. Allocates nothing: faults are served in
+/// signal handlers.
+pub(crate) fn for_each_absent(
+    addr: usize,
+    len: usize,
+    mut absent: impl FnMut(usize) -> io::Result<()>,
+) -> io::Result<()> {
+    const PRESENT: u64 = 1 << 63;
+    let os = bigfile_os::os_page_size();
+    // SAFETY: a NUL-terminated path; the descriptor is closed below.
+    let fd = syscall!(unsafe {
+        libc::open(
+            c"/proc/self/pagemap".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    })?;
+    let mut read = || {
+        let mut entries = [0u64; 64];
+        let end = addr + len;
+        let mut page = addr;
+        while page < end {
+            let n = ((end - page) / os).min(entries.len());
+            let want = n * size_of::<u64>();
+            let at = (page / os * size_of::<u64>()) as libc::off_t;
+            // SAFETY: reads at most `want` bytes, the size of `n` entries.
+            let got = syscall!(unsafe { libc::pread(fd, entries.as_mut_ptr().cast(), want, at) })?;
+            if (got as usize) < want {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+            for (i, entry) in entries[..n].iter().enumerate() {
+                if entry & PRESENT == 0 {
+                    absent(page + i * os)?;
+                }
+            }
+            page += n * os;
+        }
+        Ok(())
+    };
+    let res = read();
+    // SAFETY: the descriptor opened above, used by nothing else.
+    unsafe { libc::close(fd) };
+    res
+}
+
 /// Change the protection of `[addr, addr+len)`.
 ///
 /// # Safety
