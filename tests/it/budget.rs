@@ -266,7 +266,10 @@ fn kernel_mappings_stay_bounded_across_rams_when_scattered_slots_are_touched() {
         let fh = open(&file, &ram);
         let vma = fh.mmap(0, SLOTS as u64).unwrap();
         for i in (0..SLOTS).step_by(2) {
-            assert_eq!(peek(vma.as_ptr().wrapping_add(i * SMALL)), small_byte(i));
+            assert_eq!(
+                peek(vma.as_ptr().wrapping_add(i * SMALL)),
+                MemFile::initial(i as u64)
+            );
         }
         kept.push((vma, fh, ram));
     }
@@ -283,18 +286,11 @@ fn kernel_mappings_stay_bounded_across_rams_when_scattered_slots_are_touched() {
 /// The block size of [`small_blocks`].
 const SMALL: usize = 4096;
 
-/// The bytes block `blk` of [`small_blocks`] holds (the default content
-/// overflows at block 255).
-fn small_byte(blk: usize) -> u8 {
-    (blk % 251) as u8 + 1
-}
-
-/// A file of blocks of [`SMALL`] bytes, block `b` holding [`small_byte`]`(b)`,
+/// A file of blocks of [`SMALL`] bytes, block `b` holding `MemFile::initial(b)`,
 /// and a RAM of pages that size with a budget of 16 pages: mappings of many
 /// slots, few of them resident.
 fn small_blocks() -> (Arc<MemFile>, bigfile::virtmem::Ram) {
-    let file =
-        Arc::new(MemFile::new(SMALL).with_initial(|blk, buf| buf.fill(small_byte(blk as usize))));
+    let file = Arc::new(MemFile::new(SMALL));
     let ram = bigfile::virtmem::Ram::from_spec(&format!("memfd,pagesize={SMALL}"))
         .unwrap()
         .with_budget(16 * SMALL as u64);
@@ -331,7 +327,10 @@ fn kernel_mappings_stay_bounded_however_many_slots_are_touched() {
     let fh = open(&file, &ram);
     let vma = fh.mmap(0, SLOTS as u64).unwrap();
     for i in 0..SLOTS {
-        assert_eq!(peek(vma.as_ptr().wrapping_add(i * SMALL)), small_byte(i));
+        assert_eq!(
+            peek(vma.as_ptr().wrapping_add(i * SMALL)),
+            MemFile::initial(i as u64)
+        );
     }
     let inside = kernel_mappings_in(vma.addr_range());
     assert!(
@@ -340,6 +339,9 @@ fn kernel_mappings_stay_bounded_however_many_slots_are_touched() {
     );
     // Every slot still reads its block.
     for i in (0..SLOTS).step_by(997) {
-        assert_eq!(peek(vma.as_ptr().wrapping_add(i * SMALL)), small_byte(i));
+        assert_eq!(
+            peek(vma.as_ptr().wrapping_add(i * SMALL)),
+            MemFile::initial(i as u64)
+        );
     }
 }

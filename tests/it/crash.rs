@@ -62,6 +62,17 @@ fn a_wait_cycle_through_two_rams_is_sigsegv_with_diagnostic() {
     expect_signal("cross_ram_cycle", libc::SIGSEGV, &["would never end"]);
 }
 
+/// A budget of more pages than the process has kernel mappings for, mapped
+/// apart (every other slot: each page splits its mapping's reservation):
+/// the process keeps fewer slots mapped, taking least recently used pages
+/// away (it died by SIGBUS, "Cannot allocate memory", at about 32,000 pages
+/// mapped).
+#[test]
+fn pages_mapped_apart_past_the_kernel_mapping_limit_are_served() {
+    let out = expect_ok("past_map_count");
+    assert!(out.contains("all read"), "{out}");
+}
+
 #[test]
 fn storeblk_writing_its_own_handle_is_sigsegv_with_diagnostic() {
     expect_signal("store_writes_own", libc::SIGSEGV, &["during its writeout"]);
@@ -467,6 +478,33 @@ fn child() {
             peek(pa as *const u8);
             other.join().unwrap();
             println!("no cycle found");
+        }
+        "past_map_count" => {
+            let limit: usize = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            // Half the limit in pages mapped apart is the limit in kernel
+            // mappings; a few thousand more are past it.
+            let pages = limit / 2 + 4096;
+            const SMALL: usize = 4096;
+            let file = mem_file(SMALL);
+            let ram = bigfile::virtmem::Ram::from_spec(&format!("memfd,pagesize={SMALL}"))
+                .unwrap()
+                .with_budget((pages * SMALL) as u64);
+            let fh = open(&file, &ram);
+            let vma = fh.mmap(0, 2 * pages as u64).unwrap();
+            for i in 0..pages {
+                let blk = 2 * i;
+                assert_eq!(
+                    peek(vma.as_ptr().wrapping_add(blk * SMALL)),
+                    MemFile::initial(blk as u64)
+                );
+            }
+            let resident = fh.stats().resident_pages;
+            assert!(resident < limit as u64 / 2, "{resident} pages resident");
+            println!("all read: {resident} resident of {pages}");
         }
         "self_touch" => {
             let file = mem_file(BLK);

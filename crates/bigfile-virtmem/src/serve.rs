@@ -30,7 +30,7 @@ use crate::pages::{LoadEnd, PageState};
 use crate::readahead;
 use crate::reclaim::{make_room, reclaim_one, Room};
 use crate::shared::Guard;
-use crate::state::Unmap;
+use crate::state::{self, Unmap};
 use crate::stats::Counter;
 use crate::streak::{Execution, Lost};
 use crate::sys;
@@ -367,6 +367,13 @@ fn map_page<'a>(
         .get(pk)
         .ram_page()
         .expect("a resident page has RAM");
+    if state::mapped_in_process() >= state::mapped_slots_kept()
+        && st
+            .slot(fh.key, req.vma, req.blk, fh.page_size())
+            .is_some_and(|s| !s.mapped)
+    {
+        free_mappings(&mut st, shared, pk);
+    }
     let mapper = Mapper::of(shared);
     let fresh = mapper
         .map(&mut st, fh.key, req.vma, (req.blk, ram_page), prot)
@@ -397,6 +404,26 @@ fn map_page<'a>(
         unsafe { mapper.populate(addr, prot == Prot::ReadWrite) };
     }
     Ok(None)
+}
+
+/// Pages taken away at once when the process keeps as many slots mapped as
+/// it may (`state::mapped_slots_kept`).
+const MAPPINGS_FREED: usize = 64;
+
+/// Take up to [`MAPPINGS_FREED`] clean pages of this RAM away (least
+/// recently used first; never `pk`, the page about to be mapped): the
+/// process keeps as many slots mapped as the kernel's limit on mappings
+/// allows (`vm.max_map_count`; past it, mapping a page fails with ENOMEM,
+/// and a fault with SIGBUS), so a budget bigger than that holds fewer pages
+/// instead.
+fn free_mappings(st: &mut Guard<'_>, shared: &crate::shared::Shared, pk: PageKey) {
+    let mut freed = 0;
+    while freed < MAPPINGS_FREED
+        && st.lru().oldest().is_some_and(|oldest| oldest != pk)
+        && reclaim_one(st, shared)
+    {
+        freed += 1;
+    }
 }
 
 /// A write during a writeout of the handle waits for it: storeblk must see

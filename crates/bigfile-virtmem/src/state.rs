@@ -88,6 +88,37 @@ pub(crate) struct State {
     /// backend's kernel mappings of RAM pages, `VmaState`), counted in
     /// [`pieces_in_process`] too.
     pieces: usize,
+    /// Slots of this RAM's mappings with a RAM page mapped, counted in
+    /// [`mapped_in_process`] too.
+    mapped: usize,
+}
+
+/// Slots of every RAM's mappings with a RAM page mapped: each is a kernel
+/// mapping of its own, and splits its mapping's reservation when its
+/// neighbours are not mapped (`serve.rs` keeps them under
+/// [`mapped_slots_kept`]).
+static MAPPED_IN_PROCESS: AtomicUsize = AtomicUsize::new(0);
+
+/// Slots of the process's mappings (every RAM's) with a page mapped.
+pub(crate) fn mapped_in_process() -> usize {
+    MAPPED_IN_PROCESS.load(Relaxed)
+}
+
+/// How many slots the process keeps mapped at most: each may cost two
+/// kernel mappings (the page, and the reservation it splits), of the
+/// `vm.max_map_count` the process has (65530 by default) for all its
+/// mappings, of which the userfaultfd backend's kept pieces take up to a
+/// quarter (`mapper::PIECES_KEPT`) and the rest of the process needs some:
+/// five sixteenths of the limit (20478 by default).
+pub(crate) fn mapped_slots_kept() -> usize {
+    static KEPT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *KEPT.get_or_init(|| {
+        let limit = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(65530);
+        limit / 16 * 5
+    })
 }
 
 /// Slots of every RAM's mappings holding a piece: past
@@ -223,6 +254,9 @@ impl State {
         let pieces = v.piece_count();
         self.pieces -= pieces;
         PIECES_IN_PROCESS.fetch_sub(pieces, Relaxed);
+        let mapped = v.mapped_count();
+        self.mapped -= mapped;
+        MAPPED_IN_PROCESS.fetch_sub(mapped, Relaxed);
         self.releasing.push(v.range());
     }
 
@@ -244,6 +278,7 @@ impl State {
         self.budget = Budget::default();
         self.waiters = 0;
         PIECES_IN_PROCESS.fetch_sub(std::mem::take(&mut self.pieces), Relaxed);
+        MAPPED_IN_PROCESS.fetch_sub(std::mem::take(&mut self.mapped), Relaxed);
         rc.forget_pages();
         let mut ranges = std::mem::take(&mut self.releasing);
         for (_, h) in self.handles.iter_mut() {
@@ -527,7 +562,12 @@ impl State {
 
     /// Mark slot `index` of mapping `vk` of `fk` as having its page mapped.
     pub(crate) fn set_mapped(&mut self, fk: FileKey, vk: VmaKey, index: usize) {
-        self.handles[fk.0].vmas[vk.0].set_mapped(index, true);
+        let v = &mut self.handles[fk.0].vmas[vk.0];
+        if !v.is_mapped(index) {
+            v.set_mapped(index, true);
+            self.mapped += 1;
+            MAPPED_IN_PROCESS.fetch_add(1, Relaxed);
+        }
     }
 
     /// Slot `index` of mapping `vk` holds a piece (`VmaState::add_piece`).
@@ -580,11 +620,13 @@ impl State {
             counts.add(Counter::ReadAheadWasted, 1);
         }
         let ps = h.ramh.page_size();
+        let mut unmapped = 0;
         for (vk, v) in h.vmas.iter_mut() {
             let Some(index) = v.index_of(page.blk()).filter(|&i| v.is_mapped(i)) else {
                 continue;
             };
             v.set_mapped(index, false);
+            unmapped += 1;
             if when == Unmap::Deferred {
                 v.set_unmapping(index, true);
                 h.unmapping += 1;
@@ -596,6 +638,8 @@ impl State {
                 addr: v.page_addr(index, ps),
             });
         }
+        self.mapped -= unmapped;
+        MAPPED_IN_PROCESS.fetch_sub(unmapped, Relaxed);
         Detached {
             fileh: fk,
             blk: page.blk(),

@@ -110,6 +110,11 @@ impl VmaState {
     }
 
     /// How many slots hold a piece.
+    /// Slots with a RAM page mapped.
+    pub(crate) fn mapped_count(&self) -> usize {
+        self.mapped.count_ones()
+    }
+
     pub(crate) fn piece_count(&self) -> usize {
         self.pieces.count_ones()
     }
