@@ -73,6 +73,17 @@ fn pages_mapped_apart_past_the_kernel_mapping_limit_are_served() {
     assert!(out.contains("all read"), "{out}");
 }
 
+/// An access straddling two pages of a RAM whose pages are all that its
+/// faults may take away while the process keeps as many slots mapped as it
+/// may (another RAM's): making room for one page must not take the other
+/// page of the same access, else the instruction faults on each in turn
+/// forever (it did: loads went on without end).
+#[test]
+fn a_straddling_access_at_the_mapped_slot_limit_ends() {
+    let out = expect_ok("straddle_at_map_limit");
+    assert!(out.contains("read across"), "{out}");
+}
+
 #[test]
 fn storeblk_writing_its_own_handle_is_sigsegv_with_diagnostic() {
     expect_signal("store_writes_own", libc::SIGSEGV, &["during its writeout"]);
@@ -505,6 +516,53 @@ fn child() {
             let resident = fh.stats().resident_pages;
             assert!(resident < limit as u64 / 2, "{resident} pages resident");
             println!("all read: {resident} resident of {pages}");
+        }
+        "straddle_at_map_limit" => {
+            let limit: usize = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            // As many slots as the process keeps mapped
+            // (`state::mapped_slots_kept`), in RAM `a`.
+            let kept = limit / 16 * 5;
+            const SMALL: usize = 4096;
+            let file_a = mem_file(SMALL);
+            let ram_a = bigfile::virtmem::Ram::from_spec(&format!("memfd,pagesize={SMALL}"))
+                .unwrap()
+                .with_budget(((kept + 64) * SMALL) as u64);
+            let fh_a = open(&file_a, &ram_a);
+            let vma_a = fh_a.mmap(0, kept as u64).unwrap();
+            for blk in 0..kept {
+                peek(vma_a.as_ptr().wrapping_add(blk * SMALL));
+            }
+            let file_b = mem_file(SMALL);
+            let ram_b = bigfile::virtmem::Ram::from_spec(&format!("memfd,pagesize={SMALL}"))
+                .unwrap()
+                .with_budget((8 * SMALL) as u64);
+            let fh_b = open(&file_b, &ram_b);
+            let vma_b = fh_b.mmap(0, 2).unwrap();
+            // No read-ahead: the access faults on each page.
+            vma_b.advise(bigfile::virtmem::Advice::Random);
+            let at = vma_b.as_ptr() as usize + SMALL - 4;
+            let reader = std::thread::spawn(move || {
+                // SAFETY: 8 bytes inside the 2-page mapping, kept alive
+                // until the thread is joined (or the process exits).
+                unsafe { std::ptr::read_unaligned(at as *const u64) }
+            });
+            // Two loads serve the access; a few more are the pages going
+            // back and forth.
+            while !reader.is_finished() {
+                let loads = fh_b.stats().loads;
+                if loads > 64 {
+                    println!("livelock: {loads} loads for one access");
+                    std::process::exit(1);
+                }
+                std::thread::yield_now();
+            }
+            reader.join().unwrap();
+            println!("read across: {} loads", fh_b.stats().loads);
+            drop(vma_a);
         }
         "self_touch" => {
             let file = mem_file(BLK);
