@@ -92,18 +92,20 @@ pub(crate) fn serve(
                 PageState::Loading | PageState::LoadingInvalidated => {
                     wait_for_load(fh, st, (req.blk, pk), host)?
                 }
-                PageState::Loaded | PageState::Dirty => match map_page(fh, st, (req, pk), host)? {
-                    Some(st) => st,
-                    None => {
-                        if let Some(a) = &access {
-                            a.served(fh.key, req.blk);
+                PageState::Loaded | PageState::Dirty => {
+                    match map_page(fh, st, (req, pk, pin), host)? {
+                        Some(st) => st,
+                        None => {
+                            if let Some(a) = &access {
+                                a.served(fh.key, req.blk);
+                            }
+                            if ahead {
+                                readahead::issue(fh, (req.vma, req.blk), pin, fill_ahead);
+                            }
+                            return Ok(());
                         }
-                        if ahead {
-                            readahead::issue(fh, (req.vma, req.blk), pin, fill_ahead);
-                        }
-                        return Ok(());
                     }
-                },
+                }
             },
         };
     }
@@ -332,11 +334,12 @@ fn take_over<'a>(
 /// LOADED or DIRTY: map the page into the request's mapping, read-only for
 /// a read; for a write, once no writeout of the handle runs, dirty and
 /// read-write. Then populate it without the lock. `Ok(None)` when done,
-/// `Ok(Some(lock))` when it had to wait and must look again.
+/// `Ok(Some(lock))` when it had to wait and must look again. `pin` is the
+/// block the access still needs (`streak.rs`).
 fn map_page<'a>(
     fh: &'a FileHInner,
     mut st: Guard<'a>,
-    (req, pk): (&PageRequest, PageKey),
+    (req, pk, pin): (&PageRequest, PageKey, Option<(FileKey, u64)>),
     host: &mut HostLease,
 ) -> Result<Option<Guard<'a>>, Failure> {
     let shared = &*fh.shared;
@@ -372,7 +375,8 @@ fn map_page<'a>(
             .slot(fh.key, req.vma, req.blk, fh.page_size())
             .is_some_and(|s| !s.mapped)
     {
-        free_mappings(&mut st, shared, pk);
+        let pin = pin.and_then(|(fk, blk)| st.find_page(fk, blk));
+        free_mappings(&mut st, shared, (pk, pin));
     }
     let mapper = Mapper::of(shared);
     let fresh = mapper
@@ -411,17 +415,28 @@ fn map_page<'a>(
 const MAPPINGS_FREED: usize = 64;
 
 /// Take up to [`MAPPINGS_FREED`] clean pages of this RAM away (least
-/// recently used first; never `pk`, the page about to be mapped): the
+/// recently used first; never `pk`, the page about to be mapped, nor
+/// `pin`, the other page its access needs, else an instruction touching
+/// both would take each from the other in turn forever): the
 /// process keeps as many slots mapped as the kernel's limit on mappings
 /// allows (`vm.max_map_count`; past it, mapping a page fails with ENOMEM,
 /// and a fault with SIGBUS), so a budget bigger than that holds fewer pages
 /// instead.
-fn free_mappings(st: &mut Guard<'_>, shared: &crate::shared::Shared, pk: PageKey) {
+fn free_mappings(
+    st: &mut Guard<'_>,
+    shared: &crate::shared::Shared,
+    (pk, pin): (PageKey, Option<PageKey>),
+) {
     let mut freed = 0;
-    while freed < MAPPINGS_FREED
-        && st.lru().oldest().is_some_and(|oldest| oldest != pk)
-        && reclaim_one(st, shared)
-    {
+    while freed < MAPPINGS_FREED {
+        if let Some(p) = pin.filter(|&p| st.lru().oldest() == Some(p)) {
+            // The access still needs it: the next oldest goes.
+            st.touch(p);
+        }
+        let spared = |oldest| oldest == pk || Some(oldest) == pin;
+        if st.lru().oldest().is_none_or(spared) || !reclaim_one(st, shared) {
+            return;
+        }
         freed += 1;
     }
 }
