@@ -109,12 +109,12 @@ impl VmaState {
         self.pieces.replace(idx, false)
     }
 
-    /// How many slots hold a piece.
     /// Slots with a RAM page mapped.
     pub(crate) fn mapped_count(&self) -> usize {
         self.mapped.count_ones()
     }
 
+    /// How many slots hold a piece.
     pub(crate) fn piece_count(&self) -> usize {
         self.pieces.count_ones()
     }
