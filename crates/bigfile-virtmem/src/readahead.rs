@@ -30,7 +30,7 @@ use crate::keys::{FileKey, PageKey, RamPage, VmaId};
 use crate::mapper::{Deferred, Mapper};
 use crate::pages::{LoadEnd, PageState};
 use crate::shared::Guard;
-use crate::state::Unmap;
+use crate::state::{self, Unmap};
 use crate::stream::{max_window, MAX_WINDOW};
 use crate::waits::{Ticket, Tid};
 
@@ -321,9 +321,12 @@ fn map_ahead(fh: &FileHInner, st: &mut Guard<'_>, vma: VmaId, (blk, pk): (u64, P
     if !wanted || st.slot_unmapping(fh.key, vma, blk) {
         return;
     }
+    // Not past the slots the process keeps mapped ("Kernel mappings"): the
+    // stream's fault maps it, taking older pages away first.
     let free = st
         .slot(fh.key, vma, blk, fh.page_size())
-        .is_some_and(|slot| !slot.mapped);
+        .is_some_and(|slot| !slot.mapped)
+        && state::mapped_in_process() < state::mapped_slots_kept();
     if free {
         let _ = Mapper::of(&fh.shared).map(st, fh.key, vma, (blk, rp), Prot::Read);
     }
