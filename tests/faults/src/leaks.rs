@@ -47,6 +47,39 @@ pub fn maps() -> Result<Vec<MapLine>, String> {
     Ok(out)
 }
 
+/// Address ranges of the anonymous mappings made with MAP_NORESERVE (VmFlags
+/// `nr` in /proc/self/smaps): how both backends reserve a mapping's range,
+/// and what tells a reservation from other anonymous memory. A thread
+/// started during a run maps its signal stack and guard page anonymously,
+/// and may be given the address a dropped mapping had.
+pub fn reservations() -> Result<Vec<(usize, usize)>, String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps")
+        .map_err(|e| format!("/proc/self/smaps: {e}"))?;
+    let mut out = Vec::new();
+    // The range of the last header line, if the mapping is anonymous.
+    let mut anonymous: Option<(usize, usize)> = None;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(r) = anonymous.take() {
+                if flags.split_whitespace().any(|f| f == "nr") {
+                    out.push(r);
+                }
+            }
+            continue;
+        }
+        let mut it = line.split_whitespace();
+        let Some((a, b)) = it.next().and_then(|r| r.split_once('-')) else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
+            continue;
+        };
+        // A header: range, perms, offset, device, inode, then the path.
+        anonymous = it.nth(4).is_none().then_some((a, b));
+    }
+    Ok(out)
+}
+
 /// Mappings of RAM files (memfd or a tmpfs file of bigfile-ram).
 fn ram_mappings(maps: &[MapLine]) -> usize {
     maps.iter()
@@ -108,17 +141,26 @@ impl Baseline {
                 self.ram_maps
             ));
         }
+        let reservations = reservations()?;
         for r in used {
-            // Ours are RAM file pages and inaccessible anonymous reservations;
-            // the allocator may since have put its own (rw-p) memory there.
-            if let Some(m) = maps.iter().find(|m| {
-                m.range.start < r.end
-                    && r.start < m.range.end
-                    && (m.path.contains("bigfile-ram") || (m.path.is_empty() && m.perms == "---p"))
-            }) {
+            // Ours are RAM file pages and reservations (all or part of the
+            // range); the allocator may since have put its own memory there.
+            if let Some(m) = maps
+                .iter()
+                .find(|m| m.range.start < r.end && r.start < m.range.end && m.path.contains("bigfile-ram"))
+            {
                 return Err(format!(
                     "mapping left at {:#x}..{:#x} ({} {}) inside a dropped Vma's range {:#x}..{:#x}",
                     m.range.start, m.range.end, m.perms, m.path, r.start, r.end
+                ));
+            }
+            if let Some(m) = reservations
+                .iter()
+                .find(|m| r.start <= m.0 && m.1 <= r.end)
+            {
+                return Err(format!(
+                    "reservation left at {:#x}..{:#x} inside a dropped Vma's range {:#x}..{:#x}",
+                    m.0, m.1, r.start, r.end
                 ));
             }
             match bigfile_fault::register(r.start, r.end - r.start, Arc::new(Probe)) {

@@ -36,6 +36,7 @@ use bigfile_testkit::MemFile;
 use bigfile_virtmem::{Access, Error, FileH, Ram, Vma, WriteoutFlags};
 
 use crate::coredump::{exit_child, expect_success, last_line};
+use crate::leaks;
 use crate::python;
 use crate::words::{self, decode, pause, read_word, word, write_word};
 use crate::Scenario;
@@ -367,7 +368,7 @@ fn run(cfg: &Config) -> Result<String, String> {
     // The leftover check below must see a reservation when there is one.
     let probe = sh.fh.mmap(0, 2).map_err(|e| format!("mmap: {e}"))?;
     let probe_range = (probe.addr_range().start, probe.addr_range().end);
-    if leftover_reservation(&[probe_range]).is_none() {
+    if !leaks::reservations()?.contains(&probe_range) {
         return Err("a live mapping's reservation is not seen in /proc/self/smaps".into());
     }
     drop(probe);
@@ -387,8 +388,12 @@ fn run(cfg: &Config) -> Result<String, String> {
     }
     drop(sh.fh);
     drop(sh.ram);
-    if let Some(line) = leftover_reservation(&ranges) {
-        return Err(format!("a mapping's reservation is still there: {line}"));
+    // Exactly a mapping's range: a part of it would be a piece or a page.
+    if let Some(r) = leaks::reservations()?.iter().find(|r| ranges.contains(r)) {
+        return Err(format!(
+            "a mapping's reservation is still there: {:#x}..{:#x}",
+            r.0, r.1
+        ));
     }
     if ram_file_mappings() != baseline_maps {
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
@@ -398,37 +403,6 @@ fn run(cfg: &Config) -> Result<String, String> {
         "{summary}, {} mappings made and unmapped",
         ranges.len()
     ))
-}
-
-/// The /proc/self/smaps header of a mapping's reservation still in the
-/// process: an anonymous mapping made with MAP_NORESERVE (VmFlags `nr`, as
-/// both backends reserve) whose range is exactly one of `ranges`. The flag
-/// matters: a thread started during the run (a second userfaultfd handler)
-/// maps its 8 KiB signal stack anonymously, and may get the address of a
-/// mapping unmapped before, with the same size.
-fn leftover_reservation(ranges: &[(usize, usize)]) -> Option<String> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-    let mut header: Option<&str> = None;
-    for line in smaps.lines() {
-        if let Some(flags) = line.strip_prefix("VmFlags:") {
-            let reserved = flags.split_whitespace().any(|f| f == "nr");
-            if let (true, Some(h)) = (reserved, header.take()) {
-                return Some(h.to_owned());
-            }
-            continue;
-        }
-        let Some((range, _)) = line.split_once(' ') else {
-            continue;
-        };
-        let Some((a, b)) = range.split_once('-') else {
-            continue;
-        };
-        if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
-            // A header line; it is a candidate only if its range was ours.
-            header = ranges.contains(&(a, b)).then_some(line);
-        }
-    }
-    None
 }
 
 /// Owner `t`: writes, reads and invalidates its own blocks, reads others'.
