@@ -145,19 +145,15 @@ impl Baseline {
         for r in used {
             // Ours are RAM file pages and reservations (all or part of the
             // range); the allocator may since have put its own memory there.
-            if let Some(m) = maps
-                .iter()
-                .find(|m| m.range.start < r.end && r.start < m.range.end && m.path.contains("bigfile-ram"))
-            {
+            if let Some(m) = maps.iter().find(|m| {
+                m.range.start < r.end && r.start < m.range.end && m.path.contains("bigfile-ram")
+            }) {
                 return Err(format!(
                     "mapping left at {:#x}..{:#x} ({} {}) inside a dropped Vma's range {:#x}..{:#x}",
                     m.range.start, m.range.end, m.perms, m.path, r.start, r.end
                 ));
             }
-            if let Some(m) = reservations
-                .iter()
-                .find(|m| r.start <= m.0 && m.1 <= r.end)
-            {
+            if let Some(m) = reservations.iter().find(|m| r.start <= m.0 && m.1 <= r.end) {
                 return Err(format!(
                     "reservation left at {:#x}..{:#x} inside a dropped Vma's range {:#x}..{:#x}",
                     m.0, m.1, r.start, r.end
