@@ -13,24 +13,31 @@ use crate::common::{
     blocked_signals_of_threads, handle, mem_file, open, peek, ram, setup, Call, MemFile, BLK,
 };
 
+/// Two threads fault on one block: one loads it, the other waits for that
+/// load. The load is held until both faults are being served (the fault
+/// count is taken as a fault begins, before it looks at the page): a load
+/// that merely took a while let a thread delayed past it (a loaded machine)
+/// find the block loaded, and take no fault at all.
 #[test]
 fn two_threads_one_block_one_load() {
     let (file, _ram, fh, vma) = setup(16, 1);
-    file.on_load(|_, _| {
-        thread::sleep(Duration::from_millis(100));
-        Ok(())
-    });
+    let gates = Arc::new(Gates::default());
+    {
+        let gates = gates.clone();
+        file.on_load(move |blk, _| {
+            gates.enter(blk);
+            Ok(())
+        });
+    }
     let p = vma.as_ptr() as usize;
-    let start = Arc::new(Barrier::new(2));
     let ts: Vec<_> = (0..2)
-        .map(|_| {
-            let start = start.clone();
-            thread::spawn(move || {
-                start.wait();
-                peek(p as *const u8)
-            })
-        })
+        .map(|_| thread::spawn(move || peek(p as *const u8)))
         .collect();
+    gates.wait_entered(0, 1);
+    while fh.stats().faults < 2 {
+        thread::yield_now();
+    }
+    gates.open(0);
     for t in ts {
         assert_eq!(t.join().unwrap(), MemFile::initial(0));
     }
@@ -267,13 +274,16 @@ impl std::error::Error for BadSector {}
 #[test]
 fn waiters_of_a_failed_load_get_its_error() {
     let file = mem_file(BLK);
-    let entered = Arc::new(Barrier::new(2));
+    // The load fails only once the second thread is being served (the
+    // fault count is taken before it looks at the page): it finds the page
+    // LOADING and waits. A load that merely took a while let a thread
+    // delayed past it (a loaded machine) load the block itself, and hang
+    // in this hook.
+    let gates = Arc::new(Gates::default());
     {
-        let entered = entered.clone();
-        file.on_load(move |_, _| {
-            entered.wait();
-            // Give the second thread time to find the page LOADING and wait.
-            thread::sleep(Duration::from_millis(200));
+        let gates = gates.clone();
+        file.on_load(move |blk, _| {
+            gates.enter(blk);
             Err(Box::new(BadSector))
         });
     }
@@ -288,8 +298,16 @@ fn waiters_of_a_failed_load_get_its_error() {
         let vma = vma.clone();
         thread::spawn(move || vma.prefault(0..1, bigfile::virtmem::Access::Read))
     };
-    entered.wait();
-    let waited = vma.prefault(0..1, bigfile::virtmem::Access::Read);
+    gates.wait_entered(0, 1);
+    let waiter = {
+        let vma = vma.clone();
+        thread::spawn(move || vma.prefault(0..1, bigfile::virtmem::Access::Read))
+    };
+    while fh.stats().faults < 2 {
+        thread::yield_now();
+    }
+    gates.open(0);
+    let waited = waiter.join().unwrap();
     let loaded = loader.join().unwrap();
     let (l, w) = (loaded.unwrap_err(), waited.unwrap_err());
     assert!(l.to_string().contains("bad sector"), "{l}");
