@@ -514,7 +514,20 @@ fn two_threads_waiting_for_room_for_one_block_load_it_once() {
 #[test]
 fn the_backends_own_threads_leave_process_signals_to_the_application() {
     use std::io::Read;
-    let (_file, ram, fh, vma) = setup(16, 2);
+    let (file, ram, fh, vma) = setup(16, 2);
+    // The backend's threads as the first load sees them: on userfaultfd
+    // that load runs on the worker the kernel fault started, which is
+    // certain to be there then; listed after read(2) returned, it may have
+    // retired already (idle for 2 s: a test thread preempted that long).
+    let at_first_load = Arc::new(Mutex::new(None));
+    {
+        let at_first_load = at_first_load.clone();
+        file.on_load(move |_, _| {
+            let mut seen = at_first_load.lock().unwrap();
+            seen.get_or_insert_with(|| blocked_signals_of_threads("bigfile-uffd"));
+            Ok(())
+        });
+    }
     // A kernel fault (read(2) into a page not loaded) starts a worker.
     let path = std::env::temp_dir().join(format!("bigfile-it-deaf-{}", std::process::id()));
     std::fs::write(&path, [5u8; 64]).unwrap();
@@ -523,8 +536,11 @@ fn the_backends_own_threads_leave_process_signals_to_the_application() {
     let dst = unsafe { &mut vma.as_mut_slice()[..64] };
     let kernel_io = f.read(dst);
     std::fs::remove_file(&path).unwrap();
+    // (On signals, read(2) fails and loads nothing.)
+    let threads = at_first_load.lock().unwrap().take();
+    let threads = threads.unwrap_or_else(|| blocked_signals_of_threads("bigfile-uffd"));
     let mut ours = Vec::new();
-    for (comm, blocked) in blocked_signals_of_threads("bigfile-uffd") {
+    for (comm, blocked) in threads {
         let is_blocked = |sig: i32| blocked & (1 << (sig - 1)) != 0;
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGCHLD, libc::SIGALRM] {
             assert!(is_blocked(sig), "{comm} takes signal {sig}");
