@@ -183,6 +183,34 @@ def maps():
         return m.read().splitlines()
 
 
+def reservations():
+    """Address ranges of the anonymous mappings made with MAP_NORESERVE
+    (VmFlags `nr` in /proc/self/smaps): how both backends reserve a
+    mapping's range. Any anonymous mapping would not do: a thread started
+    during the run maps its signal stack and guard page anonymously, and may
+    be given the address, and the size, of a mapping unmapped before."""
+    out = set()
+    anonymous = None  # the range of the last header line, if anonymous
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line.startswith("VmFlags:"):
+                if anonymous is not None and "nr" in line.split()[1:]:
+                    out.add(anonymous)
+                anonymous = None
+                continue
+            fields = line.split()
+            lo_hi = fields[0].split("-") if fields else []
+            if len(lo_hi) != 2:
+                continue
+            try:
+                lo, hi = int(lo_hi[0], 16), int(lo_hi[1], 16)
+            except ValueError:
+                continue
+            # A header: range, perms, offset, device, inode, then the path.
+            anonymous = (lo, hi) if len(fields) == 5 else None
+    return out
+
+
 def ram_files():
     """Inodes of the RAM files mapped in the process."""
     return {line.split()[4] for line in maps() if "memfd:bigfile-ram" in line}
@@ -406,6 +434,13 @@ def main():
     if rs["resident_pages"] or rs["resident_bytes"] or rs["dirty_pages"]:
         print("RAM accounting not back to zero: %r" % rs)
         sys.exit(1)
+    # The leftover check below must see a reservation when there is one.
+    probe = fh.mmap(0, 2)
+    if (probe.addr_start, probe.addr_stop) not in reservations():
+        print("a live mapping's reservation is not seen in /proc/self/smaps")
+        sys.exit(1)
+    probe.close()
+    del probe
     fh.close()
     # Closed, the mapping's addresses stay taken (by zeros, no file) while
     # its VMA object lives; they go with it.
@@ -416,11 +451,10 @@ def main():
             sys.exit(1)
     del vma
     gc.collect()
-    for line in maps():
-        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-        if (lo, hi) in ranges:
-            print("a mapping's reservation is still there: " + line)
-            sys.exit(1)
+    # Exactly a mapping's range: a part of it would be a piece or a page.
+    for lo, hi in sorted(reservations() & set(ranges)):
+        print("a mapping's reservation is still there: %x-%x" % (lo, hi))
+        sys.exit(1)
     left = ram_files() - side_ram_files
     if left:
         print("RAM files left mapped (inodes %s):\n%s" % (left, "\n".join(maps())))
