@@ -2,7 +2,7 @@
 //! load versus invalidate, lock order.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -259,6 +259,15 @@ fn write_during_writeout_waits_for_it() {
     assert_eq!(fh.dirty_blocks(), [0]);
 }
 
+/// Whether thread `tid` of this process is asleep in the kernel (state `S`
+/// in /proc/self/task/TID/stat: waiting on a futex, here).
+fn sleeping(tid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
+    // "TID (COMM) STATE ...": COMM may hold spaces and parentheses.
+    stat.rsplit_once(") ")
+        .is_some_and(|(_, rest)| rest.starts_with('S'))
+}
+
 /// The loader's error, as a value.
 #[derive(Debug)]
 struct BadSector;
@@ -274,11 +283,11 @@ impl std::error::Error for BadSector {}
 #[test]
 fn waiters_of_a_failed_load_get_its_error() {
     let file = mem_file(BLK);
-    // The load fails only once the second thread is being served (the
-    // fault count is taken before it looks at the page): it finds the page
-    // LOADING and waits. A load that merely took a while let a thread
-    // delayed past it (a loaded machine) load the block itself, and hang
-    // in this hook.
+    // The load fails only once the second thread waits for it: its fault
+    // counted (as serving begins), then asleep in the kernel, which from
+    // there is only the wait for a LOADING page. A load that merely took a
+    // while let a thread delayed past it (a loaded machine) load the block
+    // itself, and hang in this hook.
     let gates = Arc::new(Gates::default());
     {
         let gates = gates.clone();
@@ -299,11 +308,16 @@ fn waiters_of_a_failed_load_get_its_error() {
         thread::spawn(move || vma.prefault(0..1, bigfile::virtmem::Access::Read))
     };
     gates.wait_entered(0, 1);
+    let waiter_tid = Arc::new(AtomicI32::new(0));
     let waiter = {
-        let vma = vma.clone();
-        thread::spawn(move || vma.prefault(0..1, bigfile::virtmem::Access::Read))
+        let (vma, waiter_tid) = (vma.clone(), waiter_tid.clone());
+        thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            waiter_tid.store(unsafe { libc::gettid() }, SeqCst);
+            vma.prefault(0..1, bigfile::virtmem::Access::Read)
+        })
     };
-    while fh.stats().faults < 2 {
+    while fh.stats().faults < 2 || !sleeping(waiter_tid.load(SeqCst)) {
         thread::yield_now();
     }
     gates.open(0);
