@@ -165,15 +165,25 @@ def test_waiters_of_a_failed_load_get_its_exception():
     """The exception a loadblk raised reaches the thread that called for the
     block and every thread that waited for that load, as the same object."""
     calls = []
+    tids = {}
+
+    def asleep(tid):
+        # State S in /proc/self/task/TID/stat: "TID (COMM) S ...".
+        with open("/proc/self/task/%d/stat" % tid) as f:
+            return f.read().rpartition(") ")[2].startswith("S")
 
     class G(_bigfile.BigFile):
         def loadblk(self, blk, buf):
             calls.append(blk)
-            # Fail only once the other thread has come for the block too
-            # (and is waiting for this load, with the GIL released).
-            while fh.stats()["faults"] < 2:
+            # Fail only once the other thread has come for the block too:
+            # its fault counted (as serving begins), then asleep in the
+            # kernel with the GIL released, which from there is only the
+            # wait for this load. A fixed pause let a thread delayed past it
+            # (a loaded machine) load the block itself.
+            other = [t for t in tids.values() if t != threading.get_native_id()]
+            while fh.stats()["faults"] < 2 or len(other) != 1 or not asleep(other[0]):
                 time.sleep(0.001)
-            time.sleep(0.1)
+                other = [t for t in tids.values() if t != threading.get_native_id()]
             raise KeyError("bad sector %d" % blk)
 
     fh = G(PS).fileh_open()
@@ -182,6 +192,7 @@ def test_waiters_of_a_failed_load_get_its_exception():
     raised = {}
 
     def prefault(who):
+        tids[who] = threading.get_native_id()
         try:
             vma.prefault(0, PS)
         except KeyError as e:
