@@ -275,7 +275,11 @@ class Soak:
             # Any of the versions the block had from before the read to
             # after it, word by word (a reclaim and reload in the middle of
             # a copy may mix them); never one older than it had before.
-            allowed = [v for v in before + self.snapshot(blk) if v is not None]
+            # Versions of a block only grow, and the chaos thread may change
+            # it more than once during one read (a read held up in a loadblk
+            # that gave up the GIL): so every one in between too.
+            known = [v for v in before + self.snapshot(blk) if v is not None]
+            allowed = list(range(min(known), max(known) + 1))
             top = got & np.uint64(~0xFFFFFF & (2**64 - 1))
             seen = got & np.uint64(0xFFFFFF)
             if not np.array_equal(top, word(blk, w, 0)) or not np.isin(seen, allowed).all():
