@@ -39,11 +39,16 @@ fn bytes_file(name: &str, byte: u8, len: usize) -> std::fs::File {
     f
 }
 
-#[test]
-fn hugetlbfs_pages_on_userfaultfd_load_track_writes_and_go() {
-    let _pool = match HugePages::set(2 * BUDGET + 2) {
+/// A hugetlbfs RAM of `BUDGET` pages on userfaultfd, with the pool that
+/// holds it (kept as long as the RAM); None (said SKIPPED) where the pool
+/// cannot be resized or the process has no userfaultfd.
+fn hugetlbfs_ram() -> Option<(HugePages, Ram)> {
+    let pool = match HugePages::set(2 * BUDGET + 2) {
         Ok(p) => p,
-        Err(why) => return skip(&why),
+        Err(why) => {
+            skip(&why);
+            return None;
+        }
     };
     // Skipped where the process has no userfaultfd at all (a memfd RAM is
     // refused it too); where it has one, a hugetlbfs RAM must get it.
@@ -51,18 +56,27 @@ fn hugetlbfs_pages_on_userfaultfd_load_track_writes_and_go() {
         .unwrap()
         .with_fault_backend(FaultBackend::Userfaultfd)
     {
-        return skip(&format!("no userfaultfd: {why}"));
+        skip(&format!("no userfaultfd: {why}"));
+        return None;
     }
     let ram = Ram::from_spec("hugetlbfs,pagesize=2M")
         .unwrap()
         .with_budget(BUDGET * HUGE as u64)
         .with_fault_backend(FaultBackend::Userfaultfd)
         .unwrap();
+    Some((pool, ram))
+}
+
+#[test]
+fn hugetlbfs_pages_on_userfaultfd_load_track_writes_and_go() {
+    let Some((_pool, ram)) = hugetlbfs_ram() else {
+        return;
+    };
     assert_eq!(ram.fault_backend(), FaultBackend::Userfaultfd);
     let file = mem_file(HUGE);
     let fh = open(&file, &ram);
     let vma = fh.mmap(0, 6).unwrap();
-    let at = |blk: usize, off: usize| vma.as_ptr().wrapping_add(blk * HUGE + off) as *mut u8;
+    let at = |blk: usize, off: usize| vma.as_ptr().wrapping_add(blk * HUGE + off);
 
     // Load: a user read, anywhere in the page.
     assert_eq!(peek(at(0, HUGE - 1)), MemFile::initial(0));
@@ -148,4 +162,32 @@ fn hugetlbfs_pages_on_userfaultfd_load_track_writes_and_go() {
     drop(vma);
     drop(fh);
     assert_eq!(ram.stats().stats.resident_pages, 0);
+}
+
+/// A load that fails inside a system call fails the call (EFAULT: the
+/// 2 MiB page is poisoned whole); a user access then loads the page.
+#[test]
+fn hugetlbfs_page_whose_load_fails_in_a_system_call_fails_it() {
+    let Some((_pool, ram)) = hugetlbfs_ram() else {
+        return;
+    };
+    let file = mem_file(HUGE);
+    file.on_load(|blk, _| match blk {
+        1 => Err("block 1 is unreadable".into()),
+        _ => Ok(()),
+    });
+    let fh = open(&file, &ram);
+    let vma = fh.mmap(0, 2).unwrap();
+    let mut sink = bytes_file("hugetlb-efault", 0, 0);
+    // SAFETY: read by write(2) only while the slice lives.
+    let from = unsafe { std::slice::from_raw_parts(vma.as_ptr().wrapping_add(HUGE + 4096), 64) };
+    let err = sink.write(from).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+    file.clear_load_hook();
+    assert_eq!(
+        peek(vma.as_ptr().wrapping_add(HUGE + 8192)),
+        MemFile::initial(1)
+    );
+    assert_eq!(sink.write(from).unwrap(), 64);
+    assert!(fh.stats().load_errors > 0);
 }
