@@ -35,6 +35,9 @@ them into its table. Progress goes to stderr.
   (blocks reclaimed during the save). On the signal backend the same save
   fails with EFAULT (checked), so npsave_bigarray_prefault is the save
   after `vma.prefault()` of the whole mapping (prefault timed with it).
+  Their RAM is `BIGFILE_BENCH_RAM` (as for the Rust benches: e.g.
+  `hugetlbfs`, which needs a huge page pool of the array's size), memfd by
+  default. `--only npsave` measures these alone.
 
 Every figure is measured on the signal backend (`fault_backend="signals"`
 on each handle); those of faults and of scans through a mapping
@@ -58,6 +61,8 @@ from bigfile.bigarray import BigArray
 from bigfile.file_file import BigFile_File, BigFile_File_PyIO
 
 MIB = 1 << 20
+# The RAM of the np.save figures (module docs).
+NPSAVE_RAM = os.environ.get("BIGFILE_BENCH_RAM", "memfd")
 BLK = 2 * MIB
 
 
@@ -271,7 +276,7 @@ def npsave_bigarray(path, size, out, budget, faults):
     """np.save of the file as a BigArray over a fresh handle on backend
     `faults`: no block loaded when write(2) reads the memory. The OSError
     of the save, if it fails (the signal backend), else None."""
-    with BigFile_File(path, BLK).fileh_open(ram="memfd", budget=budget, fault_backend=faults) as fh:
+    with BigFile_File(path, BLK).fileh_open(ram=NPSAVE_RAM, budget=budget, fault_backend=faults) as fh:
         a = BigArray((size // 8,), np.uint64, fh)
         try:
             np.save(out, a[:])
@@ -294,7 +299,7 @@ def npsave_uffd(path, size, out, budget):
 def npsave_prefault(path, size, out):
     """np.save of the file through a fresh mapping prefaulted first
     (signal backend)."""
-    with BigFile_File(path, BLK).fileh_open(ram="memfd", budget=size, fault_backend="signals") as fh:
+    with BigFile_File(path, BLK).fileh_open(ram=NPSAVE_RAM, budget=size, fault_backend="signals") as fh:
         with fh.mmap(0, size // BLK) as vma:
             vma.prefault()
             v = np.ndarray((size // 8,), np.uint64, buffer=vma)
@@ -328,7 +333,7 @@ def npsave(data_dir, path, size, passes, backends):
     if "userfaultfd" in backends:
         for name, budget in [("npsave_bigarray_uffd", size), ("npsave_bigarray_budget64_uffd", 64 * MIB)]:
             log(f"python bench: np.save of a BigArray, budget {budget // MIB} MiB (userfaultfd)")
-            with BigFile_File(path, BLK).fileh_open(ram="memfd", budget=budget, fault_backend="userfaultfd") as fh:
+            with BigFile_File(path, BLK).fileh_open(ram=NPSAVE_RAM, budget=budget, fault_backend="userfaultfd") as fh:
                 np.save(out, BigArray((size // 8,), np.uint64, fh)[:])
             check_saved(out, arr)
             res[name], _ = timed(npsave_uffd, path, size, out, budget, passes=passes)
@@ -340,6 +345,7 @@ def bench_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--data-dir", default="target/bench-data")
+    ap.add_argument("--only", choices=["npsave"], help="measure only these figures")
     ap.add_argument("--first-pass", nargs=3, metavar=("PATH", "SIZE", "FAULTS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.makedirs(args.data_dir, exist_ok=True)
@@ -372,6 +378,10 @@ def main():
     passes = 3 if args.quick else 5
     on = backends()
     path = data_file(args.data_dir, size)
+    if args.only == "npsave":
+        for name, value in npsave(args.data_dir, path, size, passes, on).items():
+            print(f"{name}\t{value}")
+        return
 
     out = {"adler32_bytes": size}
     sums = {}

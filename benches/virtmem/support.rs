@@ -62,10 +62,12 @@ pub fn ram_spec(pagesize: &str) -> String {
 }
 
 /// A RAM of pages of `pagesize` (as [`ram_spec`]) on fault backend
-/// `backend`; the reason when the process cannot have that backend.
+/// `backend`; the reason when the process cannot have that backend, or
+/// that RAM (`BIGFILE_BENCH_RAM=hugetlbfs` has no 64 KiB pages).
 pub fn ram(pagesize: &str, backend: FaultBackend) -> Result<Ram, String> {
-    Ram::from_spec(&ram_spec(pagesize))
-        .expect("RAM spec")
+    let spec = ram_spec(pagesize);
+    Ram::from_spec(&spec)
+        .map_err(|e| format!("RAM {spec}: {e}"))?
         .with_fault_backend(backend)
         .map_err(|e| e.to_string())
 }

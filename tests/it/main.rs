@@ -7,6 +7,7 @@ mod common;
 mod crash;
 mod file;
 mod fork;
+mod hugetlb;
 mod lifecycle;
 mod misuse;
 mod readahead;

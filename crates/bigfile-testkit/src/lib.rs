@@ -11,12 +11,14 @@
 //! - [`memory`]: plain mappings, protections, byte accesses and
 //!   `/proc/self/maps`;
 //! - [`handler`]: fault handlers from closures;
-//! - [`mount`]: a filesystem mounted for a test (a tmpfs to fill).
+//! - [`mount`]: a filesystem mounted for a test (a tmpfs to fill);
+//! - [`hugepages`]: the huge page pool, resized for a test.
 //!
 //! See ARCHITECTURE.md at the repository root for who uses it.
 
 pub mod child;
 pub mod handler;
+pub mod hugepages;
 #[cfg(feature = "virtmem")]
 pub mod loads;
 pub mod memfile;

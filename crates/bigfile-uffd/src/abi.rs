@@ -34,6 +34,7 @@ pub const USERFAULTFD_IOC_NEW: libc::c_ulong = ioc(0, 0x00, 0);
 // Features UFFDIO_API may grant.
 pub const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+pub const UFFD_FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
 pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 pub const UFFD_FEATURE_EXACT_ADDRESS: u64 = 1 << 11;
 pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;

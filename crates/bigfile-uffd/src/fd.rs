@@ -42,6 +42,9 @@ pub struct Features {
     pub poison: bool,
     /// Write-protect markers on pages not yet populated.
     pub wp_unpopulated: bool,
+    /// Minor faults on hugetlbfs mappings (5.13): without it a hugetlbfs
+    /// piece cannot be registered as [`Uffd::register_part`] does.
+    pub minor_hugetlbfs: bool,
 }
 
 /// A userfaultfd: non-blocking, closed on exec.
@@ -79,7 +82,8 @@ const REQUIRED_MASK: u64 = abi::UFFD_FEATURE_MISSING_SHMEM
     | abi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM
     | abi::UFFD_FEATURE_THREAD_ID
     | abi::UFFD_FEATURE_EXACT_ADDRESS;
-const OPTIONAL: u64 = abi::UFFD_FEATURE_POISON | abi::UFFD_FEATURE_WP_UNPOPULATED;
+const OPTIONAL: u64 =
+    abi::UFFD_FEATURE_POISON | abi::UFFD_FEATURE_WP_UNPOPULATED | abi::UFFD_FEATURE_MINOR_HUGETLBFS;
 
 impl Uffd {
     /// A userfaultfd that sees kernel faults too, with the features bigfile
@@ -112,6 +116,7 @@ impl Uffd {
             features: Features {
                 poison: granted & abi::UFFD_FEATURE_POISON != 0,
                 wp_unpopulated: granted & abi::UFFD_FEATURE_WP_UNPOPULATED != 0,
+                minor_hugetlbfs: granted & abi::UFFD_FEATURE_MINOR_HUGETLBFS != 0,
             },
             via_device,
             // SAFETY: getpid has no preconditions.
@@ -176,7 +181,8 @@ impl Uffd {
     }
 
     /// Register `[addr, addr + len)` (page-aligned, a shared-memory mapping
-    /// just made over part of a range registered before) for missing, minor
+    /// just made over part of a range registered before; a hugetlbfs one,
+    /// huge-page-aligned, needs `features().minor_hugetlbfs`) for missing, minor
     /// and write-protect faults, with no value of its own: the registration
     /// of the range around it ends it.
     pub fn register_part(&self, addr: usize, len: usize) -> io::Result<()> {
@@ -449,7 +455,7 @@ fn negotiate(fd: &OwnedFd, features: u64) -> io::Result<u64> {
 
 /// The environment variable that hides optional features the kernel
 /// granted, for tests of what a user of an older kernel meets: a
-/// comma-separated list of `poison`, `wp_unpopulated`.
+/// comma-separated list of `poison`, `wp_unpopulated`, `minor_hugetlbfs`.
 pub const HIDE_FEATURES_ENV: &str = "BIGFILE_UFFD_HIDE_FEATURES";
 
 /// The optional features [`HIDE_FEATURES_ENV`] hides.
@@ -462,6 +468,7 @@ fn hidden_features() -> u64 {
         .map(|n| match n.trim() {
             "poison" => abi::UFFD_FEATURE_POISON,
             "wp_unpopulated" => abi::UFFD_FEATURE_WP_UNPOPULATED,
+            "minor_hugetlbfs" => abi::UFFD_FEATURE_MINOR_HUGETLBFS,
             _ => 0,
         })
         .fold(0, |a, b| a | b)

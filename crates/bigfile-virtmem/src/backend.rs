@@ -105,7 +105,8 @@ impl fmt::Debug for Backend {
 impl Backend {
     /// The backend for a RAM of `ram`'s kind, as `wanted`: userfaultfd when
     /// asked for or, with `Auto`, when the process may use it and the RAM
-    /// is shared memory it serves (memfd, shmfs; not hugetlbfs); else
+    /// is memory it serves (memfd, shmfs; hugetlbfs where the kernel reports
+    /// minor faults on it); else
     /// signals, with the reason. Asking for userfaultfd where it cannot be
     /// had is an error.
     pub(crate) fn choose(wanted: Wanted, ram: &bigfile_ram::Ram) -> Result<Backend, String> {
@@ -119,14 +120,13 @@ impl Backend {
                 why_not_uffd: why.into(),
             });
         }
-        let uffd = if matches!(ram.spec().backend, bigfile_ram::Backend::Hugetlbfs { .. }) {
-            Err(
-                "a hugetlbfs RAM (the userfaultfd backend serves shared memory: memfd, shmfs)"
-                    .to_owned(),
-            )
-        } else {
-            process_uffd()
-        };
+        let uffd = process_uffd().and_then(|uffd| {
+            let hugetlbfs = matches!(ram.spec().backend, bigfile_ram::Backend::Hugetlbfs { .. });
+            if hugetlbfs && !uffd.features().minor_hugetlbfs {
+                return Err(NO_MINOR_HUGETLBFS.into());
+            }
+            Ok(uffd)
+        });
         match (uffd, wanted) {
             (Ok(uffd), _) => Ok(Backend::Uffd(uffd)),
             (Err(why), Wanted::Auto) => Ok(Backend::Signals { why_not_uffd: why }),
@@ -201,6 +201,11 @@ pub(crate) fn process_uffd() -> Result<&'static Uffd, String> {
 const NO_POISON: &str = "userfaultfd lacks UFFDIO_POISON (Linux 6.6+): a system call whose \
                          page fails to load could only be retried, forever if the loader \
                          keeps failing, never failed with EFAULT";
+
+/// Why a hugetlbfs RAM is not on userfaultfd where the kernel lacks minor
+/// faults on hugetlbfs (its pieces are registered for them: `mapper.rs`).
+const NO_MINOR_HUGETLBFS: &str = "a hugetlbfs RAM, and this kernel's userfaultfd lacks minor \
+                                  faults on hugetlbfs (UFFD_FEATURE_MINOR_HUGETLBFS, Linux 5.13+)";
 
 /// Why a process that cannot read its threads' `/proc` entries does not use
 /// userfaultfd.

@@ -44,6 +44,12 @@ pub(crate) const PIECES_KEPT: usize = 8192;
 pub(crate) struct Mapper {
     page_size: usize,
     uffd: Option<&'static Uffd>,
+    /// Whether a RAM page is one page-table entry (hugetlbfs): present or
+    /// absent as a whole, and `UFFDIO_CONTINUE` acts on it only as a whole
+    /// (a range of part of it is refused). Shared memory's pages are OS
+    /// pages, each its own entry, which the kernel may take away one at a
+    /// time.
+    one_entry: bool,
 }
 
 /// Why a page could not be mapped into its slot.
@@ -63,6 +69,10 @@ impl Mapper {
         Mapper {
             page_size: shared.page_size(),
             uffd: shared.backend().uffd(),
+            one_entry: matches!(
+                shared.ram().spec().backend,
+                bigfile_ram::Backend::Hugetlbfs { .. }
+            ),
         }
     }
 
@@ -196,8 +206,11 @@ impl Mapper {
                 // OS page (for a 2 MiB page, 4 times the fault).
                 let whole = uffd_continue_new(uffd, addr, self.page_size, wp)
                     .map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
+                // A hugetlbfs page is one entry: present, since `CONTINUE`
+                // found it so.
                 let os = bigfile_os::os_page_size();
                 if !whole
+                    && !self.one_entry
                     && sys::for_each_absent(addr, self.page_size, |page| {
                         uffd_continue(uffd, page, os, wp)
                     })
@@ -223,7 +236,7 @@ impl Mapper {
                 .map_err(MapError::Map)?;
             #[cfg(feature = "failpoints")]
             crate::failpoint::hook("virtmem::uffd_before_register");
-            match register_and_continue(uffd, slot.addr, self.page_size, wp) {
+            match register_and_continue(uffd, slot.addr, self.page_size, wp, self.one_entry) {
                 Ok(()) => {}
                 Err(e) => {
                     // SAFETY: the slot just mapped, not counted mapped: its
@@ -578,11 +591,25 @@ fn uffd_write_protect(uffd: &Uffd, addr: usize, len: usize, wp: bool) -> io::Res
 
 /// Make every entry of the piece at `at` present (`UFFDIO_CONTINUE`),
 /// write-protected if `wp`, whichever are present already: one call when
-/// none is, else [`continue_each`].
-fn continue_all(uffd: &Uffd, at: usize, len: usize, wp: bool) -> Result<(), MapError> {
+/// none is, else [`continue_each`]; when the piece is `one_entry` (a
+/// hugetlbfs page), present already as a whole, only write-protected.
+fn continue_all(
+    uffd: &Uffd,
+    at: usize,
+    len: usize,
+    wp: bool,
+    one_entry: bool,
+) -> Result<(), MapError> {
     let whole =
         uffd_continue_new(uffd, at, len, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
     if whole {
+        return Ok(());
+    }
+    if one_entry {
+        if wp {
+            uffd_write_protect(uffd, at, len, true)
+                .map_err(|e| MapError::Uffd("UFFDIO_WRITEPROTECT", e))?;
+        }
         return Ok(());
     }
     continue_each(uffd, at, len, wp)
@@ -618,17 +645,19 @@ fn continue_each(uffd: &Uffd, at: usize, len: usize, wp: bool) -> Result<(), Map
 /// another thread read it meanwhile; benches/README.md). An entry made in
 /// the window (`UFFDIO_CONTINUE` says EEXIST) is write-protected here, and
 /// the rest mapped: none has the write-protect bit that would make a later
-/// write fault.
+/// write fault. (A hugetlbfs piece, `one_entry`, is one entry: mapped in the
+/// window as a whole, or not at all.)
 fn register_and_continue(
     uffd: &Uffd,
     addr: NonNull<u8>,
     len: usize,
     wp: bool,
+    one_entry: bool,
 ) -> Result<(), MapError> {
     let at = addr.as_ptr() as usize;
     uffd.register_part(at, len)
         .map_err(|e| MapError::Uffd("UFFDIO_REGISTER", e))?;
-    continue_all(uffd, at, len, wp)?;
+    continue_all(uffd, at, len, wp, one_entry)?;
     if wp {
         // SAFETY: the piece just mapped over the slot; its writes are
         // tracked from here on.
