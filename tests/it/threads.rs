@@ -611,3 +611,73 @@ fn a_slot_whose_entries_went_in_part_is_made_whole_again() {
     assert_eq!(reader.join().unwrap(), MemFile::initial(0));
     assert!(!looping, "one access faulted over 1000 times");
 }
+
+/// Found in use (Ctrl-C during `np.save` of an array whose loads were
+/// slow): a signal sent to a thread blocked in a kernel-mode fault (here a
+/// `write(2)` from a page still loading) ends its interruptible wait at
+/// once, and the kernel, which abandons a kernel-mode fault only for a
+/// fatal signal, retries it at once, again and again until the load ends:
+/// each retry is a new event. Each became a job, each job's worker waited
+/// for the one load, and each next event found no idle worker: thousands
+/// of threads (8184 in that Python session) for one slow load. A retry of a
+/// fault being served is now dropped (the fault's end wakes the thread).
+#[test]
+fn a_signal_during_a_kernel_fault_does_not_start_a_worker_per_retry() {
+    use std::io::Write;
+    use std::os::unix::thread::JoinHandleExt;
+    extern "C" fn nothing(_: libc::c_int) {}
+    // SAFETY: a handler that does nothing, for a signal no other test uses.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+        assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
+    }
+    let workers = || blocked_signals_of_threads("bigfile-uffd-").len();
+    let (file, ram, fh, vma) = setup(16, 1);
+    let loading = Arc::new(Barrier::new(2));
+    let most = Arc::new(AtomicUsize::new(0));
+    {
+        let (loading, most) = (loading.clone(), most.clone());
+        file.on_load(move |_, _| {
+            loading.wait();
+            // The retries come meanwhile: each one a worker, before.
+            for _ in 0..30 {
+                thread::sleep(Duration::from_millis(10));
+                most.fetch_max(workers(), SeqCst);
+            }
+            Ok(())
+        });
+    }
+    let path = std::env::temp_dir().join(format!("bigfile-it-sigretry-{}", std::process::id()));
+    let out = std::fs::File::create(&path).unwrap();
+    let p = vma.as_ptr() as usize;
+    let writer = thread::spawn(move || {
+        let src =
+            // SAFETY: the mapping outlives the thread (joined below);
+            // nothing writes it meanwhile.
+            unsafe { std::slice::from_raw_parts(p as *const u8, BLK) };
+        (&out).write(src)
+    });
+    let on_uffd = ram.fault_backend() == bigfile::virtmem::FaultBackend::Userfaultfd;
+    if on_uffd {
+        loading.wait();
+        // SAFETY: the thread is alive (joined below).
+        let sent = unsafe { libc::pthread_kill(writer.as_pthread_t(), libc::SIGUSR2) };
+        assert_eq!(sent, 0);
+    }
+    let written = writer.join().unwrap();
+    let saved = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    if on_uffd {
+        assert_eq!(written.unwrap(), BLK);
+        assert!(saved.iter().all(|&b| b == MemFile::initial(0)));
+        let most = most.load(SeqCst);
+        // (Other tests of this process may have workers of their own.)
+        assert!(most <= 16, "{most} userfaultfd workers for one slow load");
+        assert_eq!(fh.stats().loads, 1);
+    } else {
+        // On signals the kernel's access fails: no load, no signal sent.
+        assert!(written.is_err() && saved.is_empty());
+    }
+    drop(vma);
+}

@@ -404,6 +404,60 @@ def test_zbigarray_on_userfaultfd_is_saved_without_prefault(tmp_path):
         db.close()
 
 
+def test_ctrl_c_in_a_system_call_waiting_for_a_slow_load(tmp_path):
+    """Found in use: Ctrl-C during `np.save` of an array whose loadblk was
+    slow. The kernel retries a fault of a system call at once, over and
+    over, while the thread has a signal pending (only a fatal one ends it),
+    and each retry started a userfaultfd worker of its own, waiting for the
+    one load: thousands of threads (8184 in that session), or an abort. Now
+    the write ends as it would have, then KeyboardInterrupt is raised, and
+    the process keeps a few threads. In a child: a signal of its own."""
+    uffd_ram()  # skipped where userfaultfd is not available
+    out = str(tmp_path / "out.bin")
+    r = run_py(
+        f"""
+        import os, signal, threading, time
+        from bigfile import BigFile
+        PS = {PS}
+        loading = threading.Event()
+        class Slow(BigFile):
+            def loadblk(self, blk, buf):
+                loading.set()
+                time.sleep(0.3)  # the GIL released, as a storage's read
+                buf[:] = bytes([blk]) * len(buf)
+        fh = Slow(PS).fileh_open(ram="memfd,pagesize={PS}", fault_backend="userfaultfd")
+        vma = fh.mmap(0, 4)
+        most = 0
+        def interrupt(main):
+            global most
+            loading.wait()  # on a worker: the main thread is in write(2)
+            signal.pthread_kill(main, signal.SIGINT)
+            for _ in range(50):
+                most = max(most, len(os.listdir("/proc/self/task")))
+                time.sleep(0.02)
+        t = threading.Thread(target=interrupt, args=(threading.get_ident(),))
+        t.start()
+        try:
+            with open({out!r}, "wb") as f:
+                f.write(memoryview(vma))
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print("interrupted")
+        t.join()
+        print(most)
+        """,
+        timeout=60,
+    )
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+    said, most = r.stdout.split()
+    assert said == "interrupted", r.stdout
+    with open(out, "rb") as f:
+        assert f.read() == expected(range(4))
+    # The main thread, the interrupter, the reader, a worker or two (and
+    # any a library starts).
+    assert int(most) <= 16, r.stdout
+
+
 def test_the_interpreter_exits_while_a_worker_loads_for_a_system_call(tmp_path):
     """A userfaultfd worker runs a Python loadblk for a thread blocked in
     write(2); the interpreter exits meanwhile. The worker, a thread Python

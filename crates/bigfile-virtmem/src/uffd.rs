@@ -22,7 +22,7 @@
 //! Costs and limits are in ARCHITECTURE.md.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, RwLockWriteGuard};
@@ -53,6 +53,12 @@ pub(crate) struct UffdRange {
 }
 
 impl UffdRange {
+    /// The address of the page holding `addr`.
+    fn page_of(&self, addr: usize) -> usize {
+        let ps = self.fileh.page_size();
+        self.start + (addr - self.start) / ps * ps
+    }
+
     fn request(&self, addr: usize, access: Access) -> (PageRequest, usize) {
         let ps = self.fileh.page_size();
         let idx = (addr - self.start) / ps;
@@ -86,6 +92,15 @@ struct Jobs {
     idle: usize,
     /// Workers ever started (their names' numbers).
     started: usize,
+    /// The kernel faults queued or being served: thread id, page address.
+    /// A thread in such a fault is woken when it is served, so a further
+    /// event of the same thread and page is a retry, dropped: the kernel
+    /// retries a kernel-mode fault at once, over and over, while the thread
+    /// has a signal pending (its wait is interruptible, but only a fatal
+    /// signal ends the fault), and each retry made a job that waited for
+    /// the one load on a worker of its own (thousands of threads for one
+    /// slow load, found with a Ctrl-C during `np.save`).
+    serving: HashSet<(libc::pid_t, usize)>,
 }
 
 /// Request signals the reader sent lately, looked at again after
@@ -234,6 +249,11 @@ impl UffdService {
                 let _ = self.uffd.wake(e.addr & !(ps - 1), ps);
                 return;
             };
+            let page = range.page_of(e.addr);
+            let retry = self.jobs().serving.contains(&(e.tid, page));
+            if retry {
+                return;
+            }
             let user = thread_mode(e.tid).is_ok_and(|m| m == ThreadMode::User);
             if let Some(sent) = sent.filter(|_| user) {
                 // Served by the thread itself, in the mapping's fault
@@ -253,7 +273,8 @@ impl UffdService {
             }
             range.clone()
         };
-        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut jobs = self.jobs();
+        jobs.serving.insert((e.tid, range.page_of(e.addr)));
         jobs.queue.push_back((range, e));
         if jobs.idle == 0 {
             // Every worker is busy (or blocked in a nested fault, or in a
@@ -284,7 +305,7 @@ impl UffdService {
         WORKER.with(|w| w.set(true));
         loop {
             let (range, e) = {
-                let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                let mut jobs = self.jobs();
                 loop {
                     if let Some(job) = jobs.queue.pop_front() {
                         break job;
@@ -338,23 +359,39 @@ impl UffdService {
                 // Given up while the loader waited for the host lock: the
                 // system call has failed; the page is loadable again.
                 poison::expire(page_addr, ps);
-                continue;
-            }
-            match served {
-                Ok(()) => {
-                    let _ = self.uffd.wake(page_addr, ps);
-                }
-                Err(()) => {
-                    if self.fail(page_addr, ps) {
-                        // Its page is loadable again once the system call
-                        // has failed (`poison.rs`). More workers are
-                        // started meanwhile if faults wait.
-                        std::thread::sleep(POISON_TIME);
-                        poison::expire(page_addr, ps);
+            } else {
+                match served {
+                    Ok(()) => {
+                        self.served(e.tid, page_addr);
+                        let _ = self.uffd.wake(page_addr, ps);
+                    }
+                    Err(()) => {
+                        self.served(e.tid, page_addr);
+                        if self.fail(page_addr, ps) {
+                            // Its page is loadable again once the system
+                            // call has failed (`poison.rs`). More workers
+                            // are started meanwhile if faults wait.
+                            std::thread::sleep(POISON_TIME);
+                            poison::expire(page_addr, ps);
+                        }
                     }
                 }
             }
+            // (Given up, it went when the watch was: `give_up`.)
+            self.served(e.tid, page_addr);
         }
+    }
+
+    fn jobs(&self) -> std::sync::MutexGuard<'_, Jobs> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The kernel fault of thread `tid` on the page at `page_addr` is
+    /// served (or failed): a further event of them is a new fault. Called
+    /// before the thread is woken, so that a retry dropped meanwhile
+    /// (`dispatch`) was made before that wake, which ends it.
+    fn served(&self, tid: libc::pid_t, page_addr: usize) {
+        self.jobs().serving.remove(&(tid, page_addr));
     }
 
     /// Fail the system call waiting for `[page_addr, page_addr + len)`:
@@ -385,6 +422,10 @@ impl UffdService {
             w.file,
             hostwait::PATIENCE.as_secs()
         );
+        // The thread's next fault on the page, after its system call
+        // failed, is a new one, served apart (this one's loader is still
+        // waiting for the lock): it could be that very thread's, again.
+        self.jobs().serving.retain(|&(_, page)| page != w.page_addr);
         if !self.fail(w.page_addr, w.len) {
             eprintln!("bigfile: (the page could not be poisoned: the call is retried)");
         }
