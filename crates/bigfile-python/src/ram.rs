@@ -13,6 +13,10 @@ use crate::stats::ram_stats_dict;
 /// recently used clean pages are reclaimed to stay within it. Pass it to
 /// `BigFile.fileh_open(ram=...)`: its page size must equal the blksize.
 ///
+/// `budget`: None gives the default RAMs' budget, which follows the memory
+/// the process may use (a quarter of the machine's or its cgroup's limit,
+/// lowered while memory is short); setting `budget` fixes it.
+///
 /// `fault_backend`: how its mappings learn of page faults. "userfaultfd"
 /// serves the kernel's own accesses too (file and socket I/O, numpy's
 /// `tofile`/`save`, `readinto` into a mapping work without `prefault`);
@@ -114,7 +118,10 @@ fn parse_fault_backend(name: Option<&str>) -> PyResult<Option<FaultBackend>> {
 }
 
 /// `ram` on fault backend `backend` (when given), with budget `budget`
-/// (when given).
+/// (when given; otherwise the default RAMs' policy, a budget that follows
+/// the memory the process may use: without it, a RAM made only to choose a
+/// backend, `fileh_open(fault_backend=...)`, could fill the machine's memory
+/// with pages the kernel cannot drop).
 fn configure(
     py: Python<'_>,
     ram: Ram,
@@ -127,7 +134,7 @@ fn configure(
     };
     Ok(match budget {
         Some(b) => ram.with_budget(b),
-        None => ram,
+        None => ram.following_memory(),
     })
 }
 

@@ -311,6 +311,26 @@ def test_ram_spec_and_budget(f):
     assert rs["resident_bytes"] <= 2 * PS
 
 
+def test_rams_made_without_a_budget_follow_the_memory(f):
+    """A RAM made without a budget got all the memory its backend has: a
+    RAM made only to choose a backend (as the README's kernel-I/O example
+    does) let a scan fill the machine with shared memory the kernel cannot
+    drop. It follows the memory the process may use, as the default RAM
+    does: a quarter of it at most."""
+    with open("/proc/meminfo") as m:
+        total = int(next(l for l in m if l.startswith("MemTotal:")).split()[1]) * 1024
+    budgets = {
+        "default": f.fileh_open().ram_stats()["budget"],
+        "RAM(spec)": RAM("memfd,pagesize=%d" % PS).budget,
+        "ram=spec": f.fileh_open(ram="memfd").ram_stats()["budget"],
+        "fault_backend=": f.fileh_open(fault_backend="signals").ram_stats()["budget"],
+    }
+    for how, b in budgets.items():
+        assert 0 < b <= total // 4, (how, b, total)
+    # An explicit budget is kept as given.
+    assert RAM("memfd,pagesize=%d" % PS, budget=total).budget == total - total % PS
+
+
 def test_ram_object(f):
     ram = RAM("memfd,pagesize=%d" % PS, budget=3 * PS)
     assert ram.pagesize == PS and ram.budget == 3 * PS

@@ -51,9 +51,9 @@ fn lock_defaults() -> MutexGuard<'static, Option<HashMap<usize, Ram>>> {
 
 impl Ram {
     /// Use `ram`'s pages, with a budget of everything it can hold (set a
-    /// smaller one with [`Ram::with_budget`]; the default RAMs, which
-    /// handles opened without a RAM use, have a budget that follows the
-    /// memory the process may use: [`Ram::default_for`]).
+    /// smaller one with [`Ram::with_budget`], or take the default RAMs'
+    /// budget, which follows the memory the process may use, with
+    /// [`Ram::following_memory`]).
     pub fn new(ram: bigfile_ram::Ram) -> Ram {
         let budget = ram.max_size();
         // Forks are counted before the backend is chosen (a userfaultfd
@@ -133,10 +133,21 @@ impl Ram {
         if let Some(r) = rams.get(&page_size) {
             return Ok(r.clone());
         }
-        let r = Ram::new(bigfile_ram::Ram::with_page_size(page_size)?);
-        r.shared.follow_memory();
+        let r = Ram::new(bigfile_ram::Ram::with_page_size(page_size)?).following_memory();
         rams.insert(page_size, r.clone());
         Ok(r)
+    }
+
+    /// This RAM with the default RAMs' budget policy ([`Ram::default_for`]):
+    /// a budget that follows the memory the process may use, until
+    /// [`Ram::set_budget`] sets one. For a RAM of one's own that should not
+    /// grow to all the memory its backend has (its pages are shared memory,
+    /// which the kernel cannot drop under pressure): the Python bindings
+    /// give it to every RAM made without a budget. Each such RAM follows the
+    /// policy on its own (two take up to half the memory).
+    pub fn following_memory(self) -> Ram {
+        self.shared.follow_memory();
+        self
     }
 
     /// Reclaim every clean page of every default RAM; returns how many.

@@ -128,9 +128,11 @@ class VMA:
 
 class RAM:
     """Memory for pages: a spec ("memfd", "shmfs[:DIR]", "hugetlbfs[:DIR]",
-    optionally ",pagesize=SIZE"), a budget of resident bytes, and the fault
-    backend of its mappings ("auto" or None: the process's default, signals
-    unless BIGFILE_FAULTS says otherwise; "signals"; "userfaultfd")."""
+    optionally ",pagesize=SIZE"), a budget of resident bytes (None: the
+    default RAMs' budget, a quarter of the memory the process may use,
+    lowered while memory is short), and the fault backend of its mappings
+    ("auto" or None: the process's default, signals unless BIGFILE_FAULTS
+    says otherwise; "signals"; "userfaultfd")."""
 
     def __init__(
         self,
