@@ -93,6 +93,10 @@ impl Ram {
         }
         let shared = Shared::with_backend(self.shared.ram().clone(), chosen);
         shared.set_budget_pages(self.shared.budget_pages());
+        // The budget's policy goes along with it.
+        if self.shared.follows_memory() {
+            shared.follow_memory();
+        }
         self.shared = Arc::new(shared);
         crate::fork::track(&self.shared, || Box::new(lock_defaults()));
         Ok(self)

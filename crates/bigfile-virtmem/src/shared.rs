@@ -111,6 +111,11 @@ impl Shared {
         self.adapt_now();
     }
 
+    /// Whether the budget follows the memory ([`Shared::follow_memory`]).
+    pub(crate) fn follows_memory(&self) -> bool {
+        self.adaptive.load(Relaxed)
+    }
+
     /// An explicit budget replaces the policy.
     pub(crate) fn stop_following_memory(&self) {
         self.adaptive.store(false, Relaxed);
@@ -198,6 +203,16 @@ mod tests {
     use super::*;
     use crate::failure::Failure;
     use std::thread;
+
+    #[test]
+    fn a_ram_following_the_memory_still_follows_it_on_another_backend() {
+        let ram = bigfile_ram::Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap();
+        let ram = crate::ram::Ram::new(ram)
+            .following_memory()
+            .with_fault_backend(crate::backend::FaultBackend::Signals)
+            .unwrap();
+        assert!(ram.shared().follows_memory());
+    }
 
     fn shared() -> Arc<Shared> {
         let ram = bigfile_ram::Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap();
