@@ -67,7 +67,8 @@ impl PyBigFile {
     /// The default RAM's budget follows the memory the process may use: a
     /// quarter of the least of the machine's memory and its cgroups' memory
     /// limits, lowered while memory is short, never below a 64th of that
-    /// limit (`RAM.set_budget` on it fixes a budget instead).
+    /// limit (setting `RAM.budget` fixes a budget instead); so does the
+    /// budget of a RAM of its own made without `budget`.
     ///
     /// `fault_backend`: "signals", "userfaultfd" or "auto" (see `RAM`), for
     /// a RAM of its own; by default the default RAM's, which follows the

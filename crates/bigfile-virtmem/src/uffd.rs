@@ -249,12 +249,19 @@ impl UffdService {
                 let _ = self.uffd.wake(e.addr & !(ps - 1), ps);
                 return;
             };
-            let page = range.page_of(e.addr);
-            let retry = self.jobs().serving.contains(&(e.tid, page));
+            let user = thread_mode(e.tid).is_ok_and(|m| m == ThreadMode::User);
+            // (A thread in user mode is not in that fault any more: woken
+            // by another's wake, its page taken away since, it faults anew,
+            // served on it as any user-mode fault; dropped, it would wait,
+            // its host lock held, for the job to be done.)
+            let retry = !user
+                && self
+                    .jobs()
+                    .serving
+                    .contains(&(e.tid, range.page_of(e.addr)));
             if retry {
                 return;
             }
-            let user = thread_mode(e.tid).is_ok_and(|m| m == ThreadMode::User);
             if let Some(sent) = sent.filter(|_| user) {
                 // Served by the thread itself, in the mapping's fault
                 // handler.
@@ -357,28 +364,26 @@ impl UffdService {
             drop(range);
             if !watch.answer() {
                 // Given up while the loader waited for the host lock: the
-                // system call has failed; the page is loadable again.
+                // system call has failed; the page is loadable again. (Its
+                // entry in `serving` went then: `give_up`.)
                 poison::expire(page_addr, ps);
-            } else {
-                match served {
-                    Ok(()) => {
-                        self.served(e.tid, page_addr);
-                        let _ = self.uffd.wake(page_addr, ps);
-                    }
-                    Err(()) => {
-                        self.served(e.tid, page_addr);
-                        if self.fail(page_addr, ps) {
-                            // Its page is loadable again once the system
-                            // call has failed (`poison.rs`). More workers
-                            // are started meanwhile if faults wait.
-                            std::thread::sleep(POISON_TIME);
-                            poison::expire(page_addr, ps);
-                        }
+                continue;
+            }
+            self.served(e.tid, page_addr);
+            match served {
+                Ok(()) => {
+                    let _ = self.uffd.wake(page_addr, ps);
+                }
+                Err(()) => {
+                    if self.fail(page_addr, ps) {
+                        // Its page is loadable again once the system call
+                        // has failed (`poison.rs`). More workers are
+                        // started meanwhile if faults wait.
+                        std::thread::sleep(POISON_TIME);
+                        poison::expire(page_addr, ps);
                     }
                 }
             }
-            // (Given up, it went when the watch was: `give_up`.)
-            self.served(e.tid, page_addr);
         }
     }
 
