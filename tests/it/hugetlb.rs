@@ -9,7 +9,7 @@
 use std::io::{Read, Seek, Write};
 
 use bigfile::virtmem::{FaultBackend, Ram, WriteoutFlags};
-use bigfile_testkit::child;
+use bigfile_testkit::child::{self, Death};
 use bigfile_testkit::hugepages::HugePages;
 
 use crate::common::{mem_file, open, peek, poke, MemFile};
@@ -437,8 +437,52 @@ fn child() {
     };
     match scenario.as_str() {
         "no_minor_hugetlbfs" => report_hugetlbfs_and_memfd(),
+        "pool_out_user" => pool_runs_out_under_a_user_access(),
         other => panic!("unknown scenario {other}"),
     }
+}
+
+/// Review: the pool runs out with every page of the RAM dirty, and a user
+/// access needs another: the process dies of SIGBUS with a diagnostic
+/// naming the block and the RAM's exhaustion (no hang, no silent zeros).
+#[test]
+fn a_hugetlbfs_pool_that_runs_out_under_a_user_access_is_sigbus_with_diagnostic() {
+    let Some(_pool) = pool_of(2 * BUDGET + 2) else {
+        return;
+    };
+    let cmd = child::test_child("hugetlb::child", CHILD_ENV, "pool_out_user");
+    let ended = child::run(cmd, child::TIMEOUT).unwrap();
+    if ended.stdout.contains("SKIPPED") {
+        return;
+    }
+    let death = Death::by(libc::SIGBUS).stderr(&["no RAM for block 4", "memfile", "RAM exhausted"]);
+    if let Err(e) = death.check(&ended) {
+        panic!("{e}");
+    }
+}
+
+fn pool_runs_out_under_a_user_access() {
+    if let Err(why) = Ram::from_spec("memfd,pagesize=2M")
+        .unwrap()
+        .with_fault_backend(FaultBackend::Userfaultfd)
+    {
+        return skip(&format!("no userfaultfd: {why}"));
+    }
+    let ram = Ram::from_spec("hugetlbfs,pagesize=2M")
+        .unwrap()
+        .with_budget(BUDGET * HUGE as u64)
+        .with_fault_backend(FaultBackend::Userfaultfd)
+        .unwrap();
+    let file = mem_file(HUGE);
+    let fh = open(&file, &ram);
+    let vma = fh.mmap(0, 6).unwrap();
+    let at = |blk: usize| vma.as_ptr().wrapping_add(blk * HUGE);
+    poke(at(0), 1);
+    poke(at(1), 1);
+    let _hog = take_the_pool_free();
+    println!("about to fault block 4");
+    peek(at(4));
+    println!("block 4 read: the process should have died");
 }
 
 fn report_hugetlbfs_and_memfd() {
@@ -474,4 +518,80 @@ fn report_hugetlbfs_and_memfd() {
     let written = write_from(vma.as_ptr().wrapping_add(HUGE - 8), 16);
     let ok = written.is_ok_and(|n| n == 16);
     println!("memfd write(2): {}", if ok { "ok" } else { "failed" });
+}
+
+/// The kernel mappings overlapping `range` that map a file (a RAM page's
+/// piece; the reservation is anonymous).
+fn file_mappings_in(range: std::ops::Range<usize>) -> Vec<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .filter(|l| {
+            let Some((span, _)) = l.split_once(' ') else {
+                return false;
+            };
+            let Some((s, e)) = span.split_once('-') else {
+                return false;
+            };
+            let (s, e) = (
+                usize::from_str_radix(s, 16).unwrap(),
+                usize::from_str_radix(e, 16).unwrap(),
+            );
+            s < range.end && e > range.start && l.split_whitespace().nth(5).is_some()
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Review: past `PIECES_KEPT` (8192) pieces in the process (here: a memfd
+/// RAM of 4 KiB pages touched at 8,500 slots), a hugetlbfs page taken away
+/// is turned back into the reservation (2 MiB of anonymous memory mapped
+/// over the hugetlbfs piece, registered for missing faults). The slot then
+/// loads again for a user access and for a system call, and a kernel write
+/// into it once loaded is tracked.
+#[test]
+fn hugetlbfs_pieces_past_the_limit_go_back_to_the_reservation() {
+    const SMALL: usize = 4096;
+    const SLOTS: usize = 8500;
+    let Some((_pool, ram)) = hugetlbfs_ram() else {
+        return;
+    };
+    let small = Ram::from_spec(&format!("memfd,pagesize={SMALL}"))
+        .unwrap()
+        .with_budget(16 * SMALL as u64)
+        .with_fault_backend(FaultBackend::Userfaultfd)
+        .unwrap();
+    let small_file = mem_file(SMALL);
+    let small_fh = open(&small_file, &small);
+    let small_vma = small_fh.mmap(0, SLOTS as u64).unwrap();
+    for i in 0..SLOTS {
+        assert_eq!(
+            peek(small_vma.as_ptr().wrapping_add(i * SMALL)),
+            MemFile::initial(i as u64)
+        );
+    }
+    let file = mem_file(HUGE);
+    let fh = open(&file, &ram);
+    let vma = fh.mmap(0, 6).unwrap();
+    let at = |blk: usize, off: usize| vma.as_ptr().wrapping_add(blk * HUGE + off);
+    for round in 0..2 {
+        for blk in 0..6 {
+            assert_eq!(peek(at(blk, 999)), MemFile::initial(blk as u64), "{round}");
+        }
+        ram.reclaim();
+        let left = file_mappings_in(vma.addr_range());
+        assert!(left.is_empty(), "pieces kept: {left:?}");
+    }
+    // A system call reads from a slot turned back, and writes into one.
+    assert_eq!(write_from(at(2, HUGE - 8), 16).unwrap(), 16);
+    ram.reclaim();
+    assert_eq!(peek(at(3, 0)), MemFile::initial(3));
+    let mut src = bytes_file("hugetlb-coalesce", 0x4e, 8);
+    // SAFETY: nothing else touches these bytes while the slice lives.
+    let dst = unsafe { std::slice::from_raw_parts_mut(at(3, 64), 8) };
+    assert_eq!(src.read(dst).unwrap(), 8);
+    assert_eq!(fh.dirty_blocks(), [3]);
+    fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
+        .unwrap();
+    assert_eq!(file.content(3)[64..72], [0x4e; 8]);
+    drop(small_vma);
 }
