@@ -17,7 +17,7 @@ from bigfile import WRITEOUT_MARKSTORED, WRITEOUT_STORE
 from bigfile.bigarray import BigArray
 from bigfile.file_file import BigFile_File
 
-from conftest import DataFile
+from conftest import DataFile, run_py
 
 HUGE = 2 << 20
 BLOCKS = 6
@@ -139,3 +139,48 @@ def test_readinto_a_clean_loaded_page_is_tracked_written_out_and_discarded(bf, t
     assert fh.dirty_blocks() == []
     assert bytes(m[HUGE + 100 : HUGE + 110]) == b"\x01" * 10
     assert bytes(m[2 * HUGE - 32 : 2 * HUGE + 32]) == b"\xab" * 64
+
+
+def test_without_minor_faults_on_hugetlbfs_auto_falls_back_to_signals(hugepages):
+    """A kernel whose userfaultfd lacks minor faults on hugetlbfs (the
+    feature hidden, in a fresh interpreter with BIGFILE_FAULTS=auto): a
+    hugetlbfs RAM is on signals with the reason; "userfaultfd" is an error;
+    a memfd RAM of the same process is still on userfaultfd."""
+    r = run_py(
+        f"""
+        from bigfile import RAM
+        from conftest import DataFile
+        ram = RAM("hugetlbfs", budget={BUDGET * HUGE})
+        print("hugetlbfs auto:", ram.fault_backend, "|", ram.fault_backend_fallback)
+        st = ram.stats()
+        print("stats:", st["fault_backend"], "|", st["fault_backend_fallback"])
+        try:
+            RAM("hugetlbfs", fault_backend="userfaultfd")
+            print("hugetlbfs asked for: userfaultfd")
+        except RuntimeError as e:
+            print("hugetlbfs asked for: error |", e)
+        fh = DataFile({HUGE}).fileh_open(ram=ram)
+        m = memoryview(fh.mmap(0, 2))
+        print("hugetlbfs read:", "ok" if m[{HUGE} + 3] == 1 else "wrong data")
+        try:
+            memfd = RAM("memfd,pagesize=2M")
+            print("memfd auto:", memfd.fault_backend, "|", memfd.fault_backend_fallback)
+        except RuntimeError as e:
+            print("memfd auto: error |", e)
+        """,
+        env={
+            "BIGFILE_FAULTS": "auto",
+            "BIGFILE_UFFD_HIDE_FEATURES": "minor_hugetlbfs",
+            "PYTHONPATH": os.path.dirname(__file__),
+        },
+    )
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    why = "UFFD_FEATURE_MINOR_HUGETLBFS"
+    assert "hugetlbfs auto: signals |" in out and "hugetlbfs read: ok" in out, out
+    assert "hugetlbfs asked for: error |" in out, out
+    # Refused for the missing feature only (the process has userfaultfd:
+    # root, which growing the pool needed): the reason in the property, the
+    # stats and the error.
+    assert out.count(why) == 3, out
+    assert "memfd auto: userfaultfd | None" in out, out
