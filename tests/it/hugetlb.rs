@@ -258,16 +258,29 @@ fn two_mappings_of_a_hugetlbfs_handle_share_pages_and_track_writes() {
     assert_eq!(peek(at(&a, 1, 20)), 0x5b);
     fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
         .unwrap();
-    // Clean again in both: a kernel write through the first is tracked.
-    let mut src = bytes_file("hugetlb-two", 0x6a, 8);
-    // SAFETY: nothing else touches these bytes while the slice lives.
-    let dst = unsafe { std::slice::from_raw_parts_mut(at(&a, 1, 30), 8) };
-    assert_eq!(src.read(dst).unwrap(), 8);
+    // Clean again in both (the second, written through, protected again):
+    // a kernel write through either is tracked.
+    let kernel_write = |v: &bigfile::virtmem::Vma, byte: u8| {
+        let mut src = bytes_file("hugetlb-two", byte, 8);
+        // SAFETY: nothing else touches these bytes while the slice lives.
+        let dst = unsafe { std::slice::from_raw_parts_mut(at(v, 1, 30), 8) };
+        assert_eq!(src.read(dst).unwrap(), 8);
+    };
+    kernel_write(&b, 0x6a);
     assert_eq!(fh.dirty_blocks(), [1]);
-    assert_eq!(peek(at(&b, 1, 37)), 0x6a);
+    assert_eq!(peek(at(&a, 1, 37)), 0x6a);
     fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
         .unwrap();
     assert_eq!(file.content(1)[30..38], [0x6a; 8]);
+    poke(at(&a, 1, 50), 0x6b);
+    fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
+        .unwrap();
+    kernel_write(&a, 0x6c);
+    assert_eq!(fh.dirty_blocks(), [1]);
+    fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
+        .unwrap();
+    assert_eq!(file.content(1)[30..38], [0x6c; 8]);
+    assert_eq!(file.content(1)[50], 0x6b);
     assert!(ram.reclaim() > 0);
     assert!(a.mapped_pages().is_empty() && b.mapped_pages().is_empty());
     file.put(1, vec![0x7c; HUGE]);
