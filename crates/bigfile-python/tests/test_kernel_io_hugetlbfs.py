@@ -30,14 +30,20 @@ POOL_LOCK = os.path.join(tempfile.gettempdir(), "bigfile-ram-tests-nr_hugepages.
 def hugepages():
     """The pool of default-size huge pages grown for the test (room for the
     budget and the spares reclaim keeps ahead), restored after, all under
-    the lock every test process resizing it takes."""
+    the lock every test process resizing it takes. The lock file records
+    the size to restore while the pool is changed: a holder that died
+    without restoring it left it there (bigfile_testkit::hugepages)."""
     if os.geteuid() != 0:
         pytest.skip(f"not root: cannot change {NR_HUGEPAGES}")
     want = 2 * BUDGET + 2
-    with open(POOL_LOCK, "a") as lock:
+    with open(POOL_LOCK, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        with open(NR_HUGEPAGES) as f:
-            old = f.read().strip()
+        lock.seek(0)
+        old = lock.read().strip()
+        if not old:
+            with open(NR_HUGEPAGES) as f:
+                old = f.read().strip()
+        record(lock, old)
         try:
             with open(NR_HUGEPAGES, "w") as f:
                 f.write(str(want))
@@ -48,6 +54,15 @@ def hugepages():
         finally:
             with open(NR_HUGEPAGES, "w") as f:
                 f.write(old)
+            record(lock, "")
+
+
+def record(lock, old):
+    """Record `old` in the pool's lock file ("": nothing to restore)."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write(old)
+    lock.flush()
 
 
 def expected(blocks):
