@@ -8,11 +8,13 @@
 
 use std::io::{Read, Seek, Write};
 
-use bigfile::virtmem::{FaultBackend, Ram, WriteoutFlags};
+use bigfile::virtmem::{FaultBackend, FileH, Ram, Vma, WriteoutFlags};
 use bigfile_testkit::child::{self, Death};
 use bigfile_testkit::hugepages::HugePages;
 
-use crate::common::{mem_file, open, peek, poke, MemFile};
+use std::sync::Arc;
+
+use crate::common::{mappings_in, mem_file, open, peek, poke, read_each, MemFile};
 
 /// The variable naming the scenario a child of this test binary runs.
 const CHILD_ENV: &str = "BIGFILE_IT_HUGETLB_CHILD";
@@ -73,6 +75,39 @@ fn hugetlbfs_ram_of(pool: u64, budget: u64) -> Option<(HugePages, Ram)> {
         .with_fault_backend(FaultBackend::Userfaultfd)
         .unwrap();
     Some((pool, ram))
+}
+
+/// A hugetlbfs RAM on userfaultfd ([`hugetlbfs_ram`]), a memory file of
+/// huge blocks, a handle of it on the RAM and a mapping of its first
+/// blocks; dropped in that order, the pool last.
+struct Mapped {
+    vma: Vma,
+    fh: FileH,
+    file: Arc<MemFile>,
+    ram: Ram,
+    _pool: HugePages,
+}
+
+impl Mapped {
+    /// `blocks` blocks mapped; None (said SKIPPED) as for [`hugetlbfs_ram`].
+    fn new(blocks: u64) -> Option<Mapped> {
+        let (pool, ram) = hugetlbfs_ram()?;
+        let file = mem_file(HUGE);
+        let fh = open(&file, &ram);
+        let vma = fh.mmap(0, blocks).unwrap();
+        Some(Mapped {
+            vma,
+            fh,
+            file,
+            ram,
+            _pool: pool,
+        })
+    }
+
+    /// Byte `off` of block `blk` of the mapping.
+    fn at(&self, blk: usize, off: usize) -> *mut u8 {
+        self.vma.as_ptr().wrapping_add(blk * HUGE + off)
+    }
 }
 
 #[test]
@@ -213,13 +248,11 @@ fn write_from(from: *const u8, len: usize) -> std::io::Result<usize> {
 /// call, and the next user access loads it.
 #[test]
 fn hugetlbfs_piece_whose_load_fails_in_a_system_call_fails_it() {
-    let Some((_pool, ram)) = hugetlbfs_ram() else {
+    let Some(m) = Mapped::new(2) else {
         return;
     };
-    let file = mem_file(HUGE);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 2).unwrap();
-    let at = |off: usize| vma.as_ptr().wrapping_add(HUGE + off);
+    let (file, fh, ram, vma) = (&m.file, &m.fh, &m.ram, &m.vma);
+    let at = |off: usize| m.at(1, off);
     assert_eq!(peek(at(5)), MemFile::initial(1));
     assert!(ram.reclaim() > 0);
     assert!(vma.mapped_pages().is_empty());
@@ -240,27 +273,23 @@ fn hugetlbfs_piece_whose_load_fails_in_a_system_call_fails_it() {
 /// and a reclaim takes the page from both.
 #[test]
 fn two_mappings_of_a_hugetlbfs_handle_share_pages_and_track_writes() {
-    let Some((_pool, ram)) = hugetlbfs_ram() else {
+    let Some(m) = Mapped::new(2) else {
         return;
     };
-    let file = mem_file(HUGE);
-    let fh = open(&file, &ram);
-    let a = fh.mmap(0, 2).unwrap();
+    let (file, fh, ram, a) = (&m.file, &m.fh, &m.ram, &m.vma);
     let b = fh.mmap(0, 2).unwrap();
-    let at = |v: &bigfile::virtmem::Vma, blk: usize, off: usize| {
-        v.as_ptr().wrapping_add(blk * HUGE + off)
-    };
-    assert_eq!(peek(at(&a, 1, 10)), MemFile::initial(1));
+    let at = |v: &Vma, blk: usize, off: usize| v.as_ptr().wrapping_add(blk * HUGE + off);
+    assert_eq!(peek(at(a, 1, 10)), MemFile::initial(1));
     assert_eq!(peek(at(&b, 1, 10)), MemFile::initial(1));
     assert_eq!(file.loads(), 1, "one page for both");
     poke(at(&b, 1, 20), 0x5b);
     assert_eq!(fh.dirty_blocks(), [1]);
-    assert_eq!(peek(at(&a, 1, 20)), 0x5b);
+    assert_eq!(peek(at(a, 1, 20)), 0x5b);
     fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
         .unwrap();
     // Clean again in both (the second, written through, protected again):
     // a kernel write through either is tracked.
-    let kernel_write = |v: &bigfile::virtmem::Vma, byte: u8| {
+    let kernel_write = |v: &Vma, byte: u8| {
         let mut src = bytes_file("hugetlb-two", byte, 8);
         // SAFETY: nothing else touches these bytes while the slice lives.
         let dst = unsafe { std::slice::from_raw_parts_mut(at(v, 1, 30), 8) };
@@ -268,14 +297,14 @@ fn two_mappings_of_a_hugetlbfs_handle_share_pages_and_track_writes() {
     };
     kernel_write(&b, 0x6a);
     assert_eq!(fh.dirty_blocks(), [1]);
-    assert_eq!(peek(at(&a, 1, 37)), 0x6a);
+    assert_eq!(peek(at(a, 1, 37)), 0x6a);
     fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
         .unwrap();
     assert_eq!(file.content(1)[30..38], [0x6a; 8]);
-    poke(at(&a, 1, 50), 0x6b);
+    poke(at(a, 1, 50), 0x6b);
     fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
         .unwrap();
-    kernel_write(&a, 0x6c);
+    kernel_write(a, 0x6c);
     assert_eq!(fh.dirty_blocks(), [1]);
     fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
         .unwrap();
@@ -286,7 +315,7 @@ fn two_mappings_of_a_hugetlbfs_handle_share_pages_and_track_writes() {
     file.put(1, vec![0x7c; HUGE]);
     fh.invalidate_page(1).unwrap();
     assert_eq!(peek(at(&b, 1, 0)), 0x7c);
-    assert_eq!(peek(at(&a, 1, HUGE - 1)), 0x7c);
+    assert_eq!(peek(at(a, 1, HUGE - 1)), 0x7c);
 }
 
 /// Every free page of the pool, taken by a hugetlbfs file of another's:
@@ -317,13 +346,11 @@ fn take_the_pool_free() -> std::fs::File {
 /// call succeeds.
 #[test]
 fn a_hugetlbfs_pool_that_runs_out_reclaims_then_fails_the_load() {
-    let Some((_pool, ram)) = hugetlbfs_ram() else {
+    let Some(m) = Mapped::new(6) else {
         return;
     };
-    let file = mem_file(HUGE);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 6).unwrap();
-    let at = |blk: usize, off: usize| vma.as_ptr().wrapping_add(blk * HUGE + off);
+    let (file, fh, ram, vma) = (&m.file, &m.fh, &m.ram, &m.vma);
+    let at = |blk: usize, off: usize| m.at(blk, off);
     assert_eq!(peek(at(0, 77)), MemFile::initial(0));
     assert_eq!(peek(at(1, 77)), MemFile::initial(1));
     let held = ram.stats().stats.resident_pages;
@@ -360,13 +387,11 @@ fn a_hugetlbfs_pool_that_runs_out_reclaims_then_fails_the_load() {
 /// are as they were.
 #[test]
 fn a_forked_child_uses_its_hugetlbfs_ram_without_touching_the_parent() {
-    let Some((_pool, ram)) = hugetlbfs_ram() else {
+    let Some(m) = Mapped::new(6) else {
         return;
     };
-    let file = mem_file(HUGE);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 6).unwrap();
-    let at = |blk: usize, off: usize| vma.as_ptr().wrapping_add(blk * HUGE + off);
+    let (file, fh, ram) = (&m.file, &m.fh, &m.ram);
+    let at = |blk: usize, off: usize| m.at(blk, off);
     poke(at(0, 7), 0xaa);
     assert_eq!(peek(at(1, 0)), MemFile::initial(1));
     let status = bigfile_testkit::child::forked(
@@ -417,10 +442,11 @@ fn without_minor_faults_on_hugetlbfs_a_hugetlbfs_ram_falls_back_to_signals() {
     let Some(_pool) = pool_of(2 * BUDGET + 2) else {
         return;
     };
-    let mut cmd = child::test_child("hugetlb::child", CHILD_ENV, "no_minor_hugetlbfs");
-    cmd.env("BIGFILE_FAULTS", "auto")
-        .env("BIGFILE_UFFD_HIDE_FEATURES", "minor_hugetlbfs");
-    let ended = child::run(cmd, child::TIMEOUT).unwrap();
+    let env = [
+        ("BIGFILE_FAULTS", "auto"),
+        ("BIGFILE_UFFD_HIDE_FEATURES", "minor_hugetlbfs"),
+    ];
+    let ended = run_scenario("no_minor_hugetlbfs", &env);
     assert!(ended.status.success(), "{}", ended.describe());
     let out = ended.stdout;
     assert!(out.contains("hugetlbfs auto: signals"), "{out}");
@@ -440,6 +466,14 @@ fn without_minor_faults_on_hugetlbfs_a_hugetlbfs_ram_falls_back_to_signals() {
         assert!(out.contains("memfd auto: userfaultfd"), "{out}");
         assert!(out.contains("memfd write(2): ok"), "{out}");
     }
+}
+
+/// Run `scenario` of [`child`] in a child of this test binary, with `env`
+/// set, to its end.
+fn run_scenario(scenario: &str, env: &[(&str, &str)]) -> child::Ended {
+    let mut cmd = child::test_child("hugetlb::child", CHILD_ENV, scenario);
+    cmd.envs(env.iter().copied());
+    child::run(cmd, child::TIMEOUT).unwrap()
 }
 
 /// The scenarios run in a child of this test binary.
@@ -463,8 +497,7 @@ fn a_hugetlbfs_pool_that_runs_out_under_a_user_access_is_sigbus_with_diagnostic(
     let Some(_pool) = pool_of(2 * BUDGET + 2) else {
         return;
     };
-    let cmd = child::test_child("hugetlb::child", CHILD_ENV, "pool_out_user");
-    let ended = child::run(cmd, child::TIMEOUT).unwrap();
+    let ended = run_scenario("pool_out_user", &[]);
     if ended.stdout.contains("SKIPPED") {
         return;
     }
@@ -533,28 +566,6 @@ fn report_hugetlbfs_and_memfd() {
     println!("memfd write(2): {}", if ok { "ok" } else { "failed" });
 }
 
-/// The kernel mappings overlapping `range` that map a file (a RAM page's
-/// piece; the reservation is anonymous).
-fn file_mappings_in(range: std::ops::Range<usize>) -> Vec<String> {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    maps.lines()
-        .filter(|l| {
-            let Some((span, _)) = l.split_once(' ') else {
-                return false;
-            };
-            let Some((s, e)) = span.split_once('-') else {
-                return false;
-            };
-            let (s, e) = (
-                usize::from_str_radix(s, 16).unwrap(),
-                usize::from_str_radix(e, 16).unwrap(),
-            );
-            s < range.end && e > range.start && l.split_whitespace().nth(5).is_some()
-        })
-        .map(str::to_owned)
-        .collect()
-}
-
 /// Review: past `PIECES_KEPT` (8192) pieces in the process (here: a memfd
 /// RAM of 4 KiB pages touched at 8,500 slots), a hugetlbfs page taken away
 /// is turned back into the reservation (2 MiB of anonymous memory mapped
@@ -565,9 +576,10 @@ fn file_mappings_in(range: std::ops::Range<usize>) -> Vec<String> {
 fn hugetlbfs_pieces_past_the_limit_go_back_to_the_reservation() {
     const SMALL: usize = 4096;
     const SLOTS: usize = 8500;
-    let Some((_pool, ram)) = hugetlbfs_ram() else {
+    let Some(m) = Mapped::new(6) else {
         return;
     };
+    let (file, fh, ram, vma) = (&m.file, &m.fh, &m.ram, &m.vma);
     let small = Ram::from_spec(&format!("memfd,pagesize={SMALL}"))
         .unwrap()
         .with_budget(16 * SMALL as u64)
@@ -576,22 +588,17 @@ fn hugetlbfs_pieces_past_the_limit_go_back_to_the_reservation() {
     let small_file = mem_file(SMALL);
     let small_fh = open(&small_file, &small);
     let small_vma = small_fh.mmap(0, SLOTS as u64).unwrap();
-    for i in 0..SLOTS {
-        assert_eq!(
-            peek(small_vma.as_ptr().wrapping_add(i * SMALL)),
-            MemFile::initial(i as u64)
-        );
-    }
-    let file = mem_file(HUGE);
-    let fh = open(&file, &ram);
-    let vma = fh.mmap(0, 6).unwrap();
-    let at = |blk: usize, off: usize| vma.as_ptr().wrapping_add(blk * HUGE + off);
+    read_each(&small_vma, SMALL, 0..SLOTS);
+    let at = |blk: usize, off: usize| m.at(blk, off);
     for round in 0..2 {
         for blk in 0..6 {
             assert_eq!(peek(at(blk, 999)), MemFile::initial(blk as u64), "{round}");
         }
         ram.reclaim();
-        let left = file_mappings_in(vma.addr_range());
+        let left: Vec<_> = mappings_in(vma.addr_range())
+            .into_iter()
+            .filter(|l| l.split_whitespace().nth(5).is_some())
+            .collect();
         assert!(left.is_empty(), "pieces kept: {left:?}");
     }
     // A system call reads from a slot turned back, and writes into one.
