@@ -7,12 +7,11 @@
 //! bigfile-ram's pool tests do.
 
 use std::io::{Read, Seek, Write};
+use std::sync::Arc;
 
 use bigfile::virtmem::{FaultBackend, FileH, Ram, Vma, WriteoutFlags};
 use bigfile_testkit::child::{self, Death};
 use bigfile_testkit::hugepages::HugePages;
-
-use std::sync::Arc;
 
 use crate::common::{mappings_in, mem_file, open, peek, poke, read_each, MemFile};
 

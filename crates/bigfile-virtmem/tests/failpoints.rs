@@ -345,6 +345,23 @@ fn a_read_before_a_hugetlbfs_page_is_registered_leaves_it_clean_and_tracked() {
     read_before_register_leaves_clean("hugetlbfs,pagesize=2M", 2 << 20);
 }
 
+/// Found in review: a hugetlbfs RAM page of two huge pages (4 MiB) is two
+/// entries. The early read maps the first; `UFFDIO_CONTINUE` of the whole
+/// page stops there (EEXIST) and the second was taken for present too: the
+/// read that needs it faulted again forever (each fault finding the slot
+/// mapped, its `CONTINUE` stopping at the first entry again).
+#[test]
+fn a_read_before_a_page_of_two_huge_pages_is_registered_leaves_it_mapped_whole() {
+    let _pool = match bigfile_testkit::hugepages::HugePages::set(4) {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    read_before_register_leaves_clean("hugetlbfs,pagesize=4M", 4 << 20);
+}
+
 fn read_before_register_leaves_clean(spec: &str, blk: usize) {
     use std::sync::atomic::{AtomicBool, Ordering};
     if Ram::from_spec(&format!("memfd,pagesize={BLK}"))
