@@ -48,7 +48,7 @@ fn bytes_file(name: &str, byte: u8, len: usize) -> std::fs::File {
 /// holds it (kept as long as the RAM); None (said SKIPPED) where the pool
 /// cannot be resized or the process has no userfaultfd.
 fn hugetlbfs_ram() -> Option<(HugePages, Ram)> {
-    hugetlbfs_ram_of(2 * BUDGET + 2, BUDGET)
+    hugetlbfs_ram_of(HUGE, 2 * BUDGET + 2, BUDGET)
 }
 
 /// The pool resized to `pool` huge pages, or None (said SKIPPED).
@@ -56,8 +56,9 @@ fn pool_of(pool: u64) -> Option<HugePages> {
     HugePages::set(pool).map_err(|why| skip(&why)).ok()
 }
 
-/// [`hugetlbfs_ram`] with a pool of `pool` pages and a budget of `budget`.
-fn hugetlbfs_ram_of(pool: u64, budget: u64) -> Option<(HugePages, Ram)> {
+/// [`hugetlbfs_ram`] of pages of `page` bytes (a multiple of the huge
+/// page), with a pool of `pool` huge pages and a budget of `budget` pages.
+fn hugetlbfs_ram_of(page: usize, pool: u64, budget: u64) -> Option<(HugePages, Ram)> {
     let pool = pool_of(pool)?;
     // Skipped where the process has no userfaultfd at all (a memfd RAM is
     // refused it too); where it has one, a hugetlbfs RAM must get it.
@@ -68,9 +69,9 @@ fn hugetlbfs_ram_of(pool: u64, budget: u64) -> Option<(HugePages, Ram)> {
         skip(&format!("no userfaultfd: {why}"));
         return None;
     }
-    let ram = Ram::from_spec("hugetlbfs,pagesize=2M")
+    let ram = Ram::from_spec(&format!("hugetlbfs,pagesize={page}"))
         .unwrap()
-        .with_budget(budget * HUGE as u64)
+        .with_budget(budget * page as u64)
         .with_fault_backend(FaultBackend::Userfaultfd)
         .unwrap();
     Some((pool, ram))
@@ -563,6 +564,47 @@ fn report_hugetlbfs_and_memfd() {
     let written = write_from(vma.as_ptr().wrapping_add(HUGE - 8), 16);
     let ok = written.is_ok_and(|n| n == 16);
     println!("memfd write(2): {}", if ok { "ok" } else { "failed" });
+}
+
+/// Review: a RAM page of two huge pages (`pagesize=4M`), two page-table
+/// entries: loaded, a kernel write across its two huge pages tracked, a
+/// load failing in a system call failing it (the poison over both), a
+/// reclaim, and a user access loading it again.
+#[test]
+fn hugetlbfs_pages_of_two_huge_pages_on_userfaultfd() {
+    const PAGE: usize = 2 * HUGE;
+    let Some((_pool, ram)) = hugetlbfs_ram_of(PAGE, 4 * BUDGET + 4, BUDGET) else {
+        return;
+    };
+    let file = mem_file(PAGE);
+    let fh = open(&file, &ram);
+    let vma = fh.mmap(0, 4).unwrap();
+    let at = |blk: usize, off: usize| vma.as_ptr().wrapping_add(blk * PAGE + off);
+    assert_eq!(peek(at(0, PAGE - 1)), MemFile::initial(0));
+    assert_eq!(peek(at(0, 0)), MemFile::initial(0));
+    let mut src = bytes_file("hugetlb-4m", 0x2d, 64);
+    // SAFETY: nothing else touches these bytes while the slice lives.
+    let dst = unsafe { std::slice::from_raw_parts_mut(at(0, HUGE - 32), 64) };
+    assert_eq!(src.read(dst).unwrap(), 64);
+    assert_eq!(fh.dirty_blocks(), [0]);
+    fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
+        .unwrap();
+    assert_eq!(file.content(0)[HUGE - 32..HUGE + 32], [0x2d; 64]);
+    file.on_load(|blk, _| match blk {
+        1 => Err("block 1 is unreadable".into()),
+        _ => Ok(()),
+    });
+    let err = write_from(at(1, HUGE + 5), 16).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+    file.clear_load_hook();
+    assert_eq!(peek(at(1, 7)), MemFile::initial(1));
+    assert_eq!(write_from(at(1, HUGE + 5), 16).unwrap(), 16);
+    for blk in 0..4 {
+        assert_eq!(peek(at(blk, PAGE - 9)), file.content(blk as u64)[PAGE - 9]);
+    }
+    assert!(fh.stats().reclaims > 0);
+    assert!(ram.reclaim() > 0);
+    assert_eq!(peek(at(0, HUGE)), 0x2d, "loaded again");
 }
 
 /// Review: past `PIECES_KEPT` (8192) pieces in the process (here: a memfd

@@ -592,33 +592,6 @@ fn uffd_write_protect(uffd: &Uffd, addr: usize, len: usize, wp: bool) -> io::Res
     uffd.write_protect(addr, len, wp, false)
 }
 
-/// Make every entry (of `entry` bytes) of the piece at `at` present
-/// (`UFFDIO_CONTINUE`), write-protected if `wp`, whichever are present
-/// already: one call when none is, else [`continue_each`]; when the piece
-/// is one entry (a hugetlbfs page of one huge page), present already as a
-/// whole, only write-protected.
-fn continue_all(
-    uffd: &Uffd,
-    at: usize,
-    len: usize,
-    wp: bool,
-    entry: usize,
-) -> Result<(), MapError> {
-    let whole =
-        uffd_continue_new(uffd, at, len, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
-    if whole {
-        return Ok(());
-    }
-    if entry >= len {
-        if wp {
-            uffd_write_protect(uffd, at, len, true)
-                .map_err(|e| MapError::Uffd("UFFDIO_WRITEPROTECT", e))?;
-        }
-        return Ok(());
-    }
-    continue_each(uffd, at, len, wp, entry)
-}
-
 /// Make every entry (of `entry` bytes) of the piece at `at` present, some
 /// present already: a call per entry (a call stops at the first entry
 /// present, EEXIST), then the whole piece write-protected if `wp` (an
@@ -666,7 +639,10 @@ fn register_and_continue(
     let at = addr.as_ptr() as usize;
     uffd.register_part(at, len)
         .map_err(|e| MapError::Uffd("UFFDIO_REGISTER", e))?;
-    continue_all(uffd, at, len, wp, entry)?;
+    // One call when no entry is present, else one per entry.
+    if !uffd_continue_new(uffd, at, len, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))? {
+        continue_each(uffd, at, len, wp, entry)?;
+    }
     if wp {
         // SAFETY: the piece just mapped over the slot; its writes are
         // tracked from here on.
