@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use bigfile::virtmem::FaultBackend;
 
-use crate::common::{handle, mem_file, open, peek, ram_on, setup, MemFile, BLK};
+use crate::common::{
+    handle, mappings_in, mem_file, open, peek, ram_on, read_each, setup, MemFile, BLK,
+};
 
 #[test]
 fn loading_beyond_the_budget_reclaims_lru_pages() {
@@ -265,12 +267,7 @@ fn kernel_mappings_stay_bounded_across_rams_when_scattered_slots_are_touched() {
         let (file, ram) = small_blocks();
         let fh = open(&file, &ram);
         let vma = fh.mmap(0, SLOTS as u64).unwrap();
-        for i in (0..SLOTS).step_by(2) {
-            assert_eq!(
-                peek(vma.as_ptr().wrapping_add(i * SMALL)),
-                MemFile::initial(i as u64)
-            );
-        }
+        read_each(&vma, SMALL, (0..SLOTS).step_by(2));
         kept.push((vma, fh, ram));
     }
     let inside: usize = kept
@@ -299,18 +296,7 @@ fn small_blocks() -> (Arc<MemFile>, bigfile::virtmem::Ram) {
 
 /// How many kernel mappings (/proc/self/maps) overlap `range`.
 fn kernel_mappings_in(range: std::ops::Range<usize>) -> usize {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    maps.lines()
-        .filter_map(|l| {
-            let (span, _) = l.split_once(' ')?;
-            let (s, e) = span.split_once('-')?;
-            Some((
-                usize::from_str_radix(s, 16).ok()?,
-                usize::from_str_radix(e, 16).ok()?,
-            ))
-        })
-        .filter(|&(s, e)| s < range.end && e > range.start)
-        .count()
+    mappings_in(range).len()
 }
 
 /// A mapping touched at more slots than the kernel keeps mappings for does
@@ -326,22 +312,12 @@ fn kernel_mappings_stay_bounded_however_many_slots_are_touched() {
     let (file, ram) = small_blocks();
     let fh = open(&file, &ram);
     let vma = fh.mmap(0, SLOTS as u64).unwrap();
-    for i in 0..SLOTS {
-        assert_eq!(
-            peek(vma.as_ptr().wrapping_add(i * SMALL)),
-            MemFile::initial(i as u64)
-        );
-    }
+    read_each(&vma, SMALL, 0..SLOTS);
     let inside = kernel_mappings_in(vma.addr_range());
     assert!(
         inside <= 8192 + 64,
         "{inside} kernel mappings in a mapping of {SLOTS} slots"
     );
     // Every slot still reads its block.
-    for i in (0..SLOTS).step_by(997) {
-        assert_eq!(
-            peek(vma.as_ptr().wrapping_add(i * SMALL)),
-            MemFile::initial(i as u64)
-        );
-    }
+    read_each(&vma, SMALL, (0..SLOTS).step_by(997));
 }

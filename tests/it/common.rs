@@ -97,3 +97,31 @@ pub fn blocked_signals_of_threads(prefix: &str) -> Vec<(String, u64)> {
     }
     found
 }
+
+/// The lines of /proc/self/maps whose kernel mappings overlap `range`.
+pub fn mappings_in(range: std::ops::Range<usize>) -> Vec<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .filter(|l| {
+            let Some((s, e)) = l.split_once(' ').and_then(|(span, _)| span.split_once('-')) else {
+                return false;
+            };
+            match (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) {
+                (Ok(s), Ok(e)) => s < range.end && e > range.start,
+                _ => false,
+            }
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Read the first byte of each block `slots` of `vma` (blocks of `blksize`
+/// bytes, mapped from block 0), checking it holds the block's initial byte.
+pub fn read_each(vma: &Vma, blksize: usize, slots: impl Iterator<Item = usize>) {
+    for i in slots {
+        assert_eq!(
+            peek(vma.as_ptr().wrapping_add(i * blksize)),
+            MemFile::initial(i as u64)
+        );
+    }
+}

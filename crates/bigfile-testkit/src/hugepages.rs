@@ -1,6 +1,14 @@
 //! The system's pool of huge pages (hugetlbfs), resized for a test: only
 //! as root, and under a machine-wide lock that every test process (and
 //! anyone else resizing it by hand: `flock` on [`pool_lock_path`]) takes.
+//!
+//! The lock file records the pool's size from before it was changed while
+//! a holder has it changed: a holder that dies without restoring it (a
+//! test killed by a signal) releases the lock with the record still there,
+//! and the next holder restores that size, not the grown one it finds.
+//! Python's tests (crates/bigfile-python/tests) follow the same protocol.
+
+use std::io::{Read, Seek, Write};
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -18,8 +26,9 @@ pub const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
 #[derive(Debug)]
 pub struct HugePages {
     old: String,
-    /// Held (`flock`) until after the pool is restored.
-    _lock: std::fs::File,
+    /// Held (`flock`) until after the pool is restored; holds `old` until
+    /// then.
+    lock: std::fs::File,
 }
 
 /// The file whose `flock` is held while a test process has changed the pool.
@@ -38,6 +47,7 @@ impl HugePages {
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
+            .read(true)
             .write(true)
             .open(&path)
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -49,8 +59,13 @@ impl HugePages {
                 std::io::Error::last_os_error()
             ));
         }
-        let old = std::fs::read_to_string(NR_HUGEPAGES).map_err(|e| e.to_string())?;
-        let guard = HugePages { old, _lock: lock };
+        let old = match recorded(&lock).map_err(|e| format!("{}: {e}", path.display()))? {
+            // A holder died without restoring the pool: its size before.
+            Some(old) => old,
+            None => std::fs::read_to_string(NR_HUGEPAGES).map_err(|e| e.to_string())?,
+        };
+        record(&lock, &old).map_err(|e| format!("{}: {e}", path.display()))?;
+        let guard = HugePages { old, lock };
         std::fs::write(NR_HUGEPAGES, n.to_string())
             .map_err(|e| format!("write {NR_HUGEPAGES}: {e}"))?;
         let got: u64 = std::fs::read_to_string(NR_HUGEPAGES)
@@ -65,13 +80,32 @@ impl HugePages {
     }
 }
 
+/// The pool size recorded in the lock file, if any.
+fn recorded(mut lock: &std::fs::File) -> std::io::Result<Option<String>> {
+    let mut old = String::new();
+    lock.rewind()?;
+    lock.read_to_string(&mut old)?;
+    Ok(Some(old.trim().to_owned()).filter(|o| !o.is_empty()))
+}
+
+/// Record `old` in the lock file (empty: nothing to restore).
+fn record(mut lock: &std::fs::File, old: &str) -> std::io::Result<()> {
+    lock.set_len(0)?;
+    lock.rewind()?;
+    lock.write_all(old.trim().as_bytes())
+}
+
 impl Drop for HugePages {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::write(NR_HUGEPAGES, self.old.trim()) {
-            eprintln!(
+        match std::fs::write(NR_HUGEPAGES, self.old.trim()) {
+            // Restored: nothing for the next holder to undo.
+            Ok(()) => {
+                let _ = record(&self.lock, "");
+            }
+            Err(e) => eprintln!(
                 "could not restore {NR_HUGEPAGES} to {}: {e}",
                 self.old.trim()
-            );
+            ),
         }
     }
 }

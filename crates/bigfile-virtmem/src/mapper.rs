@@ -44,12 +44,13 @@ pub(crate) const PIECES_KEPT: usize = 8192;
 pub(crate) struct Mapper {
     page_size: usize,
     uffd: Option<&'static Uffd>,
-    /// Whether a RAM page is one page-table entry (hugetlbfs): present or
-    /// absent as a whole, and `UFFDIO_CONTINUE` acts on it only as a whole
-    /// (a range of part of it is refused). Shared memory's pages are OS
-    /// pages, each its own entry, which the kernel may take away one at a
-    /// time.
-    one_entry: bool,
+    /// The size of one page-table entry of a RAM page: the OS page for
+    /// shared memory, whose entries the kernel may take away one at a
+    /// time; the huge page for hugetlbfs, each present or absent as a
+    /// whole, `UFFDIO_CONTINUE` acting on whole ones only (a range of part
+    /// of one is refused). A hugetlbfs RAM page is one entry or several
+    /// (a page size a multiple of the huge page's).
+    entry: usize,
 }
 
 /// Why a page could not be mapped into its slot.
@@ -69,10 +70,10 @@ impl Mapper {
         Mapper {
             page_size: shared.page_size(),
             uffd: shared.backend().uffd(),
-            one_entry: matches!(
-                shared.ram().spec().backend,
-                bigfile_ram::Backend::Hugetlbfs { .. }
-            ),
+            entry: shared
+                .ram()
+                .huge_page_size()
+                .unwrap_or_else(bigfile_os::os_page_size),
         }
     }
 
@@ -206,18 +207,20 @@ impl Mapper {
                 // OS page (for a 2 MiB page, 4 times the fault).
                 let whole = uffd_continue_new(uffd, addr, self.page_size, wp)
                     .map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
-                // A hugetlbfs page is one entry: present, since `CONTINUE`
-                // found it so.
+                // A page of one entry (hugetlbfs) is present, since
+                // `CONTINUE` found it so; huge entries are few, each
+                // continued in turn.
                 let os = bigfile_os::os_page_size();
                 if !whole
-                    && !self.one_entry
-                    && sys::for_each_absent(addr, self.page_size, |page| {
-                        uffd_continue(uffd, page, os, wp)
-                    })
-                    .is_err()
+                    && self.entry < self.page_size
+                    && (self.entry != os
+                        || sys::for_each_absent(addr, self.page_size, |page| {
+                            uffd_continue(uffd, page, os, wp)
+                        })
+                        .is_err())
                 {
-                    // Unreadable (or a call failed): each page, as below.
-                    continue_each(uffd, addr, self.page_size, wp)?;
+                    // Unreadable (or a call failed): each entry, as below.
+                    continue_each(uffd, addr, self.page_size, wp, self.entry)?;
                 }
                 uffd_write_protect(uffd, addr, self.page_size, wp)
                     .map_err(|e| MapError::Uffd("UFFDIO_WRITEPROTECT", e))?;
@@ -236,7 +239,7 @@ impl Mapper {
                 .map_err(MapError::Map)?;
             #[cfg(feature = "failpoints")]
             crate::failpoint::hook("virtmem::uffd_before_register");
-            match register_and_continue(uffd, slot.addr, self.page_size, wp, self.one_entry) {
+            match register_and_continue(uffd, slot.addr, self.page_size, wp, self.entry) {
                 Ok(()) => {}
                 Err(e) => {
                     // SAFETY: the slot just mapped, not counted mapped: its
@@ -589,40 +592,19 @@ fn uffd_write_protect(uffd: &Uffd, addr: usize, len: usize, wp: bool) -> io::Res
     uffd.write_protect(addr, len, wp, false)
 }
 
-/// Make every entry of the piece at `at` present (`UFFDIO_CONTINUE`),
-/// write-protected if `wp`, whichever are present already: one call when
-/// none is, else [`continue_each`]; when the piece is `one_entry` (a
-/// hugetlbfs page), present already as a whole, only write-protected.
-fn continue_all(
+/// Make every entry (of `entry` bytes) of the piece at `at` present, some
+/// present already: a call per entry (a call stops at the first entry
+/// present, EEXIST), then the whole piece write-protected if `wp` (an
+/// entry present already may lack the bit).
+fn continue_each(
     uffd: &Uffd,
     at: usize,
     len: usize,
     wp: bool,
-    one_entry: bool,
+    entry: usize,
 ) -> Result<(), MapError> {
-    let whole =
-        uffd_continue_new(uffd, at, len, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
-    if whole {
-        return Ok(());
-    }
-    if one_entry {
-        if wp {
-            uffd_write_protect(uffd, at, len, true)
-                .map_err(|e| MapError::Uffd("UFFDIO_WRITEPROTECT", e))?;
-        }
-        return Ok(());
-    }
-    continue_each(uffd, at, len, wp)
-}
-
-/// Make every entry of the piece at `at` present, some present already: a
-/// call per OS page (a call stops at the first entry present, EEXIST),
-/// then the whole piece write-protected if `wp` (an entry present already
-/// may lack the bit).
-fn continue_each(uffd: &Uffd, at: usize, len: usize, wp: bool) -> Result<(), MapError> {
-    let os = bigfile_os::os_page_size();
-    for page in (at..at + len).step_by(os) {
-        uffd_continue(uffd, page, os, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
+    for page in (at..at + len).step_by(entry) {
+        uffd_continue(uffd, page, entry, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))?;
     }
     if wp {
         uffd_write_protect(uffd, at, len, true)
@@ -645,19 +627,22 @@ fn continue_each(uffd: &Uffd, at: usize, len: usize, wp: bool) -> Result<(), Map
 /// another thread read it meanwhile; benches/README.md). An entry made in
 /// the window (`UFFDIO_CONTINUE` says EEXIST) is write-protected here, and
 /// the rest mapped: none has the write-protect bit that would make a later
-/// write fault. (A hugetlbfs piece, `one_entry`, is one entry: mapped in the
-/// window as a whole, or not at all.)
+/// write fault. (A hugetlbfs piece's entries, `entry` bytes each, are huge
+/// pages: each mapped in the window as a whole, or not at all.)
 fn register_and_continue(
     uffd: &Uffd,
     addr: NonNull<u8>,
     len: usize,
     wp: bool,
-    one_entry: bool,
+    entry: usize,
 ) -> Result<(), MapError> {
     let at = addr.as_ptr() as usize;
     uffd.register_part(at, len)
         .map_err(|e| MapError::Uffd("UFFDIO_REGISTER", e))?;
-    continue_all(uffd, at, len, wp, one_entry)?;
+    // One call when no entry is present, else one per entry.
+    if !uffd_continue_new(uffd, at, len, wp).map_err(|e| MapError::Uffd("UFFDIO_CONTINUE", e))? {
+        continue_each(uffd, at, len, wp, entry)?;
+    }
     if wp {
         // SAFETY: the piece just mapped over the slot; its writes are
         // tracked from here on.

@@ -30,10 +30,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::Duration;
 
+use bigfile_testkit::hugepages::HugePages;
 use bigfile_testkit::memory::ram_file_mappings;
 use bigfile_testkit::model::Rng;
 use bigfile_testkit::MemFile;
-use bigfile_virtmem::{Access, Error, FileH, Ram, Vma, WriteoutFlags};
+use bigfile_virtmem::{Access, Error, FaultBackend, FileH, Ram, Vma, WriteoutFlags};
 
 use crate::coredump::{exit_child, expect_success, last_line};
 use crate::leaks;
@@ -45,6 +46,10 @@ use crate::Scenario;
 #[derive(Clone, Copy)]
 struct Config {
     name: &'static str,
+    /// The RAM's kind (a bigfile-ram spec without its page size).
+    ram: &'static str,
+    /// The RAM's page size, the file's block size.
+    blk: usize,
     owners: usize,
     blocks_per_owner: u64,
     readonly_blocks: u64,
@@ -59,6 +64,8 @@ const CONFIGS: &[Config] = &[
     // writeouts and invalidations.
     Config {
         name: "rust-tight-budget",
+        ram: "memfd",
+        blk: OS_PAGE,
         owners: 4,
         blocks_per_owner: 6,
         readonly_blocks: 64,
@@ -71,6 +78,8 @@ const CONFIGS: &[Config] = &[
     // protection changes rather than on loads.
     Config {
         name: "rust-roomy",
+        ram: "memfd",
+        blk: OS_PAGE,
         owners: 4,
         blocks_per_owner: 4,
         readonly_blocks: 16,
@@ -78,6 +87,22 @@ const CONFIGS: &[Config] = &[
         owner_ops: 150_000,
         helper_ops: 6000,
         seed: 0x5eed_0002,
+    },
+    // A hugetlbfs RAM (on userfaultfd where the suite runs on it): 2 MiB
+    // pages, each one page-table entry, made present, write-protected and
+    // taken away whole; more blocks than the budget. The pool is grown
+    // for it (root only: else the race says it was skipped).
+    Config {
+        name: "rust-hugetlbfs",
+        ram: "hugetlbfs",
+        blk: 2 << 20,
+        owners: 2,
+        blocks_per_owner: 2,
+        readonly_blocks: 4,
+        budget_pages: 6,
+        owner_ops: 50_000,
+        helper_ops: 1000,
+        seed: 0x5eed_0003,
     },
 ];
 
@@ -89,7 +114,15 @@ pub fn scenarios() -> Vec<Scenario> {
         .iter()
         .map(|c| {
             let name = c.name;
+            let hugetlbfs = c.ram == "hugetlbfs";
+            let pool = 2 * c.budget_pages + 2;
             Scenario::new(format!("races/{name}"), move || {
+                // The pool, grown while the child runs (under the
+                // machine-wide lock every test process takes).
+                let _pool = match hugetlbfs.then(|| HugePages::set(pool)).transpose() {
+                    Ok(p) => p,
+                    Err(why) => return Ok(format!("skipped: {why}")),
+                };
                 let mut cmd =
                     std::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?);
                 cmd.args(["--child", &format!("races/{name}")]);
@@ -114,9 +147,8 @@ pub fn child(name: &str) {
     exit_child(run(cfg), "races OK", &format!("race {name} failed"));
 }
 
-const WORDS_PER_BLOCK: usize = BLK / 8;
-/// The RAM's page size, the files' block size: the OS page.
-const BLK: usize = 4096;
+/// The OS page: the memfd races' page and block size.
+const OS_PAGE: usize = 4096;
 
 /// The race's file: the test kit's memory file, whose blocks start as
 /// version 0 of every word, and whose storeblk checks what it is given.
@@ -129,9 +161,9 @@ struct RaceFile {
 impl RaceFile {
     /// Blocks from `first_readonly` on are written by nobody: storing one
     /// is an error.
-    fn new(first_readonly: u64) -> RaceFile {
+    fn new(first_readonly: u64, blk: usize) -> RaceFile {
         let mem = Arc::new(
-            MemFile::new(BLK)
+            MemFile::new(blk)
                 .named("race-file")
                 .with_initial(|blk, buf| words::fill(blk, 0, buf)),
         );
@@ -192,6 +224,13 @@ struct Shared {
     owners_left: AtomicUsize,
 }
 
+impl Config {
+    /// The words of a block.
+    fn words_per_block(&self) -> usize {
+        self.blk / 8
+    }
+}
+
 impl Shared {
     fn owned_blocks(&self) -> u64 {
         self.cfg.owners as u64 * self.cfg.blocks_per_owner
@@ -235,10 +274,20 @@ fn run(cfg: &Config) -> Result<String, String> {
     let baseline_maps = ram_file_mappings();
     let owned = cfg.owners as u64 * cfg.blocks_per_owner;
     let total = owned + cfg.readonly_blocks;
-    let file = Arc::new(RaceFile::new(owned));
-    let ram = Ram::from_spec(&format!("memfd,pagesize={BLK}"))
+    let file = Arc::new(RaceFile::new(owned, cfg.blk));
+    let ram = Ram::from_spec(&format!("{},pagesize={}", cfg.ram, cfg.blk))
         .map_err(|e| e.to_string())?
-        .with_budget(cfg.budget_pages * BLK as u64);
+        .with_budget(cfg.budget_pages * cfg.blk as u64);
+    // The userfaultfd pass must not run on signals unnoticed.
+    if std::env::var("BIGFILE_FAULTS").is_ok_and(|b| b == "userfaultfd")
+        && ram.fault_backend() != FaultBackend::Userfaultfd
+    {
+        return Err(format!(
+            "a {} RAM is not on userfaultfd: {:?}",
+            cfg.ram,
+            ram.fault_backend_fallback()
+        ));
+    }
     let fh = FileH::open(file.mem.clone(), Some(&ram)).map_err(|e| e.to_string())?;
     let vma = fh.mmap(0, total).map_err(|e| e.to_string())?;
     let sh = Arc::new(Shared {
@@ -306,7 +355,7 @@ fn run(cfg: &Config) -> Result<String, String> {
         if blk < owned {
             models[(blk / per) as usize][(blk % per) as usize].clone()
         } else {
-            vec![0; WORDS_PER_BLOCK]
+            vec![0; cfg.words_per_block()]
         }
     };
     for blk in 0..total {
@@ -414,8 +463,8 @@ fn owner(sh: &Shared, t: usize) -> Result<(Vec<Vec<u32>>, u64), String> {
     let first = t as u64 * per;
     let mut rng = Rng::spread(cfg.seed ^ t as u64);
     // What this owner's blocks hold in memory, and the last version written.
-    let mut mem: Vec<Vec<u32>> = vec![vec![0; WORDS_PER_BLOCK]; per as usize];
-    let mut last: Vec<Vec<u32>> = vec![vec![0; WORDS_PER_BLOCK]; per as usize];
+    let mut mem: Vec<Vec<u32>> = vec![vec![0; cfg.words_per_block()]; per as usize];
+    let mut last: Vec<Vec<u32>> = vec![vec![0; cfg.words_per_block()]; per as usize];
     let mut seen_discards = 0;
     let resync = |mem: &mut Vec<u32>, blk: u64| *mem = sh.file.versions(blk);
     for i in 0..cfg.owner_ops {
@@ -430,7 +479,7 @@ fn owner(sh: &Shared, t: usize) -> Result<(Vec<Vec<u32>>, u64), String> {
         }
         let j = rng.below(per);
         let blk = first + j;
-        let w = rng.below(WORDS_PER_BLOCK as u64) as usize;
+        let w = rng.below(cfg.words_per_block() as u64) as usize;
         match rng.below(100) {
             0..=39 => {
                 let v = last[j as usize][w] + 1;
@@ -543,7 +592,7 @@ fn mapper(sh: &Shared, seed: u64) -> Result<(), String> {
         }
         for _ in 0..4 {
             let blk = start + rng.below(len);
-            let w = rng.below(WORDS_PER_BLOCK as u64) as usize;
+            let w = rng.below(sh.cfg.words_per_block() as u64) as usize;
             sh.check_foreign(&m, blk, w)
                 .map_err(|e| format!("through a second mapping: {e}"))?;
         }
