@@ -6,10 +6,11 @@
 //! without another fault.
 
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
-use bigfile::virtmem::{FaultBackend, FileH, PageState, Ram, WriteoutFlags};
+use bigfile::virtmem::{FaultBackend, FileH, PageState, Ram, Vma, WriteoutFlags};
 
 use crate::common::{ram, MemFile, BLK};
 
@@ -30,20 +31,31 @@ fn on_uffd(budget: u64) -> Option<(Arc<MemFile>, Ram, FileH)> {
     Some((file, ram, fh))
 }
 
-/// A scratch file of this test's own.
-fn scratch(name: &str) -> (std::fs::File, std::path::PathBuf) {
-    let path = std::env::temp_dir().join(format!(
-        "bigfile-it-call-buffer-{name}-{}",
-        std::process::id()
-    ));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    (f, path)
+/// A scratch file (a memory file: its writes copy as a disk file's do,
+/// `generic_perform_write`), empty.
+fn scratch() -> std::fs::File {
+    // SAFETY: a name we own; the new descriptor is ours alone.
+    let fd = unsafe { libc::memfd_create(c"bigfile-it-call-buffer".as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: as above.
+    unsafe { std::fs::File::from_raw_fd(fd) }
+}
+
+/// What `f` holds, from its start.
+fn contents(f: &mut std::fs::File) -> Vec<u8> {
+    let mut got = Vec::new();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_to_end(&mut got).unwrap();
+    got
+}
+
+/// Write all of `vma` (not loaded) to a scratch file in one `write(2)`;
+/// what the file got.
+fn write_out(vma: &Vma) -> Vec<u8> {
+    let mut out = scratch();
+    // SAFETY: nothing writes the mapping while the slice lives.
+    out.write_all(unsafe { vma.as_slice() }).unwrap();
+    contents(&mut out)
 }
 
 /// Whether `got` holds blocks `blocks` of the memory file as first loaded.
@@ -56,28 +68,26 @@ fn holds_initial(got: &[u8], blocks: std::ops::Range<u64>) -> bool {
 /// One `write(2)` of 64 blocks not loaded: one fault; the 63 blocks after
 /// it read ahead (not a stream's window: all of them) and mapped before the
 /// call copies them. (Without: a stream's read-ahead, about one fault per
-/// half window, 4 blocks of 64 KiB here.)
+/// half window, 4 blocks of 64 KiB here.) The loads are slow (a millisecond
+/// each, as a network's): a call woken before they end would catch up with
+/// them and fault on most blocks.
 #[test]
 fn a_write_from_an_unloaded_mapping_reads_its_buffer_ahead() {
     let Some((file, _ram, fh)) = on_uffd(128) else {
         return;
     };
+    file.on_load(|_, _| {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        Ok(())
+    });
     let vma = fh.mmap(0, 64).unwrap();
-    let (mut out, path) = scratch("write");
-    // SAFETY: nothing writes the mapping while the slice lives.
-    let src = unsafe { vma.as_slice() };
-    out.write_all(src).unwrap();
+    let got = write_out(&vma);
     let s = fh.stats();
     assert!(s.faults <= 4, "one fault for the whole call: {s:?}");
     assert!(s.readahead_loads >= 60, "{s:?}");
     assert_eq!(file.loads(), 64, "every block loaded once");
-    let mut got = Vec::new();
-    out.seek(SeekFrom::Start(0)).unwrap();
-    out.read_to_end(&mut got).unwrap();
     assert_eq!(got.len(), 64 * BLK);
     assert!(holds_initial(&got, 0..64), "the file got the blocks' data");
-    drop(out);
-    let _ = std::fs::remove_file(path);
 }
 
 /// One `read(2)` into 32 blocks not loaded: read ahead as for a write, and
@@ -89,7 +99,7 @@ fn a_read_into_an_unloaded_mapping_dirties_what_it_wrote() {
         return;
     };
     let vma = fh.mmap(0, 32).unwrap();
-    let (mut src, path) = scratch("read");
+    let mut src = scratch();
     let data: Vec<u8> = (0..32 * BLK).map(|i| (i / 4096 % 251) as u8).collect();
     src.write_all(&data).unwrap();
     src.seek(SeekFrom::Start(0)).unwrap();
@@ -105,8 +115,6 @@ fn a_read_into_an_unloaded_mapping_dirties_what_it_wrote() {
     for (b, want) in data.chunks(BLK).enumerate() {
         assert!(file.content(b as u64) == want, "block {b} stored");
     }
-    drop(src);
-    let _ = std::fs::remove_file(path);
 }
 
 /// A buffer of 64 blocks under a budget of 16 pages: read ahead only as far
@@ -127,9 +135,7 @@ fn a_buffer_larger_than_the_budget_is_read_ahead_within_it() {
         });
     }
     let vma = fh.mmap(0, 64).unwrap();
-    let (mut out, path) = scratch("budget");
-    // SAFETY: nothing writes the mapping while the slice lives.
-    out.write_all(unsafe { vma.as_slice() }).unwrap();
+    let got = write_out(&vma);
     file.clear_load_hook();
     let s = fh.stats();
     assert!(
@@ -140,13 +146,8 @@ fn a_buffer_larger_than_the_budget_is_read_ahead_within_it() {
     );
     assert!(s.readahead_loads >= 32, "{s:?}");
     assert!(s.faults < 32, "{s:?}");
-    let mut got = Vec::new();
-    out.seek(SeekFrom::Start(0)).unwrap();
-    out.read_to_end(&mut got).unwrap();
     assert!(holds_initial(&got, 0..64));
     let resident = (0..64).filter(|&b| fh.page_state(b).is_some()).count();
     assert!(resident <= 16, "{resident} pages");
     assert!((0..64).all(|b| fh.page_state(b) != Some(PageState::Loading)));
-    drop(out);
-    let _ = std::fs::remove_file(path);
 }
