@@ -67,7 +67,7 @@ impl UffdRange {
         let call_end = buffer
             .filter(|b| native && b.addr <= addr && addr - b.addr < b.len)
             .map(|b| {
-                let end = (addr + (b.len - (addr - b.addr))).min(self.start + self.len);
+                let end = b.addr.saturating_add(b.len).min(self.start + self.len);
                 self.pgoffset + (end - self.start).div_ceil(ps) as u64
             });
         let req = PageRequest {
