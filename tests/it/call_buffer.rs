@@ -151,3 +151,29 @@ fn a_buffer_larger_than_the_budget_is_read_ahead_within_it() {
     assert!(resident <= 16, "{resident} pages");
     assert!((0..64).all(|b| fh.page_state(b) != Some(PageState::Loading)));
 }
+
+/// A block whose read-ahead load fails (every attempt the load policy
+/// allows) is forgotten: the worker's wait for the buffer's loads ends, the
+/// call copies up to that block, faults there, and its own load (which
+/// succeeds) serves it; the call succeeds with the right data.
+#[test]
+fn a_failed_read_ahead_load_is_loaded_again_by_the_call() {
+    let Some((file, _ram, fh)) = on_uffd(128) else {
+        return;
+    };
+    let attempts = Arc::new(AtomicU64::new(0));
+    {
+        let attempts = attempts.clone();
+        file.on_load(move |blk, _| match blk {
+            10 if attempts.fetch_add(1, SeqCst) < 3 => Err("block 10 not yet".into()),
+            _ => Ok(()),
+        });
+    }
+    let vma = fh.mmap(0, 32).unwrap();
+    let got = write_out(&vma);
+    assert!(holds_initial(&got, 0..32), "the file got the blocks' data");
+    assert_eq!(attempts.load(SeqCst), 4, "3 failed, then the call's");
+    let s = fh.stats();
+    assert!(s.faults >= 2, "the call faulted again on block 10: {s:?}");
+    assert!(s.readahead_loads >= 28, "{s:?}");
+}
