@@ -3,6 +3,7 @@
 
 mod block_page;
 mod budget;
+mod call_buffer;
 mod common;
 mod crash;
 mod file;

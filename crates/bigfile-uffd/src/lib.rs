@@ -12,7 +12,8 @@
 //!   minor and write-protect faults;
 //! - [`Uffd::read_events`]: page faults, each with its address, kind and
 //!   faulting thread; [`thread_mode`] tells whether that thread is in user
-//!   mode or inside a system call;
+//!   mode or inside a system call, and which ([`Call::buffer`]: the user
+//!   memory that call copies);
 //! - resolutions: [`Uffd::resolve`] (map the page-cache page, optionally
 //!   write-protected), [`Uffd::write_protect`], [`Uffd::wake`],
 //!   [`Uffd::poison`] (the access fails: SIGBUS in user mode, EFAULT in
@@ -28,4 +29,4 @@ mod thread;
 
 pub use event::{Event, FaultKind};
 pub use fd::{Features, Registration, Uffd, Unavailable, HIDE_FEATURES_ENV};
-pub use thread::{signal_held, thread_mode, ThreadMode};
+pub use thread::{signal_held, thread_mode, Buffer, Call, ThreadMode};

@@ -9,11 +9,46 @@ pub enum ThreadMode {
     /// Blocked, not in a system call: its fault is from user-mode code
     /// (a signal sent to it interrupts the fault and runs its handler).
     User,
-    /// Blocked inside system call number `nr`: the kernel faulted on its
-    /// behalf (a signal would fail or restart the call).
-    Syscall(i64),
+    /// Blocked inside a system call: the kernel faulted on its behalf (a
+    /// signal would fail or restart the call).
+    Syscall(Call),
     /// Running: it is not waiting for a fault (any more).
     Running,
+}
+
+/// A system call a thread is in: its number and arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Call {
+    pub nr: i64,
+    pub args: [u64; 6],
+}
+
+/// The user memory a system call copies to or from, as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buffer {
+    pub addr: usize,
+    pub len: usize,
+}
+
+impl Call {
+    /// The buffer this call reads whole, for the calls that take it as
+    /// their second and third arguments and copy all of it before they
+    /// return (`write`, `pwrite64`, `sendto` on blocking descriptors);
+    /// `None` for any other call. Not the calls that write into a buffer
+    /// (`read`, `recvfrom`): a socket or a pipe fills as much as it has, so
+    /// loading the rest of the buffer first would only delay the call.
+    /// Nor vectored I/O, whose buffers are in memory the reader would have
+    /// to read.
+    pub fn buffer(&self) -> Option<Buffer> {
+        match self.nr {
+            libc::SYS_write | libc::SYS_pwrite64 | libc::SYS_sendto => {}
+            _ => return None,
+        }
+        Some(Buffer {
+            addr: usize::try_from(self.args[1]).ok()?,
+            len: usize::try_from(self.args[2]).ok()?,
+        })
+    }
 }
 
 /// The mode of thread `tid` of this process.
@@ -48,14 +83,25 @@ pub fn signal_held(tid: libc::pid_t, signo: libc::c_int) -> io::Result<bool> {
     Ok(mask("SigPnd:")? & bit != 0 && mask("SigBlk:")? & bit != 0)
 }
 
+/// One line of `/proc/PID/task/TID/syscall`: `running`; `-1 SP PC` (not in
+/// a system call); or the call's number, its six arguments, `SP PC` (the
+/// numbers after the first in hexadecimal, `0x` before each).
 fn parse(text: &str) -> Option<ThreadMode> {
-    let first = text.split_whitespace().next()?;
+    let mut words = text.split_whitespace();
+    let first = words.next()?;
     if first == "running" {
         return Some(ThreadMode::Running);
     }
     match first.parse::<i64>().ok()? {
         -1 => Some(ThreadMode::User),
-        nr if nr >= 0 => Some(ThreadMode::Syscall(nr)),
+        nr if nr >= 0 => {
+            let mut args = [0u64; 6];
+            for a in &mut args {
+                let hex = words.next()?.strip_prefix("0x")?;
+                *a = u64::from_str_radix(hex, 16).ok()?;
+            }
+            Some(ThreadMode::Syscall(Call { nr, args }))
+        }
         _ => None,
     }
 }
@@ -64,16 +110,61 @@ fn parse(text: &str) -> Option<ThreadMode> {
 mod tests {
     use super::*;
 
+    /// The number of the call a thread is in, if any.
+    fn nr(mode: ThreadMode) -> Option<i64> {
+        match mode {
+            ThreadMode::Syscall(call) => Some(call.nr),
+            _ => None,
+        }
+    }
+
     #[test]
     fn proc_lines_parse() {
         assert_eq!(parse("-1 0x7ffd 0x4005\n"), Some(ThreadMode::User));
         assert_eq!(
-            parse("0 0x3 0x7f 0x8 0 0 0 0x7ffd 0x4005\n"),
-            Some(ThreadMode::Syscall(0))
+            parse("0 0x3 0x7f 0x8 0x0 0x0 0x0 0x7ffd 0x4005\n"),
+            Some(ThreadMode::Syscall(Call {
+                nr: 0,
+                args: [3, 0x7f, 8, 0, 0, 0]
+            }))
         );
         assert_eq!(parse("running\n"), Some(ThreadMode::Running));
         assert_eq!(parse(""), None);
         assert_eq!(parse("x"), None);
+        assert_eq!(parse("1 0x3 0x7f\n"), None, "arguments cut short");
+        assert_eq!(parse("1 0x3 0x7f 0x8 0x0 0x0 zz 0x1 0x2\n"), None);
+    }
+
+    #[test]
+    fn the_buffer_of_a_copying_call_is_its_second_and_third_argument() {
+        let call = |nr, buf: u64, count: u64| Call {
+            nr,
+            args: [7, buf, count, 0x99, 0, 0],
+        };
+        let buf = Some(Buffer {
+            addr: 0x7f00_0000_1000,
+            len: 0x20_0000,
+        });
+        let b = |nr| call(nr, 0x7f00_0000_1000, 0x20_0000).buffer();
+        for copying in [libc::SYS_write, libc::SYS_pwrite64, libc::SYS_sendto] {
+            assert_eq!(b(copying), buf, "call {copying}");
+        }
+        for other in [
+            libc::SYS_read,
+            libc::SYS_pread64,
+            libc::SYS_recvfrom,
+            libc::SYS_writev,
+            libc::SYS_readv,
+            libc::SYS_futex,
+            libc::SYS_sendfile,
+        ] {
+            assert_eq!(b(other), None, "call {other}");
+        }
+        let parsed = parse("1 0x5 0x7f0000001000 0x200000 0x0 0x0 0x0 0x7ffd 0x4005\n");
+        let Some(ThreadMode::Syscall(c)) = parsed else {
+            panic!("{parsed:?}");
+        };
+        assert_eq!(c.buffer(), buf);
     }
 
     #[test]
@@ -121,13 +212,13 @@ mod tests {
         let tid = tidrx.recv().unwrap();
         let mut mode = thread_mode(tid).unwrap();
         for _ in 0..1000 {
-            if mode == ThreadMode::Syscall(libc::SYS_futex) {
+            if nr(mode) == Some(libc::SYS_futex) {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
             mode = thread_mode(tid).unwrap();
         }
-        assert_eq!(mode, ThreadMode::Syscall(libc::SYS_futex));
+        assert_eq!(nr(mode), Some(libc::SYS_futex), "{mode:?}");
         tx.send(()).unwrap();
         t.join().unwrap();
     }

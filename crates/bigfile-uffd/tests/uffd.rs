@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use bigfile_uffd::{thread_mode, Event, FaultKind, ThreadMode, Uffd, Unavailable};
+use bigfile_uffd::{thread_mode, Buffer, Event, FaultKind, ThreadMode, Uffd, Unavailable};
 
 const PS: usize = 4096;
 const PAGES: usize = 8;
@@ -80,6 +80,15 @@ impl Shm {
 
 /// Every event the server saw, with the faulting thread's mode then.
 type Seen = Arc<Mutex<Vec<(Event, ThreadMode)>>>;
+
+/// The system call a thread was in (`None`: in its own code) and the
+/// buffer it copies, if the reader follows that call's.
+fn call_of(mode: ThreadMode) -> Option<(i64, Option<Buffer>)> {
+    match mode {
+        ThreadMode::Syscall(call) => Some((call.nr, call.buffer())),
+        _ => None,
+    }
+}
 
 /// Resolves faults on `shm` until stopped: missing pages filled with
 /// `b'a' + page`, write-protect faults unprotected; every event recorded with
@@ -194,26 +203,30 @@ fn kernel_and_user_faults_are_served_and_told_apart() {
     let mine: Vec<_> = seen
         .iter()
         .filter(|(e, _)| e.tid == me)
-        .map(|(e, m)| (e.addr - shm.vma as usize, e.kind, e.write, *m))
+        .map(|(e, m)| (e.addr - shm.vma as usize, e.kind, e.write, call_of(*m)))
         .collect();
+    let buffer = |offset, len| Buffer {
+        addr: shm.vma as usize + offset,
+        len,
+    };
     assert_eq!(
         mine,
         [
-            (0, FaultKind::Missing, false, ThreadMode::User),
+            (0, FaultKind::Missing, false, None),
             (
                 PS,
                 FaultKind::Missing,
                 false,
-                ThreadMode::Syscall(libc::SYS_write)
+                Some((libc::SYS_write, Some(buffer(PS, 16))))
             ),
             (
                 2 * PS,
                 FaultKind::Missing,
                 true,
-                ThreadMode::Syscall(libc::SYS_read)
+                Some((libc::SYS_read, None))
             ),
-            (3 * PS, FaultKind::Minor, false, ThreadMode::User),
-            (0, FaultKind::Missing, false, ThreadMode::User),
+            (3 * PS, FaultKind::Minor, false, None),
+            (0, FaultKind::Missing, false, None),
         ]
     );
 }
@@ -242,17 +255,19 @@ fn write_protection_tracks_kernel_writes() {
         .lock()
         .unwrap()
         .iter()
-        .map(|(e, m)| (e.addr - shm.vma as usize, e.kind, *m))
+        .map(|(e, m)| {
+            (
+                e.addr - shm.vma as usize,
+                e.kind,
+                call_of(*m).map(|(nr, _)| nr),
+            )
+        })
         .collect();
     assert_eq!(
         kinds,
         [
-            (4 * PS, FaultKind::Missing, ThreadMode::User),
-            (
-                4 * PS + 8,
-                FaultKind::WriteProtect,
-                ThreadMode::Syscall(libc::SYS_read)
-            )
+            (4 * PS, FaultKind::Missing, None),
+            (4 * PS + 8, FaultKind::WriteProtect, Some(libc::SYS_read))
         ]
     );
 }

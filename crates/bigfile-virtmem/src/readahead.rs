@@ -149,16 +149,17 @@ fn work(inbox: Receiver<Job>) {
 }
 
 /// Read ahead of a fault on block `blk` in mapping `vma` of `fh`, just
-/// served (its access holding the page of block `pin`, if any): start
-/// loading the blocks of the stream's window not resident
-/// (`State::read_ahead_range`), as far as the budget has room or a page
-/// the stream has passed (never the pin) can be reclaimed; map the
-/// read-ahead pages loaded meanwhile that the stream's accesses reach
-/// before its next fault. The workers fill pages with `fill`. Called
-/// without the RAM lock.
+/// served (its access holding the page of block `pin`, if any; a system
+/// call's, copying a buffer that ends before block `call_end`, if known):
+/// start loading the blocks of the stream's window (and of the call's
+/// buffer) not resident (`State::read_ahead_range`), as far as the budget
+/// has room or a page the stream has passed (never the pin) can be
+/// reclaimed; map the read-ahead pages loaded meanwhile that the stream's
+/// accesses reach before its next fault. The workers fill pages with
+/// `fill`. Called without the RAM lock.
 pub(crate) fn issue(
     fh: &FileHInner,
-    (vma, blk): (VmaId, u64),
+    (vma, blk, call_end): (VmaId, u64, Option<u64>),
     pin: Option<(FileKey, u64)>,
     fill: Fill,
 ) {
@@ -172,7 +173,9 @@ pub(crate) fn issue(
     // Whether a job has a reclaimed page, held until its old mappings go.
     let mut held = false;
     let mut st = shared.lock();
-    let blocks = st.read_ahead_range(fh.key, vma, blk, max).unwrap_or(0..0);
+    let blocks = st
+        .read_ahead_range(fh.key, vma, (blk, call_end), max)
+        .unwrap_or(0..0);
     for b in blocks {
         if st.lookup(fh.key, b).is_some() {
             continue;
@@ -188,7 +191,8 @@ pub(crate) fn issue(
     }
     // Pages read ahead earlier, now below the trigger: mapped as the
     // workers would have, had the trigger been there when they finished.
-    let trigger_range = blk.saturating_add(1)..blk.saturating_add(MAX_WINDOW);
+    let trigger_end = blk.saturating_add(MAX_WINDOW).max(call_end.unwrap_or(0));
+    let trigger_range = blk.saturating_add(1)..trigger_end;
     for b in trigger_range {
         if let Some(pk) = st.lookup(fh.key, b) {
             map_ahead(fh, &mut st, vma, (b, pk));
@@ -211,6 +215,33 @@ pub(crate) fn issue(
             // The worker is gone (it cannot be, short of a bug): load here,
             // rather than leave the page loading for ever.
             run(back.0);
+        }
+    }
+}
+
+/// Wait until no block of `blocks` of `fh` is loading: those `issue` read
+/// ahead for a system call's buffer (ARCHITECTURE.md, "A system call's
+/// buffer"), or a fault loads. Called by the userfaultfd worker that served
+/// the call's fault, before it wakes the call; never for a loader that may
+/// take the host lock. A wait that would close a cycle of waits ends it
+/// (the call then faults where it finds a page missing).
+pub(crate) fn wait_loaded(fh: &FileHInner, blocks: std::ops::Range<u64>) {
+    let shared = &*fh.shared;
+    let mut st = shared.lock();
+    let mut next = blocks.start;
+    while next < blocks.end {
+        let loading = st
+            .lookup(fh.key, next)
+            .and_then(|pk| st.pages().get(pk).ticket().cloned())
+            .filter(|t| !t.is_finished());
+        match loading {
+            // Looked at again once finished: a fault may have taken the
+            // job over, under a ticket of its own.
+            Some(ticket) => match shared.wait_for(st, &ticket) {
+                Ok(locked) => st = locked,
+                Err(_) => return,
+            },
+            None => next += 1,
         }
     }
 }

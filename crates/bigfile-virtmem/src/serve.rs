@@ -51,6 +51,11 @@ pub(crate) struct PageRequest {
     /// it was served last (`streak.rs`); `None` for prefault, which
     /// re-executes nothing.
     pub(crate) execution: Option<u64>,
+    /// For a fault a system call took on a buffer it copies (userfaultfd
+    /// backend), the block after the buffer's last in this mapping: the
+    /// blocks up to there are read ahead and mapped as they load
+    /// (ARCHITECTURE.md, "Read-ahead", "A system call's buffer").
+    pub(crate) call_end: Option<u64>,
 }
 
 /// Serve `req` for handle `fh`: when this returns `Ok`, the page is mapped
@@ -84,7 +89,7 @@ pub(crate) fn serve(
     );
     // Read-ahead runs the loaders that allow it (`BigFile::reads_ahead`),
     // once the fault is served: a failed one reads nothing ahead.
-    let ahead = req.drop_behind && sequential && fh.reads_ahead;
+    let ahead = req.drop_behind && (sequential || req.call_end.is_some()) && fh.reads_ahead;
     loop {
         st = match st.lookup(fh.key, req.blk) {
             None => load(fh, st, (req.blk, sequential), (access.as_ref(), pin), host)?,
@@ -100,7 +105,12 @@ pub(crate) fn serve(
                                 a.served(fh.key, req.blk);
                             }
                             if ahead {
-                                readahead::issue(fh, (req.vma, req.blk), pin, fill_ahead);
+                                readahead::issue(
+                                    fh,
+                                    (req.vma, req.blk, req.call_end),
+                                    pin,
+                                    fill_ahead,
+                                );
                             }
                             return Ok(());
                         }
@@ -675,6 +685,7 @@ mod tests {
             access,
             drop_behind: false,
             execution: None,
+            call_end: None,
         }
     }
 

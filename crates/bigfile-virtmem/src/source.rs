@@ -112,6 +112,7 @@ impl FaultHandler for SignalFaults {
             access: fault.access,
             drop_behind: true,
             execution: Some(fault.execution),
+            call_end: None,
         };
         // Kept while it can be: the code that touched the memory may be host
         // code that assumes no other host thread runs meanwhile.

@@ -435,16 +435,18 @@ impl State {
     /// The blocks to read ahead of a fault on block `blk` in mapping `vma`
     /// (read sequentially), at most `max` (inside the mapping; those already
     /// read ahead are not asked again: the range may be empty), the
-    /// stream moved on past them. Asked once the fault is served (a failed
-    /// one moves nothing). `None` for no read-ahead: a mapping advised
-    /// random, not (or no longer) read sequentially, a budget too small for
-    /// a window, or a stream whose last fault is another block by now
-    /// (another thread's, which reads ahead of its own).
+    /// stream moved on past them; and, for a fault a system call took on
+    /// its buffer, the blocks up to `call_end` (`Stream::read_ahead_to`).
+    /// Asked once the fault is served (a failed one moves nothing). `None`
+    /// for no read-ahead: a mapping advised random, not (or no longer) read
+    /// sequentially and no system call's, a budget too small for a window,
+    /// or a stream whose last fault is another block by now (another
+    /// thread's, which reads ahead of its own).
     pub(crate) fn read_ahead_range(
         &mut self,
         fk: FileKey,
         vma: VmaId,
-        blk: u64,
+        (blk, call_end): (u64, Option<u64>),
         max: u64,
     ) -> Option<Range<u64>> {
         let v = self.handles[fk.0]
@@ -457,11 +459,23 @@ impl State {
             Advice::Normal => false,
         };
         let window = v.stream().window(advised, max);
-        if window == 0 || v.stream().last() != Some(blk) {
+        let call_end = call_end.filter(|_| max > 0);
+        if (window == 0 && call_end.is_none()) || v.stream().last() != Some(blk) {
             return None;
         }
         let end = v.pgoffset() + v.range().1 as u64;
-        let r = v.stream_mut().read_ahead(blk, window);
+        let mut r = match window {
+            0 => blk.saturating_add(1)..blk.saturating_add(1),
+            w => v.stream_mut().read_ahead(blk, w),
+        };
+        if let Some(call_end) = call_end {
+            // Follows on from the window (both start where read-ahead
+            // stopped).
+            let more = v.stream_mut().read_ahead_to(blk, call_end.min(end));
+            if !more.is_empty() {
+                r = r.start.min(more.start)..more.end.max(r.end);
+            }
+        }
         Some(r.start.min(end)..r.end.min(end))
     }
 

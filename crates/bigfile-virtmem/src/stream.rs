@@ -133,7 +133,28 @@ impl Stream {
         let end = blk.saturating_add(window).saturating_add(1);
         let start = blk.saturating_add(1).max(self.ahead).min(end);
         self.ahead = self.ahead.max(end);
-        self.trigger = blk.saturating_add((window / 2).max(1));
+        // (Never back: a system call's buffer may have moved it further.)
+        self.trigger = self.trigger.max(blk.saturating_add((window / 2).max(1)));
+        start..end
+    }
+
+    /// Read ahead of a fault on `blk` up to block `end` (exclusive: the
+    /// end of the buffer a system call copies): the blocks not read ahead
+    /// yet among them. The faults up to `end` form a stream from here on,
+    /// and every page read ahead below `end` is mapped once loaded (the
+    /// trigger moves to `end`): the call copies them all, unless it fails.
+    pub(crate) fn read_ahead_to(&mut self, blk: u64, end: u64) -> Range<u64> {
+        let next = blk.saturating_add(1);
+        let start = next.max(self.ahead);
+        if next >= end {
+            return start..start;
+        }
+        self.run = self.run.max(1);
+        self.trigger = self.trigger.max(end);
+        if start >= end {
+            return start..start;
+        }
+        self.ahead = end;
         start..end
     }
 
@@ -226,6 +247,33 @@ mod tests {
         assert_eq!(s.read_ahead(15, 8), 22..24, "asked again");
         assert_eq!(s.note(30, 0), Step::Random, "beyond the trigger: a jump");
         assert!(s.pending().is_empty(), "nothing pending once stopped");
+    }
+
+    #[test]
+    fn a_system_calls_buffer_is_read_ahead_and_mapped_to_its_end() {
+        let mut s = Stream::default();
+        assert_eq!(s.note(40, 0), Step::Random, "the call's first fault");
+        assert_eq!(s.read_ahead_to(40, 40), 41..41, "nothing past the buffer");
+        assert!(!s.is_sequential());
+        assert_eq!(s.read_ahead_to(40, 300), 41..300);
+        assert!(s.is_sequential(), "a stream from there on");
+        assert!(s.maps_ahead(41) && s.maps_ahead(299), "mapped as loaded");
+        assert!(!s.maps_ahead(300) && !s.maps_ahead(40));
+        assert_eq!(s.pending(), 41..300);
+        // The call caught up with a load at 90: its stream goes on.
+        assert_eq!(s.note(90, 0), Step::Continues);
+        s.cut_ahead(120);
+        assert_eq!(s.read_ahead_to(90, 300), 120..300, "only what was cut");
+        assert!(
+            s.read_ahead_to(90, 200).is_empty(),
+            "a shorter call: nothing new"
+        );
+        assert_eq!(s.window(false, 3), 2, "a window as any stream's");
+        assert!(s.read_ahead(90, 2).is_empty(), "which never shrinks it");
+        assert!(s.maps_ahead(299), "nor the mapping ahead");
+        assert_eq!(s.note(300, 0), Step::Continues, "a next call's fault");
+        assert_eq!(s.read_ahead_to(300, 310), 301..310);
+        assert!(s.maps_ahead(309));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use bigfile_fault::Access;
-use bigfile_uffd::{signal_held, thread_mode, Event, FaultKind, ThreadMode, Uffd};
+use bigfile_uffd::{signal_held, thread_mode, Buffer, Event, FaultKind, ThreadMode, Uffd};
 
 use crate::backend::process_uffd;
 use crate::deaf::spawn_deaf;
@@ -39,6 +39,7 @@ use crate::host::HostLease;
 use crate::hostwait::{self, Watch};
 use crate::keys::VmaId;
 use crate::poison::{self, POISON_TIME};
+use crate::readahead;
 use crate::serve::PageRequest;
 use crate::source::{take, FaultSource};
 use crate::waits::{Ticket, Tid};
@@ -59,9 +60,22 @@ impl UffdRange {
         self.start + (addr - self.start) / ps * ps
     }
 
-    fn request(&self, addr: usize, access: Access) -> (PageRequest, usize) {
+    /// The request of a fault at `addr` for a system call copying
+    /// `buffer` (if the reader knows it), and the page's address.
+    fn request(&self, addr: usize, access: Access, buffer: Option<Buffer>) -> (PageRequest, usize) {
         let ps = self.fileh.page_size();
         let idx = (addr - self.start) / ps;
+        // The rest of the buffer the call copies, past the fault (in this
+        // mapping): read ahead and mapped before the call gets there.
+        // Only for loaders read ahead that never take the host lock (the
+        // worker waits for those loads: `readahead::wait_loaded`).
+        let native = self.fileh.reads_ahead && !self.fileh.needs_host;
+        let call_end = buffer
+            .filter(|b| native && b.addr <= addr && addr - b.addr < b.len)
+            .map(|b| {
+                let end = b.addr.saturating_add(b.len).min(self.start + self.len);
+                self.pgoffset + (end - self.start).div_ceil(ps) as u64
+            });
         let req = PageRequest {
             vma: self.vma,
             blk: self.pgoffset + idx as u64,
@@ -70,6 +84,7 @@ impl UffdRange {
             // A kernel access resumes where it stopped after each page:
             // nothing to hold across its faults.
             execution: None,
+            call_end,
         };
         (req, self.start + idx * ps)
     }
@@ -86,9 +101,14 @@ pub(crate) struct UffdService {
     job_ready: Condvar,
 }
 
+/// A kernel-mode fault for a worker: its range, the event, and the buffer
+/// of the system call the thread is in (when the reader follows that
+/// call's: `Call::buffer`).
+type Job = (Arc<UffdRange>, Event, Option<Buffer>);
+
 #[derive(Default)]
 struct Jobs {
-    queue: VecDeque<(Arc<UffdRange>, Event)>,
+    queue: VecDeque<Job>,
     idle: usize,
     /// Workers ever started (their names' numbers).
     started: usize,
@@ -231,7 +251,7 @@ impl UffdService {
     /// worker when `sent` is `None` (a request its thread holds blocked).
     fn dispatch(&'static self, e: Event, sent: Option<&mut Requests>) {
         let access = if e.write { Access::Write } else { Access::Read };
-        let range = {
+        let (range, buffer) = {
             // Looked up under the lock, kept only for a worker: a reference
             // held here would keep the handle alive after its owner dropped
             // it (its pages then freed by this thread, later).
@@ -249,7 +269,8 @@ impl UffdService {
                 let _ = self.uffd.wake(e.addr & !(ps - 1), ps);
                 return;
             };
-            let user = thread_mode(e.tid).is_ok_and(|m| m == ThreadMode::User);
+            let mode = thread_mode(e.tid);
+            let user = mode.as_ref().is_ok_and(|m| *m == ThreadMode::User);
             // (A thread in user mode is not in that fault any more: woken
             // by another's wake, its page taken away since, it faults anew,
             // served on it as any user-mode fault; dropped, it would wait,
@@ -278,11 +299,15 @@ impl UffdService {
                     Err(err) => unqueued_request(&err),
                 }
             }
-            range.clone()
+            let buffer = match mode {
+                Ok(ThreadMode::Syscall(call)) => call.buffer(),
+                _ => None,
+            };
+            (range.clone(), buffer)
         };
         let mut jobs = self.jobs();
         jobs.serving.insert((e.tid, range.page_of(e.addr)));
-        jobs.queue.push_back((range, e));
+        jobs.queue.push_back((range, e, buffer));
         if jobs.idle == 0 {
             // Every worker is busy (or blocked in a nested fault, or in a
             // loader waiting for a lock): one more, so that no fault waits
@@ -311,7 +336,7 @@ impl UffdService {
     fn work(&'static self) {
         WORKER.with(|w| w.set(true));
         loop {
-            let (range, e) = {
+            let (range, e, buffer) = {
                 let mut jobs = self.jobs();
                 loop {
                     if let Some(job) = jobs.queue.pop_front() {
@@ -336,7 +361,7 @@ impl UffdService {
             } else {
                 Access::Read
             };
-            let (req, page_addr) = range.request(e.addr, access);
+            let (req, page_addr) = range.request(e.addr, access, buffer);
             let ps = range.fileh.page_size();
             let watch = Arc::new(Watch::new(page_addr, ps, req.blk, range.fileh.name.clone()));
             // The faulting thread waits for this worker: a wait of the
@@ -358,6 +383,13 @@ impl UffdService {
                     std::process::abort()
                 })
             });
+            if let (Ok(()), Some(end)) = (served, req.call_end) {
+                // The system call copies the rest of its buffer without a
+                // fault, unless it catches up with the loads: then the
+                // kernel shortens its copies for the rest of the call
+                // (ARCHITECTURE.md, "A system call's buffer").
+                readahead::wait_loaded(&range.fileh, req.blk.saturating_add(1)..end);
+            }
             // Let go of the handle before the thread goes on: it may drop
             // the handle's last reference next.
             drop(edge);

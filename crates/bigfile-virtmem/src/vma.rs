@@ -295,6 +295,7 @@ impl Vma {
                 // Drop-behind would reclaim the pages just prefaulted.
                 drop_behind: idx == first,
                 execution: None,
+                call_end: None,
             };
             take(&Prefault, &self.fileh, &req, &mut host)?;
         }

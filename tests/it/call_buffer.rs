@@ -1,0 +1,178 @@
+//! Read-ahead of a system call's buffer on the userfaultfd backend
+//! (ARCHITECTURE.md, "Read-ahead", "A system call's buffer"): a `write(2)`
+//! from a mapping not loaded faults once; the worker serving that fault
+//! reads the rest of the buffer ahead, maps it, and wakes the call once it
+//! is loaded, so that the kernel copies it without another fault. A
+//! `read(2)` into one is not followed so (it may fill less than asked).
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+
+use bigfile::virtmem::{FaultBackend, FileH, PageState, Ram, Vma, WriteoutFlags};
+
+use crate::common::{ram, MemFile, BLK};
+
+/// A native memory file (read ahead), a RAM of `budget` pages on the
+/// userfaultfd backend and a handle; `None` (said) where this process
+/// cannot have userfaultfd, unless it must (`BIGFILE_REQUIRE_UFFD`).
+fn on_uffd(budget: u64) -> Option<(Arc<MemFile>, Ram, FileH)> {
+    let ram = match ram(budget).with_fault_backend(FaultBackend::Userfaultfd) {
+        Ok(ram) => ram,
+        Err(e) if std::env::var_os("BIGFILE_REQUIRE_UFFD").is_none() => {
+            eprintln!("no userfaultfd here ({e}): nothing to test");
+            return None;
+        }
+        Err(e) => panic!("userfaultfd required: {e}"),
+    };
+    let file = Arc::new(MemFile::new(BLK).native());
+    let fh = FileH::open(file.clone(), Some(&ram)).unwrap();
+    Some((file, ram, fh))
+}
+
+/// A scratch file (a memory file: its writes copy as a disk file's do,
+/// `generic_perform_write`), empty.
+fn scratch() -> std::fs::File {
+    // SAFETY: a name we own; the new descriptor is ours alone.
+    let fd = unsafe { libc::memfd_create(c"bigfile-it-call-buffer".as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: as above.
+    unsafe { std::fs::File::from_raw_fd(fd) }
+}
+
+/// What `f` holds, from its start.
+fn contents(f: &mut std::fs::File) -> Vec<u8> {
+    let mut got = Vec::new();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_to_end(&mut got).unwrap();
+    got
+}
+
+/// Write all of `vma` (not loaded) to a scratch file in one `write(2)`;
+/// what the file got.
+fn write_out(vma: &Vma) -> Vec<u8> {
+    let mut out = scratch();
+    // SAFETY: nothing writes the mapping while the slice lives.
+    out.write_all(unsafe { vma.as_slice() }).unwrap();
+    contents(&mut out)
+}
+
+/// Whether `got` holds blocks `blocks` of the memory file as first loaded.
+fn holds_initial(got: &[u8], blocks: std::ops::Range<u64>) -> bool {
+    blocks
+        .zip(got.chunks(BLK))
+        .all(|(b, chunk)| chunk.iter().all(|&x| x == MemFile::initial(b)))
+}
+
+/// One `write(2)` of 64 blocks not loaded: one fault; the 63 blocks after
+/// it read ahead (not a stream's window: all of them) and mapped before the
+/// call copies them. (Without: a stream's read-ahead, about one fault per
+/// half window, 4 blocks of 64 KiB here.) The loads are slow (a millisecond
+/// each, as a network's): a call woken before they end would catch up with
+/// them and fault on most blocks.
+#[test]
+fn a_write_from_an_unloaded_mapping_reads_its_buffer_ahead() {
+    let Some((file, _ram, fh)) = on_uffd(128) else {
+        return;
+    };
+    file.on_load(|_, _| {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        Ok(())
+    });
+    let vma = fh.mmap(0, 64).unwrap();
+    let got = write_out(&vma);
+    let s = fh.stats();
+    assert!(s.faults <= 4, "one fault for the whole call: {s:?}");
+    assert!(s.readahead_loads >= 60, "{s:?}");
+    assert_eq!(file.loads(), 64, "every block loaded once");
+    assert_eq!(got.len(), 64 * BLK);
+    assert!(holds_initial(&got, 0..64), "the file got the blocks' data");
+}
+
+/// One `read(2)` into 32 blocks not loaded (a call writing into its
+/// buffer: not read ahead as a whole, only as a stream): every page the
+/// kernel wrote is dirty (its write-protect fault served as a write) and
+/// written out.
+#[test]
+fn a_read_into_an_unloaded_mapping_dirties_what_it_wrote() {
+    let Some((file, _ram, fh)) = on_uffd(64) else {
+        return;
+    };
+    let vma = fh.mmap(0, 32).unwrap();
+    let mut src = scratch();
+    let data: Vec<u8> = (0..32 * BLK).map(|i| (i / 4096 % 251) as u8).collect();
+    src.write_all(&data).unwrap();
+    src.seek(SeekFrom::Start(0)).unwrap();
+    // SAFETY: nothing else accesses the mapping while the slice lives.
+    let dst = unsafe { vma.as_mut_slice() };
+    src.read_exact(dst).unwrap();
+    assert_eq!(fh.dirty_blocks(), (0..32).collect::<Vec<_>>());
+    fh.dirty_writeout(WriteoutFlags::STORE | WriteoutFlags::MARKSTORED)
+        .unwrap();
+    assert!(!fh.is_dirty());
+    for (b, want) in data.chunks(BLK).enumerate() {
+        assert!(file.content(b as u64) == want, "block {b} stored");
+    }
+}
+
+/// A buffer of 64 blocks under a budget of 16 pages: read ahead only as far
+/// as the budget has room or pages the call has passed (the RAM never
+/// holds more than the budget and one block), and the call still copies
+/// every block right.
+#[test]
+fn a_buffer_larger_than_the_budget_is_read_ahead_within_it() {
+    let Some((file, ram, fh)) = on_uffd(16) else {
+        return;
+    };
+    let most = Arc::new(AtomicU64::new(0));
+    {
+        let (ram, most) = (ram.clone(), most.clone());
+        file.on_load(move |_, _| {
+            most.fetch_max(ram.stats().resident_bytes, SeqCst);
+            Ok(())
+        });
+    }
+    let vma = fh.mmap(0, 64).unwrap();
+    let got = write_out(&vma);
+    file.clear_load_hook();
+    let s = fh.stats();
+    assert!(
+        most.load(SeqCst) <= ram.budget() + BLK as u64,
+        "{} resident at most: {:?}",
+        most.load(SeqCst),
+        ram.stats()
+    );
+    assert!(s.readahead_loads >= 32, "{s:?}");
+    assert!(s.faults < 32, "{s:?}");
+    assert!(holds_initial(&got, 0..64));
+    let resident = (0..64).filter(|&b| fh.page_state(b).is_some()).count();
+    assert!(resident <= 16, "{resident} pages");
+    assert!((0..64).all(|b| fh.page_state(b) != Some(PageState::Loading)));
+}
+
+/// A block whose read-ahead load fails (every attempt the load policy
+/// allows) is forgotten: the worker's wait for the buffer's loads ends, the
+/// call copies up to that block, faults there, and its own load (which
+/// succeeds) serves it; the call succeeds with the right data.
+#[test]
+fn a_failed_read_ahead_load_is_loaded_again_by_the_call() {
+    let Some((file, _ram, fh)) = on_uffd(128) else {
+        return;
+    };
+    let attempts = Arc::new(AtomicU64::new(0));
+    {
+        let attempts = attempts.clone();
+        file.on_load(move |blk, _| match blk {
+            10 if attempts.fetch_add(1, SeqCst) < 3 => Err("block 10 not yet".into()),
+            _ => Ok(()),
+        });
+    }
+    let vma = fh.mmap(0, 32).unwrap();
+    let got = write_out(&vma);
+    assert!(holds_initial(&got, 0..32), "the file got the blocks' data");
+    assert_eq!(attempts.load(SeqCst), 4, "3 failed, then the call's");
+    let s = fh.stats();
+    assert!(s.faults >= 2, "the call faulted again on block 10: {s:?}");
+    assert!(s.readahead_loads >= 28, "{s:?}");
+}
