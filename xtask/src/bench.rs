@@ -355,13 +355,15 @@ const ROWS: &[Row] = {
             Time("fault_fill/kernel/2M"),
             AtMost(None),
         ),
+        // Issue 7 asked 0.6x of this row, issue 19 (read-ahead, a
+        // copy-free Python loader) 0.9x; and 1.0x of the native loader's.
         (
-            "7",
+            "19",
             "Python adler32, file-backed BigFile",
             PyRate("adler32_bigfile", "adler32_bytes"),
             "Python mmap",
             PyRate("adler32_mmap", "adler32_bytes"),
-            AtLeast(Some(0.6)),
+            AtLeast(Some(0.9)),
         ),
         (
             "7",
@@ -380,12 +382,12 @@ const ROWS: &[Row] = {
             AtLeast(None),
         ),
         (
-            "7",
+            "19",
             "Python adler32, BigFile_File (native I/O)",
             PyRate("adler32_file_native", "adler32_bytes"),
             "Python mmap",
             PyRate("adler32_mmap", "adler32_bytes"),
-            AtLeast(None),
+            AtLeast(Some(1.0)),
         ),
         (
             "9",
