@@ -23,6 +23,10 @@ pub struct Call {
     pub args: [u64; 6],
 }
 
+/// The most bytes one `read` or `write` copies (Linux's `MAX_RW_COUNT`:
+/// `INT_MAX` rounded down to a page).
+const MAX_RW_COUNT: usize = 0x7fff_f000;
+
 /// The user memory a system call copies to or from, as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Buffer {
@@ -31,23 +35,31 @@ pub struct Buffer {
 }
 
 impl Call {
-    /// The buffer this call reads whole, for the calls that take it as
-    /// their second and third arguments and copy all of it before they
-    /// return (`write`, `pwrite64`, `sendto` on blocking descriptors);
-    /// `None` for any other call. Not the calls that write into a buffer
-    /// (`read`, `recvfrom`): a socket or a pipe fills as much as it has, so
-    /// loading the rest of the buffer first would only delay the call.
-    /// Nor vectored I/O, whose buffers are in memory the reader would have
-    /// to read.
+    /// The buffer this call copies, for `read`, `pread64`, `write` and
+    /// `pwrite64` (its second and third arguments, as much of it as one
+    /// call copies: at most `MAX_RW_COUNT`); `None` for any other call.
+    /// Such a call on a blocking descriptor of a file copies all of it (the
+    /// caller checks the descriptor: [`Call::fd`]). Not `sendto` or
+    /// `recvfrom`, whose sockets are so often non-blocking (an event
+    /// loop's) and copy what fits or what came; nor vectored I/O, whose
+    /// buffers are in memory the reader would have to read.
     pub fn buffer(&self) -> Option<Buffer> {
-        match self.nr {
-            libc::SYS_write | libc::SYS_pwrite64 | libc::SYS_sendto => {}
-            _ => return None,
-        }
+        self.fd()?;
         Some(Buffer {
             addr: usize::try_from(self.args[1]).ok()?,
-            len: usize::try_from(self.args[2]).ok()?,
+            len: usize::try_from(self.args[2]).ok()?.min(MAX_RW_COUNT),
         })
+    }
+
+    /// The descriptor of a `read`, `pread64`, `write` or `pwrite64` (its
+    /// first argument).
+    pub fn fd(&self) -> Option<libc::c_int> {
+        match self.nr {
+            libc::SYS_read | libc::SYS_pread64 | libc::SYS_write | libc::SYS_pwrite64 => {
+                libc::c_int::try_from(self.args[0]).ok()
+            }
+            _ => None,
+        }
     }
 }
 
@@ -146,12 +158,19 @@ mod tests {
             len: 0x20_0000,
         });
         let b = |nr| call(nr, 0x7f00_0000_1000, 0x20_0000).buffer();
-        for copying in [libc::SYS_write, libc::SYS_pwrite64, libc::SYS_sendto] {
-            assert_eq!(b(copying), buf, "call {copying}");
-        }
-        for other in [
+        for copying in [
+            libc::SYS_write,
+            libc::SYS_pwrite64,
             libc::SYS_read,
             libc::SYS_pread64,
+        ] {
+            assert_eq!(b(copying), buf, "call {copying}");
+            assert_eq!(call(copying, 1, 1).fd(), Some(7));
+        }
+        let huge = call(libc::SYS_write, 0x1000, u64::MAX >> 1).buffer();
+        assert_eq!(huge.map(|b| b.len), Some(MAX_RW_COUNT), "one call's most");
+        for other in [
+            libc::SYS_sendto,
             libc::SYS_recvfrom,
             libc::SYS_writev,
             libc::SYS_readv,

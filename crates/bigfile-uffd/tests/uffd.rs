@@ -223,7 +223,7 @@ fn kernel_and_user_faults_are_served_and_told_apart() {
                 2 * PS,
                 FaultKind::Missing,
                 true,
-                Some((libc::SYS_read, None))
+                Some((libc::SYS_read, Some(buffer(2 * PS, 5))))
             ),
             (3 * PS, FaultKind::Minor, false, None),
             (0, FaultKind::Missing, false, None),

@@ -300,7 +300,7 @@ impl UffdService {
                 }
             }
             let buffer = match mode {
-                Ok(ThreadMode::Syscall(call)) => call.buffer(),
+                Ok(ThreadMode::Syscall(call)) if call.fd().is_some_and(blocking) => call.buffer(),
                 _ => None,
             };
             (range.clone(), buffer)
@@ -582,6 +582,18 @@ impl Drop for UffdRegistration {
         }
         drop(self.reg.take());
     }
+}
+
+/// Whether descriptor `fd` of this process is in blocking mode: a `write`
+/// to it copies its whole buffer before it returns (a non-blocking one, an
+/// event loop's socket or pipe, takes what fits, so the rest of its buffer
+/// is not read ahead). A descriptor closed or reused since the fault reads
+/// as whatever it is now: at worst a buffer read ahead, or not, for
+/// nothing.
+fn blocking(fd: libc::c_int) -> bool {
+    // SAFETY: F_GETFL reads a descriptor's flags; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_NONBLOCK == 0
 }
 
 /// Say once per process that a user-mode fault could not be handed to its
