@@ -8,7 +8,6 @@ tests skip only where it cannot be grown (not root)."""
 
 import fcntl
 import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -23,7 +22,8 @@ HUGE = 2 << 20
 BLOCKS = 6
 BUDGET = 3
 NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
-POOL_LOCK = os.path.join(tempfile.gettempdir(), "bigfile-ram-tests-nr_hugepages.lock")
+# The machine's one lock file (bigfile_testkit::hugepages::pool_lock_path).
+POOL_LOCK = "/tmp/bigfile-ram-tests-nr_hugepages.lock"
 
 
 @pytest.fixture

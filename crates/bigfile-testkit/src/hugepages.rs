@@ -31,9 +31,13 @@ pub struct HugePages {
     lock: std::fs::File,
 }
 
-/// The file whose `flock` is held while a test process has changed the pool.
+/// The file whose `flock` is held while a test process has changed the pool:
+/// one path for the machine (the pool is the machine's), whatever a test
+/// process's `TMPDIR` (Rust's and Python's temporary directories differ
+/// when only `TMP` is set, and two runs may set it differently), the same
+/// in bigfile-python's tests.
 pub fn pool_lock_path() -> std::path::PathBuf {
-    std::env::temp_dir().join("bigfile-ram-tests-nr_hugepages.lock")
+    std::path::PathBuf::from("/tmp/bigfile-ram-tests-nr_hugepages.lock")
 }
 
 impl HugePages {
