@@ -169,6 +169,75 @@ fn a_loaders_system_call_on_its_own_page_fails_with_efault() {
     }
 }
 
+/// As above, with signals sent to the thread all along (a timer's, a
+/// profiler's): a thread with a signal pending retries its kernel-mode
+/// fault over and over without sleeping, so it is not seen asleep in the
+/// fault; the deadlock is found all the same.
+#[test]
+fn a_loaders_system_call_on_its_own_page_fails_with_efault_under_signals() {
+    let ended = run_child("syscall_on_own_page_signalled");
+    assert!(ended.status.success(), "{}", ended.describe());
+    for line in [
+        "inner 0: EFAULT",
+        "peek 0: ok",
+        "outer 1: EFAULT",
+        "peek 1: ok",
+    ] {
+        assert!(ended.stdout.contains(line), "{line}: {}", ended.stdout);
+    }
+}
+
+/// Sends SIGUSR2 (its handler does nothing) to the thread that started it
+/// whenever that thread is found asleep in a userfaultfd fault, until
+/// dropped: its fault then has a signal pending.
+struct Signaller {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Signaller {
+    fn start() -> Signaller {
+        extern "C" fn nothing(_: libc::c_int) {}
+        // SAFETY: a handler that does nothing, for a signal this child
+        // uses for nothing else; SA_RESTART, as an application's would be.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
+        }
+        // SAFETY: getpid and gettid have no preconditions.
+        let (pid, tid) = unsafe { (libc::getpid(), libc::gettid()) };
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let wchan = format!("/proc/self/task/{tid}/wchan");
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if std::fs::read_to_string(&wchan).is_ok_and(|w| w == "handle_userfault") {
+                        // SAFETY: a thread of this process, alive until we stop.
+                        unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGUSR2) };
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                }
+            })
+        };
+        Signaller {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Signaller {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Userfaultfd workers end after idling a while (a burst of system calls'
 /// faults does not leave its workers behind for good); the next system
 /// call's fault starts another.
@@ -578,7 +647,8 @@ fn child() {
             });
             peek(vma.as_ptr());
         }
-        "syscall_on_own_page" => {
+        "syscall_on_own_page" | "syscall_on_own_page_signalled" => {
+            let _signals = (scenario == "syscall_on_own_page_signalled").then(Signaller::start);
             let file = Arc::new(MemFile::new(BLK).native());
             let ram = ram(8);
             let fh = open(&file, &ram);
@@ -693,6 +763,18 @@ fn child() {
         "nested" => {
             let inner = mem_file(BLK);
             let outer = mem_file(BLK);
+            // The nested fault is served on the faulting thread (on
+            // userfaultfd: its request reaches the thread while its
+            // handler for the outer fault runs, `bigfile_fault::serve`).
+            let me = std::thread::current().id();
+            inner.on_load(move |_, _| {
+                assert_eq!(
+                    std::thread::current().id(),
+                    me,
+                    "inner load on another thread"
+                );
+                Ok(())
+            });
             let ram = ram(8);
             let inner_fh = open(&inner, &ram);
             let inner_vma = Arc::new(inner_fh.mmap(0, 2).unwrap());

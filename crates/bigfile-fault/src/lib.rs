@@ -49,5 +49,5 @@ pub use error::FaultError;
 pub use frames::{current_depth, MAX_DEPTH};
 pub use handler::{Access, Fault, FaultHandler, FaultSignal, Outcome};
 pub use registry::{register, Registration};
-pub use request::{request_signal, send_request};
+pub use request::{request_signal, send_request, StoppedAt};
 pub use signal::{ensure_on_top, install, is_on_top, BlockFaultsGuard};

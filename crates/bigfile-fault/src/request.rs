@@ -12,6 +12,21 @@
 //! variable `BIGFILE_REQUEST_SIGNAL` names another (a number); only signals
 //! this process queued to itself are requests, others go to the action
 //! that was there before.
+//!
+//! A request may arrive late: the thread may have left its fault before it
+//! (woken by another thread's serving of the page, or by another signal,
+//! after which it faults again: a second event, a second request). Served
+//! where the thread is then, in the middle of any code (holding a lock of
+//! bigfile's, or malloc's), its load could deadlock. So a request carries
+//! where the thread was stopped when the sender looked ([`StoppedAt`]), and
+//! is served only if it interrupts the thread right there; else it is
+//! dropped (a thread still in that fault faults again: a new request).
+//!
+//! Requests queued together (retries of one fault interrupted by other
+//! signals) are delivered one at a time: the signal is blocked while its
+//! handler is on the alternate signal stack, and unblocked once the
+//! handler has moved to the thread's own stack (`signal::serve`). Delivered
+//! at once, their frames stacked on the small alternate stack overflowed it.
 
 use std::io;
 use std::sync::OnceLock;
@@ -59,8 +74,11 @@ pub fn request_signal() -> io::Result<c_int> {
         act.sa_sigaction = on_request as extern "C" fn(c_int, *mut siginfo_t, *mut c_void) as usize;
         // Not SA_RESTART-sensitive: the thread is in a page fault, not a
         // system call (kernel-mode faults are served by the reader's side).
-        act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER | libc::SA_RESTART;
-        act.sa_mask = sys::sigset_of(&[]);
+        // Not SA_NODEFER: a second request waits until the handler has left
+        // the alternate stack, where `signal::serve` unblocks it (a loader's
+        // nested fault is a request too).
+        act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+        act.sa_mask = sys::sigset_of(&[signo]);
         match sys::sigaction_set(signo, &act) {
             Ok(prev) => Ok(Installed { signo, prev }),
             Err(e) => Err((
@@ -78,12 +96,28 @@ pub fn request_signal() -> io::Result<c_int> {
     }
 }
 
-/// Ask thread `tid` of this process, blocked in a fault at `addr`, to serve
-/// it (see the module docs).
+/// Where a thread blocked in a fault of its user-mode code is stopped: the
+/// faulting access's program counter and stack pointer, as
+/// `/proc/self/task/TID/syscall` shows them (`-1 SP PC`). The request's
+/// signal interrupts the thread exactly there if it is still in that fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoppedAt {
+    pub pc: usize,
+    pub sp: usize,
+}
+
+/// Ask thread `tid` of this process, blocked in a fault at `addr` with its
+/// code stopped `at`, to serve it (see the module docs). Served only if the
+/// signal interrupts the thread there.
 ///
 /// # Errors
 /// The signal could not be installed or queued (the thread is gone: ESRCH).
-pub fn send_request(tid: libc::pid_t, addr: usize, access: Access) -> io::Result<()> {
+pub fn send_request(
+    tid: libc::pid_t,
+    addr: usize,
+    access: Access,
+    at: StoppedAt,
+) -> io::Result<()> {
     let signo = request_signal()?;
     // SAFETY: an all-zero siginfo is valid; we fill what SI_QUEUE carries.
     let mut info: siginfo_t = unsafe { std::mem::zeroed() };
@@ -99,6 +133,8 @@ pub fn send_request(tid: libc::pid_t, addr: usize, access: Access) -> io::Result
         (*rt).pid = libc::getpid();
         (*rt).uid = libc::getuid();
         (*rt).value = encode(addr, access);
+        (*rt).pc = at.pc;
+        (*rt).sp = at.sp;
     }
     // SAFETY: rt_tgsigqueueinfo with our own pid, a tid, and a siginfo we own.
     let rc = unsafe {
@@ -117,12 +153,17 @@ pub fn send_request(tid: libc::pid_t, addr: usize, access: Access) -> io::Result
 /// padding to 8 bytes on 64-bit Linux).
 const RT_OFFSET: usize = 16;
 
-/// The union member SI_QUEUE fills (`_rt`).
+/// The union member SI_QUEUE fills (`_rt`), and after it where the thread
+/// was stopped. The kernel queues and delivers a siginfo's first 48 bytes
+/// (its `kernel_siginfo`, on 64-bit Linux) whatever its code, so the two
+/// words after `_rt` (room of the union's larger members) arrive as sent.
 #[repr(C)]
 struct RtFields {
     pid: libc::pid_t,
     uid: libc::uid_t,
     value: usize,
+    pc: usize,
+    sp: usize,
 }
 
 /// The address with the access in its low bit (addresses from faults on
@@ -155,8 +196,24 @@ extern "C" fn on_request(signo: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
     // SAFETY: getpid has no preconditions.
     let ours = code == libc::SI_QUEUE && rt.pid == unsafe { libc::getpid() };
     if ours {
-        // SAFETY: forwarding the kernel's ucontext.
-        unsafe { serve_request(signo, rt.value, ctx) };
+        // SAFETY: the kernel's ucontext for this signal.
+        let here = unsafe {
+            StoppedAt {
+                pc: arch::program_counter(ctx),
+                sp: arch::stack_pointer(ctx),
+            }
+        };
+        // Elsewhere, the thread left the fault the request was sent for:
+        // dropped (module docs).
+        if here
+            == (StoppedAt {
+                pc: rt.pc,
+                sp: rt.sp,
+            })
+        {
+            // SAFETY: forwarding the kernel's ucontext.
+            unsafe { serve_request(signo, rt.value, ctx) };
+        }
     } else if let Some(Ok(inst)) = INSTALLED.get() {
         chain_other(signo, info, ctx, &inst.prev);
     }
@@ -189,7 +246,7 @@ unsafe fn serve_request(signo: c_int, value: usize, ctx: *mut c_void) {
         execution: unsafe { arch::execution(ctx) },
     };
     // SAFETY: forwarding the kernel's ucontext.
-    let outcome = unsafe { serve(&range, &fault, ctx) };
+    let outcome = unsafe { serve(&range, &fault, ctx, Some(signo)) };
     drop(range);
     match outcome {
         Outcome::Handled | Outcome::NotOurs => {}
@@ -214,9 +271,31 @@ fn chain_other(signo: c_int, info: *mut siginfo_t, ctx: *mut c_void, prev: &libc
         sys::raise_on_this_thread(signo);
         return;
     }
+    // Called as the kernel would have: the interrupted code's mask and the
+    // action's, the signal itself blocked unless it asked for SA_NODEFER
+    // (our own action blocks it).
+    // SAFETY: the kernel's ucontext for this signal: its uc_sigmask is the
+    // interrupted code's mask.
+    let mut mask = unsafe { (*ctx.cast::<libc::ucontext_t>()).uc_sigmask };
+    for s in 1..=libc::SIGRTMAX() {
+        // SAFETY: valid sigset_t values, a valid signal number.
+        unsafe {
+            if libc::sigismember(&prev.sa_mask, s) == 1 {
+                libc::sigaddset(&mut mask, s);
+            }
+        }
+    }
+    if prev.sa_flags & libc::SA_NODEFER == 0 {
+        // SAFETY: `mask` is a valid sigset_t.
+        unsafe { libc::sigaddset(&mut mask, signo) };
+    }
+    let old = sys::thread_sigmask(libc::SIG_SETMASK, &mask).ok();
     // SAFETY: `prev` is the action installed before ours, neither SIG_IGN
     // nor SIG_DFL; the arguments are the kernel's own.
     unsafe { sys::call_action(prev, signo, info, ctx) };
+    if let Some(old) = old {
+        let _ = sys::thread_sigmask(libc::SIG_SETMASK, &old);
+    }
 }
 
 #[cfg(test)]
@@ -233,7 +312,9 @@ mod tests {
             decode(encode(0x7000_1001, Access::Read)),
             (0x7000_1000, Access::Read)
         );
-        // the layout SI_QUEUE's fields are read through
-        assert_eq!(std::mem::size_of::<RtFields>(), 16);
+        // the layout SI_QUEUE's fields are read through, within the 48
+        // bytes the kernel carries
+        assert_eq!(std::mem::size_of::<RtFields>(), 32);
+        assert!(RT_OFFSET + std::mem::size_of::<RtFields>() <= 48);
     }
 }

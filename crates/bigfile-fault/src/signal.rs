@@ -231,7 +231,7 @@ unsafe fn dispatch(signo: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
         execution: unsafe { arch::execution(ctx) },
     };
     // SAFETY: forwarding the kernel's ucontext.
-    let outcome = unsafe { serve(&range, &fault, ctx) };
+    let outcome = unsafe { serve(&range, &fault, ctx, None) };
     // Our reference is what Registration's drop waits for: release it last.
     drop(range);
     match outcome {
@@ -267,20 +267,32 @@ struct Call<'a> {
     fault: &'a Fault,
     /// Set when we moved off the alternate signal stack: the settings to restore.
     altstack: Option<libc::stack_t>,
+    /// The request signal, blocked while a request's handler is on the
+    /// alternate stack (`request.rs`): unblocked while the handler runs
+    /// off it, so that a nested fault's request reaches this thread.
+    unblock: Option<c_int>,
     outcome: Option<Outcome>,
 }
 
 /// Runs the range's handler on the faulting thread's own stack: the
 /// alternate signal stack (where SA_ONSTACK puts us when the thread has one,
 /// as every Rust thread does) is a few KiB, far too small for real handlers.
+/// `request`: the request signal, for a request's handler (which its
+/// action blocks: let through once off the alternate stack).
 ///
 /// # Safety
 /// `ctx` is the kernel's ucontext for this fault.
-pub(crate) unsafe fn serve(range: &RangeState, fault: &Fault, ctx: *mut c_void) -> Outcome {
+pub(crate) unsafe fn serve(
+    range: &RangeState,
+    fault: &Fault,
+    ctx: *mut c_void,
+    request: Option<c_int>,
+) -> Outcome {
     let mut call = Call {
         range,
         fault,
         altstack: None,
+        unblock: request,
         outcome: None,
     };
     let arg = ptr::addr_of_mut!(call).cast::<c_void>();
@@ -291,7 +303,10 @@ pub(crate) unsafe fn serve(range: &RangeState, fault: &Fault, ctx: *mut c_void) 
             let lo = alt.ss_sp as usize;
             let on_alt = (lo..=lo + alt.ss_size).contains(&sp);
             if on_alt {
-                // The faulting code itself ran on the alternate stack; stay there.
+                // The faulting code itself ran on the alternate stack; stay
+                // there (further requests wait, their frames would go
+                // there too).
+                call.unblock = None;
                 // SAFETY: `arg` points to `call`, alive across the call.
                 unsafe { run_handler(arg) };
             } else {
@@ -324,12 +339,21 @@ unsafe extern "C" fn run_handler(arg: *mut c_void) {
         };
         let _ = sys::sigaltstack_set(&disable);
     }
+    let requests = call.unblock.map(|signo| sys::sigset_of(&[signo]));
+    if let Some(set) = &requests {
+        let _ = sys::thread_sigmask(libc::SIG_UNBLOCK, set);
+    }
     let depth = call.fault.depth;
     frames::enter(depth, call.range);
     let handler = &call.range.handler;
     let fault = call.fault;
     let result = catch_unwind(AssertUnwindSafe(|| handler.handle(fault)));
     frames::leave(depth);
+    if let Some(set) = &requests {
+        // Before the alternate stack is back: a request delivered now
+        // would be put at its top, over this handler's frame.
+        let _ = sys::thread_sigmask(libc::SIG_BLOCK, set);
+    }
     if let Some(mut alt) = call.altstack {
         alt.ss_flags &= !libc::SS_ONSTACK;
         let _ = sys::sigaltstack_set(&alt);

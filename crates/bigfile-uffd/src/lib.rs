@@ -29,4 +29,6 @@ mod thread;
 
 pub use event::{Event, FaultKind};
 pub use fd::{Features, Registration, Uffd, Unavailable, HIDE_FEATURES_ENV};
-pub use thread::{signal_held, thread_mode, Buffer, Call, ThreadMode};
+pub use thread::{
+    signal_held, signal_pending, thread_mode, waiting, Buffer, Call, ThreadMode, Waiting,
+};

@@ -7,8 +7,9 @@ use std::io;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadMode {
     /// Blocked, not in a system call: its fault is from user-mode code
-    /// (a signal sent to it interrupts the fault and runs its handler).
-    User,
+    /// (a signal sent to it interrupts the fault and runs its handler),
+    /// the faulting access's program counter and stack pointer these.
+    User { pc: usize, sp: usize },
     /// Blocked inside a system call: the kernel faulted on its behalf (a
     /// signal would fail or restart the call).
     Syscall(Call),
@@ -74,11 +75,51 @@ pub fn thread_mode(tid: libc::pid_t) -> io::Result<ThreadMode> {
     })
 }
 
-/// Whether signal `signo` is pending for thread `tid` of this process (sent
-/// to it alone) and blocked there: `SigPnd` and `SigBlk` of
-/// `/proc/self/task/TID/status`. A request signal so held never interrupts
-/// the thread's fault.
-pub fn signal_held(tid: libc::pid_t, signo: libc::c_int) -> io::Result<bool> {
+/// Where a thread of this process waits, if anywhere (`/proc/self/task/TID/`
+/// `stat`'s state and `wchan`): an event read late may be of a fault its
+/// thread has left since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// Asleep in a userfaultfd fault (`handle_userfault`).
+    InUserfault,
+    /// Asleep anywhere else.
+    Elsewhere,
+    /// Running (in user code, or in the kernel, as a kernel-mode fault
+    /// retried over and over while a signal is pending).
+    Running,
+    /// Asleep where the kernel does not say (no symbols: `wchan` is `0`).
+    Unknown,
+}
+
+/// Where thread `tid` of this process waits now.
+///
+/// # Errors
+/// The thread is gone, or `/proc` unreadable.
+pub fn waiting(tid: libc::pid_t) -> io::Result<Waiting> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))?;
+    // The state follows the command name, which is in parentheses and may
+    // hold anything, spaces and parentheses included.
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("/proc stat: {stat:?}"))
+        })?;
+    if state == "R" {
+        return Ok(Waiting::Running);
+    }
+    let wchan = std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan"))?;
+    Ok(match wchan.trim() {
+        "handle_userfault" => Waiting::InUserfault,
+        "0" | "" => Waiting::Unknown,
+        _ => Waiting::Elsewhere,
+    })
+}
+
+/// The signal masks of `/proc/self/task/TID/status`: the thread's pending
+/// (`SigPnd`), the process's pending (`ShdPnd`), the thread's blocked
+/// (`SigBlk`).
+fn signal_masks(tid: libc::pid_t) -> io::Result<(u64, u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))?;
     let mask = |field: &str| {
         text.lines()
@@ -91,8 +132,25 @@ pub fn signal_held(tid: libc::pid_t, signo: libc::c_int) -> io::Result<bool> {
                 )
             })
     };
+    Ok((mask("SigPnd:")?, mask("ShdPnd:")?, mask("SigBlk:")?))
+}
+
+/// Whether signal `signo` is pending for thread `tid` of this process (sent
+/// to it alone) and blocked there: `SigPnd` and `SigBlk` of
+/// `/proc/self/task/TID/status`. A request signal so held never interrupts
+/// the thread's fault.
+pub fn signal_held(tid: libc::pid_t, signo: libc::c_int) -> io::Result<bool> {
+    let (pending, _, blocked) = signal_masks(tid)?;
     let bit = 1u64 << (signo - 1);
-    Ok(mask("SigPnd:")? & bit != 0 && mask("SigBlk:")? & bit != 0)
+    Ok(pending & bit != 0 && blocked & bit != 0)
+}
+
+/// Whether a signal thread `tid` does not block is pending for it (sent to
+/// it or to the process): its kernel-mode fault, if it is in one, is
+/// retried over and over without sleeping until served.
+pub fn signal_pending(tid: libc::pid_t) -> io::Result<bool> {
+    let (pending, shared, blocked) = signal_masks(tid)?;
+    Ok((pending | shared) & !blocked != 0)
 }
 
 /// One line of `/proc/PID/task/TID/syscall`: `running`; `-1 SP PC` (not in
@@ -105,7 +163,12 @@ fn parse(text: &str) -> Option<ThreadMode> {
         return Some(ThreadMode::Running);
     }
     match first.parse::<i64>().ok()? {
-        -1 => Some(ThreadMode::User),
+        -1 => {
+            let mut reg = || usize::from_str_radix(words.next()?.strip_prefix("0x")?, 16).ok();
+            let sp = reg()?;
+            let pc = reg()?;
+            Some(ThreadMode::User { pc, sp })
+        }
         nr if nr >= 0 => {
             let mut args = [0u64; 6];
             for a in &mut args {
@@ -132,7 +195,14 @@ mod tests {
 
     #[test]
     fn proc_lines_parse() {
-        assert_eq!(parse("-1 0x7ffd 0x4005\n"), Some(ThreadMode::User));
+        assert_eq!(
+            parse("-1 0x7ffd 0x4005\n"),
+            Some(ThreadMode::User {
+                pc: 0x4005,
+                sp: 0x7ffd
+            })
+        );
+        assert_eq!(parse("-1 0x7ffd\n"), None, "no program counter");
         assert_eq!(
             parse("0 0x3 0x7f 0x8 0x0 0x0 0x0 0x7ffd 0x4005\n"),
             Some(ThreadMode::Syscall(Call {
@@ -213,6 +283,7 @@ mod tests {
         assert_eq!(rc, 0);
         assert!(signal_held(tid, signo).unwrap());
         assert!(!signal_held(tid, signo + 1).unwrap());
+        assert!(!signal_pending(tid).unwrap(), "pending, but blocked");
         tx.send(()).unwrap();
         t.join().unwrap();
     }
@@ -238,7 +309,36 @@ mod tests {
             mode = thread_mode(tid).unwrap();
         }
         assert_eq!(nr(mode), Some(libc::SYS_futex), "{mode:?}");
+        assert_eq!(
+            waiting(tid).unwrap(),
+            Waiting::Elsewhere,
+            "asleep in futex(2)"
+        );
         tx.send(()).unwrap();
         t.join().unwrap();
+    }
+
+    #[test]
+    fn a_busy_thread_is_running() {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tidtx, tidrx) = std::sync::mpsc::channel();
+        let t = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                // SAFETY: gettid has no arguments and cannot fail.
+                tidtx
+                    .send(unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t)
+                    .unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let tid = tidrx.recv().unwrap();
+        // Running whenever it has a core (on a busy machine: sometimes).
+        let seen = (0..100_000).any(|_| waiting(tid).unwrap() == Waiting::Running);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        t.join().unwrap();
+        assert!(seen);
     }
 }

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use bigfile_uffd::{thread_mode, Buffer, Event, FaultKind, ThreadMode, Uffd, Unavailable};
+use bigfile_uffd::{
+    thread_mode, waiting, Buffer, Event, FaultKind, ThreadMode, Uffd, Unavailable, Waiting,
+};
 
 const PS: usize = 4096;
 const PAGES: usize = 8;
@@ -79,7 +81,7 @@ impl Shm {
 }
 
 /// Every event the server saw, with the faulting thread's mode then.
-type Seen = Arc<Mutex<Vec<(Event, ThreadMode)>>>;
+type Seen = Arc<Mutex<Vec<(Event, ThreadMode, Waiting)>>>;
 
 /// The system call a thread was in (`None`: in its own code) and the
 /// buffer it copies, if the reader follows that call's.
@@ -88,6 +90,19 @@ fn call_of(mode: ThreadMode) -> Option<(i64, Option<Buffer>)> {
         ThreadMode::Syscall(call) => Some((call.nr, call.buffer())),
         _ => None,
     }
+}
+
+/// Where thread `tid`, whose fault was just reported, waits once it is
+/// asleep (it queues the event before it sleeps: running or not said
+/// until then).
+fn asleep(tid: libc::pid_t) -> Waiting {
+    for _ in 0..100_000 {
+        match waiting(tid).unwrap() {
+            Waiting::Running | Waiting::Unknown => thread::yield_now(),
+            w => return w,
+        }
+    }
+    waiting(tid).unwrap()
 }
 
 /// Resolves faults on `shm` until stopped: missing pages filled with
@@ -110,7 +125,7 @@ fn server(uffd: Arc<Uffd>, shm: Arc<Shm>, stop: Arc<AtomicBool>) -> (thread::Joi
             uffd.read_events(&mut events, 16).unwrap();
             for e in &events {
                 let mode = thread_mode(e.tid).unwrap();
-                log.lock().unwrap().push((*e, mode));
+                log.lock().unwrap().push((*e, mode, asleep(e.tid)));
                 let page_addr = e.addr & !(PS - 1);
                 let page = (page_addr - shm.vma as usize) / PS;
                 match e.kind {
@@ -202,9 +217,17 @@ fn kernel_and_user_faults_are_served_and_told_apart() {
     let seen = seen.lock().unwrap();
     let mine: Vec<_> = seen
         .iter()
-        .filter(|(e, _)| e.tid == me)
-        .map(|(e, m)| (e.addr - shm.vma as usize, e.kind, e.write, call_of(*m)))
+        .filter(|(e, _, _)| e.tid == me)
+        .map(|(e, m, _)| (e.addr - shm.vma as usize, e.kind, e.write, call_of(*m)))
         .collect();
+    // Each fault's thread, user or kernel mode, slept in the userfaultfd's
+    // wait (as `/proc` tells a fault still waiting from a stale event's).
+    assert!(
+        seen.iter()
+            .filter(|(e, _, _)| e.tid == me)
+            .all(|(_, _, w)| *w == Waiting::InUserfault),
+        "{seen:?}"
+    );
     let buffer = |offset, len| Buffer {
         addr: shm.vma as usize + offset,
         len,
@@ -255,7 +278,7 @@ fn write_protection_tracks_kernel_writes() {
         .lock()
         .unwrap()
         .iter()
-        .map(|(e, m)| {
+        .map(|(e, m, _)| {
             (
                 e.addr - shm.vma as usize,
                 e.kind,

@@ -72,6 +72,16 @@ pub(crate) unsafe fn registers(ctx: *const c_void) -> [u64; 33] {
     })
 }
 
+/// The program counter of the interrupted code.
+///
+/// # Safety
+/// As for [`access`].
+pub(crate) unsafe fn program_counter(ctx: *const c_void) -> usize {
+    let uc = ctx.cast::<libc::ucontext_t>();
+    // SAFETY: as in `access`.
+    unsafe { (*uc).uc_mcontext.pc as usize }
+}
+
 /// The stack pointer of the interrupted code.
 ///
 /// # Safety

@@ -4,6 +4,7 @@
 //! Each architecture module provides:
 //! - `unsafe fn access(ctx: *const libc::c_void) -> Access`
 //! - `unsafe fn stack_pointer(ctx: *const libc::c_void) -> usize`
+//! - `unsafe fn program_counter(ctx: *const libc::c_void) -> usize`
 //! - `unsafe fn registers(ctx: *const libc::c_void) -> [u64; N]`: the
 //!   program counter and the general registers of the interrupted code,
 //!   without the ones the kernel fills per fault (fault address, error

@@ -36,6 +36,16 @@ pub(crate) unsafe fn registers(ctx: *const c_void) -> [u64; 17] {
     std::array::from_fn(|i| gregs[libc::REG_R8 as usize + i] as u64)
 }
 
+/// The program counter of the interrupted code.
+///
+/// # Safety
+/// As for [`access`].
+pub(crate) unsafe fn program_counter(ctx: *const c_void) -> usize {
+    let uc = ctx.cast::<libc::ucontext_t>();
+    // SAFETY: as in `access`.
+    unsafe { (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] as usize }
+}
+
 /// The stack pointer of the interrupted code.
 ///
 /// # Safety
