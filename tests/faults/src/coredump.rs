@@ -124,6 +124,18 @@ pub fn expect_success(cmd: Command, timeout: Duration) -> Result<String, String>
     Ok(f.ended.stdout)
 }
 
+/// As [`expect_success`], for a child in which bigfile must have nothing to
+/// say: a `bigfile:` diagnostic on its stderr fails it (a race injects no
+/// failure, so any is a bug, even one the child survived: a deadlock
+/// found where there was none failed a system call with EFAULT).
+pub fn expect_quiet_success(cmd: Command, timeout: Duration) -> Result<String, String> {
+    let f = run(cmd, timeout, false)?;
+    if !f.ended.status.success() || f.ended.stderr.contains("bigfile:") {
+        return Err(f.ended.describe());
+    }
+    Ok(f.ended.stdout)
+}
+
 /// Ends a child that must succeed: prints `Ok`'s detail after `ok` (the
 /// line [`last_line`] looks for) and exits 0, or prints the error after
 /// `failed` on stderr and exits 1.

@@ -24,8 +24,15 @@
 //! word by word in `storeblk`. After the threads are joined: memory equals
 //! the model, a final writeout makes the file equal it, and the RAM's
 //! accounting and the process's mappings are back to where they started.
+//!
+//! On the userfaultfd backend owners also have the kernel read and write
+//! their words inside system calls (`write(2)` from the mapping into a
+//! pipe, `read(2)` from the pipe into the mapping), and a signaller sends
+//! signals to owners all along, so that some arrive while one is blocked in
+//! a kernel-mode fault (the kernel then retries that fault over and over
+//! until it is served).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::Duration;
@@ -36,7 +43,7 @@ use bigfile_testkit::model::Rng;
 use bigfile_testkit::MemFile;
 use bigfile_virtmem::{Access, Error, FaultBackend, FileH, Ram, Vma, WriteoutFlags};
 
-use crate::coredump::{exit_child, expect_success, last_line};
+use crate::coredump::{exit_child, expect_quiet_success, expect_success, last_line};
 use crate::leaks;
 use crate::python;
 use crate::words::{self, decode, pause, read_word, word, write_word};
@@ -126,7 +133,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 let mut cmd =
                     std::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?);
                 cmd.args(["--child", &format!("races/{name}")]);
-                let out = expect_success(cmd, TIMEOUT)?;
+                let out = expect_quiet_success(cmd, TIMEOUT)?;
                 last_line(&out, "races OK")
             })
         })
@@ -222,6 +229,19 @@ struct Shared {
     progress: AtomicU64,
     /// Owners still running (one that failed early stops counting too).
     owners_left: AtomicUsize,
+    /// Whether owners do kernel I/O on their words (userfaultfd backend).
+    kernel_io: bool,
+    /// Each owner's kernel thread id while it runs (0 before and after):
+    /// the signaller's targets.
+    owner_tids: Vec<AtomicI32>,
+    /// Kernel writes refused with EFAULT (a known limit of the userfaultfd
+    /// backend: a kernel write into a clean page at the moment another
+    /// thread maps it for a read, ARCHITECTURE.md), and signals sent.
+    kernel_refused: AtomicUsize,
+    /// Kernel reads and writes of the owners' words.
+    kernel_reads: AtomicUsize,
+    kernel_writes: AtomicUsize,
+    signals: AtomicUsize,
 }
 
 impl Config {
@@ -288,6 +308,20 @@ fn run(cfg: &Config) -> Result<String, String> {
             ram.fault_backend_fallback()
         ));
     }
+    let kernel_io = ram.fault_backend() == FaultBackend::Userfaultfd;
+    if kernel_io {
+        extern "C" fn nothing(_: libc::c_int) {}
+        // SAFETY: a handler that does nothing, for a signal nothing else in
+        // this child uses; SA_RESTART, as an application's would be.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            if libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()) != 0 {
+                return Err("sigaction(SIGUSR2) failed".into());
+            }
+        }
+    }
     let fh = FileH::open(file.mem.clone(), Some(&ram)).map_err(|e| e.to_string())?;
     let vma = fh.mmap(0, total).map_err(|e| e.to_string())?;
     let sh = Arc::new(Shared {
@@ -303,6 +337,12 @@ fn run(cfg: &Config) -> Result<String, String> {
         skipped_busy: AtomicUsize::new(0),
         progress: AtomicU64::new(0),
         owners_left: AtomicUsize::new(cfg.owners),
+        kernel_io,
+        owner_tids: (0..cfg.owners).map(|_| AtomicI32::new(0)).collect(),
+        kernel_refused: AtomicUsize::new(0),
+        kernel_reads: AtomicUsize::new(0),
+        kernel_writes: AtomicUsize::new(0),
+        signals: AtomicUsize::new(0),
     });
 
     let mut handles = Vec::new();
@@ -314,7 +354,12 @@ fn run(cfg: &Config) -> Result<String, String> {
             res
         }));
     }
-    for (i, helper) in [committer, chaos, mapper].into_iter().enumerate() {
+    let helpers: &[Helper] = if kernel_io {
+        &[committer, chaos, mapper, signaller]
+    } else {
+        &[committer, chaos, mapper]
+    };
+    for (i, &helper) in helpers.iter().enumerate() {
         let sh = sh.clone();
         let seed = cfg.seed ^ (0x100 + i as u64);
         handles.push(thread::spawn(move || helper(&sh, seed).map(|()| None)));
@@ -401,7 +446,7 @@ fn run(cfg: &Config) -> Result<String, String> {
             file.mem.loads() as u64
         ));
     }
-    let summary = format!(
+    let mut summary = format!(
         "{} loads, {} stores, {} reclaims, {} discards, {} busy skips, {} faults",
         stats.loads,
         file.mem.stores() as u64,
@@ -410,6 +455,20 @@ fn run(cfg: &Config) -> Result<String, String> {
         sh.skipped_busy.load(SeqCst),
         stats.faults
     );
+    if kernel_io {
+        let (reads, writes) = (sh.kernel_reads.load(SeqCst), sh.kernel_writes.load(SeqCst));
+        let refused = sh.kernel_refused.load(SeqCst);
+        summary += &format!(
+            ", {reads} kernel reads, {writes} kernel writes ({refused} refused: EFAULT), {} \
+             signals sent",
+            sh.signals.load(SeqCst),
+        );
+        // The known limit is a narrow window: more than one in a hundred
+        // refused is a bug (every kernel write refused would pass unseen).
+        if reads == 0 || writes == 0 || refused * 100 > writes {
+            return Err(format!("kernel I/O: {summary}"));
+        }
+    }
 
     // Tear down and check that nothing is left behind.
     let sh = Arc::into_inner(sh).ok_or("a thread still holds the shared state")?;
@@ -467,58 +526,236 @@ fn owner(sh: &Shared, t: usize) -> Result<(Vec<Vec<u32>>, u64), String> {
     let mut last: Vec<Vec<u32>> = vec![vec![0; cfg.words_per_block()]; per as usize];
     let mut seen_discards = 0;
     let resync = |mem: &mut Vec<u32>, blk: u64| *mem = sh.file.versions(blk);
-    for i in 0..cfg.owner_ops {
-        sh.progress.fetch_add(1, SeqCst);
-        let _gate = sh.gate.read().unwrap();
-        let d = sh.discards.load(SeqCst);
-        if d != seen_discards {
-            seen_discards = d;
-            for j in 0..per {
-                resync(&mut mem[j as usize], first + j);
+    let pipe = if sh.kernel_io {
+        Some(Pipe::new()?)
+    } else {
+        None
+    };
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
+    sh.owner_tids[t].store(tid, SeqCst);
+    let res = (|| {
+        for i in 0..cfg.owner_ops {
+            sh.progress.fetch_add(1, SeqCst);
+            let _gate = sh.gate.read().unwrap();
+            let d = sh.discards.load(SeqCst);
+            if d != seen_discards {
+                seen_discards = d;
+                for j in 0..per {
+                    resync(&mut mem[j as usize], first + j);
+                }
             }
-        }
-        let j = rng.below(per);
-        let blk = first + j;
-        let w = rng.below(cfg.words_per_block() as u64) as usize;
-        match rng.below(100) {
-            0..=39 => {
-                let v = last[j as usize][w] + 1;
-                last[j as usize][w] = v;
-                // Published before the write: a reader may see it at once.
-                sh.written[blk as usize].fetch_max(v, SeqCst);
-                write_word(&sh.vma, blk, w, word(blk, w, v));
-                mem[j as usize][w] = v;
+            let j = rng.below(per);
+            let blk = first + j;
+            let w = rng.below(cfg.words_per_block() as u64) as usize;
+            if let Some(pipe) = pipe.as_ref().filter(|_| rng.below(8) == 0) {
+                let n = 1 + rng.below((cfg.words_per_block() - w).min(64) as u64) as usize;
+                let (mem, last) = (&mut mem[j as usize], &mut last[j as usize]);
+                if rng.below(2) == 0 {
+                    kernel_read(sh, pipe, (blk, w, n), mem)
+                } else {
+                    kernel_write(sh, pipe, (blk, w, n), (mem, last))
+                }
+                .map_err(|e| format!("owner {t}, op {i}: {e}"))?;
+                continue;
             }
-            40..=64 => {
-                let got = read_word(&sh.vma, blk, w);
-                let want = word(blk, w, mem[j as usize][w]);
-                if got != want {
-                    return Err(format!(
+            match rng.below(100) {
+                0..=39 => {
+                    let v = last[j as usize][w] + 1;
+                    last[j as usize][w] = v;
+                    // Published before the write: a reader may see it at once.
+                    sh.written[blk as usize].fetch_max(v, SeqCst);
+                    write_word(&sh.vma, blk, w, word(blk, w, v));
+                    mem[j as usize][w] = v;
+                }
+                40..=64 => {
+                    let got = read_word(&sh.vma, blk, w);
+                    let want = word(blk, w, mem[j as usize][w]);
+                    if got != want {
+                        return Err(format!(
                         "owner {t}, op {i}: own block {blk} word {w} reads {got:#x}, wrote {want:#x}"
                     ));
+                    }
                 }
-            }
-            65..=84 => {
-                let ro = sh.owned_blocks() + rng.below(cfg.readonly_blocks);
-                sh.check_foreign(&sh.vma, ro, w)
-                    .map_err(|e| format!("owner {t}, op {i}: {e}"))?;
-            }
-            85..=94 => {
-                let other = rng.below(sh.owned_blocks());
-                sh.check_foreign(&sh.vma, other, w)
-                    .map_err(|e| format!("owner {t}, op {i}: {e}"))?;
-            }
-            _ => match sh.fh.invalidate_page(blk) {
-                Ok(()) => resync(&mut mem[j as usize], blk),
-                Err(Error::WriteoutInProgress(_)) => {
-                    sh.skipped_busy.fetch_add(1, SeqCst);
+                65..=84 => {
+                    let ro = sh.owned_blocks() + rng.below(cfg.readonly_blocks);
+                    sh.check_foreign(&sh.vma, ro, w)
+                        .map_err(|e| format!("owner {t}, op {i}: {e}"))?;
                 }
-                Err(e) => return Err(format!("owner {t}: invalidate_page({blk}): {e}")),
-            },
+                85..=94 => {
+                    let other = rng.below(sh.owned_blocks());
+                    sh.check_foreign(&sh.vma, other, w)
+                        .map_err(|e| format!("owner {t}, op {i}: {e}"))?;
+                }
+                _ => match sh.fh.invalidate_page(blk) {
+                    Ok(()) => resync(&mut mem[j as usize], blk),
+                    Err(Error::WriteoutInProgress(_)) => {
+                        sh.skipped_busy.fetch_add(1, SeqCst);
+                    }
+                    Err(e) => return Err(format!("owner {t}: invalidate_page({blk}): {e}")),
+                },
+            }
+        }
+        Ok(())
+    })();
+    sh.owner_tids[t].store(0, SeqCst);
+    res.map(|()| (mem, seen_discards))
+}
+
+/// A pipe of the owner's, for the kernel to copy its words through.
+struct Pipe {
+    r: std::os::fd::OwnedFd,
+    w: std::os::fd::OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> Result<Pipe, String> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: two descriptors written into `fds`, owned from here on.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: just made, owned by nothing else.
+        Ok(unsafe {
+            Pipe {
+                r: std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                w: std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            }
+        })
+    }
+
+    /// `write(2)` of `len` bytes at `addr` into the pipe (the kernel reads
+    /// them), or `read(2)` of `len` bytes from it to `addr` (it writes them).
+    fn copy(&self, into_pipe: bool, addr: usize, len: usize) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `addr..addr + len` is memory of this process (a mapping's
+        // words, or a buffer of the caller's); the kernel checks it.
+        let n = unsafe {
+            if into_pipe {
+                libc::write(self.w.as_raw_fd(), addr as *const libc::c_void, len)
+            } else {
+                libc::read(self.r.as_raw_fd(), addr as *mut libc::c_void, len)
+            }
+        };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+    }
+}
+
+/// The kernel reads `n` of the owner's words from `w` of block `blk`
+/// (`write(2)` into the pipe): they must be what the owner wrote (`mem`).
+fn kernel_read(
+    sh: &Shared,
+    pipe: &Pipe,
+    (blk, w, n): (u64, usize, usize),
+    mem: &[u32],
+) -> Result<(), String> {
+    sh.kernel_reads.fetch_add(1, SeqCst);
+    let addr = words::word_addr(&sh.vma, blk, w);
+    let sent = pipe
+        .copy(true, addr, n * 8)
+        .map_err(|e| format!("write(2) of block {blk} words {w}..{}: {e}", w + n))?;
+    let mut back = vec![0u8; sent];
+    if sent != n * 8 || pipe.copy(false, back.as_mut_ptr() as usize, sent).ok() != Some(sent) {
+        return Err(format!(
+            "write(2) of block {blk}: {sent} of {} bytes",
+            n * 8
+        ));
+    }
+    for (i, got) in words::words(&back).enumerate() {
+        let want = word(blk, w + i, mem[w + i]);
+        if got != want {
+            return Err(format!(
+                "the kernel read block {blk} word {} as {got:#x}, the owner wrote {want:#x}",
+                w + i
+            ));
         }
     }
-    Ok((mem, seen_discards))
+    Ok(())
 }
+
+/// The kernel writes `n` new versions of the owner's words from `w` of
+/// block `blk` (`read(2)` from the pipe into the mapping); `mem` and
+/// `last` follow. A write refused with EFAULT (a known limit, counted) may
+/// have written some words: each is then either version, read back.
+fn kernel_write(
+    sh: &Shared,
+    pipe: &Pipe,
+    (blk, w, n): (u64, usize, usize),
+    (mem, last): (&mut [u32], &mut [u32]),
+) -> Result<(), String> {
+    let mut buf = Vec::with_capacity(n * 8);
+    for i in 0..n {
+        let v = last[w + i] + 1;
+        last[w + i] = v;
+        // Published before the write: a reader may see it at once.
+        sh.written[blk as usize].fetch_max(v, SeqCst);
+        buf.extend_from_slice(&word(blk, w + i, v).to_ne_bytes());
+    }
+    if pipe.copy(true, buf.as_ptr() as usize, buf.len()).ok() != Some(buf.len()) {
+        return Err("write(2) into the pipe from a buffer failed".into());
+    }
+    sh.kernel_writes.fetch_add(1, SeqCst);
+    let addr = words::word_addr(&sh.vma, blk, w);
+    let done = pipe.copy(false, addr, n * 8);
+    if done.as_ref().ok() == Some(&(n * 8)) {
+        mem[w..w + n].copy_from_slice(&last[w..w + n]);
+        return Ok(());
+    }
+    let copied = match done {
+        Err(e) if e.raw_os_error() == Some(libc::EFAULT) => 0,
+        Ok(k) => k,
+        Err(e) => return Err(format!("read(2) into block {blk}: {e}")),
+    };
+    sh.kernel_refused.fetch_add(1, SeqCst);
+    // What it did not copy is still in the pipe.
+    let mut rest = vec![0u8; n * 8 - copied];
+    if pipe
+        .copy(false, rest.as_mut_ptr() as usize, rest.len())
+        .ok()
+        != Some(rest.len())
+    {
+        return Err("draining the pipe failed".into());
+    }
+    for i in 0..n {
+        let got = read_word(&sh.vma, blk, w + i);
+        let (old, new) = (mem[w + i], last[w + i]);
+        if got == word(blk, w + i, new) {
+            mem[w + i] = new;
+        } else if got != word(blk, w + i, old) {
+            return Err(format!(
+                "after a refused kernel write, block {blk} word {} is {got:#x}: \
+                 neither version {old} nor {new}",
+                w + i
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Sends SIGUSR2 to a running owner now and then, until the owners are
+/// done: some arrive while the owner is blocked in a kernel-mode fault.
+fn signaller(sh: &Shared, seed: u64) -> Result<(), String> {
+    let mut rng = Rng::spread(seed);
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    while sh.owners_left.load(SeqCst) != 0 {
+        let t = rng.below(sh.cfg.owners as u64) as usize;
+        let tid = sh.owner_tids[t].load(SeqCst);
+        // A thread id of this process: at worst an owner that just ended
+        // (ESRCH) or a thread that took its id since, whose SIGUSR2
+        // handler does nothing.
+        // SAFETY: tgkill has no memory arguments.
+        if tid != 0 && unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGUSR2) } == 0 {
+            sh.signals.fetch_add(1, SeqCst);
+        }
+        thread::sleep(Duration::from_micros(20 + rng.below(200)));
+    }
+    Ok(())
+}
+
+/// A helper thread's body: the shared state and its seed.
+type Helper = fn(&Shared, u64) -> Result<(), String>;
 
 /// Writes out, mostly committing (STORE|MARKSTORED), sometimes storing only.
 fn committer(sh: &Shared, seed: u64) -> Result<(), String> {

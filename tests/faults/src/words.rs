@@ -80,6 +80,12 @@ fn offset(vma: &Vma, page: u64, w: usize) -> usize {
     off
 }
 
+/// The address of word `w` of page `page` of `vma` (for the kernel to
+/// read or write it in a system call).
+pub fn word_addr(vma: &Vma, page: u64, w: usize) -> usize {
+    vma.as_ptr() as usize + offset(vma, page, w)
+}
+
 /// Word `w` of page `page` (counted from the mapping's start) of `vma`.
 pub fn read_word(vma: &Vma, page: u64, w: usize) -> u64 {
     let off = offset(vma, page, w);

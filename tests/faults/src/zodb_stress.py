@@ -19,13 +19,14 @@
 # clients believed. After the run the server is stopped and the
 # FileStorage is checked with fstest and fsrefs; then every transaction is
 # replayed, in commit order, into a numpy model of each file's bytes, and:
-# after each transaction the blocks it wrote and the shapes are compared
-# with what the storage holds at that transaction (and, for files with a
-# fixed format, the blocks' ZBlk types); every 25th transaction and at the
-# end, the whole arrays are read through bigfile itself at that
-# transaction; every reader snapshot is compared with the model at its
-# snapshot. Prints "zodb stress OK: ..." and exits 0, or what differs and
-# exits 1.
+# after each transaction the blocks it wrote (those holding the items it
+# wrote) and the shapes are compared with what the storage holds at that
+# transaction (and, for files with a fixed format, the blocks' ZBlk types);
+# every 25th transaction and at the end, the whole arrays are read through
+# bigfile itself at that transaction; every reader snapshot is compared
+# with the model at its snapshot. Before the run, the verifier itself is
+# checked on transactions made for it (check_the_verifier). Prints
+# "zodb stress OK: ..." and exits 0, or what differs and exits 1.
 
 import json
 import os
@@ -83,6 +84,24 @@ def index(spec):
     return tuple(slice(*s) for s in spec)
 
 
+def item_blocks(v, base, blksize):
+    """The blocks holding the items of `v`, a numpy view into the bytes
+    `base`: the items' own bytes, not the whole rows they are in. A row of
+    B (10 bytes) can straddle two blocks, and a write of its later columns
+    leaves the block of its first ones alone: that block keeps the ZBlk an
+    earlier transaction wrote, in whatever format (seen once in CI as "B
+    block 0 is ZBlk0, written with format ZBlk1", a false alarm)."""
+    if v.size == 0:
+        return set()
+    assert blksize % v.itemsize == 0  # items are aligned: none straddles a block
+    off = np.int64(v.__array_interface__["data"][0] - base.__array_interface__["data"][0])
+    for axis, (length, stride) in enumerate(zip(v.shape, v.strides)):
+        shape = [1] * v.ndim
+        shape[axis] = length
+        off = off + (np.arange(length, dtype=np.int64) * stride).reshape(shape)
+    return set(np.unique(off // blksize).tolist())
+
+
 # ~~~ the model: each file's bytes and each array's shape
 
 
@@ -103,20 +122,16 @@ class Model:
         return np.ndarray((n, *row), dtype, buffer=self.bytes[name][: n * itemsize(name)])
 
     def apply(self, op, data_only, errors):
-        """Apply one operation; returns the byte ranges it wrote. With
+        """Apply one operation; returns the blocks it wrote. With
         `data_only` (changes carried over a failed commit) the shape and
         format changes are not applied: ZODB reverted them, the pages stay."""
         kind, name = op[0], op[1]
-        size = itemsize(name)
+        blksize = ARRAYS[name][2]
         if kind == "set":
             _, _, n, spec, seed = op
             v = self.view(name, n)[index(spec)]
             v[...] = values(name, v.shape, seed)
-            rows = range(*slice(*spec[0]).indices(n))
-            if len(rows) == 0:
-                return []
-            lo, hi = min(rows[0], rows[-1]), max(rows[0], rows[-1]) + 1
-            return [(lo * size, hi * size)]
+            return item_blocks(v, self.bytes[name], blksize)
         if kind == "append":
             _, _, n, count, seed = op
             if not data_only:
@@ -124,23 +139,29 @@ class Model:
                     errors.append(f"{op}: committed on shape {n}, but the shape was {self.shape[name]}")
                 self.shape[name] = n + count
             row = ARRAYS[name][1]
-            self.view(name, n + count)[n:] = values(name, (count, *row), seed)
-            return [(n * size, (n + count) * size)]
+            v = self.view(name, n + count)[n:]
+            v[...] = values(name, (count, *row), seed)
+            return item_blocks(v, self.bytes[name], blksize)
         if kind == "resize":
             _, _, n, new = op
             if not data_only:
                 if self.shape[name] != n:
                     errors.append(f"{op}: committed on shape {n}, but the shape was {self.shape[name]}")
                 self.shape[name] = new
-            return []
+            return set()
         if kind == "fmt":
             if not data_only:
                 self.fmt[name] = op[2]
-            return []
+            return set()
         raise ValueError(f"unknown operation {op!r}")
 
 
 # ~~~ writers
+
+
+def describe(txn, ops, carried, fmt, who):
+    """Put what the verifier replays into `txn`'s extension metadata."""
+    txn.setExtendedInfo(EXT, json.dumps({"ops": ops, "carried": carried, "fmt": fmt, "who": who}))
 
 
 def zeo_db(addr):
@@ -258,7 +279,7 @@ def writer_thread(db, wid, tid, seed, stop, log):
         # The format its blocks are written in: the file's, as this
         # transaction sees it (another may change it concurrently).
         fmt = {name: a.zfile.zblk_fmt or ZBlk_fmt_write for name, a in arrays.items()}
-        txn.setExtendedInfo(EXT, json.dumps({"ops": ops, "carried": carried, "fmt": fmt, "who": [wid, tid]}))
+        describe(txn, ops, carried, fmt, [wid, tid])
         if rng.random() < SELF_KILL:
             txn.join(Killer(rng, log))
         tm.commit()
@@ -426,12 +447,13 @@ def start_zeo(d):
     raise SystemExit("runzeo did not accept connections within 60 s")
 
 
-def setup(addr):
+def create_arrays(db):
+    """Create the empty arrays in the root of `db` in a connection of its
+    own; returns the connection and its transaction manager."""
     import transaction
 
     from bigfile.bigarray.array_zodb import ZBigArray
 
-    db = zeo_db(addr)
     tm = transaction.TransactionManager()
     conn = db.open(tm)
     root = conn.root()
@@ -439,6 +461,12 @@ def setup(addr):
         root[name] = ZBigArray((0, *row), dtype, blksize=blksize)
     tm.get().setExtendedInfo(EXT, json.dumps({"create": sorted(ARRAYS)}))
     tm.commit()
+    return conn, tm
+
+
+def setup(addr):
+    db = zeo_db(addr)
+    conn, _ = create_arrays(db)
     conn.close()
     db.close()
 
@@ -691,7 +719,7 @@ def verify(d):
 
     def check_txn(conn, txn, info, written):
         """Shapes, formats and the blocks the transaction wrote, as stored."""
-        for name, ranges in written.items():
+        for name, blocks in written.items():
             a = conn.root()[name]
             if a.shape[0] != model.shape[name]:
                 errors.append(f"txn {txn.tid.hex()} {info['who']}: {name} has {a.shape[0]} rows, the model"
@@ -701,8 +729,7 @@ def verify(d):
             if zf.zblk_fmt != model.fmt[name]:
                 errors.append(f"txn {txn.tid.hex()}: {name}.zblk_fmt {zf.zblk_fmt!r}, the model {model.fmt[name]!r}")
             fixed = {"ZBlk0": ZBlk0, "ZBlk1": ZBlk1}.get(info["fmt"][name])
-            blocks = sorted({b for lo, hi in ranges for b in range(lo // bs, (hi - 1) // bs + 1)})
-            for b in blocks:
+            for b in sorted(blocks):
                 stats["blocks"] += 1
                 zblk = zf.blktab.get(b)
                 data = zblk.loadblkdata() if zblk is not None else b""
@@ -716,8 +743,9 @@ def verify(d):
                         f" differs from the model at {len(off)} bytes from offset {int(off[0])}: a"
                         f" committed change is lost or wrong (ops {info['ops']})")
                 if fixed is not None and zblk is not None and type(zblk) is not fixed:
-                    errors.append(f"txn {txn.tid.hex()}: {name} block {b} is {type(zblk).__name__}, written"
-                                  f" with format {fixed.__name__}")
+                    errors.append(f"txn {txn.tid.hex()} {info['who']} (carried={info['carried']}): {name}"
+                                  f" block {b} is {type(zblk).__name__}, written with format {fixed.__name__}"
+                                  f" (ops {info['ops']})")
 
     it = storage.iterator()
     try:
@@ -734,10 +762,10 @@ def verify(d):
             check_snapshots(txn.tid)
             stats["txns"] += 1
             stats["carried"] += bool(info["carried"])
-            written = {name: [] for name in ARRAYS}
+            written = {name: set() for name in ARRAYS}
             for op in info["ops"]:
                 stats["ops"][op[0]] = stats["ops"].get(op[0], 0) + 1
-                written[op[1]] += model.apply(op, info["carried"], errors)
+                written[op[1]] |= model.apply(op, info["carried"], errors)
             check_txn(conn, txn, info, written)
             if stats["txns"] % FULL_CHECK_EVERY == 0:
                 full_check(conn, txn.tid, "txn")
@@ -752,6 +780,48 @@ def verify(d):
     return errors, stats
 
 
+def check_the_verifier(d):
+    """The verifier on transactions made here, in a FileStorage of its own
+    in `d`: a write of only the later columns of a row of B straddling
+    blocks 0 and 1 under a new fixed format (block 0 is not written, and
+    keeps its old format), then a transaction whose block is stored in
+    another format than the one it records (as a library writing the wrong
+    format would). Returns what the verifier got wrong."""
+    import ZODB
+    from ZODB.FileStorage import FileStorage
+
+    os.makedirs(d)
+    open(os.path.join(d, "reader.log"), "w").close()
+    db = ZODB.DB(FileStorage(os.path.join(d, "data.fs")))
+    conn, tm = create_arrays(db)
+    b = conn.root()["B"]
+    b.fileh_open()
+    straddling = ARRAYS["B"][2] // itemsize("B")  # bytes 131070..131080: block 1 from its column 1
+
+    def txn(fmt, ops, recorded=None):
+        b.zfile.zblk_fmt = fmt
+        for op in ops:
+            if op[0] == "append":
+                b.append(values("B", (op[3], *ARRAYS["B"][1]), op[4]))
+            else:
+                v = b[index(op[3])]
+                v[...] = values("B", v.shape, op[4])
+        describe(tm.get(), [["fmt", "B", fmt], *ops], False, {"A": "", "B": recorded or fmt}, ["check", 0])
+        tm.commit()
+
+    txn("ZBlk0", [["append", "B", 0, 2 * straddling, 1]])
+    txn("ZBlk1", [["set", "B", 2 * straddling, [(straddling, straddling + 1), (1, 5)], 2]])
+    txn("ZBlk0", [["set", "B", 2 * straddling, [(0, 8)], 3]], recorded="ZBlk1")
+    b._v_fileh.close()
+    conn.close()
+    db.close()
+    errors, _ = verify(d)
+    expected = "B block 0 is ZBlk0, written with format ZBlk1"
+    if len(errors) != 1 or expected not in errors[0]:
+        return [f"on known transactions ({d}) it reported {errors or 'nothing'}; expected only one: {expected!r}"]
+    return []
+
+
 def supervise(d, seconds):
     t0 = time.monotonic()
     # Whole-block rewrites make the FileStorage grow by about half a GB
@@ -761,6 +831,7 @@ def supervise(d, seconds):
     if free < need:
         print(f"zodb stress FAILED: {free >> 20} MiB free in {d}, a {seconds:.0f} s run needs about {int(need) >> 20}")
         return 1
+    verifier = check_the_verifier(os.path.join(d, "verifier"))
     procs, kills = run(d, seconds)
     storage = check_storage(d)
     counts, client_errors = client_counts(d)
@@ -770,6 +841,7 @@ def supervise(d, seconds):
         "storage checks": storage,
         "processes that died": procs,
         "unexpected exceptions in clients": client_errors,
+        "errors of the verifier itself": verifier,
     }
     ops = ", ".join(f"{v} {k}" for k, v in sorted(stats["ops"].items()))
     summary = (
