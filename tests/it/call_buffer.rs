@@ -10,60 +10,9 @@ use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
-use bigfile::virtmem::{FaultBackend, FileH, PageState, Ram, Vma, WriteoutFlags};
+use bigfile::virtmem::{FileH, PageState, WriteoutFlags};
 
-use crate::common::{ram, MemFile, BLK};
-
-/// A native memory file (read ahead), a RAM of `budget` pages on the
-/// userfaultfd backend and a handle; `None` (said) where this process
-/// cannot have userfaultfd, unless it must (`BIGFILE_REQUIRE_UFFD`).
-fn on_uffd(budget: u64) -> Option<(Arc<MemFile>, Ram, FileH)> {
-    let ram = match ram(budget).with_fault_backend(FaultBackend::Userfaultfd) {
-        Ok(ram) => ram,
-        Err(e) if std::env::var_os("BIGFILE_REQUIRE_UFFD").is_none() => {
-            eprintln!("no userfaultfd here ({e}): nothing to test");
-            return None;
-        }
-        Err(e) => panic!("userfaultfd required: {e}"),
-    };
-    let file = Arc::new(MemFile::new(BLK).native());
-    let fh = FileH::open(file.clone(), Some(&ram)).unwrap();
-    Some((file, ram, fh))
-}
-
-/// A scratch file (a memory file: its writes copy as a disk file's do,
-/// `generic_perform_write`), empty.
-fn scratch() -> std::fs::File {
-    // SAFETY: a name we own; the new descriptor is ours alone.
-    let fd = unsafe { libc::memfd_create(c"bigfile-it-call-buffer".as_ptr(), 0) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: as above.
-    unsafe { std::fs::File::from_raw_fd(fd) }
-}
-
-/// What `f` holds, from its start.
-fn contents(f: &mut std::fs::File) -> Vec<u8> {
-    let mut got = Vec::new();
-    f.seek(SeekFrom::Start(0)).unwrap();
-    f.read_to_end(&mut got).unwrap();
-    got
-}
-
-/// Write all of `vma` (not loaded) to a scratch file in one `write(2)`;
-/// what the file got.
-fn write_out(vma: &Vma) -> Vec<u8> {
-    let mut out = scratch();
-    // SAFETY: nothing writes the mapping while the slice lives.
-    out.write_all(unsafe { vma.as_slice() }).unwrap();
-    contents(&mut out)
-}
-
-/// Whether `got` holds blocks `blocks` of the memory file as first loaded.
-fn holds_initial(got: &[u8], blocks: std::ops::Range<u64>) -> bool {
-    blocks
-        .zip(got.chunks(BLK))
-        .all(|(b, chunk)| chunk.iter().all(|&x| x == MemFile::initial(b)))
-}
+use crate::common::{holds_initial, on_uffd, scratch, write_out, HostLoader, MemFile, BLK};
 
 /// One `write(2)` of 64 blocks not loaded: one fault; the 63 blocks after
 /// it read ahead (not a stream's window: all of them) and mapped before the
@@ -217,4 +166,72 @@ fn a_write_to_a_non_blocking_pipe_does_not_read_its_buffer_ahead() {
         "{loaded} blocks loaded for a write that took {n} bytes"
     );
     drop((r, w));
+}
+
+/// Found in review: the worker serving a `write(2)`'s fault waits for the
+/// loads it read ahead for the call's buffer, and they were queued on the
+/// read-ahead workers behind loads of a loader that takes the host lock,
+/// waiting for it, held by the very thread in the call (Python: a C
+/// extension's `write(2)` with the GIL held): the call never returned.
+/// Such loaders' jobs now go to workers of their own.
+#[test]
+fn a_calls_read_ahead_does_not_queue_behind_loads_that_wait_for_the_caller() {
+    let Some((_file, ram, fh)) = on_uffd(128) else {
+        return;
+    };
+    // The host loader's blocks after the first wait until the call is done
+    // (as for the GIL the calling thread holds).
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let mem = MemFile::new(BLK);
+    let waiting = Arc::new(AtomicU64::new(0));
+    {
+        let (gate, waiting) = (gate.clone(), waiting.clone());
+        mem.on_load(move |blk, _| {
+            if blk > 0 {
+                waiting.fetch_add(1, SeqCst);
+                let (open, cv) = &*gate;
+                let mut open = open.lock().unwrap();
+                while !*open {
+                    open = cv.wait(open).unwrap();
+                }
+            }
+            Ok(())
+        });
+    }
+    let host = Arc::new(HostLoader {
+        mem,
+        reads_ahead: true,
+    });
+    let hfh = FileH::open(host, Some(&ram)).unwrap();
+    let hvma = hfh.mmap(0, 16).unwrap();
+    hvma.advise(bigfile::virtmem::Advice::Sequential);
+    // Its first fault reads a window ahead: a job on every read-ahead
+    // worker, each waiting at the gate.
+    assert_eq!(crate::common::peek(hvma.as_ptr()), MemFile::initial(0));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while waiting.load(SeqCst) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let vma = Arc::new(fh.mmap(0, 16).unwrap());
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let writer = {
+        let vma = vma.clone();
+        std::thread::spawn(move || {
+            let got = write_out(&vma);
+            let _ = done_tx.send(());
+            got
+        })
+    };
+    let finished = done
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .is_ok();
+    let (open, cv) = &*gate;
+    *open.lock().unwrap() = true;
+    cv.notify_all();
+    let got = writer.join().unwrap();
+    assert!(
+        finished,
+        "the write waited for the gate (its read-ahead queued behind the host loads)"
+    );
+    assert!(holds_initial(&got, 0..16));
 }

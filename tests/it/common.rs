@@ -1,5 +1,8 @@
 //! Helpers of the whole-stack tests, over the test kit's memory file.
 
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
 use bigfile::virtmem::{FaultBackend, FileH, Ram, Vma};
@@ -124,4 +127,77 @@ pub fn read_each(vma: &Vma, blksize: usize, slots: impl Iterator<Item = usize>) 
             MemFile::initial(i as u64)
         );
     }
+}
+
+/// A loader that takes the host lock (a memory file that is not native)
+/// and says whether read-ahead may run it (`BigFile::reads_ahead`).
+pub struct HostLoader {
+    pub mem: MemFile,
+    pub reads_ahead: bool,
+}
+
+impl bigfile::virtmem::BigFile for HostLoader {
+    fn blksize(&self) -> usize {
+        self.mem.blksize()
+    }
+    fn loadblk(&self, blk: u64, buf: &mut [u8]) -> Result<(), bigfile::virtmem::BlockError> {
+        self.mem.loadblk(blk, buf)
+    }
+    fn storeblk(&self, blk: u64, buf: &[u8]) -> Result<(), bigfile::virtmem::BlockError> {
+        self.mem.storeblk(blk, buf)
+    }
+    fn reads_ahead(&self) -> bool {
+        self.reads_ahead
+    }
+}
+
+/// A native memory file (read ahead), a RAM of `budget` pages on the
+/// userfaultfd backend and a handle; `None` (said) where this process
+/// cannot have userfaultfd, unless it must (`BIGFILE_REQUIRE_UFFD`).
+pub fn on_uffd(budget: u64) -> Option<(Arc<MemFile>, Ram, FileH)> {
+    let ram = match ram(budget).with_fault_backend(FaultBackend::Userfaultfd) {
+        Ok(ram) => ram,
+        Err(e) if std::env::var_os("BIGFILE_REQUIRE_UFFD").is_none() => {
+            eprintln!("no userfaultfd here ({e}): nothing to test");
+            return None;
+        }
+        Err(e) => panic!("userfaultfd required: {e}"),
+    };
+    let file = Arc::new(MemFile::new(BLK).native());
+    let fh = FileH::open(file.clone(), Some(&ram)).unwrap();
+    Some((file, ram, fh))
+}
+
+/// A scratch file (a memory file: its writes copy as a disk file's do,
+/// `generic_perform_write`), empty.
+pub fn scratch() -> File {
+    // SAFETY: a name we own; the new descriptor is ours alone.
+    let fd = unsafe { libc::memfd_create(c"bigfile-it-call-buffer".as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: as above.
+    unsafe { File::from_raw_fd(fd) }
+}
+
+/// What `f` holds, from its start.
+pub fn contents(f: &mut File) -> Vec<u8> {
+    let mut got = Vec::new();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_to_end(&mut got).unwrap();
+    got
+}
+
+/// Write all of `vma` (not loaded) to a scratch file in one `write(2)`;
+/// what the file got.
+pub fn write_out(vma: &Vma) -> Vec<u8> {
+    let mut out = scratch();
+    // SAFETY: nothing writes the mapping while the slice lives.
+    out.write_all(unsafe { vma.as_slice() }).unwrap();
+    contents(&mut out)
+}
+
+/// Whether `got` holds blocks `blocks` of the memory file as first loaded.
+pub fn holds_initial(got: &[u8], blocks: std::ops::Range<u64>) -> bool {
+    blocks
+        .zip(got.chunks(BLK))
+        .all(|(b, chunk)| chunk.iter().all(|&x| x == MemFile::initial(b)))
 }

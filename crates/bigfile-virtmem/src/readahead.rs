@@ -64,16 +64,24 @@ struct Worker {
 }
 
 /// The workers of this process (of this fork generation: a forked child
-/// has none of its parent's threads, and starts its own).
+/// has none of its parent's threads, and starts its own), of one kind of
+/// loader.
 struct Pool {
     generation: u64,
     workers: Vec<Worker>,
     next: usize,
 }
 
-/// The pool. Taken only under a RAM's lock (lock order: inside 5), so
-/// never held across a fork: the forking thread holds every RAM's lock.
-static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+/// The pools: for loaders that never take the host lock, and for those
+/// that do. Apart, so that a native load is never queued behind one
+/// waiting for the host lock: the userfaultfd worker serving a system
+/// call's fault waits for the loads it read ahead for the call's buffer
+/// (`wait_loaded`, native loaders only), and the host lock may be held by
+/// the very thread in the call (a C extension's `write(2)` with the GIL
+/// held): behind a job waiting for it, the call never returned. Taken
+/// only under a RAM's lock (lock order: inside 5), so never held across a
+/// fork: the forking thread holds every RAM's lock.
+static POOLS: [Mutex<Option<Pool>>; 2] = [Mutex::new(None), Mutex::new(None)];
 
 /// How many workers to have: one per core, at most [`MAX_WORKERS`] (the
 /// cores asked once: not under the RAM lock for every block read ahead).
@@ -85,11 +93,13 @@ fn most_workers() -> usize {
     })
 }
 
-/// The worker to give the next load to, started if need be; `None` when no
-/// thread starts. The caller holds a RAM's lock.
-fn pick_worker(_locked: &Guard<'_>) -> Option<Worker> {
+/// The worker to give the next load of a file to (whose loader takes the
+/// host lock if `needs_host`), started if need be; `None` when no thread
+/// starts. The caller holds a RAM's lock.
+fn pick_worker(_locked: &Guard<'_>, needs_host: bool) -> Option<Worker> {
     let most = most_workers();
-    let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    let kind = usize::from(needs_host);
+    let mut pool = POOLS[kind].lock().unwrap_or_else(|p| p.into_inner());
     let generation = fork_generation::generation();
     if pool.as_ref().is_none_or(|p| p.generation != generation) {
         // A forked child's pool is its parent's: its workers are not here,
@@ -110,7 +120,11 @@ fn pick_worker(_locked: &Guard<'_>) -> Option<Worker> {
         // thread's signal mask, and would otherwise take the application's
         // signals (Ctrl-C) away from the threads waiting for them.
         spawn_deaf(
-            thread::Builder::new().name(format!("bigfile-readahead-{}", pool.workers.len())),
+            thread::Builder::new().name(format!(
+                "bigfile-readahead-{}{}",
+                if needs_host { "host-" } else { "" },
+                pool.workers.len()
+            )),
             move || {
                 // Its loads' tickets name it by its kernel thread id (the
                 // wait graph's), which only it can learn.
@@ -191,7 +205,12 @@ pub(crate) fn issue(
     }
     // Pages read ahead earlier, now below the trigger: mapped as the
     // workers would have, had the trigger been there when they finished.
-    let trigger_end = blk.saturating_add(MAX_WINDOW).max(call_end.unwrap_or(0));
+    // (A call's buffer only as far as it was asked: the rest of a buffer
+    // larger than the budget is not there yet, and looking through it at
+    // each of the call's faults cost its length each time.)
+    let trigger_end = blk
+        .saturating_add(MAX_WINDOW)
+        .max(call_end.unwrap_or(0).min(asked_end(&st, fh, vma)));
     let trigger_range = blk.saturating_add(1)..trigger_end;
     for b in trigger_range {
         if let Some(pk) = st.lookup(fh.key, b) {
@@ -219,17 +238,24 @@ pub(crate) fn issue(
     }
 }
 
-/// Wait until no block of `blocks` of `fh` is loading: those `issue` read
-/// ahead for a system call's buffer (ARCHITECTURE.md, "A system call's
-/// buffer"), or a fault loads. Called by the userfaultfd worker that served
-/// the call's fault, before it wakes the call; never for a loader that may
-/// take the host lock. A wait that would close a cycle of waits ends it
-/// (the call then faults where it finds a page missing).
-pub(crate) fn wait_loaded(fh: &FileHInner, blocks: std::ops::Range<u64>) {
+/// Where the read-ahead of mapping `vma`'s stream ends: past the last block
+/// asked (nothing beyond it is loading for the stream).
+fn asked_end(st: &Guard<'_>, fh: &FileHInner, vma: VmaId) -> u64 {
+    st.stream(fh.key, vma).map_or(0, |s| s.pending().end)
+}
+
+/// Wait until no block of `blocks` of `fh` that mapping `vma`'s stream
+/// asked is loading: those `issue` read ahead for a system call's buffer
+/// (ARCHITECTURE.md, "A system call's buffer"), or a fault took over.
+/// Called by the userfaultfd worker that served the call's fault, before it
+/// wakes the call; never for a loader that may take the host lock. A wait
+/// that would close a cycle of waits ends it (the call then faults where
+/// it finds a page missing).
+pub(crate) fn wait_loaded(fh: &FileHInner, vma: VmaId, blocks: std::ops::Range<u64>) {
     let shared = &*fh.shared;
     let mut st = shared.lock();
     let mut next = blocks.start;
-    while next < blocks.end {
+    while next < blocks.end.min(asked_end(&st, fh, vma)) {
         let loading = st
             .lookup(fh.key, next)
             .and_then(|pk| st.pages().get(pk).ticket().cloned())
@@ -297,7 +323,7 @@ fn room_for(
     {
         return None;
     }
-    let worker = pick_worker(st)?;
+    let worker = pick_worker(st, fh.needs_host)?;
     if !full {
         return Some((worker, None));
     }
