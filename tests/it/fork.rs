@@ -7,7 +7,7 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use bigfile::virtmem::{FaultBackend, PageState, Ram, WriteoutFlags};
+use bigfile::virtmem::{FaultBackend, PageState, WriteoutFlags};
 use bigfile_testkit::child::{forked, TIMEOUT};
 
 use crate::common::{peek, poke, setup, MemFile, BLK};
@@ -38,24 +38,15 @@ fn a_forked_child_reads_writes_reclaims_and_exits_without_touching_the_parent() 
                 // commit to the storage (the child's copy of the memory
                 // file), a discard, an invalidation.
                 let mut ok = fresh && peek(at(base, 0, 7)) == MemFile::initial(0);
-                // A userfaultfd is its opener's: a child's mappings are on
-                // the signal backend (its registrations would be the
-                // parent's).
+                // A userfaultfd is its opener's: the child's inherited
+                // mappings are on the signal backend (its registrations
+                // would be the parent's; its own RAMs get a userfaultfd of
+                // its own: `fork_uffd.rs`).
                 ok &= ram.fault_backend() == FaultBackend::Signals
                     && (backend == FaultBackend::Signals
                         || ram
                             .fault_backend_fallback()
                             .is_some_and(|why| why.contains("forked child")));
-                if backend == FaultBackend::Userfaultfd {
-                    // Nor does a RAM the child makes use it (made here, not
-                    // by `common::ram`, which insists on the backend of the
-                    // test pass).
-                    let new_ram = || Ram::from_spec(&format!("memfd,pagesize={BLK}")).unwrap();
-                    ok &= new_ram().fault_backend() == FaultBackend::Signals
-                        && new_ram()
-                            .with_fault_backend(FaultBackend::Userfaultfd)
-                            .is_err();
-                }
                 for blk in 0..16 {
                     ok &= peek(at(base, blk, 1)) == MemFile::initial(blk as u64);
                 }

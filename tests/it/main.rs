@@ -8,6 +8,7 @@ mod common;
 mod crash;
 mod file;
 mod fork;
+mod fork_uffd;
 mod hugetlb;
 mod lifecycle;
 mod misuse;

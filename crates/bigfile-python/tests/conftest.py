@@ -7,9 +7,21 @@ import threading
 
 import pytest
 
-from bigfile import BigFile
+from bigfile import RAM, BigFile
 
 PS = mmap.PAGESIZE
+
+
+def uffd_ram(budget=None):
+    """A RAM on the userfaultfd backend. Where the process may not have it
+    (not root, vm.unprivileged_userfaultfd=0) these tests are skipped, unless
+    BIGFILE_REQUIRE_UFFD is set (as `cargo xtask test` does): then they fail."""
+    try:
+        return RAM(f"memfd,pagesize={PS}", budget=budget, fault_backend="userfaultfd")
+    except RuntimeError as e:
+        if os.environ.get("BIGFILE_REQUIRE_UFFD"):
+            raise
+        pytest.skip(f"userfaultfd not available: {e}")
 
 
 class DataFile(BigFile):

@@ -2,7 +2,10 @@
 child's inherited mappings work (nothing resident, nothing dirty, memory of
 its own, the file's data); a ZBigFile refuses to load in a child of the
 process that opened its connection; a multiprocessing pool with the fork
-start method reads an inherited mapping right and never hangs."""
+start method reads an inherited mapping right and never hangs; a child of a
+process on userfaultfd opens new handles on a userfaultfd of its own (its
+own RAMs' and the default RAM's, renewed), so that `np.save` of pages not
+loaded works there as in the parent."""
 
 import multiprocessing
 import os
@@ -13,7 +16,9 @@ import pytest
 
 from bigfile import WRITEOUT_MARKSTORED, WRITEOUT_STORE
 
-from conftest import PS, DataFile
+from bigfile.bigarray import BigArray
+
+from conftest import PS, DataFile, uffd_ram
 
 # Python 3.12+ warns about fork() in a process with threads (pytest and
 # the pool's own threads may be there): the point here is what bigfile does.
@@ -146,6 +151,51 @@ def test_a_fork_pool_reads_an_inherited_mapping():
     assert sums == [b * PS for b in range(64)]
     assert a[0] == 200 and fh.dirty_blocks() == [0]
     assert int(a[PS:2 * PS].sum()) == PS
+
+
+SAVED_BLOCKS = 16
+
+
+def _save_a_new_handle(out, ram_of_parent, default):
+    """In a forked child: the RAM inherited from the parent is on signals,
+    saying why; a handle opened here (on a RAM of the child's own, or on
+    the default RAM) is on a userfaultfd of the child's: `np.save` of its
+    pages not loaded works. (An AssertionError is exit code 1.)"""
+    assert ram_of_parent.fault_backend == "signals"
+    assert "forked child" in ram_of_parent.fault_backend_fallback
+    fh = DataFile().fileh_open(**({} if default else {"ram": uffd_ram(budget=4 * PS)}))
+    assert fh.ram_stats()["fault_backend"] == "userfaultfd"
+    np.save(out, BigArray((SAVED_BLOCKS * PS // 8,), np.uint64, fh)[:])
+
+
+def _saved_right(path):
+    want = np.repeat(np.arange(SAVED_BLOCKS, dtype=np.uint8), PS).view(np.uint64)
+    return np.array_equal(np.load(path), want)
+
+
+@pytest.mark.parametrize("ram", ["own", "default"])
+def test_a_fork_child_of_a_userfaultfd_process_saves_pages_not_loaded(tmp_path, ram):
+    parent_ram = uffd_ram(budget=4 * PS)
+    fh = DataFile().fileh_open(ram=parent_ram)
+    a = BigArray((SAVED_BLOCKS * PS // 8,), np.uint64, fh)
+    np.save(tmp_path / "parent.npy", a[:])  # the service runs when it forks
+    default = DataFile().fileh_open().ram_stats()["fault_backend"]
+    if ram == "default" and default != "userfaultfd":
+        pytest.skip("the default RAM is on signals here (BIGFILE_FAULTS): nothing to renew")
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(
+        target=_save_a_new_handle, args=(tmp_path / "child.npy", parent_ram, ram == "default")
+    )
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0
+    assert _saved_right(tmp_path / "child.npy")
+    # The parent goes on on its userfaultfd: its pages taken away, saved
+    # again from pages not loaded.
+    assert parent_ram.fault_backend == "userfaultfd"
+    parent_ram.reclaim()
+    np.save(tmp_path / "parent.npy", a[:])
+    assert _saved_right(tmp_path / "parent.npy")
 
 
 def test_a_zbigfile_refuses_to_load_in_a_forked_child(tmp_path):

@@ -20,21 +20,9 @@ from bigfile import RAM, WRITEOUT_MARKSTORED, WRITEOUT_STORE
 from bigfile.file_file import BigFile_File
 from bigfile.bigarray import BigArray
 
-from conftest import PS, DataFile, run_py
+from conftest import PS, DataFile, run_py, uffd_ram
 
 BLOCKS = 16
-
-
-def uffd_ram(budget=None):
-    """A RAM on the userfaultfd backend. Where the process may not have it
-    (not root, vm.unprivileged_userfaultfd=0) these tests are skipped, unless
-    BIGFILE_REQUIRE_UFFD is set (as `cargo xtask test` does): then they fail."""
-    try:
-        return RAM(f"memfd,pagesize={PS}", budget=budget, fault_backend="userfaultfd")
-    except RuntimeError as e:
-        if os.environ.get("BIGFILE_REQUIRE_UFFD"):
-            raise
-        pytest.skip(f"userfaultfd not available: {e}")
 
 
 def expected(blocks):

@@ -9,12 +9,11 @@
 //! [`Ram::with_fault_backend`]: crate::Ram::with_fault_backend
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 
 use bigfile_uffd::Uffd;
 
-use crate::fork_generation;
+use crate::fork_generation::{self, PerGeneration};
 
 /// A way of learning about page faults; see [`Ram::fault_backend`].
 ///
@@ -89,15 +88,19 @@ pub(crate) enum Backend {
     Signals {
         why_not_uffd: String,
     },
-    /// The process's userfaultfd ([`process_uffd`]).
-    Uffd(&'static Uffd),
+    /// The userfaultfd of the process that made the RAM ([`process_uffd`]),
+    /// opened in fork generation `generation`.
+    Uffd {
+        uffd: &'static Uffd,
+        generation: u64,
+    },
 }
 
 impl fmt::Debug for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Backend::Signals { why_not_uffd } => write!(f, "signals ({why_not_uffd})"),
-            Backend::Uffd(_) => f.write_str("userfaultfd"),
+            Backend::Uffd { .. } => f.write_str("userfaultfd"),
         }
     }
 }
@@ -128,7 +131,10 @@ impl Backend {
             Ok(uffd)
         });
         match (uffd, wanted) {
-            (Ok(uffd), _) => Ok(Backend::Uffd(uffd)),
+            (Ok(uffd), _) => Ok(Backend::Uffd {
+                uffd,
+                generation: fork_generation::generation(),
+            }),
             (Err(why), Wanted::Auto) => Ok(Backend::Signals { why_not_uffd: why }),
             (Err(why), _) => Err(format!("the userfaultfd backend is not available: {why}")),
         }
@@ -145,32 +151,37 @@ impl Backend {
     pub(crate) fn fallback_reason(&self) -> Option<&str> {
         match self {
             Backend::Signals { why_not_uffd } => Some(why_not_uffd),
-            Backend::Uffd(_) if self.uffd().is_none() => Some(FORKED),
-            Backend::Uffd(_) => None,
+            Backend::Uffd { .. } if self.forked() => Some(FORKED),
+            Backend::Uffd { .. } => None,
         }
     }
 
     /// The userfaultfd, if the RAM's mappings use it: not in a forked child
-    /// of the process that opened it, whose mappings, put back to
+    /// of the process that made the RAM, whose mappings, put back to
     /// reservations when it forked (`fork.rs`), are on the signal backend
-    /// from then on.
+    /// from then on (the child's new RAMs have a userfaultfd of the child's).
     pub(crate) fn uffd(&self) -> Option<&'static Uffd> {
         match self {
-            Backend::Uffd(u) if uffd_is_ours() => Some(u),
+            Backend::Uffd { uffd, .. } if !self.forked() => Some(uffd),
             _ => None,
         }
     }
+
+    /// Whether the RAM was made on the userfaultfd of a process this one is
+    /// a forked child of (so it is on signals here).
+    pub(crate) fn forked(&self) -> bool {
+        matches!(self, Backend::Uffd { generation, .. } if *generation != fork_generation::generation())
+    }
 }
 
-/// The process's one userfaultfd, opened on first use (with the request
-/// signal's handler and the fault handler installed: the backend's
-/// user-mode faults arrive through them), or why it cannot be had.
+/// The process's userfaultfd, opened on first use in each fork generation
+/// (a forked child opens its own: the descriptor it inherits acts on the
+/// parent's address space), with the request signal's handler and the
+/// fault handler installed (the backend's user-mode faults arrive through
+/// them); or why it cannot be had.
 pub(crate) fn process_uffd() -> Result<&'static Uffd, String> {
-    static UFFD: OnceLock<Result<Uffd, String>> = OnceLock::new();
-    let uffd = UFFD.get_or_init(|| {
-        // The fork generation the userfaultfd belongs to is known from now:
-        // a child forked later counts one more.
-        UFFD_GENERATION.store(fork_generation::generation(), Relaxed);
+    static UFFD: PerGeneration<OnceLock<Result<Uffd, String>>> = PerGeneration::new();
+    let uffd = UFFD.get().get_or_init(|| {
         let uffd = Uffd::open().map_err(|e| e.to_string())?;
         if !uffd.features().poison {
             return Err(NO_POISON.into());
@@ -188,11 +199,7 @@ pub(crate) fn process_uffd() -> Result<&'static Uffd, String> {
         bigfile_fault::install().map_err(|e| e.to_string())?;
         Ok(uffd)
     });
-    match uffd {
-        Ok(_) if !uffd_is_ours() => Err(FORKED.into()),
-        Ok(uffd) => Ok(uffd),
-        Err(why) => Err(why.clone()),
-    }
+    uffd.as_ref().map_err(Clone::clone)
 }
 
 /// Why a kernel without `UFFDIO_POISON` (before Linux 6.6) is not used: a
@@ -213,17 +220,7 @@ const NO_PROC: &str = "/proc/self/task/TID/syscall cannot be read (/proc not mou
                        mounted without this process's entries): the userfaultfd backend \
                        tells a user-mode fault from a system call's by it";
 
-/// Why a forked child of the process that opened the userfaultfd does not
-/// use it.
-const FORKED: &str = "a forked child of the process that opened the userfaultfd \
-                      (the descriptor acts on the parent's address space)";
-
-/// The fork generation (`fork_generation.rs`) of the process that opened the
-/// userfaultfd.
-static UFFD_GENERATION: AtomicU64 = AtomicU64::new(0);
-
-/// Whether this process opened the userfaultfd (if any was): not a forked
-/// child of the one that did.
-pub(crate) fn uffd_is_ours() -> bool {
-    fork_generation::generation() == UFFD_GENERATION.load(Relaxed)
-}
+/// Why a RAM made on userfaultfd before a fork is on signals in the child.
+const FORKED: &str = "a forked child of the process that made this RAM on its userfaultfd \
+                      (the descriptor acts on the parent's address space; RAMs made in \
+                      this process get a userfaultfd of its own)";

@@ -15,7 +15,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How long a kernel fault's loader may wait for the host lock.
@@ -23,6 +23,8 @@ pub(crate) const PATIENCE: Duration = Duration::from_secs(5);
 
 /// A kernel fault being served by a worker.
 pub(crate) struct Watch {
+    /// The thread in the system call.
+    pub(crate) tid: libc::pid_t,
     pub(crate) page_addr: usize,
     pub(crate) len: usize,
     pub(crate) blk: u64,
@@ -34,8 +36,14 @@ pub(crate) struct Watch {
 }
 
 impl Watch {
-    pub(crate) fn new(page_addr: usize, len: usize, blk: u64, file: String) -> Watch {
+    pub(crate) fn new(
+        tid: libc::pid_t,
+        (page_addr, len): (usize, usize),
+        blk: u64,
+        file: String,
+    ) -> Watch {
         Watch {
+            tid,
             page_addr,
             len,
             blk,
@@ -116,6 +124,21 @@ pub(crate) fn overdue() -> Vec<Arc<Watch>> {
         })
         .cloned()
         .collect()
+}
+
+/// The lock of the faults being served, for the forking thread to hold
+/// across a fork (`uffd.rs`): a child never finds it held by a worker it
+/// does not have.
+pub(crate) fn hold_for_fork() -> MutexGuard<'static, Vec<Arc<Watch>>> {
+    WATCHES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// In a forked child (before fork returns): forget the parent's faults,
+/// whose system calls and workers are not the child's (its reader would
+/// give them up, poisoning the child's pages). Leaked, not freed: stores
+/// only.
+pub(crate) fn forget_in_child(watches: &mut Vec<Arc<Watch>>) {
+    std::mem::forget(std::mem::take(watches));
 }
 
 /// Milliseconds since the first call.

@@ -33,14 +33,15 @@ use std::sync::atomic::{
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::backend::uffd_is_ours;
-
 /// How long a poisoned page fails system calls.
 pub(crate) const POISON_TIME: Duration = Duration::from_millis(100);
 
 /// A cleared poison is remembered this long, for a user-mode access that
-/// met it just before it was cleared and reaches [`take`] just after.
-const REMEMBERED: Duration = Duration::from_secs(10);
+/// met it just before it was cleared and reaches [`take`] just after
+/// (within microseconds). Not longer: a real SIGBUS on that page (the RAM
+/// could not provide memory) is taken for the poison until then, the
+/// access retried in a loop.
+const REMEMBERED: Duration = Duration::from_secs(1);
 
 /// A cleared poison's slot is not taken for a new one sooner than this (a
 /// late `take` comes within microseconds; a system call that met the
@@ -156,25 +157,29 @@ pub(crate) fn expire(page_addr: usize, len: usize) {
 }
 
 /// A SIGBUS at `[page_addr, page_addr + len)` in a live mapping: whether it
-/// was our poison, cleared now (if it was not already) and forgotten. The
-/// access then loads the page as any other. Async-signal-safe: no lock, no
+/// was our poison, cleared now if it was not already (then remembered as
+/// cleared: several threads may have met it, each on its way here). The
+/// access then loads the page as any other. A poison cleared more than
+/// [`REMEMBERED`] ago is not ours any more. Async-signal-safe: no lock, no
 /// allocation.
 pub(crate) fn take(page_addr: usize, len: usize) -> bool {
-    if !uffd_is_ours() {
-        // A forked child: its mappings are on the signal backend, and the
-        // table is the parent's.
-        return false;
-    }
     while let Some((i, v)) = find(page_addr, POISONED | CLEARED) {
-        if SLOTS[i].compare_exchange(v, 0, AcqRel, Acquire).is_ok() {
-            if v & STATE == POISONED {
-                // SAFETY: the caller's live mapping, whose page its own
-                // thread is accessing.
-                unsafe { zap(page_addr, len) };
-            }
+        if v & STATE == CLEARED {
+            let cleared = CLEARED_AT[i].load(Acquire);
+            return now_ms().saturating_sub(cleared) < REMEMBERED.as_millis() as u64;
+        }
+        CLEARED_AT[i].store(now_ms(), Release);
+        if SLOTS[i]
+            .compare_exchange(v, page_addr | CLEARED, AcqRel, Acquire)
+            .is_ok()
+        {
+            // SAFETY: the caller's live mapping, whose page its own thread
+            // is accessing.
+            unsafe { zap(page_addr, len) };
             return true;
         }
-        // Cleared by `expire` or forgotten meanwhile: look again.
+        // Cleared by `expire` or another thread, or forgotten, meanwhile:
+        // look again.
     }
     false
 }
@@ -197,10 +202,6 @@ pub(crate) fn unnote(page_addr: usize) {
 /// A mapping of `[start, start + len)` is going: forget its pages (its
 /// addresses may be reused by memory a late clearing would wipe).
 pub(crate) fn forget_range(start: usize, len: usize) {
-    if !uffd_is_ours() {
-        // A forked child: the table is the parent's (see `take`).
-        return;
-    }
     let _w = writers();
     for slot in &SLOTS {
         let v = slot.load(Acquire);
@@ -208,6 +209,24 @@ pub(crate) fn forget_range(start: usize, len: usize) {
             // Only `take` changes it meanwhile, to empty as well.
             let _ = slot.compare_exchange(v, 0, AcqRel, Acquire);
         }
+    }
+}
+
+/// The lock of every change but [`take`]'s, for the forking thread to hold
+/// across a fork (`uffd.rs`): a child never finds it held by a thread it
+/// does not have.
+pub(crate) fn hold_for_fork() -> MutexGuard<'static, ()> {
+    writers()
+}
+
+/// In a forked child (before fork returns, its lock held by the forking
+/// thread): forget every poison, the parent's (the child's mappings were
+/// put back to reservations, and its own userfaultfd poisons its own).
+/// Stores only: async-signal-safe.
+pub(crate) fn forget_in_child() {
+    for (slot, at) in SLOTS.iter().zip(&CLEARED_AT) {
+        slot.store(0, Release);
+        at.store(0, Release);
     }
 }
 
@@ -275,8 +294,29 @@ mod tests {
         for &(addr, ps) in &pages {
             assert!(take(addr, ps), "still ours");
         }
-        assert!(note(other), "room once they were met");
+        assert!(!note(other), "met a moment ago: others may be on their way");
+        for &(addr, ps) in &pages {
+            forget_range(addr, ps);
+        }
+        assert!(note(other), "room once they are gone");
         unnote(other);
+    }
+
+    /// Found by the races with kernel I/O: two threads met one poison (a
+    /// user-mode access each); the first one's `take` forgot it, and the
+    /// second died of a SIGBUS no longer known as ours.
+    #[test]
+    fn every_thread_that_met_a_poison_takes_it() {
+        let _t = table();
+        let (addr, ps) = page(6);
+        assert!(note(addr));
+        assert!(take(addr, ps), "the first thread's");
+        assert_eq!(first_byte(addr), 0, "cleared");
+        // SAFETY: our page.
+        unsafe { (addr as *mut u8).write_volatile(8) };
+        assert!(take(addr, ps), "the second thread's");
+        assert_eq!(first_byte(addr), 8, "not cleared twice");
+        forget_range(addr, ps);
     }
 
     /// The SIGBUS handler's `take` may interrupt a thread inside another
@@ -293,6 +333,7 @@ mod tests {
         drop(held);
         assert_eq!(first_byte(addr), 0, "the marker (here: the page) dropped");
         assert!(!is_poisoned(addr));
+        forget_range(addr, ps);
         assert!(!take(addr, ps), "forgotten");
     }
 
@@ -310,7 +351,23 @@ mod tests {
         unsafe { (addr as *mut u8).write_volatile(5) };
         assert!(take(addr, ps));
         assert_eq!(first_byte(addr), 5, "not cleared twice");
-        assert!(!take(addr, ps));
+        forget_range(addr, ps);
+    }
+
+    /// A forked child forgets its parent's poisons (live and cleared): its
+    /// SIGBUS at such an address is no poison of its own.
+    #[test]
+    fn a_forked_child_forgets_the_parents_poisons() {
+        let _t = table();
+        let (live, ps) = page(2);
+        let (cleared, _) = page(3);
+        assert!(note(live));
+        assert!(note(cleared));
+        expire(cleared, ps);
+        forget_in_child();
+        assert!(!is_poisoned(live));
+        assert!(!take(live, ps) && !take(cleared, ps));
+        assert_eq!(first_byte(live), 2, "nothing cleared");
     }
 
     #[test]

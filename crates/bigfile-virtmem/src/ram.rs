@@ -121,7 +121,11 @@ impl Ram {
 
     /// The process's default RAM for `page_size`: created on first use with
     /// the default backend (or `BIGFILE_RAM`'s), shared by every handle
-    /// opened without an explicit RAM.
+    /// opened without an explicit RAM. In a forked child of a process whose
+    /// default RAM was on userfaultfd, a new one is made on first use, with
+    /// its budget (that one is on signals there, its userfaultfd being the
+    /// parent's; the handles the child inherited keep it, so the child's
+    /// default RAMs may hold twice the budget).
     ///
     /// Its budget follows the memory the process may use: a quarter of the
     /// least of the machine's memory and the memory limits of its cgroups
@@ -134,10 +138,25 @@ impl Ram {
     pub fn default_for(page_size: usize) -> Result<Ram> {
         let mut rams = lock_defaults();
         let rams = rams.get_or_insert_with(HashMap::new);
-        if let Some(r) = rams.get(&page_size) {
+        // One made on the userfaultfd of a process this one was forked from
+        // is on signals here: renewed, so that this process's new handles
+        // are on a userfaultfd of its own, with the same budget (a fixed
+        // one, or the policy). Its handles stay on it, on signals, with its
+        // budget: the two RAMs' budgets add up, and `reclaim_defaults` no
+        // longer reaches it. Kept if the new one cannot be made.
+        let old = rams.get(&page_size).cloned();
+        if let Some(r) = old.as_ref().filter(|r| !r.shared.backend().forked()) {
             return Ok(r.clone());
         }
-        let r = Ram::new(bigfile_ram::Ram::with_page_size(page_size)?).following_memory();
+        let r = match (
+            bigfile_ram::Ram::with_page_size(page_size).map(Ram::new),
+            old,
+        ) {
+            (Ok(r), Some(old)) if !old.shared.follows_memory() => r.with_budget(old.budget()),
+            (Ok(r), _) => r.following_memory(),
+            (Err(_), Some(old)) => return Ok(old),
+            (Err(e), None) => return Err(e.into()),
+        };
         rams.insert(page_size, r.clone());
         Ok(r)
     }

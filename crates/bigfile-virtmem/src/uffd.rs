@@ -1,5 +1,5 @@
-//! The userfaultfd backend's fault source: one userfaultfd for the process,
-//! a reader thread, and worker threads.
+//! The userfaultfd backend's fault source: one userfaultfd for the process
+//! (each forked child its own), a reader thread, and worker threads.
 //!
 //! A mapping of a RAM on this backend is registered with the userfaultfd
 //! (`Mapper` says how: a reservation of anonymous memory, RAM pages mapped
@@ -22,18 +22,22 @@
 //! Costs and limits are in ARCHITECTURE.md.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, OnceLock, RwLock, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use bigfile_fault::Access;
-use bigfile_uffd::{signal_held, thread_mode, Buffer, Event, FaultKind, ThreadMode, Uffd};
+use bigfile_uffd::{
+    signal_held, signal_pending, thread_mode, waiting, Buffer, Event, FaultKind, ThreadMode, Uffd,
+    Waiting,
+};
 
 use crate::backend::process_uffd;
 use crate::deaf::spawn_deaf;
 use crate::failure::Failure;
+use crate::fork_generation::PerGeneration;
 use crate::handle::FileHInner;
 use crate::host::HostLease;
 use crate::hostwait::{self, Watch};
@@ -101,10 +105,20 @@ pub(crate) struct UffdService {
     job_ready: Condvar,
 }
 
-/// A kernel-mode fault for a worker: its range, the event, and the buffer
-/// of the system call the thread is in (when the reader follows that
-/// call's: `Call::buffer`).
-type Job = (Arc<UffdRange>, Event, Option<Buffer>);
+/// A fault for a worker: a kernel-mode one (or a user-mode one whose
+/// thread held its request blocked).
+struct Job {
+    range: Arc<UffdRange>,
+    e: Event,
+    /// The buffer of the system call the thread is in (when the reader
+    /// follows that call's: `Call::buffer`).
+    buffer: Option<Buffer>,
+    /// A user-mode fault whose thread held its request signal blocked
+    /// ([`Requests::held`]): its thread is in that fault still (its
+    /// deadlock needs no confirming, and could not have it in time: each
+    /// round takes [`RECHECK`]).
+    held: bool,
+}
 
 #[derive(Default)]
 struct Jobs {
@@ -121,6 +135,55 @@ struct Jobs {
     /// the one load on a worker of its own (thousands of threads for one
     /// slow load, found with a Ctrl-C during `np.save`).
     serving: HashSet<(libc::pid_t, usize)>,
+    /// Kernel faults whose load would have deadlocked, woken once to
+    /// confirm it (`Suspects`).
+    suspects: Suspects,
+}
+
+/// How long a deadlock seen for a thread and page waits for its
+/// confirmations: a real one comes back at once, round after round (a
+/// woken kernel-mode fault is retried without returning to user mode);
+/// stale events of one fault were seen to come half a second to seconds
+/// apart (in the fault suite's races with signals).
+const CONFIRM_WITHIN: Duration = Duration::from_millis(100);
+
+/// Kernel faults (thread, page) whose service found a deadlock once: the
+/// thread in a system call waiting for its own load. The event may be
+/// stale: a thread whose user-mode fault was interrupted by a signal faults
+/// again, a second event; the first one's request then serves the page on
+/// the thread, which loads it, and makes system calls while it does; the
+/// second event, read then, finds the thread in a system call and its
+/// worker waits for that thread's load. Failed, that false deadlock
+/// poisoned the page (an EFAULT for any system call on it meanwhile). So a
+/// first deadlock only wakes the thread: a real one faults again at once
+/// and fails the second time; a stale one is forgotten. (Before that, a
+/// thread surely not in a fault any more is told apart: `may_be_waiting`.)
+#[derive(Default)]
+struct Suspects(HashMap<(libc::pid_t, usize), (Instant, u32)>);
+
+/// How many times a deadlock is seen for one thread and page, each after a
+/// wake, before it is failed: a real one comes back at once, round after
+/// round (a thread with a signal pending spins through its fault, an event
+/// each time); stale events of one fault are a few (one per signal that
+/// interrupted it), and not all of them find their thread where a fault
+/// could still be waiting.
+const CONFIRMATIONS: u32 = 4;
+
+impl Suspects {
+    /// Whether the deadlock of `tid` on `page` seen `now` is confirmed
+    /// (seen [`CONFIRMATIONS`] times, each within [`CONFIRM_WITHIN`] of the
+    /// first); else it is counted.
+    fn confirmed(&mut self, tid: libc::pid_t, page: usize, now: Instant) -> bool {
+        self.0
+            .retain(|_, (at, _)| now.saturating_duration_since(*at) < CONFIRM_WITHIN);
+        let seen = self.0.entry((tid, page)).or_insert((now, 0));
+        seen.1 += 1;
+        if seen.1 < CONFIRMATIONS {
+            return false;
+        }
+        self.0.remove(&(tid, page));
+        true
+    }
 }
 
 /// Request signals the reader sent lately, looked at again after
@@ -170,13 +233,26 @@ impl Requests {
 /// process would otherwise keep for good.
 const RETIRE_AFTER: Duration = Duration::from_secs(2);
 
-static SERVICE: OnceLock<Result<UffdService, String>> = OnceLock::new();
+/// A fork generation's service and whether its reader was started.
+#[derive(Default)]
+struct Generation {
+    service: OnceLock<Result<UffdService, String>>,
+    reader: OnceLock<()>,
+}
+
+/// The service of each fork generation that used one: a forked child
+/// starts its own, with its own userfaultfd (`backend::process_uffd`), its
+/// own reader and workers, tables and locks, never one a parent's thread
+/// may have held at the fork. The earlier generations' stay for the
+/// mappings the child inherited, whose drops take their ranges out.
+static SERVICES: PerGeneration<Generation> = PerGeneration::new();
 
 impl UffdService {
-    /// The service, started on first use; why not, when the process cannot
-    /// have it.
+    /// This process's service, started on first use; why not, when the
+    /// process cannot have it.
     pub(crate) fn get() -> Result<&'static UffdService, String> {
-        let svc = SERVICE.get_or_init(|| {
+        let generation = SERVICES.get();
+        let svc = generation.service.get_or_init(|| {
             Ok(UffdService {
                 uffd: process_uffd()?,
                 ranges: RwLock::new(BTreeMap::new()),
@@ -185,11 +261,13 @@ impl UffdService {
             })
         });
         let svc = svc.as_ref().map_err(Clone::clone)?;
-        static READER: OnceLock<()> = OnceLock::new();
-        READER.get_or_init(|| {
-            // Without them a forked child could find the table of ranges
-            // locked forever: no way on.
-            bigfile_os::at_fork(prepare, forked, forked).expect("pthread_atfork");
+        generation.reader.get_or_init(|| {
+            static HANDLERS: Once = Once::new();
+            HANDLERS.call_once(|| {
+                // Without them a forked child could find a table of ranges,
+                // the poisons' or the watches' locked forever: no way on.
+                bigfile_os::at_fork(prepare, parent, child).expect("pthread_atfork");
+            });
             // Its workers, which it starts, inherit its signal mask.
             spawn_deaf(
                 std::thread::Builder::new().name("bigfile-uffd".into()),
@@ -250,6 +328,7 @@ impl UffdService {
     /// `sent`) for a fault of user-mode code, else to a worker; always to a
     /// worker when `sent` is `None` (a request its thread holds blocked).
     fn dispatch(&'static self, e: Event, sent: Option<&mut Requests>) {
+        let sent_none = sent.is_none();
         let access = if e.write { Access::Write } else { Access::Read };
         let (range, buffer) = {
             // Looked up under the lock, kept only for a worker: a reference
@@ -270,7 +349,11 @@ impl UffdService {
                 return;
             };
             let mode = thread_mode(e.tid);
-            let user = mode.as_ref().is_ok_and(|m| *m == ThreadMode::User);
+            let stopped = match mode {
+                Ok(ThreadMode::User { pc, sp }) => Some(bigfile_fault::StoppedAt { pc, sp }),
+                _ => None,
+            };
+            let user = stopped.is_some();
             // (A thread in user mode is not in that fault any more: woken
             // by another's wake, its page taken away since, it faults anew,
             // served on it as any user-mode fault; dropped, it would wait,
@@ -283,10 +366,10 @@ impl UffdService {
             if retry {
                 return;
             }
-            if let Some(sent) = sent.filter(|_| user) {
+            if let (Some(sent), Some(at)) = (sent, stopped) {
                 // Served by the thread itself, in the mapping's fault
-                // handler.
-                match bigfile_fault::send_request(e.tid, e.addr, access) {
+                // handler (if the request finds it still stopped `at`).
+                match bigfile_fault::send_request(e.tid, e.addr, access, at) {
                     Ok(()) => {
                         sent.note(e);
                         return;
@@ -307,7 +390,12 @@ impl UffdService {
         };
         let mut jobs = self.jobs();
         jobs.serving.insert((e.tid, range.page_of(e.addr)));
-        jobs.queue.push_back((range, e, buffer));
+        jobs.queue.push_back(Job {
+            range,
+            e,
+            buffer,
+            held: sent_none,
+        });
         if jobs.idle == 0 {
             // Every worker is busy (or blocked in a nested fault, or in a
             // loader waiting for a lock): one more, so that no fault waits
@@ -336,7 +424,12 @@ impl UffdService {
     fn work(&'static self) {
         WORKER.with(|w| w.set(true));
         loop {
-            let (range, e, buffer) = {
+            let Job {
+                range,
+                e,
+                buffer,
+                held,
+            } = {
                 let mut jobs = self.jobs();
                 loop {
                     if let Some(job) = jobs.queue.pop_front() {
@@ -363,7 +456,12 @@ impl UffdService {
             };
             let (req, page_addr) = range.request(e.addr, access, buffer);
             let ps = range.fileh.page_size();
-            let watch = Arc::new(Watch::new(page_addr, ps, req.blk, range.fileh.name.clone()));
+            let watch = Arc::new(Watch::new(
+                e.tid,
+                (page_addr, ps),
+                req.blk,
+                range.fileh.name.clone(),
+            ));
             // The faulting thread waits for this worker: a wait of the
             // worker's that comes back to that thread (its own load, or a
             // load waiting for it) is a cycle, failed instead of hung.
@@ -383,12 +481,12 @@ impl UffdService {
                     std::process::abort()
                 })
             });
-            if let (Ok(()), Some(end)) = (served, req.call_end) {
+            if let (Ok(()), Some(end)) = (&served, req.call_end) {
                 // The system call copies the rest of its buffer without a
                 // fault, unless it catches up with the loads: then the
                 // kernel shortens its copies for the rest of the call
                 // (ARCHITECTURE.md, "A system call's buffer").
-                readahead::wait_loaded(&range.fileh, req.blk.saturating_add(1)..end);
+                readahead::wait_loaded(&range.fileh, req.vma, req.blk.saturating_add(1)..end);
             }
             // Let go of the handle before the thread goes on: it may drop
             // the handle's last reference next.
@@ -406,7 +504,18 @@ impl UffdService {
                 Ok(()) => {
                     let _ = self.uffd.wake(page_addr, ps);
                 }
-                Err(()) => {
+                Err(failed)
+                    if !may_be_waiting(e.tid)
+                        || (failed.deadlock && !held && !self.deadlocked(e.tid, page_addr)) =>
+                {
+                    // A stale event's: nothing to fail (a wake is harmless).
+                    let _ = self.uffd.wake(page_addr, ps);
+                }
+                Err(failed) => {
+                    eprintln!(
+                        "bigfile: {} (in a system call: it fails with EFAULT)",
+                        failed.message
+                    );
                     if self.fail(page_addr, ps) {
                         // Its page is loadable again once the system call
                         // has failed (`poison.rs`). More workers are
@@ -419,7 +528,16 @@ impl UffdService {
         }
     }
 
-    fn jobs(&self) -> std::sync::MutexGuard<'_, Jobs> {
+    /// Whether the deadlock found serving thread `tid`'s kernel fault on
+    /// the page at `page_addr` is confirmed: the thread faulted there again
+    /// after a first wake (`Suspects`).
+    fn deadlocked(&self, tid: libc::pid_t, page_addr: usize) -> bool {
+        self.jobs()
+            .suspects
+            .confirmed(tid, page_addr, Instant::now())
+    }
+
+    fn jobs(&self) -> MutexGuard<'_, Jobs> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -450,6 +568,13 @@ impl UffdService {
 
     /// Give up a fault whose loader waited too long for the host lock.
     fn give_up(&self, w: &Watch) {
+        if !may_be_waiting(w.tid) {
+            // A stale event's (its thread holds the lock elsewhere): no call
+            // to fail.
+            self.jobs().serving.retain(|&(_, page)| page != w.page_addr);
+            let _ = self.uffd.wake(w.page_addr, w.len);
+            return;
+        }
         eprintln!(
             "bigfile: a system call needs block {} of {}, whose loader has waited {}s for the \
              host lock (Python's GIL), most likely held by the very thread in the system call \
@@ -469,12 +594,13 @@ impl UffdService {
     }
 }
 
-// A forked child keeps no userfaultfd (its mappings are on the signal
-// backend: `backend.rs`), but drops the parent's mappings it inherited, each
-// taking its range out of the table: the table's lock is held across the
-// fork, so that the child never finds it held by a thread it does not have.
-// (Their unregistration is refused in the child: the descriptor would act
-// on the parent.)
+// Across a fork, the locks a child may take that threads it does not have
+// may hold are held by the forking thread: every generation's table of
+// ranges (the child drops the mappings it inherited, each taking its range
+// out of its generation's table; their unregistration is refused in the
+// child: the descriptor acts on the parent), the poisons' and the watches'
+// (`poison.rs`, `hostwait.rs`: the child's own service uses them, emptied
+// in the child first: the parent's poisons and faults are not the child's).
 
 thread_local! {
     /// Whether this thread is a userfaultfd worker.
@@ -489,43 +615,74 @@ pub fn on_worker() -> bool {
     WORKER.with(Cell::get)
 }
 
+/// The locks held by the forking thread across the fork.
+struct Held {
+    _ranges: Vec<RwLockWriteGuard<'static, Ranges>>,
+    _poisons: MutexGuard<'static, ()>,
+    watches: MutexGuard<'static, Vec<Arc<Watch>>>,
+}
+
 thread_local! {
-    /// The table's lock, held by the forking thread across the fork.
-    static HELD_RANGES: RefCell<Option<RwLockWriteGuard<'static, Ranges>>> =
-        const { RefCell::new(None) };
+    static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
 }
 
 unsafe extern "C" fn prepare() {
-    if let Some(Ok(svc)) = SERVICE.get() {
-        let held = svc.ranges.write().unwrap_or_else(|p| p.into_inner());
-        HELD_RANGES.with(|h| *h.borrow_mut() = Some(held));
-    }
+    let ranges = SERVICES
+        .all()
+        .filter_map(|g| g.service.get()?.as_ref().ok())
+        .map(|svc| svc.ranges.write().unwrap_or_else(|p| p.into_inner()))
+        .collect();
+    let held = Held {
+        _ranges: ranges,
+        _poisons: poison::hold_for_fork(),
+        watches: hostwait::hold_for_fork(),
+    };
+    HELD.with(|h| *h.borrow_mut() = Some(held));
 }
 
-/// After the fork, in the parent and in the child.
-unsafe extern "C" fn forked() {
-    HELD_RANGES.with(|h| drop(h.borrow_mut().take()));
+unsafe extern "C" fn parent() {
+    release(false);
+}
+
+unsafe extern "C" fn child() {
+    release(true);
+}
+
+/// Let go of what `prepare` took; in the child, empty the poisons and the
+/// watches first (the parent's).
+fn release(in_child: bool) {
+    let held = HELD.with(|h| h.borrow_mut().take());
+    if let (Some(mut held), true) = (held, in_child) {
+        poison::forget_in_child();
+        hostwait::forget_in_child(&mut held.watches);
+    }
 }
 
 /// A fault the kernel took for a thread inside a system call, served by a
 /// worker; the worker then wakes the thread, or poisons the page so that
-/// the system call fails with EFAULT (after the diagnostic, here).
+/// the system call fails with EFAULT (after the diagnostic).
 struct KernelFault;
 
+/// Why a kernel fault's service failed.
+struct KernelFailure {
+    message: String,
+    /// A wait that would never end (a deadlock, maybe a stale event's:
+    /// `Suspects`).
+    deadlock: bool,
+}
+
 impl FaultSource for KernelFault {
-    type Finished = Result<(), ()>;
+    type Finished = Result<(), KernelFailure>;
 
     fn finish(
         &self,
         fh: &FileHInner,
         req: &PageRequest,
         served: Result<(), Failure>,
-    ) -> Result<(), ()> {
-        served.map_err(|f| {
-            eprintln!(
-                "bigfile: {} (in a system call: it fails with EFAULT)",
-                f.message(req.blk, &fh.name)
-            );
+    ) -> Result<(), KernelFailure> {
+        served.map_err(|f| KernelFailure {
+            message: f.message(req.blk, &fh.name),
+            deadlock: f.is_deadlock(),
         })
     }
 }
@@ -584,6 +741,22 @@ impl Drop for UffdRegistration {
     }
 }
 
+/// Whether thread `tid` may still wait in the kernel fault an event of its
+/// reported: asleep in a userfaultfd fault, or where the kernel does not
+/// say, or running with a signal pending (a kernel-mode fault so retried
+/// never sleeps). Not when it sleeps anywhere else or runs with nothing
+/// pending: the event is stale (its thread left that fault, woken by
+/// another thread's serving of the page or by a signal, and its
+/// page is served already or faulted again), and failing its page would
+/// poison it under other threads' system calls (EFAULT for nothing).
+fn may_be_waiting(tid: libc::pid_t) -> bool {
+    match waiting(tid) {
+        Ok(Waiting::InUserfault | Waiting::Unknown) | Err(_) => true,
+        Ok(Waiting::Elsewhere) => false,
+        Ok(Waiting::Running) => signal_pending(tid).unwrap_or(true),
+    }
+}
+
 /// Whether descriptor `fd` of this process is in blocking mode: a `write`
 /// to it copies its whole buffer before it returns (a non-blocking one, an
 /// event loop's socket or pipe, takes what fits, so the rest of its buffer
@@ -608,4 +781,29 @@ fn unqueued_request(err: &io::Error) {
              its faults are served by userfaultfd workers instead"
         );
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadlock_is_confirmed_by_the_same_fault_again_soon() {
+        let mut s = Suspects::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        for k in 1..CONFIRMATIONS {
+            assert!(
+                !s.confirmed(7, 0x1000, t0 + ms(k.into())),
+                "seen {k}: only woken"
+            );
+        }
+        assert!(!s.confirmed(8, 0x1000, t0), "another thread's");
+        assert!(!s.confirmed(7, 0x2000, t0), "another page's");
+        assert!(s.confirmed(7, 0x1000, t0 + ms(9)), "once more: failed");
+        assert!(!s.confirmed(7, 0x1000, t0 + ms(10)), "then new");
+        let late = t0 + ms(10) + CONFIRM_WITHIN;
+        assert!(!s.confirmed(7, 0x1000, late), "too late: a new suspicion");
+        assert_eq!(s.0.len(), 1, "old suspicions are forgotten");
+    }
 }

@@ -1,0 +1,125 @@
+//! fork(2) on the userfaultfd backend: a userfaultfd acts on the address
+//! space of the process that opened it, so a forked child opens its own
+//! with its first RAM on that backend (and starts its own service), while
+//! the RAMs it inherited are on signals there. System calls on a child's
+//! new mappings then work with no prefault, as in the parent; the parent's
+//! go on working after the child exits; a grandchild does the same.
+
+use std::sync::Arc;
+
+use bigfile::virtmem::{FaultBackend, FileH, Ram, Vma};
+use bigfile_testkit::child::{forked, TIMEOUT};
+
+use crate::common::{holds_initial, on_uffd, write_out, MemFile, BLK};
+
+/// Blocks mapped and written out in one `write(2)`.
+const BLOCKS: u64 = 8;
+
+/// Whether one `write(2)` from `vma` (blocks `0..BLOCKS` of the memory
+/// file, not loaded) copies the file's data.
+fn writes_out(vma: &Vma) -> bool {
+    let got = write_out(vma);
+    got.len() == BLOCKS as usize * BLK && holds_initial(&got, 0..BLOCKS)
+}
+
+/// A RAM of `BLOCKS` pages on userfaultfd, if this process can have one
+/// (not `common::ram`, which panics off it: a panic's message in a forked
+/// child may wait for a lock of a thread it does not have).
+fn uffd_ram() -> Option<Ram> {
+    Ram::from_spec(&format!("memfd,pagesize={BLK}"))
+        .ok()?
+        .with_budget(BLOCKS * BLK as u64)
+        .with_fault_backend(FaultBackend::Userfaultfd)
+        .ok()
+}
+
+/// What a (grand)child of a process on userfaultfd checks: the RAM it
+/// inherited is on signals, saying why; a RAM it makes is on a userfaultfd
+/// of its own, whose mapping a `write(2)` copies from pages not loaded.
+fn a_child_has_a_userfaultfd_of_its_own(file: &Arc<MemFile>, inherited: &Ram) -> bool {
+    let on_signals = inherited.fault_backend() == FaultBackend::Signals
+        && inherited
+            .fault_backend_fallback()
+            .is_some_and(|why| why.contains("forked child"));
+    let Some(new) = uffd_ram() else {
+        return false;
+    };
+    let fh = FileH::open(file.clone(), Some(&new)).unwrap();
+    let vma = fh.mmap(0, BLOCKS).unwrap();
+    // Twice: the pages taken away in between, faulted in again.
+    let ok = on_signals && writes_out(&vma) && new.reclaim() > 0 && writes_out(&vma);
+    ok && new.fault_backend_fallback().is_none()
+}
+
+#[test]
+fn a_forked_child_and_grandchild_write_from_pages_not_loaded_on_their_own_userfaultfd() {
+    let Some((file, parent_ram, fh)) = on_uffd(BLOCKS) else {
+        return;
+    };
+    let vma = fh.mmap(0, BLOCKS).unwrap();
+    assert!(writes_out(&vma), "the parent, before the fork");
+    let status = forked(
+        || {
+            let mut ok = a_child_has_a_userfaultfd_of_its_own(&file, &parent_ram);
+            // The child's own RAM, inherited by its child in turn.
+            let Some(mine) = uffd_ram() else {
+                return false;
+            };
+            let mine_fh = FileH::open(file.clone(), Some(&mine)).unwrap();
+            let mine_vma = mine_fh.mmap(0, BLOCKS).unwrap();
+            ok &= writes_out(&mine_vma);
+            let grandchild = forked(
+                || a_child_has_a_userfaultfd_of_its_own(&file, &mine),
+                TIMEOUT,
+            );
+            ok &= grandchild.is_ok_and(|s| s.success());
+            // The child's userfaultfd serves on after its child exits.
+            ok &= mine.reclaim() > 0 && writes_out(&mine_vma);
+            ok
+        },
+        TIMEOUT,
+    )
+    .unwrap();
+    assert!(status.success(), "the child (or grandchild) failed");
+    // The parent's, after the child exits: pages taken away, faulted in
+    // again through the parent's userfaultfd.
+    assert_eq!(parent_ram.fault_backend(), FaultBackend::Userfaultfd);
+    assert!(parent_ram.reclaim() > 0);
+    assert!(writes_out(&vma), "the parent, after the child");
+}
+
+/// The default RAM (of handles opened without one): one made on the
+/// parent's userfaultfd would put a child's new handles on signals; the
+/// child makes a new one on first use. On the signal pass, the child's is
+/// on signals as the parent's.
+#[test]
+fn a_forked_child_renews_a_default_ram_on_userfaultfd() {
+    let parent = Ram::default_for(BLK).unwrap().fault_backend();
+    let file = Arc::new(MemFile::new(BLK).native());
+    let status = forked(
+        || {
+            let Ok(default) = Ram::default_for(BLK) else {
+                return false;
+            };
+            let fh = FileH::open(file.clone(), None).unwrap();
+            let vma = fh.mmap(0, BLOCKS).unwrap();
+            let ok = default.fault_backend() == parent;
+            // A fixed budget is the renewed RAM's too (a grandchild's).
+            let budget = 24 * BLK as u64;
+            default.set_budget(budget);
+            let kept = forked(
+                || Ram::default_for(BLK).is_ok_and(|r| r.budget() == budget),
+                TIMEOUT,
+            )
+            .is_ok_and(|s| s.success());
+            // Kernel I/O from pages not loaded, where the backend has it.
+            ok && kept && (parent == FaultBackend::Signals || writes_out(&vma))
+        },
+        TIMEOUT,
+    )
+    .unwrap();
+    assert!(
+        status.success(),
+        "the child's default RAM is not on {parent}"
+    );
+}
