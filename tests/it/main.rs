@@ -9,6 +9,7 @@ mod crash;
 mod file;
 mod fork;
 mod fork_uffd;
+mod fork_worker;
 mod hugetlb;
 mod lifecycle;
 mod misuse;

@@ -1,7 +1,11 @@
 //! Whether this thread is inside a `loadblk` or `storeblk`: such a thread
 //! must not wait for other threads' loads, which may be waiting for it.
+//! The end of a call is also where a worker thread finds out that the call
+//! forked and this is the child (`worker.rs`).
 
 use std::cell::Cell;
+
+use crate::{fork_generation, worker};
 
 thread_local! {
     /// How many `loadblk`/`storeblk` calls this thread is inside (nested
@@ -11,17 +15,29 @@ thread_local! {
 }
 
 /// Marks this thread inside a `loadblk` or `storeblk` while it lives.
-pub(crate) struct InCallback(());
+pub(crate) struct InCallback<'a> {
+    /// The fork generation the call began in.
+    forks: u64,
+    /// The call, its block and file (for a diagnostic).
+    call: (&'static str, u64, &'a str),
+}
 
-impl InCallback {
-    pub(crate) fn enter() -> InCallback {
+impl<'a> InCallback<'a> {
+    /// Entering `call` ("loadblk", "storeblk") of block `blk` of `file`.
+    pub(crate) fn enter(call: (&'static str, u64, &'a str)) -> InCallback<'a> {
         IN_CALLBACK.with(|c| c.set(c.get() + 1));
-        InCallback(())
+        InCallback {
+            forks: fork_generation::generation(),
+            call,
+        }
     }
 }
 
-impl Drop for InCallback {
+impl Drop for InCallback<'_> {
     fn drop(&mut self) {
+        // Returning (or unwinding) from the call: a worker thread in a
+        // child forked inside it goes no further.
+        worker::end_if_forked_child(self.forks, self.call);
         IN_CALLBACK.with(|c| c.set(c.get() - 1));
     }
 }
@@ -38,8 +54,8 @@ mod tests {
     #[test]
     fn nested_callbacks_count() {
         assert!(!in_callback());
-        let outer = InCallback::enter();
-        let inner = InCallback::enter();
+        let outer = InCallback::enter(("loadblk", 0, "f"));
+        let inner = InCallback::enter(("loadblk", 1, "f"));
         drop(inner);
         assert!(in_callback());
         drop(outer);

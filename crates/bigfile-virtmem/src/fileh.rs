@@ -335,7 +335,7 @@ fn store_one(fh: &FileHInner, blk: u64, ram_page: u64) -> Result<()> {
     // clean pages only) and every mapping of it is read-only, so its
     // memory stays valid and unchanged while we read it.
     let page = unsafe { BlockPage::new(&fh.ramh, ram_page, window, false) };
-    let _inside = InCallback::enter();
+    let _inside = InCallback::enter(("storeblk", blk, &fh.name));
     fh.file
         .storeblk_page(blk, &page)
         .map_err(|source| Error::Store {

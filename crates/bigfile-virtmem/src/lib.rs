@@ -58,6 +58,7 @@ mod uffd;
 mod vma;
 mod vmas;
 mod waits;
+mod worker;
 
 pub use advice::Advice;
 pub use backend::FaultBackend;
@@ -76,3 +77,4 @@ pub use readahead::on_worker as on_read_ahead_worker;
 pub use stats::Stats;
 pub use uffd::on_worker as on_userfaultfd_worker;
 pub use vma::{Placeholder, Vma};
+pub use worker::FORKED_WORKER_STATUS;

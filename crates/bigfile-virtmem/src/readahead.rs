@@ -15,7 +15,6 @@
 //! fault that waited for it loads the block again itself (its failure, if
 //! any, is the one reported).
 
-use std::cell::Cell;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread;
@@ -33,6 +32,7 @@ use crate::shared::Guard;
 use crate::state::{self, Unmap};
 use crate::stream::{max_window, MAX_WINDOW};
 use crate::waits::{Ticket, Tid};
+use crate::worker;
 
 /// At most this many workers, however many cores.
 const MAX_WORKERS: usize = 4;
@@ -143,20 +143,16 @@ fn pick_worker(_locked: &Guard<'_>, needs_host: bool) -> Option<Worker> {
     Some(w)
 }
 
-thread_local! {
-    /// Whether this thread is a read-ahead worker.
-    static WORKER: Cell<bool> = const { Cell::new(false) };
-}
-
 /// Whether the calling thread is a read-ahead worker: a loader that takes
 /// the host lock may refuse a load there (its failure is forgotten), e.g.
 /// while its host shuts down.
 pub fn on_worker() -> bool {
-    WORKER.with(Cell::get)
+    worker::current() == Some(worker::Worker::ReadAhead)
 }
 
 fn work(inbox: Receiver<Job>) {
-    WORKER.with(|w| w.set(true));
+    // (A loader forking here ends its child: `worker.rs`.)
+    worker::become_worker(worker::Worker::ReadAhead);
     for job in inbox {
         run(job);
     }
@@ -420,6 +416,8 @@ fn run(job: Job) {
     let mut st = shared.lock();
     if fork_generation::generation() != forks {
         // loadblk forked and this is the child, whose state forgot the page.
+        // (Only off a worker, `issue`'s own run: a worker's child ended as
+        // the call returned, `worker.rs`.)
         return;
     }
     let rc = shared.counters();

@@ -194,7 +194,9 @@ fn load_here<'a>(
     let st = shared.lock();
     if fork_generation::generation() != forks {
         // loadblk forked, and this is the child, whose state forgot the
-        // page (and whose RAM handle is new): load it again, afresh.
+        // page (and whose RAM handle is new): load it again, afresh. (On
+        // a faulting thread, which goes on to its access: a worker's child
+        // ended as the call returned, `worker.rs`.)
         if let Err((_, LoadFailure::Panicked(panic))) = loaded {
             drop(st);
             resume_unwind(panic)
@@ -582,7 +584,7 @@ fn fill(fh: &FileHInner, blk: u64, ram_page: RamPage, recycled: bool) -> Result<
     loop {
         attempt += 1;
         let res = {
-            let _inside = InCallback::enter();
+            let _inside = InCallback::enter(("loadblk", blk, &fh.name));
             fh.file.loadblk_page(blk, &mut page)
         };
         let Err(e) = res else {

@@ -21,7 +21,7 @@
 //!
 //! Costs and limits are in ARCHITECTURE.md.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -47,6 +47,7 @@ use crate::readahead;
 use crate::serve::PageRequest;
 use crate::source::{take, FaultSource};
 use crate::waits::{Ticket, Tid};
+use crate::worker::{self, Worker};
 
 /// A registered mapping: what a fault in it is a request for.
 pub(crate) struct UffdRange {
@@ -422,7 +423,8 @@ impl UffdService {
     }
 
     fn work(&'static self) {
-        WORKER.with(|w| w.set(true));
+        // (A loader forking here ends its child: `worker.rs`.)
+        worker::become_worker(Worker::Uffd);
         loop {
             let Job {
                 range,
@@ -602,17 +604,12 @@ impl UffdService {
 // (`poison.rs`, `hostwait.rs`: the child's own service uses them, emptied
 // in the child first: the parent's poisons and faults are not the child's).
 
-thread_local! {
-    /// Whether this thread is a userfaultfd worker.
-    static WORKER: Cell<bool> = const { Cell::new(false) };
-}
-
 /// Whether the calling thread is a userfaultfd worker, serving a system
 /// call's fault: a loader that takes the host lock may refuse a load there
 /// (the system call then fails with EFAULT), e.g. while its host shuts
 /// down.
 pub fn on_worker() -> bool {
-    WORKER.with(Cell::get)
+    worker::current() == Some(Worker::Uffd)
 }
 
 /// The locks held by the forking thread across the fork.
