@@ -103,6 +103,10 @@ fn _bigfile(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ram::PyRam>()?;
     m.add("WRITEOUT_STORE", WRITEOUT_STORE)?;
     m.add("WRITEOUT_MARKSTORED", WRITEOUT_MARKSTORED)?;
+    m.add(
+        "FORKED_WORKER_STATUS",
+        bigfile_virtmem::FORKED_WORKER_STATUS,
+    )?;
     m.add_function(wrap_pyfunction!(ram_reclaim, m)?)?;
     m.add_function(wrap_pyfunction!(_ensure_fault_handler_on_top, m)?)?;
     m.add_function(wrap_pyfunction!(_read_nogil, m)?)?;

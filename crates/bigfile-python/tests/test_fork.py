@@ -10,11 +10,13 @@ loaded works there as in the parent."""
 import multiprocessing
 import os
 import signal
+import threading
+import time
 
 import numpy as np
 import pytest
 
-from bigfile import WRITEOUT_MARKSTORED, WRITEOUT_STORE
+from bigfile import FORKED_WORKER_STATUS, WRITEOUT_MARKSTORED, WRITEOUT_STORE, BigFile
 
 from bigfile.bigarray import BigArray
 
@@ -233,3 +235,112 @@ def test_a_zbigfile_refuses_to_load_in_a_forked_child(tmp_path):
         conn.close()
     finally:
         db.close()
+
+
+class ForksOnAWorker(BigFile):
+    """Block b all bytes b. The first loadblk (or storeblk, `on_store`) run
+    on a thread other than the main one (one of bigfile's workers) forks;
+    the child sends its stderr to `err` and returns from the call, into the
+    worker it is a copy of. Takes no lock: the child must get back there."""
+
+    def __new__(cls, err, on_store=False):
+        obj = BigFile.__new__(cls, PS)
+        obj.err, obj.on_store, obj.child = err, on_store, 0
+        return obj
+
+    def _fork_on_a_worker(self):
+        if threading.current_thread() is threading.main_thread() or self.child:
+            return
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(self.err.fileno(), 2)
+        else:
+            self.child = pid
+
+    def loadblk(self, blk, buf):
+        if not self.on_store:
+            self._fork_on_a_worker()
+        buf[:] = bytes([blk & 0xFF]) * len(buf)
+
+    def storeblk(self, blk, buf):
+        if self.on_store:
+            self._fork_on_a_worker()
+
+
+class ForksAhead(ForksOnAWorker):
+    readahead = True
+
+
+def _check_forked_on_a_worker(f, call, timeout=60):
+    """The child `f`'s call forked on a worker ended at once, with the
+    documented status, after saying why (a hang is killed and fails)."""
+    deadline = time.monotonic() + timeout
+    while not f.child:
+        assert time.monotonic() < deadline, "never forked on a worker"
+        time.sleep(0.001)
+    while True:
+        pid, status = os.waitpid(f.child, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            os.kill(f.child, signal.SIGKILL)
+            os.waitpid(f.child, 0)
+            f.err.seek(0)
+            pytest.fail("the child forked on a worker hung; stderr:\n" + f.err.read())
+        time.sleep(0.005)
+    f.err.seek(0)
+    said = f.err.read()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == FORKED_WORKER_STATUS, (status, said)
+    assert f"bigfile: a {call} of block" in said and "forked on bigfile's worker thread" in said, said
+
+
+def test_a_loadblk_forking_on_a_userfaultfd_worker_ends_the_child(tmp_path):
+    """Found in review: the child went back into its parent's worker loop
+    (ran the parent's queued faults against its own state, then exited 0
+    as if nothing happened). A system call's fault is loaded on a worker;
+    its loadblk forks; the child ends as the call returns; the parent's
+    call copies the right data."""
+    with open(tmp_path / "err", "w+") as err:
+        f = ForksOnAWorker(err)
+        fh = f.fileh_open(ram=uffd_ram(budget=8 * PS))
+        vma = fh.mmap(0, 8)
+        out = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT)
+        try:
+            assert os.write(out, memoryview(vma)) == 8 * PS
+            _check_forked_on_a_worker(f, "loadblk")
+            assert os.pread(out, 8 * PS, 0) == b"".join(bytes([b]) * PS for b in range(8))
+        finally:
+            os.close(out)
+
+
+@pytest.mark.parametrize("call", ["loadblk", "storeblk"])
+def test_a_call_forking_on_a_read_ahead_worker_ends_the_child(tmp_path, call):
+    """Found in review: the child went back into its parent's worker loop
+    (its parent's queued jobs run against its own state: a panic; or a wait
+    for jobs for ever). A loader read ahead forks on the worker (or writes
+    out another handle, whose storeblk forks); the child ends as the call
+    returns; the parent's pages load."""
+    with open(tmp_path / "err", "w+") as err:
+        below = ForksOnAWorker(err, on_store=True)
+        below_fh = below.fileh_open(ram="memfd")
+        memoryview(below_fh.mmap(0, 1))[0] = 0x77
+
+        class Layered(BigFile):
+            """Read ahead; writes `below` out first, on a worker."""
+
+            readahead = True
+
+            def loadblk(self, blk, buf):
+                if threading.current_thread() is not threading.main_thread():
+                    below_fh.dirty_writeout(WRITEOUT_STORE | WRITEOUT_MARKSTORED)
+                buf[:] = bytes([blk & 0xFF]) * len(buf)
+
+        f = ForksAhead(err) if call == "loadblk" else Layered(PS)
+        fh = f.fileh_open(ram="memfd", budget=32 * PS)
+        vma = fh.mmap(0, 16)
+        vma.advise("sequential")
+        m = memoryview(vma)
+        assert m[0] == 0  # the rest of the window is read ahead, on workers
+        _check_forked_on_a_worker(below if call == "storeblk" else f, call)
+        assert all(m[b * PS + 5] == b for b in range(16))
+        assert below_fh.dirty_blocks() == [] or call == "loadblk"

@@ -23,6 +23,7 @@ import faulthandler as _faulthandler
 import functools as _functools
 
 from bigfile._bigfile import (
+    FORKED_WORKER_STATUS,
     RAM,
     VMA,
     WRITEOUT_MARKSTORED,
@@ -40,6 +41,7 @@ __all__ = [
     "RAM",
     "WRITEOUT_STORE",
     "WRITEOUT_MARKSTORED",
+    "FORKED_WORKER_STATUS",
     "ram_reclaim",
 ]
 

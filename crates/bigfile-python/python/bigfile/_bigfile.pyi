@@ -10,6 +10,7 @@ _T = TypeVar("_T")
 
 WRITEOUT_STORE: Final[int]
 WRITEOUT_MARKSTORED: Final[int]
+FORKED_WORKER_STATUS: Final[int]
 
 _StatsKey = Literal["faults", "loads", "load_errors", "stores", "reclaims", "resident_pages", "dirty_pages", "streams", "readahead_loads", "readahead_hits", "readahead_wasted"]
 _FaultBackend = Literal["signals", "userfaultfd"]
