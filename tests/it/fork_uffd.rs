@@ -7,10 +7,10 @@
 
 use std::sync::Arc;
 
-use bigfile::virtmem::{FaultBackend, FileH, Ram, Vma};
+use bigfile::virtmem::{Advice, FaultBackend, FileH, Ram, Vma};
 use bigfile_testkit::child::{forked, TIMEOUT};
 
-use crate::common::{holds_initial, on_uffd, write_out, MemFile, BLK};
+use crate::common::{holds_initial, on_uffd, read_each, write_out, MemFile, BLK};
 
 /// Blocks mapped and written out in one `write(2)`.
 const BLOCKS: u64 = 8;
@@ -121,5 +121,66 @@ fn a_forked_child_renews_a_default_ram_on_userfaultfd() {
     assert!(
         status.success(),
         "the child's default RAM is not on {parent}"
+    );
+}
+
+/// The child's default RAMs, the one its inherited handles stay on and the
+/// one renewing it, keep within one budget (set on either) and are both
+/// reached by `Ram::reclaim_defaults`. Found in review: their budgets added
+/// up, and the inherited one's clean pages were out of its reach. (On the
+/// signal pass the child's default RAM is the inherited one: the same
+/// checks, on one RAM.)
+#[test]
+fn a_forked_childs_default_rams_share_one_budget_and_are_reclaimed_together() {
+    const BUDGET: u64 = 6;
+    let inherited = Ram::default_for(BLK).unwrap();
+    let file = Arc::new(MemFile::new(BLK).native());
+    let old_fh = FileH::open(file.clone(), None).unwrap();
+    let old_vma = old_fh.mmap(0, BLOCKS).unwrap();
+    // No read-ahead: each page is loaded by the access, one at a time.
+    old_vma.advise(Advice::Random);
+    let status = forked(
+        || {
+            let Ok(default) = Ram::default_for(BLK) else {
+                return false;
+            };
+            let renewed = default.fault_backend() != inherited.fault_backend();
+            default.set_budget(BUDGET * BLK as u64);
+            let fh = FileH::open(file.clone(), None).unwrap();
+            let vma = fh.mmap(0, BLOCKS).unwrap();
+            vma.advise(Advice::Random);
+            let pages = || {
+                let of = |r: &Ram| r.stats().resident_bytes / BLK as u64;
+                of(&inherited) + if renewed { of(&default) } else { 0 }
+            };
+            let mut ok = inherited.budget() == default.budget();
+            // Four pages through each: the second four take the first's room.
+            read_each(&old_vma, BLK, [0, 2, 4, 6].into_iter());
+            ok &= pages() == 4;
+            read_each(&vma, BLK, [1, 3, 5, 7].into_iter());
+            ok &= pages() == BUDGET;
+            // The RAM loading took the room of the one left idle.
+            ok &= !renewed || default.stats().resident_bytes == 4 * BLK as u64;
+            read_each(&old_vma, BLK, [1, 3, 5, 7].into_iter());
+            ok &= pages() == BUDGET;
+            // A budget set on the inherited one is the renewed one's too.
+            inherited.set_budget(3 * BLK as u64);
+            ok &= default.budget() == 3 * BLK as u64;
+            read_each(&vma, BLK, [0, 2, 4, 6].into_iter());
+            ok &= pages() == 3;
+            // Pages of both (fewer than a budget each: both must be held).
+            read_each(&old_vma, BLK, [0].into_iter());
+            let held = pages();
+            let both = !renewed || inherited.stats().resident_bytes > 0;
+            ok &= both && default.stats().resident_bytes > 0;
+            ok &= Ram::reclaim_defaults() as u64 >= held && pages() == 0;
+            ok
+        },
+        TIMEOUT,
+    )
+    .unwrap();
+    assert!(
+        status.success(),
+        "the child's default RAMs went over their budget or were not all reclaimed"
     );
 }

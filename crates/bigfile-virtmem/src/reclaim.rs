@@ -123,6 +123,19 @@ pub(crate) fn make_room<'a>(
                     // Still mapped where it was until `deferred` is finished.
                     deferred.release(ramh.clone(), rp);
                 }
+                if shared.budget_is_shared() {
+                    // Other RAMs' clean pages, taken without this lock:
+                    // once what is deferred is done.
+                    if !deferred.is_empty() {
+                        return (st, Ok(Room::Retry));
+                    }
+                    drop(st);
+                    let freed = make_room_in_pool(shared, true);
+                    st = shared.lock();
+                    if freed > 0 {
+                        continue;
+                    }
+                }
                 if st.budget().spares_pending() || may_wait_for_loads(&st) {
                     if !deferred.is_empty() {
                         return (st, Ok(Room::Retry));
@@ -160,6 +173,45 @@ pub(crate) fn make_room<'a>(
         }
     }
     (st, Ok(Room::Ready(recycled)))
+}
+
+/// Room in a budget shared with other RAMs (a forked child's default RAMs,
+/// `Ram::default_for`) when the pages of them all fill it: up to a batch
+/// of clean pages of the other RAM whose least recently used one is the
+/// oldest (by their shared LRU clock), if it is older than `shared`'s own
+/// (any, with `any`: `shared` has none left to reclaim). So the pages of
+/// the RAMs go least recently used first, as those of one RAM do: a RAM
+/// loading now takes the room of one left idle. Returns how many went.
+///
+/// Called holding no lock of bigfile's: the other RAM's is taken alone (a
+/// thread holding a RAM's lock waits for nothing but its condition
+/// variable, which gives the lock back).
+pub(crate) fn make_room_in_pool(shared: &Shared, any: bool) -> usize {
+    let budget = shared.budget_pages();
+    let full = shared.pooled_resident();
+    if full < budget {
+        return 0;
+    }
+    let mine = match shared.oldest_clean() {
+        Some(used) if !any => used,
+        _ => u64::MAX,
+    };
+    let Some((_, other)) = shared
+        .sharing_budget()
+        .into_iter()
+        .filter_map(|o| Some((o.oldest_clean()?, o)))
+        .filter(|&(used, _)| used < mine)
+        .min_by_key(|&(used, _)| used)
+    else {
+        return 0;
+    };
+    let n = (full + 1 - budget).min(batch_size(budget));
+    let mut st = other.lock();
+    let mut freed = 0;
+    while freed < n && reclaim_one(&mut st, &other) {
+        freed += 1;
+    }
+    freed as usize
 }
 
 /// Whether a thread finding the budget full may wait for loads in progress
