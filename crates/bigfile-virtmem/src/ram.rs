@@ -128,9 +128,11 @@ impl Ram {
     /// replaces it on first use, on a userfaultfd of the child's own, for
     /// the handles opened from then on; the handles the child inherited
     /// stay on the old one. The two share one budget: the pages of both
-    /// count against it, a load in either takes clean pages of the one
-    /// holding more, [`Ram::set_budget`] on either sets it for both, and
-    /// [`Ram::reclaim_defaults`] reclaims both.
+    /// count against it, a load in either reclaims the least recently used
+    /// clean pages of either, [`Ram::set_budget`] on either sets it for
+    /// both (the memory-following policy is one, of both RAMs' pages), and
+    /// [`Ram::reclaim_defaults`] reclaims both ("Shared budget" in
+    /// ARCHITECTURE.md).
     ///
     /// Its budget follows the memory the process may use: a quarter of the
     /// least of the machine's memory and the memory limits of its cgroups
