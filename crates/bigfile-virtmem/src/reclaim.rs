@@ -130,9 +130,10 @@ pub(crate) fn make_room<'a>(
                         return (st, Ok(Room::Retry));
                     }
                     drop(st);
-                    let freed = make_room_in_pool(shared, true);
+                    let progress = make_room_in_pool(shared, true) > 0
+                        || wait_for_loads_in_pool(shared, host);
                     st = shared.lock();
-                    if freed > 0 {
+                    if progress {
                         continue;
                     }
                 }
@@ -154,7 +155,8 @@ pub(crate) fn make_room<'a>(
                 }
                 let failure = Failure::Budget {
                     budget: budget.saturating_mul(shared.page_size() as u64),
-                    pinned: st.budget().resident(),
+                    // Of every RAM sharing the budget: what fills it.
+                    pinned: st.budget().pooled_resident(),
                 };
                 return (st, Err(failure));
             }
@@ -212,6 +214,29 @@ pub(crate) fn make_room_in_pool(shared: &Shared, any: bool) -> usize {
         freed += 1;
     }
     freed as usize
+}
+
+/// With no clean page left in any RAM sharing `shared`'s budget: wait for
+/// a load of another of them (its page, once loaded, is clean), as
+/// `make_room` waits for its own RAM's (`may_wait_for_loads`), giving the
+/// host lock up first if that load's loader may take it. Returns whether
+/// it waited (or gave up the host lock). Called holding no lock of
+/// bigfile's, like [`make_room_in_pool`].
+fn wait_for_loads_in_pool(shared: &Shared, host: &mut HostLease) -> bool {
+    for other in shared.sharing_budget() {
+        let st = other.lock();
+        if !may_wait_for_loads(&st) {
+            continue;
+        }
+        if host.kept() && st.pages().any_loading_needing_host() {
+            drop(st);
+            host.release_if(true);
+        } else {
+            drop(other.wait(st));
+        }
+        return true;
+    }
+    false
 }
 
 /// Whether a thread finding the budget full may wait for loads in progress
