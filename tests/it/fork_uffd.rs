@@ -277,8 +277,8 @@ fn a_budget_exhausted_by_the_replaced_default_ram_counts_its_pages() {
                 return true;
             }
             default.set_budget(2 * BLK as u64);
-            poke(old_vma.as_ptr() as *mut u8, 7);
-            poke(old_vma.as_ptr().wrapping_add(BLK) as *mut u8, 7);
+            poke(old_vma.as_ptr(), 7);
+            poke(old_vma.as_ptr().wrapping_add(BLK), 7);
             let Ok(fh) = FileH::open(file.clone(), None) else {
                 return false;
             };

@@ -83,7 +83,9 @@ impl Budget {
         self.pooled.fetch_sub(n, Relaxed);
     }
 
-    /// Pages counted against the budget, of this RAM.
+    /// Pages counted against the budget, of this RAM (the tests'; what is
+    /// compared with the limit, and reported, is the pool's).
+    #[cfg(test)]
     pub(crate) fn resident(&self) -> u64 {
         self.resident
     }

@@ -130,8 +130,8 @@ pub(crate) fn make_room<'a>(
                         return (st, Ok(Room::Retry));
                     }
                     drop(st);
-                    let progress = make_room_in_pool(shared, true) > 0
-                        || wait_for_loads_in_pool(shared, host);
+                    let progress =
+                        make_room_in_pool(shared, true) > 0 || wait_for_loads_in_pool(shared, host);
                     st = shared.lock();
                     if progress {
                         continue;
