@@ -298,3 +298,43 @@ fn a_budget_exhausted_by_the_replaced_default_ram_counts_its_pages() {
         "the error did not count the two dirty pages of the inherited default RAM"
     );
 }
+
+/// A fault that needs no room (a write to a page loaded) leaves the other
+/// RAM's pages alone, the shared budget not exceeded. Found in review: any
+/// fault of the renewed RAM, the pool full, reclaimed the inherited one's
+/// page. (On the signal pass nothing is renewed: nothing to check.)
+#[test]
+fn a_fault_needing_no_room_leaves_the_replaced_default_rams_pages() {
+    let inherited = Ram::default_for(BLK).unwrap();
+    let file = Arc::new(MemFile::new(BLK).native());
+    let old_fh = FileH::open(file.clone(), None).unwrap();
+    let old_vma = old_fh.mmap(0, 1).unwrap();
+    let status = forked(
+        || {
+            let Ok(default) = Ram::default_for(BLK) else {
+                return false;
+            };
+            if default.fault_backend() == inherited.fault_backend() {
+                return true;
+            }
+            default.set_budget(2 * BLK as u64);
+            peek(old_vma.as_ptr());
+            let Ok(fh) = FileH::open(file.clone(), None) else {
+                return false;
+            };
+            let Ok(vma) = fh.mmap(1, 1) else {
+                return false;
+            };
+            peek(vma.as_ptr());
+            let held = inherited.stats().resident_bytes;
+            poke(vma.as_ptr(), 9);
+            held == BLK as u64 && inherited.stats().resident_bytes == held
+        },
+        TIMEOUT,
+    )
+    .unwrap();
+    assert!(
+        status.success(),
+        "a write fault on a loaded page reclaimed the inherited default RAM's page"
+    );
+}

@@ -59,6 +59,13 @@ pub(crate) fn make_room<'a>(
     let rc = shared.counters();
     let budget = shared.budget_pages();
     let pin_of = |st: &State| pin_block.and_then(|(fk, blk)| st.find_page(fk, blk));
+    if shared.budget_is_shared() && deferred.is_empty() && st.budget().is_full(budget) {
+        // Only a load needs room: the other RAMs' pages older than this
+        // one's go first, their locks taken with this one given up.
+        drop(st);
+        make_room_in_pool(shared, false);
+        st = shared.lock();
+    }
     let mut recycled = st.take_spare(fk, rc);
     let mut reclaimed = false;
     while st.budget().is_full(budget) {
@@ -188,7 +195,7 @@ pub(crate) fn make_room<'a>(
 /// Called holding no lock of bigfile's: the other RAM's is taken alone (a
 /// thread holding a RAM's lock waits for nothing but its condition
 /// variable, which gives the lock back).
-pub(crate) fn make_room_in_pool(shared: &Shared, any: bool) -> usize {
+fn make_room_in_pool(shared: &Shared, any: bool) -> usize {
     let budget = shared.budget_pages();
     let full = shared.pooled_resident();
     if full < budget {

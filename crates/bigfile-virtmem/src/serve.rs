@@ -28,7 +28,7 @@ use crate::keys::{FileKey, PageKey, RamPage, VmaId};
 use crate::mapper::{Deferred, MapError, Mapper};
 use crate::pages::{LoadEnd, PageState};
 use crate::readahead;
-use crate::reclaim::{make_room, make_room_in_pool, reclaim_one, Room};
+use crate::reclaim::{make_room, reclaim_one, Room};
 use crate::shared::Guard;
 use crate::state::{self, Unmap};
 use crate::stats::Counter;
@@ -79,9 +79,6 @@ pub(crate) fn serve(
         None => None,
     };
     fh.shared.adapt_budget();
-    if fh.shared.budget_is_shared() {
-        make_room_in_pool(&fh.shared, false);
-    }
     let mut st = fh.shared.lock();
     let sequential = st.drop_behind(
         fh.key,
