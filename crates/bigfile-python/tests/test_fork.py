@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from bigfile import FORKED_WORKER_STATUS, WRITEOUT_MARKSTORED, WRITEOUT_STORE, BigFile
+from bigfile import FORKED_WORKER_STATUS, WRITEOUT_MARKSTORED, WRITEOUT_STORE, BigFile, ram_reclaim
 
 from bigfile.bigarray import BigArray
 
@@ -158,16 +158,28 @@ def test_a_fork_pool_reads_an_inherited_mapping():
 SAVED_BLOCKS = 16
 
 
-def _save_a_new_handle(out, ram_of_parent, default):
+def _save_a_new_handle(out, ram_of_parent, inherited_default):
     """In a forked child: the RAM inherited from the parent is on signals,
     saying why; a handle opened here (on a RAM of the child's own, or on
-    the default RAM) is on a userfaultfd of the child's: `np.save` of its
-    pages not loaded works. (An AssertionError is exit code 1.)"""
+    the default RAM, when given the parent's handle on it) is on a
+    userfaultfd of the child's: `np.save` of its pages not loaded works.
+    The inherited handle's pages, on the default RAM the new one replaced,
+    are reclaimed with the new one's by `ram_reclaim()`. (An AssertionError
+    is exit code 1.)"""
     assert ram_of_parent.fault_backend == "signals"
     assert "forked child" in ram_of_parent.fault_backend_fallback
+    default = inherited_default is not None
     fh = DataFile().fileh_open(**({} if default else {"ram": uffd_ram(budget=4 * PS)}))
     assert fh.ram_stats()["fault_backend"] == "userfaultfd"
     np.save(out, BigArray((SAVED_BLOCKS * PS // 8,), np.uint64, fh)[:])
+    if default:
+        m = memoryview(inherited_default.mmap(0, 4))
+        assert [m[b * PS] for b in range(4)] == [0, 1, 2, 3]
+        assert inherited_default.ram_stats()["fault_backend"] == "signals"
+        held = [h.ram_stats()["resident_bytes"] for h in (inherited_default, fh)]
+        assert all(held)
+        assert ram_reclaim() * PS >= sum(held)
+        assert [h.ram_stats()["resident_bytes"] for h in (inherited_default, fh)] == [0, 0]
 
 
 def _saved_right(path):
@@ -181,12 +193,13 @@ def test_a_fork_child_of_a_userfaultfd_process_saves_pages_not_loaded(tmp_path, 
     fh = DataFile().fileh_open(ram=parent_ram)
     a = BigArray((SAVED_BLOCKS * PS // 8,), np.uint64, fh)
     np.save(tmp_path / "parent.npy", a[:])  # the service runs when it forks
-    default = DataFile().fileh_open().ram_stats()["fault_backend"]
-    if ram == "default" and default != "userfaultfd":
+    on_default = DataFile().fileh_open()
+    if ram == "default" and on_default.ram_stats()["fault_backend"] != "userfaultfd":
         pytest.skip("the default RAM is on signals here (BIGFILE_FAULTS): nothing to renew")
     ctx = multiprocessing.get_context("fork")
     child = ctx.Process(
-        target=_save_a_new_handle, args=(tmp_path / "child.npy", parent_ram, ram == "default")
+        target=_save_a_new_handle,
+        args=(tmp_path / "child.npy", parent_ram, on_default if ram == "default" else None),
     )
     child.start()
     child.join(120)

@@ -3,6 +3,14 @@
 //! A spare is usable only once its reclaimer has unmapped it (`ready`):
 //! before that its old slot still shows its old data. Fresh pages made
 //! ahead of need (`fresh.rs`) count here too, as spares that are always ready.
+//!
+//! RAMs that share a budget (a forked child's default RAMs, `Ram::default_for`)
+//! share the count it is compared with: each RAM's pages are counted in its
+//! own `Budget` (under its own lock) and in the count of the budget's pool
+//! (an atomic, which the other RAMs change under theirs).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use crate::keys::{FileKey, RamPage};
 
@@ -32,6 +40,9 @@ pub(crate) struct Spare {
 pub(crate) struct Budget {
     /// Pages holding or about to hold memory (spares and fresh pages included).
     resident: u64,
+    /// The pages of every RAM sharing the budget, these included: what
+    /// the budget's limit is compared with.
+    pooled: Arc<AtomicU64>,
     spares: Vec<Spare>,
     /// Fresh pages made ahead of need (`fresh.rs`), each of a handle.
     fresh: Vec<(FileKey, RamPage)>,
@@ -48,24 +59,55 @@ pub(crate) struct Budget {
 }
 
 impl Budget {
-    /// Pages counted against the budget.
+    /// A budget counted in `pooled` too (the count of the RAMs it is shared
+    /// with), holding nothing yet.
+    pub(crate) fn pooled(pooled: Arc<AtomicU64>) -> Budget {
+        let mut b = Budget::default();
+        b.pooled = pooled;
+        b
+    }
+
+    /// This budget emptied (a forked child forgets its pages), still
+    /// counted in its pool.
+    pub(crate) fn forget(&mut self) {
+        *self = Budget::pooled(self.pooled.clone());
+    }
+
+    fn add(&mut self, n: u64) {
+        self.resident += n;
+        self.pooled.fetch_add(n, Relaxed);
+    }
+
+    fn sub(&mut self, n: u64) {
+        self.resident -= n;
+        self.pooled.fetch_sub(n, Relaxed);
+    }
+
+    /// Pages counted against the budget, of this RAM (the tests'; what is
+    /// compared with the limit, and reported, is the pool's).
+    #[cfg(test)]
     pub(crate) fn resident(&self) -> u64 {
         self.resident
     }
 
-    /// Whether `limit` pages are used up.
+    /// Pages counted against the budget, of every RAM sharing it.
+    pub(crate) fn pooled_resident(&self) -> u64 {
+        self.pooled.load(Relaxed)
+    }
+
+    /// Whether `limit` pages are used up (by every RAM sharing the budget).
     pub(crate) fn is_full(&self, limit: u64) -> bool {
-        self.resident >= limit
+        self.pooled_resident() >= limit
     }
 
     /// One more page holds memory.
     pub(crate) fn charge(&mut self) {
-        self.resident += 1;
+        self.add(1);
     }
 
     /// One page less holds memory.
     pub(crate) fn release(&mut self) {
-        self.resident -= 1;
+        self.sub(1);
     }
 
     /// Take a ready spare of handle `fileh` for a load. It leaves the
@@ -75,7 +117,7 @@ impl Budget {
             .spares
             .iter()
             .position(|s| s.ready && s.fileh == fileh)?;
-        self.resident -= 1;
+        self.sub(1);
         Some(self.spares.swap_remove(i).ram_page)
     }
 
@@ -83,21 +125,21 @@ impl Budget {
     /// [`take_spare`](Budget::take_spare)).
     pub(crate) fn take_fresh(&mut self, fileh: FileKey) -> Option<RamPage> {
         let i = self.fresh.iter().position(|&(f, _)| f == fileh)?;
-        self.resident -= 1;
+        self.sub(1);
         Some(self.fresh.swap_remove(i).1)
     }
 
     /// Take any ready spare, to give its memory back.
     pub(crate) fn pop_ready_spare(&mut self) -> Option<Spare> {
         let i = self.spares.iter().position(|s| s.ready)?;
-        self.resident -= 1;
+        self.sub(1);
         Some(self.spares.swap_remove(i))
     }
 
     /// Take any fresh page, to give its memory back.
     pub(crate) fn pop_fresh(&mut self) -> Option<(FileKey, RamPage)> {
         let taken = self.fresh.pop()?;
-        self.resident -= 1;
+        self.sub(1);
         Some(taken)
     }
 
@@ -107,7 +149,7 @@ impl Budget {
         self.making.is_none()
             && self.reclaims == 0
             && (self.fresh.len() as u64) < reserve
-            && self.resident < limit
+            && !self.is_full(limit)
     }
 
     /// A reclaim begins (`true`) or ends: fresh pages are not begun while
@@ -141,7 +183,7 @@ impl Budget {
         let fileh = self.asked.filter(|_| self.may_make_fresh(limit, reserve));
         match fileh {
             Some(f) => {
-                self.resident += 1;
+                self.add(1);
                 self.making = Some(f);
             }
             None => self.queued = false,
@@ -163,7 +205,7 @@ impl Budget {
         match ram_page {
             Some(rp) => self.fresh.push((fileh, rp)),
             None => {
-                self.resident -= 1;
+                self.sub(1);
                 self.queued = false;
             }
         }
@@ -195,7 +237,7 @@ impl Budget {
     /// Keep `ram_page` of `fileh` as a spare, not ready until
     /// [`spare_unmapped`](Budget::spare_unmapped).
     pub(crate) fn add_spare(&mut self, fileh: FileKey, ram_page: RamPage) {
-        self.resident += 1;
+        self.add(1);
         self.spares.push(Spare {
             fileh,
             ram_page,
@@ -233,7 +275,7 @@ impl Budget {
             .into_iter()
             .partition(|s| s.fileh == fileh);
         self.spares = others;
-        self.resident -= mine.len() as u64;
+        self.sub(mine.len() as u64);
         mine.into_iter()
             .map(|s| {
                 debug_assert!(s.ready, "a closing handle's spare is still being unmapped");
@@ -254,8 +296,15 @@ impl Budget {
             .into_iter()
             .partition(|&(f, _)| f == fileh);
         self.fresh = others;
-        self.resident -= mine.len() as u64;
+        self.sub(mine.len() as u64);
         mine.into_iter().map(|(_, rp)| rp).collect()
+    }
+}
+
+impl Drop for Budget {
+    /// A RAM gone (or a budget forgotten) counts no more in its pool.
+    fn drop(&mut self) {
+        self.pooled.fetch_sub(self.resident, Relaxed);
     }
 }
 
@@ -286,6 +335,30 @@ mod tests {
         b.release();
         b.release();
         assert_eq!(b.resident(), 0);
+    }
+
+    #[test]
+    fn budgets_sharing_a_pool_count_each_others_pages() {
+        let pooled = Arc::new(AtomicU64::new(0));
+        let mut a = Budget::pooled(pooled.clone());
+        let mut b = Budget::pooled(pooled.clone());
+        a.charge();
+        b.charge();
+        b.add_spare(FileKey(1), RamPage(5));
+        assert_eq!((a.resident(), b.resident()), (1, 2));
+        assert!(a.is_full(3) && !a.is_full(4), "b's pages count for a");
+        assert!(!b.may_make_fresh(3, 9), "no room left for a fresh page");
+        b.forget();
+        assert_eq!(
+            (b.resident(), a.pooled_resident()),
+            (0, 1),
+            "a forked child's"
+        );
+        b.charge();
+        drop(b);
+        assert_eq!(pooled.load(Relaxed), 1, "a RAM gone counts no more");
+        a.release();
+        assert_eq!(pooled.load(Relaxed), 0);
     }
 
     #[test]

@@ -6,6 +6,14 @@
 //! when the page table grows. Each page also carries when it was last used
 //! (a count of uses, not a time), which a demotion keeps: read-ahead's room
 //! policy asks whether a page was used before a stream began.
+//!
+//! RAMs sharing a budget (a forked child's default RAMs, `Ram::default_for`)
+//! share the clock, and each shows the others, without its lock, when its
+//! least recently used page was last used: reclaim for the budget takes
+//! the pages of the RAM whose oldest page is oldest (`reclaim.rs`).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use crate::keys::PageKey;
 
@@ -24,11 +32,41 @@ pub(crate) struct Lru {
     head: Option<PageKey>,
     tail: Option<PageKey>,
     len: u64,
-    /// Uses so far: moved on by every `push_back` and `touch`.
-    clock: u64,
+    /// Uses so far: moved on by every `push_back` and `touch` (of every
+    /// list sharing it).
+    clock: Arc<AtomicU64>,
+    /// When the oldest page was last used (0: the list is empty), for the
+    /// RAMs sharing the budget to see.
+    shown_oldest: Arc<AtomicU64>,
 }
 
 impl Lru {
+    /// An empty list on `clock` (shared with the lists of the RAMs sharing
+    /// the budget), showing its oldest page's use in `shown_oldest`.
+    pub(crate) fn sharing(clock: Arc<AtomicU64>, shown_oldest: Arc<AtomicU64>) -> Lru {
+        let lru = Lru {
+            clock,
+            shown_oldest,
+            ..Lru::default()
+        };
+        lru.show_oldest();
+        lru
+    }
+
+    /// This list emptied (a forked child forgets its pages), on the same clock.
+    pub(crate) fn forget(&mut self) {
+        *self = Lru::sharing(self.clock.clone(), self.shown_oldest.clone());
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.clock.fetch_add(1, Relaxed) + 1
+    }
+
+    fn show_oldest(&self) {
+        let used = self.head.map_or(0, |pk| self.get(pk).used);
+        self.shown_oldest.store(used, Relaxed);
+    }
+
     fn link(&mut self, pk: PageKey) -> &mut Link {
         if pk.0 >= self.links.len() {
             self.links.resize(pk.0 + 1, Link::default());
@@ -58,7 +96,7 @@ impl Lru {
     /// The clock now: a page whose [`used`](Lru::used) is below it was
     /// last used before this moment.
     pub(crate) fn clock(&self) -> u64 {
-        self.clock
+        self.clock.load(Relaxed)
     }
 
     /// When `pk` was last used (put on the list or touched), by the list's
@@ -71,8 +109,8 @@ impl Lru {
     /// Put `pk` (not on the list) at the most recently used end.
     pub(crate) fn push_back(&mut self, pk: PageKey) {
         debug_assert!(!self.contains(pk), "{pk:?} is on the LRU list already");
-        self.clock += 1;
-        self.insert(pk, false, self.clock);
+        let now = self.tick();
+        self.insert(pk, false, now);
     }
 
     /// Link `pk` (not on the list) in at the oldest end, or the newest, as
@@ -98,6 +136,7 @@ impl Lru {
             None => self.tail = Some(pk),
         }
         self.len += 1;
+        self.show_oldest();
     }
 
     /// Take `pk` off the list; nothing when it is not on it.
@@ -118,6 +157,7 @@ impl Lru {
             None => self.tail = prev,
         }
         self.len -= 1;
+        self.show_oldest();
     }
 
     /// Mark `pk` most recently used, if it is on the list.
@@ -126,9 +166,9 @@ impl Lru {
             return;
         }
         if self.tail == Some(pk) {
-            self.clock += 1;
-            let clock = self.clock;
-            self.link(pk).used = clock;
+            let now = self.tick();
+            self.link(pk).used = now;
+            self.show_oldest();
         } else {
             self.remove(pk);
             self.push_back(pk);
@@ -231,6 +271,26 @@ mod tests {
         assert!(lru.used(PageKey(1)) < lru.used(PageKey(2)));
         lru.remove(PageKey(1));
         assert_eq!(lru.used(PageKey(1)), None, "not on the list");
+    }
+
+    #[test]
+    fn lists_sharing_a_clock_show_their_oldest_use() {
+        let clock = Arc::new(AtomicU64::new(0));
+        let (a_shown, b_shown) = (Arc::default(), Arc::default());
+        let mut a = Lru::sharing(clock.clone(), Arc::clone(&a_shown));
+        let mut b = Lru::sharing(clock, Arc::clone(&b_shown));
+        a.push_back(PageKey(0));
+        b.push_back(PageKey(0));
+        a.push_back(PageKey(1));
+        assert_eq!((a.clock(), b.clock()), (3, 3), "one clock");
+        let shown = |s: &Arc<AtomicU64>| s.load(Relaxed);
+        assert_eq!((shown(&a_shown), shown(&b_shown)), (1, 2));
+        a.touch(PageKey(0));
+        assert_eq!(shown(&a_shown), 3, "page 1, used at 3, is a's oldest");
+        b.touch(PageKey(0));
+        assert_eq!(shown(&b_shown), 5, "the only page, touched");
+        b.forget();
+        assert_eq!((shown(&b_shown), b.clock()), (0, 5), "empty: none");
     }
 
     #[test]

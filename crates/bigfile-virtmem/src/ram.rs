@@ -121,11 +121,18 @@ impl Ram {
 
     /// The process's default RAM for `page_size`: created on first use with
     /// the default backend (or `BIGFILE_RAM`'s), shared by every handle
-    /// opened without an explicit RAM. In a forked child of a process whose
-    /// default RAM was on userfaultfd, a new one is made on first use, with
-    /// its budget (that one is on signals there, its userfaultfd being the
-    /// parent's; the handles the child inherited keep it, so the child's
-    /// default RAMs may hold twice the budget).
+    /// opened without an explicit RAM.
+    ///
+    /// In a forked child of a process whose default RAM was on userfaultfd,
+    /// that RAM is on signals (its userfaultfd is the parent's): a new one
+    /// replaces it on first use, on a userfaultfd of the child's own, for
+    /// the handles opened from then on; the handles the child inherited
+    /// stay on the old one. The two share one budget: the pages of both
+    /// count against it, a load in either reclaims the least recently used
+    /// clean pages of either, [`Ram::set_budget`] on either sets it for
+    /// both (the memory-following policy is one, of both RAMs' pages), and
+    /// [`Ram::reclaim_defaults`] reclaims both ("Shared budget" in
+    /// ARCHITECTURE.md).
     ///
     /// Its budget follows the memory the process may use: a quarter of the
     /// least of the machine's memory and the memory limits of its cgroups
@@ -140,25 +147,28 @@ impl Ram {
         let rams = rams.get_or_insert_with(HashMap::new);
         // One made on the userfaultfd of a process this one was forked from
         // is on signals here: renewed, so that this process's new handles
-        // are on a userfaultfd of its own, with the same budget (a fixed
-        // one, or the policy). Its handles stay on it, on signals, with its
-        // budget: the two RAMs' budgets add up, and `reclaim_defaults` no
-        // longer reaches it. Kept if the new one cannot be made.
+        // are on a userfaultfd of its own. It is kept if the new one cannot
+        // be made.
         let old = rams.get(&page_size).cloned();
         if let Some(r) = old.as_ref().filter(|r| !r.shared.backend().forked()) {
             return Ok(r.clone());
         }
-        let r = match (
-            bigfile_ram::Ram::with_page_size(page_size).map(Ram::new),
-            old,
-        ) {
-            (Ok(r), Some(old)) if !old.shared.follows_memory() => r.with_budget(old.budget()),
-            (Ok(r), _) => r.following_memory(),
+        let r = match (bigfile_ram::Ram::with_page_size(page_size), old) {
+            (Ok(pages), Some(old)) => Ram::renewing(pages, &old),
+            (Ok(pages), None) => Ram::new(pages).following_memory(),
             (Err(_), Some(old)) => return Ok(old),
             (Err(e), None) => return Err(e.into()),
         };
         rams.insert(page_size, r.clone());
         Ok(r)
+    }
+
+    /// A RAM of `pages` in place of default RAM `old`, sharing its budget
+    /// (`Shared::renewing`). The caller holds the default RAMs' table.
+    fn renewing(pages: bigfile_ram::Ram, old: &Ram) -> Ram {
+        let shared = Shared::renewing(pages, &old.shared);
+        crate::fork::track(&shared, || Box::new(lock_defaults()));
+        Ram { shared }
     }
 
     /// This RAM with the default RAMs' budget policy ([`Ram::default_for`]):
@@ -173,15 +183,19 @@ impl Ram {
         self
     }
 
-    /// Reclaim every clean page of every default RAM; returns how many.
+    /// Reclaim every clean page of every default RAM (those a forked child
+    /// replaced included: [`Ram::default_for`]); returns how many.
     pub fn reclaim_defaults() -> usize {
-        let rams: Vec<Ram> = {
+        let rams: Vec<Arc<Shared>> = {
             let rams = lock_defaults();
-            rams.as_ref()
-                .map(|m| m.values().cloned().collect())
-                .unwrap_or_default()
+            let current = rams.iter().flat_map(|m| m.values());
+            current
+                .flat_map(|r| std::iter::once(r.shared.clone()).chain(r.shared.sharing_budget()))
+                .collect()
         };
-        rams.iter().map(Ram::reclaim).sum()
+        rams.into_iter()
+            .map(|shared| Ram { shared }.reclaim())
+            .sum()
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {

@@ -59,6 +59,13 @@ pub(crate) fn make_room<'a>(
     let rc = shared.counters();
     let budget = shared.budget_pages();
     let pin_of = |st: &State| pin_block.and_then(|(fk, blk)| st.find_page(fk, blk));
+    if shared.budget_is_shared() && deferred.is_empty() && st.budget().is_full(budget) {
+        // Only a load needs room: the other RAMs' pages older than this
+        // one's go first, their locks taken with this one given up.
+        drop(st);
+        make_room_in_pool(shared, false);
+        st = shared.lock();
+    }
     let mut recycled = st.take_spare(fk, rc);
     let mut reclaimed = false;
     while st.budget().is_full(budget) {
@@ -123,6 +130,20 @@ pub(crate) fn make_room<'a>(
                     // Still mapped where it was until `deferred` is finished.
                     deferred.release(ramh.clone(), rp);
                 }
+                if shared.budget_is_shared() {
+                    // Other RAMs' clean pages, taken without this lock:
+                    // once what is deferred is done.
+                    if !deferred.is_empty() {
+                        return (st, Ok(Room::Retry));
+                    }
+                    drop(st);
+                    let progress =
+                        make_room_in_pool(shared, true) > 0 || wait_for_loads_in_pool(shared, host);
+                    st = shared.lock();
+                    if progress {
+                        continue;
+                    }
+                }
                 if st.budget().spares_pending() || may_wait_for_loads(&st) {
                     if !deferred.is_empty() {
                         return (st, Ok(Room::Retry));
@@ -141,7 +162,8 @@ pub(crate) fn make_room<'a>(
                 }
                 let failure = Failure::Budget {
                     budget: budget.saturating_mul(shared.page_size() as u64),
-                    pinned: st.budget().resident(),
+                    // Of every RAM sharing the budget: what fills it.
+                    pinned: st.budget().pooled_resident(),
                 };
                 return (st, Err(failure));
             }
@@ -160,6 +182,68 @@ pub(crate) fn make_room<'a>(
         }
     }
     (st, Ok(Room::Ready(recycled)))
+}
+
+/// Room in a budget shared with other RAMs (a forked child's default RAMs,
+/// `Ram::default_for`) when the pages of them all fill it: up to a batch
+/// of clean pages of the other RAM whose least recently used one is the
+/// oldest (by their shared LRU clock), if it is older than `shared`'s own
+/// (any, with `any`: `shared` has none left to reclaim). So the pages of
+/// the RAMs go least recently used first, as those of one RAM do: a RAM
+/// loading now takes the room of one left idle. Returns how many went.
+///
+/// Called holding no lock of bigfile's: the other RAM's is taken alone (a
+/// thread holding a RAM's lock waits for nothing but its condition
+/// variable, which gives the lock back).
+fn make_room_in_pool(shared: &Shared, any: bool) -> usize {
+    let budget = shared.budget_pages();
+    let full = shared.pooled_resident();
+    if full < budget {
+        return 0;
+    }
+    let mine = match shared.oldest_clean() {
+        Some(used) if !any => used,
+        _ => u64::MAX,
+    };
+    let Some((_, other)) = shared
+        .sharing_budget()
+        .into_iter()
+        .filter_map(|o| Some((o.oldest_clean()?, o)))
+        .filter(|&(used, _)| used < mine)
+        .min_by_key(|&(used, _)| used)
+    else {
+        return 0;
+    };
+    let n = (full + 1 - budget).min(batch_size(budget));
+    let mut st = other.lock();
+    let mut freed = 0;
+    while freed < n && reclaim_one(&mut st, &other) {
+        freed += 1;
+    }
+    freed as usize
+}
+
+/// With no clean page left in any RAM sharing `shared`'s budget: wait for
+/// a load of another of them (its page, once loaded, is clean), as
+/// `make_room` waits for its own RAM's (`may_wait_for_loads`), giving the
+/// host lock up first if that load's loader may take it. Returns whether
+/// it waited (or gave up the host lock). Called holding no lock of
+/// bigfile's, like [`make_room_in_pool`].
+fn wait_for_loads_in_pool(shared: &Shared, host: &mut HostLease) -> bool {
+    for other in shared.sharing_budget() {
+        let st = other.lock();
+        if !may_wait_for_loads(&st) {
+            continue;
+        }
+        if host.kept() && st.pages().any_loading_needing_host() {
+            drop(st);
+            host.release_if(true);
+        } else {
+            drop(other.wait(st));
+        }
+        return true;
+    }
+    false
 }
 
 /// Whether a thread finding the budget full may wait for loads in progress

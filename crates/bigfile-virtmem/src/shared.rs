@@ -3,7 +3,7 @@
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 
 use bigfile_os::HeldLock;
 
@@ -37,6 +37,34 @@ impl DerefMut for Guard<'_> {
     }
 }
 
+/// A budget, and the pages counted against it: a RAM's own, or shared by
+/// the default RAMs of a forked child (`Ram::default_for`).
+#[derive(Debug)]
+struct Pool {
+    budget_pages: AtomicU64,
+    /// Pages of every RAM sharing the budget (each RAM's `Budget` counts
+    /// its own in it).
+    resident: Arc<AtomicU64>,
+    /// The clock of their LRU lists (`Lru::sharing`).
+    clock: Arc<AtomicU64>,
+    /// A default RAM's budget policy (`memlimit.rs`), while it is not
+    /// overridden by an explicit budget.
+    policy: OnceLock<Policy>,
+    adaptive: AtomicBool,
+}
+
+impl Pool {
+    fn new() -> Pool {
+        Pool {
+            budget_pages: AtomicU64::new(1),
+            resident: Arc::default(),
+            clock: Arc::default(),
+            policy: OnceLock::new(),
+            adaptive: AtomicBool::new(false),
+        }
+    }
+}
+
 pub(crate) struct Shared {
     ram: bigfile_ram::Ram,
     state: Mutex<State>,
@@ -44,13 +72,18 @@ pub(crate) struct Shared {
     /// unmapped what it deferred.
     cond: Condvar,
     counters: Counters,
-    budget_pages: AtomicU64,
     /// How the RAM's mappings learn of faults; fixed before its first handle.
     backend: Backend,
-    /// A default RAM's budget policy (`memlimit.rs`), while it is not
-    /// overridden by an explicit budget.
-    policy: OnceLock<Policy>,
-    adaptive: AtomicBool,
+    pool: Arc<Pool>,
+    /// When the least recently used clean page was last used, by the
+    /// pool's clock (0: there is none); shown by the LRU list.
+    oldest_clean: Arc<AtomicU64>,
+    /// The RAMs sharing the budget made before this one, oldest first: the
+    /// default RAMs this one renewed, with theirs (fixed when it is made).
+    renewed: Vec<Weak<Shared>>,
+    /// The RAM that renewed this one (set once, under the default RAMs'
+    /// table's lock: never while the process forks).
+    renewer: OnceLock<Weak<Shared>>,
 }
 
 impl Shared {
@@ -58,23 +91,79 @@ impl Shared {
     /// unset, `auto`: the best available). A backend asked for there that cannot be had, or a value
     /// that names none, falls back to signals, with that as the reason.
     pub(crate) fn new(ram: bigfile_ram::Ram) -> Shared {
-        let backend = Wanted::from_env()
-            .and_then(|w| Backend::choose(w, &ram))
-            .unwrap_or_else(|why| Backend::Signals { why_not_uffd: why });
+        let backend = Shared::backend_from_env(&ram);
         Shared::with_backend(ram, backend)
     }
 
+    fn backend_from_env(ram: &bigfile_ram::Ram) -> Backend {
+        Wanted::from_env()
+            .and_then(|w| Backend::choose(w, ram))
+            .unwrap_or_else(|why| Backend::Signals { why_not_uffd: why })
+    }
+
     pub(crate) fn with_backend(ram: bigfile_ram::Ram, backend: Backend) -> Shared {
+        Shared::in_pool(ram, backend, Arc::new(Pool::new()), Vec::new())
+    }
+
+    fn in_pool(
+        ram: bigfile_ram::Ram,
+        backend: Backend,
+        pool: Arc<Pool>,
+        renewed: Vec<Weak<Shared>>,
+    ) -> Shared {
+        let oldest_clean = Arc::new(AtomicU64::new(0));
+        let state = State::pooled(
+            pool.resident.clone(),
+            pool.clock.clone(),
+            oldest_clean.clone(),
+        );
         Shared {
             ram,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             cond: Condvar::new(),
             counters: Counters::default(),
-            budget_pages: AtomicU64::new(1),
             backend,
-            policy: OnceLock::new(),
-            adaptive: AtomicBool::new(false),
+            pool,
+            oldest_clean,
+            renewed,
+            renewer: OnceLock::new(),
         }
+    }
+
+    /// A RAM (on the backend [`Shared::new`] chooses) renewing `old`: it
+    /// shares its budget, policy included, and pages counted against it.
+    /// The caller holds the default RAMs' table's lock.
+    pub(crate) fn renewing(ram: bigfile_ram::Ram, old: &Arc<Shared>) -> Arc<Shared> {
+        let backend = Shared::backend_from_env(&ram);
+        let mut renewed = old.renewed.clone();
+        renewed.push(Arc::downgrade(old));
+        let new = Arc::new(Shared::in_pool(ram, backend, old.pool.clone(), renewed));
+        let _ = old.renewer.set(Arc::downgrade(&new));
+        new
+    }
+
+    /// The other RAMs sharing this one's budget, alive: those it renewed,
+    /// and those renewing it (and them).
+    pub(crate) fn sharing_budget(&self) -> Vec<Arc<Shared>> {
+        let mut rams: Vec<Arc<Shared>> = self.renewed.iter().filter_map(Weak::upgrade).collect();
+        let mut next = self.renewer.get().and_then(Weak::upgrade);
+        while let Some(r) = next {
+            next = r.renewer.get().and_then(Weak::upgrade);
+            rams.push(r);
+        }
+        rams
+    }
+
+    /// When this RAM's least recently used clean page was last used, by
+    /// the clock of the RAMs sharing its budget; `None` when it has none.
+    /// (Read without the lock: as of a moment ago.)
+    pub(crate) fn oldest_clean(&self) -> Option<u64> {
+        Some(self.oldest_clean.load(Relaxed)).filter(|&used| used > 0)
+    }
+
+    /// Whether the budget is shared with other RAMs (alive or not).
+    pub(crate) fn budget_is_shared(&self) -> bool {
+        !self.renewed.is_empty() || self.renewer.get().is_some()
     }
 
     pub(crate) fn backend(&self) -> &Backend {
@@ -95,46 +184,53 @@ impl Shared {
         self.ram.page_size()
     }
 
+    /// The budget, in pages (shared with the RAMs sharing it).
     pub(crate) fn budget_pages(&self) -> u64 {
-        self.budget_pages.load(Relaxed)
+        self.pool.budget_pages.load(Relaxed)
     }
 
     pub(crate) fn set_budget_pages(&self, pages: u64) {
-        self.budget_pages.store(pages.max(1), Relaxed);
+        self.pool.budget_pages.store(pages.max(1), Relaxed);
+    }
+
+    /// Pages counted against the budget, of every RAM sharing it (read
+    /// without the lock: the other RAMs change it under theirs).
+    pub(crate) fn pooled_resident(&self) -> u64 {
+        self.pool.resident.load(Relaxed)
     }
 
     /// Keep the budget by the memory the system has (a default RAM's
     /// policy, `memlimit.rs`) from now on, until an explicit budget is set.
     pub(crate) fn follow_memory(&self) {
-        let _ = self.policy.set(Policy::new());
-        self.adaptive.store(true, Relaxed);
+        let _ = self.pool.policy.set(Policy::new());
+        self.pool.adaptive.store(true, Relaxed);
         self.adapt_now();
     }
 
     /// Whether the budget follows the memory ([`Shared::follow_memory`]).
     pub(crate) fn follows_memory(&self) -> bool {
-        self.adaptive.load(Relaxed)
+        self.pool.adaptive.load(Relaxed)
     }
 
     /// An explicit budget replaces the policy.
     pub(crate) fn stop_following_memory(&self) {
-        self.adaptive.store(false, Relaxed);
+        self.pool.adaptive.store(false, Relaxed);
     }
 
     /// With the default policy, and when it is time: the budget for the
     /// memory available now. Called without the lock, by faults.
     pub(crate) fn adapt_budget(&self) {
-        if !self.adaptive.load(Relaxed) {
+        if !self.follows_memory() {
             return;
         }
-        if self.policy.get().is_some_and(Policy::due) {
+        if self.pool.policy.get().is_some_and(Policy::due) {
             self.adapt_now();
         }
     }
 
     fn adapt_now(&self) {
         let ps = self.page_size() as u64;
-        let resident = self.counters.snapshot().resident_pages * ps;
+        let resident = self.pooled_resident() * ps;
         self.set_budget_pages(Memory::now().budget(resident) / ps);
     }
 

@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, MutexGuard};
 
 use bigfile_ram::{PageMap, RamHandle};
@@ -137,6 +137,21 @@ pub(crate) fn pieces_in_process() -> usize {
 unsafe impl Send for State {}
 
 impl State {
+    /// A state whose pages count in `pooled` too (`Budget::pooled`), its
+    /// LRU list on `clock`, showing its oldest page's use in `shown_oldest`
+    /// (`Lru::sharing`): for RAMs that share a budget.
+    pub(crate) fn pooled(
+        pooled: Arc<AtomicU64>,
+        clock: Arc<AtomicU64>,
+        shown_oldest: Arc<AtomicU64>,
+    ) -> State {
+        State {
+            budget: Budget::pooled(pooled),
+            lru: Lru::sharing(clock, shown_oldest),
+            ..State::default()
+        }
+    }
+
     pub(crate) fn pages(&self) -> &PageTable {
         &self.pages
     }
@@ -274,8 +289,8 @@ impl State {
     /// reservation back over.
     pub(crate) fn forget_in_child(&mut self, rc: &Counters) -> Vec<(NonNull<u8>, usize)> {
         self.pages = PageTable::default();
-        self.lru = Lru::default();
-        self.budget = Budget::default();
+        self.lru.forget();
+        self.budget.forget();
         self.waiters = 0;
         PIECES_IN_PROCESS.fetch_sub(std::mem::take(&mut self.pieces), Relaxed);
         MAPPED_IN_PROCESS.fetch_sub(std::mem::take(&mut self.mapped), Relaxed);
