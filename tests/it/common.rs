@@ -20,7 +20,7 @@ pub fn mem_file(blksize: usize) -> Arc<MemFile> {
 }
 
 /// A private RAM of `BLK`-sized pages with a budget of `pages` pages, on
-/// the default fault backend (`BIGFILE_FAULTS`, else the best available).
+/// the default fault backend (`BIGFILE_FAULTS`'s, else signals).
 pub fn ram(pages: u64) -> Ram {
     let ram = Ram::from_spec(&format!("memfd,pagesize={}", BLK))
         .unwrap()
