@@ -164,6 +164,11 @@ impl State {
         &self.budget
     }
 
+    #[cfg(test)]
+    pub(crate) fn budget_mut(&mut self) -> &mut Budget {
+        &mut self.budget
+    }
+
     /// The process's wait graph (`waits::graph`: one for all RAMs), locked;
     /// taken under this RAM's lock, as the lock order requires.
     pub(crate) fn waits(&self) -> MutexGuard<'static, WaitGraph> {
