@@ -165,7 +165,7 @@ impl Ram {
 
     /// A RAM of `pages` in place of default RAM `old`, sharing its budget
     /// (`Shared::renewing`). The caller holds the default RAMs' table.
-    fn renewing(pages: bigfile_ram::Ram, old: &Ram) -> Ram {
+    pub(crate) fn renewing(pages: bigfile_ram::Ram, old: &Ram) -> Ram {
         let shared = Shared::renewing(pages, &old.shared);
         crate::fork::track(&shared, || Box::new(lock_defaults()));
         Ram { shared }
