@@ -65,6 +65,16 @@ struct HeldRam {
     shared: Arc<Shared>,
 }
 
+impl HeldRam {
+    fn lock(shared: Arc<Shared>) -> HeldRam {
+        let state = shared.lock();
+        // SAFETY: the guard borrows `shared`'s mutex, which the `Arc`
+        // stored beside it keeps alive; `HeldRam` drops it first.
+        let state = unsafe { std::mem::transmute::<Guard<'_>, Guard<'static>>(state) };
+        HeldRam { state, shared }
+    }
+}
+
 /// Locks outer first; dropped in the reverse order of taking.
 struct Held {
     /// The process's wait graph (`waits.rs`), taken last.
@@ -88,16 +98,7 @@ unsafe extern "C" fn prepare() {
     let rams = registry
         .iter()
         .filter_map(Weak::upgrade)
-        .map(|shared| {
-            let state = shared.lock();
-            // SAFETY: the guard borrows `shared`'s mutex, which the `Arc`
-            // stored beside it keeps alive; `HeldRam` drops it first.
-            let state = unsafe { std::mem::transmute::<Guard<'_>, Guard<'static>>(state) };
-            HeldRam {
-                state,
-                shared: shared.clone(),
-            }
-        })
+        .map(HeldRam::lock)
         .collect();
     let graph = waits::graph();
     HELD.with(|h| {
@@ -121,7 +122,17 @@ unsafe extern "C" fn child() {
     fork_generation::advance();
     // The waits of threads the child does not have.
     *held.graph = WaitGraph::default();
-    for r in &mut held.rams {
+    forget_in_child(&mut held.rams);
+}
+
+/// In the child: every RAM forgets its pages, its mappings reserved again;
+/// then the pages of every budget's pool are none. (Its count may still
+/// hold those of a RAM not among `rams`: one whose last reference was
+/// dropping on another thread as the process forked, too late for
+/// `prepare` to find it and before its budget took its pages out of the
+/// count. That thread is not the child's: they would count forever.)
+fn forget_in_child(rams: &mut [HeldRam]) {
+    for r in rams.iter_mut() {
         let mapper = Mapper::of(&r.shared);
         for (start, pages) in r.state.forget_in_child(r.shared.counters()) {
             // SAFETY: the range of a mapping of this RAM (live, or removed
@@ -130,5 +141,47 @@ unsafe extern "C" fn child() {
             // reach; the reservation is what the range holds between pages.
             unsafe { mapper.reserve_again(start, pages) };
         }
+    }
+    for r in rams.iter() {
+        r.shared.pool_forgotten_in_child();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Backend;
+
+    fn ram() -> bigfile_ram::Ram {
+        bigfile_ram::Ram::new("memfd,pagesize=4K".parse().unwrap()).unwrap()
+    }
+
+    /// A RAM whose last reference drops on another thread while the process
+    /// forks is not among those `prepare` locks, and its pages may still be
+    /// counted in its pool: the child counts none of them.
+    #[test]
+    fn a_childs_pools_count_no_page_of_a_ram_dropping_at_the_fork() {
+        let signals = || Backend::Signals {
+            why_not_uffd: "the test asks for signals".into(),
+        };
+        let old = Arc::new(Shared::with_backend(ram(), signals()));
+        let dropping = Shared::renewing(ram(), &old);
+        let new = Shared::renewing(ram(), &dropping);
+        for (r, pages) in [(&old, 2), (&dropping, 3), (&new, 1)] {
+            let mut st = r.lock();
+            for _ in 0..pages {
+                st.budget_mut().charge();
+            }
+        }
+        assert_eq!(new.pooled_resident(), 6);
+        // Its budget never takes its pages out: the child has no thread
+        // to finish dropping it.
+        std::mem::forget(dropping);
+        let mut held = [HeldRam::lock(old.clone()), HeldRam::lock(new.clone())];
+        forget_in_child(&mut held);
+        drop(held);
+        assert_eq!((old.pooled_resident(), new.pooled_resident()), (0, 0));
+        new.lock().budget_mut().charge();
+        assert_eq!(old.pooled_resident(), 1, "counted again from none");
     }
 }

@@ -128,8 +128,9 @@ impl Ram {
     /// replaces it on first use, on a userfaultfd of the child's own, for
     /// the handles opened from then on; the handles the child inherited
     /// stay on the old one. The two share one budget: the pages of both
-    /// count against it, a load in either reclaims the least recently used
-    /// clean pages of either, [`Ram::set_budget`] on either sets it for
+    /// count against it, a load in either finding it full may reclaim the
+    /// other's pages (when they are older than its own: precisely when, in
+    /// "Shared budget"), [`Ram::set_budget`] on either sets it for
     /// both (the memory-following policy is one, of both RAMs' pages), and
     /// [`Ram::reclaim_defaults`] reclaims both ("Shared budget" in
     /// ARCHITECTURE.md).
@@ -165,7 +166,7 @@ impl Ram {
 
     /// A RAM of `pages` in place of default RAM `old`, sharing its budget
     /// (`Shared::renewing`). The caller holds the default RAMs' table.
-    fn renewing(pages: bigfile_ram::Ram, old: &Ram) -> Ram {
+    pub(crate) fn renewing(pages: bigfile_ram::Ram, old: &Ram) -> Ram {
         let shared = Shared::renewing(pages, &old.shared);
         crate::fork::track(&shared, || Box::new(lock_defaults()));
         Ram { shared }

@@ -217,7 +217,7 @@ fn make_room_in_pool(shared: &Shared, any: bool) -> usize {
     let n = (full + 1 - budget).min(batch_size(budget));
     let mut st = other.lock();
     let mut freed = 0;
-    while freed < n && reclaim_one(&mut st, &other) {
+    while freed < n && reclaim_one_sparing_pins(&mut st, &other) {
         freed += 1;
     }
     freed as usize
@@ -251,6 +251,17 @@ fn wait_for_loads_in_pool(shared: &Shared, host: &mut HostLease) -> bool {
 /// the thread is not itself inside a `loadblk` or `storeblk` (of any RAM).
 fn may_wait_for_loads(st: &State) -> bool {
     !in_callback() && st.pages().any_loading()
+}
+
+/// As [`reclaim_one`], in another RAM sharing the budget, sparing the
+/// pages its faults in progress keep (`State::spare_pins`): taken, the
+/// access of such a fault would fault on its other page again (and, with
+/// few pages in that RAM, take the pool's room back in turn).
+fn reclaim_one_sparing_pins(st: &mut State, shared: &Shared) -> bool {
+    if st.budget().spares_ready() == 0 && !st.spare_pins() {
+        return false;
+    }
+    reclaim_one(st, shared)
 }
 
 /// Give back the memory of one clean page now: a ready spare first, else

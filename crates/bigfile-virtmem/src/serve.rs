@@ -29,7 +29,7 @@ use crate::mapper::{Deferred, MapError, Mapper};
 use crate::pages::{LoadEnd, PageState};
 use crate::readahead;
 use crate::reclaim::{make_room, reclaim_one, Room};
-use crate::shared::Guard;
+use crate::shared::{Guard, Shared};
 use crate::state::{self, Unmap};
 use crate::stats::Counter;
 use crate::streak::{Execution, Lost};
@@ -79,7 +79,17 @@ pub(crate) fn serve(
         None => None,
     };
     fh.shared.adapt_budget();
+    // Declared before the lock: released after it is dropped.
+    let _pinned = pin.map(|pin| HeldPin {
+        shared: &fh.shared,
+        pin,
+    });
     let mut st = fh.shared.lock();
+    if let Some(pin) = pin {
+        // For the reclaim of the RAMs sharing the budget, which the
+        // thread-local pin does not reach.
+        st.hold_pin(pin);
+    }
     let sequential = st.drop_behind(
         fh.key,
         req.vma,
@@ -118,6 +128,19 @@ pub(crate) fn serve(
                 }
             },
         };
+    }
+}
+
+/// A fault's pin, held in its RAM's state (`State::hold_pin`) until the
+/// fault is over, then released under the lock retaken.
+struct HeldPin<'a> {
+    shared: &'a Shared,
+    pin: (FileKey, u64),
+}
+
+impl Drop for HeldPin<'_> {
+    fn drop(&mut self) {
+        self.shared.lock().release_pin(self.pin);
     }
 }
 
@@ -718,6 +741,44 @@ mod tests {
         let mut b = [0];
         vma.read_at(2 * BLK, &mut b).unwrap();
         assert_eq!(b[0], MemFile::initial(2));
+    }
+
+    /// A load in a RAM sharing its budget with another (a forked child's
+    /// default RAMs) takes the other's oldest page, unless a fault in
+    /// progress there keeps it: the other page of its access.
+    #[test]
+    fn a_load_in_a_shared_budget_spares_the_other_rams_pin() {
+        let (old_file, old_fh, old_vma) = setup(3);
+        let pages = bigfile_ram::Ram::new(format!("memfd,pagesize={BLK}").parse().unwrap());
+        let new = Ram::renewing(pages.unwrap(), old_fh.ram());
+        let new_file = Arc::new(MemFile::new(BLK));
+        let new_fh = FileH::open(Arc::new(Kit(new_file, true)), Some(&new)).unwrap();
+        let new_vma = new_fh.mmap(0, 4).unwrap();
+        // One access spans blocks 0 and 1 of the old RAM: its fault on 1
+        // keeps 0, the oldest page of the two RAMs.
+        serve_now(&old_fh.inner, &of_access(&old_vma, 0, Access::Read, 7)).unwrap();
+        serve_now(&new_fh.inner, &request(&new_vma, 0, Access::Read)).unwrap();
+        {
+            // While block 1 loads (the budget full with it), another
+            // thread loads in the new RAM.
+            let (new_fh, req) = (new_fh.inner.clone(), request(&new_vma, 1, Access::Read));
+            old_file.on_load(move |_, _| {
+                let (new_fh, req) = (new_fh.clone(), req);
+                thread::spawn(move || serve_now(&new_fh, &req))
+                    .join()
+                    .unwrap()
+                    .unwrap();
+                Ok(())
+            });
+        }
+        serve_now(&old_fh.inner, &of_access(&old_vma, 1, Access::Read, 7)).unwrap();
+        old_file.clear_load_hook();
+        assert_eq!(old_fh.page_state(0), Some(PageState::Loaded), "the pin");
+        assert_eq!(new_fh.page_state(0), None, "the new RAM's own page went");
+        assert_eq!(new_fh.page_state(1), Some(PageState::Loaded));
+        // The fault over, its pin is kept no more.
+        serve_now(&new_fh.inner, &request(&new_vma, 2, Access::Read)).unwrap();
+        assert_eq!(old_fh.page_state(0), None, "the oldest page went");
     }
 
     #[test]

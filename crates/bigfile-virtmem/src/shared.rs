@@ -199,6 +199,12 @@ impl Shared {
         self.pool.resident.load(Relaxed)
     }
 
+    /// In a forked child, once every RAM it has forgot its pages: the
+    /// pool counts none (`fork::forget_in_child` says why it may, before).
+    pub(crate) fn pool_forgotten_in_child(&self) {
+        self.pool.resident.store(0, Relaxed);
+    }
+
     /// Keep the budget by the memory the system has (a default RAM's
     /// policy, `memlimit.rs`) from now on, until an explicit budget is set.
     pub(crate) fn follow_memory(&self) {

@@ -91,6 +91,10 @@ pub(crate) struct State {
     /// Slots of this RAM's mappings with a RAM page mapped, counted in
     /// [`mapped_in_process`] too.
     mapped: usize,
+    /// The pins of this RAM's faults in progress (`streak.rs`: the block of
+    /// the other page their access needs), once per fault: what the
+    /// reclaim of another RAM sharing the budget spares (`spare_pins`).
+    pins: Vec<(FileKey, u64)>,
 }
 
 /// Slots of every RAM's mappings with a RAM page mapped: each is a kernel
@@ -164,6 +168,11 @@ impl State {
         &self.budget
     }
 
+    #[cfg(test)]
+    pub(crate) fn budget_mut(&mut self) -> &mut Budget {
+        &mut self.budget
+    }
+
     /// The process's wait graph (`waits::graph`: one for all RAMs), locked;
     /// taken under this RAM's lock, as the lock order requires.
     pub(crate) fn waits(&self) -> MutexGuard<'static, WaitGraph> {
@@ -232,6 +241,40 @@ impl State {
         self.handles.get(fk.0)?.index.get(blk).copied()
     }
 
+    /// A fault keeping block `pin` (its access's pin) begins.
+    pub(crate) fn hold_pin(&mut self, pin: (FileKey, u64)) {
+        self.pins.push(pin);
+    }
+
+    /// The fault that held `pin` is over.
+    pub(crate) fn release_pin(&mut self, pin: (FileKey, u64)) {
+        if let Some(i) = self.pins.iter().position(|&p| p == pin) {
+            self.pins.swap_remove(i);
+        }
+    }
+
+    fn is_pinned(&self, pk: PageKey) -> bool {
+        self.pins
+            .iter()
+            .any(|&(fk, blk)| self.find_page(fk, blk) == Some(pk))
+    }
+
+    /// For the reclaim of another RAM sharing the budget: the pages this
+    /// RAM's faults in progress keep go behind the others when they are
+    /// the oldest, as a fault's own reclaim moves its own pin
+    /// (`reclaim::make_room`). Whether the oldest page now is one kept by
+    /// none (false: no clean page, or only kept ones).
+    pub(crate) fn spare_pins(&mut self) -> bool {
+        // Each kept page is moved at most once.
+        for _ in 0..self.pins.len() {
+            match self.lru.oldest() {
+                Some(pk) if self.is_pinned(pk) => self.lru.touch(pk),
+                _ => break,
+            }
+        }
+        self.lru.oldest().is_some_and(|pk| !self.is_pinned(pk))
+    }
+
     /// Handle `fk`'s dirty blocks, ascending, with their pages.
     pub(crate) fn dirty_pages(&self, fk: FileKey) -> Vec<(u64, PageKey)> {
         let h = &self.handles[fk.0];
@@ -292,6 +335,7 @@ impl State {
         self.lru.forget();
         self.budget.forget();
         self.waiters = 0;
+        self.pins.clear();
         PIECES_IN_PROCESS.fetch_sub(std::mem::take(&mut self.pieces), Relaxed);
         MAPPED_IN_PROCESS.fetch_sub(std::mem::take(&mut self.mapped), Relaxed);
         rc.forget_pages();
