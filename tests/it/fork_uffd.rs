@@ -186,17 +186,40 @@ fn a_forked_childs_default_rams_share_one_budget_and_are_reclaimed_together() {
     );
 }
 
-/// A load in the inherited default RAM holds the whole shared budget: a
-/// fault of the renewed one waits for it (then reclaims its page), as a
-/// fault waits for the loads of its own RAM, rather than failing with the
-/// budget exhausted. (On the signal pass nothing is renewed: nothing to
-/// check.)
-#[test]
-fn a_forked_childs_renewed_default_ram_waits_for_the_loads_of_the_one_it_replaced() {
+/// In a forked child: the default RAM it inherited (on signals there),
+/// and a mapping `old` of blocks of `file` opened through it in the
+/// parent; new handles of `file` are on the default RAM renewed there.
+struct Renewed<'a> {
+    inherited: &'a Ram,
+    file: &'a Arc<MemFile>,
+    old: &'a Vma,
+}
+
+impl Renewed<'_> {
+    /// A new handle of `file` (on the renewed default RAM) and a mapping
+    /// of its block `blk`.
+    fn map_new(&self, blk: u64) -> Option<(FileH, Vma)> {
+        let fh = FileH::open(self.file.clone(), None).ok()?;
+        let vma = fh.mmap(blk, 1).ok()?;
+        Some((fh, vma))
+    }
+}
+
+/// Maps blocks 0.. of a file through the default RAM (`old_blocks` of
+/// them), forks, and runs `body` in the child with its default RAM
+/// renewed, the budget shared set to `budget` blocks; asserts it returned
+/// true (`failure` says what went wrong otherwise). Nothing to check where
+/// the child's default RAM is not renewed (the signal pass: the inherited
+/// one, on signals, is the child's too).
+fn in_child_with_renewed_default(
+    (old_blocks, budget): (u64, u64),
+    body: impl FnOnce(Renewed<'_>) -> bool,
+    failure: &str,
+) {
     let inherited = Ram::default_for(BLK).unwrap();
     let file = Arc::new(MemFile::new(BLK).native());
     let old_fh = FileH::open(file.clone(), None).unwrap();
-    let old_vma = old_fh.mmap(0, 1).unwrap();
+    let old = old_fh.mmap(0, old_blocks).unwrap();
     let status = forked(
         || {
             let Ok(default) = Ram::default_for(BLK) else {
@@ -205,7 +228,30 @@ fn a_forked_childs_renewed_default_ram_waits_for_the_loads_of_the_one_it_replace
             if default.fault_backend() == inherited.fault_backend() {
                 return true;
             }
-            default.set_budget(BLK as u64);
+            default.set_budget(budget * BLK as u64);
+            body(Renewed {
+                inherited: &inherited,
+                file: &file,
+                old: &old,
+            })
+        },
+        TIMEOUT,
+    )
+    .unwrap();
+    assert!(status.success(), "{failure}");
+}
+
+/// A load in the inherited default RAM holds the whole shared budget: a
+/// fault of the renewed one waits for it (then reclaims its page), as a
+/// fault waits for the loads of its own RAM, rather than failing with the
+/// budget exhausted. (On the signal pass nothing is renewed: nothing to
+/// check.)
+#[test]
+fn a_forked_childs_renewed_default_ram_waits_for_the_loads_of_the_one_it_replaced() {
+    in_child_with_renewed_default(
+        (1, 1),
+        |r| {
+            let file = r.file;
             // (entered, open): the inherited RAM's load waits at the gate.
             let gate = Arc::new((Mutex::new((false, false)), Condvar::new()));
             let g = gate.clone();
@@ -219,7 +265,7 @@ fn a_forked_childs_renewed_default_ram_waits_for_the_loads_of_the_one_it_replace
                 }
                 Ok(())
             });
-            let old_ptr = old_vma.as_ptr() as usize;
+            let old_ptr = r.old.as_ptr() as usize;
             let loader = std::thread::spawn(move || peek(old_ptr as *const u8));
             {
                 let (m, c) = &*gate;
@@ -238,10 +284,7 @@ fn a_forked_childs_renewed_default_ram_waits_for_the_loads_of_the_one_it_replace
                 m.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
                 c.notify_all();
             });
-            let Ok(fh) = FileH::open(file.clone(), None) else {
-                return false;
-            };
-            let Ok(vma) = fh.mmap(1, 1) else {
+            let Some((_fh, vma)) = r.map_new(1) else {
                 return false;
             };
             let served = vma.prefault(0..BLK, Access::Read).is_ok();
@@ -249,12 +292,7 @@ fn a_forked_childs_renewed_default_ram_waits_for_the_loads_of_the_one_it_replace
             let loaded = loader.join().ok() == Some(MemFile::initial(0));
             served && opened && loaded && peek(vma.as_ptr()) == MemFile::initial(1)
         },
-        TIMEOUT,
-    )
-    .unwrap();
-    assert!(
-        status.success(),
-        "the renewed default RAM's fault failed instead of waiting for the inherited one's load"
+        "the renewed default RAM's fault failed instead of waiting for the inherited one's load",
     );
 }
 
@@ -264,25 +302,12 @@ fn a_forked_childs_renewed_default_ram_waits_for_the_loads_of_the_one_it_replace
 /// (On the signal pass nothing is renewed: nothing to check.)
 #[test]
 fn a_budget_exhausted_by_the_replaced_default_ram_counts_its_pages() {
-    let inherited = Ram::default_for(BLK).unwrap();
-    let file = Arc::new(MemFile::new(BLK).native());
-    let old_fh = FileH::open(file.clone(), None).unwrap();
-    let old_vma = old_fh.mmap(0, 2).unwrap();
-    let status = forked(
-        || {
-            let Ok(default) = Ram::default_for(BLK) else {
-                return false;
-            };
-            if default.fault_backend() == inherited.fault_backend() {
-                return true;
-            }
-            default.set_budget(2 * BLK as u64);
-            poke(old_vma.as_ptr(), 7);
-            poke(old_vma.as_ptr().wrapping_add(BLK), 7);
-            let Ok(fh) = FileH::open(file.clone(), None) else {
-                return false;
-            };
-            let Ok(vma) = fh.mmap(2, 1) else {
+    in_child_with_renewed_default(
+        (2, 2),
+        |r| {
+            poke(r.old.as_ptr(), 7);
+            poke(r.old.as_ptr().wrapping_add(BLK), 7);
+            let Some((_fh, vma)) = r.map_new(2) else {
                 return false;
             };
             matches!(
@@ -290,12 +315,7 @@ fn a_budget_exhausted_by_the_replaced_default_ram_counts_its_pages() {
                 Err(Error::BudgetExhausted { pinned: 2, .. })
             )
         },
-        TIMEOUT,
-    )
-    .unwrap();
-    assert!(
-        status.success(),
-        "the error did not count the two dirty pages of the inherited default RAM"
+        "the error did not count the two dirty pages of the inherited default RAM",
     );
 }
 
@@ -305,36 +325,18 @@ fn a_budget_exhausted_by_the_replaced_default_ram_counts_its_pages() {
 /// page. (On the signal pass nothing is renewed: nothing to check.)
 #[test]
 fn a_fault_needing_no_room_leaves_the_replaced_default_rams_pages() {
-    let inherited = Ram::default_for(BLK).unwrap();
-    let file = Arc::new(MemFile::new(BLK).native());
-    let old_fh = FileH::open(file.clone(), None).unwrap();
-    let old_vma = old_fh.mmap(0, 1).unwrap();
-    let status = forked(
-        || {
-            let Ok(default) = Ram::default_for(BLK) else {
-                return false;
-            };
-            if default.fault_backend() == inherited.fault_backend() {
-                return true;
-            }
-            default.set_budget(2 * BLK as u64);
-            peek(old_vma.as_ptr());
-            let Ok(fh) = FileH::open(file.clone(), None) else {
-                return false;
-            };
-            let Ok(vma) = fh.mmap(1, 1) else {
+    in_child_with_renewed_default(
+        (1, 2),
+        |r| {
+            peek(r.old.as_ptr());
+            let Some((_fh, vma)) = r.map_new(1) else {
                 return false;
             };
             peek(vma.as_ptr());
-            let held = inherited.stats().resident_bytes;
+            let held = r.inherited.stats().resident_bytes;
             poke(vma.as_ptr(), 9);
-            held == BLK as u64 && inherited.stats().resident_bytes == held
+            held == BLK as u64 && r.inherited.stats().resident_bytes == held
         },
-        TIMEOUT,
-    )
-    .unwrap();
-    assert!(
-        status.success(),
-        "a write fault on a loaded page reclaimed the inherited default RAM's page"
+        "a write fault on a loaded page reclaimed the inherited default RAM's page",
     );
 }
